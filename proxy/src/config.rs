@@ -1,0 +1,533 @@
+//! The TOML configuration file: its schema, defaults and validation.
+//!
+//! Every error names the file, the line and column, what was found and what is expected, so an
+//! operator can fix it without reading our code. Parsing never touches running state: a file is
+//! fully validated before anything is swapped (see [`crate::runtime`]).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration problem, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: the proxy listeners.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[admin]`: the admin API listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[[pool]]` entries.
+    #[serde(default)]
+    pub pool: Vec<PoolConfig>,
+    /// `[[route]]` entries, matched most specific first.
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+    /// Directory relative plugin paths are resolved against (the config file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The file this was read from, for messages.
+    #[serde(skip)]
+    pub source_name: String,
+    #[serde(skip)]
+    source_text: String,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain-text listen addresses (HTTP/1.1, and HTTP/2 prior knowledge when `h2c` is set).
+    #[serde(default = "default_listen")]
+    pub listen: Vec<Spanned<String>>,
+    /// Worker threads for the proxy.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// The zone this proxy runs in (used by zone-aware balancing).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Accept HTTP/2 over plain text (prior knowledge).
+    #[serde(default)]
+    pub h2c: bool,
+    /// TLS termination.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: default_listen(), threads: default_threads(), zone: None, h2c: false, tls: None }
+    }
+}
+
+/// `[server.tls]`: TLS listeners terminating HTTP/1.1 and HTTP/2 (ALPN).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TLS listen addresses.
+    pub listen: Vec<Spanned<String>>,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address of the admin API and dashboard.
+    #[serde(default = "default_admin_listen_spanned")]
+    pub listen: Spanned<String>,
+    /// Bearer token required by mutating routes; none means open (bind to loopback then).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: Spanned::new(0..0, default_admin_listen()), token: None }
+    }
+}
+
+/// `[[pool]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The pool's name, referred to by routes and the admin API.
+    pub name: Spanned<String>,
+    /// The strategy plugin.
+    #[serde(default = "default_strategy")]
+    pub strategy: Spanned<PluginRef>,
+    /// The health-check plugin and its schedule.
+    #[serde(default)]
+    pub health: Option<Spanned<HealthConfig>>,
+    /// Static backends.
+    #[serde(default)]
+    pub backends: Vec<Spanned<BackendEntry>>,
+    /// How many more backends to try after a failed connect (0 = no retry).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Upstream TCP connect timeout.
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Upstream read timeout (time between bytes of the response).
+    #[serde(default = "default_read_timeout", with = "duration")]
+    pub read_timeout: Duration,
+    /// How long an idle upstream keep-alive connection is kept.
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+/// A plugin reference: `"builtin:NAME"`, a path, or `{ plugin = ..., config = { ... } }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PluginRef {
+    /// Just the plugin.
+    Name(String),
+    /// The plugin with its own settings.
+    WithConfig {
+        /// `builtin:NAME` or a path to a `.wasm` file.
+        plugin: String,
+        /// Handed to the plugin's init as JSON.
+        #[serde(default)]
+        config: toml::Table,
+    },
+}
+
+impl PluginRef {
+    /// The `builtin:NAME` or path.
+    pub fn source(&self) -> &str {
+        match self {
+            PluginRef::Name(s) => s,
+            PluginRef::WithConfig { plugin, .. } => plugin,
+        }
+    }
+    /// The plugin's settings as the JSON handed to its init.
+    pub fn config_json(&self) -> Vec<u8> {
+        match self {
+            PluginRef::Name(_) => b"{}".to_vec(),
+            PluginRef::WithConfig { config, .. } => serde_json::to_vec(config).unwrap_or_else(|_| b"{}".to_vec()),
+        }
+    }
+}
+
+/// `health = { plugin = ..., interval = "2s", ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `builtin:NAME` or a path.
+    pub plugin: String,
+    /// Time between probes of one backend.
+    #[serde(default = "default_interval", with = "duration")]
+    pub interval: Duration,
+    /// Probe timeout.
+    #[serde(default = "default_health_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Passes needed to become healthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures needed to become unhealthy.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// The plugin's own settings.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// A static backend: `"127.0.0.1:9001"` or `{ addr = ..., weight = 2, zone = "eu", tags = [...] }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum BackendEntry {
+    /// Just the address.
+    Addr(String),
+    /// Address with attributes.
+    Full {
+        /// `host:port` (an IP address; names are not resolved on the request path).
+        addr: String,
+        /// Relative weight, at least 1.
+        #[serde(default = "default_weight")]
+        weight: u32,
+        /// Zone of the backend.
+        #[serde(default)]
+        zone: Option<String>,
+        /// Free-form tags strategies can select on (e.g. `canary`).
+        #[serde(default)]
+        tags: Vec<String>,
+    },
+}
+
+/// A backend entry after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Weight >= 1.
+    pub weight: u32,
+    /// Zone, "" when none.
+    pub zone: String,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// `[[route]]`: requests whose host and path prefix match go to `pool`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact host (without port), case-insensitive; none matches any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix; the longest matching prefix wins.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// The pool to use.
+    pub pool: Spanned<String>,
+}
+
+fn default_listen() -> Vec<Spanned<String>> {
+    vec![Spanned::new(0..0, "127.0.0.1:8080".to_string())]
+}
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9900".to_string()
+}
+fn default_admin_listen_spanned() -> Spanned<String> {
+    Spanned::new(0..0, default_admin_listen())
+}
+fn default_strategy() -> Spanned<PluginRef> {
+    Spanned::new(0..0, PluginRef::Name("builtin:round-robin".into()))
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_prefix() -> String {
+    "/".into()
+}
+
+/// Durations are written as strings: `"200ms"`, `"2s"`, `"1m 30s"`.
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration \"{s}\" ({e}); write it like \"200ms\", \"2s\" or \"1m\""))
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// Parses and validates config text. `name` is used in messages, `base_dir` for relative paths.
+    pub fn parse(text: &str, name: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Invalid { path: name.into(), line, column, message: e.message().trim().to_string() }
+        })?;
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.source_name = name.to_string();
+        cfg.source_text = text.to_string();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// An error located at `span` of this file.
+    pub fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = line_col(&self.source_text, span.start);
+        ConfigError::Invalid { path: self.source_name.clone(), line, column, message: message.into() }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.threads == 0 {
+            return Err(self.error_at(0..0, "[server] threads must be at least 1"));
+        }
+        for l in self.server.listen.iter().chain(self.server.tls.iter().flat_map(|t| t.listen.iter())) {
+            parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;
+        }
+        parse_listen(self.admin.listen.get_ref()).map_err(|m| self.error_at(self.admin.listen.span(), m))?;
+        let mut names = HashSet::new();
+        for pool in &self.pool {
+            let name = pool.name.get_ref();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(self.error_at(
+                    pool.name.span(),
+                    format!("pool name \"{name}\" is invalid; use letters, digits, '-' and '_'"),
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(self.error_at(pool.name.span(), format!("pool \"{name}\" is defined twice")));
+            }
+            for b in &pool.backends {
+                b.get_ref().resolve().map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
+            }
+            self.plugin_source_ok(pool.strategy.get_ref().source(), pool.strategy.span(), name)?;
+            if let Some(h) = &pool.health {
+                self.plugin_source_ok(&h.get_ref().plugin, h.span(), name)?;
+                if h.get_ref().rise == 0 || h.get_ref().fall == 0 {
+                    return Err(self.error_at(h.span(), format!("pool \"{name}\": health rise and fall must be at least 1")));
+                }
+            }
+        }
+        for (i, route) in self.route.iter().enumerate() {
+            let pool = route.pool.get_ref();
+            if !names.contains(pool.as_str()) {
+                let known: Vec<_> = names.iter().copied().collect();
+                return Err(self.error_at(
+                    route.pool.span(),
+                    format!(
+                        "route {} refers to pool \"{pool}\", which is not defined; define a [[pool]] with name = \"{pool}\" (defined pools: {})",
+                        i + 1,
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            if !route.path_prefix.starts_with('/') {
+                return Err(self.error_at(route.pool.span(), format!("route {}: path_prefix must start with '/'", i + 1)));
+            }
+        }
+        Ok(())
+    }
+
+    fn plugin_source_ok(&self, source: &str, span: std::ops::Range<usize>, pool: &str) -> Result<(), ConfigError> {
+        if source.starts_with("builtin:") {
+            return Ok(());
+        }
+        let path = self.resolve_path(source);
+        if !path.is_file() {
+            return Err(self.error_at(
+                span,
+                format!(
+                    "pool \"{pool}\": plugin file \"{}\" does not exist; give a path to a .wasm file (relative paths are relative to the config file) or a built-in such as \"builtin:round-robin\"",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves a plugin path relative to the config file.
+    pub fn resolve_path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    /// Validated static backends of a pool.
+    pub fn backends(pool: &PoolConfig) -> Vec<BackendSpec> {
+        pool.backends.iter().filter_map(|b| b.get_ref().resolve().ok()).collect()
+    }
+}
+
+impl BackendEntry {
+    /// Validates the entry.
+    pub fn resolve(&self) -> Result<BackendSpec, String> {
+        let (addr, weight, zone, tags) = match self {
+            BackendEntry::Addr(a) => (a, 1, None, Vec::new()),
+            BackendEntry::Full { addr, weight, zone, tags } => (addr, *weight, zone.clone(), tags.clone()),
+        };
+        let parsed: SocketAddr = addr.parse().map_err(|_| {
+            format!("backend address \"{addr}\" is not an IP:port; write it like \"127.0.0.1:9001\" or \"[::1]:9001\"")
+        })?;
+        if parsed.port() == 0 {
+            return Err(format!("backend address \"{addr}\" has port 0"));
+        }
+        if weight == 0 {
+            return Err(format!("backend \"{addr}\" has weight 0; weights start at 1 (remove the backend to stop traffic)"));
+        }
+        Ok(BackendSpec { addr: parsed, weight, zone: zone.unwrap_or_default(), tags })
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("listen address \"{s}\" is not an IP:port; write it like \"127.0.0.1:8080\""))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml", Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_documented_form_parses() {
+        let cfg = Config::parse(
+            r#"
+[server]
+listen = ["127.0.0.1:8080"]
+threads = 1
+[admin]
+listen = "127.0.0.1:9900"
+[[pool]]
+name = "web"
+strategy = "builtin:round-robin"
+health = { plugin = "builtin:http", interval = "2s", timeout = "1s", rise = 2, fall = 3, config = { path = "/healthz" } }
+backends = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 2, zone = "eu", tags = ["canary"] }]
+[[route]]
+path_prefix = "/"
+pool = "web"
+"#,
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        let b = Config::backends(&cfg.pool[0]);
+        assert_eq!(b[1].weight, 2);
+        assert_eq!(b[1].tags, vec!["canary".to_string()]);
+        assert_eq!(cfg.pool[0].health.as_ref().unwrap().get_ref().interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err("[server]\nlisten = [\"127.0.0.1:1\"]\nthreds = 2\n");
+        assert!(e.starts_with("t.toml:3:1:"), "{e}");
+        assert!(e.contains("unknown field `threds`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_pool_in_route() {
+        let e = err("[[pool]]\nname = \"web\"\n[[route]]\npool = \"api\"\n");
+        assert!(e.starts_with("t.toml:4:8:"), "{e}");
+        assert!(e.contains("refers to pool \"api\", which is not defined"), "{e}");
+        assert!(e.contains("defined pools: web"), "{e}");
+    }
+
+    #[test]
+    fn bad_backend_address() {
+        let e = err("[[pool]]\nname = \"web\"\nbackends = [\"localhost:80x\"]\n");
+        assert!(e.starts_with("t.toml:3:13:"), "{e}");
+        assert!(e.contains("is not an IP:port"), "{e}");
+    }
+
+    #[test]
+    fn missing_plugin_file() {
+        let e = err("[[pool]]\nname = \"web\"\nstrategy = \"nope/missing.wasm\"\n");
+        assert!(e.starts_with("t.toml:3:12:"), "{e}");
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_zero_weight() {
+        let e = err("[[pool]]\nname = \"web\"\nconnect_timeout = \"soon\"\n");
+        assert!(e.contains("invalid duration \"soon\""), "{e}");
+        let e = err("[[pool]]\nname = \"web\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n");
+        assert!(e.contains("weight 0"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_pool() {
+        let e = err("[[pool]]\nname = \"web\"\n[[pool]]\nname = \"web\"\n");
+        assert!(e.starts_with("t.toml:4:8:") && e.contains("defined twice"), "{e}");
+    }
+}

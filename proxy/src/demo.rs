@@ -1,0 +1,131 @@
+//! Demo backends: tiny HTTP/1.1 servers that answer with their own name. Used by `sluice demo`
+//! and by the test suite as real backends on loopback.
+//!
+//! Written on tokio + httparse rather than a full HTTP server crate: it needs keep-alive and
+//! fixed responses only, and a second HTTP stack would lengthen every build.
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Behaviour of a demo backend, adjustable while it runs.
+#[derive(Debug)]
+pub struct DemoBackend {
+    /// Name returned in the body and the `x-backend` header.
+    pub name: String,
+    /// Status code of responses (200 unless changed).
+    pub status: AtomicU16,
+    /// Delay before each response, in milliseconds.
+    pub delay_ms: AtomicU64,
+    /// Requests served.
+    pub served: AtomicU64,
+}
+
+impl DemoBackend {
+    /// A backend named `name` answering 200 at once.
+    pub fn new(name: &str) -> Arc<DemoBackend> {
+        Arc::new(DemoBackend { name: name.into(), status: AtomicU16::new(200), delay_ms: AtomicU64::new(0), served: AtomicU64::new(0) })
+    }
+}
+
+/// Serves `backend` on `listener` until the runtime stops.
+pub async fn serve(listener: TcpListener, backend: Arc<DemoBackend>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            // Connection errors end that connection only.
+            let _ = connection(stream, backend).await;
+        });
+    }
+}
+
+async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Read one request head (and skip its body).
+        let (head_len, body_len, close) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+                    let body_len = header("content-length")
+                        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close")) || req.version == Some(0);
+                    break (n, body_len, close);
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(_) => return Ok(()),
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        while buf.len() < head_len + body_len {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.drain(..head_len + body_len);
+
+        let delay = backend.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        backend.served.fetch_add(1, Ordering::Relaxed);
+        let status = backend.status.load(Ordering::Relaxed);
+        let body = format!("{}\n", backend.name);
+        let resp = format!(
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\nx-backend: {}\r\ncontent-length: {}\r\n{}\r\n{body}",
+            http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Status"),
+            backend.name,
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        stream.write_all(resp.as_bytes()).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Starts `names.len()` demo backends on ephemeral loopback ports in a background thread.
+/// Returns their addresses and handles, in order.
+pub fn spawn_backends(names: &[&str]) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoBackend>)>> {
+    let mut out = Vec::new();
+    let mut listeners = Vec::new();
+    for name in names {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        let backend = DemoBackend::new(name);
+        out.push((l.local_addr()?, backend.clone()));
+        listeners.push((l, backend));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("sluice-demo-backends".into()).spawn(move || {
+        rt.block_on(async move {
+            let mut tasks = Vec::new();
+            for (l, b) in listeners {
+                match TcpListener::from_std(l) {
+                    Ok(l) => tasks.push(tokio::spawn(serve(l, b))),
+                    Err(e) => tracing::error!(error = %e, "demo backend listener failed"),
+                }
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,22 @@
+//! sluice: a load-balancing reverse proxy on pingora whose balancing strategies are WebAssembly
+//! plugins, hot-swappable while traffic flows.
+//!
+//! The request path, one module per stage: [`proxy`] (pingora phases) → [`route`] (host and
+//! path prefix to a pool) → [`pool`] (backend table and live stats) → [`strategy`] (the Wasm
+//! pick, with a native fallback) → back to [`proxy`] for the peer. [`plugin`] is the wasmtime host
+//! shared by every plugin kind; [`runtime`] holds the swappable state; [`admin`] is the API.
+
+pub mod admin;
+pub mod builtin;
+pub mod client;
+pub mod config;
+pub mod dashboard;
+pub mod demo;
+pub mod metrics;
+pub mod plugin;
+pub mod pool;
+pub mod proxy;
+pub mod route;
+pub mod runtime;
+pub mod server;
+pub mod strategy;

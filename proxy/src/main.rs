@@ -1,0 +1,158 @@
+//! The `sluice` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Load-balancing reverse proxy with hot-swappable WebAssembly strategies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy from a config file.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file (schema, addresses, plugins) and exit 0, or non-zero with the reason.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a self-contained demo: three backends, a proxy on 127.0.0.1:8080, admin on 127.0.0.1:9900.
+    Demo,
+    /// Print a new random 256-bit cluster key (base64).
+    Genkey,
+    /// Work with plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Hot-load a plugin into a running proxy's pool through its admin API.
+    Load {
+        /// The pool.
+        #[arg(long)]
+        pool: String,
+        /// The .wasm file.
+        file: PathBuf,
+        /// Plugin kind.
+        #[arg(long, default_value = "strategy", value_parser = ["strategy", "health"])]
+        kind: String,
+        /// Admin API address.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        admin: String,
+        /// Bearer token, if the admin API has one.
+        #[arg(long, env = "SLUICE_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let cfg = sluice::config::Config::load(&config)?;
+            sluice::server::run(cfg, Some(config), |rt| {
+                let c = rt.config();
+                let listen: Vec<_> = c.server.listen.iter().map(|l| l.get_ref().as_str()).collect();
+                tracing::info!(listen = ?listen, admin = %c.admin.listen.get_ref(), pools = rt.pools().len(), "sluice is running");
+            })
+        }
+        Command::Check { config } => {
+            let cfg = sluice::config::Config::load(&config)?;
+            let pools = cfg.pool.len();
+            let routes = cfg.route.len();
+            // Loads and exercises every plugin exactly as `run` would, without listening.
+            let rt = sluice::server::build_runtime(cfg, Some(config.clone()))?;
+            for p in rt.pools() {
+                let v = p.strategy.current();
+                println!("pool {}: {} backends, strategy {} (sha256 {})", p.name, p.table.load().len(), v.name, &v.sha256[..16]);
+            }
+            println!("{}: OK ({pools} pools, {routes} routes)", config.display());
+            Ok(())
+        }
+        Command::Demo => demo(),
+        Command::Genkey => {
+            use base64::Engine;
+            let key: [u8; 32] = rand::random();
+            println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::Load { pool, file, kind, admin, token } } => {
+            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let addr = admin.parse().map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
+            let auth = token.map(|t| format!("Bearer {t}"));
+            let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+            let resp = sluice::client::request(addr, "PUT", &format!("/api/pools/{pool}/{kind}"), &headers, &bytes)
+                .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?"))?;
+            if resp.status == 200 {
+                print!("{}", resp.text());
+                Ok(())
+            } else {
+                anyhow::bail!("the proxy refused the plugin ({}): {}", resp.status, resp.text().trim())
+            }
+        }
+    }
+}
+
+fn demo() -> anyhow::Result<()> {
+    let backends = sluice::demo::spawn_backends(&["backend-1", "backend-2", "backend-3"])?;
+    let list: Vec<String> = backends.iter().map(|(a, _)| format!("\"{a}\"")).collect();
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+threads = 2
+[admin]
+listen = "127.0.0.1:9900"
+[[pool]]
+name = "demo"
+strategy = "builtin:round-robin"
+backends = [{}]
+[[route]]
+path_prefix = "/"
+pool = "demo"
+"#,
+        list.join(", ")
+    );
+    let cfg = sluice::config::Config::parse(&text, "demo config", std::path::Path::new("."))?;
+    sluice::server::run(cfg, None, |_| {
+        println!("sluice demo is running (Ctrl-C to stop)");
+        println!("  three demo backends: {}", backends.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>().join(", "));
+        println!("  proxy, Wasm round-robin:  curl http://127.0.0.1:8080/      (repeat: backend-1, -2, -3, ...)");
+        println!("  pools and backends:       curl http://127.0.0.1:9900/api/pools");
+        println!("  Prometheus metrics:       curl http://127.0.0.1:9900/metrics");
+        println!("  dashboard:                http://127.0.0.1:9900/");
+        println!("  hot-swap the strategy:    curl -X PUT --data-binary @my_strategy.wasm http://127.0.0.1:9900/api/pools/demo/strategy");
+    })
+}

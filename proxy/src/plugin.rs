@@ -1,0 +1,560 @@
+//! The WebAssembly plugin host shared by strategies and health checks: one wasmtime `Engine`
+//! (pooling allocator, epoch deadlines), the ABI's host imports, compilation and validation of
+//! plugin bytes into a [`PluginVersion`].
+//!
+//! The wire contract is `sdk/ABI.md`; this module and the SDK are its only two readers.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pingora::http::RequestHeader;
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Caller, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
+    Store, StoreLimits, StoreLimitsBuilder,
+};
+
+use crate::pool::BackendTable;
+
+/// The ABI version this host speaks (`sluice_abi_version` export).
+pub const ABI_VERSION: i32 = 1;
+/// Shared counters per pool (`counter_add` slots).
+pub const COUNTER_SLOTS: usize = 16;
+/// Memory a plugin instance may use.
+pub const MAX_PLUGIN_MEMORY: usize = 64 << 20;
+/// Epoch tick period; deadlines are counted in ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+/// Deadline of one `sluice_pick` call, in ticks (5 ticks ≈ 8–10 ms).
+pub const PICK_DEADLINE_TICKS: u64 = 5;
+/// Deadline of `sluice_init` and table pushes, in ticks (≈ 1 s).
+pub const INIT_DEADLINE_TICKS: u64 = 500;
+
+/// What a plugin is for (`sluice_plugin_kind` export).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Picks backends.
+    Strategy,
+    /// Judges backend health.
+    Health,
+}
+
+impl PluginKind {
+    fn code(self) -> i32 {
+        match self {
+            PluginKind::Strategy => 0,
+            PluginKind::Health => 1,
+        }
+    }
+    /// Lower-case name, as used in metrics and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Strategy => "strategy",
+            PluginKind::Health => "health",
+        }
+    }
+}
+
+/// Why a plugin was refused. Each message says what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// Not a valid WebAssembly module.
+    #[error("not a valid WebAssembly module: {0}; build the plugin for the wasm32-unknown-unknown target")]
+    Compile(String),
+    /// A required export is missing or has the wrong type.
+    #[error("plugin does not export `{name}` with the expected signature ({detail}); is it built with sluice-sdk's export macro?")]
+    MissingExport {
+        /// Export name.
+        name: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Unsupported ABI version.
+    #[error("plugin ABI version {found} is not supported by this sluice (supports {ABI_VERSION}); rebuild the plugin with a matching sluice-sdk")]
+    AbiVersion {
+        /// What the plugin declared.
+        found: i32,
+    },
+    /// A strategy loaded as a health check or vice versa.
+    #[error("plugin is a {found} plugin, but a {expected} plugin is needed here")]
+    WrongKind {
+        /// Declared kind.
+        found: String,
+        /// Needed kind.
+        expected: &'static str,
+    },
+    /// Instantiation failed (missing import, memory limit...).
+    #[error("plugin cannot be instantiated: {0}")]
+    Instantiate(String),
+    /// `sluice_init` refused the configuration or trapped.
+    #[error("plugin init failed: {0}")]
+    Init(String),
+    /// The trial pick against the current table failed.
+    #[error("plugin failed its trial pick against the current backends: {0}")]
+    TrialPick(String),
+    /// The plugin source could not be found.
+    #[error("{0}")]
+    Source(String),
+}
+
+/// One loaded plugin version: compiled, validated, ready to instantiate on any thread.
+pub struct PluginVersion {
+    /// Pre-linked module; instantiation is a few microseconds with the pooling allocator.
+    pub pre: InstancePre<HostState>,
+    /// Hex sha256 of the wasm bytes.
+    pub sha256: String,
+    /// Human name: `builtin:round-robin`, a file name, or `uploaded`.
+    pub name: String,
+    /// Increases with every version loaded into the same host.
+    pub generation: u64,
+    /// The JSON config handed to `sluice_init`.
+    pub config_json: Arc<[u8]>,
+}
+
+/// The per-request attributes a plugin may read (ABI "request attribute kinds").
+pub struct RequestView<'a> {
+    /// Request header.
+    pub header: &'a RequestHeader,
+    /// Client address.
+    pub client_ip: Option<IpAddr>,
+    /// Returns true for backend indexes already tried by this request.
+    pub excluded: &'a dyn Fn(usize) -> bool,
+}
+
+impl RequestView<'_> {
+    /// The attribute of `kind` (`name` for headers, cookies and query parameters), or `None`.
+    /// Text form of the client IP is written into `scratch`.
+    pub fn attr<'s>(&'s self, kind: i32, name: &[u8], scratch: &'s mut String) -> Result<Option<&'s [u8]>, ()> {
+        use std::fmt::Write;
+        let uri = &self.header.uri;
+        Ok(match kind {
+            0 => match self.client_ip {
+                Some(ip) => {
+                    scratch.clear();
+                    let _ = write!(scratch, "{ip}");
+                    Some(scratch.as_bytes())
+                }
+                None => None,
+            },
+            1 => Some(self.header.method.as_str().as_bytes()),
+            2 => {
+                let host = uri.host().map(str::as_bytes).or_else(|| {
+                    self.header.headers.get(http::header::HOST).map(|h| h.as_bytes())
+                });
+                host.map(strip_port)
+            }
+            3 => Some(uri.path().as_bytes()),
+            4 => std::str::from_utf8(name).ok().and_then(|n| self.header.headers.get(n)).map(|v| v.as_bytes()),
+            5 => self.header.headers.get_all(http::header::COOKIE).iter().find_map(|v| find_pair(v.as_bytes(), b';', name)),
+            6 => uri.query().and_then(|q| find_pair(q.as_bytes(), b'&', name)),
+            7 => Some(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").as_bytes()),
+            _ => return Err(()),
+        })
+    }
+}
+
+fn strip_port(h: &[u8]) -> &[u8] {
+    if h.first() == Some(&b'[') {
+        // [v6]:port -> [v6]
+        return match h.iter().position(|&c| c == b']') {
+            Some(end) => &h[..=end],
+            None => h,
+        };
+    }
+    match h.iter().rposition(|&c| c == b':') {
+        Some(i) => &h[..i],
+        None => h,
+    }
+}
+
+/// Finds `name=value` in a `sep`-separated list (cookies, query strings).
+fn find_pair<'a>(list: &'a [u8], sep: u8, name: &[u8]) -> Option<&'a [u8]> {
+    list.split(|&c| c == sep).find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|&c| c == b'=')?;
+        (&pair[..eq] == name).then(|| &pair[eq + 1..])
+    })
+}
+
+/// The ABI hash: `mix64(fnv1a64(bytes))` (sdk/ABI.md, "The hash").
+pub fn abi_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51afd7ed558ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ceb9fe1a85ec53);
+    h ^ (h >> 33)
+}
+
+/// State of one plugin instance's `Store`.
+pub struct HostState {
+    limits: StoreLimits,
+    /// Set only for the duration of a `sluice_pick` call (see [`HostState::with_request`]).
+    request: *const RequestView<'static>,
+    /// The table last pushed to this instance; `backend_*` host calls index into it.
+    pub table: Option<Arc<BackendTable>>,
+    counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+    /// Reason recorded by `set_error`.
+    pub error: Option<String>,
+    rng: u64,
+    scratch: String,
+    plugin: Arc<str>,
+}
+
+impl HostState {
+    /// State for a new instance.
+    pub fn new(counters: Arc<[AtomicI64; COUNTER_SLOTS]>, plugin: Arc<str>) -> HostState {
+        static SEED: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+        HostState {
+            limits: StoreLimitsBuilder::new().memory_size(MAX_PLUGIN_MEMORY).instances(1).build(),
+            request: std::ptr::null(),
+            table: None,
+            counters,
+            error: None,
+            rng: SEED.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) | 1,
+            scratch: String::new(),
+            plugin,
+        }
+    }
+
+    /// Runs `f` with `req` readable by the plugin's host calls.
+    pub fn with_request<R>(store: &mut Store<HostState>, req: &RequestView<'_>, f: impl FnOnce(&mut Store<HostState>) -> R) -> R {
+        // SAFETY: the pointer is only dereferenced by host calls made during `f`, which runs
+        // synchronously while `req` is borrowed, and it is cleared before returning (also on
+        // unwind, via the guard), so it never outlives `req`.
+        store.data_mut().request = (req as *const RequestView<'_>).cast();
+        struct Clear<'a>(&'a mut Store<HostState>);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.data_mut().request = std::ptr::null();
+            }
+        }
+        let guard = Clear(store);
+        f(guard.0)
+    }
+
+    fn request(&self) -> Option<&RequestView<'_>> {
+        // SAFETY: see `with_request`: non-null only while the referenced view is alive.
+        unsafe { self.request.as_ref() }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: fast, per instance, not for cryptography (documented in the ABI).
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// The process-wide plugin engine.
+#[derive(Clone)]
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    started: Instant,
+}
+
+impl PluginEngine {
+    /// Creates the engine and starts its epoch ticker thread.
+    pub fn new() -> anyhow::Result<PluginEngine> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_memories(1000).total_core_instances(1000).total_tables(1000).max_memory_size(MAX_PLUGIN_MEMORY);
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg)?;
+        let linker = Arc::new(build_linker(&engine)?);
+        let ticker = engine.weak();
+        std::thread::Builder::new().name("sluice-epoch".into()).spawn(move || {
+            while let Some(engine) = ticker.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        Ok(PluginEngine { engine, linker, started: Instant::now() })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles `bytes` and checks exports, ABI version and kind. Does not run `init`.
+    pub fn compile(&self, bytes: &[u8], kind: PluginKind, name: &str, generation: u64, config_json: Arc<[u8]>) -> Result<PluginVersion, PluginError> {
+        let module = Module::new(&self.engine, bytes).map_err(|e| PluginError::Compile(root_cause(&e)))?;
+        for (export, params, results) in required_exports(kind) {
+            check_export(&module, export, params, results)?;
+        }
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
+        let version = PluginVersion {
+            pre,
+            sha256: hex::encode(Sha256::digest(bytes)),
+            name: name.to_string(),
+            generation,
+            config_json,
+        };
+        // Version and kind are checked on a throwaway instance, before anything else runs.
+        let mut store = self.store(Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]), name);
+        let instance = version.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
+        store.set_epoch_deadline(INIT_DEADLINE_TICKS);
+        let call_i32 = |store: &mut Store<HostState>, name: &'static str| -> Result<i32, PluginError> {
+            let f = instance
+                .get_typed_func::<(), i32>(&mut *store, name)
+                .map_err(|e| PluginError::MissingExport { name, detail: root_cause(&e) })?;
+            f.call(&mut *store, ()).map_err(|e| PluginError::Instantiate(format!("`{name}` trapped: {}", root_cause(&e))))
+        };
+        let abi = call_i32(&mut store, "sluice_abi_version")?;
+        if abi != ABI_VERSION {
+            return Err(PluginError::AbiVersion { found: abi });
+        }
+        let found = call_i32(&mut store, "sluice_plugin_kind")?;
+        if found != kind.code() {
+            let found = match found {
+                0 => "strategy".to_string(),
+                1 => "health".to_string(),
+                n => format!("unknown (kind {n})"),
+            };
+            return Err(PluginError::WrongKind { found, expected: kind.as_str() });
+        }
+        Ok(version)
+    }
+
+    /// A store for one instance of plugin `name`.
+    pub fn store(&self, counters: Arc<[AtomicI64; COUNTER_SLOTS]>, name: &str) -> Store<HostState> {
+        let mut store = Store::new(&self.engine, HostState::new(counters, Arc::from(name)));
+        store.limiter(|s| &mut s.limits);
+        store
+    }
+
+    /// Nanoseconds since the engine started (the ABI's monotonic clock).
+    pub fn monotonic_ns(&self) -> i64 {
+        self.started.elapsed().as_nanos() as i64
+    }
+}
+
+fn required_exports(kind: PluginKind) -> Vec<(&'static str, &'static [wasmtime::ValType], &'static [wasmtime::ValType])> {
+    use wasmtime::ValType::I32;
+    let mut v: Vec<(&'static str, &'static [wasmtime::ValType], &'static [wasmtime::ValType])> = vec![
+        ("sluice_abi_version", &[], &[I32]),
+        ("sluice_plugin_kind", &[], &[I32]),
+    ];
+    // Version and kind are checked first so an old or mismatched plugin gets that message,
+    // not a complaint about some other export.
+    v.push(("sluice_alloc", &[I32], &[I32]));
+    v.push(("sluice_init", &[I32, I32], &[I32]));
+    if kind == PluginKind::Strategy {
+        v.push(("sluice_set_backends", &[I32, I32], &[I32]));
+        v.push(("sluice_pick", &[I32], &[I32]));
+    }
+    v
+}
+
+fn check_export(module: &Module, name: &'static str, params: &[wasmtime::ValType], results: &[wasmtime::ValType]) -> Result<(), PluginError> {
+    let Some(ty) = module.get_export(name) else {
+        return Err(PluginError::MissingExport { name, detail: "not exported".into() });
+    };
+    let Some(f) = ty.func() else {
+        return Err(PluginError::MissingExport { name, detail: "not a function".into() });
+    };
+    let same = |a: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>, b: &[wasmtime::ValType]| {
+        a.len() == b.len() && a.zip(b).all(|(x, y)| wasmtime::ValType::eq(&x, y))
+    };
+    if !same(&mut f.params(), params) || !same(&mut f.results(), results) {
+        return Err(PluginError::MissingExport { name, detail: format!("found {f}") });
+    }
+    if module.get_export("memory").and_then(|m| m.memory().cloned()).is_none() {
+        return Err(PluginError::MissingExport { name: "memory", detail: "no exported memory".into() });
+    }
+    Ok(())
+}
+
+/// The innermost message of a wasmtime error chain, which is the one an operator can act on.
+pub fn root_cause(e: &wasmtime::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        msg = match trap {
+            wasmtime::Trap::Interrupt => "deadline exceeded (the plugin ran too long)".to_string(),
+            other => format!("trap: {other}"),
+        };
+    } else if let Some(src) = e.chain().last() {
+        if src.to_string() != msg {
+            msg = format!("{msg}: {src}");
+        }
+    }
+    msg
+}
+
+/// True when the error is a deadline hit (epoch interruption).
+pub fn is_deadline(e: &wasmtime::Error) -> bool {
+    matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt))
+}
+
+fn memory(caller: &mut Caller<'_, HostState>) -> Option<wasmtime::Memory> {
+    caller.get_export("memory").and_then(|e| e.into_memory())
+}
+
+fn read_guest(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+    mem.data(&caller).get(ptr..ptr.checked_add(len)?).map(<[u8]>::to_vec)
+}
+
+fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
+    let mut l = Linker::new(engine);
+    l.func_wrap("sluice", "log", |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
+        let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) else { return };
+        let msg = String::from_utf8_lossy(&bytes);
+        let plugin = c.data().plugin.clone();
+        match level {
+            0 => tracing::error!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+            1 => tracing::warn!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+            2 => tracing::info!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+            _ => tracing::debug!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+        }
+    })?;
+    l.func_wrap("sluice", "set_error", |mut c: Caller<'_, HostState>, ptr: i32, len: i32| {
+        if let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) {
+            c.data_mut().error = Some(String::from_utf8_lossy(&bytes).into_owned());
+        }
+    })?;
+    l.func_wrap("sluice", "now_ms", || {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    })?;
+    let started = Instant::now();
+    l.func_wrap("sluice", "monotonic_ns", move || started.elapsed().as_nanos() as i64)?;
+    l.func_wrap("sluice", "random_u64", |mut c: Caller<'_, HostState>| c.data_mut().next_random() as i64)?;
+    l.func_wrap("sluice", "counter_add", |c: Caller<'_, HostState>, slot: i32, delta: i64| -> wasmtime::Result<i64> {
+        let counter = usize::try_from(slot)
+            .ok()
+            .and_then(|s| c.data().counters.get(s))
+            .ok_or_else(|| wasmtime::format_err!("counter_add: slot {slot} is outside 0..={}", COUNTER_SLOTS - 1))?;
+        Ok(counter.fetch_add(delta, Ordering::Relaxed))
+    })?;
+    l.func_wrap(
+        "sluice",
+        "request_attr",
+        |mut c: Caller<'_, HostState>, kind: i32, name_ptr: i32, name_len: i32, buf_ptr: i32, buf_cap: i32| -> i32 {
+            let Some(mem) = memory(&mut c) else { return -2 };
+            let (data, state) = mem.data_and_store_mut(&mut c);
+            // SAFETY: see `HostState::with_request`.
+            let Some(req) = (unsafe { state.request.as_ref() }) else { return -2 };
+            // Copied to the stack because `data` is written below; names longer than 256 bytes
+            // match nothing real (header names are far shorter).
+            let mut name_buf = [0u8; 256];
+            let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
+            let n = name.len().min(name_buf.len());
+            name_buf[..n].copy_from_slice(&name[..n]);
+            let value = match req.attr(kind, &name_buf[..n], &mut state.scratch) {
+                Err(()) => return -2,
+                Ok(None) => return -1,
+                Ok(Some(v)) => v,
+            };
+            let n = value.len().min(usize::try_from(buf_cap).unwrap_or(0));
+            match usize::try_from(buf_ptr).ok().and_then(|p| data.get_mut(p..p.checked_add(n)?)) {
+                Some(dst) => dst.copy_from_slice(&value[..n]),
+                None => return -2,
+            }
+            value.len().min(i32::MAX as usize) as i32
+        },
+    )?;
+    l.func_wrap(
+        "sluice",
+        "request_hash",
+        |mut c: Caller<'_, HostState>, kind: i32, name_ptr: i32, name_len: i32, out_ptr: i32| -> i32 {
+            let Some(mem) = memory(&mut c) else { return -2 };
+            let (data, state) = mem.data_and_store_mut(&mut c);
+            // SAFETY: see `HostState::with_request`.
+            let Some(req) = (unsafe { state.request.as_ref() }) else { return -2 };
+            let mut name_buf = [0u8; 256];
+            let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
+            let n = name.len().min(name_buf.len());
+            name_buf[..n].copy_from_slice(&name[..n]);
+            let hash = match req.attr(kind, &name_buf[..n], &mut state.scratch) {
+                Err(()) => return -2,
+                Ok(None) => return 0,
+                Ok(Some(v)) => abi_hash(v),
+            };
+            match usize::try_from(out_ptr).ok().and_then(|p| data.get_mut(p..p.checked_add(8)?)) {
+                Some(dst) => dst.copy_from_slice(&hash.to_le_bytes()),
+                None => return -2,
+            }
+            1
+        },
+    )?;
+    l.func_wrap("sluice", "excluded", |c: Caller<'_, HostState>, index: i32| -> i32 {
+        match (c.data().request(), usize::try_from(index)) {
+            (Some(req), Ok(i)) => i32::from((req.excluded)(i)),
+            _ => 0,
+        }
+    })?;
+    fn stat<R>(c: &Caller<'_, HostState>, index: i32, f: impl Fn(&crate::pool::BackendStats) -> R) -> Option<R> {
+        let table = c.data().table.as_ref()?;
+        let b = table.backends.get(usize::try_from(index).ok()?)?;
+        Some(f(&b.stats))
+    }
+    l.func_wrap("sluice", "backend_inflight", |c: Caller<'_, HostState>, i: i32| -> i32 {
+        stat(&c, i, |s| s.inflight.get().clamp(0, i32::MAX as i64) as i32).unwrap_or(-1)
+    })?;
+    l.func_wrap("sluice", "backend_latency_us", |c: Caller<'_, HostState>, i: i32| -> i64 {
+        stat(&c, i, |s| s.latency_us() as i64).unwrap_or(-1)
+    })?;
+    l.func_wrap("sluice", "backend_failures", |c: Caller<'_, HostState>, i: i32| -> i32 {
+        stat(&c, i, |s| s.failures() as i32).unwrap_or(-1)
+    })?;
+    Ok(l)
+}
+
+fn guest_slice(data: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {
+    let (p, n) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+    data.get(p..p.checked_add(n)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_matches_the_documented_function() {
+        // fnv1a64("") is the offset basis; mix64 of it is fixed forever by the ABI.
+        assert_eq!(abi_hash(b""), {
+            let mut h: u64 = 0xcbf29ce484222325;
+            h ^= h >> 33;
+            h = h.wrapping_mul(0xff51afd7ed558ccd);
+            h ^= h >> 33;
+            h = h.wrapping_mul(0xc4ceb9fe1a85ec53);
+            h ^ (h >> 33)
+        });
+        assert_ne!(abi_hash(b"a"), abi_hash(b"b"));
+    }
+
+    #[test]
+    fn attributes_are_read_from_the_request() {
+        let mut h = RequestHeader::build("GET", b"/a/b?x=1&user=42", None).unwrap();
+        h.insert_header("host", "example.com:8080").unwrap();
+        h.insert_header("cookie", "a=1; sid=abc").unwrap();
+        h.insert_header("x-canary", "yes").unwrap();
+        let no = |_: usize| false;
+        let view = RequestView { header: &h, client_ip: Some("10.1.2.3".parse().unwrap()), excluded: &no };
+        let mut s = String::new();
+        let mut get = |k: i32, n: &str| view.attr(k, n.as_bytes(), &mut s).unwrap().map(|v| String::from_utf8(v.to_vec()).unwrap());
+        assert_eq!(get(0, "").as_deref(), Some("10.1.2.3"));
+        assert_eq!(get(1, "").as_deref(), Some("GET"));
+        assert_eq!(get(2, "").as_deref(), Some("example.com"));
+        assert_eq!(get(3, "").as_deref(), Some("/a/b"));
+        assert_eq!(get(4, "X-Canary").as_deref(), Some("yes"));
+        assert_eq!(get(5, "sid").as_deref(), Some("abc"));
+        assert_eq!(get(6, "user").as_deref(), Some("42"));
+        assert_eq!(get(6, "nope"), None);
+        assert_eq!(get(7, "").as_deref(), Some("/a/b?x=1&user=42"));
+        assert!(view.attr(99, b"", &mut String::new()).is_err());
+    }
+}

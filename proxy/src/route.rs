@@ -1,0 +1,70 @@
+//! Routing: which pool serves a request, by host and path prefix.
+
+use std::sync::Arc;
+
+use crate::pool::Pool;
+
+/// One `[[route]]`.
+pub struct Route {
+    /// Lower-case host without port; `None` matches every host.
+    pub host: Option<String>,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// Target pool.
+    pub pool: Arc<Pool>,
+}
+
+/// The routes, ordered most specific first: host routes before host-less ones, then the longest
+/// prefix. The first match wins, so matching is a short linear scan with no allocation.
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Orders `routes` by specificity.
+    pub fn new(mut routes: Vec<Route>) -> Router {
+        // Stable sort: equally specific routes keep their file order.
+        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
+        Router { routes }
+    }
+
+    /// The pool for a request to `host` (may include a port) and `path`.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
+        let host = host.map(strip_port);
+        self.routes
+            .iter()
+            .find(|r| {
+                let host_ok = match (&r.host, host) {
+                    (None, _) => true,
+                    (Some(want), Some(h)) => want.eq_ignore_ascii_case(h),
+                    (Some(_), None) => false,
+                };
+                host_ok && path.starts_with(r.path_prefix.as_str())
+            })
+            .map(|r| &r.pool)
+    }
+
+    /// The routes in match order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+fn strip_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.split_inclusive(']').next().unwrap_or(h);
+    }
+    h.rsplit_once(':').map_or(h, |(host, _)| host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn ports_are_ignored() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

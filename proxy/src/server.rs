@@ -1,0 +1,117 @@
+//! Assembles the pingora server from a config: the proxy service, the admin service and the
+//! background tasks (SIGHUP reload), then runs it until a signal stops it.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::plugin::PluginEngine;
+use crate::proxy::SluiceProxy;
+use crate::runtime::Runtime;
+
+/// Builds the runtime for `config` (validating every plugin) without starting listeners.
+pub fn build_runtime(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Runtime>> {
+    let engine = PluginEngine::new()?;
+    let rt = Runtime::new(config, config_path, engine, Metrics::new())?;
+    Ok(Arc::new(rt))
+}
+
+/// Checks that every listen address can be bound, so a clash is reported clearly up front.
+fn check_listeners(config: &Config) -> anyhow::Result<()> {
+    let mut addrs: Vec<String> = config.server.listen.iter().map(|l| l.get_ref().clone()).collect();
+    if let Some(tls) = &config.server.tls {
+        addrs.extend(tls.listen.iter().map(|l| l.get_ref().clone()));
+    }
+    addrs.push(config.admin.listen.get_ref().clone());
+    for a in addrs {
+        TcpListener::bind(&a).map_err(|e| {
+            anyhow::anyhow!("cannot listen on {a}: {e}; is another process (or another sluice) using it? change `listen` in the config")
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs the proxy until SIGINT/SIGTERM. `ready` is called once everything is validated,
+/// right before the listeners start.
+pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Runtime)) -> anyhow::Result<()> {
+    check_listeners(&config)?;
+    let runtime = build_runtime(config.clone(), config_path)?;
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, SluiceProxy::new(runtime.clone()), "sluice-proxy");
+    for l in &config.server.listen {
+        proxy.add_tcp(l.get_ref());
+    }
+    if config.server.h2c {
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut opts = HttpServerOptions::default();
+            opts.h2c = true;
+            app.server_options = Some(opts);
+        }
+    }
+    if let Some(tls) = &config.server.tls {
+        for l in &tls.listen {
+            let cert = config.resolve_path(&tls.cert.to_string_lossy());
+            let key = config.resolve_path(&tls.key.to_string_lossy());
+            let mut settings = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
+                .map_err(|e| anyhow::anyhow!("[server.tls]: cannot load cert {} / key {}: {e}", cert.display(), key.display()))?;
+            settings.enable_h2();
+            proxy.add_tls_with_settings(l.get_ref(), None, settings);
+        }
+    }
+    server.add_service(proxy);
+
+    let mut admin = Service::new("sluice-admin".to_string(), AdminApp::new(runtime.clone(), config.admin.token.clone()));
+    admin.add_tcp(config.admin.listen.get_ref());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    server.add_service(background_service("sighup-reload", SighupReload { runtime: runtime.clone() }));
+
+    ready(&runtime);
+    server.run_forever()
+}
+
+/// Reloads the config file on SIGHUP.
+struct SighupReload {
+    runtime: Arc<Runtime>,
+}
+
+#[async_trait]
+impl BackgroundService for SighupReload {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; use POST /api/reload instead");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let rt = self.runtime.clone();
+                    // Errors are logged by reload itself; the running config stays.
+                    let _ = tokio::task::spawn_blocking(move || rt.reload()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Tests of the runtime glue and request/host plumbing, through the mock host.
+
+use crate::testing::{backends, Harness, MockHost, TestRequest};
+use crate::{counter_add, log, random_u64, Attr, Backend, Backends, Config, HostError, Request, Strategy};
+
+/// Records what the runtime hands it, and picks whatever `next` says.
+#[derive(Debug, Default)]
+struct Probe {
+    tables: Vec<usize>,
+    next: Option<usize>,
+    seen: Vec<Option<String>>,
+}
+
+impl Strategy for Probe {
+    fn init(config: &Config) -> Result<Self, String> {
+        if let Some(msg) = config.get_str("fail")? {
+            return Err(msg.to_owned());
+        }
+        Ok(Probe::default())
+    }
+
+    fn on_backends(&mut self, backends: &Backends) {
+        self.tables.push(backends.len());
+    }
+
+    fn pick(&mut self, req: &mut Request, _: &Backends) -> Option<usize> {
+        let v = req.header("x-probe").map(str::to_owned);
+        self.seen.push(v);
+        self.next
+    }
+}
+
+#[test]
+fn lifecycle_runs_through_the_abi_path() {
+    let mut h = Harness::<Probe>::new("{}").unwrap();
+    h.set_backends(&backends(2));
+    h.set_backends(&backends(5));
+    assert_eq!(h.strategy().tables, vec![2, 5]);
+    assert_eq!(h.backends().len(), 5);
+    assert_eq!(h.backends()[4].addr(), "10.0.0.5:80");
+
+    h.strategy_mut().next = Some(3);
+    assert_eq!(h.pick(&TestRequest::new().header("X-Probe", "yes")), Some(3));
+    h.strategy_mut().next = None;
+    assert_eq!(h.pick(&TestRequest::new()), None);
+    assert_eq!(h.strategy().seen, vec![Some("yes".to_owned()), None]);
+}
+
+#[test]
+fn init_failure_reports_the_message() {
+    let err = Harness::<Probe>::new(r#"{"fail": "no thanks"}"#).unwrap_err();
+    assert_eq!(err, "no thanks");
+    assert_eq!(MockHost::last_error().as_deref(), Some("no thanks"));
+    let err = Harness::<Probe>::new(r#"{"fail": 3}"#).unwrap_err();
+    assert!(err.contains("`fail`"), "{err}");
+    let err = Harness::<Probe>::new("[]").unwrap_err();
+    assert!(err.contains("JSON object"), "{err}");
+}
+
+#[test]
+#[should_panic(expected = "table of 2 backends")]
+fn harness_catches_out_of_range_picks() {
+    let mut h = Harness::<Probe>::new("{}").unwrap();
+    h.set_backends(&backends(2));
+    h.strategy_mut().next = Some(2);
+    h.pick(&TestRequest::new());
+}
+
+#[test]
+#[should_panic(expected = "already tried")]
+fn harness_catches_excluded_picks() {
+    let mut h = Harness::<Probe>::new("{}").unwrap();
+    h.set_backends(&backends(2));
+    h.strategy_mut().next = Some(1);
+    h.pick(&TestRequest::new().attempt(1).exclude(1));
+}
+
+#[test]
+fn runtime_rejects_foreign_buffers() {
+    let mut rt = crate::__private::Runtime::<Probe>::new();
+    let buf = rt.alloc(2).unwrap();
+    buf.copy_from_slice(b"{}");
+    let ptr = buf.as_ptr() as usize;
+    assert!(rt.init(ptr + 1, 2).is_err(), "runs past the buffer");
+    assert!(rt.init(ptr.wrapping_sub(1), 2).is_err(), "starts before the buffer");
+    assert!(rt.init(ptr, 2).is_ok());
+    // Before a table is pushed a pick sees an empty table.
+    assert_eq!(rt.pick(0), -1);
+}
+
+/// Reads attributes into a log of what it saw; picks nothing.
+struct Reader(Vec<Option<String>>);
+
+impl Strategy for Reader {
+    fn init(_: &Config) -> Result<Self, String> {
+        Ok(Reader(Vec::new()))
+    }
+
+    fn on_backends(&mut self, _: &Backends) {
+        // No request exists outside pick; the host answers -2 and the SDK maps it to None.
+        let mut outside = Request::new();
+        assert_eq!(outside.client_ip(), None);
+        assert_eq!(outside.hash(Attr::ClientIp), None);
+    }
+
+    fn pick(&mut self, req: &mut Request, _: &Backends) -> Option<usize> {
+        let mut out = Vec::new();
+        out.push(req.client_ip().map(str::to_owned));
+        out.push(req.method().map(str::to_owned));
+        out.push(req.host().map(str::to_owned));
+        out.push(req.path().map(str::to_owned));
+        out.push(req.uri().map(str::to_owned));
+        out.push(req.header("ACCEPT").map(str::to_owned));
+        out.push(req.cookie("sid").map(str::to_owned));
+        out.push(req.query("q").map(str::to_owned));
+        out.push(req.header("x-long").map(str::len).map(|n| n.to_string()));
+        out.push(req.header("x-missing").map(str::to_owned));
+        self.0 = out;
+        None
+    }
+}
+
+#[test]
+fn request_attributes() {
+    let mut h = Harness::<Reader>::new("{}").unwrap();
+    h.set_backends(&backends(1));
+    let long = "v".repeat(1000); // larger than the initial buffer: exercises grow-and-retry
+    let req = TestRequest::new()
+        .client_ip("::1")
+        .method("POST")
+        .host("example.com")
+        .path("/a")
+        .uri("/a?q=1")
+        .header("accept", "text/html")
+        .header("Accept", "ignored: only the first value counts")
+        .header("x-long", &long)
+        .cookie("sid", "abc")
+        .query("q", "1");
+    h.pick(&req);
+    let s = |v: &str| Some(v.to_owned());
+    assert_eq!(
+        h.strategy().0,
+        vec![s("::1"), s("POST"), s("example.com"), s("/a"), s("/a?q=1"), s("text/html"), s("abc"), s("1"), s("1000"), None]
+    );
+
+    h.pick(&TestRequest::new().without(Attr::ClientIp).without(Attr::Path));
+    assert_eq!(h.strategy().0[0], None);
+    assert_eq!(h.strategy().0[1], s("GET"));
+    assert_eq!(h.strategy().0[3], None);
+}
+
+struct Hasher(Option<u64>);
+
+impl Strategy for Hasher {
+    fn init(_: &Config) -> Result<Self, String> {
+        Ok(Hasher(None))
+    }
+
+    fn pick(&mut self, req: &mut Request, _: &Backends) -> Option<usize> {
+        self.0 = req.hash(Attr::Cookie("sid"));
+        None
+    }
+}
+
+#[test]
+fn request_hash_matches_hash_bytes() {
+    let mut h = Harness::<Hasher>::new("{}").unwrap();
+    h.pick(&TestRequest::new().cookie("sid", "alice"));
+    assert_eq!(h.strategy().0, Some(crate::hash_bytes(b"alice")));
+    h.pick(&TestRequest::new());
+    assert_eq!(h.strategy().0, None);
+}
+
+#[test]
+fn backend_stats() {
+    let _h = Harness::<Probe>::new("{}").map(|mut h| h.set_backends(&backends(3))).unwrap();
+    MockHost::set_inflight(1, 4);
+    MockHost::set_latency_us(2, 1500);
+    MockHost::set_failures(0, 2);
+    let t = Backends::from(backends(3));
+    assert_eq!((t.inflight(0), t.inflight(1)), (Some(0), Some(4)));
+    assert_eq!(t.latency_us(2), Some(1500));
+    assert_eq!(t.failures(0), Some(2));
+    // Out of range: the host answers -1.
+    assert_eq!(t.inflight(3), None);
+    assert_eq!(t.latency_us(usize::MAX), None);
+    assert_eq!(t.failures(99), None);
+}
+
+#[test]
+fn counters_validate_slots() {
+    MockHost::reset();
+    assert_eq!(counter_add(0, 1), Ok(0));
+    assert_eq!(counter_add(0, 1), Ok(1));
+    assert_eq!(counter_add(15, -5), Ok(0));
+    assert_eq!(MockHost::counter(15), -5);
+    assert_eq!(counter_add(16, 1), Err(HostError::SlotOutOfRange { slot: 16 }));
+    assert_eq!(counter_add(16, 1).unwrap_err().to_string(), "counter slot 16 is out of range (0..=15)");
+    MockHost::set_counter(1, i64::MAX);
+    assert_eq!(counter_add(1, 1), Ok(i64::MAX));
+    assert_eq!(MockHost::counter(1), i64::MIN, "wraps");
+}
+
+#[test]
+fn random_and_clocks_are_deterministic() {
+    MockHost::reset();
+    let a = [random_u64(), random_u64()];
+    assert_ne!(a[0], a[1]);
+    MockHost::reset();
+    assert_eq!([random_u64(), random_u64()], a);
+    MockHost::seed_random(42);
+    assert_ne!(random_u64(), a[0]);
+
+    let (t0, m0) = (crate::now_ms(), crate::monotonic_ns());
+    MockHost::advance_ms(5);
+    assert_eq!(crate::now_ms() - t0, 5);
+    assert_eq!(crate::monotonic_ns() - m0, 5_000_000);
+}
+
+#[test]
+fn logs_are_recorded() {
+    MockHost::reset();
+    log::warn("careful");
+    log::debug("detail");
+    let logs = MockHost::take_logs();
+    assert_eq!(logs.len(), 2);
+    assert_eq!((logs[0].level, logs[0].message.as_str()), (log::Level::Warn, "careful"));
+    assert_eq!(logs[1].level, log::Level::Debug);
+    assert!(MockHost::take_logs().is_empty());
+}
+
+#[test]
+fn retries_walk_until_exhausted() {
+    struct First;
+    impl Strategy for First {
+        fn init(_: &Config) -> Result<Self, String> {
+            Ok(First)
+        }
+        fn pick(&mut self, req: &mut Request, b: &Backends) -> Option<usize> {
+            (0..b.len()).find(|&i| !req.is_excluded(i))
+        }
+    }
+    let mut h = Harness::<First>::new("{}").unwrap();
+    h.set_backends(&[Backend::new("a:1"), Backend::new("b:1"), Backend::new("c:1")]);
+    assert_eq!(h.retries(&TestRequest::new()), vec![0, 1, 2]);
+    assert_eq!(h.retries(&TestRequest::new().exclude(1)), vec![0, 2]);
+    h.set_backends(&[]);
+    assert_eq!(h.pick(&TestRequest::new()), None);
+}
