@@ -36,12 +36,18 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error about `key`, e.g. a value out of the range the strategy accepts.
     pub fn for_key(key: &str, message: impl Into<String>) -> Self {
-        ConfigError { key: Some(key.to_owned()), message: message.into() }
+        ConfigError {
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
     }
 
     /// An error about the configuration as a whole.
     pub fn new(message: impl Into<String>) -> Self {
-        ConfigError { key: None, message: message.into() }
+        ConfigError {
+            key: None,
+            message: message.into(),
+        }
     }
 
     /// The key the error is about, if it is about one.
@@ -127,9 +133,10 @@ impl Config {
     pub fn reject_unknown_keys(&self, allowed: &[&str]) -> Result<(), ConfigError> {
         match self.map.keys().find(|k| !allowed.contains(&k.as_str())) {
             None => Ok(()),
-            Some(k) if allowed.is_empty() => {
-                Err(ConfigError::for_key(k, "unknown key; this plugin takes no configuration"))
-            }
+            Some(k) if allowed.is_empty() => Err(ConfigError::for_key(
+                k,
+                "unknown key; this plugin takes no configuration",
+            )),
             Some(k) => Err(ConfigError::for_key(
                 k,
                 format!("unknown key; expected one of: {}", allowed.join(", ")),
@@ -183,10 +190,8 @@ mod tests {
 
     #[test]
     fn typed_getters() {
-        let c = Config::from_json(
-            r#"{"s": "x", "u": 7, "i": -3, "f": 1.5, "b": true, "n": null}"#,
-        )
-        .unwrap();
+        let c = Config::from_json(r#"{"s": "x", "u": 7, "i": -3, "f": 1.5, "b": true, "n": null}"#)
+            .unwrap();
         assert_eq!(c.get_str("s").unwrap(), Some("x"));
         assert_eq!(c.get_u64("u").unwrap(), Some(7));
         assert_eq!(c.get_i64("i").unwrap(), Some(-3));
@@ -203,7 +208,10 @@ mod tests {
         let c = Config::from_json(r#"{"u": -1, "s": 5}"#).unwrap();
         let e = c.get_u64("u").unwrap_err();
         assert_eq!(e.key(), Some("u"));
-        assert_eq!(e.to_string(), "config key `u`: expected a non-negative integer, got -1");
+        assert_eq!(
+            e.to_string(),
+            "config key `u`: expected a non-negative integer, got -1"
+        );
         let as_string: String = c.get_str("s").unwrap_err().into();
         assert!(as_string.contains("`s`"), "{as_string}");
     }
@@ -211,7 +219,10 @@ mod tests {
     #[test]
     fn must_be_an_object() {
         assert!(Config::from_json("[1]").is_err());
-        assert!(Config::from_json("{").unwrap_err().to_string().contains("invalid JSON"));
+        assert!(Config::from_json("{")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid JSON"));
         assert!(Config::from_json("{}").unwrap().is_empty());
     }
 
@@ -235,7 +246,13 @@ mod tests {
             value: Option<String>,
         }
         let c = Config::from_json(r#"{"header": "x"}"#).unwrap();
-        assert_eq!(c.deserialize::<S>().unwrap(), S { header: "x".into(), value: None });
+        assert_eq!(
+            c.deserialize::<S>().unwrap(),
+            S {
+                header: "x".into(),
+                value: None
+            }
+        );
         let bad = Config::from_json(r#"{"header": "x", "extra": 1}"#).unwrap();
         assert!(bad.deserialize::<S>().is_err());
     }

@@ -28,7 +28,11 @@ impl fmt::Display for HostError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HostError::SlotOutOfRange { slot } => {
-                write!(f, "counter slot {slot} is out of range (0..={})", COUNTER_SLOTS - 1)
+                write!(
+                    f,
+                    "counter slot {slot} is out of range (0..={})",
+                    COUNTER_SLOTS - 1
+                )
             }
         }
     }
@@ -99,8 +103,12 @@ mod imp {
             buf_cap: usize,
         ) -> i32;
         #[link_name = "request_hash"]
-        fn sluice_request_hash(kind: i32, name_ptr: *const u8, name_len: usize, out: *mut u64)
-            -> i32;
+        fn sluice_request_hash(
+            kind: i32,
+            name_ptr: *const u8,
+            name_len: usize,
+            out: *mut u64,
+        ) -> i32;
         #[link_name = "excluded"]
         safe fn sluice_excluded(index: i32) -> i32;
         #[link_name = "backend_inflight"]
@@ -140,9 +148,7 @@ mod imp {
     pub fn request_attr(kind: i32, name: &str, buf: &mut [u8]) -> i32 {
         // SAFETY: the host reads `name` and writes at most `buf.len()` bytes into `buf`; both
         // are valid and exclusively ours for the duration of the call.
-        unsafe {
-            sluice_request_attr(kind, name.as_ptr(), name.len(), buf.as_mut_ptr(), buf.len())
-        }
+        unsafe { sluice_request_attr(kind, name.as_ptr(), name.len(), buf.as_mut_ptr(), buf.len()) }
     }
 
     pub fn request_hash(kind: i32, name: &str) -> (i32, u64) {

@@ -139,7 +139,9 @@ pub mod log;
 mod request;
 mod runtime;
 mod table;
-#[cfg(not(target_arch = "wasm32"))]
+// Native only: on wasm32 the real host serves the host calls. Also compiled for rustdoc so the
+// module is documented whatever the doc target.
+#[cfg(any(doc, not(target_arch = "wasm32")))]
 pub mod testing;
 
 pub use config::{Config, ConfigError};
@@ -248,7 +250,9 @@ macro_rules! export_strategy {
 #[doc(hidden)]
 pub mod __private {
     //! Used by [`export_strategy!`](crate::export_strategy) and the test harness; not a stable API.
-    pub use crate::runtime::{export_alloc, export_init, export_pick, export_set_backends, Runtime, Slot};
+    pub use crate::runtime::{
+        export_alloc, export_init, export_pick, export_set_backends, Runtime, Slot,
+    };
 }
 
 #[cfg(test)]

@@ -76,7 +76,10 @@ pub struct Request {
 
 impl Request {
     pub(crate) const fn new() -> Self {
-        Request { attempt: 0, buf: Vec::new() }
+        Request {
+            attempt: 0,
+            buf: Vec::new(),
+        }
     }
 
     pub(crate) fn begin(&mut self, attempt: u32) {
@@ -119,7 +122,8 @@ impl Request {
     /// `attr` as text; `None` if absent or not valid UTF-8 (use [`Request::attr_bytes`] for
     /// header values that may carry other bytes).
     pub fn attr(&mut self, attr: Attr<'_>) -> Option<&str> {
-        self.attr_bytes(attr).and_then(|b| std::str::from_utf8(b).ok())
+        self.attr_bytes(attr)
+            .and_then(|b| std::str::from_utf8(b).ok())
     }
 
     /// The client IP address in text form.

@@ -25,7 +25,12 @@ impl<S> Default for Runtime<S> {
 impl<S> Runtime<S> {
     /// An instance before `sluice_init`; `const` so it can initialise a `thread_local!`.
     pub const fn new() -> Self {
-        Runtime { strategy: None, backends: Backends::new(), request: Request::new(), inbox: Vec::new() }
+        Runtime {
+            strategy: None,
+            backends: Backends::new(),
+            request: Request::new(),
+            inbox: Vec::new(),
+        }
     }
 
     /// The strategy, once initialised.
@@ -73,7 +78,10 @@ impl<S: Strategy> Runtime<S> {
     /// `sluice_set_backends` with the encoded table at `ptr..ptr+len`.
     pub fn set_backends(&mut self, ptr: usize, len: usize) -> Result<(), String> {
         let table = Backends::decode(self.inbox(ptr, len)?).map_err(|e| e.to_string())?;
-        let strategy = self.strategy.as_mut().ok_or("sluice_set_backends called before sluice_init")?;
+        let strategy = self
+            .strategy
+            .as_mut()
+            .ok_or("sluice_set_backends called before sluice_init")?;
         self.backends = table;
         strategy.on_backends(&self.backends);
         Ok(())
@@ -105,8 +113,13 @@ pub type Slot<S> = LocalKey<RefCell<Runtime<S>>>;
 
 /// Body of `sluice_alloc`.
 pub fn export_alloc<S: Strategy>(slot: &'static Slot<S>, len: i32) -> i32 {
-    let Ok(len) = usize::try_from(len) else { return 0 };
-    slot.with_borrow_mut(|rt| rt.alloc(len).map_or(0, |buf| buf.as_mut_ptr() as usize as i32))
+    let Ok(len) = usize::try_from(len) else {
+        return 0;
+    };
+    slot.with_borrow_mut(|rt| {
+        rt.alloc(len)
+            .map_or(0, |buf| buf.as_mut_ptr() as usize as i32)
+    })
 }
 
 /// Body of `sluice_init`.
@@ -143,6 +156,9 @@ pub fn export_pick<S: Strategy>(slot: &'static Slot<S>, attempt: i32) -> i32 {
 #[cfg(target_arch = "wasm32")]
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        host::log(crate::log::Level::Error as i32, &format!("plugin panicked: {info}"));
+        host::log(
+            crate::log::Level::Error as i32,
+            &format!("plugin panicked: {info}"),
+        );
     }));
 }

@@ -24,7 +24,13 @@ impl Backend {
     /// A backend at `addr` with weight 1, no zone and no tags. With the `with_*` methods this is
     /// how tests build tables; in a plugin the host provides them.
     pub fn new(addr: impl Into<String>) -> Self {
-        Backend { addr: addr.into(), weight: 1, in_local_zone: false, zone: String::new(), tags: Vec::new() }
+        Backend {
+            addr: addr.into(),
+            weight: 1,
+            in_local_zone: false,
+            zone: String::new(),
+            tags: Vec::new(),
+        }
     }
 
     /// Sets the weight.
@@ -173,10 +179,18 @@ impl Backends {
             let addr = r.string()?;
             let zone = r.string()?;
             let ntags = r.u16()?;
-            let tags = (0..ntags).map(|_| r.string()).collect::<Result<Vec<_>, _>>()?;
+            let tags = (0..ntags)
+                .map(|_| r.string())
+                .collect::<Result<Vec<_>, _>>()?;
             // Reserved flag bits are ignored: the host may define them later without breaking
             // plugins built against this version.
-            list.push(Backend { addr, weight, in_local_zone: flags & FLAG_LOCAL_ZONE != 0, zone, tags });
+            list.push(Backend {
+                addr,
+                weight,
+                in_local_zone: flags & FLAG_LOCAL_ZONE != 0,
+                zone,
+                tags,
+            });
         }
         if r.remaining() != 0 {
             return Err(r.error("trailing bytes after the last backend"));
@@ -188,7 +202,8 @@ impl Backends {
     /// list is longer than a `u16` length allows, or the table longer than a `u32` count.
     pub fn encode(&self) -> Result<Vec<u8>, TableError> {
         let mut out = Vec::with_capacity(4 + self.list.len() * 32);
-        let count = u32::try_from(self.list.len()).map_err(|_| TableError::encode("too many backends"))?;
+        let count =
+            u32::try_from(self.list.len()).map_err(|_| TableError::encode("too many backends"))?;
         out.extend_from_slice(&count.to_le_bytes());
         for b in &self.list {
             out.extend_from_slice(&b.weight.to_le_bytes());
@@ -196,7 +211,8 @@ impl Backends {
             out.extend_from_slice(&flags.to_le_bytes());
             put_string(&mut out, &b.addr)?;
             put_string(&mut out, &b.zone)?;
-            let ntags = u16::try_from(b.tags.len()).map_err(|_| TableError::encode("too many tags"))?;
+            let ntags =
+                u16::try_from(b.tags.len()).map_err(|_| TableError::encode("too many tags"))?;
             out.extend_from_slice(&ntags.to_le_bytes());
             for t in &b.tags {
                 put_string(&mut out, t)?;
@@ -229,7 +245,9 @@ impl From<Vec<Backend>> for Backends {
 
 impl FromIterator<Backend> for Backends {
     fn from_iter<I: IntoIterator<Item = Backend>>(iter: I) -> Self {
-        Backends { list: iter.into_iter().collect() }
+        Backends {
+            list: iter.into_iter().collect(),
+        }
     }
 }
 
@@ -258,7 +276,8 @@ impl fmt::Display for TableError {
 impl std::error::Error for TableError {}
 
 fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), TableError> {
-    let len = u16::try_from(s.len()).map_err(|_| TableError::encode("string longer than 65535 bytes"))?;
+    let len =
+        u16::try_from(s.len()).map_err(|_| TableError::encode("string longer than 65535 bytes"))?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
@@ -275,7 +294,10 @@ impl Reader<'_> {
     }
 
     fn error(&self, what: &'static str) -> TableError {
-        TableError { what, offset: Some(self.pos) }
+        TableError {
+            what,
+            offset: Some(self.pos),
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], TableError> {
@@ -301,7 +323,10 @@ impl Reader<'_> {
         let len = self.u16()? as usize;
         let at = self.pos;
         let b = self.take(len)?;
-        String::from_utf8(b.to_vec()).map_err(|_| TableError { what: "invalid UTF-8", offset: Some(at) })
+        String::from_utf8(b.to_vec()).map_err(|_| TableError {
+            what: "invalid UTF-8",
+            offset: Some(at),
+        })
     }
 }
 
@@ -312,8 +337,13 @@ mod tests {
     fn sample() -> Backends {
         Backends::from(vec![
             Backend::new("127.0.0.1:9001"),
-            Backend::new("[::1]:9002").with_weight(5).with_zone("eu-west-1a").with_local_zone(true),
-            Backend::new("10.0.0.3:80").with_tag("canary").with_tag("gpu"),
+            Backend::new("[::1]:9002")
+                .with_weight(5)
+                .with_zone("eu-west-1a")
+                .with_local_zone(true),
+            Backend::new("10.0.0.3:80")
+                .with_tag("canary")
+                .with_tag("gpu"),
         ])
     }
 
@@ -322,21 +352,29 @@ mod tests {
         let t = sample();
         let bytes = t.encode().unwrap();
         assert_eq!(Backends::decode(&bytes).unwrap(), t);
-        assert_eq!(Backends::decode(&Backends::new().encode().unwrap()).unwrap(), Backends::new());
+        assert_eq!(
+            Backends::decode(&Backends::new().encode().unwrap()).unwrap(),
+            Backends::new()
+        );
     }
 
     #[test]
     fn encoding_is_the_abi_layout() {
         // Spelled out byte by byte from ABI.md, so a change to either side shows up here.
-        let t = Backends::from(vec![Backend::new("a:1").with_weight(3).with_zone("z").with_local_zone(true).with_tag("t")]);
+        let t = Backends::from(vec![Backend::new("a:1")
+            .with_weight(3)
+            .with_zone("z")
+            .with_local_zone(true)
+            .with_tag("t")]);
+        #[rustfmt::skip]
         let expected: Vec<u8> = [
             &1u32.to_le_bytes()[..], // count
             &3u32.to_le_bytes(),     // weight
             &1u32.to_le_bytes(),     // flags: local zone
-            &[3, 0], b"a:1",         // addr
+            &[3, 0], b"a:1",         // address
             &[1, 0], b"z",           // zone
             &[1, 0],                 // one tag
-            &[1, 0], b"t",
+            &[1, 0], b"t",           // the tag
         ]
         .concat();
         assert_eq!(t.encode().unwrap(), expected);
@@ -360,11 +398,17 @@ mod tests {
     fn rejects_corrupt_tables() {
         let bytes = sample().encode().unwrap();
         for cut in 0..bytes.len() {
-            assert!(Backends::decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+            assert!(
+                Backends::decode(&bytes[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
         }
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert!(Backends::decode(&trailing).unwrap_err().to_string().contains("trailing"));
+        assert!(Backends::decode(&trailing)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing"));
         let huge = u32::MAX.to_le_bytes();
         assert!(Backends::decode(&huge).is_err());
         let mut bad_utf8 = Backends::from(vec![Backend::new("ab")]).encode().unwrap();

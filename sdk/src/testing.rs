@@ -163,7 +163,13 @@ impl TestRequest {
     fn value(&self, kind: i32, name: &str) -> Result<Option<&[u8]>, ()> {
         fn find<'a>(list: &'a [(String, String)], name: &str, any_case: bool) -> Option<&'a [u8]> {
             list.iter()
-                .find(|(k, _)| if any_case { k.eq_ignore_ascii_case(name) } else { k == name })
+                .find(|(k, _)| {
+                    if any_case {
+                        k.eq_ignore_ascii_case(name)
+                    } else {
+                        k == name
+                    }
+                })
                 .map(|(_, v)| v.as_bytes())
         }
         fn opt(s: &Option<String>) -> Option<&[u8]> {
@@ -346,7 +352,12 @@ pub(crate) mod mock {
         let level = Level::from_i32(level).unwrap_or(Level::Error);
         // Printed as well as recorded: libtest shows it for failing tests only.
         eprintln!("[plugin {level:?}] {msg}");
-        with(|s| s.logs.push(LogRecord { level, message: msg.to_owned() }));
+        with(|s| {
+            s.logs.push(LogRecord {
+                level,
+                message: msg.to_owned(),
+            })
+        });
     }
 
     pub fn set_error(msg: &str) {
@@ -399,7 +410,9 @@ pub(crate) mod mock {
 
     pub fn request_hash(kind: i32, name: &str) -> (i32, u64) {
         with(|s| {
-            let Some(req) = &s.request else { return (-2, 0) };
+            let Some(req) = &s.request else {
+                return (-2, 0);
+            };
             match req.value(kind, name) {
                 Err(()) => (-2, 0),
                 Ok(None) => (0, 0),
@@ -410,9 +423,10 @@ pub(crate) mod mock {
 
     pub fn excluded(index: i32) -> i32 {
         with(|s| {
-            let tried = s.request.as_ref().is_some_and(|r| {
-                usize::try_from(index).is_ok_and(|i| r.excluded.contains(&i))
-            });
+            let tried = s
+                .request
+                .as_ref()
+                .is_some_and(|r| usize::try_from(index).is_ok_and(|i| r.excluded.contains(&i)));
             i32::from(tried)
         })
     }
@@ -473,7 +487,9 @@ impl<S: Strategy> Harness<S> {
     /// Pushes a new backend table, as the host does on every change. Per-backend statistics in
     /// [`MockHost`] are kept by index. Panics if the table cannot be encoded or the push fails.
     pub fn set_backends(&mut self, backends: &[Backend]) {
-        let bytes = Backends::from(backends.to_vec()).encode().expect("encode backend table");
+        let bytes = Backends::from(backends.to_vec())
+            .encode()
+            .expect("encode backend table");
         let buf = self.rt.alloc(bytes.len()).expect("sluice_alloc failed");
         buf.copy_from_slice(&bytes);
         let ptr = buf.as_ptr() as usize;
@@ -536,5 +552,7 @@ impl<S: Strategy> Harness<S> {
 
 /// A shorthand for tests: `n` backends `10.0.0.1:80`, `10.0.0.2:80`, ... with weight 1.
 pub fn backends(n: usize) -> Vec<Backend> {
-    (1..=n).map(|i| Backend::new(format!("10.0.{}.{}:80", i / 256, i % 256))).collect()
+    (1..=n)
+        .map(|i| Backend::new(format!("10.0.{}.{}:80", i / 256, i % 256)))
+        .collect()
 }

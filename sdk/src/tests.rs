@@ -1,7 +1,9 @@
 //! Tests of the runtime glue and request/host plumbing, through the mock host.
 
 use crate::testing::{backends, Harness, MockHost, TestRequest};
-use crate::{counter_add, log, random_u64, Attr, Backend, Backends, Config, HostError, Request, Strategy};
+use crate::{
+    counter_add, log, random_u64, Attr, Backend, Backends, Config, HostError, Request, Strategy,
+};
 
 /// Records what the runtime hands it, and picks whatever `next` says.
 #[derive(Debug, Default)]
@@ -40,7 +42,10 @@ fn lifecycle_runs_through_the_abi_path() {
     assert_eq!(h.backends()[4].addr(), "10.0.0.5:80");
 
     h.strategy_mut().next = Some(3);
-    assert_eq!(h.pick(&TestRequest::new().header("X-Probe", "yes")), Some(3));
+    assert_eq!(
+        h.pick(&TestRequest::new().header("X-Probe", "yes")),
+        Some(3)
+    );
     h.strategy_mut().next = None;
     assert_eq!(h.pick(&TestRequest::new()), None);
     assert_eq!(h.strategy().seen, vec![Some("yes".to_owned()), None]);
@@ -82,7 +87,10 @@ fn runtime_rejects_foreign_buffers() {
     buf.copy_from_slice(b"{}");
     let ptr = buf.as_ptr() as usize;
     assert!(rt.init(ptr + 1, 2).is_err(), "runs past the buffer");
-    assert!(rt.init(ptr.wrapping_sub(1), 2).is_err(), "starts before the buffer");
+    assert!(
+        rt.init(ptr.wrapping_sub(1), 2).is_err(),
+        "starts before the buffer"
+    );
     assert!(rt.init(ptr, 2).is_ok());
     // Before a table is pushed a pick sees an empty table.
     assert_eq!(rt.pick(0), -1);
@@ -104,18 +112,19 @@ impl Strategy for Reader {
     }
 
     fn pick(&mut self, req: &mut Request, _: &Backends) -> Option<usize> {
-        let mut out = Vec::new();
-        out.push(req.client_ip().map(str::to_owned));
-        out.push(req.method().map(str::to_owned));
-        out.push(req.host().map(str::to_owned));
-        out.push(req.path().map(str::to_owned));
-        out.push(req.uri().map(str::to_owned));
-        out.push(req.header("ACCEPT").map(str::to_owned));
-        out.push(req.cookie("sid").map(str::to_owned));
-        out.push(req.query("q").map(str::to_owned));
-        out.push(req.header("x-long").map(str::len).map(|n| n.to_string()));
-        out.push(req.header("x-missing").map(str::to_owned));
-        self.0 = out;
+        // One at a time: each returned &str borrows the request's buffer.
+        self.0 = vec![
+            req.client_ip().map(str::to_owned),
+            req.method().map(str::to_owned),
+            req.host().map(str::to_owned),
+            req.path().map(str::to_owned),
+            req.uri().map(str::to_owned),
+            req.header("ACCEPT").map(str::to_owned),
+            req.cookie("sid").map(str::to_owned),
+            req.query("q").map(str::to_owned),
+            req.header("x-long").map(|v| v.len().to_string()),
+            req.header("x-missing").map(str::to_owned),
+        ];
         None
     }
 }
@@ -140,10 +149,25 @@ fn request_attributes() {
     let s = |v: &str| Some(v.to_owned());
     assert_eq!(
         h.strategy().0,
-        vec![s("::1"), s("POST"), s("example.com"), s("/a"), s("/a?q=1"), s("text/html"), s("abc"), s("1"), s("1000"), None]
+        vec![
+            s("::1"),
+            s("POST"),
+            s("example.com"),
+            s("/a"),
+            s("/a?q=1"),
+            s("text/html"),
+            s("abc"),
+            s("1"),
+            s("1000"),
+            None
+        ]
     );
 
-    h.pick(&TestRequest::new().without(Attr::ClientIp).without(Attr::Path));
+    h.pick(
+        &TestRequest::new()
+            .without(Attr::ClientIp)
+            .without(Attr::Path),
+    );
     assert_eq!(h.strategy().0[0], None);
     assert_eq!(h.strategy().0[1], s("GET"));
     assert_eq!(h.strategy().0[3], None);
@@ -173,7 +197,8 @@ fn request_hash_matches_hash_bytes() {
 
 #[test]
 fn backend_stats() {
-    let _h = Harness::<Probe>::new("{}").map(|mut h| h.set_backends(&backends(3))).unwrap();
+    let mut h = Harness::<Probe>::new("{}").unwrap();
+    h.set_backends(&backends(3));
     MockHost::set_inflight(1, 4);
     MockHost::set_latency_us(2, 1500);
     MockHost::set_failures(0, 2);
@@ -194,8 +219,14 @@ fn counters_validate_slots() {
     assert_eq!(counter_add(0, 1), Ok(1));
     assert_eq!(counter_add(15, -5), Ok(0));
     assert_eq!(MockHost::counter(15), -5);
-    assert_eq!(counter_add(16, 1), Err(HostError::SlotOutOfRange { slot: 16 }));
-    assert_eq!(counter_add(16, 1).unwrap_err().to_string(), "counter slot 16 is out of range (0..=15)");
+    assert_eq!(
+        counter_add(16, 1),
+        Err(HostError::SlotOutOfRange { slot: 16 })
+    );
+    assert_eq!(
+        counter_add(16, 1).unwrap_err().to_string(),
+        "counter slot 16 is out of range (0..=15)"
+    );
     MockHost::set_counter(1, i64::MAX);
     assert_eq!(counter_add(1, 1), Ok(i64::MAX));
     assert_eq!(MockHost::counter(1), i64::MIN, "wraps");
@@ -224,7 +255,10 @@ fn logs_are_recorded() {
     log::debug("detail");
     let logs = MockHost::take_logs();
     assert_eq!(logs.len(), 2);
-    assert_eq!((logs[0].level, logs[0].message.as_str()), (log::Level::Warn, "careful"));
+    assert_eq!(
+        (logs[0].level, logs[0].message.as_str()),
+        (log::Level::Warn, "careful")
+    );
     assert_eq!(logs[1].level, log::Level::Debug);
     assert!(MockHost::take_logs().is_empty());
 }
@@ -241,7 +275,11 @@ fn retries_walk_until_exhausted() {
         }
     }
     let mut h = Harness::<First>::new("{}").unwrap();
-    h.set_backends(&[Backend::new("a:1"), Backend::new("b:1"), Backend::new("c:1")]);
+    h.set_backends(&[
+        Backend::new("a:1"),
+        Backend::new("b:1"),
+        Backend::new("c:1"),
+    ]);
     assert_eq!(h.retries(&TestRequest::new()), vec![0, 1, 2]);
     assert_eq!(h.retries(&TestRequest::new().exclude(1)), vec![0, 2]);
     h.set_backends(&[]);

@@ -112,7 +112,9 @@ mod tests {
             Backend::new("10.0.0.1:80"),
             Backend::new("10.0.0.2:80").with_tag("canary"),
             Backend::new("10.0.0.3:80"),
-            Backend::new("10.0.0.4:80").with_tag("canary").with_tag("gpu"),
+            Backend::new("10.0.0.4:80")
+                .with_tag("canary")
+                .with_tag("gpu"),
         ]
     }
 
@@ -144,10 +146,19 @@ mod tests {
     #[test]
     fn configured_header_value_and_tag() {
         let mut h = harness(r#"{"header": "x-release", "value": "beta", "tag": "gpu"}"#);
-        assert_eq!(h.pick(&TestRequest::new().header("x-release", "beta")), Some(3));
+        assert_eq!(
+            h.pick(&TestRequest::new().header("x-release", "beta")),
+            Some(3)
+        );
         // Wrong value or the default header name: stable (everything not tagged `gpu`).
-        assert_eq!(picks(&mut h, &TestRequest::new().header("x-release", "stable"), 3), [0, 1, 2]);
-        assert_eq!(h.pick(&TestRequest::new().header("x-canary", "beta")), Some(0));
+        assert_eq!(
+            picks(&mut h, &TestRequest::new().header("x-release", "stable"), 3),
+            [0, 1, 2]
+        );
+        assert_eq!(
+            h.pick(&TestRequest::new().header("x-canary", "beta")),
+            Some(0)
+        );
     }
 
     #[test]
@@ -160,7 +171,11 @@ mod tests {
         assert_eq!(got, [0, 1]);
 
         h.set_backends(&[Backend::new("a:1").with_tag("canary")]);
-        assert_eq!(h.pick(&TestRequest::new()), Some(0), "only canaries left: stable traffic uses them");
+        assert_eq!(
+            h.pick(&TestRequest::new()),
+            Some(0),
+            "only canaries left: stable traffic uses them"
+        );
 
         h.set_backends(&[]);
         assert_eq!(h.pick(&canary), None);

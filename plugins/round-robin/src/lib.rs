@@ -46,7 +46,9 @@ impl Strategy for RoundRobin {
             // Nothing is excluded on the first attempt: skip the host call.
             return Some(start);
         }
-        (0..n).map(|k| (start + k) % n).find(|&i| !req.is_excluded(i))
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| !req.is_excluded(i))
     }
 }
 
@@ -66,7 +68,9 @@ mod tests {
     #[test]
     fn rotates_in_order() {
         let mut h = harness(3);
-        let picks: Vec<_> = (0..7).map(|_| h.pick(&TestRequest::new()).unwrap()).collect();
+        let picks: Vec<_> = (0..7)
+            .map(|_| h.pick(&TestRequest::new()).unwrap())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2, 0]);
         assert_eq!(MockHost::counter(ROTATION_SLOT), 7);
     }
@@ -80,7 +84,10 @@ mod tests {
         MockHost::set_counter(ROTATION_SLOT, 1); // `new` reset the mock; pretend `a` ran once
         b.set_backends(&backends(4));
         let req = TestRequest::new();
-        assert_eq!([b.pick(&req), a.pick(&req), b.pick(&req)], [Some(1), Some(2), Some(3)]);
+        assert_eq!(
+            [b.pick(&req), a.pick(&req), b.pick(&req)],
+            [Some(1), Some(2), Some(3)]
+        );
     }
 
     #[test]
@@ -98,7 +105,10 @@ mod tests {
         assert_eq!(h.pick(&TestRequest::new().attempt(1).exclude(1)), Some(2));
         // Wraps around the end of the table.
         MockHost::set_counter(ROTATION_SLOT, 3);
-        assert_eq!(h.pick(&TestRequest::new().attempt(2).exclude(3).exclude(0)), Some(1));
+        assert_eq!(
+            h.pick(&TestRequest::new().attempt(2).exclude(3).exclude(0)),
+            Some(1)
+        );
         // Everything tried: no backend.
         let all = (0..4).fold(TestRequest::new().attempt(4), TestRequest::exclude);
         assert_eq!(h.pick(&all), None);
@@ -134,6 +144,9 @@ mod tests {
     #[test]
     fn refuses_configuration() {
         let err = Harness::<RoundRobin>::new(r#"{"weights": true}"#).unwrap_err();
-        assert!(err.contains("`weights`") && err.contains("no configuration"), "{err}");
+        assert!(
+            err.contains("`weights`") && err.contains("no configuration"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,207 @@
+//! Shared test support: real sluice processes, real demo backends, all on loopback.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use sluice::client::{request, HttpConn, HttpResponse};
+pub use sluice::demo::DemoBackend;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("sluice-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn backends(n: usize) -> Vec<(SocketAddr, Arc<DemoBackend>)> {
+    let names: Vec<String> = (1..=n).map(|i| format!("b{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    sluice::demo::spawn_backends(&refs).unwrap()
+}
+
+pub fn backend_list(b: &[(SocketAddr, Arc<DemoBackend>)]) -> String {
+    b.iter().map(|(a, _)| format!("\"{a}\"")).collect::<Vec<_>>().join(", ")
+}
+
+/// A running `sluice run` process, killed on drop.
+pub struct Proxy {
+    child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Proxy {
+    /// Writes `body` (the config without [server]/[admin]) and starts sluice on fresh ports.
+    pub fn start(tag: &str, body: &str) -> Proxy {
+        let dir = scratch_dir(tag);
+        Proxy::start_in(dir, body)
+    }
+
+    pub fn start_in(dir: PathBuf, body: &str) -> Proxy {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n[admin]\nlisten = \"{admin}\"\n{body}");
+        let config_path = dir.join("sluice.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let log = std::fs::File::create(dir.join("sluice.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("SLUICE_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut p = Proxy { child, listen, admin, config_path, dir };
+        p.wait_ready();
+        p
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("sluice exited early with {status}: {}", self.log());
+            }
+            let admin_ok = request(self.admin, "GET", "/healthz", &[], b"").is_ok_and(|r| r.status == 200);
+            if admin_ok && std::net::TcpStream::connect(self.listen).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sluice did not become ready in 30 s: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sluice.log")).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        request(self.listen, "GET", path, &[], b"").unwrap()
+    }
+
+    pub fn admin_req(&self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+        request(self.admin, method, path, &[], body).unwrap()
+    }
+
+    pub fn put_strategy(&self, pool: &str, wasm: &[u8]) -> HttpResponse {
+        self.admin_req("PUT", &format!("/api/pools/{pool}/strategy"), wasm)
+    }
+
+    /// Value of a metric line starting with `prefix` (e.g. `sluice_fallback_picks_total{pool="web"}`).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let text = self.admin_req("GET", "/metrics", b"").text();
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Counts responses by body (the demo backends answer with their name).
+pub fn tally(responses: impl IntoIterator<Item = String>) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in responses {
+        *m.entry(r.trim().to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// A strategy plugin in WAT with the given pick body (`(param $attempt i32) (result i32)`),
+/// init body (`(param i32 i32) (result i32)`) and ABI version. Real wasm, compiled by the host.
+pub fn wat_strategy(version: i32, init_body: &str, pick_body: &str) -> Vec<u8> {
+    format!(
+        r#"(module
+  (import "sluice" "counter_add" (func $counter_add (param i32 i64) (result i64)))
+  (import "sluice" "request_attr" (func $request_attr (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 16) "x-bad")
+  (global $n (mut i32) (i32.const 0))
+  (func (export "sluice_abi_version") (result i32) (i32.const {version}))
+  (func (export "sluice_plugin_kind") (result i32) (i32.const 0))
+  (func (export "sluice_alloc") (param $len i32) (result i32) (i32.const 1024))
+  (func (export "sluice_init") (param i32 i32) (result i32) {init_body})
+  (func (export "sluice_set_backends") (param $ptr i32) (param $len i32) (result i32)
+    (global.set $n (i32.load (local.get $ptr))) (i32.const 0))
+  (func (export "sluice_pick") (param $attempt i32) (result i32) {pick_body})
+)"#
+    )
+    .into_bytes()
+}
+
+/// Picks backend 0 always.
+pub fn first_only() -> Vec<u8> {
+    wat_strategy(1, "(i32.const 0)", "(i32.const 0)")
+}
+
+/// Runs `f` from `threads` threads, `per_thread` times each, stopping early at `max_time`.
+pub fn bounded_load<F>(threads: usize, per_thread: usize, max_time: Duration, f: F) -> Vec<Result<HttpResponse, String>>
+where
+    F: Fn(&mut Option<HttpConn>) -> Result<HttpResponse, String> + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let mut conn = None;
+                let mut out = Vec::new();
+                for _ in 0..per_thread {
+                    if start.elapsed() > max_time {
+                        break;
+                    }
+                    out.push(f(&mut conn));
+                }
+                out
+            })
+        })
+        .collect();
+    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+}
+
+/// One GET over a kept-alive connection. No client-side retry: any error counts as a failure.
+pub fn keepalive_get(conn: &mut Option<HttpConn>, addr: SocketAddr, path: &str) -> Result<HttpResponse, String> {
+    if conn.is_none() {
+        *conn = Some(HttpConn::connect(addr, Duration::from_secs(10)).map_err(|e| e.to_string())?);
+    }
+    let result = conn.as_mut().unwrap().request("GET", path, &[], b"");
+    match result {
+        Ok(r) => {
+            if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                *conn = None;
+            }
+            Ok(r)
+        }
+        Err(e) => {
+            *conn = None;
+            Err(e.to_string())
+        }
+    }
+}

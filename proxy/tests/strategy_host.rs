@@ -1,0 +1,130 @@
+//! The Wasm strategy on the request path of a real sluice process: exact rotation, hot swap under
+//! load, refused plugins, and plugin faults that must never fail a request.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+
+fn web_pool(b: &[(std::net::SocketAddr, std::sync::Arc<DemoBackend>)]) -> String {
+    format!("[[pool]]\nname = \"web\"\nstrategy = \"builtin:round-robin\"\nbackends = [{}]\n[[route]]\npath_prefix = \"/\"\npool = \"web\"\n", backend_list(b))
+}
+
+#[test]
+fn round_robin_is_exact_over_300_requests() {
+    let b = backends(3);
+    let proxy = Proxy::start("rr", &web_pool(&b));
+    let bodies: Vec<String> = (0..300).map(|_| proxy.get("/").text()).collect();
+    let t = tally(bodies);
+    assert_eq!(t.values().copied().collect::<Vec<_>>(), vec![100, 100, 100], "{t:?}");
+    for (_, be) in &b {
+        assert_eq!(be.served.load(Ordering::Relaxed), 100);
+    }
+    // Sequence is a strict rotation, not merely balanced.
+    let seq: Vec<String> = (0..6).map(|_| proxy.get("/").text()).collect();
+    assert_eq!(seq[0..3], seq[3..6]);
+    assert!(proxy.metric("sluice_plugin_picks_total{pool=\"web\"}") >= 306.0);
+}
+
+#[test]
+fn hot_swap_under_load_fails_no_request() {
+    let b = backends(3);
+    let proxy = Proxy::start("swap", &web_pool(&b));
+    let addr = proxy.listen;
+    let admin = proxy.admin;
+    // 4 client threads, 400 requests each (bounded by count and by 60 s), swapping midway.
+    let loader = std::thread::spawn(move || {
+        bounded_load(4, 400, Duration::from_secs(60), move |c| keepalive_get(c, addr, "/"))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let resp = request(admin, "PUT", "/api/pools/web/strategy", &[], &first_only()).unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(resp.text().contains("sha256"), "{}", resp.text());
+    let results = loader.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(r) if r.status == 200)).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), results.len(), &failed[..failed.len().min(3)]);
+    assert!(results.len() >= 400);
+    // After the swap, every request follows the new strategy: backend 0 only.
+    let after = tally((0..30).map(|_| proxy.get("/").text()));
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after.get("b1"), Some(&30), "{after:?}");
+    let pools = proxy.admin_req("GET", "/api/pools", b"").text();
+    assert!(pools.contains("\"generation\": 2"), "{pools}");
+}
+
+/// Each bad plugin is refused with its reason, and the old plugin keeps serving.
+#[test]
+fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
+    let b = backends(3);
+    let proxy = Proxy::start("refuse", &web_pool(&b));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", b"\x00\x01\x02 definitely not wasm".to_vec(), "not a valid WebAssembly module"),
+        ("wrong ABI version", wat_strategy(7, "(i32.const 0)", "(i32.const 0)"), "plugin ABI version 7 is not supported"),
+        ("init traps", wat_strategy(1, "(unreachable)", "(i32.const 0)"), "plugin init failed"),
+        ("init refuses", wat_strategy(1, "(i32.const 3)", "(i32.const 0)"), "sluice_init returned 3"),
+        ("trial pick out of range", wat_strategy(1, "(i32.const 0)", "(i32.const 99)"), "returned index 99"),
+        ("missing export", b"(module (memory (export \"memory\") 1))".to_vec(), "does not export `sluice_abi_version`"),
+        ("empty body", Vec::new(), "empty body"),
+    ];
+    for (name, wasm, expect) in cases {
+        let resp = proxy.put_strategy("web", &wasm);
+        assert!((400..500).contains(&resp.status), "{name}: status {} {}", resp.status, resp.text());
+        assert!(resp.text().contains(expect), "{name}: expected {expect:?} in {}", resp.text());
+    }
+    let resp = proxy.put_strategy("nope", &first_only());
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    assert!(resp.text().contains(r#"no pool named \"nope\""#), "{}", resp.text());
+    // Still the built-in round-robin, generation 1.
+    let t = tally((0..30).map(|_| proxy.get("/").text()));
+    assert_eq!(t.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{t:?}");
+    let pools = proxy.admin_req("GET", "/api/pools", b"").text();
+    assert!(pools.contains("builtin:round-robin") && pools.contains("\"generation\": 1"), "{pools}");
+    assert_eq!(proxy.metric("sluice_plugin_swaps_total{kind=\"strategy\",pool=\"web\",result=\"rejected\"}"), 6.0);
+}
+
+/// A plugin that behaves on ordinary requests (so it passes the trial pick) and misbehaves on
+/// requests carrying an `x-bad` header, as a buggy plugin would on some inputs.
+fn bad_on_header(bad: &str) -> Vec<u8> {
+    wat_strategy(
+        1,
+        "(i32.const 0)",
+        &format!(
+            "(if (result i32) (i32.ge_s (call $request_attr (i32.const 4) (i32.const 16) (i32.const 5) (i32.const 64) (i32.const 16)) (i32.const 0)) \
+               (then {bad}) \
+               (else (i32.rem_u (i32.wrap_i64 (call $counter_add (i32.const 0) (i64.const 1))) (global.get $n))))"
+        ),
+    )
+}
+
+#[test]
+fn endless_loop_trap_and_bad_index_never_fail_a_request() {
+    let b = backends(3);
+    let proxy = Proxy::start("faults", &web_pool(&b));
+    for (name, bad, reason) in [
+        ("bad index", "(i32.const 1000)", "bad_index"),
+        ("trap", "(unreachable)", "trap"),
+        ("endless loop", "(loop $l (br $l)) (i32.const 0)", "deadline"),
+    ] {
+        let resp = proxy.put_strategy("web", &bad_on_header(bad));
+        assert_eq!(resp.status, 200, "{name}: {}", resp.text());
+        let fallback_before = proxy.metric("sluice_fallback_picks_total{pool=\"web\"}");
+        let mut bodies = Vec::new();
+        for i in 0..60 {
+            let r = request(proxy.listen, "GET", "/", &[("x-bad", "1")], b"").unwrap();
+            assert_eq!(r.status, 200, "{name}: request {i} failed: {} {}", r.status, r.text());
+            bodies.push(r.text());
+            // Ordinary requests interleaved keep being served too.
+            assert_eq!(proxy.get("/").status, 200);
+        }
+        // The fallback is a round-robin too: all three healthy backends share the bad requests.
+        let t = tally(bodies);
+        assert_eq!(t.len(), 3, "{name}: {t:?}");
+        let fallback = proxy.metric("sluice_fallback_picks_total{pool=\"web\"}") - fallback_before;
+        assert!(fallback >= 60.0, "{name}: fallback counter moved by {fallback}");
+        let faults = proxy.metric(&format!("sluice_plugin_faults_total{{kind=\"strategy\",pool=\"web\",reason=\"{reason}\"}}"));
+        assert!(faults >= 1.0, "{name}: fault counter {reason} is {faults}");
+    }
+    assert!(proxy.log().contains("strategy plugin fault"), "faults are logged");
+}
