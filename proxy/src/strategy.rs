@@ -79,9 +79,12 @@ impl Instance {
         }
         self.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
         let (ptr, len) = self.write(&table.encoded)?;
+        // Installed first so `backend_*` host calls made while the plugin digests the table see it.
+        self.store.data_mut().table = Some(table.clone());
+        // Forces a re-push if the call below fails.
+        self.table_generation = 0;
         let rc = self.set_backends.call(&mut self.store, (ptr, len))?;
         wasmtime::ensure!(rc == 0, "sluice_set_backends returned {rc}");
-        self.store.data_mut().table = Some(table.clone());
         self.table_generation = table.generation;
         Ok(())
     }
