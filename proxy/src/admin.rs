@@ -43,10 +43,22 @@ impl AdminApp {
                 let v = p.strategy.current();
                 let table = p.table.load();
                 let s = p.settings.load();
-                let backends: Vec<_> = table
-                    .backends
+                let now = crate::clock::now_ms();
+                let members = p.members.load();
+                let backends: Vec<_> = members
                     .iter()
                     .map(|b| {
+                        let in_table = table.backends.iter().position(|t| std::sync::Arc::ptr_eq(t, b));
+                        let ejected_until = b.stats.ejected_until_ms.load(std::sync::atomic::Ordering::Relaxed);
+                        let state = if b.stats.is_ejected(now) {
+                            "ejected"
+                        } else if !b.stats.healthy.load(std::sync::atomic::Ordering::Relaxed) {
+                            "unhealthy"
+                        } else if in_table.is_some() {
+                            "routable"
+                        } else {
+                            "standby"
+                        };
                         let requests: serde_json::Map<_, _> = STATUS_CLASSES
                             .iter()
                             .enumerate()
@@ -61,6 +73,10 @@ impl AdminApp {
                             "latency_ewma_us": b.stats.latency_us(),
                             "consecutive_failures": b.stats.failures(),
                             "requests": requests,
+                            "state": state,
+                            "effective_weight": in_table.map(|i| table.weights[i]),
+                            "ejections": b.stats.ejections.load(std::sync::atomic::Ordering::Relaxed),
+                            "ejected_for_ms": ejected_until.saturating_sub(now),
                         })
                     })
                     .collect();
@@ -70,6 +86,7 @@ impl AdminApp {
                     "retries": s.retries,
                     "connect_timeout_ms": s.connect_timeout.as_millis() as u64,
                     "table_generation": table.generation,
+                    "panic_mode": table.panic,
                     "backends": backends,
                 })
             })

@@ -148,6 +148,89 @@ pub struct PoolConfig {
     /// How long an idle upstream keep-alive connection is kept.
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
+    /// Which failures are retried: `"connect-failure"` (always safe) and `"5xx"`.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<Spanned<String>>,
+    /// Retry non-idempotent methods (POST, PATCH) on 5xx too. Off by default: the backend may
+    /// already have acted on the request.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Passive outlier detection.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Ramp a new or re-admitted backend's weight over this window ("0s" = off).
+    #[serde(default = "zero_duration", with = "duration")]
+    pub slow_start: Duration,
+    /// Percent of routable members below which the pool balances over all members (0 = never).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u32,
+    /// Prefer backends in the proxy's `[server] zone` while enough of them are routable and not overloaded.
+    #[serde(default = "default_true")]
+    pub zone_aware: bool,
+    /// In-flight requests per weight unit above which the local zone spills over to others.
+    #[serde(default = "default_zone_spill")]
+    pub zone_spill_inflight: u32,
+}
+
+/// `outlier = { ... }`: passive outlier detection from real traffic.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Off when false.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Consecutive failures (connect errors, 5xx) that eject a backend.
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    /// First ejection time; the n-th lasts n times this.
+    #[serde(default = "default_base_ejection", with = "duration")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection.
+    #[serde(default = "default_max_ejection", with = "duration")]
+    pub max_ejection_time: Duration,
+    /// Most of the pool (percent) ejected at once.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            enabled: true,
+            consecutive_failures: default_consecutive(),
+            base_ejection_time: default_base_ejection(),
+            max_ejection_time: default_max_ejection(),
+            max_ejected_percent: default_max_ejected_percent(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_ejected_percent() -> u32 {
+    50
+}
+fn default_retry_on() -> Vec<Spanned<String>> {
+    vec![Spanned::new(0..0, "connect-failure".to_string())]
+}
+fn zero_duration() -> Duration {
+    Duration::ZERO
+}
+fn default_panic_threshold() -> u32 {
+    50
+}
+fn default_zone_spill() -> u32 {
+    64
 }
 
 /// A plugin reference: `"builtin:NAME"`, a path, or `{ plugin = ..., config = { ... } }`.
@@ -363,6 +446,20 @@ impl Config {
             }
             for b in &pool.backends {
                 b.get_ref().resolve().map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
+            }
+            for r in &pool.retry_on {
+                if !["connect-failure", "5xx"].contains(&r.get_ref().as_str()) {
+                    return Err(self.error_at(
+                        r.span(),
+                        format!("pool \"{name}\": unknown retry_on value \"{}\"; use \"connect-failure\" and/or \"5xx\"", r.get_ref()),
+                    ));
+                }
+            }
+            if pool.panic_threshold > 100 || pool.outlier.max_ejected_percent > 100 {
+                return Err(self.error_at(pool.name.span(), format!("pool \"{name}\": panic_threshold and outlier.max_ejected_percent are percentages (0-100)")));
+            }
+            if pool.outlier.consecutive_failures == 0 {
+                return Err(self.error_at(pool.name.span(), format!("pool \"{name}\": outlier.consecutive_failures must be at least 1 (use enabled = false to turn detection off)")));
             }
             self.plugin_source_ok(pool.strategy.get_ref().source(), pool.strategy.span(), name)?;
             if let Some(h) = &pool.health {

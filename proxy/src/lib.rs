@@ -9,10 +9,12 @@
 pub mod admin;
 pub mod builtin;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
 pub mod metrics;
+pub mod outlier;
 pub mod plugin;
 pub mod pool;
 pub mod proxy;

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub no_backend: IntCounterVec,
     /// `sluice_config_reloads_total{result}`.
     pub reloads: IntCounterVec,
+    /// `sluice_outlier_ejections_total{pool}`.
+    pub ejections: IntCounterVec,
+    /// `sluice_retries_total{pool,reason}`.
+    pub retries: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -52,11 +56,13 @@ impl Metrics {
         let plugin_swaps = counter("sluice_plugin_swaps_total", "Plugin hot-swap attempts by result.", &["pool", "kind", "result"]);
         let no_backend = counter("sluice_no_backend_total", "Requests answered 503 because the pool had no available backend.", &["pool"]);
         let reloads = counter("sluice_config_reloads_total", "Configuration reloads by result.", &["result"]);
+        let ejections = counter("sluice_outlier_ejections_total", "Backends ejected by passive outlier detection.", &["pool"]);
+        let retries = counter("sluice_retries_total", "Requests retried on another backend, by reason (connect, 5xx).", &["pool", "reason"]);
         let backend_inflight =
             IntGaugeVec::new(Opts::new("sluice_backend_inflight", "Requests in flight per backend."), &["pool", "backend"])
                 .expect("valid metric definition");
         registry.register(Box::new(backend_inflight.clone())).expect("metric registered once");
-        Metrics { registry, requests, backend_inflight, plugin_picks, plugin_faults, fallback_picks, plugin_swaps, no_backend, reloads }
+        Metrics { registry, requests, backend_inflight, plugin_picks, plugin_faults, fallback_picks, plugin_swaps, no_backend, reloads, ejections, retries }
     }
 
     /// Drops the series of a backend that left its pool.

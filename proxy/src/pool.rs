@@ -2,8 +2,8 @@
 //! immutable backend table that is rebuilt (and pushed to the strategy) only when membership changes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,6 +26,14 @@ pub struct BackendStats {
     consecutive_failures: AtomicU32,
     /// Requests by status class: 1xx..5xx, then "error" (no response).
     by_class: [IntCounter; 6],
+    /// Passive outlier detection: ejected until this time ([`crate::clock::now_ms`]), 0 = not ejected.
+    pub ejected_until_ms: AtomicU64,
+    /// How often this backend was ejected (grows the ejection time; decays after a clean period).
+    pub ejections: AtomicU32,
+    /// When the backend (re)joined the routable set; slow start ramps from here.
+    pub admitted_at_ms: AtomicU64,
+    /// Active health state (true until a health check says otherwise).
+    pub healthy: AtomicBool,
 }
 
 /// Status classes used as the `code` label.
@@ -38,7 +46,21 @@ impl BackendStats {
             latency_ewma_us: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             by_class: STATUS_CLASSES.map(|c| metrics.requests.with_label_values(&[pool, addr, c])),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            admitted_at_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
         }
+    }
+
+    /// True while ejected by outlier detection.
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// True when the backend may take traffic (healthy and not ejected).
+    pub fn is_routable(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
     }
 
     /// Latency EWMA in microseconds.
@@ -69,6 +91,11 @@ impl BackendStats {
         } else {
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Forgets consecutive failures (after an ejection ends).
+    pub fn reset_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
     /// Requests finished with this status class index (see [`STATUS_CLASSES`]).
@@ -103,15 +130,24 @@ pub struct BackendTable {
     pub generation: u64,
     /// Routable backends; a strategy's pick is an index into this.
     pub backends: Vec<Arc<Backend>>,
+    /// Effective weights (configured weight with slow start applied), parallel to `backends`.
+    pub weights: Vec<u32>,
     /// The table in the ABI wire format (sdk/ABI.md, "Backend table format").
     pub encoded: Vec<u8>,
+    /// True when built in panic mode (too few routable backends, so all are used).
+    pub panic: bool,
 }
 
 impl BackendTable {
-    /// Builds and encodes a table.
+    /// Builds and encodes a table with the configured weights.
     pub fn new(generation: u64, backends: Vec<Arc<Backend>>, local_zone: Option<&str>) -> BackendTable {
-        let encoded = encode_table(&backends, local_zone);
-        BackendTable { generation, backends, encoded }
+        let weights = backends.iter().map(|b| b.weight).collect();
+        BackendTable::with_weights(generation, backends, weights, local_zone, false)
+    }
+
+    fn with_weights(generation: u64, backends: Vec<Arc<Backend>>, weights: Vec<u32>, local_zone: Option<&str>, panic: bool) -> BackendTable {
+        let encoded = encode_table(&backends, &weights, local_zone);
+        BackendTable { generation, backends, weights, encoded, panic }
     }
 
     /// Number of backends.
@@ -126,7 +162,7 @@ impl BackendTable {
 }
 
 /// Encodes backends in the ABI table format.
-pub fn encode_table(backends: &[Arc<Backend>], local_zone: Option<&str>) -> Vec<u8> {
+pub fn encode_table(backends: &[Arc<Backend>], weights: &[u32], local_zone: Option<&str>) -> Vec<u8> {
     fn put_str(out: &mut Vec<u8>, s: &str) {
         let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
         out.extend_from_slice(&(b.len() as u16).to_le_bytes());
@@ -134,8 +170,8 @@ pub fn encode_table(backends: &[Arc<Backend>], local_zone: Option<&str>) -> Vec<
     }
     let mut out = Vec::with_capacity(4 + backends.len() * 48);
     out.extend_from_slice(&(backends.len() as u32).to_le_bytes());
-    for b in backends {
-        out.extend_from_slice(&b.weight.to_le_bytes());
+    for (b, w) in backends.iter().zip(weights) {
+        out.extend_from_slice(&(*w).max(1).to_le_bytes());
         let local = local_zone.is_some_and(|z| !z.is_empty() && z == b.zone);
         out.extend_from_slice(&u32::from(local).to_le_bytes());
         put_str(&mut out, &b.addr_text);
@@ -148,31 +184,50 @@ pub fn encode_table(backends: &[Arc<Backend>], local_zone: Option<&str>) -> Vec<
     out
 }
 
-/// Per-pool upstream settings.
+/// Per-pool upstream settings and balancing policies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
-    /// Extra attempts after a failed connect.
+    /// Extra attempts after a failure that may be retried.
     pub retries: u32,
+    /// Also retry a 5xx answer (on another backend).
+    pub retry_on_5xx: bool,
+    /// Retry non-idempotent methods too (a connect failure is always retried: it never reached the backend).
+    pub retry_non_idempotent: bool,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Read timeout.
     pub read_timeout: Duration,
     /// Upstream keep-alive idle timeout.
     pub idle_timeout: Duration,
+    /// Passive outlier detection.
+    pub outlier: crate::outlier::OutlierPolicy,
+    /// Ramp a new or re-admitted backend's weight over this window (zero = off).
+    pub slow_start: Duration,
+    /// Below this percentage of routable members, balance over all members (0 = never).
+    pub panic_threshold: u32,
+    /// Prefer backends in the proxy's zone.
+    pub zone_aware: bool,
+    /// Spill out of the local zone when its in-flight requests per weight unit exceed this.
+    pub zone_spill_inflight: u32,
 }
 
-/// A pool: its backend table, its strategy and its settings, each swappable while traffic flows.
+/// A pool: its members, the routable table built from them, its strategy and its settings,
+/// each swappable while traffic flows.
 pub struct Pool {
     /// The pool's name.
     pub name: String,
-    /// Current routable backends.
+    /// Every configured backend, routable or not.
+    pub members: ArcSwap<Vec<Arc<Backend>>>,
+    /// Current routable backends (what the strategy sees).
     pub table: ArcSwap<BackendTable>,
     /// The strategy plugin.
     pub strategy: StrategyHost,
-    /// Upstream settings.
+    /// Upstream settings and policies.
     pub settings: ArcSwap<PoolSettings>,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     local_zone: Option<String>,
+    /// Serializes table rebuilds; held only on membership changes, never per request.
+    rebuild: Mutex<()>,
 }
 
 impl Pool {
@@ -185,42 +240,121 @@ impl Pool {
         metrics: Metrics,
         local_zone: Option<String>,
     ) -> Pool {
-        let backends = specs.iter().map(|s| Arc::new(make_backend(&metrics, name, s, None))).collect();
-        let table = BackendTable::new(1, backends, local_zone.as_deref());
-        Pool {
+        let members: Vec<Arc<Backend>> = specs.iter().map(|s| Arc::new(make_backend(&metrics, name, s, None))).collect();
+        let table = BackendTable::new(1, members.clone(), local_zone.as_deref());
+        let pool = Pool {
             name: name.to_string(),
+            members: ArcSwap::from_pointee(members),
             table: ArcSwap::from_pointee(table),
             strategy,
             settings: ArcSwap::from_pointee(settings),
             metrics,
             local_zone,
-        }
+            rebuild: Mutex::new(()),
+        };
+        pool.rebuild_table();
+        pool
     }
 
     /// Replaces the static backends, keeping the statistics of backends whose address stays.
-    /// Returns true when the table changed.
+    /// Returns true when the membership changed.
     pub fn set_backends(&self, specs: &[BackendSpec]) -> bool {
-        let old = self.table.load_full();
-        let same = old.backends.len() == specs.len()
-            && old.backends.iter().zip(specs).all(|(b, s)| {
-                b.addr == s.addr && b.weight == s.weight && b.zone == s.zone && b.tags == s.tags
-            });
+        let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.members.load_full();
+        let same = old.len() == specs.len()
+            && old.iter().zip(specs).all(|(b, s)| b.addr == s.addr && b.weight == s.weight && b.zone == s.zone && b.tags == s.tags);
         if same {
             return false;
         }
-        let backends: Vec<_> = specs
+        let now = crate::clock::now_ms();
+        let members: Vec<_> = specs
             .iter()
             .map(|s| {
-                let stats = old.backends.iter().find(|b| b.addr == s.addr).map(|b| b.stats.clone());
-                Arc::new(make_backend(&self.metrics, &self.name, s, stats))
+                let stats = old.iter().find(|b| b.addr == s.addr).map(|b| b.stats.clone());
+                let is_new = stats.is_none();
+                let b = Arc::new(make_backend(&self.metrics, &self.name, s, stats));
+                if is_new {
+                    // A backend joining a running pool starts its slow-start ramp now.
+                    b.stats.admitted_at_ms.store(now, Ordering::Relaxed);
+                }
+                b
             })
             .collect();
-        for gone in old.backends.iter().filter(|b| !specs.iter().any(|s| s.addr == b.addr)) {
+        for gone in old.iter().filter(|b| !specs.iter().any(|s| s.addr == b.addr)) {
             self.metrics.forget_backend(&self.name, &gone.addr_text);
         }
-        self.table.store(Arc::new(BackendTable::new(old.generation + 1, backends, self.local_zone.as_deref())));
+        self.members.store(Arc::new(members));
+        self.rebuild_locked(now);
         true
     }
+
+    /// Recomputes the routable table from members, health, ejections, zone and slow start.
+    /// Publishes (and so pushes to the strategy) only when something changed.
+    pub fn rebuild_table(&self) -> bool {
+        let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        self.rebuild_locked(crate::clock::now_ms())
+    }
+
+    /// Holds the rebuild lock for callers that change backend state first (ejection).
+    pub(crate) fn with_rebuild_lock<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f();
+        self.rebuild_locked(crate::clock::now_ms());
+        r
+    }
+
+    fn rebuild_locked(&self, now: u64) -> bool {
+        let members = self.members.load();
+        let policy = self.settings.load();
+        let routable: Vec<Arc<Backend>> = members.iter().filter(|b| b.stats.is_routable(now)).cloned().collect();
+        // Panic mode (Envoy's panic threshold): with too few routable members, a partial outage
+        // would overload the survivors, so balance over everyone and let retries sort it out.
+        let panic = !members.is_empty()
+            && policy.panic_threshold > 0
+            && (routable.len() as u64) * 100 < u64::from(policy.panic_threshold) * members.len() as u64;
+        let mut chosen = if panic { members.to_vec() } else { routable };
+        if let (true, Some(zone)) = (policy.zone_aware, self.local_zone.as_deref()) {
+            let local: Vec<Arc<Backend>> = chosen.iter().filter(|b| b.zone == zone).cloned().collect();
+            let local_members = members.iter().filter(|b| b.zone == zone).count();
+            let weight: u64 = local.iter().map(|b| u64::from(b.weight)).sum();
+            let inflight: i64 = local.iter().map(|b| b.stats.inflight.get().max(0)).sum();
+            // Stay local while most local members are routable and they are not overloaded.
+            let healthy_enough = local.len() * 10 >= local_members * 7;
+            let overloaded = weight > 0 && inflight as u64 > weight * u64::from(policy.zone_spill_inflight);
+            if !local.is_empty() && healthy_enough && !overloaded && local.len() < chosen.len() {
+                chosen = local;
+            }
+        }
+        let weights: Vec<u32> = chosen.iter().map(|b| effective_weight(b, policy.slow_start, now)).collect();
+        let current = self.table.load();
+        let unchanged = current.panic == panic
+            && current.weights == weights
+            && current.backends.len() == chosen.len()
+            && current.backends.iter().zip(&chosen).all(|(a, b)| Arc::ptr_eq(a, b));
+        if unchanged {
+            return false;
+        }
+        let table = BackendTable::with_weights(current.generation + 1, chosen, weights, self.local_zone.as_deref(), panic);
+        self.table.store(Arc::new(table));
+        true
+    }
+}
+
+/// Weight with slow start applied. While a backend ramps, all weights are scaled by 100 so the
+/// ramp has resolution even for weight-1 backends (strategies only compare weights).
+fn effective_weight(b: &Backend, slow_start: Duration, now: u64) -> u32 {
+    if slow_start.is_zero() {
+        return b.weight;
+    }
+    let full = b.weight.saturating_mul(100);
+    let since = now.saturating_sub(b.stats.admitted_at_ms.load(Ordering::Relaxed));
+    let window = slow_start.as_millis().max(1) as u64;
+    if b.stats.admitted_at_ms.load(Ordering::Relaxed) == 0 || since >= window {
+        return full;
+    }
+    // Linear ramp from 10 % (a fresh backend still gets some traffic to warm up).
+    let frac = 0.1 + 0.9 * since as f64 / window as f64;
+    ((f64::from(full) * frac) as u32).max(1)
 }
 
 /// Fresh backends (new statistics) for `specs`.
@@ -248,7 +382,7 @@ mod tests {
             tags: vec!["canary".into()],
         };
         let b = Arc::new(make_backend(&m, "p", &spec, None));
-        let enc = encode_table(&[b], Some("eu"));
+        let enc = encode_table(&[b], &[3], Some("eu"));
         let mut expect = vec![1, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 14, 0];
         expect.extend_from_slice(b"127.0.0.1:9001");
         expect.extend_from_slice(&[2, 0]);

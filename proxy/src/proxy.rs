@@ -47,7 +47,17 @@ impl RequestCtx {
         if let Some(b) = self.current.take() {
             b.stats.inflight.dec();
             b.stats.record(status, self.started.elapsed());
+            if let Some(pool) = &self.pool {
+                crate::outlier::after_request(pool, &b);
+            }
         }
+    }
+
+    /// Whether another attempt is allowed and possible.
+    fn may_retry(&self) -> bool {
+        let Some(pool) = &self.pool else { return false };
+        let retries = pool.settings.load().retries;
+        self.attempt <= retries && pool.table.load().len() > self.tried.len()
     }
 }
 
@@ -126,15 +136,40 @@ impl ProxyHttp for SluiceProxy {
             ctx.tried.push(b.addr);
         }
         ctx.finish_backend(None);
-        let retries = ctx.pool.as_ref().map_or(0, |p| p.settings.load().retries);
-        let others_left = ctx.pool.as_ref().is_some_and(|p| p.table.load().len() > ctx.tried.len());
         // A connect failure never reached the backend, so retrying is safe for every method.
-        e.set_retry(ctx.attempt <= retries && others_left);
+        let retry = ctx.may_retry();
+        if retry {
+            if let Some(pool) = &ctx.pool {
+                self.runtime.metrics.retries.with_label_values(&[&pool.name, "connect"]).inc();
+            }
+        }
+        e.set_retry(retry);
         e
     }
 
-    async fn upstream_response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
-        ctx.upstream_status = Some(resp.status.as_u16());
+    async fn upstream_response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        let status = resp.status.as_u16();
+        if status >= 500 {
+            let policy_allows = ctx.pool.as_ref().is_some_and(|p| {
+                let s = p.settings.load();
+                s.retry_on_5xx && (s.retry_non_idempotent || session.req_header().method.is_idempotent())
+            });
+            // Nothing has been sent downstream yet, so the request can still go elsewhere
+            // (pingora replays it; bodies larger than its retry buffer are not retried).
+            if policy_allows && ctx.may_retry() && !session.as_ref().retry_buffer_truncated() {
+                if let Some(b) = &ctx.current {
+                    ctx.tried.push(b.addr);
+                }
+                ctx.finish_backend(Some(status));
+                if let Some(pool) = &ctx.pool {
+                    self.runtime.metrics.retries.with_label_values(&[&pool.name, "5xx"]).inc();
+                }
+                let mut e = Error::explain(ErrorType::HTTPStatus(status), "backend answered 5xx; retrying on another backend");
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
+        ctx.upstream_status = Some(status);
         Ok(())
     }
 

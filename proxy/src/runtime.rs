@@ -105,6 +105,14 @@ impl Runtime {
         v
     }
 
+    /// Time-driven pool upkeep: re-admits ejected backends, advances slow start, re-evaluates
+    /// zone load. Called by a background ticker.
+    pub fn maintain(&self) {
+        for pool in self.pools.load().values() {
+            crate::outlier::maintain(pool);
+        }
+    }
+
     /// The config currently applied.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
@@ -191,6 +199,7 @@ impl Runtime {
                     let settings = settings_of(pc);
                     if **pool.settings.load() != settings {
                         pool.settings.store(Arc::new(settings));
+                        pool.rebuild_table();
                         changed = true;
                     }
                     if let Some((bytes, display, config)) = strategy {
@@ -266,11 +275,25 @@ impl Runtime {
 }
 
 fn settings_of(pc: &PoolConfig) -> PoolSettings {
+    let o = &pc.outlier;
     PoolSettings {
         retries: pc.retries,
+        retry_on_5xx: pc.retry_on.iter().any(|r| r.get_ref() == "5xx"),
+        retry_non_idempotent: pc.retry_non_idempotent,
         connect_timeout: pc.connect_timeout,
         read_timeout: pc.read_timeout,
         idle_timeout: pc.idle_timeout,
+        outlier: crate::outlier::OutlierPolicy {
+            enabled: o.enabled,
+            consecutive_failures: o.consecutive_failures,
+            base_ejection_time: o.base_ejection_time,
+            max_ejection_time: o.max_ejection_time,
+            max_ejected_percent: o.max_ejected_percent,
+        },
+        slow_start: pc.slow_start,
+        panic_threshold: pc.panic_threshold,
+        zone_aware: pc.zone_aware,
+        zone_spill_inflight: pc.zone_spill_inflight,
     }
 }
 

@@ -86,9 +86,31 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
     server.add_service(admin);
 
     server.add_service(background_service("sighup-reload", SighupReload { runtime: runtime.clone() }));
+    server.add_service(background_service("pool-upkeep", PoolUpkeep { runtime: runtime.clone() }));
 
     ready(&runtime);
     server.run_forever()
+}
+
+/// Re-admits ejected backends, advances slow-start ramps and re-evaluates zone load.
+struct PoolUpkeep {
+    runtime: Arc<Runtime>,
+}
+
+/// How often pools are maintained; bounds how late an ejection ends.
+const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+#[async_trait]
+impl BackgroundService for PoolUpkeep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(UPKEEP_PERIOD);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.runtime.maintain(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 /// Reloads the config file on SIGHUP.

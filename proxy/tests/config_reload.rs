@@ -120,7 +120,8 @@ fn connect_failures_are_retried_on_another_backend() {
     // A port with nothing listening, between two live backends.
     let dead = format!("127.0.0.1:{}", free_port());
     let list = format!("\"{}\", \"{dead}\", \"{}\"", b[0].0, b[1].0);
-    let proxy = Proxy::start("retry", &pool_cfg(&list, "retries = 2"));
+    // Outlier detection off: this test is about retries alone (see policies.rs for ejection).
+    let proxy = Proxy::start("retry", &pool_cfg(&list, "retries = 2\noutlier = { enabled = false }"));
     for i in 0..60 {
         let r = proxy.get("/");
         assert_eq!(r.status, 200, "request {i}: {} {}", r.status, r.text());

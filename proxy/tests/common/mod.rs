@@ -52,9 +52,15 @@ impl Proxy {
     }
 
     pub fn start_in(dir: PathBuf, body: &str) -> Proxy {
+        Proxy::start_full(dir, "", body)
+    }
+
+    /// `server_extra` goes into the `[server]` section (e.g. `h2c = true` or a `[server.tls]` table
+    /// placed after `body` is not possible, so give TLS as an inline table: `tls = { ... }`).
+    pub fn start_full(dir: PathBuf, server_extra: &str, body: &str) -> Proxy {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n[admin]\nlisten = \"{admin}\"\n{body}");
+        let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
         let log = std::fs::File::create(dir.join("sluice.log")).unwrap();

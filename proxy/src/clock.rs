@@ -1,0 +1,14 @@
+//! A process-wide monotonic clock in milliseconds, cheap enough to store in atomics.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process's first call, starting at 1 (0 means "never" in our atomics).
+pub fn now_ms() -> u64 {
+    origin().elapsed().as_millis() as u64 + 1
+}

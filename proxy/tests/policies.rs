@@ -1,0 +1,123 @@
+//! Pool policies on real traffic: passive outlier detection (eject, re-admit, longer second
+//! ejection, ejection cap) and retrying 5xx answers on another backend.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn pools_json(proxy: &Proxy) -> serde_json::Value {
+    serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap()
+}
+
+fn backend_field(proxy: &Proxy, addr: &str, field: &str) -> serde_json::Value {
+    let v = pools_json(proxy);
+    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr).unwrap()[field].clone()
+}
+
+/// Polls `cond` every 20 ms for at most `limit`.
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn failing_backend_is_ejected_readmitted_and_ejected_longer_next_time() {
+    let b = backends(3);
+    let bad = b[0].0.to_string();
+    b[0].1.status.store(500, Ordering::Relaxed);
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"600ms\", max_ejection_time = \"10s\" }}\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start("outlier", &body);
+    // Three 5xx in a row eject it: with exact rotation that is within 9 requests.
+    for _ in 0..9 {
+        proxy.get("/");
+    }
+    assert_eq!(backend_field(&proxy, &bad, "state"), "ejected");
+    let first = backend_field(&proxy, &bad, "ejected_for_ms").as_u64().unwrap();
+    assert!(first > 0 && first <= 600, "first ejection lasts the base time: {first}");
+    assert_eq!(proxy.metric("sluice_outlier_ejections_total{pool=\"web\"}"), 1.0);
+
+    // While ejected, it gets nothing: every answer is a 200 from the others.
+    let served_before = b[0].1.served.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        let r = proxy.get("/");
+        assert_eq!(r.status, 200);
+        assert_ne!(r.text().trim(), "b1");
+    }
+    assert_eq!(b[0].1.served.load(Ordering::Relaxed), served_before);
+
+    // It comes back by itself when its time is up (bounded wait)...
+    assert!(wait_for(Duration::from_secs(10), || backend_field(&proxy, &bad, "state") == "routable"), "not re-admitted");
+    // ...still failing, it is ejected again, for twice the base time.
+    for _ in 0..9 {
+        proxy.get("/");
+    }
+    assert_eq!(backend_field(&proxy, &bad, "state"), "ejected");
+    let second = backend_field(&proxy, &bad, "ejected_for_ms").as_u64().unwrap();
+    assert!(second > 600 && second <= 1200, "second ejection is longer: {second}");
+    assert_eq!(backend_field(&proxy, &bad, "ejections"), 2);
+}
+
+#[test]
+fn ejection_cap_keeps_part_of_the_pool_in_service() {
+    let b = backends(3);
+    b[0].1.status.store(500, Ordering::Relaxed);
+    b[1].1.status.store(500, Ordering::Relaxed);
+    // 50 % of 3 members: at most one ejected at a time, although two are failing.
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\npanic_threshold = 0\noutlier = {{ consecutive_failures = 2, base_ejection_time = \"30s\", max_ejected_percent = 50 }}\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start("cap", &body);
+    for _ in 0..30 {
+        proxy.get("/");
+    }
+    let v = pools_json(&proxy);
+    let states: Vec<_> = v["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["state"].as_str().unwrap().to_string()).collect();
+    assert_eq!(states.iter().filter(|s| *s == "ejected").count(), 1, "{states:?}");
+    assert_eq!(proxy.metric("sluice_outlier_ejections_total{pool=\"web\"}"), 1.0);
+    assert!(proxy.log().contains("ejection cap is reached"));
+}
+
+#[test]
+fn five_hundreds_are_retried_for_idempotent_methods_only() {
+    let b = backends(2);
+    b[0].1.status.store(503, Ordering::Relaxed);
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\nretry_on = [\"connect-failure\", \"5xx\"]\noutlier = {{ enabled = false }}\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start("retry5xx", &body);
+    for i in 0..20 {
+        let r = proxy.get("/");
+        assert_eq!(r.status, 200, "GET {i} was not retried: {}", r.text());
+        assert_eq!(r.text().trim(), "b2");
+    }
+    assert!(proxy.metric("sluice_retries_total{pool=\"web\",reason=\"5xx\"}") >= 10.0);
+    // POST is not idempotent: the 503 goes back to the client as it is.
+    let statuses: Vec<u16> = (0..4).map(|_| request(proxy.listen, "POST", "/", &[], b"x=1").unwrap().status).collect();
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+}
+
+#[test]
+fn bad_policy_values_are_refused_with_the_line() {
+    let dir = scratch_dir("policy-check");
+    let path = dir.join("p.toml");
+    std::fs::write(&path, "[[pool]]\nname = \"web\"\nretry_on = [\"timeouts\"]\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check", "--config"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("p.toml:3:13: pool \"web\": unknown retry_on value \"timeouts\""), "{err}");
+}
