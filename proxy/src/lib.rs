@@ -20,5 +20,7 @@ pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
+pub mod simulate;
 pub mod strategy;

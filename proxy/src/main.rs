@@ -42,6 +42,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Scaffold a strategy crate that builds and passes its own tests out of the box.
+    New {
+        /// Crate name (also the directory created).
+        name: String,
+        /// Directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the sluice-sdk crate (default: the SDK this sluice was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Run a strategy against simulated traffic and print the distribution and key movement.
+    Test {
+        /// The .wasm file, or builtin:NAME.
+        file: String,
+        /// Simulated backends.
+        #[arg(long, default_value_t = 5)]
+        backends: usize,
+        /// Requests per phase (one backend is removed between the two phases).
+        #[arg(long, default_value_t = 10000)]
+        requests: usize,
+        /// Distinct keys (clients).
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        /// The plugin's configuration as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+    },
     /// Hot-load a plugin into a running proxy's pool through its admin API.
     Load {
         /// The pool.
@@ -106,6 +134,23 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             use base64::Engine;
             let key: [u8; 32] = rand::random();
             println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::New { name, dir, sdk } } => {
+            let sdk = sdk.or_else(sluice::scaffold::default_sdk_path).ok_or_else(|| {
+                anyhow::anyhow!("cannot find sluice-sdk; pass --sdk PATH/TO/sluice/sdk")
+            })?;
+            let root = sluice::scaffold::new_strategy(&dir, &name, &sdk).map_err(anyhow::Error::msg)?;
+            println!("created {}", root.display());
+            println!("next: cd {} && cargo test && cargo build --release --target wasm32-unknown-unknown", root.display());
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::Test { file, backends, requests, keys, config } } => {
+            serde_json::from_str::<serde_json::Value>(&config).map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
+            let (bytes, name) = sluice::builtin::load_source(&file, std::path::Path::new(".")).map_err(anyhow::Error::msg)?;
+            let params = sluice::simulate::SimParams { backends, requests, keys, config_json: config };
+            let report = sluice::simulate::run(&bytes, &name, &params)?;
+            print!("{}", report.render(&name, &params));
             Ok(())
         }
         Command::Plugin { command: PluginCommand::Load { pool, file, kind, admin, token } } => {
