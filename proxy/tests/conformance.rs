@@ -107,7 +107,9 @@ fn table(weights: &[u32]) -> Arc<BackendTable> {
         .iter()
         .enumerate()
         .map(|(i, &weight)| BackendSpec {
-            addr: format!("10.0.{}.{}:80", i / 250, i % 250 + 1).parse().unwrap(),
+            addr: format!("10.0.{}.{}:80", i / 250, i % 250 + 1)
+                .parse()
+                .unwrap(),
             weight,
             zone: String::new(),
             tags: Vec::new(),
@@ -238,7 +240,11 @@ impl Loaded {
 /// Runs `check` for every strategy and reports every failure, not just the first.
 fn for_each_strategy(check: impl Fn(&str, &Loaded) -> Result<(), String>) {
     let all = strategies();
-    assert!(all.len() >= 2, "expected the built-in strategies, found {}", all.len());
+    assert!(
+        all.len() >= 2,
+        "expected the built-in strategies, found {}",
+        all.len()
+    );
     let failures: Vec<String> = all
         .iter()
         .filter_map(|(name, s)| check(name, s).err().map(|e| format!("{name}: {e}")))
@@ -300,7 +306,10 @@ fn every_builtin_strategy_has_a_profile() {
         "ring-hash",
         "maglev",
     ] {
-        assert!(names.contains(&expected), "builtin:{expected} is missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "builtin:{expected} is missing from {names:?}"
+        );
     }
 }
 
@@ -353,7 +362,9 @@ fn retries_find_the_only_untried_backend() {
             for n in 0..20 {
                 let picked = s.pick(&t, &Req::from_client(n).retry(&tried));
                 if picked != Some(keep) {
-                    return Err(format!("tried {tried:?}, picked {picked:?} instead of {keep}"));
+                    return Err(format!(
+                        "tried {tried:?}, picked {picked:?} instead of {keep}"
+                    ));
                 }
             }
         }
@@ -481,7 +492,11 @@ fn header_keys_are_sticky_and_fall_back_to_the_client_ip() {
         for client in 0..20 {
             let home = s.pick(&t, &Req::from_client(client));
             for _ in 0..20 {
-                assert_eq!(s.pick(&t, &Req::from_client(client)), home, "{name}: fallback");
+                assert_eq!(
+                    s.pick(&t, &Req::from_client(client)),
+                    home,
+                    "{name}: fallback"
+                );
             }
         }
     }

@@ -121,3 +121,69 @@ fn bad_policy_values_are_refused_with_the_line() {
     assert!(!out.status.success());
     assert!(err.contains("p.toml:3:13: pool \"web\": unknown retry_on value \"timeouts\""), "{err}");
 }
+
+#[test]
+fn panic_threshold_balances_over_everyone_when_too_few_are_left() {
+    let b = backends(3);
+    b[0].1.status.store(500, Ordering::Relaxed);
+    b[1].1.status.store(500, Ordering::Relaxed);
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\npanic_threshold = 50\noutlier = {{ consecutive_failures = 1, base_ejection_time = \"60s\", max_ejected_percent = 100 }}\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start("panic", &body);
+    // Before both are ejected, the pool is normal.
+    proxy.get("/");
+    assert_eq!(pools_json(&proxy)["pools"][0]["panic_mode"], false);
+    for _ in 0..6 {
+        proxy.get("/");
+    }
+    // Two of three ejected: 33 % routable < 50 % → panic mode routes to all three again.
+    let v = pools_json(&proxy);
+    assert_eq!(v["pools"][0]["panic_mode"], true, "{v}");
+    let before: Vec<u64> = b.iter().map(|(_, x)| x.served.load(Ordering::Relaxed)).collect();
+    for _ in 0..9 {
+        proxy.get("/");
+    }
+    let after: Vec<u64> = b.iter().map(|(_, x)| x.served.load(Ordering::Relaxed)).collect();
+    assert!(after.iter().zip(&before).all(|(a, b)| a > b), "every member gets traffic in panic mode: {before:?} -> {after:?}");
+}
+
+#[test]
+fn zone_aware_prefers_the_local_zone_and_spills_over_when_it_is_gone() {
+    let b = backends(3);
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{{ addr = \"{}\", zone = \"eu\" }}, {{ addr = \"{}\", zone = \"us\" }}, {{ addr = \"{}\", zone = \"us\" }}]\n\
+         panic_threshold = 0\noutlier = {{ consecutive_failures = 1, base_ejection_time = \"60s\" }}\n[[route]]\npool = \"web\"\n",
+        b[0].0, b[1].0, b[2].0
+    );
+    let proxy = Proxy::start_full(scratch_dir("zone"), "zone = \"eu\"", &body);
+    let t = tally((0..12).map(|_| proxy.get("/").text()));
+    assert_eq!(t.get("b1"), Some(&12), "all traffic stays in zone eu: {t:?}");
+    // The local backend fails and is ejected: traffic spills over to the other zone.
+    b[0].1.status.store(500, Ordering::Relaxed);
+    proxy.get("/");
+    let t = tally((0..12).map(|_| proxy.get("/").text()));
+    assert_eq!(t.get("b1"), None, "{t:?}");
+    assert_eq!(t.get("b2"), Some(&6), "{t:?}");
+    assert_eq!(t.get("b3"), Some(&6), "{t:?}");
+}
+
+#[test]
+fn slow_start_ramps_a_new_backend() {
+    let b = backends(3);
+    let two = format!("\"{}\", \"{}\"", b[0].0, b[1].0);
+    let pool = |list: &str| format!("[[pool]]\nname = \"web\"\nbackends = [{list}]\nslow_start = \"60s\"\n[[route]]\npool = \"web\"\n");
+    let proxy = Proxy::start("slowstart", &pool(&two));
+    let weights = |proxy: &Proxy| -> Vec<u64> {
+        pools_json(proxy)["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["effective_weight"].as_u64().unwrap()).collect()
+    };
+    // Backends present at start are at full weight (100 per weight unit while slow start is on).
+    assert_eq!(weights(&proxy), vec![100, 100]);
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(&proxy.config_path, text.replace(&two, &format!("{two}, \"{}\"", b[2].0))).unwrap();
+    assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 200);
+    let w = weights(&proxy);
+    assert_eq!(&w[..2], &[100, 100]);
+    assert!(w[2] >= 10 && w[2] < 30, "a new backend starts near 10 % of its weight: {w:?}");
+}
