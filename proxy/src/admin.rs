@@ -77,11 +77,17 @@ impl AdminApp {
                             "effective_weight": in_table.map(|i| table.weights[i]),
                             "ejections": b.stats.ejections.load(std::sync::atomic::Ordering::Relaxed),
                             "ejected_for_ms": ejected_until.saturating_sub(now),
+                            "health": health_json(b, now, p.health.load().is_some()),
                         })
                     })
                     .collect();
+                let health = p.health.load_full().map(|h| {
+                    let v = h.current();
+                    json!({ "name": v.name, "sha256": v.sha256, "generation": v.generation })
+                });
                 json!({
                     "name": p.name,
+                    "health_check": health,
                     "strategy": { "name": v.name, "sha256": v.sha256, "generation": v.generation },
                     "retries": s.retries,
                     "connect_timeout_ms": s.connect_timeout.as_millis() as u64,
@@ -93,6 +99,22 @@ impl AdminApp {
             .collect();
         json!({ "pools": pools })
     }
+}
+
+fn health_json(b: &crate::pool::Backend, now: u64, checked_pool: bool) -> serde_json::Value {
+    if !checked_pool {
+        return serde_json::Value::Null;
+    }
+    let rec = b.stats.health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let healthy = b.stats.healthy.load(std::sync::atomic::Ordering::Relaxed);
+    json!({
+        "state": if !rec.checked && !healthy { "pending" } else if healthy { "healthy" } else { "unhealthy" },
+        "weight_percent": b.stats.health_factor.load(std::sync::atomic::Ordering::Relaxed),
+        "last_result": rec.last_result,
+        "last_change_ms_ago": (rec.last_change_ms > 0).then(|| now.saturating_sub(rec.last_change_ms)),
+        "consecutive_passes": rec.passes,
+        "consecutive_fails": rec.fails,
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -148,8 +170,8 @@ impl ServeHttp for AdminApp {
             ("GET", ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", self.runtime.metrics.render()),
             ("GET", ["healthz"]) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             ("GET", ["api", "pools"]) => json_reply(StatusCode::OK, Self::pools_json(&self.runtime)),
-            ("PUT", ["api", "pools", pool, "strategy"]) => {
-                let pool = pool.to_string();
+            ("PUT", ["api", "pools", pool, kind @ ("strategy" | "health")]) => {
+                let (pool, kind) = (pool.to_string(), kind.to_string());
                 let body = match read_body(session).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
@@ -158,22 +180,17 @@ impl ServeHttp for AdminApp {
                     return error_reply(StatusCode::BAD_REQUEST, "empty body; send the plugin's .wasm bytes (curl --data-binary @plugin.wasm)");
                 }
                 let rt = self.runtime.clone();
+                let (p, k) = (pool.clone(), kind.clone());
                 // Compilation takes milliseconds of CPU: keep it off the admin runtime's reactor.
-                let result = tokio::task::spawn_blocking(move || rt.swap_strategy(&pool, &body)).await;
+                let result = tokio::task::spawn_blocking(move || if k == "health" { rt.swap_health(&p, &body) } else { rt.swap_strategy(&p, &body) }).await;
                 match result {
-                    Ok(Ok(v)) => json_reply(
-                        StatusCode::OK,
-                        json!({ "pool": segments[2], "kind": "strategy", "sha256": v.sha256, "generation": v.generation }),
-                    ),
+                    Ok(Ok(v)) => json_reply(StatusCode::OK, json!({ "pool": pool, "kind": kind, "sha256": v.sha256, "generation": v.generation })),
                     Ok(Err(e @ ApplyError::UnknownPool(_))) => error_reply(StatusCode::NOT_FOUND, e),
+                    Ok(Err(e @ ApplyError::NoHealth(_))) => error_reply(StatusCode::CONFLICT, e),
                     Ok(Err(e)) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
                     Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, format!("swap task failed: {e}")),
                 }
             }
-            ("PUT", ["api", "pools", _pool, "health"]) => error_reply(
-                StatusCode::NOT_IMPLEMENTED,
-                "health-check plugins are not available in this build yet",
-            ),
             ("POST", ["api", "reload"]) => {
                 let rt = self.runtime.clone();
                 match tokio::task::spawn_blocking(move || rt.reload()).await {

@@ -4,14 +4,24 @@ use std::path::Path;
 
 include!(concat!(env!("OUT_DIR"), "/builtins.rs"));
 
-/// Names of the built-in plugins.
+/// Names of all built-in plugins.
 pub fn names() -> impl Iterator<Item = &'static str> {
-    BUILTINS.iter().map(|(n, _)| *n)
+    BUILTINS.iter().map(|(n, _, _)| *n)
+}
+
+/// Names of the built-in strategies.
+pub fn strategy_names() -> impl Iterator<Item = &'static str> {
+    BUILTINS.iter().filter(|(_, k, _)| *k == "strategy").map(|(n, _, _)| *n)
+}
+
+/// Names of the built-in health checks.
+pub fn health_names() -> impl Iterator<Item = &'static str> {
+    BUILTINS.iter().filter(|(_, k, _)| *k == "health").map(|(n, _, _)| *n)
 }
 
 /// Bytes of a built-in plugin.
 pub fn get(name: &str) -> Option<&'static [u8]> {
-    BUILTINS.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+    BUILTINS.iter().find(|(n, _, _)| *n == name).map(|(_, _, b)| *b)
 }
 
 /// Reads a plugin given as `builtin:NAME` or a path (relative to `base_dir`).

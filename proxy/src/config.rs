@@ -284,9 +284,44 @@ pub struct HealthConfig {
     /// Failures needed to become unhealthy.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Random spread added to each interval (± this), so probes of many proxies do not align.
+    #[serde(default, with = "opt_duration")]
+    pub jitter: Option<Duration>,
+    /// Interval while the pool has no traffic (default: 5 × interval).
+    #[serde(default, with = "opt_duration")]
+    pub idle_interval: Option<Duration>,
+    /// State of a backend before its first check: "unhealthy" (not routed until it passes once) or "healthy".
+    #[serde(default = "default_initial")]
+    pub initial: String,
+    /// Probes of this pool running at once.
+    #[serde(default = "default_health_concurrency")]
+    pub concurrency: u32,
     /// The plugin's own settings.
     #[serde(default)]
     pub config: toml::Table,
+}
+
+impl HealthConfig {
+    /// The plugin's settings as the JSON handed to its init.
+    pub fn config_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.config).unwrap_or_else(|_| b"{}".to_vec())
+    }
+}
+
+fn default_initial() -> String {
+    "unhealthy".into()
+}
+fn default_health_concurrency() -> u32 {
+    16
+}
+
+/// Optional durations, written as strings.
+mod opt_duration {
+    use serde::Deserializer;
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
 }
 
 /// A static backend: `"127.0.0.1:9001"` or `{ addr = ..., weight = 2, zone = "eu", tags = [...] }`.
@@ -464,8 +499,15 @@ impl Config {
             self.plugin_source_ok(pool.strategy.get_ref().source(), pool.strategy.span(), name)?;
             if let Some(h) = &pool.health {
                 self.plugin_source_ok(&h.get_ref().plugin, h.span(), name)?;
-                if h.get_ref().rise == 0 || h.get_ref().fall == 0 {
+                let hc = h.get_ref();
+                if hc.rise == 0 || hc.fall == 0 {
                     return Err(self.error_at(h.span(), format!("pool \"{name}\": health rise and fall must be at least 1")));
+                }
+                if hc.initial != "unhealthy" && hc.initial != "healthy" {
+                    return Err(self.error_at(h.span(), format!("pool \"{name}\": health initial must be \"unhealthy\" or \"healthy\", not \"{}\"", hc.initial)));
+                }
+                if hc.interval.is_zero() || hc.timeout.is_zero() || hc.concurrency == 0 {
+                    return Err(self.error_at(h.span(), format!("pool \"{name}\": health interval, timeout and concurrency must be greater than zero")));
                 }
             }
         }

@@ -28,6 +28,12 @@ pub struct Metrics {
     pub ejections: IntCounterVec,
     /// `sluice_retries_total{pool,reason}`.
     pub retries: IntCounterVec,
+    /// `sluice_health_checks_total{pool,result}`: pass, fail, error (plugin fault).
+    pub health_checks: IntCounterVec,
+    /// `sluice_health_flaps_total{pool}`: health state changes.
+    pub health_flaps: IntCounterVec,
+    /// `sluice_backend_healthy{pool,backend}`: 1 healthy, 0 not.
+    pub backend_healthy: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -58,16 +64,23 @@ impl Metrics {
         let reloads = counter("sluice_config_reloads_total", "Configuration reloads by result.", &["result"]);
         let ejections = counter("sluice_outlier_ejections_total", "Backends ejected by passive outlier detection.", &["pool"]);
         let retries = counter("sluice_retries_total", "Requests retried on another backend, by reason (connect, 5xx).", &["pool", "reason"]);
+        let health_checks = counter("sluice_health_checks_total", "Active health checks by result (pass, fail, error).", &["pool", "result"]);
+        let health_flaps = counter("sluice_health_flaps_total", "Backend health state changes.", &["pool"]);
+        let backend_healthy =
+            IntGaugeVec::new(Opts::new("sluice_backend_healthy", "1 when the backend passes its health checks."), &["pool", "backend"])
+                .expect("valid metric definition");
+        registry.register(Box::new(backend_healthy.clone())).expect("metric registered once");
         let backend_inflight =
             IntGaugeVec::new(Opts::new("sluice_backend_inflight", "Requests in flight per backend."), &["pool", "backend"])
                 .expect("valid metric definition");
         registry.register(Box::new(backend_inflight.clone())).expect("metric registered once");
-        Metrics { registry, requests, backend_inflight, plugin_picks, plugin_faults, fallback_picks, plugin_swaps, no_backend, reloads, ejections, retries }
+        Metrics { registry, requests, backend_inflight, plugin_picks, plugin_faults, fallback_picks, plugin_swaps, no_backend, reloads, ejections, retries, health_checks, health_flaps, backend_healthy }
     }
 
     /// Drops the series of a backend that left its pool.
     pub fn forget_backend(&self, pool: &str, backend: &str) {
         let _ = self.backend_inflight.remove_label_values(&[pool, backend]);
+        let _ = self.backend_healthy.remove_label_values(&[pool, backend]);
         for class in crate::pool::STATUS_CLASSES {
             // Absent series are fine: a backend may never have seen a class.
             let _ = self.requests.remove_label_values(&[pool, backend, class]);

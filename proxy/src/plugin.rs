@@ -192,11 +192,23 @@ pub fn abi_hash(bytes: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
+/// The current request, as a raw pointer valid only during one synchronous plugin call.
+#[derive(Clone, Copy)]
+struct RequestPtr(*const RequestView<'static>);
+
+// SAFETY: the pointer is set, dereferenced and cleared within one synchronous call on one thread
+// (`HostState::with_request`); a store that moves between threads (the health host's, behind a
+// mutex) never carries a non-null pointer across that move.
+unsafe impl Send for RequestPtr {}
+// SAFETY: as above; shared references to a `HostState` never dereference a pointer that is not
+// live on the current call stack.
+unsafe impl Sync for RequestPtr {}
+
 /// State of one plugin instance's `Store`.
 pub struct HostState {
     limits: StoreLimits,
     /// Set only for the duration of a `sluice_pick` call (see [`HostState::with_request`]).
-    request: *const RequestView<'static>,
+    request: RequestPtr,
     /// The table last pushed to this instance; `backend_*` host calls index into it.
     pub table: Option<Arc<BackendTable>>,
     counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
@@ -213,7 +225,7 @@ impl HostState {
         static SEED: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
         HostState {
             limits: StoreLimitsBuilder::new().memory_size(MAX_PLUGIN_MEMORY).instances(1).build(),
-            request: std::ptr::null(),
+            request: RequestPtr(std::ptr::null()),
             table: None,
             counters,
             error: None,
@@ -228,11 +240,11 @@ impl HostState {
         // SAFETY: the pointer is only dereferenced by host calls made during `f`, which runs
         // synchronously while `req` is borrowed, and it is cleared before returning (also on
         // unwind, via the guard), so it never outlives `req`.
-        store.data_mut().request = (req as *const RequestView<'_>).cast();
+        store.data_mut().request = RequestPtr((req as *const RequestView<'_>).cast());
         struct Clear<'a>(&'a mut Store<HostState>);
         impl Drop for Clear<'_> {
             fn drop(&mut self) {
-                self.0.data_mut().request = std::ptr::null();
+                self.0.data_mut().request = RequestPtr(std::ptr::null());
             }
         }
         let guard = Clear(store);
@@ -241,7 +253,7 @@ impl HostState {
 
     fn request(&self) -> Option<&RequestView<'_>> {
         // SAFETY: see `with_request`: non-null only while the referenced view is alive.
-        unsafe { self.request.as_ref() }
+        unsafe { self.request.0.as_ref() }
     }
 
     fn next_random(&mut self) -> u64 {
@@ -446,7 +458,7 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
             let Some(mem) = memory(&mut c) else { return -2 };
             let (data, state) = mem.data_and_store_mut(&mut c);
             // SAFETY: see `HostState::with_request`.
-            let Some(req) = (unsafe { state.request.as_ref() }) else { return -2 };
+            let Some(req) = (unsafe { state.request.0.as_ref() }) else { return -2 };
             // Copied to the stack because `data` is written below; names longer than 256 bytes
             // match nothing real (header names are far shorter).
             let mut name_buf = [0u8; 256];
@@ -473,7 +485,7 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
             let Some(mem) = memory(&mut c) else { return -2 };
             let (data, state) = mem.data_and_store_mut(&mut c);
             // SAFETY: see `HostState::with_request`.
-            let Some(req) = (unsafe { state.request.as_ref() }) else { return -2 };
+            let Some(req) = (unsafe { state.request.0.as_ref() }) else { return -2 };
             let mut name_buf = [0u8; 256];
             let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
             let n = name.len().min(name_buf.len());

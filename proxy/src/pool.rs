@@ -34,6 +34,31 @@ pub struct BackendStats {
     pub admitted_at_ms: AtomicU64,
     /// Active health state (true until a health check says otherwise).
     pub healthy: AtomicBool,
+    /// Weight percentage from a "degraded" health verdict (100 = full weight).
+    pub health_factor: AtomicU32,
+    /// Health-check bookkeeping, touched only by the health scheduler and the admin API.
+    pub health: Mutex<HealthRecord>,
+}
+
+/// Per-backend health-check state.
+#[derive(Debug, Default, Clone)]
+pub struct HealthRecord {
+    /// At least one check has completed.
+    pub checked: bool,
+    /// Consecutive passes.
+    pub passes: u32,
+    /// Consecutive failures.
+    pub fails: u32,
+    /// Last result, for people.
+    pub last_result: String,
+    /// When the state last changed ([`crate::clock::now_ms`]).
+    pub last_change_ms: u64,
+    /// When the next probe is due.
+    pub next_due_ms: u64,
+    /// A probe is running.
+    pub in_flight: bool,
+    /// Pool request count at the last probe (no change = the pool is idle).
+    pub pool_requests_seen: u64,
 }
 
 /// Status classes used as the `code` label.
@@ -50,6 +75,8 @@ impl BackendStats {
             ejections: AtomicU32::new(0),
             admitted_at_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            health_factor: AtomicU32::new(100),
+            health: Mutex::new(HealthRecord::default()),
         }
     }
 
@@ -209,6 +236,29 @@ pub struct PoolSettings {
     pub zone_aware: bool,
     /// Spill out of the local zone when its in-flight requests per weight unit exceed this.
     pub zone_spill_inflight: u32,
+    /// Active health-check schedule (the plugin itself is [`Pool::health`]).
+    pub health: Option<HealthSchedule>,
+}
+
+/// When and how often a pool's backends are probed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSchedule {
+    /// Time between probes of one backend.
+    pub interval: Duration,
+    /// Interval while the pool has no traffic.
+    pub idle_interval: Duration,
+    /// ± random spread per interval.
+    pub jitter: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Passes to become healthy.
+    pub rise: u32,
+    /// Failures to become unhealthy.
+    pub fall: u32,
+    /// New backends start unhealthy (not routed until their first pass).
+    pub start_unhealthy: bool,
+    /// Probes at once.
+    pub concurrency: u32,
 }
 
 /// A pool: its members, the routable table built from them, its strategy and its settings,
@@ -228,6 +278,10 @@ pub struct Pool {
     local_zone: Option<String>,
     /// Serializes table rebuilds; held only on membership changes, never per request.
     rebuild: Mutex<()>,
+    /// The health-check plugin, when the pool has one.
+    pub health: arc_swap::ArcSwapOption<crate::health::HealthHost>,
+    /// Requests routed to this pool (the health scheduler slows down while it does not move).
+    pub requests: AtomicU64,
 }
 
 impl Pool {
@@ -241,6 +295,11 @@ impl Pool {
         local_zone: Option<String>,
     ) -> Pool {
         let members: Vec<Arc<Backend>> = specs.iter().map(|s| Arc::new(make_backend(&metrics, name, s, None))).collect();
+        if settings.health.as_ref().is_some_and(|h| h.start_unhealthy) {
+            for b in &members {
+                b.stats.healthy.store(false, Ordering::Relaxed);
+            }
+        }
         let table = BackendTable::new(1, members.clone(), local_zone.as_deref());
         let pool = Pool {
             name: name.to_string(),
@@ -251,6 +310,8 @@ impl Pool {
             metrics,
             local_zone,
             rebuild: Mutex::new(()),
+            health: arc_swap::ArcSwapOption::empty(),
+            requests: AtomicU64::new(0),
         };
         pool.rebuild_table();
         pool
@@ -267,6 +328,7 @@ impl Pool {
             return false;
         }
         let now = crate::clock::now_ms();
+        let start_unhealthy = self.settings.load().health.as_ref().is_some_and(|h| h.start_unhealthy);
         let members: Vec<_> = specs
             .iter()
             .map(|s| {
@@ -274,8 +336,12 @@ impl Pool {
                 let is_new = stats.is_none();
                 let b = Arc::new(make_backend(&self.metrics, &self.name, s, stats));
                 if is_new {
-                    // A backend joining a running pool starts its slow-start ramp now.
+                    // A backend joining a running pool starts its slow-start ramp now...
                     b.stats.admitted_at_ms.store(now, Ordering::Relaxed);
+                    // ...and, with health checks, is not routed before its first pass.
+                    if start_unhealthy {
+                        b.stats.healthy.store(false, Ordering::Relaxed);
+                    }
                 }
                 b
             })
@@ -325,7 +391,10 @@ impl Pool {
                 chosen = local;
             }
         }
-        let weights: Vec<u32> = chosen.iter().map(|b| effective_weight(b, policy.slow_start, now)).collect();
+        // Weights are scaled by 100 only while some backend is degraded or ramping, so that
+        // fractions have resolution; otherwise strategies see the configured weights.
+        let scaled = chosen.iter().any(|b| b.stats.health_factor.load(Ordering::Relaxed) < 100 || ramping(b, policy.slow_start, now));
+        let weights: Vec<u32> = chosen.iter().map(|b| effective_weight(b, policy.slow_start, now, scaled)).collect();
         let current = self.table.load();
         let unchanged = current.panic == panic
             && current.weights == weights
@@ -340,21 +409,24 @@ impl Pool {
     }
 }
 
-/// Weight with slow start applied. While a backend ramps, all weights are scaled by 100 so the
-/// ramp has resolution even for weight-1 backends (strategies only compare weights).
-fn effective_weight(b: &Backend, slow_start: Duration, now: u64) -> u32 {
-    if slow_start.is_zero() {
+/// True while `b` is in its slow-start window.
+fn ramping(b: &Backend, slow_start: Duration, now: u64) -> bool {
+    let admitted = b.stats.admitted_at_ms.load(Ordering::Relaxed);
+    !slow_start.is_zero() && admitted != 0 && now.saturating_sub(admitted) < slow_start.as_millis() as u64
+}
+
+/// Weight with the health factor and slow start applied; `scaled` multiplies by 100 first.
+fn effective_weight(b: &Backend, slow_start: Duration, now: u64, scaled: bool) -> u32 {
+    if !scaled {
         return b.weight;
     }
-    let full = b.weight.saturating_mul(100);
-    let since = now.saturating_sub(b.stats.admitted_at_ms.load(Ordering::Relaxed));
-    let window = slow_start.as_millis().max(1) as u64;
-    if b.stats.admitted_at_ms.load(Ordering::Relaxed) == 0 || since >= window {
-        return full;
+    let mut w = f64::from(b.weight) * 100.0 * f64::from(b.stats.health_factor.load(Ordering::Relaxed).clamp(1, 100)) / 100.0;
+    if ramping(b, slow_start, now) {
+        let since = now.saturating_sub(b.stats.admitted_at_ms.load(Ordering::Relaxed)) as f64;
+        // Linear ramp from 10 % (a fresh backend still gets some traffic to warm up).
+        w *= 0.1 + 0.9 * since / slow_start.as_millis().max(1) as f64;
     }
-    // Linear ramp from 10 % (a fresh backend still gets some traffic to warm up).
-    let frac = 0.1 + 0.9 * since as f64 / window as f64;
-    ((f64::from(full) * frac) as u32).max(1)
+    (w as u32).max(1)
 }
 
 /// Fresh backends (new statistics) for `specs`.

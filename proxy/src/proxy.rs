@@ -96,6 +96,7 @@ impl ProxyHttp for SluiceProxy {
             respond(session, 503, &format!("no backend available in pool \"{}\"\n", pool.name)).await?;
             return Ok(true);
         }
+        pool.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.pool = Some(pool);
         Ok(false)
     }

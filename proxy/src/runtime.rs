@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::builtin;
-use crate::config::{Config, PluginRef, PoolConfig};
+use crate::config::{Config, HealthConfig, PluginRef, PoolConfig};
+use crate::health::HealthHost;
 use crate::metrics::Metrics;
 use crate::plugin::{PluginEngine, PluginError, PluginVersion};
 use crate::pool::{BackendTable, Pool, PoolSettings};
@@ -36,6 +37,9 @@ pub enum ApplyError {
     /// No such pool.
     #[error("no pool named \"{0}\"; GET /api/pools lists the pools")]
     UnknownPool(String),
+    /// Health swap on a pool without health checks.
+    #[error("pool \"{0}\" has no health checks; add `health = {{ plugin = \"builtin:http\", ... }}` to the pool in the config and reload first")]
+    NoHealth(String),
     /// Reload without a file (demo mode).
     #[error("this proxy was not started from a config file, so there is nothing to reload")]
     NoConfigFile,
@@ -64,7 +68,7 @@ pub struct Runtime {
     router: ArcSwap<Router>,
     /// The strategy entry of the config each pool was last loaded from (to tell whether a reload
     /// changes it; an unchanged entry keeps a plugin hot-swapped through the API).
-    pool_sources: Mutex<HashMap<String, (PluginRef, PoolSettings)>>,
+    pool_sources: Mutex<HashMap<String, (PluginRef, Option<HealthConfig>)>>,
     config: ArcSwap<Config>,
     config_path: Option<PathBuf>,
     /// Serializes reloads and swaps against each other (never taken on the request path).
@@ -151,7 +155,12 @@ impl Runtime {
         // Phase 1: prepare. Nothing live is touched; any error returns here.
         enum Plan {
             New(Arc<Pool>),
-            Update { pool: Arc<Pool>, backends: Vec<crate::config::BackendSpec>, strategy: Option<(Vec<u8>, String, Arc<[u8]>)> },
+            Update {
+                pool: Arc<Pool>,
+                backends: Vec<crate::config::BackendSpec>,
+                strategy: Option<(Vec<u8>, String, Arc<[u8]>)>,
+                health: HealthPlan,
+            },
         }
         let mut plans = Vec::new();
         for pc in &cfg.pool {
@@ -162,6 +171,17 @@ impl Runtime {
             let plugin_err = |source: PluginError| ApplyError::Plugin { pool: name.clone(), plugin: plugin_ref.source().to_string(), source };
             match old_pools.get(&name) {
                 Some(pool) => {
+                    let new_health = pc.health.as_ref().map(|h| h.get_ref().clone());
+                    let health = if sources.get(&name).is_some_and(|(_, h)| *h == new_health) {
+                        HealthPlan::Keep
+                    } else if let Some(hc) = &new_health {
+                        let loaded = self.load_health(hc, &cfg, pool.members.load().first().map(|b| &**b)).map_err(|source| {
+                            ApplyError::Plugin { pool: name.clone(), plugin: hc.plugin.clone(), source }
+                        })?;
+                        HealthPlan::Set(loaded.0, loaded.1, loaded.2)
+                    } else {
+                        HealthPlan::Remove
+                    };
                     let unchanged = sources.get(&name).is_some_and(|(r, _)| *r == plugin_ref);
                     let strategy = if unchanged {
                         None
@@ -173,13 +193,21 @@ impl Runtime {
                         pool.strategy.check(&bytes, &display, plugin_ref.config_json().into(), &trial).map_err(plugin_err)?;
                         Some((bytes, display, Arc::<[u8]>::from(plugin_ref.config_json())))
                     };
-                    plans.push(Plan::Update { pool: pool.clone(), backends: specs, strategy });
+                    plans.push(Plan::Update { pool: pool.clone(), backends: specs, strategy, health });
                 }
                 None => {
                     let (bytes, display) =
                         builtin::load_source(plugin_ref.source(), &cfg.base_dir).map_err(|m| plugin_err(PluginError::Source(m)))?;
                     let pool = self.new_pool(&name, &specs, settings, &bytes, &display, plugin_ref.config_json().into(), zone.clone())
                         .map_err(plugin_err)?;
+                    if let Some(hc) = &pc.health {
+                        let hc = hc.get_ref();
+                        let herr = |source| ApplyError::Plugin { pool: name.clone(), plugin: hc.plugin.clone(), source };
+                        let (bytes, display, config) = self.load_health(hc, &cfg, pool.members.load().first().map(|b| &**b)).map_err(herr)?;
+                        let first = pool.members.load().first().cloned();
+                        let host = HealthHost::new(&self.engine, &name, &bytes, &display, config, first.as_deref(), &self.metrics).map_err(herr)?;
+                        pool.health.store(Some(Arc::new(host)));
+                    }
                     plans.push(Plan::New(Arc::new(pool)));
                 }
             }
@@ -193,15 +221,40 @@ impl Runtime {
                     report.added.push(pool.name.clone());
                     pools.insert(pool.name.clone(), pool);
                 }
-                Plan::Update { pool, backends, strategy } => {
-                    let mut changed = pool.set_backends(&backends);
+                Plan::Update { pool, backends, strategy, health } => {
                     let pc = cfg.pool.iter().find(|p| *p.name.get_ref() == pool.name).expect("planned from cfg");
                     let settings = settings_of(pc);
+                    // Settings first: new backends take their initial health state from them.
+                    let mut changed = false;
                     if **pool.settings.load() != settings {
                         pool.settings.store(Arc::new(settings));
-                        pool.rebuild_table();
                         changed = true;
                     }
+                    changed |= pool.set_backends(&backends);
+                    match health {
+                        HealthPlan::Keep => {}
+                        HealthPlan::Remove => {
+                            pool.health.store(None);
+                            for b in pool.members.load().iter() {
+                                b.stats.healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+                                b.stats.health_factor.store(100, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            changed = true;
+                        }
+                        HealthPlan::Set(bytes, display, config) => {
+                            let first = pool.members.load().first().cloned();
+                            let result = match pool.health.load_full() {
+                                Some(host) => host.swap(&bytes, &display, Some(config), first.as_deref()).map(drop),
+                                None => HealthHost::new(&self.engine, &pool.name, &bytes, &display, config, first.as_deref(), &self.metrics)
+                                    .map(|h| pool.health.store(Some(Arc::new(h)))),
+                            };
+                            if let Err(e) = result {
+                                report.warnings.push(format!("pool \"{}\": health check not changed: {e}", pool.name));
+                            }
+                            changed = true;
+                        }
+                    }
+                    pool.rebuild_table();
                     if let Some((bytes, display, config)) = strategy {
                         let table = pool.table.load_full();
                         if let Err(e) = pool.strategy.swap(&bytes, &display, Some(config), &table) {
@@ -232,13 +285,7 @@ impl Runtime {
             .collect();
         sources.clear();
         for pc in &cfg.pool {
-            sources.insert(pc.name.get_ref().clone(), (pc.strategy.get_ref().clone(), settings_of(pc)));
-        }
-        for pc in cfg.pool.iter().filter(|p| p.health.is_some()) {
-            report.warnings.push(format!(
-                "pool \"{}\": active health checks are not available in this build yet; the health entry is accepted but not run",
-                pc.name.get_ref()
-            ));
+            sources.insert(pc.name.get_ref().clone(), (pc.strategy.get_ref().clone(), pc.health.as_ref().map(|h| h.get_ref().clone())));
         }
         self.pools.store(Arc::new(pools));
         self.router.store(Arc::new(Router::new(routes)));
@@ -263,6 +310,24 @@ impl Runtime {
         Ok(Pool::new(name, specs, settings, strategy, self.metrics.clone(), zone))
     }
 
+    /// Reads and validates a health plugin.
+    fn load_health(&self, hc: &HealthConfig, cfg: &Config, sample: Option<&crate::pool::Backend>) -> Result<(Vec<u8>, String, Arc<[u8]>), PluginError> {
+        let (bytes, display) = builtin::load_source(&hc.plugin, &cfg.base_dir).map_err(PluginError::Source)?;
+        let config: Arc<[u8]> = hc.config_json().into();
+        HealthHost::check(&self.engine, &bytes, &display, config.clone(), sample)?;
+        Ok((bytes, display, config))
+    }
+
+    /// Hot-swaps a pool's health check with uploaded wasm bytes.
+    pub fn swap_health(&self, pool: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, ApplyError> {
+        let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.pool(pool).ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
+        let host = p.health.load_full().ok_or_else(|| ApplyError::NoHealth(pool.to_string()))?;
+        let first = p.members.load().first().cloned();
+        host.swap(bytes, "uploaded", None, first.as_deref())
+            .map_err(|source| ApplyError::Plugin { pool: pool.to_string(), plugin: "upload".into(), source })
+    }
+
     /// Hot-swaps a pool's strategy with uploaded wasm bytes.
     pub fn swap_strategy(&self, pool: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, ApplyError> {
         let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -274,8 +339,28 @@ impl Runtime {
     }
 }
 
+/// What a reload does to a pool's health check.
+enum HealthPlan {
+    Keep,
+    Remove,
+    Set(Vec<u8>, String, Arc<[u8]>),
+}
+
 fn settings_of(pc: &PoolConfig) -> PoolSettings {
     let o = &pc.outlier;
+    let health = pc.health.as_ref().map(|h| {
+        let h = h.get_ref();
+        crate::pool::HealthSchedule {
+            interval: h.interval,
+            idle_interval: h.idle_interval.unwrap_or(h.interval * 5),
+            jitter: h.jitter.unwrap_or(h.interval / 10),
+            timeout: h.timeout,
+            rise: h.rise,
+            fall: h.fall,
+            start_unhealthy: h.initial == "unhealthy",
+            concurrency: h.concurrency,
+        }
+    });
     PoolSettings {
         retries: pc.retries,
         retry_on_5xx: pc.retry_on.iter().any(|r| r.get_ref() == "5xx"),
@@ -294,6 +379,7 @@ fn settings_of(pc: &PoolConfig) -> PoolSettings {
         panic_threshold: pc.panic_threshold,
         zone_aware: pc.zone_aware,
         zone_spill_inflight: pc.zone_spill_inflight,
+        health,
     }
 }
 

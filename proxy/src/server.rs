@@ -87,6 +87,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
 
     server.add_service(background_service("sighup-reload", SighupReload { runtime: runtime.clone() }));
     server.add_service(background_service("pool-upkeep", PoolUpkeep { runtime: runtime.clone() }));
+    server.add_service(background_service("health-checks", HealthChecks { runtime: runtime.clone() }));
 
     ready(&runtime);
     server.run_forever()
@@ -110,6 +111,18 @@ impl BackgroundService for PoolUpkeep {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// Runs the active health checks of every pool that has them.
+struct HealthChecks {
+    runtime: Arc<Runtime>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        crate::health_scheduler::run(self.runtime.clone(), shutdown).await;
     }
 }
 

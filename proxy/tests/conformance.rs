@@ -2,7 +2,7 @@
 //! each `builtin:NAME` is the embedded wasm module, compiled by wasmtime and driven through
 //! `StrategyHost::pick` exactly as on the request path.
 //!
-//! Generic rules are checked for every strategy the binary embeds (`sluice::builtin::names()`):
+//! Generic rules are checked for every strategy the binary embeds (`sluice::builtin::strategy_names()`):
 //! an empty table has no backend, a single backend always gets the request, and a retry never
 //! returns a backend the request already tried. Rules that depend on what a strategy is for (a
 //! weight-proportional share, stickiness of a key, consistent hashing, bounded loads) are
@@ -144,7 +144,7 @@ fn load(name: &str, config: &str) -> Option<Arc<Loaded>> {
     cache
         .entry((name.to_string(), config.to_string()))
         .or_insert_with(|| {
-            let bytes = sluice::builtin::get(name).expect("listed by builtin::names");
+            let bytes = sluice::builtin::get(name).expect("listed by builtin::strategy_names");
             let pool = format!("{name} {config}");
             // Validated against an empty table: the trial pick must answer -1, which is the
             // plugin-level half of the "empty table" rule (the host never asks a plugin to
@@ -172,7 +172,7 @@ fn load(name: &str, config: &str) -> Option<Arc<Loaded>> {
 
 /// Built-in strategies with their default configuration.
 fn strategies() -> Vec<(&'static str, Arc<Loaded>)> {
-    sluice::builtin::names()
+    sluice::builtin::strategy_names()
         .filter_map(|name| load(name, "{}").map(|s| (name, s)))
         .collect()
 }
@@ -470,7 +470,7 @@ fn the_same_client_keeps_its_backend() {
 
 /// The consistent-hashing strategies, each with `config`.
 fn consistent(config: &str) -> Vec<(&'static str, Arc<Loaded>)> {
-    sluice::builtin::names()
+    sluice::builtin::strategy_names()
         .filter(|name| profile(name).is_some_and(|p| p.consistent))
         .filter_map(|name| load(name, config).map(|s| (name, s)))
         .collect()

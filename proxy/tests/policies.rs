@@ -178,11 +178,12 @@ fn slow_start_ramps_a_new_backend() {
     let weights = |proxy: &Proxy| -> Vec<u64> {
         pools_json(proxy)["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["effective_weight"].as_u64().unwrap()).collect()
     };
-    // Backends present at start are at full weight (100 per weight unit while slow start is on).
-    assert_eq!(weights(&proxy), vec![100, 100]);
+    // Backends present at start are at full weight: strategies see the configured weights.
+    assert_eq!(weights(&proxy), vec![1, 1]);
     let text = std::fs::read_to_string(&proxy.config_path).unwrap();
     std::fs::write(&proxy.config_path, text.replace(&two, &format!("{two}, \"{}\"", b[2].0))).unwrap();
     assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 200);
+    // While one ramps, weights are scaled by 100 so the ramp has resolution.
     let w = weights(&proxy);
     assert_eq!(&w[..2], &[100, 100]);
     assert!(w[2] >= 10 && w[2] < 30, "a new backend starts near 10 % of its weight: {w:?}");

@@ -17,11 +17,28 @@ use sluice_sdk::{Backends, Request};
 /// backend keeps at least one slot), which bounds both memory and the O(len × n) build.
 pub const MAX_SEQUENCE: u64 = 4096;
 
+/// Greatest common divisor.
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 /// Weights as the strategies use them: 0 (which the host does not send, but a plugin must not
-/// trust blindly) counts as 1, and a sum above `cap` is scaled down proportionally with every
-/// backend keeping at least 1.
+/// trust blindly) counts as 1; all are divided by their greatest common divisor, so only the
+/// proportions count (the host's slow start scales every weight by 100, which would otherwise
+/// make the sequence 100 times longer); and a sum still above `cap` is scaled down
+/// proportionally with every backend keeping at least 1.
 pub fn scaled_weights(backends: &Backends, cap: u64) -> Vec<u32> {
-    let raw: Vec<u64> = backends.iter().map(|b| u64::from(b.weight().max(1))).collect();
+    let mut raw: Vec<u64> = backends
+        .iter()
+        .map(|b| u64::from(b.weight().max(1)))
+        .collect();
+    let divisor = raw.iter().fold(0, |g, &w| gcd(g, w)).max(1);
+    for w in &mut raw {
+        *w /= divisor;
+    }
     let total: u64 = raw.iter().sum();
     if total <= cap {
         return raw.iter().map(|&w| w as u32).collect();
