@@ -20,14 +20,22 @@ pub struct DemoBackend {
     pub status: AtomicU16,
     /// Delay before each response, in milliseconds.
     pub delay_ms: AtomicU64,
-    /// Requests served.
+    /// Requests served (all paths, health probes included).
     pub served: AtomicU64,
+    /// Load reported at `/status`, in thousandths (a JSON document `{"status":"ok","load":0.25}`).
+    pub load_permille: AtomicU64,
 }
 
 impl DemoBackend {
     /// A backend named `name` answering 200 at once.
     pub fn new(name: &str) -> Arc<DemoBackend> {
-        Arc::new(DemoBackend { name: name.into(), status: AtomicU16::new(200), delay_ms: AtomicU64::new(0), served: AtomicU64::new(0) })
+        Arc::new(DemoBackend {
+            name: name.into(),
+            status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            load_permille: AtomicU64::new(0),
+        })
     }
 }
 
@@ -49,7 +57,7 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
     let mut chunk = [0u8; 4096];
     loop {
         // Read one request head (and skip its body).
-        let (head_len, body_len, close) = loop {
+        let (head_len, body_len, close, status_doc) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf) {
@@ -59,7 +67,7 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
                         .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
                         .unwrap_or(0);
                     let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close")) || req.version == Some(0);
-                    break (n, body_len, close);
+                    break (n, body_len, close, req.path == Some("/status"));
                 }
                 Ok(httparse::Status::Partial) => {}
                 Err(_) => return Ok(()),
@@ -85,7 +93,12 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
         }
         backend.served.fetch_add(1, Ordering::Relaxed);
         let status = backend.status.load(Ordering::Relaxed);
-        let body = format!("{}\n", backend.name);
+        let body = if status_doc {
+            let load = backend.load_permille.load(Ordering::Relaxed) as f64 / 1000.0;
+            format!("{{\"status\":\"ok\",\"load\":{load}}}\n")
+        } else {
+            format!("{}\n", backend.name)
+        };
         let resp = format!(
             "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\nx-backend: {}\r\ncontent-length: {}\r\n{}\r\n{body}",
             http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Status"),

@@ -17,7 +17,7 @@ use crate::plugin::{root_cause, HostState, PluginEngine, PluginError, PluginKind
 use crate::pool::Backend;
 
 /// Deadline of one `sluice_health_probe` / `sluice_health_evaluate` call, in epoch ticks (≈ 50 ms).
-const HEALTH_CALL_TICKS: u64 = 25;
+const HEALTH_CALL_TICKS: u64 = 10;
 /// Largest body prefix handed to a plugin.
 pub const BODY_PREFIX: usize = 4096;
 

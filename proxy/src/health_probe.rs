@@ -12,6 +12,9 @@ use crate::health::{Outcome, ProbeResult, ProbeSpec, BODY_PREFIX};
 /// Runs `spec` against `addr` within `timeout`.
 pub async fn run(addr: SocketAddr, spec: &ProbeSpec, timeout: Duration) -> ProbeResult {
     let start = Instant::now();
+    if let ProbeSpec::Tcp { send, read } = spec {
+        return raw_tcp(addr, send, *read, start, timeout).await;
+    }
     match tokio::time::timeout(timeout, exchange(addr, spec)).await {
         Ok(Ok(mut r)) => {
             r.latency = start.elapsed();
@@ -28,20 +31,7 @@ async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Out
     let done = |status, headers, body| ProbeResult { outcome: Outcome::Completed, latency: Duration::ZERO, status, headers, body };
     match spec {
         ProbeSpec::TcpConnect => Ok(done(0, Vec::new(), Vec::new())),
-        ProbeSpec::Tcp { send, read } => {
-            stream.write_all(send).await.map_err(|_| Outcome::IoError)?;
-            let mut buf = vec![0u8; *read as usize];
-            let mut filled = 0;
-            while filled < buf.len() {
-                match stream.read(&mut buf[filled..]).await {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(_) => return Err(Outcome::IoError),
-                }
-            }
-            buf.truncate(filled);
-            Ok(done(0, Vec::new(), buf))
-        }
+        ProbeSpec::Tcp { .. } => unreachable!("raw TCP probes run in raw_tcp"),
         ProbeSpec::Http { method, path, headers, body } => {
             let has_host = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host"));
             let mut req = format!("{method} {path} HTTP/1.1\r\n");
@@ -59,7 +49,36 @@ async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Out
     }
 }
 
-/// Reads a response head and up to [`BODY_PREFIX`] bytes of its body.
+/// A raw TCP exchange. Bytes read before the timeout are kept: a server that answers and then
+/// keeps the connection open (Redis' `+PONG`) is a completed exchange, not a timeout.
+async fn raw_tcp(addr: SocketAddr, send: &[u8], read: u32, start: Instant, timeout: Duration) -> ProbeResult {
+    let deadline = tokio::time::Instant::from_std(start + timeout);
+    let failed = |outcome| ProbeResult::failed(outcome, start.elapsed());
+    let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Err(_) => return failed(Outcome::TimedOut),
+        Ok(Err(_)) => return failed(Outcome::ConnectFailed),
+        Ok(Ok(s)) => s,
+    };
+    match tokio::time::timeout_at(deadline, stream.write_all(send)).await {
+        Err(_) => return failed(Outcome::TimedOut),
+        Ok(Err(_)) => return failed(Outcome::IoError),
+        Ok(Ok(())) => {}
+    }
+    let mut buf = vec![0u8; read as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf[filled..])).await {
+            Err(_) if filled == 0 => return failed(Outcome::TimedOut),
+            Err(_) | Ok(Ok(0)) => break,
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(_)) => return failed(Outcome::IoError),
+        }
+    }
+    buf.truncate(filled);
+    ProbeResult { outcome: Outcome::Completed, latency: start.elapsed(), status: 0, headers: Vec::new(), body: buf }
+}
+
+/// Reads a response head and up to [`BODY_PREFIX`] bytes of its body (de-chunked).
 async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
@@ -72,6 +91,11 @@ async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
                 let headers: Vec<(String, String)> =
                     resp.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
                 let len = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<usize>().ok());
+                let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+                if chunked {
+                    let body = read_chunked_prefix(stream, buf[n..].to_vec()).await;
+                    return Ok(ProbeResult { outcome: Outcome::Completed, latency: Duration::ZERO, status, headers, body });
+                }
                 let want = len.unwrap_or(BODY_PREFIX).min(BODY_PREFIX);
                 let mut body = buf[n..].to_vec();
                 while body.len() < want {
@@ -90,6 +114,46 @@ async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
         match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return Err(Outcome::IoError),
             Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+}
+
+/// Decodes a chunked body until [`BODY_PREFIX`] bytes, the last chunk, or the end of the stream.
+async fn read_chunked_prefix(stream: &mut TcpStream, mut raw: Vec<u8>) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 2048];
+    let mut pos = 0;
+    loop {
+        // Parse as many complete chunks as `raw` holds.
+        while let Some(line_end) = raw[pos..].windows(2).position(|w| w == b"\r\n").map(|p| pos + p) {
+            let size_text = String::from_utf8_lossy(&raw[pos..line_end]);
+            let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16) else { return body };
+            if size == 0 {
+                return body;
+            }
+            let data_start = line_end + 2;
+            if raw.len() < data_start + size + 2 {
+                // Take what is there when it already fills the prefix.
+                if body.len() + raw.len().saturating_sub(data_start) >= BODY_PREFIX {
+                    body.extend_from_slice(&raw[data_start..]);
+                    body.truncate(BODY_PREFIX);
+                    return body;
+                }
+                break;
+            }
+            body.extend_from_slice(&raw[data_start..data_start + size]);
+            pos = data_start + size + 2;
+            if body.len() >= BODY_PREFIX {
+                body.truncate(BODY_PREFIX);
+                return body;
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return body,
+            Ok(k) => raw.extend_from_slice(&chunk[..k]),
+        }
+        if raw.len() > 256 * 1024 {
+            return body;
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod builtin;
 pub mod client;
+pub mod cluster;
 pub mod clock;
 pub mod config;
 pub mod dashboard;

@@ -50,6 +50,9 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
 
     let conf = ServerConf {
         threads: config.server.threads,
+        // One single-threaded runtime per worker: no work-stealing bookkeeping on the request
+        // path (measured in benches/RESULTS.md). The strategy's thread-local instances suit it too.
+        work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(2),
         ..ServerConf::default()

@@ -1,4 +1,9 @@
-//! Write sluice load-balancing strategies in Rust and run them as WebAssembly plugins.
+//! Write sluice load-balancing strategies and health checks in Rust and run them as
+//! WebAssembly plugins.
+//!
+//! There are two kinds of plugin: a [`Strategy`] chooses a backend for each request, a
+//! [`HealthCheck`] decides how backends are probed and judged (see [Health
+//! checks](#health-checks)). One crate builds one plugin.
 //!
 //! A *strategy* decides, for each request, which backend of a pool receives it. sluice runs the
 //! strategy inside a sandboxed wasm instance per worker thread and calls it on every request, so
@@ -105,7 +110,8 @@
 //!
 //! On every target other than wasm32 the host functions are served by
 //! [`testing::MockHost`], and [`testing::Harness`] runs the full lifecycle, so a plain
-//! `cargo test` tests the strategy. See the [`testing`] module.
+//! `cargo test` tests the strategy; [`testing::HealthHarness`] does the same for a health
+//! check. See the [`testing`] module.
 //!
 //! # Rules for the request path
 //!
@@ -120,12 +126,96 @@
 //!   plugin fault, logs the panic message and rebuilds the instance. Returning an index outside
 //!   the table is a fault too.
 //!
+//! # Health checks
+//!
+//! A health-check plugin decides *what* to send to a backend and *how to judge* the answer;
+//! the host does all the I/O and the scheduling (interval, jitter, timeout, and the rise/fall
+//! thresholds that turn single verdicts into a backend going down or coming back up).
+//!
+//! 1. [`HealthCheck::init`] runs once per instance with the pool's `health.config`.
+//! 2. For every check the host calls [`HealthCheck::probe`] with the [`Backend`] and runs the
+//!    returned [`Probe`]: a TCP connect, an HTTP/1.1 request, or a raw TCP exchange.
+//! 3. It then calls [`HealthCheck::evaluate`] with the [`ProbeResult`] (outcome, latency, HTTP
+//!    status, headers, the first 4 KiB of the body) and applies the [`Verdict`]: healthy,
+//!    unhealthy, or healthy but [degraded](Verdict::Degraded) to a percentage of its weight.
+//!
+//! Both methods have defaults (TCP connect; healthy if the exchange completed with a 2xx/3xx
+//! status), so a check overrides only what it changes. A panic or an unencodable probe is a
+//! plugin fault, which never marks a backend down: the check counts as an error and the
+//! backend keeps its last state.
+//!
+//! A check of a JSON status document that takes overloaded backends partly out of rotation:
+//!
+//! ```
+//! use sluice_sdk::{Backend, Config, HealthCheck, Probe, ProbeResult, Verdict};
+//!
+//! pub struct StatusDoc {
+//!     path: String,
+//! }
+//!
+//! impl HealthCheck for StatusDoc {
+//!     fn init(config: &Config) -> Result<Self, String> {
+//!         config.reject_unknown_keys(&["path"])?;
+//!         let path = config.get_str("path")?.unwrap_or("/status").to_owned();
+//!         // Refuse a path the host would refuse now, at load time, not on every check.
+//!         Probe::http_get(path.as_str()).validate()?;
+//!         Ok(StatusDoc { path })
+//!     }
+//!
+//!     fn probe(&mut self, _backend: &Backend) -> Probe {
+//!         Probe::http_get(self.path.as_str()).header("accept", "application/json")
+//!     }
+//!
+//!     fn evaluate(&mut self, _backend: &Backend, result: &ProbeResult) -> Verdict {
+//!         if result.status() != Some(200) {
+//!             return Verdict::Unhealthy; // also covers connect failures and timeouts
+//!         }
+//!         let Ok(doc) = sluice_sdk::serde_json::from_slice::<sluice_sdk::serde_json::Value>(
+//!             result.body(),
+//!         ) else {
+//!             return Verdict::Unhealthy;
+//!         };
+//!         match doc["load"].as_f64() {
+//!             Some(load) if load > 0.8 => Verdict::degraded(((1.0 - load) * 500.0).round() as u32),
+//!             _ => Verdict::Healthy,
+//!         }
+//!     }
+//! }
+//!
+//! // Emits the wasm exports when compiled for wasm32; natively it only checks the type.
+//! sluice_sdk::export_health_check!(StatusDoc);
+//!
+//! // Unit test it natively; every call goes through the ABI encoding, as in the proxy:
+//! use sluice_sdk::testing::HealthHarness;
+//!
+//! let mut h = HealthHarness::<StatusDoc>::new(r#"{"path": "/status?full=1"}"#).unwrap();
+//! let backend = Backend::new("10.0.0.1:80");
+//! assert_eq!(
+//!     h.probe(&backend),
+//!     Probe::http_get("/status?full=1").header("accept", "application/json")
+//! );
+//! let ok = ProbeResult::http(200).with_body(r#"{"load": 0.5}"#);
+//! assert_eq!(h.evaluate(&backend, &ok), Verdict::Healthy);
+//! let busy = ProbeResult::http(200).with_body(r#"{"load": 0.9}"#);
+//! assert_eq!(h.evaluate(&backend, &busy), Verdict::Degraded(50));
+//! assert_eq!(h.evaluate(&backend, &ProbeResult::http(503)), Verdict::Unhealthy);
+//! assert_eq!(h.evaluate(&backend, &ProbeResult::timed_out()), Verdict::Unhealthy);
+//!
+//! assert!(HealthHarness::<StatusDoc>::new(r#"{"path": "status"}"#)
+//!     .unwrap_err()
+//!     .contains("start with '/'"));
+//! ```
+//!
+//! Build and load it like a strategy, as the `health` plugin of a pool: `health = { plugin =
+//! "path/NAME.wasm", interval = "2s", config = { path = "/status" } }`, or hot-load it with
+//! `sluice plugin load --kind health --pool NAME FILE` (admin API: `PUT
+//! /api/pools/NAME/health`).
+//!
 //! # Plugin kinds
 //!
-//! The ABI has two plugin kinds: strategies (this crate's [`Strategy`] and
-//! [`export_strategy!`]) and health checks ([`PluginKind::HealthCheck`]), which the SDK does
-//! not support yet; a future `HealthCheck` trait and `export_health_check!` macro will sit
-//! beside the strategy ones without changing them.
+//! The ABI has two plugin kinds ([`PluginKind`]): strategies ([`Strategy`],
+//! [`export_strategy!`]) and health checks ([`HealthCheck`], [`export_health_check!`]). The
+//! host refuses to load a plugin as the wrong kind.
 //!
 //! The wire contract is `ABI.md` in this crate's source; `sluice.wit` describes it in WIT for
 //! authors using other languages.
@@ -134,6 +224,8 @@
 
 mod config;
 mod hash;
+mod health;
+mod health_runtime;
 mod host;
 pub mod log;
 mod request;
@@ -146,6 +238,7 @@ pub mod testing;
 
 pub use config::{Config, ConfigError};
 pub use hash::hash_bytes;
+pub use health::{HealthCheck, Outcome, Probe, ProbeResult, Verdict, WireError};
 pub use host::{counter_add, monotonic_ns, now_ms, random_u64, HostError, COUNTER_SLOTS};
 pub use request::{Attr, Request};
 pub use table::{Backend, Backends, TableError};
@@ -165,7 +258,7 @@ pub const ABI_VERSION: i32 = 1;
 pub enum PluginKind {
     /// A load-balancing strategy: [`Strategy`], exported with [`export_strategy!`].
     Strategy = 0,
-    /// An active health check. Reserved: the SDK does not support writing one yet.
+    /// An active health check: [`HealthCheck`], exported with [`export_health_check!`].
     HealthCheck = 1,
 }
 
@@ -247,9 +340,75 @@ macro_rules! export_strategy {
     };
 }
 
+/// Exports a [`HealthCheck`] type as the plugin's entry points.
+///
+/// Use it once, in the plugin crate's root: `sluice_sdk::export_health_check!(MyCheck);`.
+///
+/// On `wasm32` it emits the `#[no_mangle]` functions `ABI.md` requires of a health check
+/// (`sluice_abi_version`, `sluice_plugin_kind` returning `1`, `sluice_alloc`, `sluice_init`,
+/// `sluice_health_probe`, `sluice_health_evaluate`) and the instance state behind them. On
+/// other targets it emits nothing but a check that the type implements [`HealthCheck`], so
+/// several plugin crates can be linked into one native test binary.
+///
+/// The encoded probe that `sluice_health_probe` returns lives in the instance state until the
+/// next probe. A probe that cannot be encoded (see [`Probe::encode`]) is logged and returned
+/// empty, which the host counts as a plugin fault.
+#[macro_export]
+macro_rules! export_health_check {
+    ($check:ty) => {
+        const _: () = {
+            fn assert_health_check<H: $crate::HealthCheck>() {}
+            let _ = assert_health_check::<$check>;
+        };
+
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            ::std::thread_local! {
+                static SLUICE_HEALTH_RUNTIME: ::core::cell::RefCell<
+                    $crate::__private::HealthRuntime<$check>,
+                > = const { ::core::cell::RefCell::new($crate::__private::HealthRuntime::new()) };
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn sluice_abi_version() -> i32 {
+                $crate::ABI_VERSION
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn sluice_plugin_kind() -> i32 {
+                $crate::PluginKind::HealthCheck as i32
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn sluice_alloc(len: i32) -> i32 {
+                $crate::__private::health_export_alloc(&SLUICE_HEALTH_RUNTIME, len)
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn sluice_init(ptr: i32, len: i32) -> i32 {
+                $crate::__private::health_export_init(&SLUICE_HEALTH_RUNTIME, ptr, len)
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn sluice_health_probe(ptr: i32, len: i32) -> i64 {
+                $crate::__private::health_export_probe(&SLUICE_HEALTH_RUNTIME, ptr, len)
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn sluice_health_evaluate(ptr: i32, len: i32) -> i32 {
+                $crate::__private::health_export_evaluate(&SLUICE_HEALTH_RUNTIME, ptr, len)
+            }
+        };
+    };
+}
+
 #[doc(hidden)]
 pub mod __private {
-    //! Used by [`export_strategy!`](crate::export_strategy) and the test harness; not a stable API.
+    //! Used by the export macros and the test harnesses; not a stable API.
+    pub use crate::health_runtime::{
+        health_export_alloc, health_export_evaluate, health_export_init, health_export_probe,
+        HealthRuntime, HealthSlot,
+    };
     pub use crate::runtime::{
         export_alloc, export_init, export_pick, export_set_backends, Runtime, Slot,
     };

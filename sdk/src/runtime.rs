@@ -11,9 +11,36 @@ pub struct Runtime<S> {
     strategy: Option<S>,
     backends: Backends,
     request: Request,
-    // The one buffer `sluice_alloc` hands out. Reused, so a table push does not leak: a buffer
-    // is valid until the next `sluice_alloc`, which is how the host uses it (alloc, fill, call).
-    inbox: Vec<u8>,
+    inbox: Inbox,
+}
+
+/// The one buffer `sluice_alloc` hands out. Reused, so a table push does not leak: a buffer is
+/// valid until the next `sluice_alloc`, which is how the host uses it (alloc, fill, call).
+/// Shared by the strategy and health-check runtimes.
+pub(crate) struct Inbox(Vec<u8>);
+
+impl Inbox {
+    pub(crate) const fn new() -> Self {
+        Inbox(Vec::new())
+    }
+
+    /// `sluice_alloc`: a writable buffer of `len` bytes, `None` if memory is exhausted.
+    pub(crate) fn alloc(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.0.clear();
+        // try_reserve so that exhaustion answers 0 as the ABI asks instead of aborting.
+        self.0.try_reserve_exact(len).ok()?;
+        self.0.resize(len, 0);
+        Some(&mut self.0[..])
+    }
+
+    /// The bytes at `ptr..ptr+len`, which must lie in the buffer `alloc` handed out. Checking
+    /// instead of trusting the pointer keeps the runtimes free of `unsafe`.
+    pub(crate) fn get(&self, ptr: usize, len: usize) -> Result<&[u8], String> {
+        let base = self.0.as_ptr() as usize;
+        ptr.checked_sub(base)
+            .and_then(|start| self.0.get(start..start.checked_add(len)?))
+            .ok_or_else(|| String::from("buffer was not obtained from sluice_alloc"))
+    }
 }
 
 impl<S> Default for Runtime<S> {
@@ -29,7 +56,7 @@ impl<S> Runtime<S> {
             strategy: None,
             backends: Backends::new(),
             request: Request::new(),
-            inbox: Vec::new(),
+            inbox: Inbox::new(),
         }
     }
 
@@ -50,20 +77,12 @@ impl<S> Runtime<S> {
 
     /// `sluice_alloc`: a writable buffer of `len` bytes, `None` if memory is exhausted.
     pub fn alloc(&mut self, len: usize) -> Option<&mut [u8]> {
-        self.inbox.clear();
-        // try_reserve so that exhaustion answers 0 as the ABI asks instead of aborting.
-        self.inbox.try_reserve_exact(len).ok()?;
-        self.inbox.resize(len, 0);
-        Some(&mut self.inbox[..])
+        self.inbox.alloc(len)
     }
 
-    /// The bytes at `ptr..ptr+len`, which must lie in the buffer `alloc` handed out. Checking
-    /// instead of trusting the pointer keeps this module free of `unsafe`.
+    /// The bytes at `ptr..ptr+len`, which must lie in the buffer `alloc` handed out.
     fn inbox(&self, ptr: usize, len: usize) -> Result<&[u8], String> {
-        let base = self.inbox.as_ptr() as usize;
-        ptr.checked_sub(base)
-            .and_then(|start| self.inbox.get(start..start.checked_add(len)?))
-            .ok_or_else(|| String::from("buffer was not obtained from sluice_alloc"))
+        self.inbox.get(ptr, len)
     }
 }
 
@@ -154,7 +173,7 @@ pub fn export_pick<S: Strategy>(slot: &'static Slot<S>, attempt: i32) -> i32 {
 
 /// A panic becomes a trap either way; the hook makes the host log say why before it does.
 #[cfg(target_arch = "wasm32")]
-fn install_panic_hook() {
+pub(crate) fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         host::log(
             crate::log::Level::Error as i32,

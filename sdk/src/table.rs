@@ -92,6 +92,26 @@ impl Backend {
     pub fn has_tag(&self, tag: &str) -> bool {
         self.tags.iter().any(|t| t == tag)
     }
+
+    /// Decodes one entry of the backend table, without the table's leading count: what
+    /// `sluice_health_probe` receives. Strict like [`Backends::decode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, TableError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let backend = read_entry(&mut r)?;
+        if r.remaining() != 0 {
+            return Err(r.error("trailing bytes after the backend"));
+        }
+        Ok(backend)
+    }
+
+    /// Encodes the backend as one entry of the backend table, without a count (what the host
+    /// sends to `sluice_health_probe`). Fails if a string or the tag list is longer than a
+    /// `u16` length allows.
+    pub fn encode(&self) -> Result<Vec<u8>, TableError> {
+        let mut out = Vec::with_capacity(16 + self.addr.len() + self.zone.len());
+        write_entry(&mut out, self)?;
+        Ok(out)
+    }
 }
 
 /// The backends that may receive traffic (healthy, not ejected, not draining), in the host's
@@ -174,23 +194,7 @@ impl Backends {
         }
         let mut list = Vec::with_capacity(count);
         for _ in 0..count {
-            let weight = r.u32()?;
-            let flags = r.u32()?;
-            let addr = r.string()?;
-            let zone = r.string()?;
-            let ntags = r.u16()?;
-            let tags = (0..ntags)
-                .map(|_| r.string())
-                .collect::<Result<Vec<_>, _>>()?;
-            // Reserved flag bits are ignored: the host may define them later without breaking
-            // plugins built against this version.
-            list.push(Backend {
-                addr,
-                weight,
-                in_local_zone: flags & FLAG_LOCAL_ZONE != 0,
-                zone,
-                tags,
-            });
+            list.push(read_entry(&mut r)?);
         }
         if r.remaining() != 0 {
             return Err(r.error("trailing bytes after the last backend"));
@@ -206,20 +210,46 @@ impl Backends {
             u32::try_from(self.list.len()).map_err(|_| TableError::encode("too many backends"))?;
         out.extend_from_slice(&count.to_le_bytes());
         for b in &self.list {
-            out.extend_from_slice(&b.weight.to_le_bytes());
-            let flags = if b.in_local_zone { FLAG_LOCAL_ZONE } else { 0 };
-            out.extend_from_slice(&flags.to_le_bytes());
-            put_string(&mut out, &b.addr)?;
-            put_string(&mut out, &b.zone)?;
-            let ntags =
-                u16::try_from(b.tags.len()).map_err(|_| TableError::encode("too many tags"))?;
-            out.extend_from_slice(&ntags.to_le_bytes());
-            for t in &b.tags {
-                put_string(&mut out, t)?;
-            }
+            write_entry(&mut out, b)?;
         }
         Ok(out)
     }
+}
+
+/// Reads one table entry.
+fn read_entry(r: &mut Reader<'_>) -> Result<Backend, TableError> {
+    let weight = r.u32()?;
+    let flags = r.u32()?;
+    let addr = r.string()?;
+    let zone = r.string()?;
+    let ntags = r.u16()?;
+    let tags = (0..ntags)
+        .map(|_| r.string())
+        .collect::<Result<Vec<_>, _>>()?;
+    // Reserved flag bits are ignored: the host may define them later without breaking
+    // plugins built against this version.
+    Ok(Backend {
+        addr,
+        weight,
+        in_local_zone: flags & FLAG_LOCAL_ZONE != 0,
+        zone,
+        tags,
+    })
+}
+
+/// Appends one table entry.
+fn write_entry(out: &mut Vec<u8>, b: &Backend) -> Result<(), TableError> {
+    out.extend_from_slice(&b.weight.to_le_bytes());
+    let flags = if b.in_local_zone { FLAG_LOCAL_ZONE } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
+    put_string(out, &b.addr)?;
+    put_string(out, &b.zone)?;
+    let ntags = u16::try_from(b.tags.len()).map_err(|_| TableError::encode("too many tags"))?;
+    out.extend_from_slice(&ntags.to_le_bytes());
+    for t in &b.tags {
+        put_string(out, t)?;
+    }
+    Ok(())
 }
 
 impl std::ops::Index<usize> for Backends {
@@ -417,6 +447,23 @@ mod tests {
             Backends::decode(&bad_utf8).unwrap_err().to_string(),
             "backend table: invalid UTF-8 at byte 14"
         );
+    }
+
+    #[test]
+    fn single_entries_roundtrip_without_a_count() {
+        for b in sample().iter() {
+            let bytes = b.encode().unwrap();
+            // An entry is exactly a one-backend table minus its count.
+            let table = Backends::from(vec![b.clone()]).encode().unwrap();
+            assert_eq!(bytes, table[4..]);
+            assert_eq!(&Backend::decode(&bytes).unwrap(), b);
+            for cut in 0..bytes.len() {
+                assert!(Backend::decode(&bytes[..cut]).is_err());
+            }
+            let mut trailing = bytes.clone();
+            trailing.push(0);
+            assert!(Backend::decode(&trailing).is_err());
+        }
     }
 
     #[test]

@@ -35,9 +35,48 @@
 //! assert_eq!(h.retries(&TestRequest::new()), vec![1, 2, 0]);
 //! ```
 
-use crate::__private::Runtime;
+//!
+//! Health checks are tested the same way with [`HealthHarness`]: it encodes every backend,
+//! probe and result in the ABI format and decodes it again, as the proxy does.
+//!
+//! ```
+//! use sluice_sdk::testing::HealthHarness;
+//! use sluice_sdk::{Backend, Config, HealthCheck, Probe, ProbeResult, Verdict};
+//!
+//! /// `GET /ready`; only `204 No Content` counts, and a slow answer degrades the backend.
+//! struct Ready;
+//!
+//! impl HealthCheck for Ready {
+//!     fn init(_: &Config) -> Result<Self, String> {
+//!         Ok(Ready)
+//!     }
+//!     fn probe(&mut self, _: &Backend) -> Probe {
+//!         Probe::http_get("/ready")
+//!     }
+//!     fn evaluate(&mut self, _: &Backend, r: &ProbeResult) -> Verdict {
+//!         match r.status() {
+//!             Some(204) if r.latency().as_millis() > 500 => Verdict::Degraded(50),
+//!             Some(204) => Verdict::Healthy,
+//!             _ => Verdict::Unhealthy,
+//!         }
+//!     }
+//! }
+//!
+//! let mut h = HealthHarness::<Ready>::new("{}").unwrap();
+//! let b = Backend::new("10.0.0.1:80");
+//! assert_eq!(h.probe(&b), Probe::http_get("/ready"));
+//! assert_eq!(h.evaluate(&b, &ProbeResult::http(204)), Verdict::Healthy);
+//! assert_eq!(h.evaluate(&b, &ProbeResult::http(204).with_latency_ms(800)), Verdict::Degraded(50));
+//! assert_eq!(h.evaluate(&b, &ProbeResult::http(200)), Verdict::Unhealthy);
+//! assert_eq!(h.evaluate(&b, &ProbeResult::connect_failed()), Verdict::Unhealthy);
+//! ```
+
+use crate::__private::{HealthRuntime, Runtime};
 use crate::log::Level;
-use crate::{hash_bytes, Attr, Backend, Backends, Strategy, COUNTER_SLOTS};
+use crate::{
+    hash_bytes, Attr, Backend, Backends, HealthCheck, Probe, ProbeResult, Strategy, Verdict,
+    COUNTER_SLOTS,
+};
 use std::cell::RefCell;
 
 /// A request as the mock host presents it to `pick`.
@@ -555,4 +594,119 @@ pub fn backends(n: usize) -> Vec<Backend> {
     (1..=n)
         .map(|i| Backend::new(format!("10.0.{}.{}:80", i / 256, i % 256)))
         .collect()
+}
+
+/// Runs a health check's lifecycle natively, against [`MockHost`].
+///
+/// Every step goes through the same path as in wasm: the config is passed as JSON bytes, the
+/// backend is encoded as a table entry and decoded again, the probe the check returns is
+/// encoded (and so validated against the host's rules) and decoded again, and so is the
+/// result; the verdict comes back as the ABI's `i32`. A probe the host would refuse, or a
+/// verdict it would treat as a fault, fails the test with the reason.
+///
+/// Like the host, every evaluation follows a probe of the same backend: [`evaluate`] first
+/// runs [`probe`] for the backend unless the previous call was exactly that probe.
+///
+/// [`evaluate`]: HealthHarness::evaluate
+/// [`probe`]: HealthHarness::probe
+pub struct HealthHarness<H: HealthCheck> {
+    rt: HealthRuntime<H>,
+    /// Set by `probe`, consumed by `evaluate`: the backend whose probe awaits its result.
+    pending: Option<Backend>,
+}
+
+// Without an `H: Debug` bound, so `HealthHarness::new(..).unwrap_err()` works for any check.
+impl<H: HealthCheck> std::fmt::Debug for HealthHarness<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthHarness")
+            .field("check", &std::any::type_name::<H>())
+            .field("last_backend", &self.rt.last_backend())
+            .finish()
+    }
+}
+
+impl<H: HealthCheck> HealthHarness<H> {
+    /// Resets [`MockHost`] and initialises the check with `config_json`; `Err` is the message
+    /// the host would show the operator.
+    pub fn new(config_json: &str) -> Result<Self, String> {
+        MockHost::reset();
+        let mut rt = HealthRuntime::new();
+        let bytes = config_json.as_bytes();
+        let buf = rt.alloc(bytes.len()).ok_or("sluice_alloc failed")?;
+        buf.copy_from_slice(bytes);
+        let ptr = buf.as_ptr() as usize;
+        match rt.init(ptr, bytes.len()) {
+            Ok(()) => Ok(HealthHarness { rt, pending: None }),
+            Err(msg) => {
+                mock::set_error(&msg);
+                Err(msg)
+            }
+        }
+    }
+
+    /// Asks the check for the probe to run against `backend`, as the host does at the start
+    /// of every check.
+    ///
+    /// # Panics
+    ///
+    /// If the probe cannot be encoded or would be refused by the host (the message says why):
+    /// in production that is a plugin fault.
+    pub fn probe(&mut self, backend: &Backend) -> Probe {
+        let bytes = backend.encode().expect("encode backend entry");
+        let buf = self.rt.alloc(bytes.len()).expect("sluice_alloc failed");
+        buf.copy_from_slice(&bytes);
+        let ptr = buf.as_ptr() as usize;
+        let probe = match self.rt.probe(ptr, bytes.len()) {
+            Ok(encoded) => Probe::decode(encoded),
+            Err(msg) => panic!("sluice_health_probe failed (a plugin fault): {msg}"),
+        };
+        self.pending = Some(backend.clone());
+        probe.unwrap_or_else(|e| panic!("the host would refuse the probe: {e}"))
+    }
+
+    /// Judges `result` for `backend`, as the host does after running the probe. Probes
+    /// `backend` first unless the previous call was `probe(backend)`.
+    ///
+    /// # Panics
+    ///
+    /// If the probe or the evaluation fails, or the check returns a value the host treats as
+    /// a fault.
+    pub fn evaluate(&mut self, backend: &Backend, result: &ProbeResult) -> Verdict {
+        if self.pending.as_ref() != Some(backend) {
+            self.probe(backend);
+        }
+        self.pending = None;
+        let bytes = result.encode().expect("encode probe result");
+        let buf = self.rt.alloc(bytes.len()).expect("sluice_alloc failed");
+        buf.copy_from_slice(&bytes);
+        let ptr = buf.as_ptr() as usize;
+        match self.rt.evaluate(ptr, bytes.len()) {
+            Ok(raw) => Verdict::from_abi(raw).unwrap_or_else(|| {
+                panic!("health check returned {raw}: a plugin fault (valid: -1, 1..=99, 100)")
+            }),
+            Err(msg) => panic!("sluice_health_evaluate failed (a plugin fault): {msg}"),
+        }
+    }
+
+    /// One whole check: [`probe`](Self::probe), then [`evaluate`](Self::evaluate) with the
+    /// result `respond` gives for that probe (a fake backend).
+    pub fn check(
+        &mut self,
+        backend: &Backend,
+        respond: impl FnOnce(&Probe) -> ProbeResult,
+    ) -> Verdict {
+        let probe = self.probe(backend);
+        let result = respond(&probe);
+        self.evaluate(backend, &result)
+    }
+
+    /// The check, to inspect its state.
+    pub fn health_check(&self) -> &H {
+        self.rt.check().expect("initialised in new")
+    }
+
+    /// The check, to adjust its state.
+    pub fn health_check_mut(&mut self) -> &mut H {
+        self.rt.check_mut().expect("initialised in new")
+    }
 }

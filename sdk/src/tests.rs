@@ -285,3 +285,168 @@ fn retries_walk_until_exhausted() {
     h.set_backends(&[]);
     assert_eq!(h.pick(&TestRequest::new()), None);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Health checks
+
+use crate::testing::HealthHarness;
+use crate::{HealthCheck, Probe as HealthProbe, ProbeResult, Verdict};
+
+/// Records what the runtime hands it; probes and verdicts are set by the test.
+#[derive(Debug, Default)]
+struct Recorder {
+    probed: Vec<String>,
+    evaluated: Vec<(String, Option<u16>)>,
+    next_probe: Option<HealthProbe>,
+    next_verdict: Option<Verdict>,
+}
+
+impl HealthCheck for Recorder {
+    fn init(config: &Config) -> Result<Self, String> {
+        config.reject_unknown_keys(&[])?;
+        Ok(Recorder::default())
+    }
+
+    fn probe(&mut self, backend: &Backend) -> HealthProbe {
+        self.probed.push(backend.addr().to_owned());
+        self.next_probe.clone().unwrap_or(HealthProbe::TcpConnect)
+    }
+
+    fn evaluate(&mut self, backend: &Backend, result: &ProbeResult) -> Verdict {
+        self.evaluated
+            .push((backend.addr().to_owned(), result.status()));
+        self.next_verdict.unwrap_or(Verdict::Healthy)
+    }
+}
+
+/// Uses only the trait's defaults.
+struct Defaults;
+
+impl HealthCheck for Defaults {
+    fn init(_: &Config) -> Result<Self, String> {
+        Ok(Defaults)
+    }
+}
+
+crate::export_health_check!(Defaults);
+
+#[test]
+fn health_defaults_connect_and_accept_success() {
+    let mut h = HealthHarness::<Defaults>::new("{}").unwrap();
+    let b = Backend::new("10.0.0.1:80");
+    assert_eq!(h.probe(&b), HealthProbe::TcpConnect);
+    assert_eq!(h.evaluate(&b, &ProbeResult::connected()), Verdict::Healthy);
+    assert_eq!(
+        h.evaluate(&b, &ProbeResult::connect_failed()),
+        Verdict::Unhealthy
+    );
+    assert_eq!(h.evaluate(&b, &ProbeResult::http(302)), Verdict::Healthy);
+    assert_eq!(h.evaluate(&b, &ProbeResult::http(500)), Verdict::Unhealthy);
+}
+
+#[test]
+fn health_lifecycle_runs_through_the_abi_path() {
+    let mut h = HealthHarness::<Recorder>::new("{}").unwrap();
+    let a = Backend::new("10.0.0.1:80")
+        .with_zone("z")
+        .with_tag("canary");
+    let b = Backend::new("[::1]:9001");
+    h.health_check_mut().next_probe = Some(HealthProbe::http_get("/h").header("host", "x"));
+    assert_eq!(h.probe(&a), HealthProbe::http_get("/h").header("host", "x"));
+    // Evaluate right after probing the same backend: no second probe.
+    assert_eq!(h.evaluate(&a, &ProbeResult::http(200)), Verdict::Healthy);
+    // A different backend (or a second evaluation) probes first, as the host always does.
+    h.health_check_mut().next_verdict = Some(Verdict::Degraded(30));
+    assert_eq!(
+        h.evaluate(&b, &ProbeResult::http(500)),
+        Verdict::Degraded(30)
+    );
+    assert_eq!(
+        h.evaluate(&b, &ProbeResult::timed_out()),
+        Verdict::Degraded(30)
+    );
+    let c = h.health_check();
+    assert_eq!(c.probed, ["10.0.0.1:80", "[::1]:9001", "[::1]:9001"]);
+    assert_eq!(
+        c.evaluated,
+        [
+            ("10.0.0.1:80".to_owned(), Some(200)),
+            ("[::1]:9001".to_owned(), Some(500)),
+            ("[::1]:9001".to_owned(), None)
+        ]
+    );
+    // `check` wires a fake backend in between.
+    h.health_check_mut().next_verdict = None;
+    let v = h.check(&a, |p| {
+        assert!(matches!(p, HealthProbe::Http { .. }));
+        ProbeResult::http(204)
+    });
+    assert_eq!(v, Verdict::Healthy);
+}
+
+#[test]
+fn health_degraded_out_of_range_is_clamped_not_a_fault() {
+    let mut h = HealthHarness::<Recorder>::new("{}").unwrap();
+    h.health_check_mut().next_verdict = Some(Verdict::Degraded(0));
+    let b = Backend::new("a:1");
+    assert_eq!(
+        h.evaluate(&b, &ProbeResult::connected()),
+        Verdict::Degraded(1)
+    );
+}
+
+#[test]
+#[should_panic(expected = "a plugin fault): probe: path must start with '/'")]
+fn health_harness_catches_invalid_probes() {
+    let mut h = HealthHarness::<Recorder>::new("{}").unwrap();
+    h.health_check_mut().next_probe = Some(HealthProbe::http_get("no-slash"));
+    h.probe(&Backend::new("a:1"));
+}
+
+#[test]
+fn health_init_failure_reports_the_message() {
+    let err = HealthHarness::<Recorder>::new(r#"{"path": "/"}"#).unwrap_err();
+    assert!(err.contains("`path`"), "{err}");
+    assert_eq!(MockHost::last_error().as_deref(), Some(err.as_str()));
+}
+
+#[test]
+fn health_runtime_rejects_misuse() {
+    let mut rt = crate::__private::HealthRuntime::<Recorder>::new();
+    let buf = rt.alloc(2).unwrap();
+    buf.copy_from_slice(b"{}");
+    let ptr = buf.as_ptr() as usize;
+    rt.init(ptr, 2).unwrap();
+    // A pointer outside the inbox.
+    assert!(rt.probe(ptr + 1, 2).unwrap_err().contains("sluice_alloc"));
+    // Evaluate before any probe.
+    let result = ProbeResult::connected().encode().unwrap();
+    let buf = rt.alloc(result.len()).unwrap();
+    buf.copy_from_slice(&result);
+    let ptr = buf.as_ptr() as usize;
+    assert!(rt
+        .evaluate(ptr, result.len())
+        .unwrap_err()
+        .contains("before sluice_health_probe"));
+    // A corrupt backend entry.
+    let buf = rt.alloc(3).unwrap();
+    let ptr = buf.as_ptr() as usize;
+    assert!(rt.probe(ptr, 3).unwrap_err().contains("truncated"));
+    // The probe buffer survives the allocation of the result buffer.
+    let entry = Backend::new("a:1").encode().unwrap();
+    let buf = rt.alloc(entry.len()).unwrap();
+    buf.copy_from_slice(&entry);
+    let ptr = buf.as_ptr() as usize;
+    let (probe_ptr, probe_len) = {
+        let probe = rt.probe(ptr, entry.len()).unwrap();
+        (probe.as_ptr(), probe.len())
+    };
+    let buf = rt.alloc(result.len()).unwrap();
+    buf.copy_from_slice(&result);
+    let ptr = buf.as_ptr() as usize;
+    assert_eq!(rt.evaluate(ptr, result.len()), Ok(100));
+    // SAFETY: the runtime keeps the encoded probe alive until the next probe call; nothing
+    // has called `probe` since, so the bytes are still the TCP-connect probe.
+    let bytes = unsafe { std::slice::from_raw_parts(probe_ptr, probe_len) };
+    assert_eq!(bytes, [0]);
+}

@@ -1,0 +1,230 @@
+//! The cluster keyring: AES-256-GCM keys that seal every gossip packet and stream frame.
+//!
+//! The first key (the *primary*) encrypts; every installed key is tried when decrypting. That
+//! order is what makes a rolling key change possible without a partition: install the new key
+//! everywhere, then make it primary everywhere, then remove the old one everywhere.
+//!
+//! A sealed message is `nonce (12 bytes) || ciphertext || tag (16 bytes)`. The nonce is random
+//! per message: with 96 random bits the birthday bound is ~2^48 messages per key, far beyond
+//! what a gossip cluster sends before its operators rotate keys. The cluster name is the
+//! associated data, so a packet from another cluster that happens to share a key is rejected
+//! just like a forged one.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine as _;
+
+/// Length of a key in bytes (AES-256).
+pub const KEY_LEN: usize = 32;
+/// Bytes a sealed message adds to its plaintext: the nonce and the GCM tag.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+/// Why a keyring operation or a key string was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    /// The text is not base64 of exactly 32 bytes.
+    #[error("a cluster key must be base64 of exactly 32 bytes (generate one with `sluice genkey`): {0}")]
+    Invalid(String),
+    /// A keyring needs at least one key to encrypt with.
+    #[error("the keyring is empty; give at least one key (generate one with `sluice genkey`)")]
+    Empty,
+    /// The key is not installed.
+    #[error("that key is not installed in the keyring; install it first")]
+    NotInstalled,
+    /// Removing the primary key would leave the node unable to encrypt.
+    #[error("refusing to remove the primary key; make another key primary with use_key first")]
+    RemovePrimary,
+}
+
+/// A set of AES-256-GCM keys; the first is the primary (encrypting) key.
+#[derive(Clone)]
+pub struct Keyring {
+    // Cipher instances are built once per key: the AES key schedule is not free and is needed
+    // for every packet.
+    keys: Vec<([u8; KEY_LEN], Aes256Gcm)>,
+}
+
+impl std::fmt::Debug for Keyring {
+    // Never print key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring").field("keys", &self.keys.len()).finish()
+    }
+}
+
+/// Parses a base64 key (standard alphabet, padding optional) into its 32 bytes.
+pub fn parse_key(text: &str) -> Result<[u8; KEY_LEN], KeyError> {
+    let text = text.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
+        .map_err(|e| KeyError::Invalid(e.to_string()))?;
+    <[u8; KEY_LEN]>::try_from(bytes.as_slice())
+        .map_err(|_| KeyError::Invalid(format!("decoded to {} bytes, not {KEY_LEN}", bytes.len())))
+}
+
+/// A new random key as base64: what `sluice genkey` prints.
+pub fn generate_key() -> String {
+    let key: [u8; KEY_LEN] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+impl Keyring {
+    /// A keyring from base64 keys; the first becomes the primary. Duplicates are ignored.
+    pub fn from_base64<S: AsRef<str>>(keys: &[S]) -> Result<Self, KeyError> {
+        let mut ring = Keyring { keys: Vec::new() };
+        for key in keys {
+            ring.install_raw(parse_key(key.as_ref())?);
+        }
+        if ring.keys.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(ring)
+    }
+
+    /// Number of installed keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is installed (never true for a keyring built by [`Keyring::from_base64`]).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Installed keys as base64, primary first.
+    pub fn keys_base64(&self) -> Vec<String> {
+        self.keys.iter().map(|(k, _)| base64::engine::general_purpose::STANDARD.encode(k)).collect()
+    }
+
+    /// Adds a key for decryption (it does not become primary). Installing a present key is a no-op.
+    pub fn install(&mut self, key: &str) -> Result<(), KeyError> {
+        self.install_raw(parse_key(key)?);
+        Ok(())
+    }
+
+    fn install_raw(&mut self, key: [u8; KEY_LEN]) {
+        if !self.keys.iter().any(|(k, _)| *k == key) {
+            let cipher = Aes256Gcm::new(&key.into());
+            self.keys.push((key, cipher));
+        }
+    }
+
+    /// Makes an installed key the primary (encrypting) key.
+    pub fn use_key(&mut self, key: &str) -> Result<(), KeyError> {
+        let key = parse_key(key)?;
+        let pos = self.keys.iter().position(|(k, _)| *k == key).ok_or(KeyError::NotInstalled)?;
+        let entry = self.keys.remove(pos);
+        self.keys.insert(0, entry);
+        Ok(())
+    }
+
+    /// Removes a key that is not the primary.
+    pub fn remove(&mut self, key: &str) -> Result<(), KeyError> {
+        let key = parse_key(key)?;
+        let pos = self.keys.iter().position(|(k, _)| *k == key).ok_or(KeyError::NotInstalled)?;
+        if pos == 0 {
+            return Err(KeyError::RemovePrimary);
+        }
+        self.keys.remove(pos);
+        Ok(())
+    }
+
+    /// Encrypts `plain` with the primary key and `aad` as associated data.
+    pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let cipher = &self.keys[0].1;
+        let sealed = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
+            // aes-gcm only fails for plaintexts beyond 64 GiB, which nothing here produces.
+            .expect("AES-GCM encryption of a bounded message");
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Decrypts a sealed message with any installed key. `None` when no key authenticates it
+    /// (wrong key, wrong cluster name, truncated or tampered): the caller drops it unparsed.
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::from_slice(nonce);
+        self.keys.iter().find_map(|(_, cipher)| cipher.decrypt(nonce, Payload { msg: body, aad }).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_then_open_round_trips_and_adds_fixed_overhead() {
+        let ring = Keyring::from_base64(&[generate_key()]).unwrap();
+        let sealed = ring.seal(b"hello", b"prod");
+        assert_eq!(sealed.len(), 5 + SEAL_OVERHEAD);
+        assert_eq!(ring.open(&sealed, b"prod").as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[test]
+    fn nonces_differ_per_message() {
+        let ring = Keyring::from_base64(&[generate_key()]).unwrap();
+        assert_ne!(ring.seal(b"x", b"c"), ring.seal(b"x", b"c"));
+    }
+
+    #[test]
+    fn wrong_key_is_rejected() {
+        let a = Keyring::from_base64(&[generate_key()]).unwrap();
+        let b = Keyring::from_base64(&[generate_key()]).unwrap();
+        assert_eq!(b.open(&a.seal(b"secret", b"c"), b"c"), None);
+    }
+
+    #[test]
+    fn cluster_name_mismatch_is_rejected() {
+        let ring = Keyring::from_base64(&[generate_key()]).unwrap();
+        assert_eq!(ring.open(&ring.seal(b"secret", b"prod"), b"staging"), None);
+    }
+
+    #[test]
+    fn tampered_or_truncated_is_rejected() {
+        let ring = Keyring::from_base64(&[generate_key()]).unwrap();
+        let mut sealed = ring.seal(b"secret", b"c");
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        assert_eq!(ring.open(&sealed, b"c"), None);
+        assert_eq!(ring.open(&sealed[..10], b"c"), None);
+    }
+
+    #[test]
+    fn rotation_install_use_remove() {
+        let (old, new) = (generate_key(), generate_key());
+        let mut a = Keyring::from_base64(&[old.clone()]).unwrap();
+        let mut b = Keyring::from_base64(&[old.clone()]).unwrap();
+        // Step 1: both can read the new key, neither writes it yet.
+        a.install(&new).unwrap();
+        b.install(&new).unwrap();
+        // Step 2: a switches first; b still reads a's packets and a still reads b's.
+        a.use_key(&new).unwrap();
+        assert!(b.open(&a.seal(b"1", b"c"), b"c").is_some());
+        assert!(a.open(&b.seal(b"2", b"c"), b"c").is_some());
+        assert_eq!(a.remove(&new), Err(KeyError::RemovePrimary));
+        // Step 3: once everyone uses the new key, the old one goes.
+        b.use_key(&new).unwrap();
+        a.remove(&old).unwrap();
+        assert_eq!(a.len(), 1);
+        let old_only = Keyring::from_base64(&[old]).unwrap();
+        assert_eq!(a.open(&old_only.seal(b"3", b"c"), b"c"), None);
+        assert_eq!(a.use_key(&generate_key()), Err(KeyError::NotInstalled));
+    }
+
+    #[test]
+    fn key_parsing() {
+        assert!(parse_key(&generate_key()).is_ok());
+        assert!(matches!(parse_key("not base64!"), Err(KeyError::Invalid(_))));
+        assert!(matches!(parse_key("AAAA"), Err(KeyError::Invalid(_))));
+        assert_eq!(Keyring::from_base64::<&str>(&[]).unwrap_err(), KeyError::Empty);
+    }
+}

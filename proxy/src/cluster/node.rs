@@ -1,0 +1,841 @@
+//! The sans-IO membership node: foca plus metadata and anti-entropy, with no sockets or clocks.
+//!
+//! A [`Node`] is driven by calls — a packet arrived, a timer fired, the operator changed the
+//! metadata — each taking the current time in milliseconds. Every call may queue [`Output`]s
+//! (datagrams, stream requests, timers to set), which the driver collects with
+//! [`Node::take_outputs`], and [`Event`]s, collected with [`Node::take_events`]. The tokio
+//! runtime and the virtual-time simulator are two drivers of this same code.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use foca::{BroadcastHandler, Foca, Identity, Invalidates, Member, Notification, PostcardCodec, State, Timer};
+use rand_foca::rngs::SmallRng;
+use rand_foca::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::wire::Kind;
+use super::{MemberInfo, MemberState, NodeMeta};
+
+/// Encoded metadata above this size is broadcast as a stub and fetched over TCP, so that a
+/// custom broadcast always fits a datagram next to the SWIM header and some member updates.
+pub const MAX_BROADCAST_META: usize = 600;
+
+/// foca identity: the gossip address plus a generation.
+///
+/// The generation starts at the wall-clock time in milliseconds, so a restarted node comes
+/// back with a higher identity and wins foca's address conflict against its former self;
+/// [`Identity::renew`] bumps it when foca finds itself declared down, so the node rejoins on
+/// its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeId {
+    /// Gossip address (UDP and TCP).
+    pub addr: SocketAddr,
+    /// Restart / rejoin counter; higher wins.
+    pub generation: u64,
+}
+
+impl Identity for NodeId {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(NodeId { addr: self.addr, generation: self.generation + 1 })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.generation > adversary.generation
+    }
+}
+
+/// A timer the driver must hand back to [`Node::handle_timer`] after the requested delay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeTimer {
+    /// One of foca's own timers (probes, suspicion, periodic gossip...).
+    Foca(Timer<NodeId>),
+    /// Time for a push-pull state exchange with a random member.
+    PushPull,
+}
+
+/// Something the driver must do for the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send a foca packet (wrap as [`Kind::Foca`]; it fits a datagram once sealed).
+    Packet {
+        /// Destination gossip address.
+        to: SocketAddr,
+        /// foca's bytes.
+        body: Vec<u8>,
+    },
+    /// Open a stream to `to`, send `body` as [`Kind::PushPull`], and feed the reply (a
+    /// [`Kind::PushPullReply`]) to [`Node::handle_stream`].
+    PushPull {
+        /// Destination gossip address.
+        to: SocketAddr,
+        /// Our state (or an empty state for a pure pull).
+        body: Vec<u8>,
+    },
+    /// Call [`Node::handle_timer`] with `timer` after `after`.
+    Timer {
+        /// Delay.
+        after: Duration,
+        /// What to hand back.
+        timer: NodeTimer,
+    },
+}
+
+/// A membership happening, for drivers that react to changes (and for the simulator's counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// foca learned a new active member.
+    MemberUp(SocketAddr),
+    /// foca declared a previously active member down (or it left).
+    MemberDown(SocketAddr),
+    /// Newer metadata for this member was stored.
+    Meta(SocketAddr),
+    /// We are known by at least one member.
+    Active,
+    /// We know no active member any more: seeds should be retried.
+    Idle,
+    /// We were declared down and rejoined with a new generation.
+    Rejoined,
+}
+
+/// A metadata broadcast, also the per-member record inside a push-pull state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaUpdate {
+    /// Whose metadata.
+    pub addr: SocketAddr,
+    /// The owner's identity generation when it was published.
+    pub generation: u64,
+    /// Bumped by every change at the owner.
+    pub version: u64,
+    /// The owner left the cluster gracefully.
+    pub left: bool,
+    /// `None` in a stub: the metadata was too large to broadcast; pull it over TCP.
+    pub meta: Option<NodeMeta>,
+}
+
+/// A full state, exchanged by push-pull: foca's members (ourselves included) and all metadata.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PushPullState {
+    /// Every member foca knows, with incarnation and state.
+    pub members: Vec<Member<NodeId>>,
+    /// Every metadata record we hold.
+    pub metas: Vec<MetaUpdate>,
+}
+
+impl PushPullState {
+    /// Decodes a state received in a push-pull message.
+    pub fn decode(body: &[u8]) -> Option<PushPullState> {
+        postcard::from_bytes(body).ok()
+    }
+
+    /// Encodes this state for a push-pull message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("serializing plain data into a Vec cannot fail")
+    }
+
+    /// The address of a live member (other than `self_addr`) already using `name`, if any.
+    pub fn name_taken(&self, name: &str, self_addr: SocketAddr) -> Option<SocketAddr> {
+        self.metas.iter().find_map(|m| {
+            let same_name = m.meta.as_ref().is_some_and(|meta| meta.name == name);
+            let active = self.members.iter().any(|mem| {
+                mem.id().addr == m.addr && mem.id().generation == m.generation && mem.state() != State::Down
+            });
+            (same_name && !m.left && m.addr != self_addr && active).then_some(m.addr)
+        })
+    }
+}
+
+struct MetaRecord {
+    generation: u64,
+    version: u64,
+    left: bool,
+    meta: Option<NodeMeta>,
+}
+
+impl MetaRecord {
+    fn order(&self) -> (u64, u64) {
+        (self.generation, self.version)
+    }
+}
+
+// Shared between the node and the broadcast handler that foca owns (foca offers no way back
+// to its handler). Only ever locked from the thread driving the node, so it is never contended.
+#[derive(Default)]
+struct MetaStore {
+    self_addr: Option<SocketAddr>,
+    records: HashMap<SocketAddr, MetaRecord>,
+    // Addresses whose record changed since the node last looked.
+    changed: Vec<SocketAddr>,
+    // Addresses that announced metadata too large to broadcast: pull their state.
+    fetch: Vec<SocketAddr>,
+}
+
+impl MetaStore {
+    /// Stores `u` if it is newer than what we have; returns whether it was new information
+    /// (and so should be disseminated further).
+    fn accept(&mut self, u: MetaUpdate) -> bool {
+        if Some(u.addr) == self.self_addr {
+            // Only we speak for ourselves; echoes of our own (older) records are ignored.
+            return false;
+        }
+        match self.records.get_mut(&u.addr) {
+            Some(r) if r.order() > (u.generation, u.version) => false,
+            Some(r) if r.order() == (u.generation, u.version) => {
+                // Same version: a full record may complete a stub we got earlier.
+                if r.meta.is_none() && u.meta.is_some() {
+                    r.meta = u.meta;
+                    self.changed.push(u.addr);
+                }
+                false
+            }
+            _ => {
+                if u.meta.is_none() {
+                    self.fetch.push(u.addr);
+                }
+                self.changed.push(u.addr);
+                let rec = MetaRecord { generation: u.generation, version: u.version, left: u.left, meta: u.meta };
+                self.records.insert(u.addr, rec);
+                true
+            }
+        }
+    }
+}
+
+/// Key of a metadata broadcast in foca's dissemination queue.
+#[derive(Debug)]
+struct MetaKey {
+    addr: SocketAddr,
+    order: (u64, u64),
+}
+
+impl Invalidates for MetaKey {
+    // A newer version of the same member's metadata replaces an older one still queued.
+    fn invalidates(&self, other: &Self) -> bool {
+        self.addr == other.addr && self.order >= other.order
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable metadata broadcast: {0}")]
+struct MetaDecodeError(String);
+
+struct MetaHandler {
+    store: Arc<Mutex<MetaStore>>,
+}
+
+impl BroadcastHandler<NodeId> for MetaHandler {
+    type Key = MetaKey;
+    type Error = MetaDecodeError;
+
+    fn receive_item(&mut self, data: &[u8], sender: Option<&NodeId>) -> Result<Option<MetaKey>, MetaDecodeError> {
+        let u: MetaUpdate = postcard::from_bytes(data).map_err(|e| MetaDecodeError(e.to_string()))?;
+        let key = MetaKey { addr: u.addr, order: (u.generation, u.version) };
+        if sender.is_none() {
+            // Our own metadata (added by `Node::publish_meta`, which already stored it).
+            return Ok(Some(key));
+        }
+        Ok(lock(&self.store).accept(u).then_some(key))
+    }
+}
+
+fn lock(store: &Mutex<MetaStore>) -> MutexGuard<'_, MetaStore> {
+    // A panic while holding this lock would already have torn down the node's driver; the
+    // data itself stays consistent (every mutation is a single insert), so keep going.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// foca's side effects, collected during one call.
+#[derive(Default)]
+struct Outbox {
+    outputs: Vec<Output>,
+    events: Vec<Event>,
+}
+
+impl foca::Runtime<NodeId> for Outbox {
+    fn notify(&mut self, notification: Notification<'_, NodeId>) {
+        let event = match notification {
+            Notification::MemberUp(id) => Event::MemberUp(id.addr),
+            Notification::MemberDown(id) => Event::MemberDown(id.addr),
+            // Same address, new generation: a restart; the view refresh picks up the new id.
+            Notification::Rename(_, id) => Event::Meta(id.addr),
+            Notification::Active => Event::Active,
+            Notification::Idle | Notification::Defunct => Event::Idle,
+            Notification::Rejoin(_) => Event::Rejoined,
+        };
+        self.events.push(event);
+    }
+
+    fn send_to(&mut self, to: NodeId, data: &[u8]) {
+        self.outputs.push(Output::Packet { to: to.addr, body: data.to_vec() });
+    }
+
+    fn submit_after(&mut self, event: Timer<NodeId>, after: Duration) {
+        self.outputs.push(Output::Timer { after, timer: NodeTimer::Foca(event) });
+    }
+}
+
+struct ViewEntry {
+    generation: u64,
+    incarnation: u16,
+    state: MemberState,
+    meta_version: u64,
+    has_meta: bool,
+    last_change_ms: u64,
+    // Refresh pass in which foca last listed this member; older entries were forgotten by foca.
+    seen: u64,
+}
+
+/// Counters of what the node rejected after decryption.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeErrors {
+    /// foca packets it refused (malformed, from ourselves, too big...).
+    pub foca: u64,
+    /// Push-pull states that did not decode.
+    pub state: u64,
+}
+
+/// The membership state machine of one member. See the module docs.
+pub struct Node {
+    foca: Foca<NodeId, PostcardCodec, SmallRng, MetaHandler>,
+    outbox: Outbox,
+    store: Arc<Mutex<MetaStore>>,
+    meta: NodeMeta,
+    version: u64,
+    left: bool,
+    connected: bool,
+    push_pull_every: Duration,
+    rng: SmallRng,
+    view: HashMap<SocketAddr, ViewEntry>,
+    refresh_pass: u64,
+    self_seen: (u64, u64, bool),
+    self_change_ms: u64,
+    errors: NodeErrors,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", self.foca.identity()).field("name", &self.meta.name).finish()
+    }
+}
+
+impl Node {
+    /// A node with identity `id` that has not joined anything yet. `seed` seeds its randomness
+    /// (member selection); give each node a different one.
+    pub fn new(id: NodeId, meta: NodeMeta, config: foca::Config, push_pull_every: Duration, seed: u64, now_ms: u64) -> Node {
+        let store = Arc::new(Mutex::new(MetaStore { self_addr: Some(id.addr), ..MetaStore::default() }));
+        let handler = MetaHandler { store: store.clone() };
+        let foca = Foca::with_custom_broadcast(id, config, SmallRng::seed_from_u64(seed), PostcardCodec, handler);
+        let mut node = Node {
+            foca,
+            outbox: Outbox::default(),
+            store,
+            meta,
+            version: 1,
+            left: false,
+            connected: false,
+            push_pull_every,
+            rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+            view: HashMap::new(),
+            refresh_pass: 0,
+            self_seen: (0, 0, false),
+            self_change_ms: now_ms,
+            errors: NodeErrors::default(),
+        };
+        node.publish_meta();
+        // A random first delay spreads the cluster's exchanges over the interval.
+        let first = node.push_pull_every.mul_f64(node.rng.random_range(0.5..1.5));
+        node.outbox.outputs.push(Output::Timer { after: first, timer: NodeTimer::PushPull });
+        node
+    }
+
+    /// Our current identity (the generation changes on an automatic rejoin).
+    pub fn id(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Our metadata.
+    pub fn meta(&self) -> &NodeMeta {
+        &self.meta
+    }
+
+    /// Whether some active member knows us (false before joining and after losing every peer).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether [`Node::leave`] was called.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// What the node refused so far.
+    pub fn errors(&self) -> NodeErrors {
+        self.errors
+    }
+
+    /// Number of active members foca knows (ourselves excluded).
+    pub fn num_active(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Asks `seeds` to let us in: a SWIM announce to each and a push-pull of the full state
+    /// with one of them, which brings us every member's metadata and gives it ours at once.
+    pub fn join(&mut self, seeds: &[SocketAddr]) {
+        let own = self.id().addr;
+        let seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
+        for seed in &seeds {
+            // Generation 0: foca accepts an announce addressed to any generation of its address.
+            if self.foca.announce(NodeId { addr: *seed, generation: 0 }, &mut self.outbox).is_err() {
+                self.errors.foca += 1;
+            }
+        }
+        if !seeds.is_empty() {
+            let to = seeds[self.rng.random_range(0..seeds.len())];
+            self.outbox.outputs.push(Output::PushPull { to, body: self.state().encode() });
+        }
+        self.after_call();
+    }
+
+    /// Feeds a decrypted foca packet.
+    pub fn handle_packet(&mut self, body: &[u8]) {
+        if self.left {
+            // A node that left is silent. Were it to listen, it would hear of its own death
+            // and foca would rejoin it under a renewed identity.
+            return;
+        }
+        if self.foca.handle_data(body, &mut self.outbox).is_err() {
+            self.errors.foca += 1;
+        }
+        self.after_call();
+    }
+
+    /// Hands back a timer requested through [`Output::Timer`].
+    pub fn handle_timer(&mut self, timer: NodeTimer) {
+        if self.left {
+            return;
+        }
+        match timer {
+            NodeTimer::Foca(t) => {
+                if self.foca.handle_timer(t, &mut self.outbox).is_err() {
+                    self.errors.foca += 1;
+                }
+            }
+            NodeTimer::PushPull => {
+                let after = self.push_pull_every.mul_f64(self.rng.random_range(0.9..1.1));
+                self.outbox.outputs.push(Output::Timer { after, timer: NodeTimer::PushPull });
+                if !self.left {
+                    if let Some(to) = self.random_member() {
+                        let body = self.state().encode();
+                        self.outbox.outputs.push(Output::PushPull { to, body });
+                    }
+                }
+            }
+        }
+        self.after_call();
+    }
+
+    /// Feeds a decrypted stream message. A push-pull request returns the body of the reply
+    /// ([`Kind::PushPullReply`]) to write back on the same stream.
+    pub fn handle_stream(&mut self, kind: Kind, body: &[u8]) -> Option<Vec<u8>> {
+        if self.left {
+            return None;
+        }
+        let reply = match kind {
+            Kind::Foca => {
+                // A foca packet that did not fit a datagram (not produced by this version, but
+                // accepted so the size limit can change without a flag day).
+                if self.foca.handle_data(body, &mut self.outbox).is_err() {
+                    self.errors.foca += 1;
+                }
+                None
+            }
+            Kind::PushPull | Kind::PushPullReply => match PushPullState::decode(body) {
+                Some(state) => {
+                    // Reply with our state as it was before merging theirs: what they lack.
+                    let reply = (kind == Kind::PushPull).then(|| self.state().encode());
+                    self.apply_state(state, true);
+                    reply
+                }
+                None => {
+                    self.errors.state += 1;
+                    None
+                }
+            },
+        };
+        self.after_call();
+        reply
+    }
+
+    /// Merges a full state into ours (foca members and metadata). `broadcast` tells foca
+    /// whether to re-disseminate what was new; pass false only to preload known state.
+    pub fn apply_state(&mut self, state: PushPullState, broadcast: bool) {
+        if self.foca.apply_many(state.members.into_iter(), broadcast, &mut self.outbox).is_err() {
+            self.errors.state += 1;
+        }
+        {
+            let mut store = lock(&self.store);
+            for m in state.metas {
+                store.accept(m);
+            }
+        }
+        self.after_call();
+    }
+
+    /// Our full state, as sent in a push-pull.
+    pub fn state(&self) -> PushPullState {
+        let mut members: Vec<Member<NodeId>> = self.foca.iter_membership_state().cloned().collect();
+        if !self.left {
+            // foca does not list itself; incarnation 0 never overrides fresher knowledge.
+            members.push(Member::alive(self.id().clone()));
+        }
+        let store = lock(&self.store);
+        let metas = store
+            .records
+            .iter()
+            .map(|(addr, r)| MetaUpdate {
+                addr: *addr,
+                generation: r.generation,
+                version: r.version,
+                left: r.left,
+                meta: r.meta.clone(),
+            })
+            .collect();
+        PushPullState { members, metas }
+    }
+
+    /// Replaces our metadata and spreads it (e.g. `draining = true`).
+    pub fn set_meta(&mut self, meta: NodeMeta) {
+        if meta == self.meta {
+            return;
+        }
+        self.meta = meta;
+        self.version += 1;
+        self.publish_meta();
+        // Push it out now rather than at the next periodic gossip tick.
+        let _ = self.foca.gossip(&mut self.outbox);
+        self.after_call();
+    }
+
+    /// Leaves the cluster gracefully: marks our metadata as left and declares ourselves down,
+    /// by gossip and by a reliable push to one member. The node stays silent afterwards.
+    pub fn leave(&mut self) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        self.version += 1;
+        self.publish_meta();
+        let push_to = self.random_member();
+        let _ = self.foca.leave_cluster(&mut self.outbox);
+        if let Some(to) = push_to {
+            let mut state = self.state();
+            state.members.push(Member::down(self.id().clone()));
+            self.outbox.outputs.push(Output::PushPull { to, body: state.encode() });
+        }
+        self.after_call();
+    }
+
+    /// Outputs queued since the last call.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outbox.outputs)
+    }
+
+    /// Events queued since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.outbox.events)
+    }
+
+    /// Brings the member view up to date with foca and the metadata store; returns whether
+    /// anything visible in [`Node::members`] changed. O(members): call it once per batch of
+    /// inputs, not per packet, when inputs are many.
+    pub fn refresh(&mut self, now_ms: u64) -> bool {
+        self.refresh_pass += 1;
+        let pass = self.refresh_pass;
+        let mut changed = false;
+        let store = lock(&self.store);
+        for m in self.foca.iter_membership_state() {
+            let id = m.id();
+            let rec = store.records.get(&id.addr);
+            let state = match m.state() {
+                State::Alive => MemberState::Alive,
+                State::Suspect => MemberState::Suspect,
+                State::Down if rec.is_some_and(|r| r.left && r.generation >= id.generation) => MemberState::Left,
+                State::Down => MemberState::Down,
+            };
+            let meta_version = rec.map_or(0, |r| r.version);
+            let has_meta = rec.is_some_and(|r| r.meta.is_some());
+            let entry = self.view.entry(id.addr).or_insert_with(|| {
+                changed = true;
+                ViewEntry {
+                    generation: id.generation,
+                    incarnation: m.incarnation(),
+                    state,
+                    meta_version,
+                    has_meta,
+                    last_change_ms: now_ms,
+                    seen: pass,
+                }
+            });
+            entry.seen = pass;
+            let now = (id.generation, m.incarnation(), state, meta_version, has_meta);
+            if now != (entry.generation, entry.incarnation, entry.state, entry.meta_version, entry.has_meta) {
+                (entry.generation, entry.incarnation, entry.state, entry.meta_version, entry.has_meta) = now;
+                entry.last_change_ms = now_ms;
+                changed = true;
+            }
+        }
+        drop(store);
+        let before = self.view.len();
+        self.view.retain(|_, e| e.seen == pass);
+        changed |= self.view.len() != before;
+        let own = (self.id().generation, self.version, self.left);
+        if own != self.self_seen {
+            self.self_seen = own;
+            self.self_change_ms = now_ms;
+            changed = true;
+        }
+        changed
+    }
+
+    /// Every member whose metadata we have, ourselves first, as of the last [`Node::refresh`].
+    /// Members foca knows but whose metadata has not arrived yet are left out: without it a
+    /// proxy could not use them anyway.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let store = lock(&self.store);
+        let mut out = Vec::with_capacity(self.view.len() + 1);
+        out.push(MemberInfo {
+            meta: self.meta.clone(),
+            gossip_addr: self.id().addr,
+            state: if self.left { MemberState::Left } else { MemberState::Alive },
+            // foca keeps its own incarnation private; others see the real value.
+            incarnation: 0,
+            generation: self.id().generation,
+            meta_version: self.version,
+            last_change_ms: self.self_change_ms,
+            is_self: true,
+        });
+        let mut others: Vec<MemberInfo> = self
+            .view
+            .iter()
+            .filter_map(|(addr, e)| {
+                let meta = store.records.get(addr)?.meta.clone()?;
+                Some(MemberInfo {
+                    meta,
+                    gossip_addr: *addr,
+                    state: e.state,
+                    incarnation: u64::from(e.incarnation),
+                    generation: e.generation,
+                    meta_version: e.meta_version,
+                    last_change_ms: e.last_change_ms,
+                    is_self: false,
+                })
+            })
+            .collect();
+        others.sort_by(|a, b| a.meta.name.cmp(&b.meta.name).then(a.gossip_addr.cmp(&b.gossip_addr)));
+        out.extend(others);
+        out
+    }
+
+    /// How foca sees `addr` right now (O(members), for tests and the simulator), with Left
+    /// distinguished from Down.
+    pub fn member_state(&self, addr: SocketAddr) -> Option<MemberState> {
+        let m = self.foca.iter_membership_state().find(|m| m.id().addr == addr)?;
+        Some(match m.state() {
+            State::Alive => MemberState::Alive,
+            State::Suspect => MemberState::Suspect,
+            State::Down => {
+                let left = lock(&self.store).records.get(&addr).is_some_and(|r| r.left);
+                if left { MemberState::Left } else { MemberState::Down }
+            }
+        })
+    }
+
+    /// Whether we hold metadata for `addr`.
+    pub fn has_meta(&self, addr: SocketAddr) -> bool {
+        lock(&self.store).records.get(&addr).is_some_and(|r| r.meta.is_some())
+    }
+
+    /// The metadata we hold for `addr`, with its version.
+    pub fn meta_of(&self, addr: SocketAddr) -> Option<(u64, NodeMeta)> {
+        let store = lock(&self.store);
+        let r = store.records.get(&addr)?;
+        Some((r.version, r.meta.clone()?))
+    }
+
+    fn random_member(&mut self) -> Option<SocketAddr> {
+        let n = self.foca.num_members();
+        if n == 0 {
+            return None;
+        }
+        let pick = self.rng.random_range(0..n);
+        self.foca.iter_members().nth(pick).map(|m| m.id().addr)
+    }
+
+    // Stores our record and queues it for dissemination (a stub when it is too large).
+    fn publish_meta(&mut self) {
+        let id = self.id().clone();
+        let full = MetaUpdate {
+            addr: id.addr,
+            generation: id.generation,
+            version: self.version,
+            left: self.left,
+            meta: Some(self.meta.clone()),
+        };
+        {
+            let mut store = lock(&self.store);
+            store.records.insert(
+                id.addr,
+                MetaRecord { generation: id.generation, version: self.version, left: self.left, meta: full.meta.clone() },
+            );
+        }
+        let mut bytes = postcard::to_allocvec(&full).expect("serializing into a Vec cannot fail");
+        if bytes.len() > MAX_BROADCAST_META {
+            let stub = MetaUpdate { meta: None, ..full };
+            bytes = postcard::to_allocvec(&stub).expect("serializing into a Vec cannot fail");
+        }
+        if self.foca.add_broadcast(&bytes).is_err() {
+            self.errors.foca += 1;
+        }
+    }
+
+    // Work common to every input: react to foca's notifications and to stubs needing a pull.
+    fn after_call(&mut self) {
+        let mut rejoined = false;
+        for e in &self.outbox.events {
+            match e {
+                Event::Active => self.connected = true,
+                Event::Idle => self.connected = false,
+                Event::Rejoined => rejoined = true,
+                _ => {}
+            }
+        }
+        if rejoined && !self.left {
+            // Our generation changed: republish so our metadata is keyed by the new identity.
+            self.publish_meta();
+        }
+        let (changed, fetch) = {
+            let mut store = lock(&self.store);
+            (std::mem::take(&mut store.changed), std::mem::take(&mut store.fetch))
+        };
+        self.outbox.events.extend(changed.into_iter().map(Event::Meta));
+        for to in fetch {
+            self.outbox.outputs.push(Output::PushPull { to, body: PushPullState::default().encode() });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{profile_settings, Profile, Role, Service};
+
+    fn node(port: u16, name: &str) -> Node {
+        let (cfg, pp) = profile_settings(Profile::Local, 8);
+        let id = NodeId { addr: ([127, 0, 0, 1], port).into(), generation: 1 };
+        Node::new(id, NodeMeta::new(name, Role::Backend), cfg, pp, u64::from(port), 0)
+    }
+
+    // Delivers `from`'s outputs to `to`; returns whether anything moved.
+    fn deliver(from: &mut Node, to: &mut Node) -> bool {
+        let mut moved = false;
+        for out in from.take_outputs() {
+            match out {
+                Output::Packet { body, .. } => {
+                    to.handle_packet(&body);
+                    moved = true;
+                }
+                Output::PushPull { body, .. } => {
+                    if let Some(reply) = to.handle_stream(Kind::PushPull, &body) {
+                        from.handle_stream(Kind::PushPullReply, &reply);
+                    }
+                    moved = true;
+                }
+                Output::Timer { .. } => {}
+            }
+        }
+        moved
+    }
+
+    // Delivers packets and stream exchanges between two nodes until both are quiet.
+    fn pump(a: &mut Node, b: &mut Node) {
+        for _ in 0..50 {
+            let ab = deliver(a, b);
+            let ba = deliver(b, a);
+            if !ab && !ba {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn join_exchanges_metadata_and_updates_spread() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        assert!(a.is_connected() && b.is_connected());
+        assert!(a.refresh(5) && b.refresh(5));
+        assert_eq!(a.members().iter().map(|m| m.meta.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(b.members()[1].state, MemberState::Alive);
+
+        let mut meta = b.meta().clone();
+        meta.draining = true;
+        meta.services.push(Service { pool: "web".into(), addr: ([127, 0, 0, 1], 9001).into(), weight: 2 });
+        b.set_meta(meta.clone());
+        pump(&mut a, &mut b);
+        assert_eq!(a.meta_of(b.id().addr), Some((2, meta)));
+        assert!(a.refresh(6));
+        assert_eq!(a.members()[1].last_change_ms, 6);
+        assert!(!a.refresh(7), "nothing changed");
+    }
+
+    #[test]
+    fn oversized_metadata_travels_as_a_stub_then_a_pull() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let mut meta = b.meta().clone();
+        meta.tags = (0..100).map(|i| format!("tag-number-{i}")).collect();
+        b.set_meta(meta.clone());
+        pump(&mut a, &mut b);
+        assert_eq!(a.meta_of(b.id().addr), Some((2, meta)));
+    }
+
+    #[test]
+    fn leave_is_seen_as_left() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        b.leave();
+        pump(&mut a, &mut b);
+        assert_eq!(a.member_state(b.id().addr), Some(MemberState::Left));
+        a.refresh(9);
+        assert_eq!(a.members()[1].state, MemberState::Left);
+    }
+
+    #[test]
+    fn name_conflict_is_found_in_a_state() {
+        let (mut a, mut b) = (node(1, "same"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let state = a.state();
+        assert_eq!(state.name_taken("same", ([127, 0, 0, 1], 3).into()), Some(a.id().addr));
+        assert_eq!(state.name_taken("same", a.id().addr), None, "a restart at the same address is not a conflict");
+        assert_eq!(state.name_taken("other", ([127, 0, 0, 1], 3).into()), None);
+    }
+
+    #[test]
+    fn garbage_is_counted_not_applied() {
+        let mut a = node(1, "a");
+        a.handle_packet(b"\xff\xff\xff");
+        assert_eq!(a.handle_stream(Kind::PushPull, b"\xff\xff\xff\xff"), None);
+        assert_eq!(a.errors(), NodeErrors { foca: 1, state: 1 });
+    }
+}

@@ -1,0 +1,616 @@
+//! The tokio driver: sockets, timers and the membership snapshot around a [`Node`].
+//!
+//! One task owns the [`Node`] and is the only one to touch it; the UDP receiver, the TCP
+//! acceptor and the outgoing stream exchanges are separate tasks that talk to it through a
+//! channel. Decryption happens in those tasks, so a flood of forged packets never reaches the
+//! driver. After every batch of inputs the driver refreshes the member view and, when it
+//! changed, publishes a new snapshot and bumps the `changes()` counter — that is how a member
+//! turning Suspect reaches the proxy within the same event-loop turn foca decided it.
+
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+
+use super::keyring::Keyring;
+use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
+use super::wire::{self, Kind, OpenError};
+use super::{profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile};
+use crate::clock::now_ms;
+
+// One stream exchange (connect, write, read) must finish within this.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Transport counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Datagrams sent.
+    pub udp_sent: u64,
+    /// Datagrams received (before decryption).
+    pub udp_received: u64,
+    /// TCP frames sent.
+    pub tcp_sent: u64,
+    /// TCP frames received (before decryption).
+    pub tcp_received: u64,
+    /// Bytes sent over both transports (sealed, with frame headers).
+    pub bytes_sent: u64,
+    /// Bytes received over both transports.
+    pub bytes_received: u64,
+    /// Datagrams and frames dropped because no key authenticated them.
+    pub rejected_decrypt: u64,
+    /// Authenticated messages that were malformed or refused by the protocol.
+    pub malformed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    udp_sent: AtomicU64,
+    udp_received: AtomicU64,
+    tcp_sent: AtomicU64,
+    tcp_received: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    rejected_decrypt: AtomicU64,
+    malformed: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+// State shared by the handle, the driver and the I/O tasks.
+struct Shared {
+    cluster_name: String,
+    compression: bool,
+    keyring: ArcSwap<Keyring>,
+    // Serializes keyring edits (load-modify-store); readers never take it.
+    keyring_edit: Mutex<()>,
+    members: ArcSwap<Vec<MemberInfo>>,
+    counters: Counters,
+    gossip_addr: SocketAddr,
+}
+
+impl Shared {
+    fn seal(&self, kind: Kind, body: &[u8]) -> Vec<u8> {
+        wire::seal(&self.keyring.load(), &self.cluster_name, kind, body, self.compression)
+    }
+
+    // Opens a received message, counting what is dropped.
+    fn open(&self, sealed: &[u8]) -> Option<(Kind, Vec<u8>)> {
+        match wire::open(&self.keyring.load(), &self.cluster_name, sealed) {
+            Ok(m) => Some(m),
+            Err(OpenError::Decrypt) => {
+                add(&self.counters.rejected_decrypt, 1);
+                None
+            }
+            Err(OpenError::Wire(_)) => {
+                add(&self.counters.malformed, 1);
+                None
+            }
+        }
+    }
+
+    fn edit_keyring(&self, f: impl FnOnce(&mut Keyring) -> Result<(), super::KeyError>) -> Result<(), ClusterError> {
+        let _guard = self.keyring_edit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = Keyring::clone(&self.keyring.load());
+        f(&mut ring)?;
+        self.keyring.store(Arc::new(ring));
+        Ok(())
+    }
+
+    // One push-pull exchange over TCP; `None` on any failure (unreachable, timeout, bad reply).
+    async fn exchange(&self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
+        let sealed = self.seal(Kind::PushPull, body);
+        let run = async {
+            let mut stream = TcpStream::connect(to).await.ok()?;
+            wire::write_frame(&mut stream, &sealed).await.ok()?;
+            add(&self.counters.tcp_sent, 1);
+            add(&self.counters.bytes_sent, sealed.len() + 4);
+            let reply = wire::read_frame(&mut stream).await.ok()?;
+            add(&self.counters.tcp_received, 1);
+            add(&self.counters.bytes_received, reply.len() + 4);
+            Some(reply)
+        };
+        let reply = timeout(STREAM_TIMEOUT, run).await.ok()??;
+        match self.open(&reply)? {
+            (Kind::PushPullReply, body) => Some(body),
+            _ => {
+                add(&self.counters.malformed, 1);
+                None
+            }
+        }
+    }
+
+    // Sends a message too large for a datagram as a one-way frame.
+    async fn send_frame(&self, to: SocketAddr, sealed: Vec<u8>) {
+        let run = async {
+            let mut stream = TcpStream::connect(to).await.ok()?;
+            wire::write_frame(&mut stream, &sealed).await.ok()
+        };
+        if timeout(STREAM_TIMEOUT, run).await.ok().flatten().is_some() {
+            add(&self.counters.tcp_sent, 1);
+            add(&self.counters.bytes_sent, sealed.len() + 4);
+        }
+    }
+}
+
+enum Command {
+    SetMeta(NodeMeta),
+    Leave(oneshot::Sender<()>),
+}
+
+enum Inbound {
+    Packet(Vec<u8>),
+    Stream { kind: Kind, body: Vec<u8>, reply: oneshot::Sender<Option<Vec<u8>>> },
+    StreamReply(Vec<u8>),
+    Seeds(Vec<SocketAddr>),
+}
+
+/// Entry point of the gossip runtime.
+#[derive(Debug)]
+pub struct Cluster;
+
+/// A handle to a running cluster member. Cheap to clone; the member keeps running while any
+/// handle exists, and stops silently (no leave announcement — other members will declare it
+/// down) when the last one is dropped. Call [`ClusterHandle::leave`] for a graceful exit.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    changes: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for ClusterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterHandle").field("gossip_addr", &self.shared.gossip_addr).finish()
+    }
+}
+
+impl ClusterHandle {
+    /// Every member whose metadata is known, this node first, as of the last change.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.shared.members.load().as_ref().clone()
+    }
+
+    /// The same snapshot without copying it.
+    pub fn members_snapshot(&self) -> Arc<Vec<MemberInfo>> {
+        self.shared.members.load_full()
+    }
+
+    /// A counter bumped whenever a member joins, changes state (Suspect included), changes
+    /// metadata or goes away. Await `changed()` on it, then read [`ClusterHandle::members`].
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Replaces this node's metadata and spreads it to the cluster.
+    pub fn set_meta(&self, meta: NodeMeta) -> Result<(), ClusterError> {
+        self.commands.send(Command::SetMeta(meta)).map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Announces a graceful departure (others see this node as Left), then stops the member.
+    /// Returns once the announcement was sent (bounded by a few seconds).
+    pub async fn leave(&self) -> Result<(), ClusterError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Leave(tx)).map_err(|_| ClusterError::Stopped)?;
+        rx.await.map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Adds a decryption key (base64).
+    pub fn keyring_install(&self, key: &str) -> Result<(), ClusterError> {
+        self.shared.edit_keyring(|r| r.install(key))
+    }
+
+    /// Makes an installed key the one that encrypts.
+    pub fn keyring_use(&self, key: &str) -> Result<(), ClusterError> {
+        self.shared.edit_keyring(|r| r.use_key(key))
+    }
+
+    /// Removes a key; the primary key cannot be removed.
+    pub fn keyring_remove(&self, key: &str) -> Result<(), ClusterError> {
+        self.shared.edit_keyring(|r| r.remove(key))
+    }
+
+    /// Installed keys (base64), primary first.
+    pub fn keys(&self) -> Vec<String> {
+        self.shared.keyring.load().keys_base64()
+    }
+
+    /// Transport counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            udp_sent: get(&c.udp_sent),
+            udp_received: get(&c.udp_received),
+            tcp_sent: get(&c.tcp_sent),
+            tcp_received: get(&c.tcp_received),
+            bytes_sent: get(&c.bytes_sent),
+            bytes_received: get(&c.bytes_received),
+            rejected_decrypt: get(&c.rejected_decrypt),
+            malformed: get(&c.malformed),
+        }
+    }
+
+    /// The address other members reach this one at.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.shared.gossip_addr
+    }
+
+    /// Whether the member is still running (false after `leave` or a crash of its task).
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
+    }
+}
+
+// Binds TCP and UDP on the same port; with port 0 the kernel's choice for TCP may be taken
+// for UDP, so try a few times.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, UdpSocket), ClusterError> {
+    let io = |source| ClusterError::Io { addr, source };
+    let mut last = None;
+    for _ in 0..if addr.port() == 0 { 16 } else { 1 } {
+        let tcp = TcpListener::bind(addr).await.map_err(io)?;
+        let port = tcp.local_addr().map_err(io)?.port();
+        match UdpSocket::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(io(last.unwrap_or_else(|| std::io::Error::other("could not bind UDP"))))
+}
+
+async fn resolve(peers: &[String], own: SocketAddr) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for p in peers {
+        if let Ok(Ok(addrs)) = timeout(Duration::from_secs(2), tokio::net::lookup_host(p.as_str())).await {
+            out.extend(addrs.filter(|a| *a != own));
+        }
+    }
+    out.dedup();
+    out
+}
+
+fn seed_backoff(profile: Profile) -> (Duration, Duration) {
+    match profile {
+        Profile::Local => (Duration::from_millis(100), Duration::from_secs(2)),
+        Profile::Lan => (Duration::from_secs(1), Duration::from_secs(30)),
+        Profile::Wan => (Duration::from_secs(2), Duration::from_secs(60)),
+    }
+}
+
+impl Cluster {
+    /// Binds the transports, joins through `config.peers` and runs the member in the
+    /// background.
+    ///
+    /// Before announcing itself, the node pulls the full state from a seed (retrying for up to
+    /// 2 s with the Local profile, 5 s LAN, 10 s WAN) and fails with
+    /// [`ClusterError::NameConflict`] if a live member at another address has the same name.
+    /// When no seed answers in that time it starts anyway and keeps retrying the seeds with
+    /// exponential backoff — also later, whenever it loses every peer.
+    pub async fn start(config: ClusterConfig, meta: NodeMeta) -> Result<ClusterHandle, ClusterError> {
+        let keyring = Keyring::from_base64(&config.keys)?;
+        if config.cluster_name.is_empty() {
+            return Err(ClusterError::Config("the cluster name must not be empty".into()));
+        }
+        if meta.name.is_empty() {
+            return Err(ClusterError::Config("the node name must not be empty".into()));
+        }
+        let (tcp, udp) = bind(config.bind_addr).await?;
+        let bound = udp.local_addr().map_err(|source| ClusterError::Io { addr: config.bind_addr, source })?;
+        let gossip_addr = config.advertise_addr.unwrap_or(bound);
+        if gossip_addr.ip().is_unspecified() {
+            return Err(ClusterError::Config(format!(
+                "bound to {bound}: set advertise_addr to an address other members can reach"
+            )));
+        }
+        let shared = Arc::new(Shared {
+            cluster_name: config.cluster_name.clone(),
+            compression: config.compression,
+            keyring: ArcSwap::from_pointee(keyring),
+            keyring_edit: Mutex::new(()),
+            members: ArcSwap::from_pointee(Vec::new()),
+            counters: Counters::default(),
+            gossip_addr,
+        });
+
+        let (foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
+        // Wall-clock milliseconds: a restarted node outranks its previous identity.
+        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
+        let id = NodeId { addr: gossip_addr, generation };
+        let mut node = Node::new(id, meta.clone(), foca_cfg, push_pull, rand::random(), now_ms());
+
+        let seeds = join_check(&shared, &config, &meta, &mut node).await?;
+        node.join(&seeds);
+
+        let (in_tx, in_rx) = mpsc::channel(1024);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (changes_tx, changes_rx) = watch::channel(0u64);
+        let udp = Arc::new(udp);
+        let io_tasks = vec![
+            tokio::spawn(udp_receiver(shared.clone(), udp.clone(), in_tx.clone())),
+            tokio::spawn(tcp_acceptor(shared.clone(), tcp, in_tx.clone())),
+        ];
+        let driver = Driver {
+            shared: shared.clone(),
+            node,
+            udp,
+            in_tx,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            peers: config.peers.clone(),
+            backoff: seed_backoff(config.profile),
+            next_seed_try: Instant::now() + seed_backoff(config.profile).0,
+            seed_delay: seed_backoff(config.profile).0,
+            changes: changes_tx,
+        };
+        tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
+        Ok(ClusterHandle { shared, commands: cmd_tx, changes: changes_rx })
+    }
+}
+
+// Pulls the state from a seed and checks the name; returns the resolved seeds.
+async fn join_check(
+    shared: &Shared,
+    config: &ClusterConfig,
+    meta: &NodeMeta,
+    node: &mut Node,
+) -> Result<Vec<SocketAddr>, ClusterError> {
+    if config.peers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let limit = match config.profile {
+        Profile::Local => Duration::from_secs(2),
+        Profile::Lan => Duration::from_secs(5),
+        Profile::Wan => Duration::from_secs(10),
+    };
+    let deadline = Instant::now() + limit;
+    let (mut delay, max) = seed_backoff(config.profile);
+    let empty = PushPullState::default().encode();
+    let mut seeds = Vec::new();
+    while Instant::now() < deadline {
+        seeds = resolve(&config.peers, shared.gossip_addr).await;
+        for seed in &seeds {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(reply)) = timeout(left, shared.exchange(*seed, &empty)).await else { continue };
+            let Some(state) = PushPullState::decode(&reply) else { continue };
+            if let Some(other) = state.name_taken(&meta.name, shared.gossip_addr) {
+                return Err(ClusterError::NameConflict { name: meta.name.clone(), other });
+            }
+            node.apply_state(state, true);
+            return Ok(seeds);
+        }
+        tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+        delay = (delay * 2).min(max);
+    }
+    tracing::warn!(peers = ?config.peers, "no cluster seed answered; starting alone and retrying in the background");
+    Ok(seeds)
+}
+
+async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender<Inbound>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, _from)) = udp.recv_from(&mut buf).await else {
+            // ICMP errors surface here on some platforms; they say nothing about the socket.
+            continue;
+        };
+        add(&shared.counters.udp_received, 1);
+        add(&shared.counters.bytes_received, n);
+        match shared.open(&buf[..n]) {
+            Some((Kind::Foca, body)) => {
+                // Under overload drop rather than queue without bound: SWIM tolerates loss.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Inbound::Packet(body)) {
+                    return;
+                }
+            }
+            Some(_) => add(&shared.counters.malformed, 1),
+            None => {}
+        }
+    }
+}
+
+async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener, tx: mpsc::Sender<Inbound>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(serve_stream(shared.clone(), stream, tx.clone()));
+    }
+}
+
+async fn serve_stream(shared: Arc<Shared>, mut stream: TcpStream, tx: mpsc::Sender<Inbound>) {
+    let run = async {
+        let frame = wire::read_frame(&mut stream).await.ok()?;
+        add(&shared.counters.tcp_received, 1);
+        add(&shared.counters.bytes_received, frame.len() + 4);
+        let (kind, body) = shared.open(&frame)?;
+        match kind {
+            Kind::Foca => tx.send(Inbound::Packet(body)).await.ok(),
+            Kind::PushPull => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                tx.send(Inbound::Stream { kind, body, reply: reply_tx }).await.ok()?;
+                let reply = reply_rx.await.ok()??;
+                let sealed = shared.seal(Kind::PushPullReply, &reply);
+                wire::write_frame(&mut stream, &sealed).await.ok()?;
+                add(&shared.counters.tcp_sent, 1);
+                add(&shared.counters.bytes_sent, sealed.len() + 4);
+                Some(())
+            }
+            Kind::PushPullReply => {
+                add(&shared.counters.malformed, 1);
+                None
+            }
+        }
+    };
+    let _ = timeout(STREAM_TIMEOUT, run).await;
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    timer: NodeTimer,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest timer on top.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    node: Node,
+    udp: Arc<UdpSocket>,
+    in_tx: mpsc::Sender<Inbound>,
+    timers: BinaryHeap<Scheduled>,
+    timer_seq: u64,
+    peers: Vec<String>,
+    backoff: (Duration, Duration),
+    next_seed_try: Instant,
+    seed_delay: Duration,
+    changes: watch::Sender<u64>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        io_tasks: Vec<JoinHandle<()>>,
+    ) {
+        self.flush().await;
+        loop {
+            let next_timer = self.timers.peek().map_or(Instant::now() + Duration::from_secs(3600), |t| t.at);
+            let retry_seeds = !self.peers.is_empty() && !self.node.is_connected();
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => break,
+                    Some(Command::SetMeta(meta)) => self.node.set_meta(meta),
+                    Some(Command::Leave(done)) => {
+                        self.node.leave();
+                        self.flush_leaving().await;
+                        let _ = done.send(());
+                        break;
+                    }
+                },
+                Some(msg) = inbound.recv() => match msg {
+                    Inbound::Packet(body) => self.node.handle_packet(&body),
+                    Inbound::Stream { kind, body, reply } => {
+                        let _ = reply.send(self.node.handle_stream(kind, &body));
+                    }
+                    Inbound::StreamReply(body) => {
+                        self.node.handle_stream(Kind::PushPullReply, &body);
+                    }
+                    Inbound::Seeds(seeds) => self.node.join(&seeds),
+                },
+                _ = tokio::time::sleep_until(next_timer) => {
+                    let now = Instant::now();
+                    while self.timers.peek().is_some_and(|t| t.at <= now) {
+                        let t = self.timers.pop().expect("peeked");
+                        self.node.handle_timer(t.timer);
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_seed_try), if retry_seeds => {
+                    self.seed_delay = (self.seed_delay * 2).min(self.backoff.1);
+                    self.next_seed_try = Instant::now() + self.seed_delay;
+                    let (peers, own, tx) = (self.peers.clone(), self.shared.gossip_addr, self.in_tx.clone());
+                    tokio::spawn(async move {
+                        let seeds = resolve(&peers, own).await;
+                        if !seeds.is_empty() {
+                            let _ = tx.send(Inbound::Seeds(seeds)).await;
+                        }
+                    });
+                }
+            }
+            self.flush().await;
+        }
+        for t in io_tasks {
+            t.abort();
+        }
+    }
+
+    // Carries out the node's outputs and publishes membership changes.
+    async fn flush(&mut self) {
+        for out in self.node.take_outputs() {
+            match out {
+                Output::Packet { to, body } => self.send_packet(to, &body).await,
+                Output::PushPull { to, body } => {
+                    let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(reply) = shared.exchange(to, &body).await {
+                            let _ = tx.send(Inbound::StreamReply(reply)).await;
+                        }
+                    });
+                }
+                Output::Timer { after, timer } => {
+                    self.timer_seq += 1;
+                    self.timers.push(Scheduled { at: Instant::now() + after, seq: self.timer_seq, timer });
+                }
+            }
+        }
+        for e in self.node.take_events() {
+            match e {
+                Event::Idle => {
+                    // Lost every peer: start over with the seeds, quickly.
+                    self.seed_delay = self.backoff.0;
+                    self.next_seed_try = Instant::now() + self.backoff.0;
+                }
+                Event::Active => self.seed_delay = self.backoff.0,
+                _ => {}
+            }
+        }
+        if self.node.refresh(now_ms()) {
+            self.shared.members.store(Arc::new(self.node.members()));
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    // Like flush, but waits for the reliable leave push instead of spawning it.
+    async fn flush_leaving(&mut self) {
+        for out in self.node.take_outputs() {
+            match out {
+                Output::Packet { to, body } => self.send_packet(to, &body).await,
+                Output::PushPull { to, body } => {
+                    let _ = self.shared.exchange(to, &body).await;
+                }
+                Output::Timer { .. } => {}
+            }
+        }
+        self.node.refresh(now_ms());
+        self.shared.members.store(Arc::new(self.node.members()));
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    async fn send_packet(&self, to: SocketAddr, body: &[u8]) {
+        let sealed = self.shared.seal(Kind::Foca, body);
+        if sealed.len() <= wire::MAX_UDP_PACKET {
+            if self.udp.send_to(&sealed, to).await.is_ok() {
+                add(&self.shared.counters.udp_sent, 1);
+                add(&self.shared.counters.bytes_sent, sealed.len());
+            }
+        } else {
+            let shared = self.shared.clone();
+            tokio::spawn(async move { shared.send_frame(to, sealed).await });
+        }
+    }
+}
