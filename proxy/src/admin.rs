@@ -191,6 +191,31 @@ impl ServeHttp for AdminApp {
                     Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, format!("swap task failed: {e}")),
                 }
             }
+            ("GET", ["api", "cluster"]) => match self.runtime.cluster.get() {
+                Some(h) => json_reply(StatusCode::OK, crate::membership::cluster_json(h)),
+                None => error_reply(StatusCode::NOT_FOUND, "this proxy is not in a cluster; add a [cluster] section to the config"),
+            },
+            ("POST", ["api", "cluster", "keys"]) => {
+                let Some(h) = self.runtime.cluster.get().cloned() else {
+                    return error_reply(StatusCode::NOT_FOUND, "this proxy is not in a cluster");
+                };
+                let body = match read_body(session).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                #[derive(serde::Deserialize)]
+                struct KeyOp {
+                    op: String,
+                    key: String,
+                }
+                match serde_json::from_slice::<KeyOp>(&body) {
+                    Err(e) => error_reply(StatusCode::BAD_REQUEST, format!("expected {{\"op\": \"install|use|remove\", \"key\": \"BASE64\"}}: {e}")),
+                    Ok(k) => match crate::membership::keyring_op(&h, &k.op, &k.key) {
+                        Ok(()) => json_reply(StatusCode::OK, json!({ "ok": true, "keys": h.keys().len() })),
+                        Err(e) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
+                    },
+                }
+            }
             ("POST", ["api", "reload"]) => {
                 let rt = self.runtime.clone();
                 match tokio::task::spawn_blocking(move || rt.reload()).await {

@@ -54,6 +54,9 @@ pub struct Config {
     /// `[[route]]` entries, matched most specific first.
     #[serde(default)]
     pub route: Vec<RouteConfig>,
+    /// `[cluster]`: join a gossip cluster; pools then also take members from it.
+    #[serde(default)]
+    pub cluster: Option<Spanned<crate::membership::ClusterSection>>,
     /// Directory relative plugin paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -467,6 +470,9 @@ impl Config {
             parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;
         }
         parse_listen(self.admin.listen.get_ref()).map_err(|m| self.error_at(self.admin.listen.span(), m))?;
+        if let Some(c) = &self.cluster {
+            c.get_ref().to_config(&self.base_dir).map_err(|m| self.error_at(c.span(), m))?;
+        }
         let mut names = HashSet::new();
         for pool in &self.pool {
             let name = pool.name.get_ref();

@@ -7,6 +7,7 @@
 //! shared by every plugin kind; [`runtime`] holds the swappable state; [`admin`] is the API.
 
 pub mod admin;
+pub mod agent;
 pub mod builtin;
 pub mod client;
 pub mod cluster;
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod health;
 pub mod health_probe;
 pub mod health_scheduler;
+pub mod membership;
 pub mod metrics;
 pub mod outlier;
 pub mod plugin;

@@ -33,10 +33,47 @@ enum Command {
     Demo,
     /// Print a new random 256-bit cluster key (base64).
     Genkey,
+    /// Run on a backend host: join the cluster and announce this host's services.
+    Agent {
+        /// The agent's TOML config ([cluster], [agent], [[service]]).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Inspect the cluster through a proxy's admin API.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        /// Admin API address.
+        #[arg(long, global = true, default_value = "127.0.0.1:9900")]
+        admin: String,
+        /// Bearer token, if the admin API has one.
+        #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
     /// Work with plugins.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Table of members: name, role, zone, addresses, state, services.
+    Info,
+    /// The cluster as a Graphviz DOT graph (proxies → backends by pool).
+    Map {
+        /// Render to SVG with Graphviz `dot` instead of printing DOT.
+        #[arg(long)]
+        svg: bool,
+    },
+    /// Rotate keys without a restart: install a key, use it to encrypt, remove an old one.
+    Keys {
+        /// install, use or remove.
+        #[arg(value_parser = ["install", "use", "remove"])]
+        op: String,
+        /// The base64 key.
+        key: String,
     },
 }
 
@@ -136,6 +173,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
             Ok(())
         }
+        Command::Agent { config } => {
+            let cfg = sluice::agent::AgentConfig::load(&config)?;
+            let base = config.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            sluice::agent::run(cfg, &base)
+        }
+        Command::Cluster { command, admin, token } => cluster_command(command, &admin, token),
         Command::Plugin { command: PluginCommand::New { name, dir, sdk } } => {
             let sdk = sdk.or_else(sluice::scaffold::default_sdk_path).ok_or_else(|| {
                 anyhow::anyhow!("cannot find sluice-sdk; pass --sdk PATH/TO/sluice/sdk")
@@ -166,6 +209,69 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             } else {
                 anyhow::bail!("the proxy refused the plugin ({}): {}", resp.status, resp.text().trim())
             }
+        }
+    }
+}
+
+fn admin_call(admin: &str, token: Option<String>, method: &str, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+    let addr = admin.parse().map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    let resp = sluice::client::request(addr, method, path, &headers, body)
+        .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?"))?;
+    let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
+    if resp.status != 200 {
+        anyhow::bail!("{} ({}): {}", path, resp.status, v["error"].as_str().unwrap_or(&resp.text()));
+    }
+    Ok(v)
+}
+
+fn cluster_command(command: ClusterCommand, admin: &str, token: Option<String>) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Keys { op, key } => {
+            let body = serde_json::json!({ "op": op, "key": key }).to_string();
+            admin_call(admin, token, "POST", "/api/cluster/keys", body.as_bytes())?;
+            println!("key {op}: done");
+            Ok(())
+        }
+        ClusterCommand::Info => {
+            let v = admin_call(admin, token, "GET", "/api/cluster", b"")?;
+            println!("{:<20} {:<8} {:<8} {:<22} {:<9} services", "name", "role", "zone", "address", "state");
+            for m in v["members"].as_array().into_iter().flatten() {
+                let services: Vec<String> = m["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| format!("{}={}", s["pool"].as_str().unwrap_or(""), s["addr"].as_str().unwrap_or("")))
+                    .collect();
+                println!(
+                    "{:<20} {:<8} {:<8} {:<22} {:<9} {}",
+                    m["name"].as_str().unwrap_or(""),
+                    m["role"].as_str().unwrap_or(""),
+                    m["zone"].as_str().unwrap_or(""),
+                    m["address"].as_str().unwrap_or(""),
+                    m["state"].as_str().unwrap_or(""),
+                    services.join(" ")
+                );
+            }
+            Ok(())
+        }
+        ClusterCommand::Map { svg } => {
+            let v = admin_call(admin, token, "GET", "/api/cluster", b"")?;
+            let dot = sluice::membership::cluster_dot(&v);
+            if !svg {
+                print!("{dot}");
+                return Ok(());
+            }
+            use std::io::Write;
+            let mut child = std::process::Command::new("dot")
+                .arg("-Tsvg")
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("--svg needs Graphviz `dot` ({e}); install graphviz or drop --svg and pipe the DOT text yourself"))?;
+            child.stdin.take().expect("piped").write_all(dot.as_bytes())?;
+            anyhow::ensure!(child.wait()?.success(), "dot failed");
+            Ok(())
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct BackendStats {
     pub admitted_at_ms: AtomicU64,
     /// Active health state (true until a health check says otherwise).
     pub healthy: AtomicBool,
+    /// The cluster member announcing this backend is suspect or draining: no new requests.
+    pub cluster_hold: AtomicBool,
     /// Weight percentage from a "degraded" health verdict (100 = full weight).
     pub health_factor: AtomicU32,
     /// Health-check bookkeeping, touched only by the health scheduler and the admin API.
@@ -75,6 +77,7 @@ impl BackendStats {
             ejections: AtomicU32::new(0),
             admitted_at_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            cluster_hold: AtomicBool::new(false),
             health_factor: AtomicU32::new(100),
             health: Mutex::new(HealthRecord::default()),
         }
@@ -85,9 +88,9 @@ impl BackendStats {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// True when the backend may take traffic (healthy and not ejected).
+    /// True when the backend may take traffic (healthy, not ejected, not held by the cluster).
     pub fn is_routable(&self, now_ms: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
+        self.healthy.load(Ordering::Relaxed) && !self.cluster_hold.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
     }
 
     /// Latency EWMA in microseconds.
@@ -282,6 +285,8 @@ pub struct Pool {
     pub health: arc_swap::ArcSwapOption<crate::health::HealthHost>,
     /// Requests routed to this pool (the health scheduler slows down while it does not move).
     pub requests: AtomicU64,
+    /// Where members come from: (static config, gossip cluster). Merged into `members`.
+    sources: Mutex<(Vec<BackendSpec>, Vec<BackendSpec>)>,
 }
 
 impl Pool {
@@ -312,14 +317,32 @@ impl Pool {
             rebuild: Mutex::new(()),
             health: arc_swap::ArcSwapOption::empty(),
             requests: AtomicU64::new(0),
+            sources: Mutex::new((specs.to_vec(), Vec::new())),
         };
         pool.rebuild_table();
         pool
     }
 
-    /// Replaces the static backends, keeping the statistics of backends whose address stays.
+    /// Replaces the backends from the config file; gossip members stay. True when members changed.
+    pub fn set_static_backends(&self, specs: &[BackendSpec]) -> bool {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.0 = specs.to_vec();
+        self.set_backends(&merge_sources(&sources))
+    }
+
+    /// Replaces the backends announced by cluster members; static ones stay. True when members changed.
+    pub fn set_gossip_backends(&self, specs: &[BackendSpec]) -> bool {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if sources.1 == specs {
+            return false;
+        }
+        sources.1 = specs.to_vec();
+        self.set_backends(&merge_sources(&sources))
+    }
+
+    /// Replaces all members, keeping the statistics of backends whose address stays.
     /// Returns true when the membership changed.
-    pub fn set_backends(&self, specs: &[BackendSpec]) -> bool {
+    fn set_backends(&self, specs: &[BackendSpec]) -> bool {
         let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.members.load_full();
         let same = old.len() == specs.len()
@@ -407,6 +430,13 @@ impl Pool {
         self.table.store(Arc::new(table));
         true
     }
+}
+
+/// Static entries first, then gossip entries at addresses the config does not list.
+fn merge_sources(sources: &(Vec<BackendSpec>, Vec<BackendSpec>)) -> Vec<BackendSpec> {
+    let mut all = sources.0.clone();
+    all.extend(sources.1.iter().filter(|g| !sources.0.iter().any(|s| s.addr == g.addr)).cloned());
+    all
 }
 
 /// True while `b` is in its slow-start window.

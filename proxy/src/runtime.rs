@@ -73,6 +73,8 @@ pub struct Runtime {
     config_path: Option<PathBuf>,
     /// Serializes reloads and swaps against each other (never taken on the request path).
     admin_lock: Mutex<()>,
+    /// This proxy's cluster member, when `[cluster]` is configured.
+    pub cluster: std::sync::OnceLock<crate::cluster::ClusterHandle>,
 }
 
 impl Runtime {
@@ -87,6 +89,7 @@ impl Runtime {
             config: ArcSwap::from_pointee(config.clone()),
             config_path,
             admin_lock: Mutex::new(()),
+            cluster: std::sync::OnceLock::new(),
         };
         rt.apply(config)?;
         Ok(rt)
@@ -230,7 +233,7 @@ impl Runtime {
                         pool.settings.store(Arc::new(settings));
                         changed = true;
                     }
-                    changed |= pool.set_backends(&backends);
+                    changed |= pool.set_static_backends(&backends);
                     match health {
                         HealthPlan::Keep => {}
                         HealthPlan::Remove => {

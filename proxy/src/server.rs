@@ -47,6 +47,21 @@ fn check_listeners(config: &Config) -> anyhow::Result<()> {
 pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Runtime)) -> anyhow::Result<()> {
     check_listeners(&config)?;
     let runtime = build_runtime(config.clone(), config_path)?;
+    // Join the cluster before any listener opens: a name conflict or a bad key stops us here.
+    let cluster = match &config.cluster {
+        Some(section) => {
+            let section = section.get_ref();
+            let cfg = section.to_config(&config.base_dir).map_err(anyhow::Error::msg)?;
+            let mut meta = crate::cluster::NodeMeta::new(section.node_name(), crate::cluster::Role::Proxy);
+            meta.zone = config.server.zone.clone().unwrap_or_default();
+            let node = crate::membership::ClusterNode::start(cfg, meta)?;
+            let _ = runtime.cluster.set(node.handle.clone());
+            node.spawn(crate::membership::watch(runtime.clone(), node.handle.clone()));
+            tracing::info!(gossip = %node.handle.gossip_addr(), "joined the cluster");
+            Some(node)
+        }
+        None => None,
+    };
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -93,6 +108,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
     server.add_service(background_service("health-checks", HealthChecks { runtime: runtime.clone() }));
 
     ready(&runtime);
+    // The cluster member lives as long as the process; pingora exits the process on shutdown.
+    std::mem::forget(cluster);
     server.run_forever()
 }
 

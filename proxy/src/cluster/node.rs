@@ -60,6 +60,8 @@ pub enum NodeTimer {
     Foca(Timer<NodeId>),
     /// Time for a push-pull state exchange with a random member.
     PushPull,
+    /// A member came up a while ago; pull its state if its metadata has still not arrived.
+    FetchMeta(SocketAddr),
 }
 
 /// Something the driver must do for the node.
@@ -312,6 +314,8 @@ pub struct Node {
     left: bool,
     connected: bool,
     push_pull_every: Duration,
+    // How long a new member's metadata broadcast gets before we ask the member directly.
+    meta_grace: Duration,
     rng: SmallRng,
     view: HashMap<SocketAddr, ViewEntry>,
     refresh_pass: u64,
@@ -332,6 +336,7 @@ impl Node {
     pub fn new(id: NodeId, meta: NodeMeta, config: foca::Config, push_pull_every: Duration, seed: u64, now_ms: u64) -> Node {
         let store = Arc::new(Mutex::new(MetaStore { self_addr: Some(id.addr), ..MetaStore::default() }));
         let handler = MetaHandler { store: store.clone() };
+        let meta_grace = config.probe_period * 2;
         let foca = Foca::with_custom_broadcast(id, config, SmallRng::seed_from_u64(seed), PostcardCodec, handler);
         let mut node = Node {
             foca,
@@ -342,6 +347,7 @@ impl Node {
             left: false,
             connected: false,
             push_pull_every,
+            meta_grace,
             rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             view: HashMap::new(),
             refresh_pass: 0,
@@ -438,6 +444,13 @@ impl Node {
                     }
                 }
             }
+            NodeTimer::FetchMeta(addr) => {
+                let active = self.foca.iter_members().any(|m| m.id().addr == addr);
+                if active && !self.has_meta(addr) {
+                    let body = PushPullState::default().encode();
+                    self.outbox.outputs.push(Output::PushPull { to: addr, body });
+                }
+            }
         }
         self.after_call();
     }
@@ -480,10 +493,22 @@ impl Node {
         if self.foca.apply_many(state.members.into_iter(), broadcast, &mut self.outbox).is_err() {
             self.errors.state += 1;
         }
+        let mut fresh = Vec::new();
         {
             let mut store = lock(&self.store);
             for m in state.metas {
-                store.accept(m);
+                let bytes = broadcast && m.meta.is_some() && m.addr != self.id().addr;
+                let bytes = bytes.then(|| postcard::to_allocvec(&m).expect("serializing into a Vec cannot fail"));
+                if store.accept(m) {
+                    fresh.extend(bytes.filter(|b| b.len() <= MAX_BROADCAST_META));
+                }
+            }
+        }
+        // What was news to us is news to others: gossip it like a broadcast we received, so a
+        // joiner's metadata spreads from the seed it pushed to, not only from the joiner.
+        for b in fresh {
+            if self.foca.add_broadcast(&b).is_err() {
+                self.errors.foca += 1;
             }
         }
         self.after_call();
@@ -714,6 +739,14 @@ impl Node {
                 Event::Active => self.connected = true,
                 Event::Idle => self.connected = false,
                 Event::Rejoined => rejoined = true,
+                // Dissemination is probabilistic: with foca's retransmission count a node misses
+                // a given broadcast with probability ~e^-max_transmissions, i.e. a few pairs in a
+                // cluster of a hundred. SWIM repairs membership through probes, but nothing
+                // would repair metadata before the next push-pull, so ask the member itself.
+                Event::MemberUp(addr) => {
+                    let timer = NodeTimer::FetchMeta(*addr);
+                    self.outbox.outputs.push(Output::Timer { after: self.meta_grace, timer });
+                }
                 _ => {}
             }
         }

@@ -328,6 +328,9 @@ impl Cluster {
 
         let seeds = join_check(&shared, &config, &meta, &mut node).await?;
         node.join(&seeds);
+        // Publish before returning so that members() is never empty, even before the first turn.
+        node.refresh(now_ms());
+        shared.members.store(Arc::new(node.members()));
 
         let (in_tx, in_rx) = mpsc::channel(1024);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -612,5 +615,111 @@ impl Driver {
             let shared = self.shared.clone();
             tokio::spawn(async move { shared.send_frame(to, sealed).await });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{generate_key, MemberState, Role, Service};
+
+    fn config(key: &str, peers: &[SocketAddr]) -> ClusterConfig {
+        let mut c = ClusterConfig::new("test", "127.0.0.1:0".parse().expect("valid"), key);
+        c.profile = Profile::Local;
+        c.expected_size = 4;
+        c.compression = true;
+        c.peers = peers.iter().map(|p| p.to_string()).collect();
+        c
+    }
+
+    // Polls `cond` every 50 ms for at most `secs` seconds.
+    async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..secs * 20 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out after {secs} s waiting for: {what}");
+    }
+
+    fn state_of(h: &ClusterHandle, name: &str) -> Option<MemberState> {
+        h.members().into_iter().find(|m| m.meta.name == name).map(|m| m.state)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_on_loopback() {
+        let key = generate_key();
+        let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy)).await.expect("a starts");
+        let seed = [a.gossip_addr()];
+        let mut b_meta = NodeMeta::new("b", Role::Backend);
+        b_meta.services.push(Service { pool: "web".into(), addr: "127.0.0.1:9001".parse().expect("valid"), weight: 3 });
+        let b = Cluster::start(config(&key, &seed), b_meta.clone()).await.expect("b starts");
+        let c = Cluster::start(config(&key, &seed), NodeMeta::new("c", Role::Backend)).await.expect("c starts");
+        let mut changes = a.changes();
+
+        for h in [&a, &b, &c] {
+            eventually(10, "all three alive everywhere", || {
+                ["a", "b", "c"].iter().all(|n| state_of(h, n) == Some(MemberState::Alive))
+            })
+            .await;
+        }
+        let seen = a.members().into_iter().find(|m| m.meta.name == "b").expect("b known");
+        assert_eq!((seen.meta, seen.gossip_addr), (b_meta.clone(), b.gossip_addr()));
+        assert!(changes.has_changed().expect("a is running"));
+        changes.mark_unchanged();
+
+        // Metadata updates spread.
+        b_meta.draining = true;
+        b.set_meta(b_meta.clone()).expect("b is running");
+        eventually(10, "c sees b draining", || {
+            c.members().iter().any(|m| m.meta.name == "b" && m.meta.draining)
+        })
+        .await;
+        assert!(changes.has_changed().expect("a is running"));
+
+        // The same name at another address is refused at start.
+        match Cluster::start(config(&key, &seed), NodeMeta::new("b", Role::Backend)).await {
+            Err(ClusterError::NameConflict { name, other }) => {
+                assert_eq!((name.as_str(), other), ("b", b.gossip_addr()));
+            }
+            other => panic!("expected a name conflict, got {other:?}"),
+        }
+
+        // A node with another key never gets in, and its packets are counted as rejected.
+        let rejected_before = a.stats().rejected_decrypt;
+        let stranger = Cluster::start(config(&generate_key(), &seed), NodeMeta::new("x", Role::Proxy))
+            .await
+            .expect("starts alone");
+        eventually(10, "a rejects the stranger's packets", || a.stats().rejected_decrypt > rejected_before + 2)
+            .await;
+        assert_eq!(stranger.members().len(), 1, "the stranger knows only itself");
+        assert!(a.members().iter().all(|m| m.meta.name != "x"));
+        eventually(10, "the stranger's datagrams are rejected too", || stranger.stats().udp_sent > 0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(stranger.members().len(), 1, "still alone after its announces");
+
+        // A graceful leave is seen as Left, not Down.
+        c.leave().await.expect("c leaves");
+        assert!(!c.is_running());
+        for h in [&a, &b] {
+            eventually(10, "c left", || state_of(h, "c") == Some(MemberState::Left)).await;
+        }
+        assert_eq!(state_of(&a, "b"), Some(MemberState::Alive));
+        let s = a.stats();
+        assert!(s.udp_sent > 0 && s.udp_received > 0 && s.tcp_received > 0 && s.bytes_sent > 0, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn keyring_operations_through_the_handle() {
+        let (k1, k2) = (generate_key(), generate_key());
+        let h = Cluster::start(config(&k1, &[]), NodeMeta::new("k", Role::Proxy)).await.expect("starts");
+        h.keyring_install(&k2).expect("install");
+        assert_eq!(h.keys(), [k1.clone(), k2.clone()]);
+        assert!(matches!(h.keyring_remove(&k1), Err(ClusterError::Key(crate::cluster::KeyError::RemovePrimary))));
+        h.keyring_use(&k2).expect("use");
+        h.keyring_remove(&k1).expect("remove the old primary");
+        assert_eq!(h.keys(), [k2]);
+        assert!(matches!(h.keyring_install("nope"), Err(ClusterError::Key(_))));
     }
 }

@@ -1,0 +1,175 @@
+//! Real processes on loopback: 2 proxies and 4 agents in one gossip cluster (the fast "local"
+//! timing profile). Killed agents leave the proxies' pools, a SIGTERM drains without failing a
+//! request, and a node with the wrong key never joins.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const KEY: &str = "c2x1aWNlLXRlc3Qta2V5LTMyLWJ5dGVzLWxvbmchISE="; // 32 bytes, test only
+const OTHER_KEY: &str = "b3RoZXItdGVzdC1rZXktMzItYnl0ZXMtbG9uZyEhISE=";
+
+fn cluster_section(name: &str, bind: SocketAddr, key: &str, peers: &[SocketAddr]) -> String {
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "[cluster]\nname = \"test\"\nnode_name = \"{name}\"\nbind_addr = \"{bind}\"\nkey = \"{key}\"\npeers = [{}]\nprofile = \"local\"\n",
+        peers.join(", ")
+    )
+}
+
+fn gossip_addr(ip_last: u8) -> SocketAddr {
+    // Ports from the OS's free list, on distinct 127.0.0.x addresses as separate hosts would have.
+    let ip = format!("127.0.0.{ip_last}");
+    let l = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Agent {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, name: &str, cluster: &str, service: SocketAddr) -> Agent {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = format!("{cluster}\n[agent]\ndrain_grace = \"1500ms\"\ncheck_interval = \"500ms\"\n[[service]]\npool = \"web\"\naddr = \"{service}\"\ncheck = \"tcp\"\n");
+        std::fs::write(dir.join("agent.toml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["agent", "--config"])
+            .arg(dir.join("agent.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent { child, dir }
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pool_addrs(proxy: &Proxy) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
+    v["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["addr"].as_str().unwrap().to_string()).collect()
+}
+
+fn routable(proxy: &Proxy) -> usize {
+    let v: serde_json::Value = serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
+    v["pools"][0]["backends"].as_array().unwrap().iter().filter(|b| b["state"] == "routable").count()
+}
+
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
+    let b = backends(4);
+    let dir = scratch_dir("cluster");
+    let pool = "[[pool]]\nname = \"web\"\nstrategy = \"builtin:round-robin\"\nretries = 2\n[[route]]\npool = \"web\"\n";
+    let g1 = gossip_addr(11);
+    let g2 = gossip_addr(12);
+    let p1 = Proxy::start_in(
+        { let d = dir.join("p1"); std::fs::create_dir_all(&d).unwrap(); d },
+        &format!("{pool}{}", cluster_section("proxy-1", g1, KEY, &[])),
+    );
+    let p2 = Proxy::start_in(
+        { let d = dir.join("p2"); std::fs::create_dir_all(&d).unwrap(); d },
+        &format!("{pool}{}", cluster_section("proxy-2", g2, KEY, &[g1])),
+    );
+    let mut agents: Vec<Option<Agent>> = (0..4)
+        .map(|i| {
+            let g = gossip_addr(21 + i as u8);
+            Some(Agent::start(&dir, &format!("agent-{i}"), &cluster_section(&format!("agent-{i}"), g, KEY, &[g1, g2]), b[i].0))
+        })
+        .collect();
+
+    // Both proxies learn all four services and route to them.
+    for p in [&p1, &p2] {
+        assert!(
+            wait_for(Duration::from_secs(30), || routable(p) == 4),
+            "pool never reached 4 backends: {:?}\n{}",
+            pool_addrs(p),
+            agents[0].as_ref().unwrap().log()
+        );
+        let t = tally((0..8).map(|_| p.get("/").text()));
+        assert_eq!(t.len(), 4, "{t:?}");
+    }
+    let info = p1.admin_req("GET", "/api/cluster", b"").text();
+    assert!(info.contains("\"agent-3\"") && info.contains("\"proxy-2\""), "{info}");
+
+    // SIGKILL: no goodbye; both proxies drop it once the cluster declares it down.
+    let killed = b[0].0.to_string();
+    agents[0].as_ref().unwrap().signal("-KILL");
+    for p in [&p1, &p2] {
+        assert!(wait_for(Duration::from_secs(30), || !pool_addrs(p).contains(&killed)), "killed agent still in {:?}", pool_addrs(p));
+    }
+
+    // SIGTERM: the agent drains; a bounded load loop meanwhile sees no failure.
+    let drained = b[1].0.to_string();
+    let addr = p1.listen;
+    let loader = std::thread::spawn(move || bounded_load(3, 400, Duration::from_secs(20), move |c| keepalive_get(c, addr, "/")));
+    std::thread::sleep(Duration::from_millis(300));
+    agents[1].as_ref().unwrap().signal("-TERM");
+    let results = loader.join().unwrap();
+    let failed = results.iter().filter(|r| !matches!(r, Ok(r) if r.status == 200)).count();
+    assert_eq!(failed, 0, "{failed} of {} requests failed during the drain", results.len());
+    assert!(wait_for(Duration::from_secs(20), || !pool_addrs(&p1).contains(&drained)));
+    let mut agent1 = agents[1].take().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || agent1.child.try_wait().unwrap().is_some()), "agent did not exit after draining");
+    assert!(agent1.log().contains("left the cluster"), "{}", agent1.log());
+
+    // A node with the wrong key never joins, and its packets are counted as rejected.
+    let bad = Agent::start(&dir, "intruder", &cluster_section("intruder", gossip_addr(31), OTHER_KEY, &[g1]), b[3].0);
+    let rejected = |p: &Proxy| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&p.admin_req("GET", "/api/cluster", b"").text()).unwrap();
+        v["transport"]["rejected_decrypt"].as_u64().unwrap()
+    };
+    assert!(wait_for(Duration::from_secs(15), || rejected(&p1) > 0), "no rejected packets counted");
+    assert!(!p1.admin_req("GET", "/api/cluster", b"").text().contains("intruder"));
+    drop(bad);
+    drop(agents);
+}
+
+#[test]
+fn a_second_node_with_the_same_name_refuses_to_start() {
+    let dir = scratch_dir("cluster-name");
+    let b = backends(1);
+    let g1 = gossip_addr(41);
+    let first = Agent::start(&dir, "a", &cluster_section("same-name", g1, KEY, &[]), b[0].0);
+    std::thread::sleep(Duration::from_millis(500));
+    let g2 = gossip_addr(42);
+    let dup = Agent::start(&dir, "b", &cluster_section("same-name", g2, KEY, &[g1]), b[0].0);
+    let mut dup = dup;
+    assert!(wait_for(Duration::from_secs(20), || dup.child.try_wait().unwrap().is_some()), "duplicate name kept running");
+    let log = dup.log();
+    assert!(log.contains("already used by the live member"), "{log}");
+    drop(first);
+}
