@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use wasmtime::{Memory, Store, TypedFunc};
+use wasmtime::TypedFunc;
 
 use crate::metrics::Metrics;
-use crate::plugin::{root_cause, HostState, PluginEngine, PluginError, PluginKind, PluginVersion, COUNTER_SLOTS, INIT_DEADLINE_TICKS};
+use crate::plugin::{root_cause, Guest, PluginEngine, PluginError, PluginKind, PluginVersion, COUNTER_SLOTS};
 use crate::pool::Backend;
 
 /// Deadline of one `sluice_health_probe` / `sluice_health_evaluate` call, in epoch ticks (≈ 50 ms).
@@ -201,56 +201,33 @@ fn clone_backend(b: &Backend) -> Backend {
 
 struct Instance {
     generation: u64,
-    store: Store<HostState>,
-    memory: Memory,
-    alloc: TypedFunc<i32, i32>,
+    guest: Guest,
     probe: TypedFunc<(i32, i32), i64>,
     evaluate: TypedFunc<(i32, i32), i32>,
 }
 
 impl Instance {
     fn new(engine: &PluginEngine, version: &PluginVersion) -> Result<Instance, PluginError> {
-        let mut store = engine.store(Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]), &version.name);
-        let inst = version.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
-        let missing = |name: &'static str| move |e: wasmtime::Error| PluginError::MissingExport { name, detail: root_cause(&e) };
-        let memory = inst.get_memory(&mut store, "memory").ok_or(PluginError::MissingExport { name: "memory", detail: "no exported memory".into() })?;
-        let alloc = inst.get_typed_func(&mut store, "sluice_alloc").map_err(missing("sluice_alloc"))?;
-        let init: TypedFunc<(i32, i32), i32> = inst.get_typed_func(&mut store, "sluice_init").map_err(missing("sluice_init"))?;
-        let probe = inst.get_typed_func(&mut store, "sluice_health_probe").map_err(missing("sluice_health_probe"))?;
-        let evaluate = inst.get_typed_func(&mut store, "sluice_health_evaluate").map_err(missing("sluice_health_evaluate"))?;
-        let mut me = Instance { generation: version.generation, store, memory, alloc, probe, evaluate };
-        me.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
-        let (ptr, len) = me.write(&version.config_json).map_err(|e| PluginError::Init(root_cause(&e)))?;
-        let rc = init.call(&mut me.store, (ptr, len)).map_err(|e| PluginError::Init(root_cause(&e)))?;
-        if rc != 0 {
-            let why = me.store.data_mut().error.take().unwrap_or_else(|| format!("sluice_init returned {rc}"));
-            return Err(PluginError::Init(why));
-        }
-        Ok(me)
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> wasmtime::Result<(i32, i32)> {
-        let len = i32::try_from(bytes.len())?;
-        let ptr = self.alloc.call(&mut self.store, len)?;
-        wasmtime::ensure!(ptr != 0 || len == 0, "sluice_alloc({len}) returned 0 (out of memory)");
-        self.memory.write(&mut self.store, usize::try_from(ptr)?, bytes)?;
-        Ok((ptr, len))
+        let mut guest = Guest::new(engine, version, Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]))?;
+        let probe = guest.func("sluice_health_probe")?;
+        let evaluate = guest.func("sluice_health_evaluate")?;
+        Ok(Instance { generation: version.generation, guest, probe, evaluate })
     }
 
     fn probe(&mut self, backend: &Backend) -> Result<ProbeSpec, String> {
-        let (ptr, len) = self.write(&encode_backend(backend)).map_err(|e| root_cause(&e))?;
-        self.store.set_epoch_deadline(HEALTH_CALL_TICKS);
-        let packed = self.probe.call(&mut self.store, (ptr, len)).map_err(|e| root_cause(&e))?;
+        let (ptr, len) = self.guest.write(&encode_backend(backend)).map_err(|e| root_cause(&e))?;
+        self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
+        let packed = self.probe.call(&mut self.guest.store, (ptr, len)).map_err(|e| root_cause(&e))?;
         let (p, n) = ((packed as u64 >> 32) as usize, (packed as u64 & 0xffff_ffff) as usize);
-        let data = self.memory.data(&self.store);
+        let data = self.guest.memory();
         let bytes = p.checked_add(n).and_then(|end| data.get(p..end)).ok_or_else(|| format!("probe pointer {p}+{n} is outside the plugin's memory"))?;
         decode_probe(bytes)
     }
 
     fn evaluate(&mut self, result: &ProbeResult) -> Result<Verdict, String> {
-        let (ptr, len) = self.write(&result.encode()).map_err(|e| root_cause(&e))?;
-        self.store.set_epoch_deadline(HEALTH_CALL_TICKS);
-        match self.evaluate.call(&mut self.store, (ptr, len)).map_err(|e| root_cause(&e))? {
+        let (ptr, len) = self.guest.write(&result.encode()).map_err(|e| root_cause(&e))?;
+        self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
+        match self.evaluate.call(&mut self.guest.store, (ptr, len)).map_err(|e| root_cause(&e))? {
             -1 => Ok(Verdict::Unhealthy),
             100 => Ok(Verdict::Healthy),
             p @ 1..=99 => Ok(Verdict::Degraded(p as u8)),

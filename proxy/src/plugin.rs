@@ -390,6 +390,66 @@ fn check_export(module: &Module, name: &'static str, params: &[wasmtime::ValType
     Ok(())
 }
 
+/// A live, initialized instance of a plugin version: its store, memory and allocator, with
+/// `sluice_init` already run. Strategy and health hosts add their own exports on top.
+pub struct Guest {
+    /// The instance's store.
+    pub store: Store<HostState>,
+    /// The wasm instance, to look up kind-specific exports.
+    pub instance: wasmtime::Instance,
+    memory: wasmtime::Memory,
+    alloc: wasmtime::TypedFunc<i32, i32>,
+}
+
+impl Guest {
+    /// Instantiates `version` with `counters` and runs its `sluice_init` with the version's config.
+    pub fn new(engine: &PluginEngine, version: &PluginVersion, counters: Arc<[AtomicI64; COUNTER_SLOTS]>) -> Result<Guest, PluginError> {
+        let mut store = engine.store(counters, &version.name);
+        let instance = version.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or(PluginError::MissingExport { name: "memory", detail: "no exported memory".into() })?;
+        let alloc = typed(&instance, &mut store, "sluice_alloc")?;
+        let init: wasmtime::TypedFunc<(i32, i32), i32> = typed(&instance, &mut store, "sluice_init")?;
+        let mut guest = Guest { store, instance, memory, alloc };
+        guest.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
+        let (ptr, len) = guest.write(&version.config_json).map_err(|e| PluginError::Init(root_cause(&e)))?;
+        let rc = init.call(&mut guest.store, (ptr, len)).map_err(|e| PluginError::Init(root_cause(&e)))?;
+        if rc != 0 {
+            let why = guest.store.data_mut().error.take().unwrap_or_else(|| format!("sluice_init returned {rc}"));
+            return Err(PluginError::Init(why));
+        }
+        Ok(guest)
+    }
+
+    /// A typed export of this instance.
+    pub fn func<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(&mut self, name: &'static str) -> Result<wasmtime::TypedFunc<P, R>, PluginError> {
+        typed(&self.instance, &mut self.store, name)
+    }
+
+    /// Copies `bytes` into a guest buffer from `sluice_alloc`.
+    pub fn write(&mut self, bytes: &[u8]) -> wasmtime::Result<(i32, i32)> {
+        let len = i32::try_from(bytes.len())?;
+        let ptr = self.alloc.call(&mut self.store, len)?;
+        wasmtime::ensure!(ptr != 0 || len == 0, "sluice_alloc({len}) returned 0 (out of memory)");
+        self.memory.write(&mut self.store, usize::try_from(ptr)?, bytes)?;
+        Ok((ptr, len))
+    }
+
+    /// The guest's memory contents.
+    pub fn memory(&self) -> &[u8] {
+        self.memory.data(&self.store)
+    }
+}
+
+fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    instance: &wasmtime::Instance,
+    store: &mut Store<HostState>,
+    name: &'static str,
+) -> Result<wasmtime::TypedFunc<P, R>, PluginError> {
+    instance.get_typed_func(store, name).map_err(|e| PluginError::MissingExport { name, detail: root_cause(&e) })
+}
+
 /// The innermost message of a wasmtime error chain, which is the one an operator can act on.
 pub fn root_cause(e: &wasmtime::Error) -> String {
     let mut msg = e.to_string();

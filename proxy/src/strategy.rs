@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
-use wasmtime::{Memory, Store, TypedFunc};
+use wasmtime::TypedFunc;
 
 use crate::metrics::Metrics;
 use crate::plugin::{
-    is_deadline, root_cause, HostState, PluginEngine, PluginError, PluginKind, PluginVersion, RequestView,
+    is_deadline, root_cause, Guest, HostState, PluginEngine, PluginError, PluginKind, PluginVersion, RequestView,
     COUNTER_SLOTS, INIT_DEADLINE_TICKS, PICK_DEADLINE_TICKS,
 };
 use crate::pool::BackendTable;
@@ -32,9 +32,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 struct Instance {
     generation: u64,
     table_generation: u64,
-    store: Store<HostState>,
-    memory: Memory,
-    alloc: TypedFunc<i32, i32>,
+    guest: Guest,
     set_backends: TypedFunc<(i32, i32), i32>,
     pick: TypedFunc<i32, i32>,
 }
@@ -42,34 +40,10 @@ struct Instance {
 impl Instance {
     /// Instantiates `version` and runs its `sluice_init`.
     fn new(engine: &PluginEngine, version: &PluginVersion, counters: Arc<[AtomicI64; COUNTER_SLOTS]>) -> Result<Instance, PluginError> {
-        let mut store = engine.store(counters, &version.name);
-        let inst = version.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
-        let missing = |name: &'static str| move |e: wasmtime::Error| PluginError::MissingExport { name, detail: root_cause(&e) };
-        let memory = inst
-            .get_memory(&mut store, "memory")
-            .ok_or(PluginError::MissingExport { name: "memory", detail: "no exported memory".into() })?;
-        let alloc = inst.get_typed_func(&mut store, "sluice_alloc").map_err(missing("sluice_alloc"))?;
-        let init: TypedFunc<(i32, i32), i32> = inst.get_typed_func(&mut store, "sluice_init").map_err(missing("sluice_init"))?;
-        let set_backends = inst.get_typed_func(&mut store, "sluice_set_backends").map_err(missing("sluice_set_backends"))?;
-        let pick = inst.get_typed_func(&mut store, "sluice_pick").map_err(missing("sluice_pick"))?;
-        let mut me = Instance { generation: version.generation, table_generation: 0, store, memory, alloc, set_backends, pick };
-        me.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
-        let (ptr, len) = me.write(&version.config_json).map_err(|e| PluginError::Init(root_cause(&e)))?;
-        let rc = init.call(&mut me.store, (ptr, len)).map_err(|e| PluginError::Init(root_cause(&e)))?;
-        if rc != 0 {
-            let why = me.store.data_mut().error.take().unwrap_or_else(|| format!("sluice_init returned {rc}"));
-            return Err(PluginError::Init(why));
-        }
-        Ok(me)
-    }
-
-    /// Copies `bytes` into a guest buffer from `sluice_alloc`.
-    fn write(&mut self, bytes: &[u8]) -> wasmtime::Result<(i32, i32)> {
-        let len = i32::try_from(bytes.len())?;
-        let ptr = self.alloc.call(&mut self.store, len)?;
-        wasmtime::ensure!(ptr != 0 || len == 0, "sluice_alloc({len}) returned 0 (out of memory)");
-        self.memory.write(&mut self.store, usize::try_from(ptr)?, bytes)?;
-        Ok((ptr, len))
+        let mut guest = Guest::new(engine, version, counters)?;
+        let set_backends = guest.func("sluice_set_backends")?;
+        let pick = guest.func("sluice_pick")?;
+        Ok(Instance { generation: version.generation, table_generation: 0, guest, set_backends, pick })
     }
 
     /// Pushes `table` if this instance has not seen its generation yet.
@@ -77,13 +51,13 @@ impl Instance {
         if self.table_generation == table.generation {
             return Ok(());
         }
-        self.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
-        let (ptr, len) = self.write(&table.encoded)?;
+        self.guest.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
+        let (ptr, len) = self.guest.write(&table.encoded)?;
         // Installed first so `backend_*` host calls made while the plugin digests the table see it.
-        self.store.data_mut().table = Some(table.clone());
+        self.guest.store.data_mut().table = Some(table.clone());
         // Forces a re-push if the call below fails.
         self.table_generation = 0;
-        let rc = self.set_backends.call(&mut self.store, (ptr, len))?;
+        let rc = self.set_backends.call(&mut self.guest.store, (ptr, len))?;
         wasmtime::ensure!(rc == 0, "sluice_set_backends returned {rc}");
         self.table_generation = table.generation;
         Ok(())
@@ -91,10 +65,10 @@ impl Instance {
 
     fn pick(&mut self, table: &Arc<BackendTable>, req: &RequestView<'_>, attempt: u32) -> Result<Option<usize>, Fault> {
         self.sync_table(table).map_err(Fault::from_call)?;
-        self.store.set_epoch_deadline(PICK_DEADLINE_TICKS);
+        self.guest.store.set_epoch_deadline(PICK_DEADLINE_TICKS);
         let pick = &self.pick;
         let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
-        let idx = HostState::with_request(&mut self.store, req, |s| pick.call(s, attempt)).map_err(Fault::from_call)?;
+        let idx = HostState::with_request(&mut self.guest.store, req, |s| pick.call(s, attempt)).map_err(Fault::from_call)?;
         match usize::try_from(idx) {
             Err(_) if idx == -1 => Ok(None),
             Ok(i) if i < table.len() && !(req.excluded)(i) => Ok(Some(i)),

@@ -112,7 +112,7 @@ fn custom_health_example_degrades_a_loaded_backend() {
     b[0].1.load_permille.store(850, std::sync::atomic::Ordering::Relaxed);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while healthy(&proxy)[0] == 100 {
-        assert!(std::time::Instant::now() < deadline, "never degraded");
+        assert!(std::time::Instant::now() < deadline, "never degraded: {}\n{}", proxy.admin_req("GET", "/api/pools", b"").text(), proxy.log());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(healthy(&proxy), vec![50, 100]);

@@ -8,25 +8,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn pools_json(proxy: &Proxy) -> serde_json::Value {
-    serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap()
-}
 
 fn health_of(proxy: &Proxy, addr: &str) -> serde_json::Value {
     let v = pools_json(proxy);
     v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr).unwrap()["health"].clone()
 }
 
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
 
 fn http_health_pool(list: &str, extra: &str) -> String {
     format!(

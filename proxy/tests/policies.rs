@@ -4,30 +4,12 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
-fn pools_json(proxy: &Proxy) -> serde_json::Value {
-    serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap()
-}
 
-fn backend_field(proxy: &Proxy, addr: &str, field: &str) -> serde_json::Value {
-    let v = pools_json(proxy);
-    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr).unwrap()[field].clone()
-}
 
-/// Polls `cond` every 20 ms for at most `limit`.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
 
 #[test]
 fn failing_backend_is_ejected_readmitted_and_ejected_longer_next_time() {

@@ -522,7 +522,7 @@ impl Node {
             members.push(Member::alive(self.id().clone()));
         }
         let store = lock(&self.store);
-        let metas = store
+        let mut metas: Vec<MetaUpdate> = store
             .records
             .iter()
             .map(|(addr, r)| MetaUpdate {
@@ -533,6 +533,8 @@ impl Node {
                 meta: r.meta.clone(),
             })
             .collect();
+        // HashMap order differs per process; a fixed order keeps simulations reproducible.
+        metas.sort_unstable_by_key(|m| m.addr);
         PushPullState { members, metas }
     }
 

@@ -505,16 +505,12 @@ impl Driver {
         loop {
             let next_timer = self.timers.peek().map_or(Instant::now() + Duration::from_secs(3600), |t| t.at);
             let retry_seeds = !self.peers.is_empty() && !self.node.is_connected();
+            let mut leaving = None;
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break,
                     Some(Command::SetMeta(meta)) => self.node.set_meta(meta),
-                    Some(Command::Leave(done)) => {
-                        self.node.leave();
-                        self.flush_leaving().await;
-                        let _ = done.send(());
-                        break;
-                    }
+                    Some(Command::Leave(done)) => leaving = Some(done),
                 },
                 Some(msg) = inbound.recv() => match msg {
                     Inbound::Packet(body) => self.node.handle_packet(&body),
@@ -544,6 +540,14 @@ impl Driver {
                         }
                     });
                 }
+            }
+            if let Some(done) = leaving.take() {
+                self.node.leave();
+                self.flush_leaving().await;
+                // Closed before acknowledging, so is_running() is false once leave() returns.
+                commands.close();
+                let _ = done.send(());
+                break;
             }
             self.flush().await;
         }

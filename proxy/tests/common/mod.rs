@@ -211,3 +211,26 @@ pub fn keepalive_get(conn: &mut Option<HttpConn>, addr: SocketAddr, path: &str) 
         }
     }
 }
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// `GET /api/pools` as JSON.
+pub fn pools_json(proxy: &Proxy) -> serde_json::Value {
+    serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap()
+}
+
+/// A field of one backend of the first pool in `GET /api/pools`.
+pub fn backend_field(proxy: &Proxy, addr: &str, field: &str) -> serde_json::Value {
+    let v = pools_json(proxy);
+    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr).unwrap()[field].clone()
+}
