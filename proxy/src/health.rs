@@ -215,8 +215,10 @@ impl Instance {
     }
 
     fn probe(&mut self, backend: &Backend) -> Result<ProbeSpec, String> {
-        let (ptr, len) = self.guest.write(&encode_backend(backend)).map_err(|e| root_cause(&e))?;
+        // The deadline first: writing calls the guest's allocator, which must not run under the
+        // stale deadline of the previous call.
         self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
+        let (ptr, len) = self.guest.write(&encode_backend(backend)).map_err(|e| root_cause(&e))?;
         let packed = self.probe.call(&mut self.guest.store, (ptr, len)).map_err(|e| root_cause(&e))?;
         let (p, n) = ((packed as u64 >> 32) as usize, (packed as u64 & 0xffff_ffff) as usize);
         let data = self.guest.memory();
@@ -225,8 +227,8 @@ impl Instance {
     }
 
     fn evaluate(&mut self, result: &ProbeResult) -> Result<Verdict, String> {
-        let (ptr, len) = self.guest.write(&result.encode()).map_err(|e| root_cause(&e))?;
         self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
+        let (ptr, len) = self.guest.write(&result.encode()).map_err(|e| root_cause(&e))?;
         match self.evaluate.call(&mut self.guest.store, (ptr, len)).map_err(|e| root_cause(&e))? {
             -1 => Ok(Verdict::Unhealthy),
             100 => Ok(Verdict::Healthy),

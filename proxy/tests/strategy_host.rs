@@ -99,13 +99,16 @@ fn bad_on_header(bad: &str) -> Vec<u8> {
 }
 
 #[test]
-fn endless_loop_trap_and_bad_index_never_fail_a_request() {
+fn endless_loop_trap_memory_blowup_and_bad_index_never_fail_a_request() {
     let b = backends(3);
     let proxy = Proxy::start("faults", &web_pool(&b));
     for (name, bad, reason) in [
         ("bad index", "(i32.const 1000)", "bad_index"),
         ("trap", "(unreachable)", "trap"),
         ("endless loop", "(loop $l (br $l)) (i32.const 0)", "deadline"),
+        // 2000 pages are 125 MiB, above the 64 MiB cap: the host refuses the growth (-1) and
+        // the plugin traps on it. Had the growth succeeded, it would return 0 with no fault.
+        ("memory blow-up", "(if (i32.lt_s (memory.grow (i32.const 2000)) (i32.const 0)) (then unreachable)) (i32.const 0)", "trap"),
     ] {
         let resp = proxy.put_strategy("web", &bad_on_header(bad));
         assert_eq!(resp.status, 200, "{name}: {}", resp.text());

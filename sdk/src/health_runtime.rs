@@ -3,7 +3,7 @@
 //! [`testing::HealthHarness`](crate::testing::HealthHarness) natively, so tests run the same
 //! decode/encode path the host does. Not part of the public API.
 
-use crate::runtime::Inbox;
+use crate::runtime::{alloc_body, init_body, Inbox, Instance};
 use crate::{host, Backend, Config, HealthCheck, ProbeResult, Verdict};
 use std::cell::RefCell;
 use std::thread::LocalKey;
@@ -103,28 +103,23 @@ pub type HealthSlot<H> = LocalKey<RefCell<HealthRuntime<H>>>;
 // The bodies of the exports, kept here rather than in the macro so they are type-checked once,
 // in this crate. Pointers are wasm32 `i32` offsets.
 
+impl<H: HealthCheck> Instance for HealthRuntime<H> {
+    fn alloc_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.alloc(len)
+    }
+    fn init_from(&mut self, ptr: usize, len: usize) -> Result<(), String> {
+        self.init(ptr, len)
+    }
+}
+
 /// Body of `sluice_alloc`.
 pub fn health_export_alloc<H: HealthCheck>(slot: &'static HealthSlot<H>, len: i32) -> i32 {
-    let Ok(len) = usize::try_from(len) else {
-        return 0;
-    };
-    slot.with_borrow_mut(|rt| {
-        rt.alloc(len)
-            .map_or(0, |buf| buf.as_mut_ptr() as usize as i32)
-    })
+    alloc_body(slot, len)
 }
 
 /// Body of `sluice_init`.
 pub fn health_export_init<H: HealthCheck>(slot: &'static HealthSlot<H>, ptr: i32, len: i32) -> i32 {
-    #[cfg(target_arch = "wasm32")]
-    crate::runtime::install_panic_hook();
-    match slot.with_borrow_mut(|rt| rt.init(ptr as u32 as usize, len as u32 as usize)) {
-        Ok(()) => 0,
-        Err(msg) => {
-            host::set_error(&msg);
-            1
-        }
-    }
+    init_body(slot, ptr, len)
 }
 
 /// Body of `sluice_health_probe`: `(ptr << 32) | len` of the encoded probe, or `0` (an empty

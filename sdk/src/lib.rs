@@ -230,6 +230,7 @@ mod host;
 pub mod log;
 mod request;
 mod runtime;
+pub mod select;
 mod table;
 // Native only: on wasm32 the real host serves the host calls. Also compiled for rustdoc so the
 // module is documented whatever the doc target.

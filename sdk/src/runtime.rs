@@ -130,28 +130,56 @@ pub type Slot<S> = LocalKey<RefCell<Runtime<S>>>;
 // The functions below are the bodies of the exports, kept here rather than in the macro so they
 // are type-checked once, in this crate. Pointers are wasm32 `i32` offsets.
 
-/// Body of `sluice_alloc`.
-pub fn export_alloc<S: Strategy>(slot: &'static Slot<S>, len: i32) -> i32 {
+/// What both plugin kinds' runtimes offer the exports they have in common (`sluice_alloc`,
+/// `sluice_init`), so those bodies are written once for strategies and health checks.
+pub(crate) trait Instance {
+    /// `sluice_alloc`: a writable buffer of `len` bytes, `None` if memory is exhausted.
+    fn alloc_buffer(&mut self, len: usize) -> Option<&mut [u8]>;
+    /// `sluice_init` with the JSON config at `ptr..ptr+len`.
+    fn init_from(&mut self, ptr: usize, len: usize) -> Result<(), String>;
+}
+
+impl<S: Strategy> Instance for Runtime<S> {
+    fn alloc_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.alloc(len)
+    }
+    fn init_from(&mut self, ptr: usize, len: usize) -> Result<(), String> {
+        self.init(ptr, len)
+    }
+}
+
+/// Body of `sluice_alloc` for either plugin kind: the buffer's address, `0` on failure.
+pub(crate) fn alloc_body<R: Instance>(slot: &'static LocalKey<RefCell<R>>, len: i32) -> i32 {
     let Ok(len) = usize::try_from(len) else {
         return 0;
     };
     slot.with_borrow_mut(|rt| {
-        rt.alloc(len)
+        rt.alloc_buffer(len)
             .map_or(0, |buf| buf.as_mut_ptr() as usize as i32)
     })
 }
 
-/// Body of `sluice_init`.
-pub fn export_init<S: Strategy>(slot: &'static Slot<S>, ptr: i32, len: i32) -> i32 {
+/// Body of `sluice_init` for either plugin kind: `0`, or `1` after `set_error` with the reason.
+pub(crate) fn init_body<R: Instance>(slot: &'static LocalKey<RefCell<R>>, ptr: i32, len: i32) -> i32 {
     #[cfg(target_arch = "wasm32")]
     install_panic_hook();
-    match slot.with_borrow_mut(|rt| rt.init(ptr as u32 as usize, len as u32 as usize)) {
+    match slot.with_borrow_mut(|rt| rt.init_from(ptr as u32 as usize, len as u32 as usize)) {
         Ok(()) => 0,
         Err(msg) => {
             host::set_error(&msg);
             1
         }
     }
+}
+
+/// Body of `sluice_alloc`.
+pub fn export_alloc<S: Strategy>(slot: &'static Slot<S>, len: i32) -> i32 {
+    alloc_body(slot, len)
+}
+
+/// Body of `sluice_init`.
+pub fn export_init<S: Strategy>(slot: &'static Slot<S>, ptr: i32, len: i32) -> i32 {
+    init_body(slot, ptr, len)
 }
 
 /// Body of `sluice_set_backends`.
@@ -173,7 +201,7 @@ pub fn export_pick<S: Strategy>(slot: &'static Slot<S>, attempt: i32) -> i32 {
 
 /// A panic becomes a trap either way; the hook makes the host log say why before it does.
 #[cfg(target_arch = "wasm32")]
-pub(crate) fn install_panic_hook() {
+fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         host::log(
             crate::log::Level::Error as i32,

@@ -73,6 +73,7 @@
 
 use crate::__private::{HealthRuntime, Runtime};
 use crate::log::Level;
+use crate::select::SplitMix64;
 use crate::{
     hash_bytes, Attr, Backend, Backends, HealthCheck, Probe, ProbeResult, Strategy, Verdict,
     COUNTER_SLOTS,
@@ -239,7 +240,7 @@ pub struct LogRecord {
 
 struct State {
     counters: [i64; COUNTER_SLOTS as usize],
-    rng: u64,
+    rng: SplitMix64,
     now_ms: i64,
     monotonic_ns: i64,
     table_len: usize,
@@ -260,7 +261,7 @@ impl State {
     const fn new() -> Self {
         State {
             counters: [0; COUNTER_SLOTS as usize],
-            rng: DEFAULT_SEED,
+            rng: SplitMix64::new(DEFAULT_SEED),
             now_ms: DEFAULT_NOW_MS,
             monotonic_ns: 0,
             table_len: 0,
@@ -324,7 +325,7 @@ impl MockHost {
 
     /// Re-seeds the random generator behind `random_u64`.
     pub fn seed_random(seed: u64) {
-        with(|s| s.rng = seed);
+        with(|s| s.rng = SplitMix64::new(seed));
     }
 
     /// Sets the wall clock.
@@ -413,13 +414,7 @@ pub(crate) mod mock {
 
     pub fn random_u64() -> i64 {
         // SplitMix64: tiny, and good enough for spreading picks in tests.
-        with(|s| {
-            s.rng = s.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s.rng;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            (z ^ (z >> 31)) as i64
-        })
+        with(|s| s.rng.next_u64() as i64)
     }
 
     pub fn counter_add(slot: i32, delta: i64) -> i64 {
@@ -483,6 +478,20 @@ pub(crate) mod mock {
     }
 }
 
+/// Copies `bytes` into the buffer `sluice_alloc` handed out (`None`: allocation failed) and
+/// returns its pointer, as the host does before every call that passes data in.
+fn fill(buf: Option<&mut [u8]>, bytes: &[u8]) -> Result<usize, &'static str> {
+    let buf = buf.ok_or("sluice_alloc failed")?;
+    buf.copy_from_slice(bytes);
+    Ok(buf.as_ptr() as usize)
+}
+
+/// The outcome of `sluice_init` as the host sees it: a refusal is also recorded with
+/// `set_error`, where the host reads the message from.
+fn init_outcome<T>(result: Result<(), String>, instance: T) -> Result<T, String> {
+    result.map(|()| instance).inspect_err(|msg| mock::set_error(msg))
+}
+
 /// Runs a strategy's whole lifecycle natively, against [`MockHost`].
 ///
 /// Every step goes through the same path as in wasm: the config is passed as JSON bytes, the
@@ -511,16 +520,31 @@ impl<S: Strategy> Harness<S> {
         MockHost::reset();
         let mut rt = Runtime::new();
         let bytes = config_json.as_bytes();
-        let buf = rt.alloc(bytes.len()).ok_or("sluice_alloc failed")?;
-        buf.copy_from_slice(bytes);
-        let ptr = buf.as_ptr() as usize;
-        match rt.init(ptr, bytes.len()) {
-            Ok(()) => Ok(Harness { rt }),
-            Err(msg) => {
-                mock::set_error(&msg);
-                Err(msg)
-            }
-        }
+        let ptr = fill(rt.alloc(bytes.len()), bytes)?;
+        let result = rt.init(ptr, bytes.len());
+        init_outcome(result, Harness { rt })
+    }
+
+    /// [`Harness::new`] followed by [`Harness::set_backends`]: the usual start of a test.
+    ///
+    /// ```
+    /// # use sluice_sdk::testing::{weighted_backends, Harness, TestRequest};
+    /// # use sluice_sdk::{Backends, Config, Request, Strategy};
+    /// # struct First;
+    /// # impl Strategy for First {
+    /// #     fn init(_: &Config) -> Result<Self, String> { Ok(First) }
+    /// #     fn pick(&mut self, _: &mut Request, b: &Backends) -> Option<usize> {
+    /// #         (!b.is_empty()).then_some(0)
+    /// #     }
+    /// # }
+    /// let mut h = Harness::<First>::with_backends("{}", &weighted_backends(&[5, 1])).unwrap();
+    /// assert_eq!(h.backends()[0].weight(), 5);
+    /// assert_eq!(h.pick(&TestRequest::new()), Some(0));
+    /// ```
+    pub fn with_backends(config_json: &str, backends: &[Backend]) -> Result<Self, String> {
+        let mut h = Self::new(config_json)?;
+        h.set_backends(backends);
+        Ok(h)
     }
 
     /// Pushes a new backend table, as the host does on every change. Per-backend statistics in
@@ -529,9 +553,7 @@ impl<S: Strategy> Harness<S> {
         let bytes = Backends::from(backends.to_vec())
             .encode()
             .expect("encode backend table");
-        let buf = self.rt.alloc(bytes.len()).expect("sluice_alloc failed");
-        buf.copy_from_slice(&bytes);
-        let ptr = buf.as_ptr() as usize;
+        let ptr = fill(self.rt.alloc(bytes.len()), &bytes).unwrap();
         with(|s| s.table_len = backends.len());
         if let Err(msg) = self.rt.set_backends(ptr, bytes.len()) {
             panic!("sluice_set_backends failed: {msg}");
@@ -596,6 +618,22 @@ pub fn backends(n: usize) -> Vec<Backend> {
         .collect()
 }
 
+/// [`backends`] with the given weights, in order: `weighted_backends(&[5, 1])` is
+/// `10.0.0.1:80` with weight 5 and `10.0.0.2:80` with weight 1.
+pub fn weighted_backends(weights: &[u32]) -> Vec<Backend> {
+    backends(weights.len())
+        .into_iter()
+        .zip(weights)
+        .map(|(b, &w)| b.with_weight(w))
+        .collect()
+}
+
+/// The `i`-th of 2^24 distinct client IPs, `10.x.y.z` with `x.y.z` the low 24 bits of `i`: a
+/// test's stand-in for many clients, e.g. to check that hashed keys spread.
+pub fn nth_client_ip(i: u32) -> String {
+    format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
+}
+
 /// Runs a health check's lifecycle natively, against [`MockHost`].
 ///
 /// Every step goes through the same path as in wasm: the config is passed as JSON bytes, the
@@ -632,16 +670,9 @@ impl<H: HealthCheck> HealthHarness<H> {
         MockHost::reset();
         let mut rt = HealthRuntime::new();
         let bytes = config_json.as_bytes();
-        let buf = rt.alloc(bytes.len()).ok_or("sluice_alloc failed")?;
-        buf.copy_from_slice(bytes);
-        let ptr = buf.as_ptr() as usize;
-        match rt.init(ptr, bytes.len()) {
-            Ok(()) => Ok(HealthHarness { rt, pending: None }),
-            Err(msg) => {
-                mock::set_error(&msg);
-                Err(msg)
-            }
-        }
+        let ptr = fill(rt.alloc(bytes.len()), bytes)?;
+        let result = rt.init(ptr, bytes.len());
+        init_outcome(result, HealthHarness { rt, pending: None })
     }
 
     /// Asks the check for the probe to run against `backend`, as the host does at the start
@@ -653,9 +684,7 @@ impl<H: HealthCheck> HealthHarness<H> {
     /// in production that is a plugin fault.
     pub fn probe(&mut self, backend: &Backend) -> Probe {
         let bytes = backend.encode().expect("encode backend entry");
-        let buf = self.rt.alloc(bytes.len()).expect("sluice_alloc failed");
-        buf.copy_from_slice(&bytes);
-        let ptr = buf.as_ptr() as usize;
+        let ptr = fill(self.rt.alloc(bytes.len()), &bytes).unwrap();
         let probe = match self.rt.probe(ptr, bytes.len()) {
             Ok(encoded) => Probe::decode(encoded),
             Err(msg) => panic!("sluice_health_probe failed (a plugin fault): {msg}"),
@@ -677,9 +706,7 @@ impl<H: HealthCheck> HealthHarness<H> {
         }
         self.pending = None;
         let bytes = result.encode().expect("encode probe result");
-        let buf = self.rt.alloc(bytes.len()).expect("sluice_alloc failed");
-        buf.copy_from_slice(&bytes);
-        let ptr = buf.as_ptr() as usize;
+        let ptr = fill(self.rt.alloc(bytes.len()), &bytes).unwrap();
         match self.rt.evaluate(ptr, bytes.len()) {
             Ok(raw) => Verdict::from_abi(raw).unwrap_or_else(|| {
                 panic!("health check returned {raw}: a plugin fault (valid: -1, 1..=99, 100)")

@@ -70,25 +70,10 @@ sluice_sdk::export_strategy!(IpHash);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, TestRequest};
-    use sluice_sdk::Backend;
-
-    fn weighted(weights: &[u32]) -> Vec<Backend> {
-        backends(weights.len())
-            .into_iter()
-            .zip(weights)
-            .map(|(b, &w)| b.with_weight(w))
-            .collect()
-    }
+    use sluice_sdk::testing::{nth_client_ip as ip, weighted_backends, Harness, TestRequest};
 
     fn harness(weights: &[u32]) -> Harness<IpHash> {
-        let mut h = Harness::new("{}").unwrap();
-        h.set_backends(&weighted(weights));
-        h
-    }
-
-    fn ip(i: u32) -> String {
-        format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
+        Harness::with_backends("{}", &weighted_backends(weights)).unwrap()
     }
 
     #[test]
@@ -157,7 +142,7 @@ mod tests {
     fn empty_and_single_tables() {
         let mut h = harness(&[]);
         assert_eq!(h.pick(&TestRequest::new()), None);
-        h.set_backends(&weighted(&[9]));
+        h.set_backends(&weighted_backends(&[9]));
         assert_eq!(h.pick(&TestRequest::new()), Some(0));
         assert_eq!(h.pick(&TestRequest::new().attempt(1).exclude(0)), None);
     }

@@ -30,6 +30,7 @@
 //! strategy = "builtin:least-connections"
 //! ```
 
+use sluice_sdk::select::{self, SplitMix64};
 use sluice_sdk::{random_u64, Backends, Config, Request, Strategy};
 
 /// Lowest in-flight per unit of weight, weighted-random among ties.
@@ -39,21 +40,6 @@ pub struct LeastConnections {
     weights: Vec<u64>,
 }
 
-/// A SplitMix64 stream seeded by one host draw: cheap local randomness for the tie-breaks of a
-/// single pick, instead of one host call per tied backend.
-struct Draws(u64);
-
-impl Draws {
-    fn next_below(&mut self, range: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((u128::from(z) * u128::from(range)) >> 64) as u64
-    }
-}
-
 impl Strategy for LeastConnections {
     fn init(config: &Config) -> Result<Self, String> {
         config.reject_unknown_keys(&[])?;
@@ -61,10 +47,7 @@ impl Strategy for LeastConnections {
     }
 
     fn on_backends(&mut self, backends: &Backends) {
-        self.weights = backends
-            .iter()
-            .map(|b| u64::from(b.weight().max(1)))
-            .collect();
+        self.weights = select::weights(backends);
     }
 
     fn pick(&mut self, req: &mut Request, backends: &Backends) -> Option<usize> {
@@ -73,7 +56,9 @@ impl Strategy for LeastConnections {
         // with it (for weighted reservoir sampling).
         let mut best: Option<(usize, u64, u64)> = None;
         let mut tied_weight = 0u64;
-        let mut draws: Option<Draws> = None;
+        // Seeded by one host draw on the first tie: cheap local randomness for the
+        // tie-breaks of this pick, instead of one host call per tied backend.
+        let mut draws: Option<SplitMix64> = None;
         for (i, &w) in self.weights.iter().enumerate() {
             if retry && req.is_excluded(i) {
                 continue;
@@ -95,7 +80,7 @@ impl Strategy for LeastConnections {
                         // Keep the incumbent with probability tied/(tied + w): over all ties
                         // each is chosen with probability weight / sum of tied weights.
                         tied_weight += w;
-                        let d = draws.get_or_insert_with(|| Draws(random_u64()));
+                        let d = draws.get_or_insert_with(|| SplitMix64::new(random_u64()));
                         if d.next_below(tied_weight) < w {
                             best = Some((i, load, w));
                         }
@@ -112,21 +97,10 @@ sluice_sdk::export_strategy!(LeastConnections);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
-    use sluice_sdk::Backend;
-
-    fn weighted(weights: &[u32]) -> Vec<Backend> {
-        backends(weights.len())
-            .into_iter()
-            .zip(weights)
-            .map(|(b, &w)| b.with_weight(w))
-            .collect()
-    }
+    use sluice_sdk::testing::{weighted_backends, Harness, MockHost, TestRequest};
 
     fn harness(weights: &[u32]) -> Harness<LeastConnections> {
-        let mut h = Harness::new("{}").unwrap();
-        h.set_backends(&weighted(weights));
-        h
+        Harness::with_backends("{}", &weighted_backends(weights)).unwrap()
     }
 
     #[test]
@@ -188,7 +162,7 @@ mod tests {
     fn empty_and_single_tables() {
         let mut h = harness(&[]);
         assert_eq!(h.pick(&TestRequest::new()), None);
-        h.set_backends(&weighted(&[2]));
+        h.set_backends(&weighted_backends(&[2]));
         MockHost::set_inflight(0, 100);
         assert_eq!(h.pick(&TestRequest::new()), Some(0));
     }

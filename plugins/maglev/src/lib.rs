@@ -52,6 +52,7 @@
 mod key;
 
 use key::{HashKey, CONFIG_KEYS};
+use sluice_sdk::select;
 use sluice_sdk::{hash_bytes, Backends, Config, ConfigError, Request, Strategy};
 
 /// The table size unless configured: a prime a little above 2^16, the paper's choice.
@@ -159,10 +160,7 @@ impl Strategy for Maglev {
     fn on_backends(&mut self, backends: &Backends) {
         self.key.on_backends(backends);
         let addrs: Vec<&str> = backends.iter().map(|b| b.addr()).collect();
-        let weights: Vec<u64> = backends
-            .iter()
-            .map(|b| u64::from(b.weight().max(1)))
-            .collect();
+        let weights = select::weights(backends);
         self.table = populate(&addrs, &weights, self.size);
         if backends.len() as u64 > self.size {
             sluice_sdk::log::warn(&format!(
@@ -180,9 +178,7 @@ impl Strategy for Maglev {
         }
         let size = self.table.len();
         let start = (self.key.hash(req) % size as u64) as usize;
-        let table = &self.table;
-        self.key
-            .choose(req, backends, size, |k| table[(start + k) % size] as usize)
+        self.key.choose(req, backends, &self.table, start)
     }
 }
 
@@ -191,17 +187,13 @@ sluice_sdk::export_strategy!(Maglev);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
+    use sluice_sdk::testing::{
+        backends, nth_client_ip as ip, weighted_backends, Harness, MockHost, TestRequest,
+    };
     use sluice_sdk::Backend;
 
     fn harness(config: &str, table: &[Backend]) -> Harness<Maglev> {
-        let mut h = Harness::new(config).unwrap();
-        h.set_backends(table);
-        h
-    }
-
-    fn ip(i: u32) -> String {
-        format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
+        Harness::with_backends(config, table).unwrap()
     }
 
     fn entries_per_backend(h: &Harness<Maglev>, n: usize) -> Vec<usize> {
@@ -229,12 +221,7 @@ mod tests {
 
     #[test]
     fn entries_follow_weights() {
-        let table: Vec<Backend> = backends(3)
-            .into_iter()
-            .zip([1, 2, 5])
-            .map(|(b, w)| b.with_weight(w))
-            .collect();
-        let h = harness("{}", &table);
+        let h = harness("{}", &weighted_backends(&[1, 2, 5]));
         let c = entries_per_backend(&h, 3);
         for (i, w) in [1.0, 2.0, 5.0].iter().enumerate() {
             let share = 65_537.0 * w / 8.0;

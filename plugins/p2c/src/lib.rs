@@ -38,7 +38,6 @@ use sluice_sdk::{Backends, Config, Request, Strategy};
 /// Power of two choices on `(inflight + 1) / weight`.
 #[derive(Debug, Default)]
 pub struct P2c {
-    weights: Vec<u64>,
     choices: Choices,
 }
 
@@ -57,27 +56,13 @@ impl Strategy for P2c {
     }
 
     fn on_backends(&mut self, backends: &Backends) {
-        self.weights = backends
-            .iter()
-            .map(|b| u64::from(b.weight().max(1)))
-            .collect();
-        self.choices.resize(backends.len());
+        self.choices.on_backends(backends);
     }
 
     fn pick(&mut self, req: &mut Request, backends: &Backends) -> Option<usize> {
-        let (a, b) = match self.choices.draw(req, self.weights.len())? {
-            (a, None) => return Some(a),
-            (a, Some(b)) => (a, b),
-        };
-        // (la / wa) <= (lb / wb)  ⇔  la·wb <= lb·wa; loads and weights are below 2^33 and
-        // 2^32, so the products fit in u128 (and in practice in u64).
-        let (la, lb) = (Self::load(backends, a), Self::load(backends, b));
-        let (wa, wb) = (self.weights[a], self.weights[b]);
-        if u128::from(la) * u128::from(wb) <= u128::from(lb) * u128::from(wa) {
-            Some(a)
-        } else {
-            Some(b)
-        }
+        // Loads and weights are below 2^33 and 2^32, so the products never saturate.
+        self.choices
+            .pick(req, |i| u128::from(Self::load(backends, i)))
     }
 }
 
@@ -86,21 +71,10 @@ sluice_sdk::export_strategy!(P2c);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
-    use sluice_sdk::Backend;
-
-    fn weighted(weights: &[u32]) -> Vec<Backend> {
-        backends(weights.len())
-            .into_iter()
-            .zip(weights)
-            .map(|(b, &w)| b.with_weight(w))
-            .collect()
-    }
+    use sluice_sdk::testing::{weighted_backends, Harness, MockHost, TestRequest};
 
     fn harness(weights: &[u32]) -> Harness<P2c> {
-        let mut h = Harness::new("{}").unwrap();
-        h.set_backends(&weighted(weights));
-        h
+        Harness::with_backends("{}", &weighted_backends(weights)).unwrap()
     }
 
     #[test]
@@ -163,7 +137,7 @@ mod tests {
     fn empty_and_single_tables() {
         let mut h = harness(&[]);
         assert_eq!(h.pick(&TestRequest::new()), None);
-        h.set_backends(&weighted(&[1]));
+        h.set_backends(&weighted_backends(&[1]));
         assert_eq!(h.pick(&TestRequest::new()), Some(0));
         assert_eq!(h.pick(&TestRequest::new().attempt(1).exclude(0)), None);
     }

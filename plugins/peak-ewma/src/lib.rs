@@ -50,7 +50,6 @@ use sluice_sdk::{Backends, Config, ConfigError, Request, Strategy};
 #[derive(Debug)]
 pub struct PeakEwma {
     default_latency_us: u64,
-    weights: Vec<u64>,
     choices: Choices,
 }
 
@@ -60,9 +59,9 @@ const MAX_DEFAULT_LATENCY_US: u64 = 3_600_000_000;
 impl PeakEwma {
     /// The numerator of backend `i`'s cost, `latency × (inflight + 1)`. Out-of-range answers
     /// (which the host does not give for a pushed index) count as very expensive.
-    fn cost(&self, backends: &Backends, i: usize) -> u128 {
+    fn cost(default_latency_us: u64, backends: &Backends, i: usize) -> u128 {
         let latency = match backends.latency_us(i) {
-            Some(0) => self.default_latency_us,
+            Some(0) => default_latency_us,
             Some(us) => us,
             None => u64::from(u32::MAX),
         };
@@ -84,34 +83,20 @@ impl Strategy for PeakEwma {
         }
         Ok(PeakEwma {
             default_latency_us,
-            weights: Vec::new(),
             choices: Choices::default(),
         })
     }
 
     fn on_backends(&mut self, backends: &Backends) {
-        self.weights = backends
-            .iter()
-            .map(|b| u64::from(b.weight().max(1)))
-            .collect();
-        self.choices.resize(backends.len());
+        self.choices.on_backends(backends);
     }
 
     fn pick(&mut self, req: &mut Request, backends: &Backends) -> Option<usize> {
-        let (a, b) = match self.choices.draw(req, self.weights.len())? {
-            (a, None) => return Some(a),
-            (a, Some(b)) => (a, b),
-        };
-        // cost_a / wa <= cost_b / wb  ⇔  cost_a·wb <= cost_b·wa. Real costs are far below
-        // 2^64, but a cost (< 2^97) times a weight (< 2^32) could exceed u128 for nonsensical
-        // host values; saturating keeps the comparison total instead of panicking.
-        let (ca, cb) = (self.cost(backends, a), self.cost(backends, b));
-        let (wa, wb) = (u128::from(self.weights[a]), u128::from(self.weights[b]));
-        if ca.saturating_mul(wb) <= cb.saturating_mul(wa) {
-            Some(a)
-        } else {
-            Some(b)
-        }
+        // A cost is below 2^97 and a weight below 2^32: only nonsensical host values make
+        // the comparison saturate.
+        let default_latency_us = self.default_latency_us;
+        self.choices
+            .pick(req, |i| Self::cost(default_latency_us, backends, i))
     }
 }
 
@@ -120,12 +105,10 @@ sluice_sdk::export_strategy!(PeakEwma);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
+    use sluice_sdk::testing::{backends, weighted_backends, Harness, MockHost, TestRequest};
 
     fn harness(n: usize, config: &str) -> Harness<PeakEwma> {
-        let mut h = Harness::new(config).unwrap();
-        h.set_backends(&backends(n));
-        h
+        Harness::with_backends(config, &backends(n)).unwrap()
     }
 
     fn counts(h: &mut Harness<PeakEwma>, n: usize, picks: usize) -> Vec<usize> {
@@ -180,10 +163,7 @@ mod tests {
 
     #[test]
     fn weight_divides_cost() {
-        let mut h = Harness::<PeakEwma>::new("{}").unwrap();
-        let mut b = backends(2);
-        b[0] = b[0].clone().with_weight(4);
-        h.set_backends(&b);
+        let mut h = Harness::<PeakEwma>::with_backends("{}", &weighted_backends(&[4, 1])).unwrap();
         MockHost::set_latency_us(0, 3_000); // 3000 / 4 = 750
         MockHost::set_latency_us(1, 1_000); // 1000 / 1
         assert_eq!(counts(&mut h, 2, 20), [20, 0]);

@@ -24,7 +24,8 @@
 //! strategy = "builtin:random"
 //! ```
 
-use sluice_sdk::{random_u64, Backends, Config, Request, Strategy};
+use sluice_sdk::select::{self, random_below};
+use sluice_sdk::{Backends, Config, Request, Strategy};
 
 /// Weighted random over precomputed cumulative weights.
 #[derive(Debug, Default)]
@@ -37,12 +38,6 @@ pub struct Random {
     tried: Vec<bool>,
 }
 
-/// Maps 64 random bits uniformly onto `0..range` without a division, by taking the high half
-/// of the 128-bit product (Lemire's method; the bias is below 2^-64 × range, negligible).
-fn below(range: u64) -> u64 {
-    ((u128::from(random_u64()) * u128::from(range)) >> 64) as u64
-}
-
 impl Strategy for Random {
     fn init(config: &Config) -> Result<Self, String> {
         config.reject_unknown_keys(&[])?;
@@ -50,10 +45,7 @@ impl Strategy for Random {
     }
 
     fn on_backends(&mut self, backends: &Backends) {
-        self.weights = backends
-            .iter()
-            .map(|b| u64::from(b.weight().max(1)))
-            .collect();
+        self.weights = select::weights(backends);
         let mut sum = 0;
         self.cumulative = self
             .weights
@@ -69,7 +61,7 @@ impl Strategy for Random {
     fn pick(&mut self, req: &mut Request, _backends: &Backends) -> Option<usize> {
         let total = *self.cumulative.last()?;
         if req.attempt() == 0 {
-            let x = below(total);
+            let x = random_below(total);
             // The first backend whose running sum exceeds x owns the point x.
             return Some(self.cumulative.partition_point(|&c| c <= x));
         }
@@ -84,7 +76,7 @@ impl Strategy for Random {
         if remaining == 0 {
             return None;
         }
-        let mut x = below(remaining);
+        let mut x = random_below(remaining);
         for (i, &w) in self.weights.iter().enumerate() {
             if self.tried[i] {
                 continue;
@@ -104,21 +96,10 @@ sluice_sdk::export_strategy!(Random);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
-    use sluice_sdk::Backend;
-
-    fn weighted(weights: &[u32]) -> Vec<Backend> {
-        backends(weights.len())
-            .into_iter()
-            .zip(weights)
-            .map(|(b, &w)| b.with_weight(w))
-            .collect()
-    }
+    use sluice_sdk::testing::{weighted_backends, Harness, MockHost, TestRequest};
 
     fn harness(weights: &[u32]) -> Harness<Random> {
-        let mut h = Harness::new("{}").unwrap();
-        h.set_backends(&weighted(weights));
-        h
+        Harness::with_backends("{}", &weighted_backends(weights)).unwrap()
     }
 
     fn counts(h: &mut Harness<Random>, req: &TestRequest, n: usize, k: usize) -> Vec<usize> {
@@ -170,7 +151,7 @@ mod tests {
         let mut h = harness(&[]);
         assert_eq!(h.pick(&TestRequest::new()), None);
         assert_eq!(h.pick(&TestRequest::new().attempt(1)), None);
-        h.set_backends(&weighted(&[3]));
+        h.set_backends(&weighted_backends(&[3]));
         assert_eq!(counts(&mut h, &TestRequest::new(), 50, 1), [50]);
     }
 

@@ -15,6 +15,7 @@
 //! | `fallback` | `"random"`, `"client_ip"`: what to hash when the request has no key | `"random"` |
 //! | `bounded_load` | number ≥ 1, e.g. `1.25`; absent = unbounded | absent |
 
+use sluice_sdk::select::Visited;
 use sluice_sdk::{random_u64, Attr, Backends, Config, ConfigError, Request};
 
 /// The configuration keys [`HashKey::from_config`] reads; a plugin adds its own to these when
@@ -103,10 +104,9 @@ pub struct HashKey {
     total_weight: u64,
     /// In-flight counts read at the start of a bounded pick.
     loads: Vec<u32>,
-    /// `stamps[i] == epoch`: backend `i` was already considered in the current walk, so each
-    /// backend costs at most one `excluded` call however often it recurs on the ring/table.
-    stamps: Vec<u32>,
-    epoch: u32,
+    /// Backends already considered in the current walk, so each costs at most one `excluded`
+    /// call however often it recurs on the ring/table.
+    visited: Visited,
 }
 
 impl HashKey {
@@ -143,8 +143,7 @@ impl HashKey {
             weights: Vec::new(),
             total_weight: 0,
             loads: Vec::new(),
-            stamps: Vec::new(),
-            epoch: 0,
+            visited: Visited::default(),
         })
     }
 
@@ -153,8 +152,7 @@ impl HashKey {
         self.weights = backends.iter().map(|b| b.weight().max(1)).collect();
         self.total_weight = self.weights.iter().map(|&w| u64::from(w)).sum();
         self.loads = vec![0; backends.len()];
-        self.stamps = vec![0; backends.len()];
-        self.epoch = 0;
+        self.visited = Visited::new(backends.len());
     }
 
     /// The hash to place `req` with: the key's hash (computed by the host, nothing copied),
@@ -169,9 +167,9 @@ impl HashKey {
         }
     }
 
-    /// Walks the candidates `candidate(0), candidate(1), ...` (`steps` of them: one lap of the
-    /// ring or table, clockwise from the key's position) and returns the first backend that
-    /// `req` has not tried and that is under its load bound.
+    /// Walks one lap of `owners` (the backend of each ring point or table entry) clockwise from
+    /// position `start`, wrapping past the end, and returns the first backend that `req` has not
+    /// tried and that is under its load bound.
     ///
     /// The bound ("consistent hashing with bounded loads", Mirrokni et al.) is
     /// `inflight(i) + 1 <= ceil(c × (total_inflight + 1) × weight(i) / total_weight)`, which
@@ -185,13 +183,14 @@ impl HashKey {
         &mut self,
         req: &Request,
         backends: &Backends,
-        steps: usize,
-        candidate: impl Fn(usize) -> usize,
+        owners: &[u32],
+        start: usize,
     ) -> Option<usize> {
-        let n = self.stamps.len();
-        if n == 0 || steps == 0 {
+        let steps = owners.len();
+        if self.weights.is_empty() || steps == 0 {
             return None;
         }
+        let candidate = |k: usize| owners[(start + k) % steps] as usize;
         let retry = req.attempt() > 0;
         if !retry && self.bounded_load.is_none() {
             return Some(candidate(0));
@@ -205,21 +204,13 @@ impl HashKey {
             }
             c * (total + 1) as f64 / self.total_weight as f64
         });
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            // Stamps from 2^32 picks ago would look current: clear them once per wrap.
-            self.stamps.fill(0);
-            self.epoch = 1;
-        }
+        self.visited.clear();
         let mut first_untried = None;
-        let mut seen = 0;
         for k in 0..steps {
             let i = candidate(k);
-            if self.stamps[i] == self.epoch {
+            if !self.visited.insert(i) {
                 continue;
             }
-            self.stamps[i] = self.epoch;
-            seen += 1;
             if !(retry && req.is_excluded(i)) {
                 match scale {
                     Some(s) if !under_bound(self.loads[i], self.weights[i], s) => {
@@ -228,15 +219,15 @@ impl HashKey {
                     _ => return Some(i),
                 }
             }
-            if seen == n {
+            if self.visited.is_full() {
                 break;
             }
         }
-        if first_untried.is_none() && seen < n {
+        if first_untried.is_none() && !self.visited.is_full() {
             // Some backends own no point of the lap (a Maglev table smaller than the pool):
             // still better than no backend for a retry.
-            first_untried =
-                (0..n).find(|&i| self.stamps[i] != self.epoch && !(retry && req.is_excluded(i)));
+            first_untried = (0..self.weights.len())
+                .find(|&i| !self.visited.contains(i) && !(retry && req.is_excluded(i)));
         }
         first_untried
     }

@@ -46,6 +46,7 @@
 pub mod key;
 
 use key::{HashKey, CONFIG_KEYS};
+use sluice_sdk::select;
 use sluice_sdk::{hash_bytes, Backends, Config, ConfigError, Request, Strategy};
 use std::fmt::Write;
 
@@ -106,10 +107,7 @@ impl Strategy for RingHash {
 
     fn on_backends(&mut self, backends: &Backends) {
         self.key.on_backends(backends);
-        let mut weights: Vec<u64> = backends
-            .iter()
-            .map(|b| u64::from(b.weight().max(1)))
-            .collect();
+        let mut weights = select::weights(backends);
         // While a backend ramps up or is degraded, the host sends every weight multiplied by
         // 100 (sdk/ABI.md). Undo exactly that scale, and nothing else: a divisor that depended on
         // the membership (such as the weights' GCD) would re-lay the whole ring when one backend
@@ -144,9 +142,7 @@ impl Strategy for RingHash {
         let h = self.key.hash(req);
         // First point at or after h; past the last point the ring wraps to the first.
         let start = self.points.partition_point(|&p| p < h);
-        let owners = &self.owners;
-        self.key
-            .choose(req, backends, len, |k| owners[(start + k) % len] as usize)
+        self.key.choose(req, backends, &self.owners, start)
     }
 }
 
@@ -155,17 +151,13 @@ sluice_sdk::export_strategy!(RingHash);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
+    use sluice_sdk::testing::{
+        backends, nth_client_ip as ip, weighted_backends, Harness, MockHost, TestRequest,
+    };
     use sluice_sdk::{Attr, Backend};
 
     fn harness(config: &str, table: &[Backend]) -> Harness<RingHash> {
-        let mut h = Harness::new(config).unwrap();
-        h.set_backends(table);
-        h
-    }
-
-    fn ip(i: u32) -> String {
-        format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
+        Harness::with_backends(config, table).unwrap()
     }
 
     fn addr_of(h: &mut Harness<RingHash>, req: &TestRequest) -> String {
@@ -209,12 +201,7 @@ mod tests {
 
     #[test]
     fn shares_follow_weights() {
-        let table: Vec<Backend> = backends(3)
-            .into_iter()
-            .zip([1, 2, 4])
-            .map(|(b, w)| b.with_weight(w))
-            .collect();
-        let mut h = harness("{}", &table);
+        let mut h = harness("{}", &weighted_backends(&[1, 2, 4]));
         let mut c = [0; 3];
         let n = 14_000;
         for i in 0..n {
@@ -326,26 +313,15 @@ mod tests {
 
     #[test]
     fn only_weight_proportions_matter() {
-        let with = |weights: [u32; 3]| -> Vec<Backend> {
-            backends(3)
-                .into_iter()
-                .zip(weights)
-                .map(|(b, w)| b.with_weight(w))
-                .collect()
-        };
-        let a = harness("{}", &with([100, 200, 300]));
-        let b = harness("{}", &with([1, 2, 3]));
+        let a = harness("{}", &weighted_backends(&[100, 200, 300]));
+        let b = harness("{}", &weighted_backends(&[1, 2, 3]));
         assert_eq!(a.strategy().points.len(), 6 * 160);
         assert_eq!(a.strategy().points, b.strategy().points);
     }
 
     #[test]
     fn large_rings_are_capped() {
-        let table: Vec<Backend> = backends(20)
-            .into_iter()
-            .map(|b| b.with_weight(1000))
-            .collect();
-        let h = harness(r#"{"vnodes": 100}"#, &table);
+        let h = harness(r#"{"vnodes": 100}"#, &weighted_backends(&[1000; 20]));
         let len = h.strategy().points.len() as u64;
         assert!(len <= MAX_POINTS + 20, "{len}");
         assert!(h.strategy().points.windows(2).all(|w| w[0] <= w[1]));

@@ -60,9 +60,7 @@ mod tests {
     use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
 
     fn harness(n: usize) -> Harness<RoundRobin> {
-        let mut h = Harness::new("{}").unwrap();
-        h.set_backends(&backends(n));
-        h
+        Harness::with_backends("{}", &backends(n)).unwrap()
     }
 
     #[test]

@@ -81,21 +81,10 @@ sluice_sdk::export_strategy!(WeightedRoundRobin);
 mod tests {
     use super::*;
     use sequence::{scaled_weights, smooth_order};
-    use sluice_sdk::testing::{backends, Harness, MockHost, TestRequest};
-    use sluice_sdk::Backend;
-
-    fn weighted(weights: &[u32]) -> Vec<Backend> {
-        backends(weights.len())
-            .into_iter()
-            .zip(weights)
-            .map(|(b, &w)| b.with_weight(w))
-            .collect()
-    }
+    use sluice_sdk::testing::{weighted_backends, Harness, MockHost, TestRequest};
 
     fn harness(weights: &[u32]) -> Harness<WeightedRoundRobin> {
-        let mut h = Harness::new("{}").unwrap();
-        h.set_backends(&weighted(weights));
-        h
+        Harness::with_backends("{}", &weighted_backends(weights)).unwrap()
     }
 
     fn picks(h: &mut Harness<WeightedRoundRobin>, n: usize) -> Vec<usize> {
@@ -134,8 +123,7 @@ mod tests {
     fn cycle_is_shared_between_instances() {
         // A second instance continues the first one's position in the one pool-wide cycle.
         let mut a = harness(&[5, 1, 1]);
-        let mut b = Harness::<WeightedRoundRobin>::new("{}").unwrap();
-        b.set_backends(&weighted(&[5, 1, 1]));
+        let mut b = harness(&[5, 1, 1]);
         MockHost::set_counter(ROTATION_SLOT, 2); // `new` reset the mock; pretend 2 picks ran
         let req = TestRequest::new();
         assert_eq!(
@@ -170,7 +158,7 @@ mod tests {
     fn empty_and_single_tables() {
         let mut h = harness(&[]);
         assert_eq!(h.pick(&TestRequest::new()), None);
-        h.set_backends(&weighted(&[7]));
+        h.set_backends(&weighted_backends(&[7]));
         assert_eq!(picks(&mut h, 5), [0; 5]);
         assert_eq!(h.pick(&TestRequest::new().attempt(1).exclude(0)), None);
     }
@@ -215,7 +203,7 @@ mod tests {
     fn follows_table_changes() {
         let mut h = harness(&[1, 1]);
         picks(&mut h, 3);
-        h.set_backends(&weighted(&[1, 1, 1, 1]));
+        h.set_backends(&weighted_backends(&[1, 1, 1, 1]));
         assert!(picks(&mut h, 8).iter().all(|&i| i < 4));
     }
 

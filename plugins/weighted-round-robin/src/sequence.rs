@@ -11,6 +11,7 @@
 //! dependency on a plugin crate would link that plugin's wasm exports into the dependent plugin
 //! as well.
 
+use sluice_sdk::select::{self, Visited};
 use sluice_sdk::{Backends, Request};
 
 /// Longest sequence built. A sum of weights above it is scaled down proportionally (every
@@ -31,10 +32,7 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 /// make the sequence 100 times longer); and a sum still above `cap` is scaled down
 /// proportionally with every backend keeping at least 1.
 pub fn scaled_weights(backends: &Backends, cap: u64) -> Vec<u32> {
-    let mut raw: Vec<u64> = backends
-        .iter()
-        .map(|b| u64::from(b.weight().max(1)))
-        .collect();
+    let mut raw = select::weights(backends);
     let divisor = raw.iter().fold(0, |g, &w| gcd(g, w)).max(1);
     for w in &mut raw {
         *w /= divisor;
@@ -74,10 +72,9 @@ pub fn smooth_order(weights: &[u32]) -> Vec<u32> {
 #[derive(Debug, Default)]
 pub struct WeightedSequence {
     order: Vec<u32>,
-    /// `stamps[i] == epoch` means backend `i` was already checked during the current walk, so
-    /// each backend costs at most one `excluded` host call per pick however often it recurs.
-    stamps: Vec<u32>,
-    epoch: u32,
+    /// Backends already checked during the current walk, so each costs at most one `excluded`
+    /// host call per pick however often it recurs.
+    visited: Visited,
 }
 
 impl WeightedSequence {
@@ -86,8 +83,7 @@ impl WeightedSequence {
     pub fn rebuild(&mut self, backends: &Backends) {
         let cap = MAX_SEQUENCE.max(backends.len() as u64);
         self.order = smooth_order(&scaled_weights(backends, cap));
-        self.stamps = vec![0; backends.len()];
-        self.epoch = 0;
+        self.visited = Visited::new(backends.len());
     }
 
     /// Length of one cycle (0 for an empty table).
@@ -114,24 +110,16 @@ impl WeightedSequence {
             // Nothing is excluded on the first attempt: no host call at all.
             return Some(self.order[start] as usize);
         }
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            // Stamps from 2^32 walks ago would look current: clear them once per wrap.
-            self.stamps.fill(0);
-            self.epoch = 1;
-        }
-        let mut checked = 0;
+        self.visited.clear();
         for k in 0..len {
             let i = self.order[(start + k) % len] as usize;
-            if self.stamps[i] == self.epoch {
+            if !self.visited.insert(i) {
                 continue;
             }
             if !req.is_excluded(i) {
                 return Some(i);
             }
-            self.stamps[i] = self.epoch;
-            checked += 1;
-            if checked == self.stamps.len() {
+            if self.visited.is_full() {
                 break; // every backend was tried
             }
         }

@@ -201,8 +201,8 @@ mod tests {
     #[test]
     fn rotation_install_use_remove() {
         let (old, new) = (generate_key(), generate_key());
-        let mut a = Keyring::from_base64(&[old.clone()]).unwrap();
-        let mut b = Keyring::from_base64(&[old.clone()]).unwrap();
+        let mut a = Keyring::from_base64(std::slice::from_ref(&old)).unwrap();
+        let mut b = Keyring::from_base64(std::slice::from_ref(&old)).unwrap();
         // Step 1: both can read the new key, neither writes it yet.
         a.install(&new).unwrap();
         b.install(&new).unwrap();
