@@ -49,7 +49,7 @@ fn strategies(c: &mut Criterion) {
             let flip = AtomicUsize::new(0);
             pushes.bench_with_input(BenchmarkId::new(name, n), &n, |bench, _| {
                 bench.iter(|| {
-                    let t = if flip.fetch_add(1, Ordering::Relaxed) % 2 == 0 { &a } else { &b };
+                    let t = if flip.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) { &a } else { &b };
                     black_box(host.pick(t, &view, 0))
                 })
             });

@@ -126,7 +126,9 @@ pub struct RequestView<'a> {
 
 impl RequestView<'_> {
     /// The attribute of `kind` (`name` for headers, cookies and query parameters), or `None`.
-    /// Text form of the client IP is written into `scratch`.
+    /// Text form of the client IP is written into `scratch`. `Err(())` means an unknown kind,
+    /// which the ABI answers with -2; there is nothing more to say about it.
+    #[allow(clippy::result_unit_err)]
     pub fn attr<'s>(&'s self, kind: i32, name: &[u8], scratch: &'s mut String) -> Result<Option<&'s [u8]>, ()> {
         use std::fmt::Write;
         let uri = &self.header.uri;

@@ -314,7 +314,7 @@ impl Runtime {
     }
 
     /// Reads and validates a health plugin.
-    fn load_health(&self, hc: &HealthConfig, cfg: &Config, sample: Option<&crate::pool::Backend>) -> Result<(Vec<u8>, String, Arc<[u8]>), PluginError> {
+    fn load_health(&self, hc: &HealthConfig, cfg: &Config, sample: Option<&crate::pool::Backend>) -> Result<LoadedPlugin, PluginError> {
         let (bytes, display) = builtin::load_source(&hc.plugin, &cfg.base_dir).map_err(PluginError::Source)?;
         let config: Arc<[u8]> = hc.config_json().into();
         HealthHost::check(&self.engine, &bytes, &display, config.clone(), sample)?;
@@ -341,6 +341,9 @@ impl Runtime {
             .map_err(|source| ApplyError::Plugin { pool: pool.to_string(), plugin: "upload".into(), source })
     }
 }
+
+/// A plugin read and validated: bytes, display name, JSON config.
+type LoadedPlugin = (Vec<u8>, String, Arc<[u8]>);
 
 /// What a reload does to a pool's health check.
 enum HealthPlan {

@@ -227,7 +227,7 @@ impl HashKey {
             // Some backends own no point of the lap (a Maglev table smaller than the pool):
             // still better than no backend for a retry.
             first_untried = (0..self.weights.len())
-                .find(|&i| !self.visited.contains(i) && !(retry && req.is_excluded(i)));
+                .find(|&i| !self.visited.contains(i) && (!retry || !req.is_excluded(i)));
         }
         first_untried
     }
