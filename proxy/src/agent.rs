@@ -177,8 +177,26 @@ async fn passing(services: &[LocalService]) -> Vec<Service> {
     out
 }
 
-/// Runs the agent until SIGTERM/SIGINT, then drains and leaves.
-pub fn run(cfg: AgentConfig, base: &Path) -> anyhow::Result<()> {
+/// Makes the keyring equal to `keys` (the first one encrypting) without a restart: new keys are
+/// installed first, the primary switched, old keys removed last.
+fn apply_keys(handle: &crate::cluster::ClusterHandle, keys: &[String]) -> Result<(), String> {
+    let have = handle.keys();
+    for k in keys.iter().filter(|k| !have.contains(k)) {
+        handle.keyring_install(k).map_err(|e| e.to_string())?;
+    }
+    if let Some(first) = keys.first() {
+        handle.keyring_use(first).map_err(|e| e.to_string())?;
+    }
+    for k in have.iter().filter(|k| !keys.contains(k)) {
+        handle.keyring_remove(k).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGTERM/SIGINT, then drains and leaves. SIGHUP re-reads the file's
+/// cluster keys (key rotation without a restart).
+pub fn run(cfg: AgentConfig, path: &Path) -> anyhow::Result<()> {
+    let base = path.parent().unwrap_or(Path::new("."));
     let cluster_cfg = cfg.cluster.to_config(base).map_err(anyhow::Error::msg)?;
     let services = cfg.services().map_err(anyhow::Error::msg)?;
     // Checks run before the first announcement, so proxies never see a service that is not up.
@@ -194,12 +212,20 @@ pub fn run(cfg: AgentConfig, base: &Path) -> anyhow::Result<()> {
     node.block_on(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut announced = first;
         let mut tick = tokio::time::interval(cfg.agent.check_interval);
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = hup.recv() => {
+                    let keys = AgentConfig::load(path).and_then(|c| c.cluster.to_config(base).map_err(anyhow::Error::msg));
+                    match keys.map(|c| c.keys).map_err(|e| e.to_string()).and_then(|k| apply_keys(&handle, &k).map(|()| k.len())) {
+                        Ok(n) => tracing::info!(keys = n, "cluster keys reloaded"),
+                        Err(e) => tracing::error!(error = %e, "key reload stopped; check the keys in the file and send SIGHUP again"),
+                    }
+                }
                 _ = tick.tick() => {
                     let now = passing(&services).await;
                     if now != announced {

@@ -175,8 +175,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Agent { config } => {
             let cfg = sluice::agent::AgentConfig::load(&config)?;
-            let base = config.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-            sluice::agent::run(cfg, &base)
+            sluice::agent::run(cfg, &config)
         }
         Command::Cluster { command, admin, token } => cluster_command(command, &admin, token),
         Command::Plugin { command: PluginCommand::New { name, dir, sdk } } => {

@@ -163,3 +163,52 @@ fn a_second_node_with_the_same_name_refuses_to_start() {
     assert!(log.contains("already used by the live member"), "{log}");
     drop(first);
 }
+
+const NEW_KEY: &str = "bmV3LXJvdGF0ZWQta2V5LTMyLWJ5dGVzLWxvbmchISE=";
+
+#[test]
+fn keys_rotate_without_a_restart() {
+    let b = backends(1);
+    let dir = scratch_dir("cluster-rotate");
+    let g1 = gossip_addr(51);
+    let p1 = Proxy::start_in(
+        { let d = dir.join("p1"); std::fs::create_dir_all(&d).unwrap(); d },
+        &format!("[[pool]]\nname = \"web\"\n[[route]]\npool = \"web\"\n{}", cluster_section("rot-proxy", g1, KEY, &[])),
+    );
+    let g2 = gossip_addr(52);
+    let agent = Agent::start(&dir, "rot-agent", &cluster_section("rot-agent", g2, KEY, &[g1]), b[0].0);
+    assert!(wait_for(Duration::from_secs(20), || routable(&p1) == 1), "agent never joined");
+    let agent_cfg = agent.dir.join("agent.toml");
+    let set_agent_keys = |keys: &[&str]| {
+        let text = std::fs::read_to_string(&agent_cfg).unwrap();
+        let list: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| if l.starts_with("key = ") || l.starts_with("keys = ") { format!("keys = [{}]", list.join(", ")) } else { l.to_string() })
+            .collect();
+        std::fs::write(&agent_cfg, lines.join("\n") + "\n").unwrap();
+        agent.signal("-HUP");
+    };
+    let key_op = |op: &str, key: &str| {
+        let r = p1.admin_req("POST", "/api/cluster/keys", format!("{{\"op\": \"{op}\", \"key\": \"{key}\"}}").as_bytes());
+        assert_eq!(r.status, 200, "{op}: {}", r.text());
+    };
+    // 1. everyone learns the new key; 2. everyone encrypts with it; 3. the old key goes.
+    key_op("install", NEW_KEY);
+    set_agent_keys(&[KEY, NEW_KEY]);
+    std::thread::sleep(Duration::from_millis(500));
+    key_op("use", NEW_KEY);
+    set_agent_keys(&[NEW_KEY, KEY]);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = p1.admin_req("POST", "/api/cluster/keys", format!("{{\"op\": \"remove\", \"key\": \"{NEW_KEY}\"}}").as_bytes());
+    assert_eq!(r.status, 422, "the key in use cannot be removed: {}", r.text());
+    key_op("remove", KEY);
+    set_agent_keys(&[NEW_KEY]);
+    assert!(wait_for(Duration::from_secs(5), || agent.log().matches("cluster keys reloaded").count() == 3), "{}", agent.log());
+    // The cluster keeps working on the new key alone: the agent stays a live, routable member.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(routable(&p1), 1, "{}", p1.admin_req("GET", "/api/cluster", b"").text());
+    let v: serde_json::Value = serde_json::from_str(&p1.admin_req("GET", "/api/cluster", b"").text()).unwrap();
+    assert_eq!(v["keys"], 1);
+    assert!(v["members"].as_array().unwrap().iter().any(|m| m["name"] == "rot-agent" && m["state"] == "alive"), "{v}");
+}
