@@ -78,10 +78,10 @@ pub struct ServiceSection {
     /// Relative weight.
     #[serde(default = "one")]
     pub weight: u32,
-    /// Zone (used for the node when `[agent] zone` is not set).
+    /// Zone of this service (default: the node's; also the node's when `[agent] zone` is not set).
     #[serde(default)]
     pub zone: Option<String>,
-    /// Tags (used for the node when `[agent] tags` is not set).
+    /// Tags of this service (default: the node's; also the node's when `[agent] tags` is not set).
     #[serde(default)]
     pub tags: Option<Vec<String>>,
     /// Local check before announcing: `"tcp"` (connect) or `"http:/path"` (a 2xx/3xx answer).
@@ -137,7 +137,7 @@ impl AgentConfig {
                     Some(c) if c.starts_with("http:/") => Some(LocalCheck::Http(c["http:".len()..].to_string())),
                     Some(other) => return Err(format!("[[service]] {}: check \"{other}\" is unknown; use \"tcp\" or \"http:/path\"", s.addr)),
                 };
-                Ok(LocalService { service: Service { pool: s.pool.clone(), addr, weight: s.weight }, check })
+                Ok(LocalService { service: Service { pool: s.pool.clone(), addr, weight: s.weight, zone: s.zone.clone(), tags: s.tags.clone() }, check })
             })
             .collect()
     }

@@ -155,7 +155,12 @@ pub fn gossip_backends(members: &[crate::cluster::MemberInfo], pool: &str) -> Ve
             if out.iter().any(|(b, _)| b.addr == s.addr) {
                 continue; // the same address announced twice: first one wins
             }
-            let spec = BackendSpec { addr: s.addr, weight: s.weight.max(1), zone: m.meta.zone.clone(), tags: m.meta.tags.clone() };
+            let spec = BackendSpec {
+                addr: s.addr,
+                weight: s.weight.max(1),
+                zone: s.zone.clone().unwrap_or_else(|| m.meta.zone.clone()),
+                tags: s.tags.clone().unwrap_or_else(|| m.meta.tags.clone()),
+            };
             out.push((spec, hold));
         }
     }
@@ -284,4 +289,61 @@ pub fn cluster_dot(cluster: &serde_json::Value) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{MemberInfo, Service};
+
+    fn member(name: &str, state: MemberState, draining: bool, services: Vec<Service>) -> MemberInfo {
+        let mut meta = NodeMeta::new(name, Role::Backend);
+        meta.zone = "eu".into();
+        meta.draining = draining;
+        meta.services = services;
+        MemberInfo {
+            meta,
+            gossip_addr: "127.0.0.1:7946".parse().unwrap(),
+            state,
+            incarnation: 0,
+            generation: 0,
+            meta_version: 0,
+            last_change_ms: 0,
+            is_self: false,
+        }
+    }
+
+    fn svc(pool: &str, port: u16, zone: Option<&str>) -> Service {
+        Service { pool: pool.into(), addr: SocketAddr::from(([127, 0, 0, 1], port)), weight: 1, zone: zone.map(String::from), tags: None }
+    }
+
+    #[test]
+    fn pool_members_follow_member_states() {
+        let members = vec![
+            member("alive", MemberState::Alive, false, vec![svc("web", 1, None), svc("api", 2, None)]),
+            member("suspect", MemberState::Suspect, false, vec![svc("web", 3, None)]),
+            member("draining", MemberState::Alive, true, vec![svc("web", 4, Some("us"))]),
+            member("down", MemberState::Down, false, vec![svc("web", 5, None)]),
+            member("left", MemberState::Left, false, vec![svc("web", 6, None)]),
+        ];
+        let web = gossip_backends(&members, "web");
+        let got: Vec<(u16, bool, &str)> = web.iter().map(|(b, hold)| (b.addr.port(), *hold, b.zone.as_str())).collect();
+        // Down and left members are gone; suspect and draining ones stay, held from new requests.
+        assert_eq!(got, vec![(1, false, "eu"), (3, true, "eu"), (4, true, "us")]);
+        assert_eq!(gossip_backends(&members, "api").len(), 1);
+        assert!(gossip_backends(&members, "none").is_empty());
+    }
+
+    #[test]
+    fn cluster_sections_are_validated() {
+        let section = |extra: &str| -> ClusterSection {
+            toml::from_str(&format!("name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\n{extra}")).unwrap()
+        };
+        assert!(section("").to_config(Path::new(".")).unwrap_err().contains("needs a key"));
+        assert!(section("key = \"short\"").to_config(Path::new(".")).unwrap_err().contains("[cluster] key"));
+        let key = crate::cluster::keyring::generate_key();
+        assert!(section(&format!("key = \"{key}\"\nprofile = \"fast\"")).to_config(Path::new(".")).unwrap_err().contains("profile \"fast\" is unknown"));
+        let cfg = section(&format!("key = \"{key}\"\npeers = [\"127.0.0.1:7947\"]")).to_config(Path::new(".")).unwrap();
+        assert_eq!(cfg.peers, vec!["127.0.0.1:7947".to_string()]);
+    }
 }

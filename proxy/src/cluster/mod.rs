@@ -57,6 +57,12 @@ pub struct Service {
     pub addr: SocketAddr,
     /// Relative weight for weighted strategies.
     pub weight: u32,
+    /// Zone of this service when it differs from the node's.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Tags of this service when they differ from the node's.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
 }
 
 /// A member's self-description, spread to the whole cluster and updated with

@@ -822,7 +822,7 @@ mod tests {
 
         let mut meta = b.meta().clone();
         meta.draining = true;
-        meta.services.push(Service { pool: "web".into(), addr: ([127, 0, 0, 1], 9001).into(), weight: 2 });
+        meta.services.push(Service { pool: "web".into(), addr: ([127, 0, 0, 1], 9001).into(), weight: 2, zone: None, tags: None });
         b.set_meta(meta.clone());
         pump(&mut a, &mut b);
         assert_eq!(a.meta_of(b.id().addr), Some((2, meta)));

@@ -657,7 +657,7 @@ mod tests {
         let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy)).await.expect("a starts");
         let seed = [a.gossip_addr()];
         let mut b_meta = NodeMeta::new("b", Role::Backend);
-        b_meta.services.push(Service { pool: "web".into(), addr: "127.0.0.1:9001".parse().expect("valid"), weight: 3 });
+        b_meta.services.push(Service { pool: "web".into(), addr: "127.0.0.1:9001".parse().expect("valid"), weight: 3, zone: None, tags: None });
         let b = Cluster::start(config(&key, &seed), b_meta.clone()).await.expect("b starts");
         let c = Cluster::start(config(&key, &seed), NodeMeta::new("c", Role::Backend)).await.expect("c starts");
         let mut changes = a.changes();

@@ -100,7 +100,7 @@ pub fn sim_addr(i: usize) -> SocketAddr {
 pub fn sim_meta(i: usize) -> NodeMeta {
     let mut meta = NodeMeta::new(format!("node-{i}"), Role::Backend);
     meta.zone = format!("zone-{}", i % 3);
-    meta.services.push(Service { pool: "web".into(), addr: SocketAddr::new(sim_addr(i).ip(), 8080), weight: 1 });
+    meta.services.push(Service { pool: "web".into(), addr: SocketAddr::new(sim_addr(i).ip(), 8080), weight: 1, zone: None, tags: None });
     meta
 }
 
