@@ -21,6 +21,12 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Bytes the plaintext header adds to a body.
 pub const HEADER_LEN: usize = 2;
 const COMPRESSED: u8 = 1;
+/// Version of everything inside the seal (this header, foca's packets, the postcard-encoded
+/// metadata and state), kept in the high nibble of the flags byte. postcard encodes fields by
+/// position, so any change to `NodeMeta`/`Service` must bump this: a node then drops (and
+/// counts as malformed) messages of another version instead of misreading them.
+pub const WIRE_VERSION: u8 = 1;
+const VERSION_SHIFT: u8 = 4;
 // Bodies shorter than this are never worth deflating.
 const COMPRESS_MIN: usize = 128;
 
@@ -66,14 +72,14 @@ pub fn encode_plain(kind: Kind, body: &[u8], compress: bool) -> Vec<u8> {
         if !deflated.is_empty() && deflated.len() < body.len() {
             let mut out = Vec::with_capacity(HEADER_LEN + deflated.len());
             out.push(kind as u8);
-            out.push(COMPRESSED);
+            out.push(COMPRESSED | (WIRE_VERSION << VERSION_SHIFT));
             out.extend_from_slice(&deflated);
             return out;
         }
     }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.push(kind as u8);
-    out.push(0);
+    out.push(WIRE_VERSION << VERSION_SHIFT);
     out.extend_from_slice(body);
     out
 }
@@ -84,7 +90,10 @@ pub fn decode_plain(plain: &[u8]) -> Result<(Kind, Vec<u8>), WireError> {
         return Err(WireError::Malformed);
     }
     let kind = Kind::from_byte(plain[0]).ok_or(WireError::Malformed)?;
-    match plain[1] {
+    if plain[1] >> VERSION_SHIFT != WIRE_VERSION {
+        return Err(WireError::Malformed);
+    }
+    match plain[1] & ((1 << VERSION_SHIFT) - 1) {
         0 => Ok((kind, plain[HEADER_LEN..].to_vec())),
         COMPRESSED => {
             let mut out = Vec::new();
@@ -166,18 +175,23 @@ mod tests {
 
     #[test]
     fn small_or_incompressible_bodies_are_sent_raw() {
+        let raw = WIRE_VERSION << VERSION_SHIFT;
         let plain = encode_plain(Kind::Foca, b"tiny", true);
-        assert_eq!(plain[1], 0);
+        assert_eq!(plain[1], raw);
         let noise: Vec<u8> = (0..1000).map(|_| rand::random::<u8>()).collect();
-        assert_eq!(encode_plain(Kind::Foca, &noise, true)[1], 0);
+        assert_eq!(encode_plain(Kind::Foca, &noise, true)[1], raw);
     }
 
     #[test]
     fn malformed_plaintext_is_rejected() {
         assert_eq!(decode_plain(&[1]), Err(WireError::Malformed));
         assert_eq!(decode_plain(&[9, 0]), Err(WireError::Malformed));
-        assert_eq!(decode_plain(&[1, 7]), Err(WireError::Malformed));
-        assert_eq!(decode_plain(&[1, COMPRESSED, 0xff, 0xff]), Err(WireError::BadCompression));
+        let v = WIRE_VERSION << VERSION_SHIFT;
+        assert_eq!(decode_plain(&[1, v | 7]), Err(WireError::Malformed));
+        assert_eq!(decode_plain(&[1, v | COMPRESSED, 0xff, 0xff]), Err(WireError::BadCompression));
+        // Another wire version (0 = before versioning) is refused, not misread.
+        assert_eq!(decode_plain(&[1, 0, b'x']), Err(WireError::Malformed));
+        assert_eq!(decode_plain(&[1, (WIRE_VERSION + 1) << VERSION_SHIFT, b'x']), Err(WireError::Malformed));
     }
 
     #[test]
