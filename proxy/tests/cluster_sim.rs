@@ -63,28 +63,7 @@ fn joins_reach_every_node_and_a_late_join_spreads_fast() {
     eprintln!("100 staggered joins converged {took} ms after the last one");
 
     // One more node joins a settled cluster: every node must learn it (alive + metadata).
-    let new = sim.add_node();
-    let addr = sim_addr(new);
-    let start = sim.now_ms();
-    sim.join(new, &[3]);
-    let mut up: HashSet<usize> = HashSet::new();
-    let mut meta: HashSet<usize> = HashSet::new();
-    let mut all_at = None;
-    while all_at.is_none() && sim.now_ms() - start < 30 * SECOND {
-        let t = sim.now_ms() + 10;
-        sim.run_until(t, |_, node, e| match e {
-            Event::MemberUp(a) if *a == addr => {
-                up.insert(node);
-            }
-            Event::Meta(a) if *a == addr => {
-                meta.insert(node);
-            }
-            _ => {}
-        });
-        if up.len() == N && meta.len() == N {
-            all_at = Some(sim.now_ms() - start);
-        }
-    }
+    let (_, all_at) = sim.join_and_time(&[3], N, 30 * SECOND);
     let took = all_at.expect("every node learns the new member within 30 s");
     eprintln!("a join reached all {N} nodes in {took} ms");
     assert!(took <= 5 * SECOND, "join took {took} ms");

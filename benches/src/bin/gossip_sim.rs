@@ -48,28 +48,9 @@ fn cluster(n: usize, loss: f64, seed: u64) -> Sim {
 
 // Milliseconds until 99.9 % of the other nodes know a new node (MemberUp + metadata).
 fn join_time(sim: &mut Sim, n: usize) -> Option<u64> {
-    let new = sim.add_node();
-    let addr = sim_addr(new);
-    let start = sim.now_ms();
-    sim.join(new, &[(start as usize * 31) % n]);
+    let seed = (sim.now_ms() as usize * 31) % n;
     let need = (n as f64 * 0.999).ceil() as usize;
-    let (mut up, mut meta) = (HashSet::new(), HashSet::new());
-    while sim.now_ms() - start < 60 * SECOND {
-        let t = sim.now_ms() + 10;
-        sim.run_until(t, |_, node, e| match e {
-            Event::MemberUp(a) if *a == addr => {
-                up.insert(node);
-            }
-            Event::Meta(a) if *a == addr => {
-                meta.insert(node);
-            }
-            _ => {}
-        });
-        if up.intersection(&meta).count() >= need {
-            return Some(sim.now_ms() - start);
-        }
-    }
-    None
+    sim.join_and_time(&[seed], need, 60 * SECOND).1
 }
 
 // Milliseconds until every live node marks a crashed node down.

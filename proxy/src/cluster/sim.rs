@@ -8,7 +8,7 @@
 //! length), but not IP/UDP/TCP headers.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use rand_foca::rngs::SmallRng;
@@ -105,6 +105,33 @@ pub fn sim_meta(i: usize) -> NodeMeta {
 }
 
 impl Sim {
+    /// Adds a node, joins it through `seeds`, and runs until `need` other nodes know it (foca
+    /// reported it up and its metadata arrived) or `limit_ms` of virtual time passed. Returns the
+    /// new node's index and the time it took, if it got there.
+    pub fn join_and_time(&mut self, seeds: &[usize], need: usize, limit_ms: u64) -> (usize, Option<u64>) {
+        let new = self.add_node();
+        let addr = sim_addr(new);
+        let start = self.now_ms();
+        self.join(new, seeds);
+        let (mut up, mut meta) = (HashSet::new(), HashSet::new());
+        while self.now_ms() - start < limit_ms {
+            let t = self.now_ms() + 10;
+            self.run_until(t, |_, node, e| match e {
+                Event::MemberUp(a) if *a == addr => {
+                    up.insert(node);
+                }
+                Event::Meta(a) if *a == addr => {
+                    meta.insert(node);
+                }
+                _ => {}
+            });
+            if up.intersection(&meta).count() >= need {
+                return (new, Some(self.now_ms() - start));
+            }
+        }
+        (new, None)
+    }
+
     /// An empty simulation at virtual time 0.
     pub fn new(cfg: SimConfig) -> Sim {
         let rng = SmallRng::seed_from_u64(cfg.seed);
