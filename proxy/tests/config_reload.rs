@@ -137,3 +137,33 @@ fn connect_failures_are_retried_on_another_backend() {
     let r = proxy.get("/");
     assert_eq!(r.status, 502, "{}", r.text());
 }
+
+#[test]
+fn mutating_admin_routes_need_the_bearer_token() {
+    let b = backends(1);
+    // The body continues the [admin] section the harness writes, so `token` lands there.
+    let body = format!("token = \"s3cret\"\n{}", pool_cfg(&format!("\"{}\"", b[0].0), ""));
+    let proxy = Proxy::start("token", &body);
+    let wasm = wat_strategy(1, "(i32.const 0)", "(i32.const 0)");
+    for auth in [None, Some("Bearer nope"), Some("s3cret"), Some("Basic s3cret"), Some("Bearer s3cre")] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let r = request(proxy.admin, "PUT", "/api/pools/web/strategy", &headers, &wasm).unwrap();
+        assert_eq!(r.status, 401, "{auth:?}: {}", r.text());
+        let r = request(proxy.admin, "POST", "/api/reload", &headers, b"").unwrap();
+        assert_eq!(r.status, 401, "{auth:?}");
+    }
+    // Reads stay open; the right token is accepted.
+    assert_eq!(proxy.admin_req("GET", "/api/pools", b"").status, 200);
+    let ok = [("authorization", "Bearer s3cret")];
+    assert_eq!(request(proxy.admin, "PUT", "/api/pools/web/strategy", &ok, &wasm).unwrap().status, 200);
+    assert_eq!(request(proxy.admin, "POST", "/api/reload", &ok, b"").unwrap().status, 200);
+    // The CLI passes the token too.
+    let file = proxy.dir.join("s.wasm");
+    std::fs::write(&file, &wasm).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "load", "--pool", "web", "--admin", &proxy.admin.to_string(), "--token", "s3cret"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
