@@ -123,6 +123,9 @@ enum PluginCommand {
         /// Bearer token, if the admin API has one.
         #[arg(long, env = "SLUICE_ADMIN_TOKEN")]
         token: Option<String>,
+        /// Load it into every proxy of the cluster (found through `--admin`'s cluster view).
+        #[arg(long)]
+        cluster: bool,
     },
 }
 
@@ -195,21 +198,40 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             print!("{}", report.render(&name, &params));
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::Load { pool, file, kind, admin, token } } => {
+        Command::Plugin { command: PluginCommand::Load { pool, file, kind, admin, token, cluster } } => {
             let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let addr = admin.parse().map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
-            let auth = token.map(|t| format!("Bearer {t}"));
-            let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
-            let resp = sluice::client::request(addr, "PUT", &format!("/api/pools/{pool}/{kind}"), &headers, &bytes)
-                .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?"))?;
-            if resp.status == 200 {
-                print!("{}", resp.text());
-                Ok(())
+            let targets: Vec<String> = if cluster {
+                let v = admin_call(&admin, token.clone(), "GET", "/api/cluster", b"")?;
+                v["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m["role"] == "proxy" && m["state"] == "alive")
+                    .filter_map(|m| m["admin"].as_str().map(String::from))
+                    .collect()
             } else {
-                anyhow::bail!("the proxy refused the plugin ({}): {}", resp.status, resp.text().trim())
+                vec![admin.clone()]
+            };
+            anyhow::ensure!(!targets.is_empty(), "no live proxy with an admin address found in the cluster");
+            let mut failed = 0;
+            for target in &targets {
+                match put_plugin(target, token.clone(), &pool, &kind, &bytes) {
+                    Ok(v) => println!("{target}: {kind} loaded into pool {pool}: sha256 {} generation {}", v["sha256"].as_str().unwrap_or("?"), v["generation"]),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{target}: {e:#}");
+                    }
+                }
             }
+            anyhow::ensure!(failed == 0, "{failed} of {} proxies refused the plugin; the others run it", targets.len());
+            Ok(())
         }
     }
+}
+
+/// PUTs a plugin to one proxy's admin API.
+fn put_plugin(admin: &str, token: Option<String>, pool: &str, kind: &str, bytes: &[u8]) -> anyhow::Result<serde_json::Value> {
+    admin_call(admin, token, "PUT", &format!("/api/pools/{pool}/{kind}"), bytes).map_err(|e| anyhow::anyhow!("the proxy refused the plugin: {e:#}"))
 }
 
 fn admin_call(admin: &str, token: Option<String>, method: &str, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {

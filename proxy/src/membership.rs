@@ -223,6 +223,7 @@ pub fn cluster_json(handle: &ClusterHandle) -> serde_json::Value {
                 "services": m.meta.services.iter().map(|s| serde_json::json!({ "pool": s.pool, "addr": s.addr.to_string(), "weight": s.weight })).collect::<Vec<_>>(),
                 "last_change_ms_ago": now.saturating_sub(m.last_change_ms),
                 "self": m.is_self,
+                "admin": m.meta.admin,
             })
         })
         .collect();

@@ -54,6 +54,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
             let cfg = section.to_config(&config.base_dir).map_err(anyhow::Error::msg)?;
             let mut meta = crate::cluster::NodeMeta::new(section.node_name(), crate::cluster::Role::Proxy);
             meta.zone = config.server.zone.clone().unwrap_or_default();
+            meta.admin = Some(config.admin.listen.get_ref().clone());
             let node = crate::membership::ClusterNode::start(cfg, meta)?;
             let _ = runtime.cluster.set(node.handle.clone());
             node.spawn(crate::membership::watch(runtime.clone(), node.handle.clone()));

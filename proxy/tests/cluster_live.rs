@@ -115,6 +115,29 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     let info = p1.admin_req("GET", "/api/cluster", b"").text();
     assert!(info.contains("\"agent-3\"") && info.contains("\"proxy-2\""), "{info}");
 
+    // `plugin load --cluster` reaches every proxy through one admin address.
+    let wasm = dir.join("first.wasm");
+    std::fs::write(&wasm, first_only()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "load", "--cluster", "--pool", "web", "--admin", &p1.admin.to_string()])
+        .arg(&wasm)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("loaded into pool web").count(), 2, "{}", String::from_utf8_lossy(&out.stdout));
+    for p in [&p1, &p2] {
+        assert_eq!(pools_json(p)["pools"][0]["strategy"]["generation"], 2);
+    }
+    // Back to rotation for the rest of the test.
+    let rr = dir.join("rr.wasm");
+    std::fs::write(&rr, sluice::builtin::get("round-robin").unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "load", "--cluster", "--pool", "web", "--admin", &p2.admin.to_string()])
+        .arg(&rr)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     // SIGKILL: no goodbye; both proxies drop it once the cluster declares it down.
     let killed = b[0].0.to_string();
     agents[0].as_ref().unwrap().signal("-KILL");

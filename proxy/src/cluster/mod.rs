@@ -81,6 +81,8 @@ pub struct NodeMeta {
     pub services: Vec<Service>,
     /// The member asks for no new requests (e.g. before maintenance) but is still alive.
     pub draining: bool,
+    /// A proxy's admin API address, so `sluice plugin load --cluster` can reach every proxy.
+    pub admin: Option<String>,
 }
 
 impl NodeMeta {
@@ -93,6 +95,7 @@ impl NodeMeta {
             tags: Vec::new(),
             services: Vec::new(),
             draining: false,
+            admin: None,
         }
     }
 }

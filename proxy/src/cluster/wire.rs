@@ -25,7 +25,7 @@ const COMPRESSED: u8 = 1;
 /// metadata and state), kept in the high nibble of the flags byte. postcard encodes fields by
 /// position, so any change to `NodeMeta`/`Service` must bump this: a node then drops (and
 /// counts as malformed) messages of another version instead of misreading them.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 const VERSION_SHIFT: u8 = 4;
 // Bodies shorter than this are never worth deflating.
 const COMPRESS_MIN: usize = 128;
