@@ -115,6 +115,18 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     let info = p1.admin_req("GET", "/api/cluster", b"").text();
     assert!(info.contains("\"agent-3\"") && info.contains("\"proxy-2\""), "{info}");
 
+    // The CLI views: a table and a Graphviz map with an edge per proxy, backend and pool.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).args(["--admin", &p1.admin.to_string()]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = cli(&["cluster", "info"]);
+    assert_eq!(table.lines().filter(|l| l.contains(" backend ") && l.contains(" alive ")).count(), 4, "{table}");
+    let dot = cli(&["cluster", "map"]);
+    assert!(dot.starts_with("digraph sluice {"), "{dot}");
+    assert_eq!(dot.matches("\"proxy-1\" -> \"agent-").count(), 4, "{dot}");
+
     // `plugin load --cluster` reaches every proxy through one admin address.
     let wasm = dir.join("first.wasm");
     std::fs::write(&wasm, first_only()).unwrap();
