@@ -18,12 +18,24 @@ fn pick(c: &mut Criterion) {
     let wasm = sluice::builtin::get("round-robin").expect("built-in round-robin");
     let header = request_header();
     let none = |_: usize| false;
-    let view = RequestView { header: &header, client_ip: Some("10.0.0.1".parse().unwrap()), excluded: &none };
+    let view = RequestView {
+        header: &header,
+        client_ip: Some("10.0.0.1".parse().unwrap()),
+        excluded: &none,
+    };
     let mut group = c.benchmark_group("pick");
     for n in [8usize, 64] {
         let table = table(n, &metrics);
-        let host = StrategyHost::new(&engine, "bench", wasm, "builtin:round-robin", Arc::from(&b"{}"[..]), &table, &metrics)
-            .expect("round-robin loads");
+        let host = StrategyHost::new(
+            &engine,
+            "bench",
+            wasm,
+            "builtin:round-robin",
+            Arc::from(&b"{}"[..]),
+            &table,
+            &metrics,
+        )
+        .expect("round-robin loads");
         group.bench_with_input(BenchmarkId::new("wasm_round_robin", n), &n, |b, _| {
             b.iter(|| black_box(host.pick(&table, &view, 0)))
         });
@@ -34,7 +46,11 @@ fn pick(c: &mut Criterion) {
             b.iter(|| {
                 let len = table.len();
                 let start = counter.fetch_add(1, Ordering::Relaxed);
-                black_box((0..len).map(|k| (start + k) % len).find(|&i| !(view.excluded)(i)))
+                black_box(
+                    (0..len)
+                        .map(|k| (start + k) % len)
+                        .find(|&i| !(view.excluded)(i)),
+                )
             })
         });
     }

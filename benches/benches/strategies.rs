@@ -20,9 +20,15 @@ fn strategies(c: &mut Criterion) {
     let metrics = Metrics::new();
     let header = request_header();
     let none = |_: usize| false;
-    let view = RequestView { header: &header, client_ip: Some("10.0.0.1".parse().unwrap()), excluded: &none };
+    let view = RequestView {
+        header: &header,
+        client_ip: Some("10.0.0.1".parse().unwrap()),
+        excluded: &none,
+    };
     let mut picks = c.benchmark_group("strategy_pick");
-    picks.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    picks
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
     for n in [8usize, 64, 1024] {
         let t = table(n, &metrics);
         let counter = AtomicUsize::new(0);
@@ -31,25 +37,55 @@ fn strategies(c: &mut Criterion) {
         });
         for name in sluice::builtin::strategy_names() {
             let wasm = sluice::builtin::get(name).expect("listed");
-            let host = StrategyHost::new(&engine, "bench", wasm, name, Arc::from(&b"{}"[..]), &t, &metrics).expect("loads");
-            picks.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| b.iter(|| black_box(host.pick(&t, &view, 0))));
+            let host = StrategyHost::new(
+                &engine,
+                "bench",
+                wasm,
+                name,
+                Arc::from(&b"{}"[..]),
+                &t,
+                &metrics,
+            )
+            .expect("loads");
+            picks.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter(|| black_box(host.pick(&t, &view, 0)))
+            });
         }
     }
     picks.finish();
 
     // A table push: alternate between two tables of the same size so every pick first pushes.
     let mut pushes = c.benchmark_group("table_push");
-    pushes.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    pushes
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
     for n in [8usize, 64, 1024] {
         let a = table(n, &metrics);
-        let b = Arc::new(BackendTable::new(a.generation + 1, a.backends.clone(), None));
+        let b = Arc::new(BackendTable::new(
+            a.generation + 1,
+            a.backends.clone(),
+            None,
+        ));
         for name in sluice::builtin::strategy_names() {
             let wasm = sluice::builtin::get(name).expect("listed");
-            let host = StrategyHost::new(&engine, "bench", wasm, name, Arc::from(&b"{}"[..]), &a, &metrics).expect("loads");
+            let host = StrategyHost::new(
+                &engine,
+                "bench",
+                wasm,
+                name,
+                Arc::from(&b"{}"[..]),
+                &a,
+                &metrics,
+            )
+            .expect("loads");
             let flip = AtomicUsize::new(0);
             pushes.bench_with_input(BenchmarkId::new(name, n), &n, |bench, _| {
                 bench.iter(|| {
-                    let t = if flip.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) { &a } else { &b };
+                    let t = if flip.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+                        &a
+                    } else {
+                        &b
+                    };
                     black_box(host.pick(t, &view, 0))
                 })
             });

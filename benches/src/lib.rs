@@ -10,19 +10,28 @@ use sluice::pool::{backends_from_specs, BackendTable};
 pub fn table(n: usize, metrics: &Metrics) -> Arc<BackendTable> {
     let specs: Vec<BackendSpec> = (0..n)
         .map(|i| BackendSpec {
-            addr: format!("127.0.0.1:{}", 10000 + i).parse().expect("valid address"),
+            addr: format!("127.0.0.1:{}", 10000 + i)
+                .parse()
+                .expect("valid address"),
             weight: 1,
             zone: String::new(),
             tags: Vec::new(),
         })
         .collect();
-    Arc::new(BackendTable::new(1, backends_from_specs(&specs, metrics, "bench"), None))
+    Arc::new(BackendTable::new(
+        1,
+        backends_from_specs(&specs, metrics, "bench"),
+        None,
+    ))
 }
 
 /// A typical request header.
 pub fn request_header() -> pingora::http::RequestHeader {
-    let mut h = pingora::http::RequestHeader::build("GET", b"/index.html?user=42", None).expect("valid request");
-    h.insert_header("host", "example.com").expect("valid header");
-    h.insert_header("user-agent", "bench").expect("valid header");
+    let mut h = pingora::http::RequestHeader::build("GET", b"/index.html?user=42", None)
+        .expect("valid request");
+    h.insert_header("host", "example.com")
+        .expect("valid header");
+    h.insert_header("user-agent", "bench")
+        .expect("valid header");
     h
 }

@@ -29,9 +29,16 @@ impl AdminApp {
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(token) = &self.token else { return true };
-        let got = session.req_header().headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        got.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let got = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        got.and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
     }
 
     /// JSON description of every pool (also used by the CLI and dashboard).
@@ -105,7 +112,12 @@ fn health_json(b: &crate::pool::Backend, now: u64, checked_pool: bool) -> serde_
     if !checked_pool {
         return serde_json::Value::Null;
     }
-    let rec = b.stats.health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let rec = b
+        .stats
+        .health
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let healthy = b.stats.healthy.load(std::sync::atomic::Ordering::Relaxed);
     json!({
         "state": if !rec.checked && !healthy { "pending" } else if healthy { "healthy" } else { "unhealthy" },
@@ -147,11 +159,19 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
             Ok(Some(chunk)) => {
                 body.extend_from_slice(&chunk);
                 if body.len() > MAX_UPLOAD {
-                    return Err(error_reply(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {MAX_UPLOAD} bytes")));
+                    return Err(error_reply(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("body larger than {MAX_UPLOAD} bytes"),
+                    ));
                 }
             }
             Ok(None) => return Ok(body),
-            Err(e) => return Err(error_reply(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))),
+            Err(e) => {
+                return Err(error_reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
         }
     }
 }
@@ -163,13 +183,26 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         if method != Method::GET && method != Method::HEAD && !self.authorized(session) {
-            return error_reply(StatusCode::UNAUTHORIZED, "this route needs `Authorization: Bearer TOKEN` ([admin] token)");
+            return error_reply(
+                StatusCode::UNAUTHORIZED,
+                "this route needs `Authorization: Bearer TOKEN` ([admin] token)",
+            );
         }
         match (method.as_str(), segments.as_slice()) {
-            ("GET", [""]) => reply(StatusCode::OK, "text/html; charset=utf-8", crate::dashboard::PAGE.as_bytes().to_vec()),
-            ("GET", ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", self.runtime.metrics.render()),
+            ("GET", [""]) => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::dashboard::PAGE.as_bytes().to_vec(),
+            ),
+            ("GET", ["metrics"]) => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.runtime.metrics.render(),
+            ),
             ("GET", ["healthz"]) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            ("GET", ["api", "pools"]) => json_reply(StatusCode::OK, Self::pools_json(&self.runtime)),
+            ("GET", ["api", "pools"]) => {
+                json_reply(StatusCode::OK, Self::pools_json(&self.runtime))
+            }
             ("PUT", ["api", "pools", pool, kind @ ("strategy" | "health")]) => {
                 let (pool, kind) = (pool.to_string(), kind.to_string());
                 let body = match read_body(session).await {
@@ -182,18 +215,36 @@ impl ServeHttp for AdminApp {
                 let rt = self.runtime.clone();
                 let (p, k) = (pool.clone(), kind.clone());
                 // Compilation takes milliseconds of CPU: keep it off the admin runtime's reactor.
-                let result = tokio::task::spawn_blocking(move || if k == "health" { rt.swap_health(&p, &body) } else { rt.swap_strategy(&p, &body) }).await;
+                let result = tokio::task::spawn_blocking(move || {
+                    if k == "health" {
+                        rt.swap_health(&p, &body)
+                    } else {
+                        rt.swap_strategy(&p, &body)
+                    }
+                })
+                .await;
                 match result {
-                    Ok(Ok(v)) => json_reply(StatusCode::OK, json!({ "pool": pool, "kind": kind, "sha256": v.sha256, "generation": v.generation })),
-                    Ok(Err(e @ ApplyError::UnknownPool(_))) => error_reply(StatusCode::NOT_FOUND, e),
+                    Ok(Ok(v)) => json_reply(
+                        StatusCode::OK,
+                        json!({ "pool": pool, "kind": kind, "sha256": v.sha256, "generation": v.generation }),
+                    ),
+                    Ok(Err(e @ ApplyError::UnknownPool(_))) => {
+                        error_reply(StatusCode::NOT_FOUND, e)
+                    }
                     Ok(Err(e @ ApplyError::NoHealth(_))) => error_reply(StatusCode::CONFLICT, e),
                     Ok(Err(e)) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
-                    Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, format!("swap task failed: {e}")),
+                    Err(e) => error_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("swap task failed: {e}"),
+                    ),
                 }
             }
             ("GET", ["api", "cluster"]) => match self.runtime.cluster.get() {
                 Some(h) => json_reply(StatusCode::OK, crate::membership::cluster_json(h)),
-                None => error_reply(StatusCode::NOT_FOUND, "this proxy is not in a cluster; add a [cluster] section to the config"),
+                None => error_reply(
+                    StatusCode::NOT_FOUND,
+                    "this proxy is not in a cluster; add a [cluster] section to the config",
+                ),
             },
             ("POST", ["api", "cluster", "keys"]) => {
                 let Some(h) = self.runtime.cluster.get().cloned() else {
@@ -209,9 +260,17 @@ impl ServeHttp for AdminApp {
                     key: String,
                 }
                 match serde_json::from_slice::<KeyOp>(&body) {
-                    Err(e) => error_reply(StatusCode::BAD_REQUEST, format!("expected {{\"op\": \"install|use|remove\", \"key\": \"BASE64\"}}: {e}")),
+                    Err(e) => error_reply(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "expected {{\"op\": \"install|use|remove\", \"key\": \"BASE64\"}}: {e}"
+                        ),
+                    ),
                     Ok(k) => match crate::membership::keyring_op(&h, &k.op, &k.key) {
-                        Ok(()) => json_reply(StatusCode::OK, json!({ "ok": true, "keys": h.keys().len() })),
+                        Ok(()) => json_reply(
+                            StatusCode::OK,
+                            json!({ "ok": true, "keys": h.keys().len() }),
+                        ),
                         Err(e) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
                     },
                 }
@@ -219,14 +278,26 @@ impl ServeHttp for AdminApp {
             ("POST", ["api", "reload"]) => {
                 let rt = self.runtime.clone();
                 match tokio::task::spawn_blocking(move || rt.reload()).await {
-                    Ok(Ok(report)) => json_reply(StatusCode::OK, json!({ "reloaded": true, "report": report })),
+                    Ok(Ok(report)) => json_reply(
+                        StatusCode::OK,
+                        json!({ "reloaded": true, "report": report }),
+                    ),
                     Ok(Err(e @ ApplyError::NoConfigFile)) => error_reply(StatusCode::CONFLICT, e),
                     Ok(Err(e)) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
-                    Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, format!("reload task failed: {e}")),
+                    Err(e) => error_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("reload task failed: {e}"),
+                    ),
                 }
             }
-            (_, ["api", ..]) | (_, ["metrics"]) => error_reply(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}")),
-            _ => error_reply(StatusCode::NOT_FOUND, format!("no admin route {path}; see /api/pools, /metrics, /")),
+            (_, ["api", ..]) | (_, ["metrics"]) => error_reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            ),
+            _ => error_reply(
+                StatusCode::NOT_FOUND,
+                format!("no admin route {path}; see /api/pools, /metrics, /"),
+            ),
         }
     }
 }

@@ -46,7 +46,12 @@ pub struct AgentSection {
 
 impl Default for AgentSection {
     fn default() -> Self {
-        AgentSection { zone: None, tags: None, drain_grace: default_grace(), check_interval: default_check_interval() }
+        AgentSection {
+            zone: None,
+            tags: None,
+            drain_grace: default_grace(),
+            check_interval: default_check_interval(),
+        }
     }
 }
 
@@ -62,8 +67,11 @@ mod humantime_serde_compat {
     use std::time::Duration;
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{s}\" ({e}); write it like \"200ms\" or \"5s\"")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration \"{s}\" ({e}); write it like \"200ms\" or \"5s\""
+            ))
+        })
     }
 }
 
@@ -109,17 +117,25 @@ enum LocalCheck {
 impl AgentConfig {
     /// Reads and validates an agent config file.
     pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read the agent config: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("{}: cannot read the agent config: {e}", path.display())
+        })?;
         let cfg: AgentConfig = toml::from_str(&text).map_err(|e| {
             let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
             anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        cfg.cluster.to_config(base).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.cluster
+            .to_config(base)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if cfg.service.is_empty() {
-            anyhow::bail!("{}: no [[service]] entries; an agent announces at least one service (pool, addr)", path.display());
+            anyhow::bail!(
+                "{}: no [[service]] entries; an agent announces at least one service (pool, addr)",
+                path.display()
+            );
         }
-        cfg.services().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.services()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
 
@@ -144,8 +160,18 @@ impl AgentConfig {
 
     fn meta(&self, services: Vec<Service>) -> NodeMeta {
         let mut meta = NodeMeta::new(self.cluster.node_name(), Role::Backend);
-        meta.zone = self.agent.zone.clone().or_else(|| self.service.iter().find_map(|s| s.zone.clone())).unwrap_or_default();
-        meta.tags = self.agent.tags.clone().or_else(|| self.service.iter().find_map(|s| s.tags.clone())).unwrap_or_default();
+        meta.zone = self
+            .agent
+            .zone
+            .clone()
+            .or_else(|| self.service.iter().find_map(|s| s.zone.clone()))
+            .unwrap_or_default();
+        meta.tags = self
+            .agent
+            .tags
+            .clone()
+            .or_else(|| self.service.iter().find_map(|s| s.tags.clone()))
+            .unwrap_or_default();
         meta.services = services;
         meta
     }
@@ -153,7 +179,15 @@ impl AgentConfig {
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
-    (before.matches('\n').count() + 1, before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1)
+    (
+        before.matches('\n').count() + 1,
+        before
+            .rsplit('\n')
+            .next()
+            .map(|l| l.chars().count())
+            .unwrap_or(0)
+            + 1,
+    )
 }
 
 /// Whether a local service passes its check (no check = passes).
@@ -161,10 +195,16 @@ async fn passes(s: &LocalService) -> bool {
     let spec = match &s.check {
         None => return true,
         Some(LocalCheck::Tcp) => crate::health::ProbeSpec::TcpConnect,
-        Some(LocalCheck::Http(path)) => crate::health::ProbeSpec::Http { method: "GET".into(), path: path.clone(), headers: Vec::new(), body: Vec::new() },
+        Some(LocalCheck::Http(path)) => crate::health::ProbeSpec::Http {
+            method: "GET".into(),
+            path: path.clone(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        },
     };
     let r = crate::health_probe::run(s.service.addr, &spec, Duration::from_secs(2)).await;
-    r.outcome == crate::health::Outcome::Completed && (r.status == 0 || (200..400).contains(&r.status))
+    r.outcome == crate::health::Outcome::Completed
+        && (r.status == 0 || (200..400).contains(&r.status))
 }
 
 async fn passing(services: &[LocalService]) -> Vec<Service> {
@@ -200,7 +240,9 @@ pub fn run(cfg: AgentConfig, path: &Path) -> anyhow::Result<()> {
     let cluster_cfg = cfg.cluster.to_config(base).map_err(anyhow::Error::msg)?;
     let services = cfg.services().map_err(anyhow::Error::msg)?;
     // Checks run before the first announcement, so proxies never see a service that is not up.
-    let probe_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let probe_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let first = probe_rt.block_on(passing(&services));
     drop(probe_rt);
     for s in services.iter().filter(|s| !first.contains(&s.service)) {

@@ -25,7 +25,10 @@ impl HttpResponse {
     }
     /// First header value by lower-case name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -43,12 +46,26 @@ impl HttpConn {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
-        Ok(HttpConn { stream, addr, buf: Vec::new() })
+        Ok(HttpConn {
+            stream,
+            addr,
+            buf: Vec::new(),
+        })
     }
 
     /// Sends one request and reads its response.
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n", self.addr, body.len());
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<HttpResponse> {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n",
+            self.addr,
+            body.len()
+        );
         for (n, v) in headers {
             head.push_str(&format!("{n}: {v}\r\n"));
         }
@@ -64,15 +81,27 @@ impl HttpConn {
         loop {
             let mut hs = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut hs);
-            if let httparse::Status::Complete(n) = resp.parse(&self.buf).map_err(|e| bad(&e.to_string()))? {
+            if let httparse::Status::Complete(n) =
+                resp.parse(&self.buf).map_err(|e| bad(&e.to_string()))?
+            {
                 let status = resp.code.unwrap_or(0);
                 let headers: Vec<(String, String)> = resp
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
                     .collect();
-                let len = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<usize>().ok());
-                let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+                let len = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+                let chunked = headers
+                    .iter()
+                    .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
                 self.buf.drain(..n);
                 let body = if head_only || status == 204 || status == 304 {
                     Vec::new()
@@ -91,7 +120,11 @@ impl HttpConn {
                     self.stream.read_to_end(&mut self.buf)?;
                     std::mem::take(&mut self.buf)
                 };
-                return Ok(HttpResponse { status, headers, body });
+                return Ok(HttpResponse {
+                    status,
+                    headers,
+                    body,
+                });
             }
             let k = self.stream.read(&mut chunk)?;
             if k == 0 {
@@ -111,17 +144,25 @@ impl HttpConn {
                 }
                 let k = self.stream.read(&mut chunk)?;
                 if k == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed in chunked body"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed in chunked body",
+                    ));
                 }
                 self.buf.extend_from_slice(&chunk[..k]);
             };
             let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
             let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size"))?;
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size")
+                })?;
             while self.buf.len() < line_end + 2 + size + 2 {
                 let k = self.stream.read(&mut chunk)?;
                 if k == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed in chunk"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed in chunk",
+                    ));
                 }
                 self.buf.extend_from_slice(&chunk[..k]);
             }
@@ -135,6 +176,12 @@ impl HttpConn {
 }
 
 /// One request on a fresh connection.
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
     HttpConn::connect(addr, Duration::from_secs(10))?.request(method, path, headers, body)
 }

@@ -90,7 +90,13 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), threads: default_threads(), zone: None, h2c: false, tls: None }
+        ServerConfig {
+            listen: default_listen(),
+            threads: default_threads(),
+            zone: None,
+            h2c: false,
+            tls: None,
+        }
     }
 }
 
@@ -120,7 +126,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: Spanned::new(0..0, default_admin_listen()), token: None }
+        AdminConfig {
+            listen: Spanned::new(0..0, default_admin_listen()),
+            token: None,
+        }
     }
 }
 
@@ -264,7 +273,9 @@ impl PluginRef {
     pub fn config_json(&self) -> Vec<u8> {
         match self {
             PluginRef::Name(_) => b"{}".to_vec(),
-            PluginRef::WithConfig { config, .. } => serde_json::to_vec(config).unwrap_or_else(|_| b"{}".to_vec()),
+            PluginRef::WithConfig { config, .. } => {
+                serde_json::to_vec(config).unwrap_or_else(|_| b"{}".to_vec())
+            }
         }
     }
 }
@@ -380,7 +391,9 @@ fn default_listen() -> Vec<Spanned<String>> {
     vec![Spanned::new(0..0, "127.0.0.1:8080".to_string())]
 }
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9900".to_string()
@@ -429,7 +442,9 @@ mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration \"{s}\" ({e}); write it like \"200ms\", \"2s\" or \"1m\""))
+            serde::de::Error::custom(format!(
+                "invalid duration \"{s}\" ({e}); write it like \"200ms\", \"2s\" or \"1m\""
+            ))
         })
     }
 }
@@ -437,8 +452,10 @@ mod duration {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Config::parse(&text, &path.display().to_string(), &base)
     }
@@ -447,7 +464,12 @@ impl Config {
     pub fn parse(text: &str, name: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Invalid { path: name.into(), line, column, message: e.message().trim().to_string() }
+            ConfigError::Invalid {
+                path: name.into(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
         })?;
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source_name = name.to_string();
@@ -457,36 +479,62 @@ impl Config {
     }
 
     /// An error located at `span` of this file.
-    pub fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let (line, column) = line_col(&self.source_text, span.start);
-        ConfigError::Invalid { path: self.source_name.clone(), line, column, message: message.into() }
+        ConfigError::Invalid {
+            path: self.source_name.clone(),
+            line,
+            column,
+            message: message.into(),
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.server.threads == 0 {
             return Err(self.error_at(0..0, "[server] threads must be at least 1"));
         }
-        for l in self.server.listen.iter().chain(self.server.tls.iter().flat_map(|t| t.listen.iter())) {
+        for l in self
+            .server
+            .listen
+            .iter()
+            .chain(self.server.tls.iter().flat_map(|t| t.listen.iter()))
+        {
             parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;
         }
-        parse_listen(self.admin.listen.get_ref()).map_err(|m| self.error_at(self.admin.listen.span(), m))?;
+        parse_listen(self.admin.listen.get_ref())
+            .map_err(|m| self.error_at(self.admin.listen.span(), m))?;
         if let Some(c) = &self.cluster {
-            c.get_ref().to_config(&self.base_dir).map_err(|m| self.error_at(c.span(), m))?;
+            c.get_ref()
+                .to_config(&self.base_dir)
+                .map_err(|m| self.error_at(c.span(), m))?;
         }
         let mut names = HashSet::new();
         for pool in &self.pool {
             let name = pool.name.get_ref();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
                 return Err(self.error_at(
                     pool.name.span(),
                     format!("pool name \"{name}\" is invalid; use letters, digits, '-' and '_'"),
                 ));
             }
             if !names.insert(name.as_str()) {
-                return Err(self.error_at(pool.name.span(), format!("pool \"{name}\" is defined twice")));
+                return Err(self.error_at(
+                    pool.name.span(),
+                    format!("pool \"{name}\" is defined twice"),
+                ));
             }
             for b in &pool.backends {
-                b.get_ref().resolve().map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
+                b.get_ref()
+                    .resolve()
+                    .map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
             }
             for r in &pool.retry_on {
                 if !["connect-failure", "5xx"].contains(&r.get_ref().as_str()) {
@@ -507,7 +555,10 @@ impl Config {
                 self.plugin_source_ok(&h.get_ref().plugin, h.span(), name)?;
                 let hc = h.get_ref();
                 if hc.rise == 0 || hc.fall == 0 {
-                    return Err(self.error_at(h.span(), format!("pool \"{name}\": health rise and fall must be at least 1")));
+                    return Err(self.error_at(
+                        h.span(),
+                        format!("pool \"{name}\": health rise and fall must be at least 1"),
+                    ));
                 }
                 if hc.initial != "unhealthy" && hc.initial != "healthy" {
                     return Err(self.error_at(h.span(), format!("pool \"{name}\": health initial must be \"unhealthy\" or \"healthy\", not \"{}\"", hc.initial)));
@@ -531,13 +582,21 @@ impl Config {
                 ));
             }
             if !route.path_prefix.starts_with('/') {
-                return Err(self.error_at(route.pool.span(), format!("route {}: path_prefix must start with '/'", i + 1)));
+                return Err(self.error_at(
+                    route.pool.span(),
+                    format!("route {}: path_prefix must start with '/'", i + 1),
+                ));
             }
         }
         Ok(())
     }
 
-    fn plugin_source_ok(&self, source: &str, span: std::ops::Range<usize>, pool: &str) -> Result<(), ConfigError> {
+    fn plugin_source_ok(
+        &self,
+        source: &str,
+        span: std::ops::Range<usize>,
+        pool: &str,
+    ) -> Result<(), ConfigError> {
         if source.starts_with("builtin:") {
             return Ok(());
         }
@@ -557,12 +616,19 @@ impl Config {
     /// Resolves a plugin path relative to the config file.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     /// Validated static backends of a pool.
     pub fn backends(pool: &PoolConfig) -> Vec<BackendSpec> {
-        pool.backends.iter().filter_map(|b| b.get_ref().resolve().ok()).collect()
+        pool.backends
+            .iter()
+            .filter_map(|b| b.get_ref().resolve().ok())
+            .collect()
     }
 }
 
@@ -571,7 +637,12 @@ impl BackendEntry {
     pub fn resolve(&self) -> Result<BackendSpec, String> {
         let (addr, weight, zone, tags) = match self {
             BackendEntry::Addr(a) => (a, 1, None, Vec::new()),
-            BackendEntry::Full { addr, weight, zone, tags } => (addr, *weight, zone.clone(), tags.clone()),
+            BackendEntry::Full {
+                addr,
+                weight,
+                zone,
+                tags,
+            } => (addr, *weight, zone.clone(), tags.clone()),
         };
         let parsed: SocketAddr = addr.parse().map_err(|_| {
             format!("backend address \"{addr}\" is not an IP:port; write it like \"127.0.0.1:9001\" or \"[::1]:9001\"")
@@ -582,18 +653,30 @@ impl BackendEntry {
         if weight == 0 {
             return Err(format!("backend \"{addr}\" has weight 0; weights start at 1 (remove the backend to stop traffic)"));
         }
-        Ok(BackendSpec { addr: parsed, weight, zone: zone.unwrap_or_default(), tags })
+        Ok(BackendSpec {
+            addr: parsed,
+            weight,
+            zone: zone.unwrap_or_default(),
+            tags,
+        })
     }
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("listen address \"{s}\" is not an IP:port; write it like \"127.0.0.1:8080\""))
+    s.parse().map_err(|_| {
+        format!("listen address \"{s}\" is not an IP:port; write it like \"127.0.0.1:8080\"")
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, column)
 }
 
@@ -602,7 +685,9 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Config::parse(text, "t.toml", Path::new(".")).unwrap_err().to_string()
+        Config::parse(text, "t.toml", Path::new("."))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -630,7 +715,10 @@ pool = "web"
         let b = Config::backends(&cfg.pool[0]);
         assert_eq!(b[1].weight, 2);
         assert_eq!(b[1].tags, vec!["canary".to_string()]);
-        assert_eq!(cfg.pool[0].health.as_ref().unwrap().get_ref().interval, Duration::from_secs(2));
+        assert_eq!(
+            cfg.pool[0].health.as_ref().unwrap().get_ref().interval,
+            Duration::from_secs(2)
+        );
     }
 
     #[test]
@@ -644,7 +732,10 @@ pool = "web"
     fn unknown_pool_in_route() {
         let e = err("[[pool]]\nname = \"web\"\n[[route]]\npool = \"api\"\n");
         assert!(e.starts_with("t.toml:4:8:"), "{e}");
-        assert!(e.contains("refers to pool \"api\", which is not defined"), "{e}");
+        assert!(
+            e.contains("refers to pool \"api\", which is not defined"),
+            "{e}"
+        );
         assert!(e.contains("defined pools: web"), "{e}");
     }
 
@@ -666,13 +757,17 @@ pool = "web"
     fn bad_duration_and_zero_weight() {
         let e = err("[[pool]]\nname = \"web\"\nconnect_timeout = \"soon\"\n");
         assert!(e.contains("invalid duration \"soon\""), "{e}");
-        let e = err("[[pool]]\nname = \"web\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n");
+        let e =
+            err("[[pool]]\nname = \"web\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n");
         assert!(e.contains("weight 0"), "{e}");
     }
 
     #[test]
     fn duplicate_pool() {
         let e = err("[[pool]]\nname = \"web\"\n[[pool]]\nname = \"web\"\n");
-        assert!(e.starts_with("t.toml:4:8:") && e.contains("defined twice"), "{e}");
+        assert!(
+            e.starts_with("t.toml:4:8:") && e.contains("defined twice"),
+            "{e}"
+        );
     }
 }

@@ -42,7 +42,9 @@ impl DemoBackend {
 /// Serves `backend` on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, backend: Arc<DemoBackend>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let backend = backend.clone();
         tokio::spawn(async move {
             // Connection errors end that connection only.
@@ -62,11 +64,18 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf) {
                 Ok(httparse::Status::Complete(n)) => {
-                    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+                    let header = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| h.value)
+                    };
                     let body_len = header("content-length")
                         .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
                         .unwrap_or(0);
-                    let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close")) || req.version == Some(0);
+                    let close = header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"close"))
+                        || req.version == Some(0);
                     break (n, body_len, close, req.path == Some("/status"));
                 }
                 Ok(httparse::Status::Partial) => {}
@@ -115,7 +124,9 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
 
 /// Starts `names.len()` demo backends on ephemeral loopback ports in a background thread.
 /// Returns their addresses and handles, in order.
-pub fn spawn_backends(names: &[&str]) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoBackend>)>> {
+pub fn spawn_backends(
+    names: &[&str],
+) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoBackend>)>> {
     let mut out = Vec::new();
     let mut listeners = Vec::new();
     for name in names {
@@ -125,20 +136,24 @@ pub fn spawn_backends(names: &[&str]) -> std::io::Result<Vec<(std::net::SocketAd
         out.push((l.local_addr()?, backend.clone()));
         listeners.push((l, backend));
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name("sluice-demo-backends".into()).spawn(move || {
-        rt.block_on(async move {
-            let mut tasks = Vec::new();
-            for (l, b) in listeners {
-                match TcpListener::from_std(l) {
-                    Ok(l) => tasks.push(tokio::spawn(serve(l, b))),
-                    Err(e) => tracing::error!(error = %e, "demo backend listener failed"),
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("sluice-demo-backends".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (l, b) in listeners {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => tasks.push(tokio::spawn(serve(l, b))),
+                        Err(e) => tracing::error!(error = %e, "demo backend listener failed"),
+                    }
                 }
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
-        })
-    })?;
+                for t in tasks {
+                    let _ = t.await;
+                }
+            })
+        })?;
     Ok(out)
 }

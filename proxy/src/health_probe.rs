@@ -26,13 +26,26 @@ pub async fn run(addr: SocketAddr, spec: &ProbeSpec, timeout: Duration) -> Probe
 }
 
 async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Outcome> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|_| Outcome::ConnectFailed)?;
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|_| Outcome::ConnectFailed)?;
     let _ = stream.set_nodelay(true);
-    let done = |status, headers, body| ProbeResult { outcome: Outcome::Completed, latency: Duration::ZERO, status, headers, body };
+    let done = |status, headers, body| ProbeResult {
+        outcome: Outcome::Completed,
+        latency: Duration::ZERO,
+        status,
+        headers,
+        body,
+    };
     match spec {
         ProbeSpec::TcpConnect => Ok(done(0, Vec::new(), Vec::new())),
         ProbeSpec::Tcp { .. } => unreachable!("raw TCP probes run in raw_tcp"),
-        ProbeSpec::Http { method, path, headers, body } => {
+        ProbeSpec::Http {
+            method,
+            path,
+            headers,
+            body,
+        } => {
             let has_host = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host"));
             let mut req = format!("{method} {path} HTTP/1.1\r\n");
             if !has_host {
@@ -41,8 +54,14 @@ async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Out
             for (n, v) in headers {
                 req.push_str(&format!("{n}: {v}\r\n"));
             }
-            req.push_str(&format!("user-agent: sluice-health\r\nconnection: close\r\ncontent-length: {}\r\n\r\n", body.len()));
-            stream.write_all(req.as_bytes()).await.map_err(|_| Outcome::IoError)?;
+            req.push_str(&format!(
+                "user-agent: sluice-health\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            ));
+            stream
+                .write_all(req.as_bytes())
+                .await
+                .map_err(|_| Outcome::IoError)?;
             stream.write_all(body).await.map_err(|_| Outcome::IoError)?;
             read_response(&mut stream).await
         }
@@ -51,7 +70,13 @@ async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Out
 
 /// A raw TCP exchange. Bytes read before the timeout are kept: a server that answers and then
 /// keeps the connection open (Redis' `+PONG`) is a completed exchange, not a timeout.
-async fn raw_tcp(addr: SocketAddr, send: &[u8], read: u32, start: Instant, timeout: Duration) -> ProbeResult {
+async fn raw_tcp(
+    addr: SocketAddr,
+    send: &[u8],
+    read: u32,
+    start: Instant,
+    timeout: Duration,
+) -> ProbeResult {
     let deadline = tokio::time::Instant::from_std(start + timeout);
     let failed = |outcome| ProbeResult::failed(outcome, start.elapsed());
     let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
@@ -75,7 +100,13 @@ async fn raw_tcp(addr: SocketAddr, send: &[u8], read: u32, start: Instant, timeo
         }
     }
     buf.truncate(filled);
-    ProbeResult { outcome: Outcome::Completed, latency: start.elapsed(), status: 0, headers: Vec::new(), body: buf }
+    ProbeResult {
+        outcome: Outcome::Completed,
+        latency: start.elapsed(),
+        status: 0,
+        headers: Vec::new(),
+        body: buf,
+    }
 }
 
 /// Reads a response head and up to [`BODY_PREFIX`] bytes of its body (de-chunked).
@@ -88,13 +119,32 @@ async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(n)) => {
                 let status = resp.code.unwrap_or(0);
-                let headers: Vec<(String, String)> =
-                    resp.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
-                let len = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<usize>().ok());
-                let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let len = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+                let chunked = headers.iter().any(|(k, v)| {
+                    k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked")
+                });
                 if chunked {
                     let body = read_chunked_prefix(stream, buf[n..].to_vec()).await;
-                    return Ok(ProbeResult { outcome: Outcome::Completed, latency: Duration::ZERO, status, headers, body });
+                    return Ok(ProbeResult {
+                        outcome: Outcome::Completed,
+                        latency: Duration::ZERO,
+                        status,
+                        headers,
+                        body,
+                    });
                 }
                 let want = len.unwrap_or(BODY_PREFIX).min(BODY_PREFIX);
                 let mut body = buf[n..].to_vec();
@@ -106,7 +156,13 @@ async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
                     }
                 }
                 body.truncate(want);
-                return Ok(ProbeResult { outcome: Outcome::Completed, latency: Duration::ZERO, status, headers, body });
+                return Ok(ProbeResult {
+                    outcome: Outcome::Completed,
+                    latency: Duration::ZERO,
+                    status,
+                    headers,
+                    body,
+                });
             }
             Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => {}
             _ => return Err(Outcome::IoError),
@@ -125,9 +181,17 @@ async fn read_chunked_prefix(stream: &mut TcpStream, mut raw: Vec<u8>) -> Vec<u8
     let mut pos = 0;
     loop {
         // Parse as many complete chunks as `raw` holds.
-        while let Some(line_end) = raw[pos..].windows(2).position(|w| w == b"\r\n").map(|p| pos + p) {
+        while let Some(line_end) = raw[pos..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|p| pos + p)
+        {
             let size_text = String::from_utf8_lossy(&raw[pos..line_end]);
-            let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16) else { return body };
+            let Ok(size) =
+                usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            else {
+                return body;
+            };
             if size == 0 {
                 return body;
             }

@@ -28,7 +28,11 @@ pub async fn run(runtime: Arc<Runtime>, mut shutdown: tokio::sync::watch::Receiv
         }
         let now = now_ms();
         for pool in runtime.pools() {
-            let (Some(host), Some(schedule)) = (pool.health.load_full(), pool.settings.load().health.clone()) else { continue };
+            let (Some(host), Some(schedule)) =
+                (pool.health.load_full(), pool.settings.load().health.clone())
+            else {
+                continue;
+            };
             let (_, sem) = limits
                 .entry(pool.name.clone())
                 .and_modify(|(n, s)| {
@@ -37,7 +41,12 @@ pub async fn run(runtime: Arc<Runtime>, mut shutdown: tokio::sync::watch::Receiv
                         *s = Arc::new(Semaphore::new(schedule.concurrency as usize));
                     }
                 })
-                .or_insert_with(|| (schedule.concurrency, Arc::new(Semaphore::new(schedule.concurrency as usize))));
+                .or_insert_with(|| {
+                    (
+                        schedule.concurrency,
+                        Arc::new(Semaphore::new(schedule.concurrency as usize)),
+                    )
+                });
             for b in pool.members.load().iter() {
                 {
                     let mut rec = b.stats.health.lock().unwrap_or_else(|p| p.into_inner());
@@ -46,7 +55,13 @@ pub async fn run(runtime: Arc<Runtime>, mut shutdown: tokio::sync::watch::Receiv
                     }
                     rec.in_flight = true;
                 }
-                let task = ProbeTask { pool: pool.clone(), host: host.clone(), backend: b.clone(), schedule: schedule.clone(), runtime: runtime.clone() };
+                let task = ProbeTask {
+                    pool: pool.clone(),
+                    host: host.clone(),
+                    backend: b.clone(),
+                    schedule: schedule.clone(),
+                    runtime: runtime.clone(),
+                };
                 let sem = sem.clone();
                 tokio::spawn(async move {
                     // The semaphore is never closed, so acquiring only waits.
@@ -71,8 +86,12 @@ impl ProbeTask {
         let verdict = match self.host.probe(&self.backend) {
             Err(e) => Err(format!("plugin failed to give a probe: {e}")),
             Ok(spec) => {
-                let result = crate::health_probe::run(self.backend.addr, &spec, self.schedule.timeout).await;
-                self.host.evaluate(&result).map(|v| (v, result.describe())).map_err(|e| format!("plugin failed to judge {}: {e}", result.describe()))
+                let result =
+                    crate::health_probe::run(self.backend.addr, &spec, self.schedule.timeout).await;
+                self.host
+                    .evaluate(&result)
+                    .map(|v| (v, result.describe()))
+                    .map_err(|e| format!("plugin failed to judge {}: {e}", result.describe()))
             }
         };
         self.apply(verdict);
@@ -89,18 +108,26 @@ impl ProbeTask {
             let traffic = self.pool.requests.load(Ordering::Relaxed);
             let idle = traffic == rec.pool_requests_seen;
             rec.pool_requests_seen = traffic;
-            let base = if idle { self.schedule.idle_interval } else { self.schedule.interval };
+            let base = if idle {
+                self.schedule.idle_interval
+            } else {
+                self.schedule.interval
+            };
             rec.next_due_ms = now + jittered(base, self.schedule.jitter).as_millis() as u64;
             let healthy = stats.healthy.load(Ordering::Relaxed);
             match verdict {
                 Err(e) => {
                     // A plugin fault says nothing about the backend: keep the last state.
-                    m.health_checks.with_label_values(&[&self.pool.name, "error"]).inc();
+                    m.health_checks
+                        .with_label_values(&[&self.pool.name, "error"])
+                        .inc();
                     tracing::warn!(pool = %self.pool.name, backend = %self.backend.addr_text, error = %e, "health check error; backend state unchanged");
                     rec.last_result = format!("check error: {e}");
                 }
                 Ok((Verdict::Unhealthy, desc)) => {
-                    m.health_checks.with_label_values(&[&self.pool.name, "fail"]).inc();
+                    m.health_checks
+                        .with_label_values(&[&self.pool.name, "fail"])
+                        .inc();
                     rec.fails += 1;
                     rec.passes = 0;
                     rec.last_result = format!("fail: {desc}");
@@ -111,14 +138,20 @@ impl ProbeTask {
                     rec.checked = true;
                 }
                 Ok((v, desc)) => {
-                    m.health_checks.with_label_values(&[&self.pool.name, "pass"]).inc();
+                    m.health_checks
+                        .with_label_values(&[&self.pool.name, "pass"])
+                        .inc();
                     rec.passes += 1;
                     rec.fails = 0;
                     let factor = match v {
                         Verdict::Degraded(p) => u32::from(p),
                         _ => 100,
                     };
-                    rec.last_result = if factor < 100 { format!("pass, degraded to {factor}%: {desc}") } else { format!("pass: {desc}") };
+                    rec.last_result = if factor < 100 {
+                        format!("pass, degraded to {factor}%: {desc}")
+                    } else {
+                        format!("pass: {desc}")
+                    };
                     // Before its first completed check a backend needs one pass; afterwards `rise`.
                     if !healthy && (!rec.checked || rec.passes >= self.schedule.rise) {
                         stats.healthy.store(true, Ordering::Relaxed);
@@ -138,7 +171,9 @@ impl ProbeTask {
         if changed {
             let up = stats.healthy.load(Ordering::Relaxed);
             m.health_flaps.with_label_values(&[&self.pool.name]).inc();
-            m.backend_healthy.with_label_values(&[&self.pool.name, &self.backend.addr_text]).set(i64::from(up));
+            m.backend_healthy
+                .with_label_values(&[&self.pool.name, &self.backend.addr_text])
+                .set(i64::from(up));
             tracing::info!(pool = %self.pool.name, backend = %self.backend.addr_text, healthy = up, "backend health changed");
             self.pool.rebuild_table();
         }

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Load-balancing reverse proxy with hot-swappable WebAssembly strategies")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Load-balancing reverse proxy with hot-swappable WebAssembly strategies"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -133,7 +137,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -152,7 +157,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let cfg = sluice::config::Config::load(&config)?;
             sluice::server::run(cfg, Some(config), |rt| {
                 let c = rt.config();
-                let listen: Vec<_> = c.server.listen.iter().map(|l| l.get_ref().as_str()).collect();
+                let listen: Vec<_> = c
+                    .server
+                    .listen
+                    .iter()
+                    .map(|l| l.get_ref().as_str())
+                    .collect();
                 tracing::info!(listen = ?listen, admin = %c.admin.listen.get_ref(), pools = rt.pools().len(), "sluice is running");
             })
         }
@@ -164,7 +174,13 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let rt = sluice::server::build_runtime(cfg, Some(config.clone()))?;
             for p in rt.pools() {
                 let v = p.strategy.current();
-                println!("pool {}: {} backends, strategy {} (sha256 {})", p.name, p.table.load().len(), v.name, &v.sha256[..16]);
+                println!(
+                    "pool {}: {} backends, strategy {} (sha256 {})",
+                    p.name,
+                    p.table.load().len(),
+                    v.name,
+                    &v.sha256[..16]
+                );
             }
             println!("{}: OK ({pools} pools, {routes} routes)", config.display());
             Ok(())
@@ -180,26 +196,62 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let cfg = sluice::agent::AgentConfig::load(&config)?;
             sluice::agent::run(cfg, &config)
         }
-        Command::Cluster { command, admin, token } => cluster_command(command, &admin, token),
-        Command::Plugin { command: PluginCommand::New { name, dir, sdk } } => {
-            let sdk = sdk.or_else(sluice::scaffold::default_sdk_path).ok_or_else(|| {
-                anyhow::anyhow!("cannot find sluice-sdk; pass --sdk PATH/TO/sluice/sdk")
-            })?;
-            let root = sluice::scaffold::new_strategy(&dir, &name, &sdk).map_err(anyhow::Error::msg)?;
+        Command::Cluster {
+            command,
+            admin,
+            token,
+        } => cluster_command(command, &admin, token),
+        Command::Plugin {
+            command: PluginCommand::New { name, dir, sdk },
+        } => {
+            let sdk = sdk
+                .or_else(sluice::scaffold::default_sdk_path)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("cannot find sluice-sdk; pass --sdk PATH/TO/sluice/sdk")
+                })?;
+            let root =
+                sluice::scaffold::new_strategy(&dir, &name, &sdk).map_err(anyhow::Error::msg)?;
             println!("created {}", root.display());
             println!("next: cd {} && cargo test && cargo build --release --target wasm32-unknown-unknown", root.display());
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::Test { file, backends, requests, keys, config } } => {
-            serde_json::from_str::<serde_json::Value>(&config).map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
-            let (bytes, name) = sluice::builtin::load_source(&file, std::path::Path::new(".")).map_err(anyhow::Error::msg)?;
-            let params = sluice::simulate::SimParams { backends, requests, keys, config_json: config };
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    file,
+                    backends,
+                    requests,
+                    keys,
+                    config,
+                },
+        } => {
+            serde_json::from_str::<serde_json::Value>(&config)
+                .map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
+            let (bytes, name) = sluice::builtin::load_source(&file, std::path::Path::new("."))
+                .map_err(anyhow::Error::msg)?;
+            let params = sluice::simulate::SimParams {
+                backends,
+                requests,
+                keys,
+                config_json: config,
+            };
             let report = sluice::simulate::run(&bytes, &name, &params)?;
             print!("{}", report.render(&name, &params));
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::Load { pool, file, kind, admin, token, cluster } } => {
-            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+        Command::Plugin {
+            command:
+                PluginCommand::Load {
+                    pool,
+                    file,
+                    kind,
+                    admin,
+                    token,
+                    cluster,
+                },
+        } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let targets: Vec<String> = if cluster {
                 let v = admin_call(&admin, token.clone(), "GET", "/api/cluster", b"")?;
                 v["members"]
@@ -212,42 +264,85 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             } else {
                 vec![admin.clone()]
             };
-            anyhow::ensure!(!targets.is_empty(), "no live proxy with an admin address found in the cluster");
+            anyhow::ensure!(
+                !targets.is_empty(),
+                "no live proxy with an admin address found in the cluster"
+            );
             let mut failed = 0;
             for target in &targets {
                 match put_plugin(target, token.clone(), &pool, &kind, &bytes) {
-                    Ok(v) => println!("{target}: {kind} loaded into pool {pool}: sha256 {} generation {}", v["sha256"].as_str().unwrap_or("?"), v["generation"]),
+                    Ok(v) => println!(
+                        "{target}: {kind} loaded into pool {pool}: sha256 {} generation {}",
+                        v["sha256"].as_str().unwrap_or("?"),
+                        v["generation"]
+                    ),
                     Err(e) => {
                         failed += 1;
                         eprintln!("{target}: {e:#}");
                     }
                 }
             }
-            anyhow::ensure!(failed == 0, "{failed} of {} proxies refused the plugin; the others run it", targets.len());
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} proxies refused the plugin; the others run it",
+                targets.len()
+            );
             Ok(())
         }
     }
 }
 
 /// PUTs a plugin to one proxy's admin API.
-fn put_plugin(admin: &str, token: Option<String>, pool: &str, kind: &str, bytes: &[u8]) -> anyhow::Result<serde_json::Value> {
-    admin_call(admin, token, "PUT", &format!("/api/pools/{pool}/{kind}"), bytes).map_err(|e| anyhow::anyhow!("the proxy refused the plugin: {e:#}"))
+fn put_plugin(
+    admin: &str,
+    token: Option<String>,
+    pool: &str,
+    kind: &str,
+    bytes: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    admin_call(
+        admin,
+        token,
+        "PUT",
+        &format!("/api/pools/{pool}/{kind}"),
+        bytes,
+    )
+    .map_err(|e| anyhow::anyhow!("the proxy refused the plugin: {e:#}"))
 }
 
-fn admin_call(admin: &str, token: Option<String>, method: &str, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
-    let addr = admin.parse().map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
+fn admin_call(
+    admin: &str,
+    token: Option<String>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    let addr = admin
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
-    let resp = sluice::client::request(addr, method, path, &headers, body)
-        .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?"))?;
-    let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
+    let resp = sluice::client::request(addr, method, path, &headers, body).map_err(|e| {
+        anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?")
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
     if resp.status != 200 {
-        anyhow::bail!("{} ({}): {}", path, resp.status, v["error"].as_str().unwrap_or(&resp.text()));
+        anyhow::bail!(
+            "{} ({}): {}",
+            path,
+            resp.status,
+            v["error"].as_str().unwrap_or(&resp.text())
+        );
     }
     Ok(v)
 }
 
-fn cluster_command(command: ClusterCommand, admin: &str, token: Option<String>) -> anyhow::Result<()> {
+fn cluster_command(
+    command: ClusterCommand,
+    admin: &str,
+    token: Option<String>,
+) -> anyhow::Result<()> {
     match command {
         ClusterCommand::Keys { op, key } => {
             let body = serde_json::json!({ "op": op, "key": key }).to_string();
@@ -257,13 +352,22 @@ fn cluster_command(command: ClusterCommand, admin: &str, token: Option<String>) 
         }
         ClusterCommand::Info => {
             let v = admin_call(admin, token, "GET", "/api/cluster", b"")?;
-            println!("{:<20} {:<8} {:<8} {:<22} {:<9} services", "name", "role", "zone", "address", "state");
+            println!(
+                "{:<20} {:<8} {:<8} {:<22} {:<9} services",
+                "name", "role", "zone", "address", "state"
+            );
             for m in v["members"].as_array().into_iter().flatten() {
                 let services: Vec<String> = m["services"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|s| format!("{}={}", s["pool"].as_str().unwrap_or(""), s["addr"].as_str().unwrap_or("")))
+                    .map(|s| {
+                        format!(
+                            "{}={}",
+                            s["pool"].as_str().unwrap_or(""),
+                            s["addr"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect();
                 println!(
                     "{:<20} {:<8} {:<8} {:<22} {:<9} {}",
@@ -290,7 +394,11 @@ fn cluster_command(command: ClusterCommand, admin: &str, token: Option<String>) 
                 .stdin(std::process::Stdio::piped())
                 .spawn()
                 .map_err(|e| anyhow::anyhow!("--svg needs Graphviz `dot` ({e}); install graphviz or drop --svg and pipe the DOT text yourself"))?;
-            child.stdin.take().expect("piped").write_all(dot.as_bytes())?;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(dot.as_bytes())?;
             anyhow::ensure!(child.wait()?.success(), "dot failed");
             Ok(())
         }
@@ -320,7 +428,14 @@ pool = "demo"
     let cfg = sluice::config::Config::parse(&text, "demo config", std::path::Path::new("."))?;
     sluice::server::run(cfg, None, |_| {
         println!("sluice demo is running (Ctrl-C to stop)");
-        println!("  three demo backends: {}", backends.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "  three demo backends: {}",
+            backends
+                .iter()
+                .map(|(a, _)| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         println!("  proxy, Wasm round-robin:  curl http://127.0.0.1:8080/      (repeat: backend-1, -2, -3, ...)");
         println!("  pools and backends:       curl http://127.0.0.1:9900/api/pools");
         println!("  Prometheus metrics:       curl http://127.0.0.1:9900/metrics");

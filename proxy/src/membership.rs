@@ -64,19 +64,39 @@ fn default_expected_size() -> u32 {
 impl ClusterSection {
     /// Validates the section and builds the runtime config. `base` resolves `key_file`.
     pub fn to_config(&self, base: &Path) -> Result<ClusterConfig, String> {
-        let bind: SocketAddr = self
-            .bind_addr
-            .parse()
-            .map_err(|_| format!("[cluster] bind_addr \"{}\" is not an IP:port; write it like \"127.0.0.1:7946\"", self.bind_addr))?;
+        let bind: SocketAddr = self.bind_addr.parse().map_err(|_| {
+            format!(
+                "[cluster] bind_addr \"{}\" is not an IP:port; write it like \"127.0.0.1:7946\"",
+                self.bind_addr
+            )
+        })?;
         let advertise = match &self.advertise_addr {
-            Some(a) => Some(a.parse().map_err(|_| format!("[cluster] advertise_addr \"{a}\" is not an IP:port"))?),
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|_| format!("[cluster] advertise_addr \"{a}\" is not an IP:port"))?,
+            ),
             None => None,
         };
-        let mut keys: Vec<String> = self.key.iter().cloned().chain(self.keys.iter().cloned()).collect();
+        let mut keys: Vec<String> = self
+            .key
+            .iter()
+            .cloned()
+            .chain(self.keys.iter().cloned())
+            .collect();
         if let Some(f) = &self.key_file {
-            let p = if Path::new(f).is_absolute() { Path::new(f).to_path_buf() } else { base.join(f) };
-            let text = std::fs::read_to_string(&p).map_err(|e| format!("[cluster] key_file {}: {e}", p.display()))?;
-            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+            let p = if Path::new(f).is_absolute() {
+                Path::new(f).to_path_buf()
+            } else {
+                base.join(f)
+            };
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("[cluster] key_file {}: {e}", p.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
         }
         if keys.is_empty() {
             return Err("[cluster] needs a key: set key = \"...\" (generate one with `sluice genkey`), keys = [...] or key_file".into());
@@ -88,7 +108,11 @@ impl ClusterSection {
             "lan" => Profile::Lan,
             "wan" => Profile::Wan,
             "local" => Profile::Local,
-            other => return Err(format!("[cluster] profile \"{other}\" is unknown; use \"lan\", \"wan\" or \"local\"")),
+            other => {
+                return Err(format!(
+                    "[cluster] profile \"{other}\" is unknown; use \"lan\", \"wan\" or \"local\""
+                ))
+            }
         };
         if self.name.is_empty() {
             return Err("[cluster] name must not be empty".into());
@@ -108,7 +132,9 @@ impl ClusterSection {
     /// The node name: configured, or host name plus gossip port.
     pub fn node_name(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "node".into());
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "node".into());
             let port = self.bind_addr.rsplit(':').next().unwrap_or("0");
             format!("{host}-{port}")
         })
@@ -126,7 +152,11 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// Joins the cluster; fails on a name conflict, a bad key or an address in use.
     pub fn start(config: ClusterConfig, meta: NodeMeta) -> anyhow::Result<ClusterNode> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("sluice-gossip").enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sluice-gossip")
+            .enable_all()
+            .build()?;
         let handle = runtime.block_on(Cluster::start(config, meta))?;
         Ok(ClusterNode { handle, runtime })
     }
@@ -144,7 +174,10 @@ impl ClusterNode {
 
 /// The gossip-announced backends of `pool` in `members`, with their hold state
 /// (true = in the pool but no new requests: suspect or draining).
-pub fn gossip_backends(members: &[crate::cluster::MemberInfo], pool: &str) -> Vec<(BackendSpec, bool)> {
+pub fn gossip_backends(
+    members: &[crate::cluster::MemberInfo],
+    pool: &str,
+) -> Vec<(BackendSpec, bool)> {
     let mut out: Vec<(BackendSpec, bool)> = Vec::new();
     for m in members.iter().filter(|m| m.meta.role == Role::Backend) {
         if matches!(m.state, MemberState::Down | MemberState::Left) {
@@ -245,7 +278,11 @@ pub fn keyring_op(handle: &ClusterHandle, op: &str, key: &str) -> Result<(), Str
         "install" => handle.keyring_install(key),
         "use" => handle.keyring_use(key),
         "remove" => handle.keyring_remove(key),
-        other => return Err(format!("unknown key operation \"{other}\"; use install, use or remove")),
+        other => {
+            return Err(format!(
+                "unknown key operation \"{other}\"; use install, use or remove"
+            ))
+        }
     }
     .map_err(|e| e.to_string())
 }
@@ -255,7 +292,8 @@ pub fn keyring_op(handle: &ClusterHandle, op: &str, key: &str) -> Result<(), Str
 pub fn cluster_dot(cluster: &serde_json::Value) -> String {
     use std::fmt::Write;
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let mut out = String::from("digraph sluice {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
+    let mut out =
+        String::from("digraph sluice {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
     let members = cluster["members"].as_array().cloned().unwrap_or_default();
     for m in &members {
         let name = m["name"].as_str().unwrap_or("?");
@@ -265,7 +303,11 @@ pub fn cluster_dot(cluster: &serde_json::Value) -> String {
             "suspect" | "draining" => "orange",
             _ => "gray",
         };
-        let shape = if m["role"] == "proxy" { "box" } else { "ellipse" };
+        let shape = if m["role"] == "proxy" {
+            "box"
+        } else {
+            "ellipse"
+        };
         let _ = writeln!(
             out,
             "  \"{}\" [shape={shape}, color={color}, label=\"{}\\n{}\\n{}\"];",
@@ -297,7 +339,12 @@ mod tests {
     use super::*;
     use crate::cluster::{MemberInfo, Service};
 
-    fn member(name: &str, state: MemberState, draining: bool, services: Vec<Service>) -> MemberInfo {
+    fn member(
+        name: &str,
+        state: MemberState,
+        draining: bool,
+        services: Vec<Service>,
+    ) -> MemberInfo {
         let mut meta = NodeMeta::new(name, Role::Backend);
         meta.zone = "eu".into();
         meta.draining = draining;
@@ -315,22 +362,49 @@ mod tests {
     }
 
     fn svc(pool: &str, port: u16, zone: Option<&str>) -> Service {
-        Service { pool: pool.into(), addr: SocketAddr::from(([127, 0, 0, 1], port)), weight: 1, zone: zone.map(String::from), tags: None }
+        Service {
+            pool: pool.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+            zone: zone.map(String::from),
+            tags: None,
+        }
     }
 
     #[test]
     fn pool_members_follow_member_states() {
         let members = vec![
-            member("alive", MemberState::Alive, false, vec![svc("web", 1, None), svc("api", 2, None)]),
-            member("suspect", MemberState::Suspect, false, vec![svc("web", 3, None)]),
-            member("draining", MemberState::Alive, true, vec![svc("web", 4, Some("us"))]),
+            member(
+                "alive",
+                MemberState::Alive,
+                false,
+                vec![svc("web", 1, None), svc("api", 2, None)],
+            ),
+            member(
+                "suspect",
+                MemberState::Suspect,
+                false,
+                vec![svc("web", 3, None)],
+            ),
+            member(
+                "draining",
+                MemberState::Alive,
+                true,
+                vec![svc("web", 4, Some("us"))],
+            ),
             member("down", MemberState::Down, false, vec![svc("web", 5, None)]),
             member("left", MemberState::Left, false, vec![svc("web", 6, None)]),
         ];
         let web = gossip_backends(&members, "web");
-        let got: Vec<(u16, bool, &str)> = web.iter().map(|(b, hold)| (b.addr.port(), *hold, b.zone.as_str())).collect();
+        let got: Vec<(u16, bool, &str)> = web
+            .iter()
+            .map(|(b, hold)| (b.addr.port(), *hold, b.zone.as_str()))
+            .collect();
         // Down and left members are gone; suspect and draining ones stay, held from new requests.
-        assert_eq!(got, vec![(1, false, "eu"), (3, true, "eu"), (4, true, "us")]);
+        assert_eq!(
+            got,
+            vec![(1, false, "eu"), (3, true, "eu"), (4, true, "us")]
+        );
         assert_eq!(gossip_backends(&members, "api").len(), 1);
         assert!(gossip_backends(&members, "none").is_empty());
     }
@@ -338,13 +412,27 @@ mod tests {
     #[test]
     fn cluster_sections_are_validated() {
         let section = |extra: &str| -> ClusterSection {
-            toml::from_str(&format!("name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\n{extra}")).unwrap()
+            toml::from_str(&format!(
+                "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\n{extra}"
+            ))
+            .unwrap()
         };
-        assert!(section("").to_config(Path::new(".")).unwrap_err().contains("needs a key"));
-        assert!(section("key = \"short\"").to_config(Path::new(".")).unwrap_err().contains("[cluster] key"));
+        assert!(section("")
+            .to_config(Path::new("."))
+            .unwrap_err()
+            .contains("needs a key"));
+        assert!(section("key = \"short\"")
+            .to_config(Path::new("."))
+            .unwrap_err()
+            .contains("[cluster] key"));
         let key = crate::cluster::keyring::generate_key();
-        assert!(section(&format!("key = \"{key}\"\nprofile = \"fast\"")).to_config(Path::new(".")).unwrap_err().contains("profile \"fast\" is unknown"));
-        let cfg = section(&format!("key = \"{key}\"\npeers = [\"127.0.0.1:7947\"]")).to_config(Path::new(".")).unwrap();
+        assert!(section(&format!("key = \"{key}\"\nprofile = \"fast\""))
+            .to_config(Path::new("."))
+            .unwrap_err()
+            .contains("profile \"fast\" is unknown"));
+        let cfg = section(&format!("key = \"{key}\"\npeers = [\"127.0.0.1:7947\"]"))
+            .to_config(Path::new("."))
+            .unwrap();
         assert_eq!(cfg.peers, vec!["127.0.0.1:7947".to_string()]);
     }
 }

@@ -47,34 +47,103 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry.register(Box::new(c.clone())).expect("metric registered once");
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
             c
         };
-        let requests = counter("sluice_requests_total", "Proxied requests by pool, backend and status class.", &["pool", "backend", "code"]);
-        let plugin_picks = counter("sluice_plugin_picks_total", "Backend picks answered by the strategy plugin.", &["pool"]);
+        let requests = counter(
+            "sluice_requests_total",
+            "Proxied requests by pool, backend and status class.",
+            &["pool", "backend", "code"],
+        );
+        let plugin_picks = counter(
+            "sluice_plugin_picks_total",
+            "Backend picks answered by the strategy plugin.",
+            &["pool"],
+        );
         let plugin_faults = counter(
             "sluice_plugin_faults_total",
             "Plugin faults (trap, deadline, bad_index, instantiate) by pool and plugin kind.",
             &["pool", "kind", "reason"],
         );
-        let fallback_picks = counter("sluice_fallback_picks_total", "Picks made by the native round-robin fallback after a plugin fault.", &["pool"]);
-        let plugin_swaps = counter("sluice_plugin_swaps_total", "Plugin hot-swap attempts by result.", &["pool", "kind", "result"]);
-        let no_backend = counter("sluice_no_backend_total", "Requests answered 503 because the pool had no available backend.", &["pool"]);
-        let reloads = counter("sluice_config_reloads_total", "Configuration reloads by result.", &["result"]);
-        let ejections = counter("sluice_outlier_ejections_total", "Backends ejected by passive outlier detection.", &["pool"]);
-        let retries = counter("sluice_retries_total", "Requests retried on another backend, by reason (connect, 5xx).", &["pool", "reason"]);
-        let health_checks = counter("sluice_health_checks_total", "Active health checks by result (pass, fail, error).", &["pool", "result"]);
-        let health_flaps = counter("sluice_health_flaps_total", "Backend health state changes.", &["pool"]);
-        let backend_healthy =
-            IntGaugeVec::new(Opts::new("sluice_backend_healthy", "1 when the backend passes its health checks."), &["pool", "backend"])
-                .expect("valid metric definition");
-        registry.register(Box::new(backend_healthy.clone())).expect("metric registered once");
-        let backend_inflight =
-            IntGaugeVec::new(Opts::new("sluice_backend_inflight", "Requests in flight per backend."), &["pool", "backend"])
-                .expect("valid metric definition");
-        registry.register(Box::new(backend_inflight.clone())).expect("metric registered once");
-        Metrics { registry, requests, backend_inflight, plugin_picks, plugin_faults, fallback_picks, plugin_swaps, no_backend, reloads, ejections, retries, health_checks, health_flaps, backend_healthy }
+        let fallback_picks = counter(
+            "sluice_fallback_picks_total",
+            "Picks made by the native round-robin fallback after a plugin fault.",
+            &["pool"],
+        );
+        let plugin_swaps = counter(
+            "sluice_plugin_swaps_total",
+            "Plugin hot-swap attempts by result.",
+            &["pool", "kind", "result"],
+        );
+        let no_backend = counter(
+            "sluice_no_backend_total",
+            "Requests answered 503 because the pool had no available backend.",
+            &["pool"],
+        );
+        let reloads = counter(
+            "sluice_config_reloads_total",
+            "Configuration reloads by result.",
+            &["result"],
+        );
+        let ejections = counter(
+            "sluice_outlier_ejections_total",
+            "Backends ejected by passive outlier detection.",
+            &["pool"],
+        );
+        let retries = counter(
+            "sluice_retries_total",
+            "Requests retried on another backend, by reason (connect, 5xx).",
+            &["pool", "reason"],
+        );
+        let health_checks = counter(
+            "sluice_health_checks_total",
+            "Active health checks by result (pass, fail, error).",
+            &["pool", "result"],
+        );
+        let health_flaps = counter(
+            "sluice_health_flaps_total",
+            "Backend health state changes.",
+            &["pool"],
+        );
+        let backend_healthy = IntGaugeVec::new(
+            Opts::new(
+                "sluice_backend_healthy",
+                "1 when the backend passes its health checks.",
+            ),
+            &["pool", "backend"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(backend_healthy.clone()))
+            .expect("metric registered once");
+        let backend_inflight = IntGaugeVec::new(
+            Opts::new("sluice_backend_inflight", "Requests in flight per backend."),
+            &["pool", "backend"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(backend_inflight.clone()))
+            .expect("metric registered once");
+        Metrics {
+            registry,
+            requests,
+            backend_inflight,
+            plugin_picks,
+            plugin_faults,
+            fallback_picks,
+            plugin_swaps,
+            no_backend,
+            reloads,
+            ejections,
+            retries,
+            health_checks,
+            health_flaps,
+            backend_healthy,
+        }
     }
 
     /// Drops the series of a backend that left its pool.

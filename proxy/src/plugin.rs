@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 use wasmtime::{
-    Caller, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
-    Store, StoreLimits, StoreLimitsBuilder,
+    Caller, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder,
 };
 
 use crate::pool::BackendTable;
@@ -129,7 +129,12 @@ impl RequestView<'_> {
     /// Text form of the client IP is written into `scratch`. `Err(())` means an unknown kind,
     /// which the ABI answers with -2; there is nothing more to say about it.
     #[allow(clippy::result_unit_err)]
-    pub fn attr<'s>(&'s self, kind: i32, name: &[u8], scratch: &'s mut String) -> Result<Option<&'s [u8]>, ()> {
+    pub fn attr<'s>(
+        &'s self,
+        kind: i32,
+        name: &[u8],
+        scratch: &'s mut String,
+    ) -> Result<Option<&'s [u8]>, ()> {
         use std::fmt::Write;
         let uri = &self.header.uri;
         Ok(match kind {
@@ -144,15 +149,33 @@ impl RequestView<'_> {
             1 => Some(self.header.method.as_str().as_bytes()),
             2 => {
                 let host = uri.host().map(str::as_bytes).or_else(|| {
-                    self.header.headers.get(http::header::HOST).map(|h| h.as_bytes())
+                    self.header
+                        .headers
+                        .get(http::header::HOST)
+                        .map(|h| h.as_bytes())
                 });
                 host.map(strip_port)
             }
             3 => Some(uri.path().as_bytes()),
-            4 => std::str::from_utf8(name).ok().and_then(|n| self.header.headers.get(n)).map(|v| v.as_bytes()),
-            5 => self.header.headers.get_all(http::header::COOKIE).iter().find_map(|v| find_pair(v.as_bytes(), b';', name)),
-            6 => uri.query().and_then(|q| find_pair(q.as_bytes(), b'&', name)),
-            7 => Some(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").as_bytes()),
+            4 => std::str::from_utf8(name)
+                .ok()
+                .and_then(|n| self.header.headers.get(n))
+                .map(|v| v.as_bytes()),
+            5 => self
+                .header
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .find_map(|v| find_pair(v.as_bytes(), b';', name)),
+            6 => uri
+                .query()
+                .and_then(|q| find_pair(q.as_bytes(), b'&', name)),
+            7 => Some(
+                uri.path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+                    .as_bytes(),
+            ),
             _ => return Err(()),
         })
     }
@@ -227,7 +250,10 @@ impl HostState {
     pub fn new(counters: Arc<[AtomicI64; COUNTER_SLOTS]>, plugin: Arc<str>) -> HostState {
         static SEED: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
         HostState {
-            limits: StoreLimitsBuilder::new().memory_size(MAX_PLUGIN_MEMORY).instances(1).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(MAX_PLUGIN_MEMORY)
+                .instances(1)
+                .build(),
             request: RequestPtr(std::ptr::null()),
             table: None,
             counters,
@@ -239,7 +265,11 @@ impl HostState {
     }
 
     /// Runs `f` with `req` readable by the plugin's host calls.
-    pub fn with_request<R>(store: &mut Store<HostState>, req: &RequestView<'_>, f: impl FnOnce(&mut Store<HostState>) -> R) -> R {
+    pub fn with_request<R>(
+        store: &mut Store<HostState>,
+        req: &RequestView<'_>,
+        f: impl FnOnce(&mut Store<HostState>) -> R,
+    ) -> R {
         // SAFETY: the pointer is only dereferenced by host calls made during `f`, which runs
         // synchronously while `req` is borrowed, and it is cleared before returning (also on
         // unwind, via the guard), so it never outlives `req`.
@@ -282,20 +312,30 @@ impl PluginEngine {
     /// Creates the engine and starts its epoch ticker thread.
     pub fn new() -> anyhow::Result<PluginEngine> {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_memories(1000).total_core_instances(1000).total_tables(1000).max_memory_size(MAX_PLUGIN_MEMORY);
+        pool.total_memories(1000)
+            .total_core_instances(1000)
+            .total_tables(1000)
+            .max_memory_size(MAX_PLUGIN_MEMORY);
         let mut cfg = Config::new();
-        cfg.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        cfg.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg)?;
         let linker = Arc::new(build_linker(&engine)?);
         let ticker = engine.weak();
-        std::thread::Builder::new().name("sluice-epoch".into()).spawn(move || {
-            while let Some(engine) = ticker.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
-        Ok(PluginEngine { engine, linker, started: Instant::now() })
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        Ok(PluginEngine {
+            engine,
+            linker,
+            started: Instant::now(),
+        })
     }
 
     /// The wasmtime engine.
@@ -304,12 +344,23 @@ impl PluginEngine {
     }
 
     /// Compiles `bytes` and checks exports, ABI version and kind. Does not run `init`.
-    pub fn compile(&self, bytes: &[u8], kind: PluginKind, name: &str, generation: u64, config_json: Arc<[u8]>) -> Result<PluginVersion, PluginError> {
-        let module = Module::new(&self.engine, bytes).map_err(|e| PluginError::Compile(root_cause(&e)))?;
+    pub fn compile(
+        &self,
+        bytes: &[u8],
+        kind: PluginKind,
+        name: &str,
+        generation: u64,
+        config_json: Arc<[u8]>,
+    ) -> Result<PluginVersion, PluginError> {
+        let module =
+            Module::new(&self.engine, bytes).map_err(|e| PluginError::Compile(root_cause(&e)))?;
         for (export, params, results) in required_exports(kind) {
             check_export(&module, export, params, results)?;
         }
-        let pre = self.linker.instantiate_pre(&module).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
         let version = PluginVersion {
             pre,
             sha256: hex::encode(Sha256::digest(bytes)),
@@ -319,14 +370,23 @@ impl PluginEngine {
         };
         // Version and kind are checked on a throwaway instance, before anything else runs.
         let mut store = self.store(Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]), name);
-        let instance = version.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
+        let instance = version
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
         store.set_epoch_deadline(INIT_DEADLINE_TICKS);
-        let call_i32 = |store: &mut Store<HostState>, name: &'static str| -> Result<i32, PluginError> {
-            let f = instance
-                .get_typed_func::<(), i32>(&mut *store, name)
-                .map_err(|e| PluginError::MissingExport { name, detail: root_cause(&e) })?;
-            f.call(&mut *store, ()).map_err(|e| PluginError::Instantiate(format!("`{name}` trapped: {}", root_cause(&e))))
-        };
+        let call_i32 =
+            |store: &mut Store<HostState>, name: &'static str| -> Result<i32, PluginError> {
+                let f = instance
+                    .get_typed_func::<(), i32>(&mut *store, name)
+                    .map_err(|e| PluginError::MissingExport {
+                        name,
+                        detail: root_cause(&e),
+                    })?;
+                f.call(&mut *store, ()).map_err(|e| {
+                    PluginError::Instantiate(format!("`{name}` trapped: {}", root_cause(&e)))
+                })
+            };
         let abi = call_i32(&mut store, "sluice_abi_version")?;
         if abi != ABI_VERSION {
             return Err(PluginError::AbiVersion { found: abi });
@@ -338,7 +398,10 @@ impl PluginEngine {
                 1 => "health".to_string(),
                 n => format!("unknown (kind {n})"),
             };
-            return Err(PluginError::WrongKind { found, expected: kind.as_str() });
+            return Err(PluginError::WrongKind {
+                found,
+                expected: kind.as_str(),
+            });
         }
         Ok(version)
     }
@@ -356,9 +419,19 @@ impl PluginEngine {
     }
 }
 
-fn required_exports(kind: PluginKind) -> Vec<(&'static str, &'static [wasmtime::ValType], &'static [wasmtime::ValType])> {
+fn required_exports(
+    kind: PluginKind,
+) -> Vec<(
+    &'static str,
+    &'static [wasmtime::ValType],
+    &'static [wasmtime::ValType],
+)> {
     use wasmtime::ValType::I32;
-    let mut v: Vec<(&'static str, &'static [wasmtime::ValType], &'static [wasmtime::ValType])> = vec![
+    let mut v: Vec<(
+        &'static str,
+        &'static [wasmtime::ValType],
+        &'static [wasmtime::ValType],
+    )> = vec![
         ("sluice_abi_version", &[], &[I32]),
         ("sluice_plugin_kind", &[], &[I32]),
     ];
@@ -373,21 +446,43 @@ fn required_exports(kind: PluginKind) -> Vec<(&'static str, &'static [wasmtime::
     v
 }
 
-fn check_export(module: &Module, name: &'static str, params: &[wasmtime::ValType], results: &[wasmtime::ValType]) -> Result<(), PluginError> {
+fn check_export(
+    module: &Module,
+    name: &'static str,
+    params: &[wasmtime::ValType],
+    results: &[wasmtime::ValType],
+) -> Result<(), PluginError> {
     let Some(ty) = module.get_export(name) else {
-        return Err(PluginError::MissingExport { name, detail: "not exported".into() });
+        return Err(PluginError::MissingExport {
+            name,
+            detail: "not exported".into(),
+        });
     };
     let Some(f) = ty.func() else {
-        return Err(PluginError::MissingExport { name, detail: "not a function".into() });
+        return Err(PluginError::MissingExport {
+            name,
+            detail: "not a function".into(),
+        });
     };
-    let same = |a: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>, b: &[wasmtime::ValType]| {
+    let same = |a: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>,
+                b: &[wasmtime::ValType]| {
         a.len() == b.len() && a.zip(b).all(|(x, y)| wasmtime::ValType::eq(&x, y))
     };
     if !same(&mut f.params(), params) || !same(&mut f.results(), results) {
-        return Err(PluginError::MissingExport { name, detail: format!("found {f}") });
+        return Err(PluginError::MissingExport {
+            name,
+            detail: format!("found {f}"),
+        });
     }
-    if module.get_export("memory").and_then(|m| m.memory().cloned()).is_none() {
-        return Err(PluginError::MissingExport { name: "memory", detail: "no exported memory".into() });
+    if module
+        .get_export("memory")
+        .and_then(|m| m.memory().cloned())
+        .is_none()
+    {
+        return Err(PluginError::MissingExport {
+            name: "memory",
+            detail: "no exported memory".into(),
+        });
     }
     Ok(())
 }
@@ -405,27 +500,56 @@ pub struct Guest {
 
 impl Guest {
     /// Instantiates `version` with `counters` and runs its `sluice_init` with the version's config.
-    pub fn new(engine: &PluginEngine, version: &PluginVersion, counters: Arc<[AtomicI64; COUNTER_SLOTS]>) -> Result<Guest, PluginError> {
+    pub fn new(
+        engine: &PluginEngine,
+        version: &PluginVersion,
+        counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+    ) -> Result<Guest, PluginError> {
         let mut store = engine.store(counters, &version.name);
-        let instance = version.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
-        let memory = instance
-            .get_memory(&mut store, "memory")
-            .ok_or(PluginError::MissingExport { name: "memory", detail: "no exported memory".into() })?;
+        let instance = version
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
+        let memory =
+            instance
+                .get_memory(&mut store, "memory")
+                .ok_or(PluginError::MissingExport {
+                    name: "memory",
+                    detail: "no exported memory".into(),
+                })?;
         let alloc = typed(&instance, &mut store, "sluice_alloc")?;
-        let init: wasmtime::TypedFunc<(i32, i32), i32> = typed(&instance, &mut store, "sluice_init")?;
-        let mut guest = Guest { store, instance, memory, alloc };
+        let init: wasmtime::TypedFunc<(i32, i32), i32> =
+            typed(&instance, &mut store, "sluice_init")?;
+        let mut guest = Guest {
+            store,
+            instance,
+            memory,
+            alloc,
+        };
         guest.store.set_epoch_deadline(INIT_DEADLINE_TICKS);
-        let (ptr, len) = guest.write(&version.config_json).map_err(|e| PluginError::Init(root_cause(&e)))?;
-        let rc = init.call(&mut guest.store, (ptr, len)).map_err(|e| PluginError::Init(root_cause(&e)))?;
+        let (ptr, len) = guest
+            .write(&version.config_json)
+            .map_err(|e| PluginError::Init(root_cause(&e)))?;
+        let rc = init
+            .call(&mut guest.store, (ptr, len))
+            .map_err(|e| PluginError::Init(root_cause(&e)))?;
         if rc != 0 {
-            let why = guest.store.data_mut().error.take().unwrap_or_else(|| format!("sluice_init returned {rc}"));
+            let why = guest
+                .store
+                .data_mut()
+                .error
+                .take()
+                .unwrap_or_else(|| format!("sluice_init returned {rc}"));
             return Err(PluginError::Init(why));
         }
         Ok(guest)
     }
 
     /// A typed export of this instance.
-    pub fn func<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(&mut self, name: &'static str) -> Result<wasmtime::TypedFunc<P, R>, PluginError> {
+    pub fn func<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<wasmtime::TypedFunc<P, R>, PluginError> {
         typed(&self.instance, &mut self.store, name)
     }
 
@@ -433,8 +557,12 @@ impl Guest {
     pub fn write(&mut self, bytes: &[u8]) -> wasmtime::Result<(i32, i32)> {
         let len = i32::try_from(bytes.len())?;
         let ptr = self.alloc.call(&mut self.store, len)?;
-        wasmtime::ensure!(ptr != 0 || len == 0, "sluice_alloc({len}) returned 0 (out of memory)");
-        self.memory.write(&mut self.store, usize::try_from(ptr)?, bytes)?;
+        wasmtime::ensure!(
+            ptr != 0 || len == 0,
+            "sluice_alloc({len}) returned 0 (out of memory)"
+        );
+        self.memory
+            .write(&mut self.store, usize::try_from(ptr)?, bytes)?;
         Ok((ptr, len))
     }
 
@@ -449,7 +577,12 @@ fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
     store: &mut Store<HostState>,
     name: &'static str,
 ) -> Result<wasmtime::TypedFunc<P, R>, PluginError> {
-    instance.get_typed_func(store, name).map_err(|e| PluginError::MissingExport { name, detail: root_cause(&e) })
+    instance
+        .get_typed_func(store, name)
+        .map_err(|e| PluginError::MissingExport {
+            name,
+            detail: root_cause(&e),
+        })
 }
 
 /// The innermost message of a wasmtime error chain, which is the one an operator can act on.
@@ -470,7 +603,10 @@ pub fn root_cause(e: &wasmtime::Error) -> String {
 
 /// True when the error is a deadline hit (epoch interruption).
 pub fn is_deadline(e: &wasmtime::Error) -> bool {
-    matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt))
+    matches!(
+        e.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    )
 }
 
 fn memory(caller: &mut Caller<'_, HostState>) -> Option<wasmtime::Memory> {
@@ -480,48 +616,84 @@ fn memory(caller: &mut Caller<'_, HostState>) -> Option<wasmtime::Memory> {
 fn read_guest(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
     let mem = memory(caller)?;
     let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
-    mem.data(&caller).get(ptr..ptr.checked_add(len)?).map(<[u8]>::to_vec)
+    mem.data(&caller)
+        .get(ptr..ptr.checked_add(len)?)
+        .map(<[u8]>::to_vec)
 }
 
 fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
     let mut l = Linker::new(engine);
-    l.func_wrap("sluice", "log", |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
-        let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) else { return };
-        let msg = String::from_utf8_lossy(&bytes);
-        let plugin = c.data().plugin.clone();
-        match level {
-            0 => tracing::error!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
-            1 => tracing::warn!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
-            2 => tracing::info!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
-            _ => tracing::debug!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
-        }
-    })?;
-    l.func_wrap("sluice", "set_error", |mut c: Caller<'_, HostState>, ptr: i32, len: i32| {
-        if let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) {
-            c.data_mut().error = Some(String::from_utf8_lossy(&bytes).into_owned());
-        }
-    })?;
+    l.func_wrap(
+        "sluice",
+        "log",
+        |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
+            let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) else {
+                return;
+            };
+            let msg = String::from_utf8_lossy(&bytes);
+            let plugin = c.data().plugin.clone();
+            match level {
+                0 => tracing::error!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+                1 => tracing::warn!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+                2 => tracing::info!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+                _ => tracing::debug!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "sluice",
+        "set_error",
+        |mut c: Caller<'_, HostState>, ptr: i32, len: i32| {
+            if let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) {
+                c.data_mut().error = Some(String::from_utf8_lossy(&bytes).into_owned());
+            }
+        },
+    )?;
     l.func_wrap("sluice", "now_ms", || {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
     })?;
     let started = Instant::now();
-    l.func_wrap("sluice", "monotonic_ns", move || started.elapsed().as_nanos() as i64)?;
-    l.func_wrap("sluice", "random_u64", |mut c: Caller<'_, HostState>| c.data_mut().next_random() as i64)?;
-    l.func_wrap("sluice", "counter_add", |c: Caller<'_, HostState>, slot: i32, delta: i64| -> wasmtime::Result<i64> {
-        let counter = usize::try_from(slot)
-            .ok()
-            .and_then(|s| c.data().counters.get(s))
-            .ok_or_else(|| wasmtime::format_err!("counter_add: slot {slot} is outside 0..={}", COUNTER_SLOTS - 1))?;
-        Ok(counter.fetch_add(delta, Ordering::Relaxed))
+    l.func_wrap("sluice", "monotonic_ns", move || {
+        started.elapsed().as_nanos() as i64
+    })?;
+    l.func_wrap("sluice", "random_u64", |mut c: Caller<'_, HostState>| {
+        c.data_mut().next_random() as i64
     })?;
     l.func_wrap(
         "sluice",
+        "counter_add",
+        |c: Caller<'_, HostState>, slot: i32, delta: i64| -> wasmtime::Result<i64> {
+            let counter = usize::try_from(slot)
+                .ok()
+                .and_then(|s| c.data().counters.get(s))
+                .ok_or_else(|| {
+                    wasmtime::format_err!(
+                        "counter_add: slot {slot} is outside 0..={}",
+                        COUNTER_SLOTS - 1
+                    )
+                })?;
+            Ok(counter.fetch_add(delta, Ordering::Relaxed))
+        },
+    )?;
+    l.func_wrap(
+        "sluice",
         "request_attr",
-        |mut c: Caller<'_, HostState>, kind: i32, name_ptr: i32, name_len: i32, buf_ptr: i32, buf_cap: i32| -> i32 {
+        |mut c: Caller<'_, HostState>,
+         kind: i32,
+         name_ptr: i32,
+         name_len: i32,
+         buf_ptr: i32,
+         buf_cap: i32|
+         -> i32 {
             let Some(mem) = memory(&mut c) else { return -2 };
             let (data, state) = mem.data_and_store_mut(&mut c);
             // SAFETY: see `HostState::with_request`.
-            let Some(req) = (unsafe { state.request.0.as_ref() }) else { return -2 };
+            let Some(req) = (unsafe { state.request.0.as_ref() }) else {
+                return -2;
+            };
             // Copied to the stack because `data` is written below; names longer than 256 bytes
             // match nothing real (header names are far shorter).
             let mut name_buf = [0u8; 256];
@@ -534,7 +706,10 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
                 Ok(Some(v)) => v,
             };
             let n = value.len().min(usize::try_from(buf_cap).unwrap_or(0));
-            match usize::try_from(buf_ptr).ok().and_then(|p| data.get_mut(p..p.checked_add(n)?)) {
+            match usize::try_from(buf_ptr)
+                .ok()
+                .and_then(|p| data.get_mut(p..p.checked_add(n)?))
+            {
                 Some(dst) => dst.copy_from_slice(&value[..n]),
                 None => return -2,
             }
@@ -544,11 +719,18 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
     l.func_wrap(
         "sluice",
         "request_hash",
-        |mut c: Caller<'_, HostState>, kind: i32, name_ptr: i32, name_len: i32, out_ptr: i32| -> i32 {
+        |mut c: Caller<'_, HostState>,
+         kind: i32,
+         name_ptr: i32,
+         name_len: i32,
+         out_ptr: i32|
+         -> i32 {
             let Some(mem) = memory(&mut c) else { return -2 };
             let (data, state) = mem.data_and_store_mut(&mut c);
             // SAFETY: see `HostState::with_request`.
-            let Some(req) = (unsafe { state.request.0.as_ref() }) else { return -2 };
+            let Some(req) = (unsafe { state.request.0.as_ref() }) else {
+                return -2;
+            };
             let mut name_buf = [0u8; 256];
             let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
             let n = name.len().min(name_buf.len());
@@ -558,33 +740,56 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
                 Ok(None) => return 0,
                 Ok(Some(v)) => abi_hash(v),
             };
-            match usize::try_from(out_ptr).ok().and_then(|p| data.get_mut(p..p.checked_add(8)?)) {
+            match usize::try_from(out_ptr)
+                .ok()
+                .and_then(|p| data.get_mut(p..p.checked_add(8)?))
+            {
                 Some(dst) => dst.copy_from_slice(&hash.to_le_bytes()),
                 None => return -2,
             }
             1
         },
     )?;
-    l.func_wrap("sluice", "excluded", |c: Caller<'_, HostState>, index: i32| -> i32 {
-        match (c.data().request(), usize::try_from(index)) {
-            (Some(req), Ok(i)) => i32::from((req.excluded)(i)),
-            _ => 0,
-        }
-    })?;
-    fn stat<R>(c: &Caller<'_, HostState>, index: i32, f: impl Fn(&crate::pool::BackendStats) -> R) -> Option<R> {
+    l.func_wrap(
+        "sluice",
+        "excluded",
+        |c: Caller<'_, HostState>, index: i32| -> i32 {
+            match (c.data().request(), usize::try_from(index)) {
+                (Some(req), Ok(i)) => i32::from((req.excluded)(i)),
+                _ => 0,
+            }
+        },
+    )?;
+    fn stat<R>(
+        c: &Caller<'_, HostState>,
+        index: i32,
+        f: impl Fn(&crate::pool::BackendStats) -> R,
+    ) -> Option<R> {
         let table = c.data().table.as_ref()?;
         let b = table.backends.get(usize::try_from(index).ok()?)?;
         Some(f(&b.stats))
     }
-    l.func_wrap("sluice", "backend_inflight", |c: Caller<'_, HostState>, i: i32| -> i32 {
-        stat(&c, i, |s| s.inflight.get().clamp(0, i32::MAX as i64) as i32).unwrap_or(-1)
-    })?;
-    l.func_wrap("sluice", "backend_latency_us", |c: Caller<'_, HostState>, i: i32| -> i64 {
-        stat(&c, i, |s| s.latency_us() as i64).unwrap_or(-1)
-    })?;
-    l.func_wrap("sluice", "backend_failures", |c: Caller<'_, HostState>, i: i32| -> i32 {
-        stat(&c, i, |s| s.failures() as i32).unwrap_or(-1)
-    })?;
+    l.func_wrap(
+        "sluice",
+        "backend_inflight",
+        |c: Caller<'_, HostState>, i: i32| -> i32 {
+            stat(&c, i, |s| s.inflight.get().clamp(0, i32::MAX as i64) as i32).unwrap_or(-1)
+        },
+    )?;
+    l.func_wrap(
+        "sluice",
+        "backend_latency_us",
+        |c: Caller<'_, HostState>, i: i32| -> i64 {
+            stat(&c, i, |s| s.latency_us() as i64).unwrap_or(-1)
+        },
+    )?;
+    l.func_wrap(
+        "sluice",
+        "backend_failures",
+        |c: Caller<'_, HostState>, i: i32| -> i32 {
+            stat(&c, i, |s| s.failures() as i32).unwrap_or(-1)
+        },
+    )?;
     Ok(l)
 }
 
@@ -618,9 +823,17 @@ mod tests {
         h.insert_header("cookie", "a=1; sid=abc").unwrap();
         h.insert_header("x-canary", "yes").unwrap();
         let no = |_: usize| false;
-        let view = RequestView { header: &h, client_ip: Some("10.1.2.3".parse().unwrap()), excluded: &no };
+        let view = RequestView {
+            header: &h,
+            client_ip: Some("10.1.2.3".parse().unwrap()),
+            excluded: &no,
+        };
         let mut s = String::new();
-        let mut get = |k: i32, n: &str| view.attr(k, n.as_bytes(), &mut s).unwrap().map(|v| String::from_utf8(v.to_vec()).unwrap());
+        let mut get = |k: i32, n: &str| {
+            view.attr(k, n.as_bytes(), &mut s)
+                .unwrap()
+                .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        };
         assert_eq!(get(0, "").as_deref(), Some("10.1.2.3"));
         assert_eq!(get(1, "").as_deref(), Some("GET"));
         assert_eq!(get(2, "").as_deref(), Some("example.com"));

@@ -90,7 +90,9 @@ impl BackendStats {
 
     /// True when the backend may take traffic (healthy, not ejected, not held by the cluster).
     pub fn is_routable(&self, now_ms: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.cluster_hold.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
+        self.healthy.load(Ordering::Relaxed)
+            && !self.cluster_hold.load(Ordering::Relaxed)
+            && !self.is_ejected(now_ms)
     }
 
     /// Latency EWMA in microseconds.
@@ -116,7 +118,11 @@ impl BackendStats {
             // drops a sample from an average; a CAS loop would cost more than it is worth.
             let sample = latency.as_micros().min(u64::MAX as u128) as u64;
             let old = self.latency_ewma_us.load(Ordering::Relaxed);
-            let new = if old == 0 { sample.max(1) } else { (old * 7 + sample) / 8 };
+            let new = if old == 0 {
+                sample.max(1)
+            } else {
+                (old * 7 + sample) / 8
+            };
             self.latency_ewma_us.store(new.max(1), Ordering::Relaxed);
         } else {
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
@@ -170,14 +176,30 @@ pub struct BackendTable {
 
 impl BackendTable {
     /// Builds and encodes a table with the configured weights.
-    pub fn new(generation: u64, backends: Vec<Arc<Backend>>, local_zone: Option<&str>) -> BackendTable {
+    pub fn new(
+        generation: u64,
+        backends: Vec<Arc<Backend>>,
+        local_zone: Option<&str>,
+    ) -> BackendTable {
         let weights = backends.iter().map(|b| b.weight).collect();
         BackendTable::with_weights(generation, backends, weights, local_zone, false)
     }
 
-    fn with_weights(generation: u64, backends: Vec<Arc<Backend>>, weights: Vec<u32>, local_zone: Option<&str>, panic: bool) -> BackendTable {
+    fn with_weights(
+        generation: u64,
+        backends: Vec<Arc<Backend>>,
+        weights: Vec<u32>,
+        local_zone: Option<&str>,
+        panic: bool,
+    ) -> BackendTable {
         let encoded = encode_table(&backends, &weights, local_zone);
-        BackendTable { generation, backends, weights, encoded, panic }
+        BackendTable {
+            generation,
+            backends,
+            weights,
+            encoded,
+            panic,
+        }
     }
 
     /// Number of backends.
@@ -192,7 +214,11 @@ impl BackendTable {
 }
 
 /// Encodes backends in the ABI table format.
-pub fn encode_table(backends: &[Arc<Backend>], weights: &[u32], local_zone: Option<&str>) -> Vec<u8> {
+pub fn encode_table(
+    backends: &[Arc<Backend>],
+    weights: &[u32],
+    local_zone: Option<&str>,
+) -> Vec<u8> {
     fn put_str(out: &mut Vec<u8>, s: &str) {
         let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
         out.extend_from_slice(&(b.len() as u16).to_le_bytes());
@@ -299,7 +325,10 @@ impl Pool {
         metrics: Metrics,
         local_zone: Option<String>,
     ) -> Pool {
-        let members: Vec<Arc<Backend>> = specs.iter().map(|s| Arc::new(make_backend(&metrics, name, s, None))).collect();
+        let members: Vec<Arc<Backend>> = specs
+            .iter()
+            .map(|s| Arc::new(make_backend(&metrics, name, s, None)))
+            .collect();
         if settings.health.as_ref().is_some_and(|h| h.start_unhealthy) {
             for b in &members {
                 b.stats.healthy.store(false, Ordering::Relaxed);
@@ -346,16 +375,26 @@ impl Pool {
         let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.members.load_full();
         let same = old.len() == specs.len()
-            && old.iter().zip(specs).all(|(b, s)| b.addr == s.addr && b.weight == s.weight && b.zone == s.zone && b.tags == s.tags);
+            && old.iter().zip(specs).all(|(b, s)| {
+                b.addr == s.addr && b.weight == s.weight && b.zone == s.zone && b.tags == s.tags
+            });
         if same {
             return false;
         }
         let now = crate::clock::now_ms();
-        let start_unhealthy = self.settings.load().health.as_ref().is_some_and(|h| h.start_unhealthy);
+        let start_unhealthy = self
+            .settings
+            .load()
+            .health
+            .as_ref()
+            .is_some_and(|h| h.start_unhealthy);
         let members: Vec<_> = specs
             .iter()
             .map(|s| {
-                let stats = old.iter().find(|b| b.addr == s.addr).map(|b| b.stats.clone());
+                let stats = old
+                    .iter()
+                    .find(|b| b.addr == s.addr)
+                    .map(|b| b.stats.clone());
                 let is_new = stats.is_none();
                 let b = Arc::new(make_backend(&self.metrics, &self.name, s, stats));
                 if is_new {
@@ -369,7 +408,10 @@ impl Pool {
                 b
             })
             .collect();
-        for gone in old.iter().filter(|b| !specs.iter().any(|s| s.addr == b.addr)) {
+        for gone in old
+            .iter()
+            .filter(|b| !specs.iter().any(|s| s.addr == b.addr))
+        {
             self.metrics.forget_backend(&self.name, &gone.addr_text);
         }
         self.members.store(Arc::new(members));
@@ -395,38 +437,61 @@ impl Pool {
     fn rebuild_locked(&self, now: u64) -> bool {
         let members = self.members.load();
         let policy = self.settings.load();
-        let routable: Vec<Arc<Backend>> = members.iter().filter(|b| b.stats.is_routable(now)).cloned().collect();
+        let routable: Vec<Arc<Backend>> = members
+            .iter()
+            .filter(|b| b.stats.is_routable(now))
+            .cloned()
+            .collect();
         // Panic mode (Envoy's panic threshold): with too few routable members, a partial outage
         // would overload the survivors, so balance over everyone and let retries sort it out.
         let panic = !members.is_empty()
             && policy.panic_threshold > 0
-            && (routable.len() as u64) * 100 < u64::from(policy.panic_threshold) * members.len() as u64;
+            && (routable.len() as u64) * 100
+                < u64::from(policy.panic_threshold) * members.len() as u64;
         let mut chosen = if panic { members.to_vec() } else { routable };
         if let (true, Some(zone)) = (policy.zone_aware, self.local_zone.as_deref()) {
-            let local: Vec<Arc<Backend>> = chosen.iter().filter(|b| b.zone == zone).cloned().collect();
+            let local: Vec<Arc<Backend>> =
+                chosen.iter().filter(|b| b.zone == zone).cloned().collect();
             let local_members = members.iter().filter(|b| b.zone == zone).count();
             let weight: u64 = local.iter().map(|b| u64::from(b.weight)).sum();
             let inflight: i64 = local.iter().map(|b| b.stats.inflight.get().max(0)).sum();
             // Stay local while most local members are routable and they are not overloaded.
             let healthy_enough = local.len() * 10 >= local_members * 7;
-            let overloaded = weight > 0 && inflight as u64 > weight * u64::from(policy.zone_spill_inflight);
+            let overloaded =
+                weight > 0 && inflight as u64 > weight * u64::from(policy.zone_spill_inflight);
             if !local.is_empty() && healthy_enough && !overloaded && local.len() < chosen.len() {
                 chosen = local;
             }
         }
         // Weights are scaled by 100 only while some backend is degraded or ramping, so that
         // fractions have resolution; otherwise strategies see the configured weights.
-        let scaled = chosen.iter().any(|b| b.stats.health_factor.load(Ordering::Relaxed) < 100 || ramping(b, policy.slow_start, now));
-        let weights: Vec<u32> = chosen.iter().map(|b| effective_weight(b, policy.slow_start, now, scaled)).collect();
+        let scaled = chosen.iter().any(|b| {
+            b.stats.health_factor.load(Ordering::Relaxed) < 100
+                || ramping(b, policy.slow_start, now)
+        });
+        let weights: Vec<u32> = chosen
+            .iter()
+            .map(|b| effective_weight(b, policy.slow_start, now, scaled))
+            .collect();
         let current = self.table.load();
         let unchanged = current.panic == panic
             && current.weights == weights
             && current.backends.len() == chosen.len()
-            && current.backends.iter().zip(&chosen).all(|(a, b)| Arc::ptr_eq(a, b));
+            && current
+                .backends
+                .iter()
+                .zip(&chosen)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
         if unchanged {
             return false;
         }
-        let table = BackendTable::with_weights(current.generation + 1, chosen, weights, self.local_zone.as_deref(), panic);
+        let table = BackendTable::with_weights(
+            current.generation + 1,
+            chosen,
+            weights,
+            self.local_zone.as_deref(),
+            panic,
+        );
         self.table.store(Arc::new(table));
         true
     }
@@ -435,14 +500,22 @@ impl Pool {
 /// Static entries first, then gossip entries at addresses the config does not list.
 fn merge_sources(sources: &(Vec<BackendSpec>, Vec<BackendSpec>)) -> Vec<BackendSpec> {
     let mut all = sources.0.clone();
-    all.extend(sources.1.iter().filter(|g| !sources.0.iter().any(|s| s.addr == g.addr)).cloned());
+    all.extend(
+        sources
+            .1
+            .iter()
+            .filter(|g| !sources.0.iter().any(|s| s.addr == g.addr))
+            .cloned(),
+    );
     all
 }
 
 /// True while `b` is in its slow-start window.
 fn ramping(b: &Backend, slow_start: Duration, now: u64) -> bool {
     let admitted = b.stats.admitted_at_ms.load(Ordering::Relaxed);
-    !slow_start.is_zero() && admitted != 0 && now.saturating_sub(admitted) < slow_start.as_millis() as u64
+    !slow_start.is_zero()
+        && admitted != 0
+        && now.saturating_sub(admitted) < slow_start.as_millis() as u64
 }
 
 /// Weight with the health factor and slow start applied; `scaled` multiplies by 100 first.
@@ -450,7 +523,10 @@ fn effective_weight(b: &Backend, slow_start: Duration, now: u64, scaled: bool) -
     if !scaled {
         return b.weight;
     }
-    let mut w = f64::from(b.weight) * 100.0 * f64::from(b.stats.health_factor.load(Ordering::Relaxed).clamp(1, 100)) / 100.0;
+    let mut w = f64::from(b.weight)
+        * 100.0
+        * f64::from(b.stats.health_factor.load(Ordering::Relaxed).clamp(1, 100))
+        / 100.0;
     if ramping(b, slow_start, now) {
         let since = now.saturating_sub(b.stats.admitted_at_ms.load(Ordering::Relaxed)) as f64;
         // Linear ramp from 10 % (a fresh backend still gets some traffic to warm up).
@@ -460,14 +536,33 @@ fn effective_weight(b: &Backend, slow_start: Duration, now: u64, scaled: bool) -
 }
 
 /// Fresh backends (new statistics) for `specs`.
-pub fn backends_from_specs(specs: &[BackendSpec], metrics: &Metrics, pool: &str) -> Vec<Arc<Backend>> {
-    specs.iter().map(|s| Arc::new(make_backend(metrics, pool, s, None))).collect()
+pub fn backends_from_specs(
+    specs: &[BackendSpec],
+    metrics: &Metrics,
+    pool: &str,
+) -> Vec<Arc<Backend>> {
+    specs
+        .iter()
+        .map(|s| Arc::new(make_backend(metrics, pool, s, None)))
+        .collect()
 }
 
-fn make_backend(metrics: &Metrics, pool: &str, s: &BackendSpec, stats: Option<Arc<BackendStats>>) -> Backend {
+fn make_backend(
+    metrics: &Metrics,
+    pool: &str,
+    s: &BackendSpec,
+    stats: Option<Arc<BackendStats>>,
+) -> Backend {
     let addr_text = s.addr.to_string();
     let stats = stats.unwrap_or_else(|| Arc::new(BackendStats::new(metrics, pool, &addr_text)));
-    Backend { addr: s.addr, addr_text, weight: s.weight, zone: s.zone.clone(), tags: s.tags.clone(), stats }
+    Backend {
+        addr: s.addr,
+        addr_text,
+        weight: s.weight,
+        zone: s.zone.clone(),
+        tags: s.tags.clone(),
+        stats,
+    }
 }
 
 #[cfg(test)]

@@ -63,7 +63,11 @@ impl RequestCtx {
 
 fn request_host(session: &Session) -> Option<&str> {
     let req = session.req_header();
-    req.uri.host().or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+    req.uri.host().or_else(|| {
+        req.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 #[async_trait]
@@ -85,37 +89,73 @@ impl ProxyHttp for SluiceProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let pool = {
             let router = self.runtime.router();
-            router.route(request_host(session), session.req_header().uri.path()).cloned()
+            router
+                .route(request_host(session), session.req_header().uri.path())
+                .cloned()
         };
         let Some(pool) = pool else {
             respond(session, 404, "no route matches this request\n").await?;
             return Ok(true);
         };
         if pool.table.load().is_empty() {
-            self.runtime.metrics.no_backend.with_label_values(&[&pool.name]).inc();
-            respond(session, 503, &format!("no backend available in pool \"{}\"\n", pool.name)).await?;
+            self.runtime
+                .metrics
+                .no_backend
+                .with_label_values(&[&pool.name])
+                .inc();
+            respond(
+                session,
+                503,
+                &format!("no backend available in pool \"{}\"\n", pool.name),
+            )
+            .await?;
             return Ok(true);
         }
-        pool.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        pool.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.pool = Some(pool);
         Ok(false)
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let Some(pool) = ctx.pool.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no pool selected");
         };
         let table = pool.table.load_full();
-        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let tried = &ctx.tried;
-        let excluded = |i: usize| table.backends.get(i).is_some_and(|b| tried.contains(&b.addr));
-        let view = RequestView { header: session.req_header(), client_ip, excluded: &excluded };
+        let excluded = |i: usize| {
+            table
+                .backends
+                .get(i)
+                .is_some_and(|b| tried.contains(&b.addr))
+        };
+        let view = RequestView {
+            header: session.req_header(),
+            client_ip,
+            excluded: &excluded,
+        };
         let Some(index) = pool.strategy.pick(&table, &view, ctx.attempt) else {
-            self.runtime.metrics.no_backend.with_label_values(&[&pool.name]).inc();
+            self.runtime
+                .metrics
+                .no_backend
+                .with_label_values(&[&pool.name])
+                .inc();
             ctx.reason = Some(if ctx.tried.is_empty() {
                 format!("no backend available in pool \"{}\"\n", pool.name)
             } else {
-                format!("all {} backends tried in pool \"{}\" failed\n", ctx.tried.len(), pool.name)
+                format!(
+                    "all {} backends tried in pool \"{}\" failed\n",
+                    ctx.tried.len(),
+                    pool.name
+                )
             });
             let code = if ctx.tried.is_empty() { 503 } else { 502 };
             return Error::e_explain(ErrorType::HTTPStatus(code), "no backend available");
@@ -132,7 +172,13 @@ impl ProxyHttp for SluiceProxy {
         Ok(Box::new(peer))
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
         if let Some(b) = &ctx.current {
             ctx.tried.push(b.addr);
         }
@@ -141,19 +187,29 @@ impl ProxyHttp for SluiceProxy {
         let retry = ctx.may_retry();
         if retry {
             if let Some(pool) = &ctx.pool {
-                self.runtime.metrics.retries.with_label_values(&[&pool.name, "connect"]).inc();
+                self.runtime
+                    .metrics
+                    .retries
+                    .with_label_values(&[&pool.name, "connect"])
+                    .inc();
             }
         }
         e.set_retry(retry);
         e
     }
 
-    async fn upstream_response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         let status = resp.status.as_u16();
         if status >= 500 {
             let policy_allows = ctx.pool.as_ref().is_some_and(|p| {
                 let s = p.settings.load();
-                s.retry_on_5xx && (s.retry_non_idempotent || session.req_header().method.is_idempotent())
+                s.retry_on_5xx
+                    && (s.retry_non_idempotent || session.req_header().method.is_idempotent())
             });
             // Nothing has been sent downstream yet, so the request can still go elsewhere
             // (pingora replays it; bodies larger than its retry buffer are not retried).
@@ -163,9 +219,16 @@ impl ProxyHttp for SluiceProxy {
                 }
                 ctx.finish_backend(Some(status));
                 if let Some(pool) = &ctx.pool {
-                    self.runtime.metrics.retries.with_label_values(&[&pool.name, "5xx"]).inc();
+                    self.runtime
+                        .metrics
+                        .retries
+                        .with_label_values(&[&pool.name, "5xx"])
+                        .inc();
                 }
-                let mut e = Error::explain(ErrorType::HTTPStatus(status), "backend answered 5xx; retrying on another backend");
+                let mut e = Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "backend answered 5xx; retrying on another backend",
+                );
                 e.set_retry(true);
                 return Err(e);
             }
@@ -174,7 +237,12 @@ impl ProxyHttp for SluiceProxy {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
@@ -196,7 +264,10 @@ impl ProxyHttp for SluiceProxy {
                 tracing::debug!(error = %err, "could not send the error response downstream");
             }
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -216,6 +287,8 @@ async fn respond(session: &mut Session, code: u16, body: &str) -> Result<()> {
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true).await?;
+    session
+        .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
+        .await?;
     Ok(())
 }

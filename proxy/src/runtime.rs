@@ -79,7 +79,12 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the state for `config`, validating every plugin.
-    pub fn new(config: Config, config_path: Option<PathBuf>, engine: PluginEngine, metrics: Metrics) -> Result<Runtime, ApplyError> {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        engine: PluginEngine,
+        metrics: Metrics,
+    ) -> Result<Runtime, ApplyError> {
         let rt = Runtime {
             engine,
             metrics,
@@ -128,12 +133,18 @@ impl Runtime {
     /// Re-reads the config file and applies it.
     pub fn reload(&self) -> Result<ReloadReport, ApplyError> {
         let path = self.config_path.as_ref().ok_or(ApplyError::NoConfigFile)?;
-        let result = Config::load(path).map_err(ApplyError::from).and_then(|cfg| self.apply(cfg));
+        let result = Config::load(path)
+            .map_err(ApplyError::from)
+            .and_then(|cfg| self.apply(cfg));
         let label = if result.is_ok() { "ok" } else { "rejected" };
         self.metrics.reloads.with_label_values(&[label]).inc();
         match &result {
-            Ok(r) => tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, "config reloaded"),
-            Err(e) => tracing::error!(error = %e, "config reload rejected; the running config stays"),
+            Ok(r) => {
+                tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, "config reloaded")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the running config stays")
+            }
         }
         result
     }
@@ -146,10 +157,14 @@ impl Runtime {
         let mut report = ReloadReport::default();
         if !old_pools.is_empty() {
             if listen_set(&old_cfg) != listen_set(&cfg) {
-                report.warnings.push("listen addresses changed; restart sluice to apply them".into());
+                report
+                    .warnings
+                    .push("listen addresses changed; restart sluice to apply them".into());
             }
             if old_cfg.server.threads != cfg.server.threads {
-                report.warnings.push("[server] threads changed; restart sluice to apply it".into());
+                report
+                    .warnings
+                    .push("[server] threads changed; restart sluice to apply it".into());
             }
         }
         let zone = cfg.server.zone.clone();
@@ -171,16 +186,24 @@ impl Runtime {
             let specs = Config::backends(pc);
             let settings = settings_of(pc);
             let plugin_ref = pc.strategy.get_ref().clone();
-            let plugin_err = |source: PluginError| ApplyError::Plugin { pool: name.clone(), plugin: plugin_ref.source().to_string(), source };
+            let plugin_err = |source: PluginError| ApplyError::Plugin {
+                pool: name.clone(),
+                plugin: plugin_ref.source().to_string(),
+                source,
+            };
             match old_pools.get(&name) {
                 Some(pool) => {
                     let new_health = pc.health.as_ref().map(|h| h.get_ref().clone());
                     let health = if sources.get(&name).is_some_and(|(_, h)| *h == new_health) {
                         HealthPlan::Keep
                     } else if let Some(hc) = &new_health {
-                        let loaded = self.load_health(hc, &cfg, pool.members.load().first().map(|b| &**b)).map_err(|source| {
-                            ApplyError::Plugin { pool: name.clone(), plugin: hc.plugin.clone(), source }
-                        })?;
+                        let loaded = self
+                            .load_health(hc, &cfg, pool.members.load().first().map(|b| &**b))
+                            .map_err(|source| ApplyError::Plugin {
+                                pool: name.clone(),
+                                plugin: hc.plugin.clone(),
+                                source,
+                            })?;
                         HealthPlan::Set(loaded.0, loaded.1, loaded.2)
                     } else {
                         HealthPlan::Remove
@@ -189,26 +212,62 @@ impl Runtime {
                     let strategy = if unchanged {
                         None
                     } else {
-                        let (bytes, display) = builtin::load_source(plugin_ref.source(), &cfg.base_dir)
-                            .map_err(|m| plugin_err(PluginError::Source(m)))?;
+                        let (bytes, display) =
+                            builtin::load_source(plugin_ref.source(), &cfg.base_dir)
+                                .map_err(|m| plugin_err(PluginError::Source(m)))?;
                         // Validate against the table the pool will have after this reload.
-                        let trial = Arc::new(BackendTable::new(0, prospective(pool, &specs, &self.metrics), zone.as_deref()));
-                        pool.strategy.check(&bytes, &display, plugin_ref.config_json().into(), &trial).map_err(plugin_err)?;
+                        let trial = Arc::new(BackendTable::new(
+                            0,
+                            prospective(pool, &specs, &self.metrics),
+                            zone.as_deref(),
+                        ));
+                        pool.strategy
+                            .check(&bytes, &display, plugin_ref.config_json().into(), &trial)
+                            .map_err(plugin_err)?;
                         Some((bytes, display, Arc::<[u8]>::from(plugin_ref.config_json())))
                     };
-                    plans.push(Plan::Update { pool: pool.clone(), backends: specs, strategy, health });
+                    plans.push(Plan::Update {
+                        pool: pool.clone(),
+                        backends: specs,
+                        strategy,
+                        health,
+                    });
                 }
                 None => {
-                    let (bytes, display) =
-                        builtin::load_source(plugin_ref.source(), &cfg.base_dir).map_err(|m| plugin_err(PluginError::Source(m)))?;
-                    let pool = self.new_pool(&name, &specs, settings, &bytes, &display, plugin_ref.config_json().into(), zone.clone())
+                    let (bytes, display) = builtin::load_source(plugin_ref.source(), &cfg.base_dir)
+                        .map_err(|m| plugin_err(PluginError::Source(m)))?;
+                    let pool = self
+                        .new_pool(
+                            &name,
+                            &specs,
+                            settings,
+                            &bytes,
+                            &display,
+                            plugin_ref.config_json().into(),
+                            zone.clone(),
+                        )
                         .map_err(plugin_err)?;
                     if let Some(hc) = &pc.health {
                         let hc = hc.get_ref();
-                        let herr = |source| ApplyError::Plugin { pool: name.clone(), plugin: hc.plugin.clone(), source };
-                        let (bytes, display, config) = self.load_health(hc, &cfg, pool.members.load().first().map(|b| &**b)).map_err(herr)?;
+                        let herr = |source| ApplyError::Plugin {
+                            pool: name.clone(),
+                            plugin: hc.plugin.clone(),
+                            source,
+                        };
+                        let (bytes, display, config) = self
+                            .load_health(hc, &cfg, pool.members.load().first().map(|b| &**b))
+                            .map_err(herr)?;
                         let first = pool.members.load().first().cloned();
-                        let host = HealthHost::new(&self.engine, &name, &bytes, &display, config, first.as_deref(), &self.metrics).map_err(herr)?;
+                        let host = HealthHost::new(
+                            &self.engine,
+                            &name,
+                            &bytes,
+                            &display,
+                            config,
+                            first.as_deref(),
+                            &self.metrics,
+                        )
+                        .map_err(herr)?;
                         pool.health.store(Some(Arc::new(host)));
                     }
                     plans.push(Plan::New(Arc::new(pool)));
@@ -224,8 +283,17 @@ impl Runtime {
                     report.added.push(pool.name.clone());
                     pools.insert(pool.name.clone(), pool);
                 }
-                Plan::Update { pool, backends, strategy, health } => {
-                    let pc = cfg.pool.iter().find(|p| *p.name.get_ref() == pool.name).expect("planned from cfg");
+                Plan::Update {
+                    pool,
+                    backends,
+                    strategy,
+                    health,
+                } => {
+                    let pc = cfg
+                        .pool
+                        .iter()
+                        .find(|p| *p.name.get_ref() == pool.name)
+                        .expect("planned from cfg");
                     let settings = settings_of(pc);
                     // Settings first: new backends take their initial health state from them.
                     let mut changed = false;
@@ -239,20 +307,37 @@ impl Runtime {
                         HealthPlan::Remove => {
                             pool.health.store(None);
                             for b in pool.members.load().iter() {
-                                b.stats.healthy.store(true, std::sync::atomic::Ordering::Relaxed);
-                                b.stats.health_factor.store(100, std::sync::atomic::Ordering::Relaxed);
+                                b.stats
+                                    .healthy
+                                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                                b.stats
+                                    .health_factor
+                                    .store(100, std::sync::atomic::Ordering::Relaxed);
                             }
                             changed = true;
                         }
                         HealthPlan::Set(bytes, display, config) => {
                             let first = pool.members.load().first().cloned();
                             let result = match pool.health.load_full() {
-                                Some(host) => host.swap(&bytes, &display, Some(config), first.as_deref()).map(drop),
-                                None => HealthHost::new(&self.engine, &pool.name, &bytes, &display, config, first.as_deref(), &self.metrics)
-                                    .map(|h| pool.health.store(Some(Arc::new(h)))),
+                                Some(host) => host
+                                    .swap(&bytes, &display, Some(config), first.as_deref())
+                                    .map(drop),
+                                None => HealthHost::new(
+                                    &self.engine,
+                                    &pool.name,
+                                    &bytes,
+                                    &display,
+                                    config,
+                                    first.as_deref(),
+                                    &self.metrics,
+                                )
+                                .map(|h| pool.health.store(Some(Arc::new(h)))),
                             };
                             if let Err(e) = result {
-                                report.warnings.push(format!("pool \"{}\": health check not changed: {e}", pool.name));
+                                report.warnings.push(format!(
+                                    "pool \"{}\": health check not changed: {e}",
+                                    pool.name
+                                ));
                             }
                             changed = true;
                         }
@@ -263,7 +348,9 @@ impl Runtime {
                         if let Err(e) = pool.strategy.swap(&bytes, &display, Some(config), &table) {
                             // Validated in phase 1 against the same table; only a resource limit
                             // can get here. The old version keeps serving.
-                            report.warnings.push(format!("pool \"{}\": strategy not swapped: {e}", pool.name));
+                            report
+                                .warnings
+                                .push(format!("pool \"{}\": strategy not swapped: {e}", pool.name));
                         }
                         changed = true;
                     }
@@ -288,7 +375,13 @@ impl Runtime {
             .collect();
         sources.clear();
         for pc in &cfg.pool {
-            sources.insert(pc.name.get_ref().clone(), (pc.strategy.get_ref().clone(), pc.health.as_ref().map(|h| h.get_ref().clone())));
+            sources.insert(
+                pc.name.get_ref().clone(),
+                (
+                    pc.strategy.get_ref().clone(),
+                    pc.health.as_ref().map(|h| h.get_ref().clone()),
+                ),
+            );
         }
         self.pools.store(Arc::new(pools));
         self.router.store(Arc::new(Router::new(routes)));
@@ -309,13 +402,34 @@ impl Runtime {
     ) -> Result<Pool, PluginError> {
         let backends = prospective_new(specs, &self.metrics, name);
         let table = Arc::new(BackendTable::new(1, backends, zone.as_deref()));
-        let strategy = StrategyHost::new(&self.engine, name, bytes, display, config_json, &table, &self.metrics)?;
-        Ok(Pool::new(name, specs, settings, strategy, self.metrics.clone(), zone))
+        let strategy = StrategyHost::new(
+            &self.engine,
+            name,
+            bytes,
+            display,
+            config_json,
+            &table,
+            &self.metrics,
+        )?;
+        Ok(Pool::new(
+            name,
+            specs,
+            settings,
+            strategy,
+            self.metrics.clone(),
+            zone,
+        ))
     }
 
     /// Reads and validates a health plugin.
-    fn load_health(&self, hc: &HealthConfig, cfg: &Config, sample: Option<&crate::pool::Backend>) -> Result<LoadedPlugin, PluginError> {
-        let (bytes, display) = builtin::load_source(&hc.plugin, &cfg.base_dir).map_err(PluginError::Source)?;
+    fn load_health(
+        &self,
+        hc: &HealthConfig,
+        cfg: &Config,
+        sample: Option<&crate::pool::Backend>,
+    ) -> Result<LoadedPlugin, PluginError> {
+        let (bytes, display) =
+            builtin::load_source(&hc.plugin, &cfg.base_dir).map_err(PluginError::Source)?;
         let config: Arc<[u8]> = hc.config_json().into();
         HealthHost::check(&self.engine, &bytes, &display, config.clone(), sample)?;
         Ok((bytes, display, config))
@@ -324,21 +438,40 @@ impl Runtime {
     /// Hot-swaps a pool's health check with uploaded wasm bytes.
     pub fn swap_health(&self, pool: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, ApplyError> {
         let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let p = self.pool(pool).ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
-        let host = p.health.load_full().ok_or_else(|| ApplyError::NoHealth(pool.to_string()))?;
+        let p = self
+            .pool(pool)
+            .ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
+        let host = p
+            .health
+            .load_full()
+            .ok_or_else(|| ApplyError::NoHealth(pool.to_string()))?;
         let first = p.members.load().first().cloned();
         host.swap(bytes, "uploaded", None, first.as_deref())
-            .map_err(|source| ApplyError::Plugin { pool: pool.to_string(), plugin: "upload".into(), source })
+            .map_err(|source| ApplyError::Plugin {
+                pool: pool.to_string(),
+                plugin: "upload".into(),
+                source,
+            })
     }
 
     /// Hot-swaps a pool's strategy with uploaded wasm bytes.
-    pub fn swap_strategy(&self, pool: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, ApplyError> {
+    pub fn swap_strategy(
+        &self,
+        pool: &str,
+        bytes: &[u8],
+    ) -> Result<Arc<PluginVersion>, ApplyError> {
         let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let p = self.pool(pool).ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
+        let p = self
+            .pool(pool)
+            .ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
         let table = p.table.load_full();
         p.strategy
             .swap(bytes, "uploaded", None, &table)
-            .map_err(|source| ApplyError::Plugin { pool: pool.to_string(), plugin: "upload".into(), source })
+            .map_err(|source| ApplyError::Plugin {
+                pool: pool.to_string(),
+                plugin: "upload".into(),
+                source,
+            })
     }
 }
 
@@ -390,7 +523,12 @@ fn settings_of(pc: &PoolConfig) -> PoolSettings {
 }
 
 fn listen_set(c: &Config) -> Vec<String> {
-    let mut v: Vec<String> = c.server.listen.iter().map(|s| s.get_ref().clone()).collect();
+    let mut v: Vec<String> = c
+        .server
+        .listen
+        .iter()
+        .map(|s| s.get_ref().clone())
+        .collect();
     if let Some(t) = &c.server.tls {
         v.extend(t.listen.iter().map(|s| format!("tls:{}", s.get_ref())));
     }
@@ -399,17 +537,27 @@ fn listen_set(c: &Config) -> Vec<String> {
 }
 
 /// Backends a pool would have with `specs` (for validating a plugin before publishing).
-fn prospective(pool: &Pool, specs: &[crate::config::BackendSpec], metrics: &Metrics) -> Vec<Arc<crate::pool::Backend>> {
+fn prospective(
+    pool: &Pool,
+    specs: &[crate::config::BackendSpec],
+    metrics: &Metrics,
+) -> Vec<Arc<crate::pool::Backend>> {
     let current = pool.table.load();
     specs
         .iter()
-        .map(|s| match current.backends.iter().find(|b| b.addr == s.addr) {
-            Some(b) => b.clone(),
-            None => prospective_new(std::slice::from_ref(s), metrics, &pool.name).remove(0),
-        })
+        .map(
+            |s| match current.backends.iter().find(|b| b.addr == s.addr) {
+                Some(b) => b.clone(),
+                None => prospective_new(std::slice::from_ref(s), metrics, &pool.name).remove(0),
+            },
+        )
         .collect()
 }
 
-fn prospective_new(specs: &[crate::config::BackendSpec], metrics: &Metrics, pool: &str) -> Vec<Arc<crate::pool::Backend>> {
+fn prospective_new(
+    specs: &[crate::config::BackendSpec],
+    metrics: &Metrics,
+    pool: &str,
+) -> Vec<Arc<crate::pool::Backend>> {
     crate::pool::backends_from_specs(specs, metrics, pool)
 }

@@ -10,28 +10,48 @@ pub fn default_sdk_path() -> Option<PathBuf> {
 
 /// Creates `dir/NAME/` with a strategy crate depending on the SDK at `sdk`.
 pub fn new_strategy(dir: &Path, name: &str, sdk: &Path) -> Result<PathBuf, String> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || name.starts_with(|c: char| c.is_ascii_digit()) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || name.starts_with(|c: char| c.is_ascii_digit())
+    {
         return Err(format!("\"{name}\" is not a valid crate name; use letters, digits, '-' and '_', starting with a letter"));
     }
     let root = dir.join(name);
     if root.exists() {
-        return Err(format!("{} already exists; choose another name or remove it", root.display()));
+        return Err(format!(
+            "{} already exists; choose another name or remove it",
+            root.display()
+        ));
     }
     let sdk = std::fs::canonicalize(sdk).map_err(|e| format!("SDK path {}: {e}", sdk.display()))?;
     if !sdk.join("Cargo.toml").is_file() {
-        return Err(format!("{} is not the sluice-sdk crate (no Cargo.toml); pass --sdk PATH/TO/sluice/sdk", sdk.display()));
+        return Err(format!(
+            "{} is not the sluice-sdk crate (no Cargo.toml); pass --sdk PATH/TO/sluice/sdk",
+            sdk.display()
+        ));
     }
     let lib = name.replace('-', "_");
     let files: [(&str, String); 4] = [
-        ("Cargo.toml", CARGO_TOML.replace("{name}", name).replace("{sdk}", &sdk.display().to_string().replace('\\', "/"))),
+        (
+            "Cargo.toml",
+            CARGO_TOML
+                .replace("{name}", name)
+                .replace("{sdk}", &sdk.display().to_string().replace('\\', "/")),
+        ),
         ("src/lib.rs", LIB_RS.to_string()),
-        ("README.md", README.replace("{name}", name).replace("{lib}", &lib)),
+        (
+            "README.md",
+            README.replace("{name}", name).replace("{lib}", &lib),
+        ),
         (".gitignore", "target/\n".to_string()),
     ];
     for (path, text) in files {
         let p = root.join(path);
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }

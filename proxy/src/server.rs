@@ -29,7 +29,12 @@ pub fn build_runtime(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
 
 /// Checks that every listen address can be bound, so a clash is reported clearly up front.
 fn check_listeners(config: &Config) -> anyhow::Result<()> {
-    let mut addrs: Vec<String> = config.server.listen.iter().map(|l| l.get_ref().clone()).collect();
+    let mut addrs: Vec<String> = config
+        .server
+        .listen
+        .iter()
+        .map(|l| l.get_ref().clone())
+        .collect();
     if let Some(tls) = &config.server.tls {
         addrs.extend(tls.listen.iter().map(|l| l.get_ref().clone()));
     }
@@ -44,20 +49,30 @@ fn check_listeners(config: &Config) -> anyhow::Result<()> {
 
 /// Runs the proxy until SIGINT/SIGTERM. `ready` is called once everything is validated,
 /// right before the listeners start.
-pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Runtime)) -> anyhow::Result<()> {
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    ready: impl FnOnce(&Runtime),
+) -> anyhow::Result<()> {
     check_listeners(&config)?;
     let runtime = build_runtime(config.clone(), config_path)?;
     // Join the cluster before any listener opens: a name conflict or a bad key stops us here.
     let cluster = match &config.cluster {
         Some(section) => {
             let section = section.get_ref();
-            let cfg = section.to_config(&config.base_dir).map_err(anyhow::Error::msg)?;
-            let mut meta = crate::cluster::NodeMeta::new(section.node_name(), crate::cluster::Role::Proxy);
+            let cfg = section
+                .to_config(&config.base_dir)
+                .map_err(anyhow::Error::msg)?;
+            let mut meta =
+                crate::cluster::NodeMeta::new(section.node_name(), crate::cluster::Role::Proxy);
             meta.zone = config.server.zone.clone().unwrap_or_default();
             meta.admin = Some(config.admin.listen.get_ref().clone());
             let node = crate::membership::ClusterNode::start(cfg, meta)?;
             let _ = runtime.cluster.set(node.handle.clone());
-            node.spawn(crate::membership::watch(runtime.clone(), node.handle.clone()));
+            node.spawn(crate::membership::watch(
+                runtime.clone(),
+                node.handle.clone(),
+            ));
             tracing::info!(gossip = %node.handle.gossip_addr(), "joined the cluster");
             Some(node)
         }
@@ -76,7 +91,11 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, SluiceProxy::new(runtime.clone()), "sluice-proxy");
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        SluiceProxy::new(runtime.clone()),
+        "sluice-proxy",
+    );
     for l in &config.server.listen {
         proxy.add_tcp(l.get_ref());
     }
@@ -91,22 +110,47 @@ pub fn run(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce(&Run
         for l in &tls.listen {
             let cert = config.resolve_path(&tls.cert.to_string_lossy());
             let key = config.resolve_path(&tls.key.to_string_lossy());
-            let mut settings = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
-                .map_err(|e| anyhow::anyhow!("[server.tls]: cannot load cert {} / key {}: {e}", cert.display(), key.display()))?;
+            let mut settings =
+                TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "[server.tls]: cannot load cert {} / key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?;
             settings.enable_h2();
             proxy.add_tls_with_settings(l.get_ref(), None, settings);
         }
     }
     server.add_service(proxy);
 
-    let mut admin = Service::new("sluice-admin".to_string(), AdminApp::new(runtime.clone(), config.admin.token.clone()));
+    let mut admin = Service::new(
+        "sluice-admin".to_string(),
+        AdminApp::new(runtime.clone(), config.admin.token.clone()),
+    );
     admin.add_tcp(config.admin.listen.get_ref());
     admin.threads = Some(1);
     server.add_service(admin);
 
-    server.add_service(background_service("sighup-reload", SighupReload { runtime: runtime.clone() }));
-    server.add_service(background_service("pool-upkeep", PoolUpkeep { runtime: runtime.clone() }));
-    server.add_service(background_service("health-checks", HealthChecks { runtime: runtime.clone() }));
+    server.add_service(background_service(
+        "sighup-reload",
+        SighupReload {
+            runtime: runtime.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "pool-upkeep",
+        PoolUpkeep {
+            runtime: runtime.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "health-checks",
+        HealthChecks {
+            runtime: runtime.clone(),
+        },
+    ));
 
     ready(&runtime);
     // The cluster member lives as long as the process; pingora exits the process on shutdown.
@@ -155,7 +199,8 @@ struct SighupReload {
 #[async_trait]
 impl BackgroundService for SighupReload {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
             tracing::warn!("cannot install the SIGHUP handler; use POST /api/reload instead");
             return;
         };

@@ -69,7 +69,9 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
     let metrics = Metrics::new();
     let specs: Vec<BackendSpec> = (0..n)
         .map(|i| BackendSpec {
-            addr: format!("127.0.0.1:{}", 9001 + i).parse().expect("valid address"),
+            addr: format!("127.0.0.1:{}", 9001 + i)
+                .parse()
+                .expect("valid address"),
             weight: 1,
             zone: String::new(),
             tags: Vec::new(),
@@ -77,9 +79,22 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
         .collect();
     let all = backends_from_specs(&specs, &metrics, "sim");
     let full = Arc::new(BackendTable::new(1, all.clone(), None));
-    let host = StrategyHost::new(&engine, "sim", wasm, name, Arc::from(params.config_json.as_bytes()), &full, &metrics)?;
+    let host = StrategyHost::new(
+        &engine,
+        "sim",
+        wasm,
+        name,
+        Arc::from(params.config_json.as_bytes()),
+        &full,
+        &metrics,
+    )?;
     let removed = n / 2;
-    let reduced: Vec<_> = all.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, b)| b.clone()).collect();
+    let reduced: Vec<_> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != removed)
+        .map(|(_, b)| b.clone())
+        .collect();
     let reduced = Arc::new(BackendTable::new(2, reduced, None));
 
     let mut report = SimReport {
@@ -116,13 +131,20 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
             let key = r % keys;
             let header = key_request(key);
             let ip = std::net::IpAddr::from([10, (key >> 16) as u8, (key >> 8) as u8, key as u8]);
-            let view = RequestView { header: &header, client_ip: Some(ip), excluded: &none };
+            let view = RequestView {
+                header: &header,
+                client_ip: Some(ip),
+                excluded: &none,
+            };
             let Some(idx) = host.pick(table, &view, 0) else {
                 report.no_backend += 1;
                 continue;
             };
             let backend = &table.backends[idx];
-            let global = all.iter().position(|b| Arc::ptr_eq(b, backend)).expect("table backends come from `all`");
+            let global = all
+                .iter()
+                .position(|b| Arc::ptr_eq(b, backend))
+                .expect("table backends come from `all`");
             if phase == 0 {
                 report.before[global] += 1;
                 first_backend.insert(key, global);
@@ -131,7 +153,10 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
                 second_backend.entry(key).or_insert(global);
             }
             backend.stats.inflight.inc();
-            in_flight.push(Reverse((now_us + latency_of(global).as_micros() as u64, global)));
+            in_flight.push(Reverse((
+                now_us + latency_of(global).as_micros() as u64,
+                global,
+            )));
         }
     }
     for (key, before) in &first_backend {
@@ -152,7 +177,8 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
 /// A request carrying `key` in every attribute kind a strategy may hash.
 fn key_request(key: usize) -> pingora::http::RequestHeader {
     let uri = format!("/k/{key}?key=k{key}");
-    let mut h = pingora::http::RequestHeader::build("GET", uri.as_bytes(), None).expect("valid request line");
+    let mut h = pingora::http::RequestHeader::build("GET", uri.as_bytes(), None)
+        .expect("valid request line");
     let k = format!("k{key}");
     // Header names and values are plain ASCII here, so these cannot fail.
     let _ = h.insert_header("host", "sim.example");
@@ -167,7 +193,13 @@ impl SimReport {
         let mut out = String::new();
         let total_before: u64 = self.before.iter().sum();
         let total_after: u64 = self.after.iter().sum();
-        let pct = |x: u64, t: u64| if t == 0 { 0.0 } else { 100.0 * x as f64 / t as f64 };
+        let pct = |x: u64, t: u64| {
+            if t == 0 {
+                0.0
+            } else {
+                100.0 * x as f64 / t as f64
+            }
+        };
         let _ = writeln!(out, "plugin {name} (sha256 {})", &self.sha256[..16]);
         let _ = writeln!(
             out,
@@ -177,9 +209,17 @@ impl SimReport {
             params.requests,
             latency_of(0).as_micros()
         );
-        let _ = writeln!(out, "\n{:<18} {:>9} {:>7}   {:>9} {:>7}", "backend", "before", "share", "after", "share");
+        let _ = writeln!(
+            out,
+            "\n{:<18} {:>9} {:>7}   {:>9} {:>7}",
+            "backend", "before", "share", "after", "share"
+        );
         for (i, a) in self.addrs.iter().enumerate() {
-            let mark = if i == self.removed { " (removed midway)" } else { "" };
+            let mark = if i == self.removed {
+                " (removed midway)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
                 "{a:<18} {:>9} {:>6.1}%   {:>9} {:>6.1}%{mark}",
@@ -203,7 +243,11 @@ impl SimReport {
             self.keys_moved_needlessly,
             pct(self.keys_moved_needlessly as u64, self.keys_compared as u64)
         );
-        let _ = writeln!(out, "requests without a backend: {}, fallback picks after plugin faults: {}", self.no_backend, self.fallback_picks);
+        let _ = writeln!(
+            out,
+            "requests without a backend: {}, fallback picks after plugin faults: {}",
+            self.no_backend, self.fallback_picks
+        );
         out
     }
 }

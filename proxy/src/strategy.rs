@@ -20,8 +20,8 @@ use wasmtime::TypedFunc;
 
 use crate::metrics::Metrics;
 use crate::plugin::{
-    is_deadline, root_cause, Guest, HostState, PluginEngine, PluginError, PluginKind, PluginVersion, RequestView,
-    COUNTER_SLOTS, INIT_DEADLINE_TICKS, PICK_DEADLINE_TICKS,
+    is_deadline, root_cause, Guest, HostState, PluginEngine, PluginError, PluginKind,
+    PluginVersion, RequestView, COUNTER_SLOTS, INIT_DEADLINE_TICKS, PICK_DEADLINE_TICKS,
 };
 use crate::pool::BackendTable;
 
@@ -39,11 +39,21 @@ struct Instance {
 
 impl Instance {
     /// Instantiates `version` and runs its `sluice_init`.
-    fn new(engine: &PluginEngine, version: &PluginVersion, counters: Arc<[AtomicI64; COUNTER_SLOTS]>) -> Result<Instance, PluginError> {
+    fn new(
+        engine: &PluginEngine,
+        version: &PluginVersion,
+        counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+    ) -> Result<Instance, PluginError> {
         let mut guest = Guest::new(engine, version, counters)?;
         let set_backends = guest.func("sluice_set_backends")?;
         let pick = guest.func("sluice_pick")?;
-        Ok(Instance { generation: version.generation, table_generation: 0, guest, set_backends, pick })
+        Ok(Instance {
+            generation: version.generation,
+            table_generation: 0,
+            guest,
+            set_backends,
+            pick,
+        })
     }
 
     /// Pushes `table` if this instance has not seen its generation yet.
@@ -63,12 +73,18 @@ impl Instance {
         Ok(())
     }
 
-    fn pick(&mut self, table: &Arc<BackendTable>, req: &RequestView<'_>, attempt: u32) -> Result<Option<usize>, Fault> {
+    fn pick(
+        &mut self,
+        table: &Arc<BackendTable>,
+        req: &RequestView<'_>,
+        attempt: u32,
+    ) -> Result<Option<usize>, Fault> {
         self.sync_table(table).map_err(Fault::from_call)?;
         self.guest.store.set_epoch_deadline(PICK_DEADLINE_TICKS);
         let pick = &self.pick;
         let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
-        let idx = HostState::with_request(&mut self.guest.store, req, |s| pick.call(s, attempt)).map_err(Fault::from_call)?;
+        let idx = HostState::with_request(&mut self.guest.store, req, |s| pick.call(s, attempt))
+            .map_err(Fault::from_call)?;
         match usize::try_from(idx) {
             Err(_) if idx == -1 => Ok(None),
             Ok(i) if i < table.len() && !(req.excluded)(i) => Ok(Some(i)),
@@ -92,7 +108,10 @@ impl std::fmt::Display for Fault {
         match self {
             Fault::Trap(t) => write!(f, "{t}"),
             Fault::Deadline => write!(f, "deadline exceeded (the plugin ran too long)"),
-            Fault::BadIndex(i) => write!(f, "returned index {i}, which is out of range or already tried"),
+            Fault::BadIndex(i) => write!(
+                f,
+                "returned index {i}, which is out of range or already tried"
+            ),
             Fault::Instantiate(e) => write!(f, "cannot rebuild the instance: {e}"),
             Fault::Backoff => write!(f, "instance is waiting to be rebuilt"),
         }
@@ -101,7 +120,11 @@ impl std::fmt::Display for Fault {
 
 impl Fault {
     fn from_call(e: wasmtime::Error) -> Fault {
-        if is_deadline(&e) { Fault::Deadline } else { Fault::Trap(root_cause(&e)) }
+        if is_deadline(&e) {
+            Fault::Deadline
+        } else {
+            Fault::Trap(root_cause(&e))
+        }
     }
     fn reason(&self) -> &'static str {
         match self {
@@ -164,7 +187,11 @@ impl StrategyHost {
     ) -> Result<StrategyHost, PluginError> {
         let counters = Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]);
         let version = validate(engine, bytes, name, 1, config_json, table)?;
-        let fault = |reason: &str| metrics.plugin_faults.with_label_values(&[pool, "strategy", reason]);
+        let fault = |reason: &str| {
+            metrics
+                .plugin_faults
+                .with_label_values(&[pool, "strategy", reason])
+        };
         Ok(StrategyHost {
             id: NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed),
             pool: pool.to_string(),
@@ -193,12 +220,21 @@ impl StrategyHost {
     /// Validates `bytes` (compile, ABI version, instantiate, init with `config_json`, one trial pick
     /// against `table`) and makes it the serving version. On error the old version keeps serving.
     /// `config_json: None` keeps the current version's config.
-    pub fn swap(&self, bytes: &[u8], name: &str, config_json: Option<Arc<[u8]>>, table: &Arc<BackendTable>) -> Result<Arc<PluginVersion>, PluginError> {
+    pub fn swap(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        config_json: Option<Arc<[u8]>>,
+        table: &Arc<BackendTable>,
+    ) -> Result<Arc<PluginVersion>, PluginError> {
         let config = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let result = validate(&self.engine, bytes, name, generation, config, table);
         let outcome = if result.is_ok() { "ok" } else { "rejected" };
-        self.metrics.plugin_swaps.with_label_values(&[&self.pool, "strategy", outcome]).inc();
+        self.metrics
+            .plugin_swaps
+            .with_label_values(&[&self.pool, "strategy", outcome])
+            .inc();
         let version = Arc::new(result?);
         self.current.store(version.clone());
         tracing::info!(pool = %self.pool, plugin = %version.name, sha256 = %version.sha256, generation, "strategy swapped");
@@ -206,13 +242,24 @@ impl StrategyHost {
     }
 
     /// Validates a candidate version exactly as [`StrategyHost::swap`] would, without publishing it.
-    pub fn check(&self, bytes: &[u8], name: &str, config_json: Arc<[u8]>, table: &Arc<BackendTable>) -> Result<(), PluginError> {
+    pub fn check(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        config_json: Arc<[u8]>,
+        table: &Arc<BackendTable>,
+    ) -> Result<(), PluginError> {
         validate(&self.engine, bytes, name, 0, config_json, table).map(drop)
     }
 
     /// Picks a backend of `table` for a request. `None` means no backend is available.
     /// Never fails because of the plugin: faults fall back to a native round-robin.
-    pub fn pick(&self, table: &Arc<BackendTable>, req: &RequestView<'_>, attempt: u32) -> Option<usize> {
+    pub fn pick(
+        &self,
+        table: &Arc<BackendTable>,
+        req: &RequestView<'_>,
+        attempt: u32,
+    ) -> Option<usize> {
         if table.is_empty() {
             return None;
         }
@@ -222,9 +269,19 @@ impl StrategyHost {
             if slots.len() <= self.id {
                 slots.resize_with(self.id + 1, || None);
             }
-            let slot = slots[self.id].get_or_insert_with(|| Slot { generation: 0, instance: None, retry_at: None, backoff: FIRST_BACKOFF });
+            let slot = slots[self.id].get_or_insert_with(|| Slot {
+                generation: 0,
+                instance: None,
+                retry_at: None,
+                backoff: FIRST_BACKOFF,
+            });
             if slot.generation != version.generation {
-                *slot = Slot { generation: version.generation, instance: None, retry_at: None, backoff: FIRST_BACKOFF };
+                *slot = Slot {
+                    generation: version.generation,
+                    instance: None,
+                    retry_at: None,
+                    backoff: FIRST_BACKOFF,
+                };
             }
             if slot.instance.is_none() {
                 if slot.retry_at.is_some_and(|t| Instant::now() < t) {
@@ -239,7 +296,9 @@ impl StrategyHost {
                     }
                 }
             }
-            let Some(instance) = slot.instance.as_mut() else { return Err(Fault::Backoff) };
+            let Some(instance) = slot.instance.as_mut() else {
+                return Err(Fault::Backoff);
+            };
             match instance.pick(table, req, attempt) {
                 Ok(pick) => {
                     slot.backoff = FIRST_BACKOFF;
@@ -273,7 +332,10 @@ impl StrategyHost {
             Fault::Backoff => return,
         };
         counter.inc();
-        let generation = slot.instance.as_ref().map_or(slot.generation, |i| i.generation);
+        let generation = slot
+            .instance
+            .as_ref()
+            .map_or(slot.generation, |i| i.generation);
         tracing::warn!(
             pool = %self.pool, generation, reason = fault.reason(), detail = %fault, retry_in = ?slot.backoff,
             "strategy plugin fault; request served by the native fallback, instance will be rebuilt"
@@ -287,7 +349,9 @@ impl StrategyHost {
     fn fallback_pick(&self, table: &BackendTable, req: &RequestView<'_>) -> Option<usize> {
         let n = table.len();
         let start = self.fallback_rr.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| !(req.excluded)(i))
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| !(req.excluded)(i))
     }
 }
 
@@ -304,9 +368,14 @@ fn validate(
     // The trial runs on its own counters so it does not shift the live rotation.
     let trial_counters = Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]);
     let mut instance = Instance::new(engine, &version, trial_counters)?;
-    let header = pingora::http::RequestHeader::build("GET", b"/", None).map_err(|e| PluginError::TrialPick(e.to_string()))?;
+    let header = pingora::http::RequestHeader::build("GET", b"/", None)
+        .map_err(|e| PluginError::TrialPick(e.to_string()))?;
     let none = |_: usize| false;
-    let req = RequestView { header: &header, client_ip: None, excluded: &none };
+    let req = RequestView {
+        header: &header,
+        client_ip: None,
+        excluded: &none,
+    };
     match instance.pick(table, &req, 0) {
         Ok(_) => Ok(version),
         Err(Fault::BadIndex(i)) => Err(PluginError::TrialPick(format!(
@@ -314,7 +383,9 @@ fn validate(
             table.len(),
             table.len()
         ))),
-        Err(Fault::Deadline) => Err(PluginError::TrialPick("deadline exceeded (the plugin ran too long)".into())),
+        Err(Fault::Deadline) => Err(PluginError::TrialPick(
+            "deadline exceeded (the plugin ran too long)".into(),
+        )),
         Err(Fault::Trap(t)) => Err(PluginError::TrialPick(t)),
         Err(other) => Err(PluginError::TrialPick(other.to_string())),
     }

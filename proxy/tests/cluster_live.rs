@@ -53,7 +53,11 @@ impl Agent {
     }
 
     fn signal(&self, sig: &str) {
-        assert!(Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
     }
 
     fn log(&self) -> String {
@@ -69,15 +73,26 @@ impl Drop for Agent {
 }
 
 fn pool_addrs(proxy: &Proxy) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
-    v["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["addr"].as_str().unwrap().to_string()).collect()
+    let v: serde_json::Value =
+        serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
+    v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn routable(proxy: &Proxy) -> usize {
-    let v: serde_json::Value = serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
-    v["pools"][0]["backends"].as_array().unwrap().iter().filter(|b| b["state"] == "routable").count()
+    let v: serde_json::Value =
+        serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
+    v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["state"] == "routable")
+        .count()
 }
-
 
 #[test]
 fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
@@ -87,17 +102,30 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     let g1 = gossip_addr(11);
     let g2 = gossip_addr(12);
     let p1 = Proxy::start_in(
-        { let d = dir.join("p1"); std::fs::create_dir_all(&d).unwrap(); d },
+        {
+            let d = dir.join("p1");
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        },
         &format!("{pool}{}", cluster_section("proxy-1", g1, KEY, &[])),
     );
     let p2 = Proxy::start_in(
-        { let d = dir.join("p2"); std::fs::create_dir_all(&d).unwrap(); d },
+        {
+            let d = dir.join("p2");
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        },
         &format!("{pool}{}", cluster_section("proxy-2", g2, KEY, &[g1])),
     );
     let mut agents: Vec<Option<Agent>> = (0..4)
         .map(|i| {
             let g = gossip_addr(21 + i as u8);
-            Some(Agent::start(&dir, &format!("agent-{i}"), &cluster_section(&format!("agent-{i}"), g, KEY, &[g1, g2]), b[i].0))
+            Some(Agent::start(
+                &dir,
+                &format!("agent-{i}"),
+                &cluster_section(&format!("agent-{i}"), g, KEY, &[g1, g2]),
+                b[i].0,
+            ))
         })
         .collect();
 
@@ -113,16 +141,34 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
         assert_eq!(t.len(), 4, "{t:?}");
     }
     let info = p1.admin_req("GET", "/api/cluster", b"").text();
-    assert!(info.contains("\"agent-3\"") && info.contains("\"proxy-2\""), "{info}");
+    assert!(
+        info.contains("\"agent-3\"") && info.contains("\"proxy-2\""),
+        "{info}"
+    );
 
     // The CLI views: a table and a Graphviz map with an edge per proxy, backend and pool.
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).args(["--admin", &p1.admin.to_string()]).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .args(["--admin", &p1.admin.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let table = cli(&["cluster", "info"]);
-    assert_eq!(table.lines().filter(|l| l.contains(" backend ") && l.contains(" alive ")).count(), 4, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.contains(" backend ") && l.contains(" alive "))
+            .count(),
+        4,
+        "{table}"
+    );
     let dot = cli(&["cluster", "map"]);
     assert!(dot.starts_with("digraph sluice {"), "{dot}");
     assert_eq!(dot.matches("\"proxy-1\" -> \"agent-").count(), 4, "{dot}");
@@ -131,12 +177,31 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     let wasm = dir.join("first.wasm");
     std::fs::write(&wasm, first_only()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["plugin", "load", "--cluster", "--pool", "web", "--admin", &p1.admin.to_string()])
+        .args([
+            "plugin",
+            "load",
+            "--cluster",
+            "--pool",
+            "web",
+            "--admin",
+            &p1.admin.to_string(),
+        ])
         .arg(&wasm)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("loaded into pool web").count(), 2, "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("loaded into pool web")
+            .count(),
+        2,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     for p in [&p1, &p2] {
         assert_eq!(pools_json(p)["pools"][0]["strategy"]["generation"], 2);
     }
@@ -144,41 +209,93 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     let rr = dir.join("rr.wasm");
     std::fs::write(&rr, sluice::builtin::get("round-robin").unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["plugin", "load", "--cluster", "--pool", "web", "--admin", &p2.admin.to_string()])
+        .args([
+            "plugin",
+            "load",
+            "--cluster",
+            "--pool",
+            "web",
+            "--admin",
+            &p2.admin.to_string(),
+        ])
         .arg(&rr)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // SIGKILL: no goodbye; both proxies drop it once the cluster declares it down.
     let killed = b[0].0.to_string();
     agents[0].as_ref().unwrap().signal("-KILL");
     for p in [&p1, &p2] {
-        assert!(wait_for(Duration::from_secs(30), || !pool_addrs(p).contains(&killed)), "killed agent still in {:?}", pool_addrs(p));
+        assert!(
+            wait_for(Duration::from_secs(30), || !pool_addrs(p).contains(&killed)),
+            "killed agent still in {:?}",
+            pool_addrs(p)
+        );
     }
 
     // SIGTERM: the agent drains; a bounded load loop meanwhile sees no failure.
     let drained = b[1].0.to_string();
     let addr = p1.listen;
-    let loader = std::thread::spawn(move || bounded_load(3, 400, Duration::from_secs(20), move |c| keepalive_get(c, addr, "/")));
+    let loader = std::thread::spawn(move || {
+        bounded_load(3, 400, Duration::from_secs(20), move |c| {
+            keepalive_get(c, addr, "/")
+        })
+    });
     std::thread::sleep(Duration::from_millis(300));
     agents[1].as_ref().unwrap().signal("-TERM");
     let results = loader.join().unwrap();
-    let failed = results.iter().filter(|r| !matches!(r, Ok(r) if r.status == 200)).count();
-    assert_eq!(failed, 0, "{failed} of {} requests failed during the drain", results.len());
-    assert!(wait_for(Duration::from_secs(20), || !pool_addrs(&p1).contains(&drained)));
+    let failed = results
+        .iter()
+        .filter(|r| !matches!(r, Ok(r) if r.status == 200))
+        .count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during the drain",
+        results.len()
+    );
+    assert!(wait_for(Duration::from_secs(20), || !pool_addrs(&p1)
+        .contains(&drained)));
     let mut agent1 = agents[1].take().unwrap();
-    assert!(wait_for(Duration::from_secs(10), || agent1.child.try_wait().unwrap().is_some()), "agent did not exit after draining");
-    assert!(agent1.log().contains("left the cluster"), "{}", agent1.log());
+    assert!(
+        wait_for(Duration::from_secs(10), || agent1
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "agent did not exit after draining"
+    );
+    assert!(
+        agent1.log().contains("left the cluster"),
+        "{}",
+        agent1.log()
+    );
 
     // A node with the wrong key never joins, and its packets are counted as rejected.
-    let bad = Agent::start(&dir, "intruder", &cluster_section("intruder", gossip_addr(31), OTHER_KEY, &[g1]), b[3].0);
+    let bad = Agent::start(
+        &dir,
+        "intruder",
+        &cluster_section("intruder", gossip_addr(31), OTHER_KEY, &[g1]),
+        b[3].0,
+    );
     let rejected = |p: &Proxy| -> u64 {
-        let v: serde_json::Value = serde_json::from_str(&p.admin_req("GET", "/api/cluster", b"").text()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&p.admin_req("GET", "/api/cluster", b"").text()).unwrap();
         v["transport"]["rejected_decrypt"].as_u64().unwrap()
     };
-    assert!(wait_for(Duration::from_secs(15), || rejected(&p1) > 0), "no rejected packets counted");
-    assert!(!p1.admin_req("GET", "/api/cluster", b"").text().contains("intruder"));
+    assert!(
+        wait_for(Duration::from_secs(15), || rejected(&p1) > 0),
+        "no rejected packets counted"
+    );
+    assert!(!p1
+        .admin_req("GET", "/api/cluster", b"")
+        .text()
+        .contains("intruder"));
     drop(bad);
     drop(agents);
 }
@@ -188,12 +305,29 @@ fn a_second_node_with_the_same_name_refuses_to_start() {
     let dir = scratch_dir("cluster-name");
     let b = backends(1);
     let g1 = gossip_addr(41);
-    let first = Agent::start(&dir, "a", &cluster_section("same-name", g1, KEY, &[]), b[0].0);
+    let first = Agent::start(
+        &dir,
+        "a",
+        &cluster_section("same-name", g1, KEY, &[]),
+        b[0].0,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let g2 = gossip_addr(42);
-    let dup = Agent::start(&dir, "b", &cluster_section("same-name", g2, KEY, &[g1]), b[0].0);
+    let dup = Agent::start(
+        &dir,
+        "b",
+        &cluster_section("same-name", g2, KEY, &[g1]),
+        b[0].0,
+    );
     let mut dup = dup;
-    assert!(wait_for(Duration::from_secs(20), || dup.child.try_wait().unwrap().is_some()), "duplicate name kept running");
+    assert!(
+        wait_for(Duration::from_secs(20), || dup
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "duplicate name kept running"
+    );
     let log = dup.log();
     assert!(log.contains("already used by the live member"), "{log}");
     drop(first);
@@ -207,25 +341,50 @@ fn keys_rotate_without_a_restart() {
     let dir = scratch_dir("cluster-rotate");
     let g1 = gossip_addr(51);
     let p1 = Proxy::start_in(
-        { let d = dir.join("p1"); std::fs::create_dir_all(&d).unwrap(); d },
-        &format!("[[pool]]\nname = \"web\"\n[[route]]\npool = \"web\"\n{}", cluster_section("rot-proxy", g1, KEY, &[])),
+        {
+            let d = dir.join("p1");
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        },
+        &format!(
+            "[[pool]]\nname = \"web\"\n[[route]]\npool = \"web\"\n{}",
+            cluster_section("rot-proxy", g1, KEY, &[])
+        ),
     );
     let g2 = gossip_addr(52);
-    let agent = Agent::start(&dir, "rot-agent", &cluster_section("rot-agent", g2, KEY, &[g1]), b[0].0);
-    assert!(wait_for(Duration::from_secs(20), || routable(&p1) == 1), "agent never joined");
+    let agent = Agent::start(
+        &dir,
+        "rot-agent",
+        &cluster_section("rot-agent", g2, KEY, &[g1]),
+        b[0].0,
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || routable(&p1) == 1),
+        "agent never joined"
+    );
     let agent_cfg = agent.dir.join("agent.toml");
     let set_agent_keys = |keys: &[&str]| {
         let text = std::fs::read_to_string(&agent_cfg).unwrap();
         let list: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
         let lines: Vec<String> = text
             .lines()
-            .map(|l| if l.starts_with("key = ") || l.starts_with("keys = ") { format!("keys = [{}]", list.join(", ")) } else { l.to_string() })
+            .map(|l| {
+                if l.starts_with("key = ") || l.starts_with("keys = ") {
+                    format!("keys = [{}]", list.join(", "))
+                } else {
+                    l.to_string()
+                }
+            })
             .collect();
         std::fs::write(&agent_cfg, lines.join("\n") + "\n").unwrap();
         agent.signal("-HUP");
     };
     let key_op = |op: &str, key: &str| {
-        let r = p1.admin_req("POST", "/api/cluster/keys", format!("{{\"op\": \"{op}\", \"key\": \"{key}\"}}").as_bytes());
+        let r = p1.admin_req(
+            "POST",
+            "/api/cluster/keys",
+            format!("{{\"op\": \"{op}\", \"key\": \"{key}\"}}").as_bytes(),
+        );
         assert_eq!(r.status, 200, "{op}: {}", r.text());
     };
     // 1. everyone learns the new key; 2. everyone encrypts with it; 3. the old key goes.
@@ -235,15 +394,45 @@ fn keys_rotate_without_a_restart() {
     key_op("use", NEW_KEY);
     set_agent_keys(&[NEW_KEY, KEY]);
     std::thread::sleep(Duration::from_millis(500));
-    let r = p1.admin_req("POST", "/api/cluster/keys", format!("{{\"op\": \"remove\", \"key\": \"{NEW_KEY}\"}}").as_bytes());
-    assert_eq!(r.status, 422, "the key in use cannot be removed: {}", r.text());
+    let r = p1.admin_req(
+        "POST",
+        "/api/cluster/keys",
+        format!("{{\"op\": \"remove\", \"key\": \"{NEW_KEY}\"}}").as_bytes(),
+    );
+    assert_eq!(
+        r.status,
+        422,
+        "the key in use cannot be removed: {}",
+        r.text()
+    );
     key_op("remove", KEY);
     set_agent_keys(&[NEW_KEY]);
-    assert!(wait_for(Duration::from_secs(5), || agent.log().matches("cluster keys reloaded").count() == 3), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(5), || agent
+            .log()
+            .matches("cluster keys reloaded")
+            .count()
+            == 3),
+        "{}",
+        agent.log()
+    );
     // The cluster keeps working on the new key alone: the agent stays a live, routable member.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(routable(&p1), 1, "{}", p1.admin_req("GET", "/api/cluster", b"").text());
-    let v: serde_json::Value = serde_json::from_str(&p1.admin_req("GET", "/api/cluster", b"").text()).unwrap();
+    assert_eq!(
+        routable(&p1),
+        1,
+        "{}",
+        p1.admin_req("GET", "/api/cluster", b"").text()
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&p1.admin_req("GET", "/api/cluster", b"").text()).unwrap();
     assert_eq!(v["keys"], 1);
-    assert!(v["members"].as_array().unwrap().iter().any(|m| m["name"] == "rot-agent" && m["state"] == "alive"), "{v}");
+    assert!(
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "rot-agent" && m["state"] == "alive"),
+        "{v}"
+    );
 }

@@ -14,8 +14,14 @@ struct Netns(String);
 
 impl Netns {
     fn create(name: &str) -> Result<Netns, String> {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-        let out = Command::new("ip").args(["netns", "add", name]).output().map_err(|e| format!("ip: {e}"))?;
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let out = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
@@ -33,7 +39,10 @@ impl Netns {
     fn run(&self, args: &[&str]) -> Result<String, String> {
         let out = self.cmd(args).output().map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -91,7 +100,15 @@ fn a_partitioned_node_is_evicted_and_rejoins_after_healing() {
     let mut procs = Procs(Vec::new());
     let spawn = |procs: &mut Procs, name: &str, args: &[&str]| {
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        procs.0.push(ns.cmd(&[sluice]).args(args).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap());
+        procs.0.push(
+            ns.cmd(&[sluice])
+                .args(args)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
     };
 
     let proxy_cfg = format!(
@@ -100,7 +117,11 @@ fn a_partitioned_node_is_evicted_and_rejoins_after_healing() {
         cluster("proxy", "127.0.0.10", "")
     );
     std::fs::write(dir.join("proxy.toml"), proxy_cfg).unwrap();
-    spawn(&mut procs, "proxy", &["run", "--config", dir.join("proxy.toml").to_str().unwrap()]);
+    spawn(
+        &mut procs,
+        "proxy",
+        &["run", "--config", dir.join("proxy.toml").to_str().unwrap()],
+    );
     for i in 1..=3 {
         let ip = format!("127.0.0.{}", 20 + i);
         let cfg = format!(
@@ -109,7 +130,11 @@ fn a_partitioned_node_is_evicted_and_rejoins_after_healing() {
         );
         let path = dir.join(format!("agent-{i}.toml"));
         std::fs::write(&path, cfg).unwrap();
-        spawn(&mut procs, &format!("agent-{i}"), &["agent", "--config", path.to_str().unwrap()]);
+        spawn(
+            &mut procs,
+            &format!("agent-{i}"),
+            &["agent", "--config", path.to_str().unwrap()],
+        );
     }
 
     let info = || ns.run(&[sluice, "cluster", "info"]).unwrap_or_default();
@@ -126,9 +151,15 @@ fn a_partitioned_node_is_evicted_and_rejoins_after_healing() {
             })
             .unwrap_or_default()
     };
-    let pool = || ns.run(&["curl", "-s", "http://127.0.0.1:9900/api/pools"]).unwrap_or_default();
+    let pool = || {
+        ns.run(&["curl", "-s", "http://127.0.0.1:9900/api/pools"])
+            .unwrap_or_default()
+    };
     assert!(
-        wait_for(Duration::from_secs(30), || pool().matches("127.0.0.2").count() == 3),
+        wait_for(Duration::from_secs(30), || pool()
+            .matches("127.0.0.2")
+            .count()
+            == 3),
         "cluster never formed: {}\n{}",
         info(),
         std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
@@ -146,14 +177,34 @@ fn a_partitioned_node_is_evicted_and_rejoins_after_healing() {
         // nft takes the rule as separate words; braces and semicolons are words of their own.
         ns.run(&args).unwrap();
     }
-    assert!(wait_for(Duration::from_secs(30), || state_of("agent-3") == "down"), "not declared down: {}", info());
-    assert!(wait_for(Duration::from_secs(10), || !pool().contains("127.0.0.23")), "not evicted from the pool: {}", pool());
+    assert!(
+        wait_for(Duration::from_secs(30), || state_of("agent-3") == "down"),
+        "not declared down: {}",
+        info()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || !pool().contains("127.0.0.23")),
+        "not evicted from the pool: {}",
+        pool()
+    );
     assert_eq!(state_of("agent-1"), "alive", "{}", info());
 
     // Heal: it rejoins (with a newer identity) and the pool converges.
-    ns.run(&["nft", "delete", "table", "inet", "partition"]).unwrap();
-    assert!(wait_for(Duration::from_secs(40), || state_of("agent-3") == "alive"), "did not rejoin: {}", info());
-    assert!(wait_for(Duration::from_secs(10), || pool().matches("127.0.0.2").count() == 3), "pool did not converge: {}", pool());
+    ns.run(&["nft", "delete", "table", "inet", "partition"])
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(40), || state_of("agent-3") == "alive"),
+        "did not rejoin: {}",
+        info()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || pool()
+            .matches("127.0.0.2")
+            .count()
+            == 3),
+        "pool did not converge: {}",
+        pool()
+    );
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
 }

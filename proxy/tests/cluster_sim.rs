@@ -27,7 +27,9 @@ fn joined_cluster(loss: f64, seed: u64) -> Sim {
 
 // Whether every live node sees every other live node Alive with its metadata.
 fn converged(sim: &Sim) -> bool {
-    let live: Vec<usize> = (0..sim.len()).filter(|i| !sim.is_crashed(*i) && !sim.node(*i).has_left()).collect();
+    let live: Vec<usize> = (0..sim.len())
+        .filter(|i| !sim.is_crashed(*i) && !sim.node(*i).has_left())
+        .collect();
     live.iter().all(|&i| {
         live.iter().all(|&j| {
             i == j
@@ -43,8 +45,15 @@ fn run_until_converged(sim: &mut Sim, limit_ms: u64) -> u64 {
         if sim.now_ms() - start >= limit_ms {
             for i in 0..sim.len() {
                 for j in 0..sim.len() {
-                    if i != j && !(sim.node(i).member_state(sim_addr(j)) == Some(MemberState::Alive) && sim.node(i).has_meta(sim_addr(j))) {
-                        eprintln!("{i} sees {j}: {:?} meta {}", sim.node(i).member_state(sim_addr(j)), sim.node(i).has_meta(sim_addr(j)));
+                    if i != j
+                        && !(sim.node(i).member_state(sim_addr(j)) == Some(MemberState::Alive)
+                            && sim.node(i).has_meta(sim_addr(j)))
+                    {
+                        eprintln!(
+                            "{i} sees {j}: {:?} meta {}",
+                            sim.node(i).member_state(sim_addr(j)),
+                            sim.node(i).has_meta(sim_addr(j))
+                        );
                     }
                 }
             }
@@ -102,7 +111,11 @@ fn a_crashed_node_is_down_everywhere_and_nobody_else_dies() {
     assert!(took <= 30 * SECOND, "detection took {took} ms");
     assert!(false_deaths.is_empty(), "false deaths: {false_deaths:?}");
     for i in (0..N).filter(|i| *i != victim) {
-        assert_eq!(sim.node(i).member_state(victim_addr), Some(MemberState::Down), "as seen by {i}");
+        assert_eq!(
+            sim.node(i).member_state(victim_addr),
+            Some(MemberState::Down),
+            "as seen by {i}"
+        );
     }
     let s = sim.stats();
     eprintln!("traffic: {s:?}");
@@ -121,7 +134,15 @@ fn metadata_changes_and_leaves_spread() {
     let t = sim.now_ms() + 10 * SECOND;
     sim.run_until(t, |_, _, _| {});
     for i in (0..N).filter(|i| *i != 9) {
-        assert_eq!(sim.node(i).meta_of(sim_addr(7)), Some((2, meta.clone())), "node {i}");
-        assert_eq!(sim.node(i).member_state(sim_addr(9)), Some(MemberState::Left), "node {i}");
+        assert_eq!(
+            sim.node(i).meta_of(sim_addr(7)),
+            Some((2, meta.clone())),
+            "node {i}"
+        );
+        assert_eq!(
+            sim.node(i).member_state(sim_addr(9)),
+            Some(MemberState::Left),
+            "node {i}"
+        );
     }
 }

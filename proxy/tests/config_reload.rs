@@ -10,23 +10,55 @@ use common::*;
 fn check(dir: &std::path::Path, text: &str) -> (bool, String) {
     let path = dir.join("check.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check", "--config"]).arg(&path).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
 fn check_accepts_good_files_and_names_each_error_class() {
     let dir = scratch_dir("check");
-    let (ok, out) = check(&dir, "[[pool]]\nname = \"web\"\nbackends = [\"127.0.0.1:9001\"]\n[[route]]\npool = \"web\"\n");
+    let (ok, out) = check(
+        &dir,
+        "[[pool]]\nname = \"web\"\nbackends = [\"127.0.0.1:9001\"]\n[[route]]\npool = \"web\"\n",
+    );
     assert!(ok, "{out}");
     assert!(out.contains("OK (1 pools, 1 routes)"), "{out}");
     let cases = [
-        ("[server]\nthreads = 1\nlisten_on = \"x\"\n", "check.toml:3:1: unknown field `listen_on`"),
-        ("[[pool]]\nname = \"web\"\n[[route]]\npool = \"api\"\n", "check.toml:4:8: route 1 refers to pool \"api\", which is not defined"),
-        ("[[pool]]\nname = \"web\"\nbackends = [\"10.0.0.1\"]\n", "check.toml:3:13: pool \"web\": backend address \"10.0.0.1\" is not an IP:port"),
-        ("[[pool]]\nname = \"web\"\nstrategy = \"missing.wasm\"\n", "does not exist"),
-        ("[[pool]]\nname = \"web\"\nstrategy = \"builtin:nope\"\n", "unknown built-in plugin \"nope\"; built-ins are: "),
-        ("[server]\nlisten = [\"nowhere\"]\n", "check.toml:2:11: listen address \"nowhere\" is not an IP:port"),
+        (
+            "[server]\nthreads = 1\nlisten_on = \"x\"\n",
+            "check.toml:3:1: unknown field `listen_on`",
+        ),
+        (
+            "[[pool]]\nname = \"web\"\n[[route]]\npool = \"api\"\n",
+            "check.toml:4:8: route 1 refers to pool \"api\", which is not defined",
+        ),
+        (
+            "[[pool]]\nname = \"web\"\nbackends = [\"10.0.0.1\"]\n",
+            "check.toml:3:13: pool \"web\": backend address \"10.0.0.1\" is not an IP:port",
+        ),
+        (
+            "[[pool]]\nname = \"web\"\nstrategy = \"missing.wasm\"\n",
+            "does not exist",
+        ),
+        (
+            "[[pool]]\nname = \"web\"\nstrategy = \"builtin:nope\"\n",
+            "unknown built-in plugin \"nope\"; built-ins are: ",
+        ),
+        (
+            "[server]\nlisten = [\"nowhere\"]\n",
+            "check.toml:2:11: listen address \"nowhere\" is not an IP:port",
+        ),
     ];
     for (text, expect) in cases {
         let (ok, out) = check(&dir, text);
@@ -36,7 +68,10 @@ fn check_accepts_good_files_and_names_each_error_class() {
     // A plugin file that exists but is not a valid plugin is caught by check too.
     std::fs::write(dir.join("bad.wasm"), b"nope").unwrap();
     let (ok, out) = check(&dir, "[[pool]]\nname = \"web\"\nstrategy = \"bad.wasm\"\n");
-    assert!(!ok && out.contains("not a valid WebAssembly module"), "{out}");
+    assert!(
+        !ok && out.contains("not a valid WebAssembly module"),
+        "{out}"
+    );
 }
 
 fn pool_cfg(backends: &str, extra: &str) -> String {
@@ -67,24 +102,42 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
     rewrite(&proxy, &pool_cfg(&backend_list(&b), ""));
     let r = proxy.admin_req("POST", "/api/reload", b"");
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(r.text().contains("\"changed\": [\n      \"web\""), "{}", r.text());
+    assert!(
+        r.text().contains("\"changed\": [\n      \"web\""),
+        "{}",
+        r.text()
+    );
     let t = tally((0..30).map(|_| proxy.get("/").text()));
-    assert_eq!(t.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{t:?}");
+    assert_eq!(
+        t.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{t:?}"
+    );
 
     // SIGHUP does the same: back to one backend.
     rewrite(&proxy, &pool_cfg(&format!("\"{}\"", b[1].0), ""));
-    assert!(Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let t = tally((0..3).map(|_| proxy.get("/").text()));
         if t.len() == 1 && t.contains_key("b2") {
             break;
         }
-        assert!(Instant::now() < deadline, "SIGHUP reload not applied: {t:?}");
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP reload not applied: {t:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(proxy.metric("sluice_config_reloads_total{result=\"ok\"}") >= 2.0);
-    assert_eq!(proxy.metric("sluice_config_reloads_total{result=\"rejected\"}"), 1.0);
+    assert_eq!(
+        proxy.metric("sluice_config_reloads_total{result=\"rejected\"}"),
+        1.0
+    );
 }
 
 #[test]
@@ -108,7 +161,11 @@ fn raw_get_with_host(addr: std::net::SocketAddr, host: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -121,7 +178,10 @@ fn connect_failures_are_retried_on_another_backend() {
     let dead = format!("127.0.0.1:{}", free_port());
     let list = format!("\"{}\", \"{dead}\", \"{}\"", b[0].0, b[1].0);
     // Outlier detection off: this test is about retries alone (see policies.rs for ejection).
-    let proxy = Proxy::start("retry", &pool_cfg(&list, "retries = 2\noutlier = { enabled = false }"));
+    let proxy = Proxy::start(
+        "retry",
+        &pool_cfg(&list, "retries = 2\noutlier = { enabled = false }"),
+    );
     for i in 0..60 {
         let r = proxy.get("/");
         assert_eq!(r.status, 200, "request {i}: {} {}", r.status, r.text());
@@ -142,12 +202,28 @@ fn connect_failures_are_retried_on_another_backend() {
 fn mutating_admin_routes_need_the_bearer_token() {
     let b = backends(1);
     // The body continues the [admin] section the harness writes, so `token` lands there.
-    let body = format!("token = \"s3cret\"\n{}", pool_cfg(&format!("\"{}\"", b[0].0), ""));
+    let body = format!(
+        "token = \"s3cret\"\n{}",
+        pool_cfg(&format!("\"{}\"", b[0].0), "")
+    );
     let proxy = Proxy::start("token", &body);
     let wasm = wat_strategy(1, "(i32.const 0)", "(i32.const 0)");
-    for auth in [None, Some("Bearer nope"), Some("s3cret"), Some("Basic s3cret"), Some("Bearer s3cre")] {
+    for auth in [
+        None,
+        Some("Bearer nope"),
+        Some("s3cret"),
+        Some("Basic s3cret"),
+        Some("Bearer s3cre"),
+    ] {
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
-        let r = request(proxy.admin, "PUT", "/api/pools/web/strategy", &headers, &wasm).unwrap();
+        let r = request(
+            proxy.admin,
+            "PUT",
+            "/api/pools/web/strategy",
+            &headers,
+            &wasm,
+        )
+        .unwrap();
         assert_eq!(r.status, 401, "{auth:?}: {}", r.text());
         let r = request(proxy.admin, "POST", "/api/reload", &headers, b"").unwrap();
         assert_eq!(r.status, 401, "{auth:?}");
@@ -155,15 +231,38 @@ fn mutating_admin_routes_need_the_bearer_token() {
     // Reads stay open; the right token is accepted.
     assert_eq!(proxy.admin_req("GET", "/api/pools", b"").status, 200);
     let ok = [("authorization", "Bearer s3cret")];
-    assert_eq!(request(proxy.admin, "PUT", "/api/pools/web/strategy", &ok, &wasm).unwrap().status, 200);
-    assert_eq!(request(proxy.admin, "POST", "/api/reload", &ok, b"").unwrap().status, 200);
+    assert_eq!(
+        request(proxy.admin, "PUT", "/api/pools/web/strategy", &ok, &wasm)
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        request(proxy.admin, "POST", "/api/reload", &ok, b"")
+            .unwrap()
+            .status,
+        200
+    );
     // The CLI passes the token too.
     let file = proxy.dir.join("s.wasm");
     std::fs::write(&file, &wasm).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["plugin", "load", "--pool", "web", "--admin", &proxy.admin.to_string(), "--token", "s3cret"])
+        .args([
+            "plugin",
+            "load",
+            "--pool",
+            "web",
+            "--admin",
+            &proxy.admin.to_string(),
+            "--token",
+            "s3cret",
+        ])
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

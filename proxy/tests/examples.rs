@@ -9,7 +9,10 @@ use std::process::Command;
 use common::*;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[test]
@@ -19,7 +22,11 @@ fn quickstart_config_checks() {
         .arg(repo_root().join("examples/quickstart.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Builds an example crate for wasm32 exactly as its README says and returns the module.
@@ -30,7 +37,13 @@ fn build_example(dir: &str, wasm_name: &str) -> Vec<u8> {
         .join("examples-wasm");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-unknown-unknown", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--manifest-path",
+        ])
         .arg(repo_root().join(dir).join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
@@ -39,7 +52,12 @@ fn build_example(dir: &str, wasm_name: &str) -> Vec<u8> {
         .status()
         .unwrap();
     assert!(status.success(), "building the example strategy failed");
-    std::fs::read(target_dir.join("wasm32-unknown-unknown/release").join(wasm_name)).unwrap()
+    std::fs::read(
+        target_dir
+            .join("wasm32-unknown-unknown/release")
+            .join(wasm_name),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -54,11 +72,22 @@ fn custom_strategy_example_is_built_and_hot_loaded() {
     let file = proxy.dir.join("canary_strategy.wasm");
     std::fs::write(&file, &wasm).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["plugin", "load", "--pool", "web", "--admin", &proxy.admin.to_string()])
+        .args([
+            "plugin",
+            "load",
+            "--pool",
+            "web",
+            "--admin",
+            &proxy.admin.to_string(),
+        ])
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("sha256"));
 
     // Requests with the canary header go to the canary backend only; the rest avoid it.
@@ -73,7 +102,14 @@ fn custom_strategy_example_is_built_and_hot_loaded() {
     // A refused load reports the reason and exits non-zero.
     std::fs::write(&file, b"junk").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["plugin", "load", "--pool", "web", "--admin", &proxy.admin.to_string()])
+        .args([
+            "plugin",
+            "load",
+            "--pool",
+            "web",
+            "--admin",
+            &proxy.admin.to_string(),
+        ])
         .arg(&file)
         .output()
         .unwrap();
@@ -97,26 +133,52 @@ fn custom_health_example_degrades_a_loaded_backend() {
     );
     let proxy = Proxy::start_in(dir, &body);
     let healthy = |proxy: &Proxy| {
-        let v: serde_json::Value = serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
-        v["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["health"]["weight_percent"].as_u64().unwrap_or(0)).collect::<Vec<_>>()
+        let v: serde_json::Value =
+            serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
+        v["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["health"]["weight_percent"].as_u64().unwrap_or(0))
+            .collect::<Vec<_>>()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while proxy.admin_req("GET", "/api/pools", b"").text().matches("\"state\": \"healthy\"").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "backends never became healthy");
+    while proxy
+        .admin_req("GET", "/api/pools", b"")
+        .text()
+        .matches("\"state\": \"healthy\"")
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backends never became healthy"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let even = tally((0..40).map(|_| proxy.get("/").text()));
     assert_eq!(even.get("b1"), Some(&20), "{even:?}");
 
     // b1 reports load 0.85: degraded to 50 % of its weight.
-    b[0].1.load_permille.store(850, std::sync::atomic::Ordering::Relaxed);
+    b[0].1
+        .load_permille
+        .store(850, std::sync::atomic::Ordering::Relaxed);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while healthy(&proxy)[0] == 100 {
-        assert!(std::time::Instant::now() < deadline, "never degraded: {}\n{}", proxy.admin_req("GET", "/api/pools", b"").text(), proxy.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never degraded: {}\n{}",
+            proxy.admin_req("GET", "/api/pools", b"").text(),
+            proxy.log()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(healthy(&proxy), vec![50, 100]);
     let skewed = tally((0..60).map(|_| proxy.get("/").text()));
-    assert_eq!(skewed.get("b1"), Some(&20), "weights 50:100 give b1 a third: {skewed:?}");
+    assert_eq!(
+        skewed.get("b1"),
+        Some(&20),
+        "weights 50:100 give b1 a third: {skewed:?}"
+    );
     assert_eq!(skewed.get("b2"), Some(&40), "{skewed:?}");
 }

@@ -8,12 +8,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-
 fn health_of(proxy: &Proxy, addr: &str) -> serde_json::Value {
     let v = pools_json(proxy);
-    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr).unwrap()["health"].clone()
+    v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr)
+        .unwrap()["health"]
+        .clone()
 }
-
 
 fn http_health_pool(list: &str, extra: &str) -> String {
     format!(
@@ -29,17 +33,28 @@ fn failing_backend_leaves_after_fall_and_returns_after_rise_with_traffic_flowing
     let proxy = Proxy::start("health-fall", &http_health_pool(&backend_list(&b), ""));
     let bad = b[0].0.to_string();
     // New backends start unhealthy and join after their first pass.
-    assert!(wait_for(Duration::from_secs(10), || (0..3).all(|i| health_of(&proxy, &b[i].0.to_string())["state"] == "healthy")));
+    assert!(wait_for(Duration::from_secs(10), || (0..3).all(
+        |i| health_of(&proxy, &b[i].0.to_string())["state"] == "healthy"
+    )));
 
     b[0].1.status.store(500, Ordering::Relaxed);
-    assert!(wait_for(Duration::from_secs(10), || health_of(&proxy, &bad)["state"] == "unhealthy"), "not marked down");
+    assert!(
+        wait_for(Duration::from_secs(10), || health_of(&proxy, &bad)["state"]
+            == "unhealthy"),
+        "not marked down"
+    );
     let h = health_of(&proxy, &bad);
     assert!(h["consecutive_fails"].as_u64().unwrap() >= 2, "{h}");
-    assert!(h["last_result"].as_str().unwrap().contains("HTTP 500"), "{h}");
+    assert!(
+        h["last_result"].as_str().unwrap().contains("HTTP 500"),
+        "{h}"
+    );
 
     // While it is down, a bounded load loop never reaches it.
     let addr = proxy.listen;
-    let results = bounded_load(4, 50, Duration::from_secs(30), move |c| keepalive_get(c, addr, "/"));
+    let results = bounded_load(4, 50, Duration::from_secs(30), move |c| {
+        keepalive_get(c, addr, "/")
+    });
     for r in &results {
         let r = r.as_ref().expect("request failed");
         assert_eq!(r.status, 200);
@@ -47,9 +62,22 @@ fn failing_backend_leaves_after_fall_and_returns_after_rise_with_traffic_flowing
     }
 
     b[0].1.status.store(200, Ordering::Relaxed);
-    assert!(wait_for(Duration::from_secs(10), || health_of(&proxy, &bad)["state"] == "healthy"), "not re-added");
-    assert!(health_of(&proxy, &bad)["consecutive_passes"].as_u64().unwrap() >= 2);
-    assert!(wait_for(Duration::from_secs(5), || (0..6).any(|_| proxy.get("/").text().trim() == "b1")));
+    assert!(
+        wait_for(Duration::from_secs(10), || health_of(&proxy, &bad)["state"]
+            == "healthy"),
+        "not re-added"
+    );
+    assert!(
+        health_of(&proxy, &bad)["consecutive_passes"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+    assert!(wait_for(Duration::from_secs(5), || (0..6).any(|_| proxy
+        .get("/")
+        .text()
+        .trim()
+        == "b1")));
     // Up at start, down, up again: three changes for b1, one each for the others.
     assert!(proxy.metric("sluice_health_flaps_total{pool=\"web\"}") >= 5.0);
     assert!(proxy.metric("sluice_health_checks_total{pool=\"web\",result=\"fail\"}") >= 2.0);
@@ -76,10 +104,20 @@ fn a_backend_that_never_answers_times_out_and_is_marked_down() {
     });
     let list = format!("\"{}\", \"{silent_addr}\"", b[0].0);
     let proxy = Proxy::start("health-timeout", &http_health_pool(&list, ""));
-    assert!(wait_for(Duration::from_secs(10), || health_of(&proxy, &b[0].0.to_string())["state"] == "healthy"));
+    assert!(wait_for(Duration::from_secs(10), || health_of(
+        &proxy,
+        &b[0].0.to_string()
+    )["state"]
+        == "healthy"));
     let h = health_of(&proxy, &silent_addr.to_string());
     assert_ne!(h["state"], "healthy", "{h}");
-    assert!(wait_for(Duration::from_secs(10), || health_of(&proxy, &silent_addr.to_string())["last_result"].as_str().unwrap_or("").contains("timed out")));
+    assert!(wait_for(Duration::from_secs(10), || health_of(
+        &proxy,
+        &silent_addr.to_string()
+    )["last_result"]
+        .as_str()
+        .unwrap_or("")
+        .contains("timed out")));
     for _ in 0..10 {
         assert_eq!(proxy.get("/").text().trim(), "b1");
     }
@@ -130,42 +168,65 @@ fn misbehaving_health_plugins_never_mark_a_backend_down() {
         backend_list(&b)
     );
     let proxy = Proxy::start("health-bad", &body);
-    let all_healthy = |proxy: &Proxy| (0..2).all(|i| health_of(proxy, &b[i].0.to_string())["state"] == "healthy");
+    let all_healthy =
+        |proxy: &Proxy| (0..2).all(|i| health_of(proxy, &b[i].0.to_string())["state"] == "healthy");
     assert!(wait_for(Duration::from_secs(10), || all_healthy(&proxy)));
 
     for bad in ["trap", "loop", "garbage"] {
         let resp = proxy.admin_req("PUT", "/api/pools/web/health", &wat_health(bad));
         assert_eq!(resp.status, 200, "{bad}: {}", resp.text());
-        let errors_before = proxy.metric("sluice_health_checks_total{pool=\"web\",result=\"error\"}");
+        let errors_before =
+            proxy.metric("sluice_health_checks_total{pool=\"web\",result=\"error\"}");
         assert!(
-            wait_for(Duration::from_secs(10), || proxy.metric("sluice_health_checks_total{pool=\"web\",result=\"error\"}") >= errors_before + 3.0),
+            wait_for(Duration::from_secs(10), || proxy.metric(
+                "sluice_health_checks_total{pool=\"web\",result=\"error\"}"
+            ) >= errors_before + 3.0),
             "{bad}: no check errors counted"
         );
-        assert!(all_healthy(&proxy), "{bad}: a plugin fault took a backend down: {}", pools_json(&proxy));
-        assert_eq!(proxy.metric("sluice_health_checks_total{pool=\"web\",result=\"fail\"}"), 0.0, "{bad}");
+        assert!(
+            all_healthy(&proxy),
+            "{bad}: a plugin fault took a backend down: {}",
+            pools_json(&proxy)
+        );
+        assert_eq!(
+            proxy.metric("sluice_health_checks_total{pool=\"web\",result=\"fail\"}"),
+            0.0,
+            "{bad}"
+        );
         for _ in 0..4 {
             assert_eq!(proxy.get("/").status, 200);
         }
     }
-    assert!(proxy.log().contains("health check error; backend state unchanged"));
+    assert!(proxy
+        .log()
+        .contains("health check error; backend state unchanged"));
 
     // Bad uploads are refused with the reason, and the running check stays.
     let before = pools_json(&proxy)["pools"][0]["health_check"]["sha256"].clone();
     for (wasm, expect) in [
         (b"junk".to_vec(), "not a valid WebAssembly module"),
-        (wat_strategy(1, "(i32.const 0)", "(i32.const 0)"), "plugin is a strategy plugin, but a health plugin is needed here"),
+        (
+            wat_strategy(1, "(i32.const 0)", "(i32.const 0)"),
+            "plugin is a strategy plugin, but a health plugin is needed here",
+        ),
     ] {
         let r = proxy.admin_req("PUT", "/api/pools/web/health", &wasm);
         assert_eq!(r.status, 422, "{}", r.text());
         assert!(r.text().contains(expect), "{}", r.text());
     }
-    assert_eq!(pools_json(&proxy)["pools"][0]["health_check"]["sha256"], before);
+    assert_eq!(
+        pools_json(&proxy)["pools"][0]["health_check"]["sha256"],
+        before
+    );
 }
 
 #[test]
 fn health_swap_on_a_pool_without_checks_is_refused() {
     let b = backends(1);
-    let body = format!("[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n", backend_list(&b));
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
     let proxy = Proxy::start("health-none", &body);
     let r = proxy.admin_req("PUT", "/api/pools/web/health", &wat_health(""));
     assert_eq!(r.status, 409, "{}", r.text());

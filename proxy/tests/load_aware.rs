@@ -18,9 +18,19 @@ fn slow_backend_gets_fewer(strategy: &str) {
     let proxy = Proxy::start(strategy, &body);
     let addr = proxy.listen;
     // 8 concurrent clients, 60 requests each, at most 60 s.
-    let results = bounded_load(8, 60, Duration::from_secs(60), move |c| keepalive_get(c, addr, "/"));
-    assert!(results.iter().all(|r| matches!(r, Ok(r) if r.status == 200)), "{strategy}: a request failed");
-    let served: Vec<u64> = b.iter().map(|(_, be)| be.served.load(Ordering::Relaxed)).collect();
+    let results = bounded_load(8, 60, Duration::from_secs(60), move |c| {
+        keepalive_get(c, addr, "/")
+    });
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(r) if r.status == 200)),
+        "{strategy}: a request failed"
+    );
+    let served: Vec<u64> = b
+        .iter()
+        .map(|(_, be)| be.served.load(Ordering::Relaxed))
+        .collect();
     let fast_avg = (served[1] + served[2]) as f64 / 2.0;
     assert!(
         (served[0] as f64) < fast_avg * 0.5,

@@ -8,9 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-
-
-
 #[test]
 fn failing_backend_is_ejected_readmitted_and_ejected_longer_next_time() {
     let b = backends(3);
@@ -26,9 +23,17 @@ fn failing_backend_is_ejected_readmitted_and_ejected_longer_next_time() {
         proxy.get("/");
     }
     assert_eq!(backend_field(&proxy, &bad, "state"), "ejected");
-    let first = backend_field(&proxy, &bad, "ejected_for_ms").as_u64().unwrap();
-    assert!(first > 0 && first <= 600, "first ejection lasts the base time: {first}");
-    assert_eq!(proxy.metric("sluice_outlier_ejections_total{pool=\"web\"}"), 1.0);
+    let first = backend_field(&proxy, &bad, "ejected_for_ms")
+        .as_u64()
+        .unwrap();
+    assert!(
+        first > 0 && first <= 600,
+        "first ejection lasts the base time: {first}"
+    );
+    assert_eq!(
+        proxy.metric("sluice_outlier_ejections_total{pool=\"web\"}"),
+        1.0
+    );
 
     // While ejected, it gets nothing: every answer is a 200 from the others.
     let served_before = b[0].1.served.load(Ordering::Relaxed);
@@ -40,14 +45,24 @@ fn failing_backend_is_ejected_readmitted_and_ejected_longer_next_time() {
     assert_eq!(b[0].1.served.load(Ordering::Relaxed), served_before);
 
     // It comes back by itself when its time is up (bounded wait)...
-    assert!(wait_for(Duration::from_secs(10), || backend_field(&proxy, &bad, "state") == "routable"), "not re-admitted");
+    assert!(
+        wait_for(Duration::from_secs(10), || backend_field(
+            &proxy, &bad, "state"
+        ) == "routable"),
+        "not re-admitted"
+    );
     // ...still failing, it is ejected again, for twice the base time.
     for _ in 0..9 {
         proxy.get("/");
     }
     assert_eq!(backend_field(&proxy, &bad, "state"), "ejected");
-    let second = backend_field(&proxy, &bad, "ejected_for_ms").as_u64().unwrap();
-    assert!(second > 600 && second <= 1200, "second ejection is longer: {second}");
+    let second = backend_field(&proxy, &bad, "ejected_for_ms")
+        .as_u64()
+        .unwrap();
+    assert!(
+        second > 600 && second <= 1200,
+        "second ejection is longer: {second}"
+    );
     assert_eq!(backend_field(&proxy, &bad, "ejections"), 2);
 }
 
@@ -66,9 +81,21 @@ fn ejection_cap_keeps_part_of_the_pool_in_service() {
         proxy.get("/");
     }
     let v = pools_json(&proxy);
-    let states: Vec<_> = v["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["state"].as_str().unwrap().to_string()).collect();
-    assert_eq!(states.iter().filter(|s| *s == "ejected").count(), 1, "{states:?}");
-    assert_eq!(proxy.metric("sluice_outlier_ejections_total{pool=\"web\"}"), 1.0);
+    let states: Vec<_> = v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| *s == "ejected").count(),
+        1,
+        "{states:?}"
+    );
+    assert_eq!(
+        proxy.metric("sluice_outlier_ejections_total{pool=\"web\"}"),
+        1.0
+    );
     assert!(proxy.log().contains("ejection cap is reached"));
 }
 
@@ -88,7 +115,13 @@ fn five_hundreds_are_retried_for_idempotent_methods_only() {
     }
     assert!(proxy.metric("sluice_retries_total{pool=\"web\",reason=\"5xx\"}") >= 10.0);
     // POST is not idempotent: the 503 goes back to the client as it is.
-    let statuses: Vec<u16> = (0..4).map(|_| request(proxy.listen, "POST", "/", &[], b"x=1").unwrap().status).collect();
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| {
+            request(proxy.listen, "POST", "/", &[], b"x=1")
+                .unwrap()
+                .status
+        })
+        .collect();
     assert!(statuses.contains(&503), "{statuses:?}");
     assert!(statuses.contains(&200), "{statuses:?}");
 }
@@ -97,11 +130,22 @@ fn five_hundreds_are_retried_for_idempotent_methods_only() {
 fn bad_policy_values_are_refused_with_the_line() {
     let dir = scratch_dir("policy-check");
     let path = dir.join("p.toml");
-    std::fs::write(&path, "[[pool]]\nname = \"web\"\nretry_on = [\"timeouts\"]\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "[[pool]]\nname = \"web\"\nretry_on = [\"timeouts\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("p.toml:3:13: pool \"web\": unknown retry_on value \"timeouts\""), "{err}");
+    assert!(
+        err.contains("p.toml:3:13: pool \"web\": unknown retry_on value \"timeouts\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,12 +167,21 @@ fn panic_threshold_balances_over_everyone_when_too_few_are_left() {
     // Two of three ejected: 33 % routable < 50 % → panic mode routes to all three again.
     let v = pools_json(&proxy);
     assert_eq!(v["pools"][0]["panic_mode"], true, "{v}");
-    let before: Vec<u64> = b.iter().map(|(_, x)| x.served.load(Ordering::Relaxed)).collect();
+    let before: Vec<u64> = b
+        .iter()
+        .map(|(_, x)| x.served.load(Ordering::Relaxed))
+        .collect();
     for _ in 0..9 {
         proxy.get("/");
     }
-    let after: Vec<u64> = b.iter().map(|(_, x)| x.served.load(Ordering::Relaxed)).collect();
-    assert!(after.iter().zip(&before).all(|(a, b)| a > b), "every member gets traffic in panic mode: {before:?} -> {after:?}");
+    let after: Vec<u64> = b
+        .iter()
+        .map(|(_, x)| x.served.load(Ordering::Relaxed))
+        .collect();
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a > b),
+        "every member gets traffic in panic mode: {before:?} -> {after:?}"
+    );
 }
 
 #[test]
@@ -141,7 +194,11 @@ fn zone_aware_prefers_the_local_zone_and_spills_over_when_it_is_gone() {
     );
     let proxy = Proxy::start_full(scratch_dir("zone"), "zone = \"eu\"", &body);
     let t = tally((0..12).map(|_| proxy.get("/").text()));
-    assert_eq!(t.get("b1"), Some(&12), "all traffic stays in zone eu: {t:?}");
+    assert_eq!(
+        t.get("b1"),
+        Some(&12),
+        "all traffic stays in zone eu: {t:?}"
+    );
     // The local backend fails and is ejected: traffic spills over to the other zone.
     b[0].1.status.store(500, Ordering::Relaxed);
     proxy.get("/");
@@ -155,18 +212,32 @@ fn zone_aware_prefers_the_local_zone_and_spills_over_when_it_is_gone() {
 fn slow_start_ramps_a_new_backend() {
     let b = backends(3);
     let two = format!("\"{}\", \"{}\"", b[0].0, b[1].0);
-    let pool = |list: &str| format!("[[pool]]\nname = \"web\"\nbackends = [{list}]\nslow_start = \"60s\"\n[[route]]\npool = \"web\"\n");
+    let pool = |list: &str| {
+        format!("[[pool]]\nname = \"web\"\nbackends = [{list}]\nslow_start = \"60s\"\n[[route]]\npool = \"web\"\n")
+    };
     let proxy = Proxy::start("slowstart", &pool(&two));
     let weights = |proxy: &Proxy| -> Vec<u64> {
-        pools_json(proxy)["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["effective_weight"].as_u64().unwrap()).collect()
+        pools_json(proxy)["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["effective_weight"].as_u64().unwrap())
+            .collect()
     };
     // Backends present at start are at full weight: strategies see the configured weights.
     assert_eq!(weights(&proxy), vec![1, 1]);
     let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(&proxy.config_path, text.replace(&two, &format!("{two}, \"{}\"", b[2].0))).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        text.replace(&two, &format!("{two}, \"{}\"", b[2].0)),
+    )
+    .unwrap();
     assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 200);
     // While one ramps, weights are scaled by 100 so the ramp has resolution.
     let w = weights(&proxy);
     assert_eq!(&w[..2], &[100, 100]);
-    assert!(w[2] >= 10 && w[2] < 30, "a new backend starts near 10 % of its weight: {w:?}");
+    assert!(
+        w[2] >= 10 && w[2] < 30,
+        "a new backend starts near 10 % of its weight: {w:?}"
+    );
 }

@@ -8,7 +8,17 @@ use std::process::Command;
 use common::*;
 
 fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl").args(["-s", "--max-time", "10", "-w", "\n%{http_version} %{http_code}"]).args(args).output().unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, meta) = text.rsplit_once('\n').unwrap_or(("", ""));
     (body.trim().to_string(), meta.to_string())
@@ -19,17 +29,40 @@ fn tls_with_h2_and_h2c() {
     let b = backends(2);
     let dir = scratch_dir("tls");
     let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
         .arg(dir.join("key.pem"))
         .arg("-out")
         .arg(dir.join("cert.pem"))
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let tls_port = free_port();
     let server = format!("h2c = true\ntls = {{ listen = [\"127.0.0.1:{tls_port}\"], cert = \"cert.pem\", key = \"key.pem\" }}");
-    let body = format!("[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n", backend_list(&b));
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
     let proxy = Proxy::start_full(dir, &server, &body);
 
     let url = format!("https://127.0.0.1:{tls_port}/");

@@ -18,7 +18,11 @@ fn round_robin_is_exact_over_300_requests() {
     let proxy = Proxy::start("rr", &web_pool(&b));
     let bodies: Vec<String> = (0..300).map(|_| proxy.get("/").text()).collect();
     let t = tally(bodies);
-    assert_eq!(t.values().copied().collect::<Vec<_>>(), vec![100, 100, 100], "{t:?}");
+    assert_eq!(
+        t.values().copied().collect::<Vec<_>>(),
+        vec![100, 100, 100],
+        "{t:?}"
+    );
     for (_, be) in &b {
         assert_eq!(be.served.load(Ordering::Relaxed), 100);
     }
@@ -36,15 +40,26 @@ fn hot_swap_under_load_fails_no_request() {
     let admin = proxy.admin;
     // 4 client threads, 400 requests each (bounded by count and by 60 s), swapping midway.
     let loader = std::thread::spawn(move || {
-        bounded_load(4, 400, Duration::from_secs(60), move |c| keepalive_get(c, addr, "/"))
+        bounded_load(4, 400, Duration::from_secs(60), move |c| {
+            keepalive_get(c, addr, "/")
+        })
     });
     std::thread::sleep(Duration::from_millis(300));
     let resp = request(admin, "PUT", "/api/pools/web/strategy", &[], &first_only()).unwrap();
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert!(resp.text().contains("sha256"), "{}", resp.text());
     let results = loader.join().unwrap();
-    let failed: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(r) if r.status == 200)).collect();
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), results.len(), &failed[..failed.len().min(3)]);
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !matches!(r, Ok(r) if r.status == 200))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        results.len(),
+        &failed[..failed.len().min(3)]
+    );
     assert!(results.len() >= 400);
     // After the swap, every request follows the new strategy: backend 0 only.
     let after = tally((0..30).map(|_| proxy.get("/").text()));
@@ -60,28 +75,77 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
     let b = backends(3);
     let proxy = Proxy::start("refuse", &web_pool(&b));
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("garbage", b"\x00\x01\x02 definitely not wasm".to_vec(), "not a valid WebAssembly module"),
-        ("wrong ABI version", wat_strategy(7, "(i32.const 0)", "(i32.const 0)"), "plugin ABI version 7 is not supported"),
-        ("init traps", wat_strategy(1, "(unreachable)", "(i32.const 0)"), "plugin init failed"),
-        ("init refuses", wat_strategy(1, "(i32.const 3)", "(i32.const 0)"), "sluice_init returned 3"),
-        ("trial pick out of range", wat_strategy(1, "(i32.const 0)", "(i32.const 99)"), "returned index 99"),
-        ("missing export", b"(module (memory (export \"memory\") 1))".to_vec(), "does not export `sluice_abi_version`"),
+        (
+            "garbage",
+            b"\x00\x01\x02 definitely not wasm".to_vec(),
+            "not a valid WebAssembly module",
+        ),
+        (
+            "wrong ABI version",
+            wat_strategy(7, "(i32.const 0)", "(i32.const 0)"),
+            "plugin ABI version 7 is not supported",
+        ),
+        (
+            "init traps",
+            wat_strategy(1, "(unreachable)", "(i32.const 0)"),
+            "plugin init failed",
+        ),
+        (
+            "init refuses",
+            wat_strategy(1, "(i32.const 3)", "(i32.const 0)"),
+            "sluice_init returned 3",
+        ),
+        (
+            "trial pick out of range",
+            wat_strategy(1, "(i32.const 0)", "(i32.const 99)"),
+            "returned index 99",
+        ),
+        (
+            "missing export",
+            b"(module (memory (export \"memory\") 1))".to_vec(),
+            "does not export `sluice_abi_version`",
+        ),
         ("empty body", Vec::new(), "empty body"),
     ];
     for (name, wasm, expect) in cases {
         let resp = proxy.put_strategy("web", &wasm);
-        assert!((400..500).contains(&resp.status), "{name}: status {} {}", resp.status, resp.text());
-        assert!(resp.text().contains(expect), "{name}: expected {expect:?} in {}", resp.text());
+        assert!(
+            (400..500).contains(&resp.status),
+            "{name}: status {} {}",
+            resp.status,
+            resp.text()
+        );
+        assert!(
+            resp.text().contains(expect),
+            "{name}: expected {expect:?} in {}",
+            resp.text()
+        );
     }
     let resp = proxy.put_strategy("nope", &first_only());
     assert_eq!(resp.status, 404, "{}", resp.text());
-    assert!(resp.text().contains(r#"no pool named \"nope\""#), "{}", resp.text());
+    assert!(
+        resp.text().contains(r#"no pool named \"nope\""#),
+        "{}",
+        resp.text()
+    );
     // Still the built-in round-robin, generation 1.
     let t = tally((0..30).map(|_| proxy.get("/").text()));
-    assert_eq!(t.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{t:?}");
+    assert_eq!(
+        t.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{t:?}"
+    );
     let pools = proxy.admin_req("GET", "/api/pools", b"").text();
-    assert!(pools.contains("builtin:round-robin") && pools.contains("\"generation\": 1"), "{pools}");
-    assert_eq!(proxy.metric("sluice_plugin_swaps_total{kind=\"strategy\",pool=\"web\",result=\"rejected\"}"), 6.0);
+    assert!(
+        pools.contains("builtin:round-robin") && pools.contains("\"generation\": 1"),
+        "{pools}"
+    );
+    assert_eq!(
+        proxy.metric(
+            "sluice_plugin_swaps_total{kind=\"strategy\",pool=\"web\",result=\"rejected\"}"
+        ),
+        6.0
+    );
 }
 
 /// A plugin that behaves on ordinary requests (so it passes the trial pick) and misbehaves on
@@ -129,5 +193,8 @@ fn endless_loop_trap_memory_blowup_and_bad_index_never_fail_a_request() {
         let faults = proxy.metric(&format!("sluice_plugin_faults_total{{kind=\"strategy\",pool=\"web\",reason=\"{reason}\"}}"));
         assert!(faults >= 1.0, "{name}: fault counter {reason} is {faults}");
     }
-    assert!(proxy.log().contains("strategy plugin fault"), "faults are logged");
+    assert!(
+        proxy.log().contains("strategy plugin fault"),
+        "faults are logged"
+    );
 }

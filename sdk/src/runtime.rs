@@ -160,7 +160,11 @@ pub(crate) fn alloc_body<R: Instance>(slot: &'static LocalKey<RefCell<R>>, len: 
 }
 
 /// Body of `sluice_init` for either plugin kind: `0`, or `1` after `set_error` with the reason.
-pub(crate) fn init_body<R: Instance>(slot: &'static LocalKey<RefCell<R>>, ptr: i32, len: i32) -> i32 {
+pub(crate) fn init_body<R: Instance>(
+    slot: &'static LocalKey<RefCell<R>>,
+    ptr: i32,
+    len: i32,
+) -> i32 {
     #[cfg(target_arch = "wasm32")]
     install_panic_hook();
     match slot.with_borrow_mut(|rt| rt.init_from(ptr as u32 as usize, len as u32 as usize)) {

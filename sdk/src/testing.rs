@@ -489,7 +489,9 @@ fn fill(buf: Option<&mut [u8]>, bytes: &[u8]) -> Result<usize, &'static str> {
 /// The outcome of `sluice_init` as the host sees it: a refusal is also recorded with
 /// `set_error`, where the host reads the message from.
 fn init_outcome<T>(result: Result<(), String>, instance: T) -> Result<T, String> {
-    result.map(|()| instance).inspect_err(|msg| mock::set_error(msg))
+    result
+        .map(|()| instance)
+        .inspect_err(|msg| mock::set_error(msg))
 }
 
 /// Runs a strategy's whole lifecycle natively, against [`MockHost`].

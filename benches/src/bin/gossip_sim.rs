@@ -24,10 +24,18 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { nodes: 1000, runs: 5, hour_secs: 3600 };
+    let mut a = Args {
+        nodes: 1000,
+        runs: 5,
+        hour_secs: 3600,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
-        let value = || pair.get(1).and_then(|v| v.parse::<u64>().ok()).expect("a number after the flag");
+        let value = || {
+            pair.get(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("a number after the flag")
+        };
         match pair[0].as_str() {
             "--nodes" => a.nodes = value() as usize,
             "--runs" => a.runs = value(),
@@ -56,7 +64,9 @@ fn join_time(sim: &mut Sim, n: usize) -> Option<u64> {
 // Milliseconds until every live node marks a crashed node down.
 fn detect_time(sim: &mut Sim, victim: usize) -> Option<u64> {
     let addr = sim_addr(victim);
-    let live = (0..sim.len()).filter(|i| *i != victim && !sim.is_crashed(*i)).count();
+    let live = (0..sim.len())
+        .filter(|i| *i != victim && !sim.is_crashed(*i))
+        .count();
     sim.crash(victim);
     let start = sim.now_ms();
     let mut down = HashSet::new();
@@ -89,13 +99,18 @@ fn idle_hour(n: usize, loss: f64, secs: u64, seed: u64) -> (usize, f64) {
 }
 
 fn fmt_ms(v: Option<u64>) -> String {
-    v.map_or("not reached".into(), |ms| format!("{:.2} s", ms as f64 / 1000.0))
+    v.map_or("not reached".into(), |ms| {
+        format!("{:.2} s", ms as f64 / 1000.0)
+    })
 }
 
 fn main() {
     let a = args();
     let n = a.nodes;
-    println!("gossip simulation: {n} nodes, LAN profile, 1-5 ms latency, {} runs", a.runs);
+    println!(
+        "gossip simulation: {n} nodes, LAN profile, 1-5 ms latency, {} runs",
+        a.runs
+    );
 
     let mut joins = Vec::new();
     let mut detects = Vec::new();
@@ -104,7 +119,12 @@ fn main() {
         let mut sim = cluster(n, 0.01, 100 + run);
         let j = join_time(&mut sim, n);
         let d = detect_time(&mut sim, (run as usize * 97 + 13) % n);
-        println!("run {run}: join to 99.9 % {}, crash down everywhere {} ({:.1} s wall)", fmt_ms(j), fmt_ms(d), wall.elapsed().as_secs_f64());
+        println!(
+            "run {run}: join to 99.9 % {}, crash down everywhere {} ({:.1} s wall)",
+            fmt_ms(j),
+            fmt_ms(d),
+            wall.elapsed().as_secs_f64()
+        );
         joins.push(j.unwrap_or(u64::MAX));
         detects.push(d.unwrap_or(u64::MAX));
     }
@@ -117,7 +137,10 @@ fn main() {
         fmt_ms(Some(median(&joins))),
         fmt_ms(Some(*joins.last().expect("runs >= 1")))
     );
-    println!("crash marked down by all live nodes at 1 % loss: p99 {} (goal <= 20 s)", fmt_ms(Some(p99(&detects))));
+    println!(
+        "crash marked down by all live nodes at 1 % loss: p99 {} (goal <= 20 s)",
+        fmt_ms(Some(p99(&detects)))
+    );
 
     for loss in [0.01, 0.05] {
         let wall = Instant::now();

@@ -82,7 +82,6 @@ impl RingHash {
     }
 }
 
-
 impl Strategy for RingHash {
     fn init(config: &Config) -> Result<Self, String> {
         let mut allowed = CONFIG_KEYS.to_vec();
@@ -112,7 +111,11 @@ impl Strategy for RingHash {
         // 100 (sdk/ABI.md). Undo exactly that scale, and nothing else: a divisor that depended on
         // the membership (such as the weights' GCD) would re-lay the whole ring when one backend
         // leaves, moving far more than its own keys.
-        let divisor = if weights.iter().all(|w| w % HOST_WEIGHT_SCALE == 0) { HOST_WEIGHT_SCALE } else { 1 };
+        let divisor = if weights.iter().all(|w| w % HOST_WEIGHT_SCALE == 0) {
+            HOST_WEIGHT_SCALE
+        } else {
+            1
+        };
         for w in &mut weights {
             *w /= divisor;
         }

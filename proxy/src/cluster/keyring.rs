@@ -25,7 +25,9 @@ const TAG_LEN: usize = 16;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
     /// The text is not base64 of exactly 32 bytes.
-    #[error("a cluster key must be base64 of exactly 32 bytes (generate one with `sluice genkey`): {0}")]
+    #[error(
+        "a cluster key must be base64 of exactly 32 bytes (generate one with `sluice genkey`): {0}"
+    )]
     Invalid(String),
     /// A keyring needs at least one key to encrypt with.
     #[error("the keyring is empty; give at least one key (generate one with `sluice genkey`)")]
@@ -49,7 +51,9 @@ pub struct Keyring {
 impl std::fmt::Debug for Keyring {
     // Never print key material.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keyring").field("keys", &self.keys.len()).finish()
+        f.debug_struct("Keyring")
+            .field("keys", &self.keys.len())
+            .finish()
     }
 }
 
@@ -95,7 +99,10 @@ impl Keyring {
 
     /// Installed keys as base64, primary first.
     pub fn keys_base64(&self) -> Vec<String> {
-        self.keys.iter().map(|(k, _)| base64::engine::general_purpose::STANDARD.encode(k)).collect()
+        self.keys
+            .iter()
+            .map(|(k, _)| base64::engine::general_purpose::STANDARD.encode(k))
+            .collect()
     }
 
     /// Adds a key for decryption (it does not become primary). Installing a present key is a no-op.
@@ -114,7 +121,11 @@ impl Keyring {
     /// Makes an installed key the primary (encrypting) key.
     pub fn use_key(&mut self, key: &str) -> Result<(), KeyError> {
         let key = parse_key(key)?;
-        let pos = self.keys.iter().position(|(k, _)| *k == key).ok_or(KeyError::NotInstalled)?;
+        let pos = self
+            .keys
+            .iter()
+            .position(|(k, _)| *k == key)
+            .ok_or(KeyError::NotInstalled)?;
         let entry = self.keys.remove(pos);
         self.keys.insert(0, entry);
         Ok(())
@@ -123,7 +134,11 @@ impl Keyring {
     /// Removes a key that is not the primary.
     pub fn remove(&mut self, key: &str) -> Result<(), KeyError> {
         let key = parse_key(key)?;
-        let pos = self.keys.iter().position(|(k, _)| *k == key).ok_or(KeyError::NotInstalled)?;
+        let pos = self
+            .keys
+            .iter()
+            .position(|(k, _)| *k == key)
+            .ok_or(KeyError::NotInstalled)?;
         if pos == 0 {
             return Err(KeyError::RemovePrimary);
         }
@@ -153,7 +168,9 @@ impl Keyring {
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::from_slice(nonce);
-        self.keys.iter().find_map(|(_, cipher)| cipher.decrypt(nonce, Payload { msg: body, aad }).ok())
+        self.keys
+            .iter()
+            .find_map(|(_, cipher)| cipher.decrypt(nonce, Payload { msg: body, aad }).ok())
     }
 }
 
@@ -223,8 +240,14 @@ mod tests {
     #[test]
     fn key_parsing() {
         assert!(parse_key(&generate_key()).is_ok());
-        assert!(matches!(parse_key("not base64!"), Err(KeyError::Invalid(_))));
+        assert!(matches!(
+            parse_key("not base64!"),
+            Err(KeyError::Invalid(_))
+        ));
         assert!(matches!(parse_key("AAAA"), Err(KeyError::Invalid(_))));
-        assert_eq!(Keyring::from_base64::<&str>(&[]).unwrap_err(), KeyError::Empty);
+        assert_eq!(
+            Keyring::from_base64::<&str>(&[]).unwrap_err(),
+            KeyError::Empty
+        );
     }
 }

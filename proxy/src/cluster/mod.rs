@@ -179,7 +179,11 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     /// A LAN config with one key, no seeds, no compression and an expected size of 32.
-    pub fn new(cluster_name: impl Into<String>, bind_addr: SocketAddr, key: impl Into<String>) -> Self {
+    pub fn new(
+        cluster_name: impl Into<String>,
+        bind_addr: SocketAddr,
+        key: impl Into<String>,
+    ) -> Self {
         ClusterConfig {
             cluster_name: cluster_name.into(),
             bind_addr,
@@ -253,8 +257,9 @@ pub fn profile_settings(profile: Profile, size: u32) -> (foca::Config, Duration)
     // a ~e^-(that) chance of missing a given update: in simulation a few nodes per hundred-node
     // crash only learned of it from their own probe, tens of seconds later. Half as many
     // transmissions again cost little (updates are rare) and make such misses negligible.
-    cfg.max_transmissions = std::num::NonZeroU8::new(cfg.max_transmissions.get().saturating_mul(3) / 2)
-        .unwrap_or(cfg.max_transmissions);
+    cfg.max_transmissions =
+        std::num::NonZeroU8::new(cfg.max_transmissions.get().saturating_mul(3) / 2)
+            .unwrap_or(cfg.max_transmissions);
     // foca's packets are sealed afterwards: leave room for the header and the seal so that
     // every SWIM packet still fits one datagram.
     cfg.max_packet_size = std::num::NonZeroUsize::new(
@@ -263,6 +268,10 @@ pub fn profile_settings(profile: Profile, size: u32) -> (foca::Config, Duration)
     .expect("positive");
     // A full state exchange costs O(members) bytes, so like memberlist we exchange less often as
     // the cluster grows beyond 32 members, which keeps the per-node bandwidth roughly flat.
-    let scale = if size > 32 { (f64::from(size).log2() - 5.0).ceil() as u32 + 1 } else { 1 };
+    let scale = if size > 32 {
+        (f64::from(size).log2() - 5.0).ceil() as u32 + 1
+    } else {
+        1
+    };
     (cfg, push_pull * scale)
 }

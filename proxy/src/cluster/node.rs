@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use foca::{BroadcastHandler, Foca, Identity, Invalidates, Member, Notification, PostcardCodec, State, Timer};
+use foca::{
+    BroadcastHandler, Foca, Identity, Invalidates, Member, Notification, PostcardCodec, State,
+    Timer,
+};
 use rand_foca::rngs::SmallRng;
 use rand_foca::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,10 @@ impl Identity for NodeId {
     type Addr = SocketAddr;
 
     fn renew(&self) -> Option<Self> {
-        Some(NodeId { addr: self.addr, generation: self.generation + 1 })
+        Some(NodeId {
+            addr: self.addr,
+            generation: self.generation + 1,
+        })
     }
 
     fn addr(&self) -> SocketAddr {
@@ -148,7 +154,9 @@ impl PushPullState {
         self.metas.iter().find_map(|m| {
             let same_name = m.meta.as_ref().is_some_and(|meta| meta.name == name);
             let active = self.members.iter().any(|mem| {
-                mem.id().addr == m.addr && mem.id().generation == m.generation && mem.state() != State::Down
+                mem.id().addr == m.addr
+                    && mem.id().generation == m.generation
+                    && mem.state() != State::Down
             });
             (same_name && !m.left && m.addr != self_addr && active).then_some(m.addr)
         })
@@ -203,7 +211,12 @@ impl MetaStore {
                     self.fetch.push(u.addr);
                 }
                 self.changed.push(u.addr);
-                let rec = MetaRecord { generation: u.generation, version: u.version, left: u.left, meta: u.meta };
+                let rec = MetaRecord {
+                    generation: u.generation,
+                    version: u.version,
+                    left: u.left,
+                    meta: u.meta,
+                };
                 self.records.insert(u.addr, rec);
                 true
             }
@@ -237,9 +250,17 @@ impl BroadcastHandler<NodeId> for MetaHandler {
     type Key = MetaKey;
     type Error = MetaDecodeError;
 
-    fn receive_item(&mut self, data: &[u8], sender: Option<&NodeId>) -> Result<Option<MetaKey>, MetaDecodeError> {
-        let u: MetaUpdate = postcard::from_bytes(data).map_err(|e| MetaDecodeError(e.to_string()))?;
-        let key = MetaKey { addr: u.addr, order: (u.generation, u.version) };
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&NodeId>,
+    ) -> Result<Option<MetaKey>, MetaDecodeError> {
+        let u: MetaUpdate =
+            postcard::from_bytes(data).map_err(|e| MetaDecodeError(e.to_string()))?;
+        let key = MetaKey {
+            addr: u.addr,
+            order: (u.generation, u.version),
+        };
         if sender.is_none() {
             // Our own metadata (added by `Node::publish_meta`, which already stored it).
             return Ok(Some(key));
@@ -276,11 +297,17 @@ impl foca::Runtime<NodeId> for Outbox {
     }
 
     fn send_to(&mut self, to: NodeId, data: &[u8]) {
-        self.outputs.push(Output::Packet { to: to.addr, body: data.to_vec() });
+        self.outputs.push(Output::Packet {
+            to: to.addr,
+            body: data.to_vec(),
+        });
     }
 
     fn submit_after(&mut self, event: Timer<NodeId>, after: Duration) {
-        self.outputs.push(Output::Timer { after, timer: NodeTimer::Foca(event) });
+        self.outputs.push(Output::Timer {
+            after,
+            timer: NodeTimer::Foca(event),
+        });
     }
 }
 
@@ -326,18 +353,39 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("id", self.foca.identity()).field("name", &self.meta.name).finish()
+        f.debug_struct("Node")
+            .field("id", self.foca.identity())
+            .field("name", &self.meta.name)
+            .finish()
     }
 }
 
 impl Node {
     /// A node with identity `id` that has not joined anything yet. `seed` seeds its randomness
     /// (member selection); give each node a different one.
-    pub fn new(id: NodeId, meta: NodeMeta, config: foca::Config, push_pull_every: Duration, seed: u64, now_ms: u64) -> Node {
-        let store = Arc::new(Mutex::new(MetaStore { self_addr: Some(id.addr), ..MetaStore::default() }));
-        let handler = MetaHandler { store: store.clone() };
+    pub fn new(
+        id: NodeId,
+        meta: NodeMeta,
+        config: foca::Config,
+        push_pull_every: Duration,
+        seed: u64,
+        now_ms: u64,
+    ) -> Node {
+        let store = Arc::new(Mutex::new(MetaStore {
+            self_addr: Some(id.addr),
+            ..MetaStore::default()
+        }));
+        let handler = MetaHandler {
+            store: store.clone(),
+        };
         let meta_grace = config.probe_period * 2;
-        let foca = Foca::with_custom_broadcast(id, config, SmallRng::seed_from_u64(seed), PostcardCodec, handler);
+        let foca = Foca::with_custom_broadcast(
+            id,
+            config,
+            SmallRng::seed_from_u64(seed),
+            PostcardCodec,
+            handler,
+        );
         let mut node = Node {
             foca,
             outbox: Outbox::default(),
@@ -357,8 +405,13 @@ impl Node {
         };
         node.publish_meta();
         // A random first delay spreads the cluster's exchanges over the interval.
-        let first = node.push_pull_every.mul_f64(node.rng.random_range(0.5..1.5));
-        node.outbox.outputs.push(Output::Timer { after: first, timer: NodeTimer::PushPull });
+        let first = node
+            .push_pull_every
+            .mul_f64(node.rng.random_range(0.5..1.5));
+        node.outbox.outputs.push(Output::Timer {
+            after: first,
+            timer: NodeTimer::PushPull,
+        });
         node
     }
 
@@ -399,13 +452,26 @@ impl Node {
         let seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
         for seed in &seeds {
             // Generation 0: foca accepts an announce addressed to any generation of its address.
-            if self.foca.announce(NodeId { addr: *seed, generation: 0 }, &mut self.outbox).is_err() {
+            if self
+                .foca
+                .announce(
+                    NodeId {
+                        addr: *seed,
+                        generation: 0,
+                    },
+                    &mut self.outbox,
+                )
+                .is_err()
+            {
                 self.errors.foca += 1;
             }
         }
         if !seeds.is_empty() {
             let to = seeds[self.rng.random_range(0..seeds.len())];
-            self.outbox.outputs.push(Output::PushPull { to, body: self.state().encode() });
+            self.outbox.outputs.push(Output::PushPull {
+                to,
+                body: self.state().encode(),
+            });
         }
         self.after_call();
     }
@@ -435,8 +501,13 @@ impl Node {
                 }
             }
             NodeTimer::PushPull => {
-                let after = self.push_pull_every.mul_f64(self.rng.random_range(0.9..1.1));
-                self.outbox.outputs.push(Output::Timer { after, timer: NodeTimer::PushPull });
+                let after = self
+                    .push_pull_every
+                    .mul_f64(self.rng.random_range(0.9..1.1));
+                self.outbox.outputs.push(Output::Timer {
+                    after,
+                    timer: NodeTimer::PushPull,
+                });
                 if !self.left {
                     if let Some(to) = self.random_member() {
                         let body = self.state().encode();
@@ -448,7 +519,9 @@ impl Node {
                 let active = self.foca.iter_members().any(|m| m.id().addr == addr);
                 if active && !self.has_meta(addr) {
                     let body = PushPullState::default().encode();
-                    self.outbox.outputs.push(Output::PushPull { to: addr, body });
+                    self.outbox
+                        .outputs
+                        .push(Output::PushPull { to: addr, body });
                 }
             }
         }
@@ -490,7 +563,11 @@ impl Node {
     /// Merges a full state into ours (foca members and metadata). `broadcast` tells foca
     /// whether to re-disseminate what was new; pass false only to preload known state.
     pub fn apply_state(&mut self, state: PushPullState, broadcast: bool) {
-        if self.foca.apply_many(state.members.into_iter(), broadcast, &mut self.outbox).is_err() {
+        if self
+            .foca
+            .apply_many(state.members.into_iter(), broadcast, &mut self.outbox)
+            .is_err()
+        {
             self.errors.state += 1;
         }
         let mut fresh = Vec::new();
@@ -498,7 +575,9 @@ impl Node {
             let mut store = lock(&self.store);
             for m in state.metas {
                 let bytes = broadcast && m.meta.is_some() && m.addr != self.id().addr;
-                let bytes = bytes.then(|| postcard::to_allocvec(&m).expect("serializing into a Vec cannot fail"));
+                let bytes = bytes.then(|| {
+                    postcard::to_allocvec(&m).expect("serializing into a Vec cannot fail")
+                });
                 if store.accept(m) {
                     fresh.extend(bytes.filter(|b| b.len() <= MAX_BROADCAST_META));
                 }
@@ -565,7 +644,10 @@ impl Node {
         if let Some(to) = push_to {
             let mut state = self.state();
             state.members.push(Member::down(self.id().clone()));
-            self.outbox.outputs.push(Output::PushPull { to, body: state.encode() });
+            self.outbox.outputs.push(Output::PushPull {
+                to,
+                body: state.encode(),
+            });
         }
         self.after_call();
     }
@@ -594,7 +676,9 @@ impl Node {
             let state = match m.state() {
                 State::Alive => MemberState::Alive,
                 State::Suspect => MemberState::Suspect,
-                State::Down if rec.is_some_and(|r| r.left && r.generation >= id.generation) => MemberState::Left,
+                State::Down if rec.is_some_and(|r| r.left && r.generation >= id.generation) => {
+                    MemberState::Left
+                }
                 State::Down => MemberState::Down,
             };
             let meta_version = rec.map_or(0, |r| r.version);
@@ -612,9 +696,29 @@ impl Node {
                 }
             });
             entry.seen = pass;
-            let now = (id.generation, m.incarnation(), state, meta_version, has_meta);
-            if now != (entry.generation, entry.incarnation, entry.state, entry.meta_version, entry.has_meta) {
-                (entry.generation, entry.incarnation, entry.state, entry.meta_version, entry.has_meta) = now;
+            let now = (
+                id.generation,
+                m.incarnation(),
+                state,
+                meta_version,
+                has_meta,
+            );
+            if now
+                != (
+                    entry.generation,
+                    entry.incarnation,
+                    entry.state,
+                    entry.meta_version,
+                    entry.has_meta,
+                )
+            {
+                (
+                    entry.generation,
+                    entry.incarnation,
+                    entry.state,
+                    entry.meta_version,
+                    entry.has_meta,
+                ) = now;
                 entry.last_change_ms = now_ms;
                 changed = true;
             }
@@ -641,7 +745,11 @@ impl Node {
         out.push(MemberInfo {
             meta: self.meta.clone(),
             gossip_addr: self.id().addr,
-            state: if self.left { MemberState::Left } else { MemberState::Alive },
+            state: if self.left {
+                MemberState::Left
+            } else {
+                MemberState::Alive
+            },
             // foca keeps its own incarnation private; others see the real value.
             incarnation: 0,
             generation: self.id().generation,
@@ -666,7 +774,12 @@ impl Node {
                 })
             })
             .collect();
-        others.sort_by(|a, b| a.meta.name.cmp(&b.meta.name).then(a.gossip_addr.cmp(&b.gossip_addr)));
+        others.sort_by(|a, b| {
+            a.meta
+                .name
+                .cmp(&b.meta.name)
+                .then(a.gossip_addr.cmp(&b.gossip_addr))
+        });
         out.extend(others);
         out
     }
@@ -674,20 +787,30 @@ impl Node {
     /// How foca sees `addr` right now (O(members), for tests and the simulator), with Left
     /// distinguished from Down.
     pub fn member_state(&self, addr: SocketAddr) -> Option<MemberState> {
-        let m = self.foca.iter_membership_state().find(|m| m.id().addr == addr)?;
+        let m = self
+            .foca
+            .iter_membership_state()
+            .find(|m| m.id().addr == addr)?;
         Some(match m.state() {
             State::Alive => MemberState::Alive,
             State::Suspect => MemberState::Suspect,
             State::Down => {
                 let left = lock(&self.store).records.get(&addr).is_some_and(|r| r.left);
-                if left { MemberState::Left } else { MemberState::Down }
+                if left {
+                    MemberState::Left
+                } else {
+                    MemberState::Down
+                }
             }
         })
     }
 
     /// Whether we hold metadata for `addr`.
     pub fn has_meta(&self, addr: SocketAddr) -> bool {
-        lock(&self.store).records.get(&addr).is_some_and(|r| r.meta.is_some())
+        lock(&self.store)
+            .records
+            .get(&addr)
+            .is_some_and(|r| r.meta.is_some())
     }
 
     /// The metadata we hold for `addr`, with its version.
@@ -720,7 +843,12 @@ impl Node {
             let mut store = lock(&self.store);
             store.records.insert(
                 id.addr,
-                MetaRecord { generation: id.generation, version: self.version, left: self.left, meta: full.meta.clone() },
+                MetaRecord {
+                    generation: id.generation,
+                    version: self.version,
+                    left: self.left,
+                    meta: full.meta.clone(),
+                },
             );
         }
         let mut bytes = postcard::to_allocvec(&full).expect("serializing into a Vec cannot fail");
@@ -747,7 +875,10 @@ impl Node {
                 // would repair metadata before the next push-pull, so ask the member itself.
                 Event::MemberUp(addr) => {
                     let timer = NodeTimer::FetchMeta(*addr);
-                    self.outbox.outputs.push(Output::Timer { after: self.meta_grace, timer });
+                    self.outbox.outputs.push(Output::Timer {
+                        after: self.meta_grace,
+                        timer,
+                    });
                 }
                 _ => {}
             }
@@ -758,11 +889,19 @@ impl Node {
         }
         let (changed, fetch) = {
             let mut store = lock(&self.store);
-            (std::mem::take(&mut store.changed), std::mem::take(&mut store.fetch))
+            (
+                std::mem::take(&mut store.changed),
+                std::mem::take(&mut store.fetch),
+            )
         };
-        self.outbox.events.extend(changed.into_iter().map(Event::Meta));
+        self.outbox
+            .events
+            .extend(changed.into_iter().map(Event::Meta));
         for to in fetch {
-            self.outbox.outputs.push(Output::PushPull { to, body: PushPullState::default().encode() });
+            self.outbox.outputs.push(Output::PushPull {
+                to,
+                body: PushPullState::default().encode(),
+            });
         }
     }
 }
@@ -774,8 +913,18 @@ mod tests {
 
     fn node(port: u16, name: &str) -> Node {
         let (cfg, pp) = profile_settings(Profile::Local, 8);
-        let id = NodeId { addr: ([127, 0, 0, 1], port).into(), generation: 1 };
-        Node::new(id, NodeMeta::new(name, Role::Backend), cfg, pp, u64::from(port), 0)
+        let id = NodeId {
+            addr: ([127, 0, 0, 1], port).into(),
+            generation: 1,
+        };
+        Node::new(
+            id,
+            NodeMeta::new(name, Role::Backend),
+            cfg,
+            pp,
+            u64::from(port),
+            0,
+        )
     }
 
     // Delivers `from`'s outputs to `to`; returns whether anything moved.
@@ -817,12 +966,24 @@ mod tests {
         pump(&mut a, &mut b);
         assert!(a.is_connected() && b.is_connected());
         assert!(a.refresh(5) && b.refresh(5));
-        assert_eq!(a.members().iter().map(|m| m.meta.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            a.members()
+                .iter()
+                .map(|m| m.meta.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(b.members()[1].state, MemberState::Alive);
 
         let mut meta = b.meta().clone();
         meta.draining = true;
-        meta.services.push(Service { pool: "web".into(), addr: ([127, 0, 0, 1], 9001).into(), weight: 2, zone: None, tags: None });
+        meta.services.push(Service {
+            pool: "web".into(),
+            addr: ([127, 0, 0, 1], 9001).into(),
+            weight: 2,
+            zone: None,
+            tags: None,
+        });
         b.set_meta(meta.clone());
         pump(&mut a, &mut b);
         assert_eq!(a.meta_of(b.id().addr), Some((2, meta)));
@@ -861,8 +1022,15 @@ mod tests {
         b.join(&[a.id().addr]);
         pump(&mut a, &mut b);
         let state = a.state();
-        assert_eq!(state.name_taken("same", ([127, 0, 0, 1], 3).into()), Some(a.id().addr));
-        assert_eq!(state.name_taken("same", a.id().addr), None, "a restart at the same address is not a conflict");
+        assert_eq!(
+            state.name_taken("same", ([127, 0, 0, 1], 3).into()),
+            Some(a.id().addr)
+        );
+        assert_eq!(
+            state.name_taken("same", a.id().addr),
+            None,
+            "a restart at the same address is not a conflict"
+        );
         assert_eq!(state.name_taken("other", ([127, 0, 0, 1], 3).into()), None);
     }
 

@@ -79,7 +79,13 @@ struct Shared {
 
 impl Shared {
     fn seal(&self, kind: Kind, body: &[u8]) -> Vec<u8> {
-        wire::seal(&self.keyring.load(), &self.cluster_name, kind, body, self.compression)
+        wire::seal(
+            &self.keyring.load(),
+            &self.cluster_name,
+            kind,
+            body,
+            self.compression,
+        )
     }
 
     // Opens a received message, counting what is dropped.
@@ -97,7 +103,10 @@ impl Shared {
         }
     }
 
-    fn edit_keyring(&self, f: impl FnOnce(&mut Keyring) -> Result<(), super::KeyError>) -> Result<(), ClusterError> {
+    fn edit_keyring(
+        &self,
+        f: impl FnOnce(&mut Keyring) -> Result<(), super::KeyError>,
+    ) -> Result<(), ClusterError> {
         let _guard = self.keyring_edit.lock().unwrap_or_else(|e| e.into_inner());
         let mut ring = Keyring::clone(&self.keyring.load());
         f(&mut ring)?;
@@ -148,7 +157,11 @@ enum Command {
 
 enum Inbound {
     Packet(Vec<u8>),
-    Stream { kind: Kind, body: Vec<u8>, reply: oneshot::Sender<Option<Vec<u8>>> },
+    Stream {
+        kind: Kind,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
     StreamReply(Vec<u8>),
     Seeds(Vec<SocketAddr>),
 }
@@ -169,7 +182,9 @@ pub struct ClusterHandle {
 
 impl std::fmt::Debug for ClusterHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterHandle").field("gossip_addr", &self.shared.gossip_addr).finish()
+        f.debug_struct("ClusterHandle")
+            .field("gossip_addr", &self.shared.gossip_addr)
+            .finish()
     }
 }
 
@@ -192,14 +207,18 @@ impl ClusterHandle {
 
     /// Replaces this node's metadata and spreads it to the cluster.
     pub fn set_meta(&self, meta: NodeMeta) -> Result<(), ClusterError> {
-        self.commands.send(Command::SetMeta(meta)).map_err(|_| ClusterError::Stopped)
+        self.commands
+            .send(Command::SetMeta(meta))
+            .map_err(|_| ClusterError::Stopped)
     }
 
     /// Announces a graceful departure (others see this node as Left), then stops the member.
     /// Returns once the announcement was sent (bounded by a few seconds).
     pub async fn leave(&self) -> Result<(), ClusterError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Leave(tx)).map_err(|_| ClusterError::Stopped)?;
+        self.commands
+            .send(Command::Leave(tx))
+            .map_err(|_| ClusterError::Stopped)?;
         rx.await.map_err(|_| ClusterError::Stopped)
     }
 
@@ -263,13 +282,17 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, UdpSocket), ClusterError
             Err(e) => last = Some(e),
         }
     }
-    Err(io(last.unwrap_or_else(|| std::io::Error::other("could not bind UDP"))))
+    Err(io(last.unwrap_or_else(|| {
+        std::io::Error::other("could not bind UDP")
+    })))
 }
 
 async fn resolve(peers: &[String], own: SocketAddr) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for p in peers {
-        if let Ok(Ok(addrs)) = timeout(Duration::from_secs(2), tokio::net::lookup_host(p.as_str())).await {
+        if let Ok(Ok(addrs)) =
+            timeout(Duration::from_secs(2), tokio::net::lookup_host(p.as_str())).await
+        {
             out.extend(addrs.filter(|a| *a != own));
         }
     }
@@ -294,16 +317,26 @@ impl Cluster {
     /// [`ClusterError::NameConflict`] if a live member at another address has the same name.
     /// When no seed answers in that time it starts anyway and keeps retrying the seeds with
     /// exponential backoff — also later, whenever it loses every peer.
-    pub async fn start(config: ClusterConfig, meta: NodeMeta) -> Result<ClusterHandle, ClusterError> {
+    pub async fn start(
+        config: ClusterConfig,
+        meta: NodeMeta,
+    ) -> Result<ClusterHandle, ClusterError> {
         let keyring = Keyring::from_base64(&config.keys)?;
         if config.cluster_name.is_empty() {
-            return Err(ClusterError::Config("the cluster name must not be empty".into()));
+            return Err(ClusterError::Config(
+                "the cluster name must not be empty".into(),
+            ));
         }
         if meta.name.is_empty() {
-            return Err(ClusterError::Config("the node name must not be empty".into()));
+            return Err(ClusterError::Config(
+                "the node name must not be empty".into(),
+            ));
         }
         let (tcp, udp) = bind(config.bind_addr).await?;
-        let bound = udp.local_addr().map_err(|source| ClusterError::Io { addr: config.bind_addr, source })?;
+        let bound = udp.local_addr().map_err(|source| ClusterError::Io {
+            addr: config.bind_addr,
+            source,
+        })?;
         let gossip_addr = config.advertise_addr.unwrap_or(bound);
         if gossip_addr.ip().is_unspecified() {
             return Err(ClusterError::Config(format!(
@@ -322,9 +355,21 @@ impl Cluster {
 
         let (foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
         // Wall-clock milliseconds: a restarted node outranks its previous identity.
-        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
-        let id = NodeId { addr: gossip_addr, generation };
-        let mut node = Node::new(id, meta.clone(), foca_cfg, push_pull, rand::random(), now_ms());
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let id = NodeId {
+            addr: gossip_addr,
+            generation,
+        };
+        let mut node = Node::new(
+            id,
+            meta.clone(),
+            foca_cfg,
+            push_pull,
+            rand::random(),
+            now_ms(),
+        );
 
         let seeds = join_check(&shared, &config, &meta, &mut node).await?;
         node.join(&seeds);
@@ -354,7 +399,11 @@ impl Cluster {
             changes: changes_tx,
         };
         tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
-        Ok(ClusterHandle { shared, commands: cmd_tx, changes: changes_rx })
+        Ok(ClusterHandle {
+            shared,
+            commands: cmd_tx,
+            changes: changes_rx,
+        })
     }
 }
 
@@ -381,10 +430,17 @@ async fn join_check(
         seeds = resolve(&config.peers, shared.gossip_addr).await;
         for seed in &seeds {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some(reply)) = timeout(left, shared.exchange(*seed, &empty)).await else { continue };
-            let Some(state) = PushPullState::decode(&reply) else { continue };
+            let Ok(Some(reply)) = timeout(left, shared.exchange(*seed, &empty)).await else {
+                continue;
+            };
+            let Some(state) = PushPullState::decode(&reply) else {
+                continue;
+            };
             if let Some(other) = state.name_taken(&meta.name, shared.gossip_addr) {
-                return Err(ClusterError::NameConflict { name: meta.name.clone(), other });
+                return Err(ClusterError::NameConflict {
+                    name: meta.name.clone(),
+                    other,
+                });
             }
             node.apply_state(state, true);
             return Ok(seeds);
@@ -408,7 +464,9 @@ async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender
         match shared.open(&buf[..n]) {
             Some((Kind::Foca, body)) => {
                 // Under overload drop rather than queue without bound: SWIM tolerates loss.
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Inbound::Packet(body)) {
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(Inbound::Packet(body))
+                {
                     return;
                 }
             }
@@ -439,7 +497,13 @@ async fn serve_stream(shared: Arc<Shared>, mut stream: TcpStream, tx: mpsc::Send
             Kind::Foca => tx.send(Inbound::Packet(body)).await.ok(),
             Kind::PushPull => {
                 let (reply_tx, reply_rx) = oneshot::channel();
-                tx.send(Inbound::Stream { kind, body, reply: reply_tx }).await.ok()?;
+                tx.send(Inbound::Stream {
+                    kind,
+                    body,
+                    reply: reply_tx,
+                })
+                .await
+                .ok()?;
                 let reply = reply_rx.await.ok()??;
                 let sealed = shared.seal(Kind::PushPullReply, &reply);
                 wire::write_frame(&mut stream, &sealed).await.ok()?;
@@ -503,7 +567,10 @@ impl Driver {
     ) {
         self.flush().await;
         loop {
-            let next_timer = self.timers.peek().map_or(Instant::now() + Duration::from_secs(3600), |t| t.at);
+            let next_timer = self
+                .timers
+                .peek()
+                .map_or(Instant::now() + Duration::from_secs(3600), |t| t.at);
             let retry_seeds = !self.peers.is_empty() && !self.node.is_connected();
             let mut leaving = None;
             tokio::select! {
@@ -571,7 +638,11 @@ impl Driver {
                 }
                 Output::Timer { after, timer } => {
                     self.timer_seq += 1;
-                    self.timers.push(Scheduled { at: Instant::now() + after, seq: self.timer_seq, timer });
+                    self.timers.push(Scheduled {
+                        at: Instant::now() + after,
+                        seq: self.timer_seq,
+                        timer,
+                    });
                 }
             }
         }
@@ -648,28 +719,52 @@ mod tests {
     }
 
     fn state_of(h: &ClusterHandle, name: &str) -> Option<MemberState> {
-        h.members().into_iter().find(|m| m.meta.name == name).map(|m| m.state)
+        h.members()
+            .into_iter()
+            .find(|m| m.meta.name == name)
+            .map(|m| m.state)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_nodes_on_loopback() {
         let key = generate_key();
-        let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy)).await.expect("a starts");
+        let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy))
+            .await
+            .expect("a starts");
         let seed = [a.gossip_addr()];
         let mut b_meta = NodeMeta::new("b", Role::Backend);
-        b_meta.services.push(Service { pool: "web".into(), addr: "127.0.0.1:9001".parse().expect("valid"), weight: 3, zone: None, tags: None });
-        let b = Cluster::start(config(&key, &seed), b_meta.clone()).await.expect("b starts");
-        let c = Cluster::start(config(&key, &seed), NodeMeta::new("c", Role::Backend)).await.expect("c starts");
+        b_meta.services.push(Service {
+            pool: "web".into(),
+            addr: "127.0.0.1:9001".parse().expect("valid"),
+            weight: 3,
+            zone: None,
+            tags: None,
+        });
+        let b = Cluster::start(config(&key, &seed), b_meta.clone())
+            .await
+            .expect("b starts");
+        let c = Cluster::start(config(&key, &seed), NodeMeta::new("c", Role::Backend))
+            .await
+            .expect("c starts");
         let mut changes = a.changes();
 
         for h in [&a, &b, &c] {
             eventually(10, "all three alive everywhere", || {
-                ["a", "b", "c"].iter().all(|n| state_of(h, n) == Some(MemberState::Alive))
+                ["a", "b", "c"]
+                    .iter()
+                    .all(|n| state_of(h, n) == Some(MemberState::Alive))
             })
             .await;
         }
-        let seen = a.members().into_iter().find(|m| m.meta.name == "b").expect("b known");
-        assert_eq!((seen.meta, seen.gossip_addr), (b_meta.clone(), b.gossip_addr()));
+        let seen = a
+            .members()
+            .into_iter()
+            .find(|m| m.meta.name == "b")
+            .expect("b known");
+        assert_eq!(
+            (seen.meta, seen.gossip_addr),
+            (b_meta.clone(), b.gossip_addr())
+        );
         assert!(changes.has_changed().expect("a is running"));
         changes.mark_unchanged();
 
@@ -677,7 +772,9 @@ mod tests {
         b_meta.draining = true;
         b.set_meta(b_meta.clone()).expect("b is running");
         eventually(10, "c sees b draining", || {
-            c.members().iter().any(|m| m.meta.name == "b" && m.meta.draining)
+            c.members()
+                .iter()
+                .any(|m| m.meta.name == "b" && m.meta.draining)
         })
         .await;
         assert!(changes.has_changed().expect("a is running"));
@@ -692,16 +789,32 @@ mod tests {
 
         // A node with another key never gets in, and its packets are counted as rejected.
         let rejected_before = a.stats().rejected_decrypt;
-        let stranger = Cluster::start(config(&generate_key(), &seed), NodeMeta::new("x", Role::Proxy))
-            .await
-            .expect("starts alone");
-        eventually(10, "a rejects the stranger's packets", || a.stats().rejected_decrypt > rejected_before + 2)
-            .await;
-        assert_eq!(stranger.members().len(), 1, "the stranger knows only itself");
+        let stranger = Cluster::start(
+            config(&generate_key(), &seed),
+            NodeMeta::new("x", Role::Proxy),
+        )
+        .await
+        .expect("starts alone");
+        eventually(10, "a rejects the stranger's packets", || {
+            a.stats().rejected_decrypt > rejected_before + 2
+        })
+        .await;
+        assert_eq!(
+            stranger.members().len(),
+            1,
+            "the stranger knows only itself"
+        );
         assert!(a.members().iter().all(|m| m.meta.name != "x"));
-        eventually(10, "the stranger's datagrams are rejected too", || stranger.stats().udp_sent > 0).await;
+        eventually(10, "the stranger's datagrams are rejected too", || {
+            stranger.stats().udp_sent > 0
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(stranger.members().len(), 1, "still alone after its announces");
+        assert_eq!(
+            stranger.members().len(),
+            1,
+            "still alone after its announces"
+        );
 
         // A graceful leave is seen as Left, not Down.
         c.leave().await.expect("c leaves");
@@ -711,19 +824,30 @@ mod tests {
         }
         assert_eq!(state_of(&a, "b"), Some(MemberState::Alive));
         let s = a.stats();
-        assert!(s.udp_sent > 0 && s.udp_received > 0 && s.tcp_received > 0 && s.bytes_sent > 0, "{s:?}");
+        assert!(
+            s.udp_sent > 0 && s.udp_received > 0 && s.tcp_received > 0 && s.bytes_sent > 0,
+            "{s:?}"
+        );
     }
 
     #[tokio::test]
     async fn keyring_operations_through_the_handle() {
         let (k1, k2) = (generate_key(), generate_key());
-        let h = Cluster::start(config(&k1, &[]), NodeMeta::new("k", Role::Proxy)).await.expect("starts");
+        let h = Cluster::start(config(&k1, &[]), NodeMeta::new("k", Role::Proxy))
+            .await
+            .expect("starts");
         h.keyring_install(&k2).expect("install");
         assert_eq!(h.keys(), [k1.clone(), k2.clone()]);
-        assert!(matches!(h.keyring_remove(&k1), Err(ClusterError::Key(crate::cluster::KeyError::RemovePrimary))));
+        assert!(matches!(
+            h.keyring_remove(&k1),
+            Err(ClusterError::Key(crate::cluster::KeyError::RemovePrimary))
+        ));
         h.keyring_use(&k2).expect("use");
         h.keyring_remove(&k1).expect("remove the old primary");
         assert_eq!(h.keys(), [k2]);
-        assert!(matches!(h.keyring_install("nope"), Err(ClusterError::Key(_))));
+        assert!(matches!(
+            h.keyring_install("nope"),
+            Err(ClusterError::Key(_))
+        ));
     }
 }

@@ -39,7 +39,14 @@ pub struct SimConfig {
 impl SimConfig {
     /// A LAN-profile network with 1–5 ms latency and the given loss.
     pub fn lan(expected_size: u32, loss: f64, seed: u64) -> Self {
-        SimConfig { loss, min_delay_ms: 1, max_delay_ms: 5, seed, profile: Profile::Lan, expected_size }
+        SimConfig {
+            loss,
+            min_delay_ms: 1,
+            max_delay_ms: 5,
+            seed,
+            profile: Profile::Lan,
+            expected_size,
+        }
     }
 }
 
@@ -86,7 +93,10 @@ pub struct Sim {
 
 impl std::fmt::Debug for Sim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sim").field("now_ms", &self.now_ms).field("nodes", &self.nodes.len()).finish()
+        f.debug_struct("Sim")
+            .field("now_ms", &self.now_ms)
+            .field("nodes", &self.nodes.len())
+            .finish()
     }
 }
 
@@ -100,7 +110,13 @@ pub fn sim_addr(i: usize) -> SocketAddr {
 pub fn sim_meta(i: usize) -> NodeMeta {
     let mut meta = NodeMeta::new(format!("node-{i}"), Role::Backend);
     meta.zone = format!("zone-{}", i % 3);
-    meta.services.push(Service { pool: "web".into(), addr: SocketAddr::new(sim_addr(i).ip(), 8080), weight: 1, zone: None, tags: None });
+    meta.services.push(Service {
+        pool: "web".into(),
+        addr: SocketAddr::new(sim_addr(i).ip(), 8080),
+        weight: 1,
+        zone: None,
+        tags: None,
+    });
     meta
 }
 
@@ -108,7 +124,12 @@ impl Sim {
     /// Adds a node, joins it through `seeds`, and runs until `need` other nodes know it (foca
     /// reported it up and its metadata arrived) or `limit_ms` of virtual time passed. Returns the
     /// new node's index and the time it took, if it got there.
-    pub fn join_and_time(&mut self, seeds: &[usize], need: usize, limit_ms: u64) -> (usize, Option<u64>) {
+    pub fn join_and_time(
+        &mut self,
+        seeds: &[usize],
+        need: usize,
+        limit_ms: u64,
+    ) -> (usize, Option<u64>) {
         let new = self.add_node();
         let addr = sim_addr(new);
         let start = self.now_ms();
@@ -184,10 +205,16 @@ impl Sim {
         let i = self.nodes.len();
         let (foca_cfg, push_pull) = profile_settings(self.cfg.profile, self.cfg.expected_size);
         let seed = self.rng.random::<u64>();
-        let id = NodeId { addr: sim_addr(i), generation: 1 };
+        let id = NodeId {
+            addr: sim_addr(i),
+            generation: 1,
+        };
         let node = Node::new(id, sim_meta(i), foca_cfg, push_pull, seed, self.now_ms);
         self.by_addr.insert(sim_addr(i), i);
-        self.nodes.push(SimNode { node, crashed: false });
+        self.nodes.push(SimNode {
+            node,
+            crashed: false,
+        });
         self.dispatch(i, &mut |_, _, _| {});
         i
     }
@@ -203,8 +230,12 @@ impl Sim {
         let mut state = PushPullState::default();
         for i in first..first + n {
             let s = self.nodes[i].node.state();
-            state.members.extend(s.members.into_iter().filter(|m| m.id().addr == sim_addr(i)));
-            state.metas.extend(s.metas.into_iter().filter(|m| m.addr == sim_addr(i)));
+            state
+                .members
+                .extend(s.members.into_iter().filter(|m| m.id().addr == sim_addr(i)));
+            state
+                .metas
+                .extend(s.metas.into_iter().filter(|m| m.addr == sim_addr(i)));
         }
         for i in first..first + n {
             self.nodes[i].node.apply_state(state.clone(), false);
@@ -271,7 +302,8 @@ impl Sim {
     }
 
     fn delay(&mut self) -> u64 {
-        self.rng.random_range(self.cfg.min_delay_ms..=self.cfg.max_delay_ms)
+        self.rng
+            .random_range(self.cfg.min_delay_ms..=self.cfg.max_delay_ms)
     }
 
     fn schedule(&mut self, after_ms: u64, to: usize, d: Delivery) {
@@ -286,7 +318,8 @@ impl Sim {
             }
         };
         self.seq += 1;
-        self.queue.push(Reverse((self.now_ms + after_ms, self.seq, slot)));
+        self.queue
+            .push(Reverse((self.now_ms + after_ms, self.seq, slot)));
     }
 
     // Moves node `i`'s outputs into the network and reports its events.
@@ -305,7 +338,9 @@ impl Sim {
                 Output::Packet { to, body } => {
                     self.stats.packets_sent += 1;
                     self.stats.bytes += (body.len() + HEADER_LEN + SEAL_OVERHEAD) as u64;
-                    let Some(&dst) = self.by_addr.get(&to) else { continue };
+                    let Some(&dst) = self.by_addr.get(&to) else {
+                        continue;
+                    };
                     if self.rng.random_bool(self.cfg.loss) {
                         self.stats.packets_dropped += 1;
                         continue;
@@ -316,7 +351,9 @@ impl Sim {
                 Output::PushPull { to, body } => {
                     self.stats.push_pulls += 1;
                     self.stats.bytes += stream_bytes(body.len());
-                    let Some(&dst) = self.by_addr.get(&to) else { continue };
+                    let Some(&dst) = self.by_addr.get(&to) else {
+                        continue;
+                    };
                     let delay = self.delay();
                     self.schedule(delay, dst, Delivery::PushPull { from: i, body });
                 }

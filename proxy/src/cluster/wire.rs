@@ -68,7 +68,10 @@ pub fn encode_plain(kind: Kind, body: &[u8], compress: bool) -> Vec<u8> {
     if compress && body.len() >= COMPRESS_MIN {
         let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         // Writing into a Vec cannot fail; an error would only mean "send it uncompressed".
-        let deflated = enc.write_all(body).and_then(|_| enc.finish()).unwrap_or_default();
+        let deflated = enc
+            .write_all(body)
+            .and_then(|_| enc.finish())
+            .unwrap_or_default();
         if !deflated.is_empty() && deflated.len() < body.len() {
             let mut out = Vec::with_capacity(HEADER_LEN + deflated.len());
             out.push(kind as u8);
@@ -127,14 +130,19 @@ pub enum OpenError {
 
 /// Opens a sealed message. Nothing is parsed unless the keyring authenticates it.
 pub fn open(ring: &Keyring, cluster: &str, sealed: &[u8]) -> Result<(Kind, Vec<u8>), OpenError> {
-    let plain = ring.open(sealed, cluster.as_bytes()).ok_or(OpenError::Decrypt)?;
+    let plain = ring
+        .open(sealed, cluster.as_bytes())
+        .ok_or(OpenError::Decrypt)?;
     decode_plain(&plain).map_err(OpenError::Wire)
 }
 
 /// Writes one length-prefixed frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, sealed: &[u8]) -> std::io::Result<()> {
     if sealed.len() > MAX_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
     }
     let mut buf = Vec::with_capacity(4 + sealed.len());
     buf.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
@@ -149,7 +157,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -163,7 +174,12 @@ mod tests {
 
     #[test]
     fn plain_round_trip_with_and_without_compression() {
-        let body: Vec<u8> = b"member-metadata ".iter().cycle().take(2000).copied().collect();
+        let body: Vec<u8> = b"member-metadata "
+            .iter()
+            .cycle()
+            .take(2000)
+            .copied()
+            .collect();
         for compress in [false, true] {
             let plain = encode_plain(Kind::PushPull, &body, compress);
             if compress {
@@ -188,10 +204,16 @@ mod tests {
         assert_eq!(decode_plain(&[9, 0]), Err(WireError::Malformed));
         let v = WIRE_VERSION << VERSION_SHIFT;
         assert_eq!(decode_plain(&[1, v | 7]), Err(WireError::Malformed));
-        assert_eq!(decode_plain(&[1, v | COMPRESSED, 0xff, 0xff]), Err(WireError::BadCompression));
+        assert_eq!(
+            decode_plain(&[1, v | COMPRESSED, 0xff, 0xff]),
+            Err(WireError::BadCompression)
+        );
         // Another wire version (0 = before versioning) is refused, not misread.
         assert_eq!(decode_plain(&[1, 0, b'x']), Err(WireError::Malformed));
-        assert_eq!(decode_plain(&[1, (WIRE_VERSION + 1) << VERSION_SHIFT, b'x']), Err(WireError::Malformed));
+        assert_eq!(
+            decode_plain(&[1, (WIRE_VERSION + 1) << VERSION_SHIFT, b'x']),
+            Err(WireError::Malformed)
+        );
     }
 
     #[test]
@@ -199,7 +221,10 @@ mod tests {
         let ring = Keyring::from_base64(&[generate_key()]).unwrap();
         let other = Keyring::from_base64(&[generate_key()]).unwrap();
         let sealed = seal(&ring, "prod", Kind::Foca, b"ping", true);
-        assert_eq!(open(&ring, "prod", &sealed), Ok((Kind::Foca, b"ping".to_vec())));
+        assert_eq!(
+            open(&ring, "prod", &sealed),
+            Ok((Kind::Foca, b"ping".to_vec()))
+        );
         assert_eq!(open(&other, "prod", &sealed), Err(OpenError::Decrypt));
         assert_eq!(open(&ring, "dev", &sealed), Err(OpenError::Decrypt));
     }
@@ -211,7 +236,12 @@ mod tests {
         write_frame(&mut a, &[7u8; 5000]).await.unwrap();
         assert_eq!(read_frame(&mut b).await.unwrap(), b"one");
         assert_eq!(read_frame(&mut b).await.unwrap(), vec![7u8; 5000]);
-        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes()).await.unwrap();
-        assert_eq!(read_frame(&mut b).await.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_frame(&mut b).await.unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
     }
 }

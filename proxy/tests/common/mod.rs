@@ -13,13 +13,21 @@ pub use sluice::demo::DemoBackend;
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh scratch directory for one test.
 pub fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!("sluice-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -32,7 +40,10 @@ pub fn backends(n: usize) -> Vec<(SocketAddr, Arc<DemoBackend>)> {
 }
 
 pub fn backend_list(b: &[(SocketAddr, Arc<DemoBackend>)]) -> String {
-    b.iter().map(|(a, _)| format!("\"{a}\"")).collect::<Vec<_>>().join(", ")
+    b.iter()
+        .map(|(a, _)| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A running `sluice run` process, killed on drop.
@@ -73,7 +84,13 @@ impl Proxy {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let mut p = Proxy { child, listen, admin, config_path, dir };
+        let mut p = Proxy {
+            child,
+            listen,
+            admin,
+            config_path,
+            dir,
+        };
         p.wait_ready();
         p
     }
@@ -84,7 +101,8 @@ impl Proxy {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("sluice exited early with {status}: {}", self.log());
             }
-            let admin_ok = request(self.admin, "GET", "/healthz", &[], b"").is_ok_and(|r| r.status == 200);
+            let admin_ok =
+                request(self.admin, "GET", "/healthz", &[], b"").is_ok_and(|r| r.status == 200);
             if admin_ok && std::net::TcpStream::connect(self.listen).is_ok() {
                 return;
             }
@@ -131,7 +149,9 @@ impl Drop for Proxy {
 }
 
 /// Counts responses by body (the demo backends answer with their name).
-pub fn tally(responses: impl IntoIterator<Item = String>) -> std::collections::BTreeMap<String, usize> {
+pub fn tally(
+    responses: impl IntoIterator<Item = String>,
+) -> std::collections::BTreeMap<String, usize> {
     let mut m = std::collections::BTreeMap::new();
     for r in responses {
         *m.entry(r.trim().to_string()).or_insert(0) += 1;
@@ -167,7 +187,12 @@ pub fn first_only() -> Vec<u8> {
 }
 
 /// Runs `f` from `threads` threads, `per_thread` times each, stopping early at `max_time`.
-pub fn bounded_load<F>(threads: usize, per_thread: usize, max_time: Duration, f: F) -> Vec<Result<HttpResponse, String>>
+pub fn bounded_load<F>(
+    threads: usize,
+    per_thread: usize,
+    max_time: Duration,
+    f: F,
+) -> Vec<Result<HttpResponse, String>>
 where
     F: Fn(&mut Option<HttpConn>) -> Result<HttpResponse, String> + Send + Sync + 'static,
 {
@@ -189,18 +214,27 @@ where
             })
         })
         .collect();
-    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
 }
 
 /// One GET over a kept-alive connection. No client-side retry: any error counts as a failure.
-pub fn keepalive_get(conn: &mut Option<HttpConn>, addr: SocketAddr, path: &str) -> Result<HttpResponse, String> {
+pub fn keepalive_get(
+    conn: &mut Option<HttpConn>,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<HttpResponse, String> {
     if conn.is_none() {
         *conn = Some(HttpConn::connect(addr, Duration::from_secs(10)).map_err(|e| e.to_string())?);
     }
     let result = conn.as_mut().unwrap().request("GET", path, &[], b"");
     match result {
         Ok(r) => {
-            if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+            if r.header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+            {
                 *conn = None;
             }
             Ok(r)
@@ -232,5 +266,11 @@ pub fn pools_json(proxy: &Proxy) -> serde_json::Value {
 /// A field of one backend of the first pool in `GET /api/pools`.
 pub fn backend_field(proxy: &Proxy, addr: &str, field: &str) -> serde_json::Value {
     let v = pools_json(proxy);
-    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr).unwrap()[field].clone()
+    v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr)
+        .unwrap()[field]
+        .clone()
 }
