@@ -37,10 +37,10 @@ pub struct AgentSection {
     #[serde(default)]
     pub tags: Option<Vec<String>>,
     /// How long to keep serving after announcing the drain, before leaving.
-    #[serde(default = "default_grace", with = "humantime_serde_compat")]
+    #[serde(default = "default_grace", with = "crate::config::duration")]
     pub drain_grace: Duration,
     /// How often local checks run.
-    #[serde(default = "default_check_interval", with = "humantime_serde_compat")]
+    #[serde(default = "default_check_interval", with = "crate::config::duration")]
     pub check_interval: Duration,
 }
 
@@ -60,19 +60,6 @@ fn default_grace() -> Duration {
 }
 fn default_check_interval() -> Duration {
     Duration::from_secs(2)
-}
-
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration \"{s}\" ({e}); write it like \"200ms\" or \"5s\""
-            ))
-        })
-    }
 }
 
 /// `[[service]]`.
@@ -120,10 +107,7 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!("{}: cannot read the agent config: {e}", path.display())
         })?;
-        let cfg: AgentConfig = toml::from_str(&text).map_err(|e| {
-            let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
-            anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
-        })?;
+        let cfg: AgentConfig = crate::config::parse_toml(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.cluster
             .to_config(base)
@@ -175,19 +159,6 @@ impl AgentConfig {
         meta.services = services;
         meta
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    (
-        before.matches('\n').count() + 1,
-        before
-            .rsplit('\n')
-            .next()
-            .map(|l| l.chars().count())
-            .unwrap_or(0)
-            + 1,
-    )
 }
 
 /// Whether a local service passes its check (no check = passes).

@@ -435,8 +435,8 @@ fn default_prefix() -> String {
     "/".into()
 }
 
-/// Durations are written as strings: `"200ms"`, `"2s"`, `"1m 30s"`.
-mod duration {
+/// Durations are written as strings: `"200ms"`, `"2s"`, `"1m 30s"`. Also used by the agent's file.
+pub(crate) mod duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -462,15 +462,7 @@ impl Config {
 
     /// Parses and validates config text. `name` is used in messages, `base_dir` for relative paths.
     pub fn parse(text: &str, name: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Invalid {
-                path: name.into(),
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }
-        })?;
+        let mut cfg: Config = parse_toml(text, name)?;
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source_name = name.to_string();
         cfg.source_text = text.to_string();
@@ -665,6 +657,22 @@ impl BackendEntry {
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("listen address \"{s}\" is not an IP:port; write it like \"127.0.0.1:8080\"")
+    })
+}
+
+/// Deserializes TOML, locating errors at file:line:column. Shared with the agent's file.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    name: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError::Invalid {
+            path: name.into(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
     })
 }
 

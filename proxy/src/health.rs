@@ -221,23 +221,9 @@ pub fn decode_probe(b: &[u8]) -> Result<ProbeSpec, String> {
 
 /// One backend as a single table entry (the table format without the count).
 fn encode_backend(b: &Backend) -> Vec<u8> {
-    let table = crate::pool::encode_table(
-        std::slice::from_ref(&Arc::new(clone_backend(b))),
-        &[b.weight],
-        None,
-    );
-    table[4..].to_vec()
-}
-
-fn clone_backend(b: &Backend) -> Backend {
-    Backend {
-        addr: b.addr,
-        addr_text: b.addr_text.clone(),
-        weight: b.weight,
-        zone: b.zone.clone(),
-        tags: b.tags.clone(),
-        stats: b.stats.clone(),
-    }
+    let mut out = Vec::with_capacity(48);
+    crate::pool::encode_entry(&mut out, b, b.weight, None);
+    out
 }
 
 struct Instance {

@@ -102,6 +102,8 @@ impl ProbeTask {
         let stats = &self.backend.stats;
         let now = now_ms();
         let mut changed = false;
+        // A degraded factor that moved changes weights without changing health state.
+        let mut reweighed = false;
         {
             let mut rec = stats.health.lock().unwrap_or_else(|p| p.into_inner());
             rec.in_flight = false;
@@ -158,9 +160,7 @@ impl ProbeTask {
                         stats.admitted_at_ms.store(now, Ordering::Relaxed);
                         changed = true;
                     }
-                    if stats.health_factor.swap(factor, Ordering::Relaxed) != factor {
-                        self.pool.rebuild_table();
-                    }
+                    reweighed = stats.health_factor.swap(factor, Ordering::Relaxed) != factor;
                     rec.checked = true;
                 }
             }
@@ -175,6 +175,8 @@ impl ProbeTask {
                 .with_label_values(&[&self.pool.name, &self.backend.addr_text])
                 .set(i64::from(up));
             tracing::info!(pool = %self.pool.name, backend = %self.backend.addr_text, healthy = up, "backend health changed");
+        }
+        if changed || reweighed {
             self.pool.rebuild_table();
         }
     }

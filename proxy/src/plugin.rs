@@ -305,7 +305,6 @@ impl HostState {
 pub struct PluginEngine {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    started: Instant,
 }
 
 impl PluginEngine {
@@ -331,11 +330,7 @@ impl PluginEngine {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(PluginEngine {
-            engine,
-            linker,
-            started: Instant::now(),
-        })
+        Ok(PluginEngine { engine, linker })
     }
 
     /// The wasmtime engine.
@@ -356,6 +351,16 @@ impl PluginEngine {
             Module::new(&self.engine, bytes).map_err(|e| PluginError::Compile(root_cause(&e)))?;
         for (export, params, results) in required_exports(kind) {
             check_export(&module, export, params, results)?;
+        }
+        if module
+            .get_export("memory")
+            .and_then(|m| m.memory().cloned())
+            .is_none()
+        {
+            return Err(PluginError::MissingExport {
+                name: "memory",
+                detail: "no exported memory".into(),
+            });
         }
         let pre = self
             .linker
@@ -412,11 +417,6 @@ impl PluginEngine {
         store.limiter(|s| &mut s.limits);
         store
     }
-
-    /// Nanoseconds since the engine started (the ABI's monotonic clock).
-    pub fn monotonic_ns(&self) -> i64 {
-        self.started.elapsed().as_nanos() as i64
-    }
 }
 
 fn required_exports(
@@ -472,16 +472,6 @@ fn check_export(
         return Err(PluginError::MissingExport {
             name,
             detail: format!("found {f}"),
-        });
-    }
-    if module
-        .get_export("memory")
-        .and_then(|m| m.memory().cloned())
-        .is_none()
-    {
-        return Err(PluginError::MissingExport {
-            name: "memory",
-            detail: "no exported memory".into(),
         });
     }
     Ok(())

@@ -219,25 +219,31 @@ pub fn encode_table(
     weights: &[u32],
     local_zone: Option<&str>,
 ) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + backends.len() * 48);
+    out.extend_from_slice(&(backends.len() as u32).to_le_bytes());
+    for (b, w) in backends.iter().zip(weights) {
+        encode_entry(&mut out, b, *w, local_zone);
+    }
+    out
+}
+
+/// Appends one table entry (the ABI table format without the count); health plugins get a
+/// backend in this form too.
+pub fn encode_entry(out: &mut Vec<u8>, b: &Backend, weight: u32, local_zone: Option<&str>) {
     fn put_str(out: &mut Vec<u8>, s: &str) {
         let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
         out.extend_from_slice(&(b.len() as u16).to_le_bytes());
         out.extend_from_slice(b);
     }
-    let mut out = Vec::with_capacity(4 + backends.len() * 48);
-    out.extend_from_slice(&(backends.len() as u32).to_le_bytes());
-    for (b, w) in backends.iter().zip(weights) {
-        out.extend_from_slice(&(*w).max(1).to_le_bytes());
-        let local = local_zone.is_some_and(|z| !z.is_empty() && z == b.zone);
-        out.extend_from_slice(&u32::from(local).to_le_bytes());
-        put_str(&mut out, &b.addr_text);
-        put_str(&mut out, &b.zone);
-        out.extend_from_slice(&(b.tags.len().min(u16::MAX as usize) as u16).to_le_bytes());
-        for t in b.tags.iter().take(u16::MAX as usize) {
-            put_str(&mut out, t);
-        }
+    out.extend_from_slice(&weight.max(1).to_le_bytes());
+    let local = local_zone.is_some_and(|z| !z.is_empty() && z == b.zone);
+    out.extend_from_slice(&u32::from(local).to_le_bytes());
+    put_str(out, &b.addr_text);
+    put_str(out, &b.zone);
+    out.extend_from_slice(&(b.tags.len().min(u16::MAX as usize) as u16).to_le_bytes());
+    for t in b.tags.iter().take(u16::MAX as usize) {
+        put_str(out, t);
     }
-    out
 }
 
 /// Per-pool upstream settings and balancing policies.

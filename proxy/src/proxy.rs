@@ -270,13 +270,9 @@ impl ProxyHttp for SluiceProxy {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = match (ctx.upstream_status, e) {
-            (Some(s), _) => Some(s),
-            (None, Some(_)) => None,
-            (None, None) => None,
-        };
-        ctx.finish_backend(status);
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // No upstream status means no response came back (connect or read failure).
+        ctx.finish_backend(ctx.upstream_status);
     }
 }
 

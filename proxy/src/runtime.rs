@@ -400,7 +400,7 @@ impl Runtime {
         config_json: Arc<[u8]>,
         zone: Option<String>,
     ) -> Result<Pool, PluginError> {
-        let backends = prospective_new(specs, &self.metrics, name);
+        let backends = crate::pool::backends_from_specs(specs, &self.metrics, name);
         let table = Arc::new(BackendTable::new(1, backends, zone.as_deref()));
         let strategy = StrategyHost::new(
             &self.engine,
@@ -548,16 +548,11 @@ fn prospective(
         .map(
             |s| match current.backends.iter().find(|b| b.addr == s.addr) {
                 Some(b) => b.clone(),
-                None => prospective_new(std::slice::from_ref(s), metrics, &pool.name).remove(0),
+                None => {
+                    crate::pool::backends_from_specs(std::slice::from_ref(s), metrics, &pool.name)
+                        .remove(0)
+                }
             },
         )
         .collect()
-}
-
-fn prospective_new(
-    specs: &[crate::config::BackendSpec],
-    metrics: &Metrics,
-    pool: &str,
-) -> Vec<Arc<crate::pool::Backend>> {
-    crate::pool::backends_from_specs(specs, metrics, pool)
 }
