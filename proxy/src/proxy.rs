@@ -125,7 +125,7 @@ impl ProxyHttp for SluiceProxy {
         let Some(pool) = ctx.pool.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no pool selected");
         };
-        let table = pool.table.load_full();
+        let table = pool.table.load();
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
