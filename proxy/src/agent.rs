@@ -165,17 +165,13 @@ impl AgentConfig {
 async fn passes(s: &LocalService) -> bool {
     let spec = match &s.check {
         None => return true,
-        Some(LocalCheck::Tcp) => crate::health::ProbeSpec::TcpConnect,
-        Some(LocalCheck::Http(path)) => crate::health::ProbeSpec::Http {
-            method: "GET".into(),
-            path: path.clone(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        },
+        Some(LocalCheck::Tcp) => crate::health::Probe::tcp_connect(),
+        Some(LocalCheck::Http(path)) => crate::health::Probe::http_get(path.clone()),
     };
-    let r = crate::health_probe::run(s.service.addr, &spec, Duration::from_secs(2)).await;
-    r.outcome == crate::health::Outcome::Completed
-        && (r.status == 0 || (200..400).contains(&r.status))
+    // Completed, and for HTTP a 2xx or 3xx status.
+    crate::health_probe::run(s.service.addr, &spec, Duration::from_secs(2))
+        .await
+        .is_success()
 }
 
 async fn passing(services: &[LocalService]) -> Vec<Service> {

@@ -23,200 +23,20 @@ const HEALTH_CALL_TICKS: u64 = 10;
 /// Largest body prefix handed to a plugin.
 pub const BODY_PREFIX: usize = 4096;
 
-/// What to send to a backend (ABI "Probe encoding").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProbeSpec {
-    /// Connect and close.
-    TcpConnect,
-    /// One HTTP/1.1 request.
-    Http {
-        /// Method.
-        method: String,
-        /// Path and query.
-        path: String,
-        /// Extra headers.
-        headers: Vec<(String, String)>,
-        /// Body.
-        body: Vec<u8>,
-    },
-    /// Raw TCP exchange.
-    Tcp {
-        /// Bytes to send.
-        send: Vec<u8>,
-        /// Bytes to read back.
-        read: u32,
-    },
-}
+// The probe, result and verdict types and their wire encoding are the SDK's: one codec is read
+// by both sides of the ABI, so host and plugins cannot disagree on a byte.
+pub use sluice_sdk::{Outcome, Probe, ProbeResult, Verdict};
 
-/// How a probe ended (ABI "Result encoding").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The exchange completed.
-    Completed = 0,
-    /// The connection was refused or unreachable.
-    ConnectFailed = 1,
-    /// The timeout elapsed.
-    TimedOut = 2,
-    /// Another I/O or protocol error.
-    IoError = 3,
-}
-
-/// What a probe observed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeResult {
-    /// How it ended.
-    pub outcome: Outcome,
-    /// Duration of the exchange.
-    pub latency: Duration,
-    /// HTTP status (0 for TCP probes and failures).
-    pub status: u16,
-    /// Response headers, names lower-case.
-    pub headers: Vec<(String, String)>,
-    /// Body prefix or bytes read.
-    pub body: Vec<u8>,
-}
-
-impl ProbeResult {
-    /// A result with no response.
-    pub fn failed(outcome: Outcome, latency: Duration) -> ProbeResult {
-        ProbeResult {
-            outcome,
-            latency,
-            status: 0,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
+/// Short description of a probe result, for the API and logs.
+pub fn describe(r: &ProbeResult) -> String {
+    let ms = r.latency().as_millis();
+    match (r.outcome(), r.status()) {
+        (Outcome::Completed, Some(status)) => format!("HTTP {status} in {ms} ms"),
+        (Outcome::Completed, None) => format!("completed in {ms} ms"),
+        (Outcome::ConnectFailed, _) => "connect failed".into(),
+        (Outcome::TimedOut, _) => format!("timed out after {ms} ms"),
+        _ => "I/O error".into(),
     }
-
-    /// ABI encoding.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.body.len());
-        out.push(self.outcome as u8);
-        out.extend_from_slice(
-            &(self.latency.as_micros().min(u32::MAX as u128) as u32).to_le_bytes(),
-        );
-        out.extend_from_slice(&self.status.to_le_bytes());
-        let headers = &self.headers[..self.headers.len().min(u16::MAX as usize)];
-        out.extend_from_slice(&(headers.len() as u16).to_le_bytes());
-        for (n, v) in headers {
-            put16(&mut out, n.as_bytes());
-            put16(&mut out, v.as_bytes());
-        }
-        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.body);
-        out
-    }
-
-    /// Short description for the API and logs.
-    pub fn describe(&self) -> String {
-        match self.outcome {
-            Outcome::Completed if self.status > 0 => {
-                format!("HTTP {} in {} ms", self.status, self.latency.as_millis())
-            }
-            Outcome::Completed => format!("completed in {} ms", self.latency.as_millis()),
-            Outcome::ConnectFailed => "connect failed".into(),
-            Outcome::TimedOut => format!("timed out after {} ms", self.latency.as_millis()),
-            Outcome::IoError => "I/O error".into(),
-        }
-    }
-}
-
-fn put16(out: &mut Vec<u8>, b: &[u8]) {
-    let b = &b[..b.len().min(u16::MAX as usize)];
-    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-    out.extend_from_slice(b);
-}
-
-/// A plugin's judgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Route traffic at full weight.
-    Healthy,
-    /// Route traffic at this percentage of the weight (1..=99).
-    Degraded(u8),
-    /// Do not route traffic.
-    Unhealthy,
-}
-
-/// Decodes a probe returned by a plugin.
-pub fn decode_probe(b: &[u8]) -> Result<ProbeSpec, String> {
-    struct R<'a>(&'a [u8]);
-    impl<'a> R<'a> {
-        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-            if self.0.len() < n {
-                return Err("probe encoding is truncated".into());
-            }
-            let (a, rest) = self.0.split_at(n);
-            self.0 = rest;
-            Ok(a)
-        }
-        fn u16(&mut self) -> Result<usize, String> {
-            Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize)
-        }
-        fn u32(&mut self) -> Result<usize, String> {
-            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize)
-        }
-        fn str16(&mut self) -> Result<String, String> {
-            let n = self.u16()?;
-            String::from_utf8(self.take(n)?.to_vec())
-                .map_err(|_| "probe text is not UTF-8".to_string())
-        }
-    }
-    let mut r = R(b);
-    let kind = r.take(1)?[0];
-    let spec = match kind {
-        0 => ProbeSpec::TcpConnect,
-        1 => {
-            let method = r.str16()?;
-            let path = r.str16()?;
-            if method.is_empty() || !method.bytes().all(|c| c.is_ascii_uppercase()) {
-                return Err(format!("probe method \"{method}\" is not an HTTP method"));
-            }
-            if !path.starts_with('/')
-                || path
-                    .bytes()
-                    .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
-            {
-                return Err(format!(
-                    "probe path \"{path}\" must start with '/' and contain no spaces"
-                ));
-            }
-            let n = r.u16()?;
-            let mut headers = Vec::with_capacity(n);
-            for _ in 0..n {
-                let (name, value) = (r.str16()?, r.str16()?);
-                if name.is_empty()
-                    || name.bytes().any(|c| !c.is_ascii_graphic() || c == b':')
-                    || value.bytes().any(|c| c == b'\r' || c == b'\n')
-                {
-                    return Err(format!("probe header \"{name}\" is malformed"));
-                }
-                headers.push((name, value));
-            }
-            let len = r.u32()?;
-            let body = r.take(len)?.to_vec();
-            ProbeSpec::Http {
-                method,
-                path,
-                headers,
-                body,
-            }
-        }
-        2 => {
-            let len = r.u32()?;
-            let send = r.take(len)?.to_vec();
-            let read = r.u32()? as u32;
-            ProbeSpec::Tcp {
-                send,
-                read: read.min(64 * 1024),
-            }
-        }
-        k => return Err(format!("unknown probe kind {k}")),
-    };
-    if !r.0.is_empty() {
-        return Err("probe encoding has trailing bytes".into());
-    }
-    Ok(spec)
 }
 
 /// One backend as a single table entry (the table format without the count).
@@ -250,7 +70,7 @@ impl Instance {
         })
     }
 
-    fn probe(&mut self, backend: &Backend) -> Result<ProbeSpec, String> {
+    fn probe(&mut self, backend: &Backend) -> Result<Probe, String> {
         // The deadline first: writing calls the guest's allocator, which must not run under the
         // stale deadline of the previous call.
         self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
@@ -271,27 +91,20 @@ impl Instance {
             .checked_add(n)
             .and_then(|end| data.get(p..end))
             .ok_or_else(|| format!("probe pointer {p}+{n} is outside the plugin's memory"))?;
-        decode_probe(bytes)
+        Probe::decode(bytes).map_err(|e| e.to_string())
     }
 
     fn evaluate(&mut self, result: &ProbeResult) -> Result<Verdict, String> {
         self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
-        let (ptr, len) = self
-            .guest
-            .write(&result.encode())
-            .map_err(|e| root_cause(&e))?;
-        match self
+        let encoded = result.encode().map_err(|e| e.to_string())?;
+        let (ptr, len) = self.guest.write(&encoded).map_err(|e| root_cause(&e))?;
+        let rc = self
             .evaluate
             .call(&mut self.guest.store, (ptr, len))
-            .map_err(|e| root_cause(&e))?
-        {
-            -1 => Ok(Verdict::Unhealthy),
-            100 => Ok(Verdict::Healthy),
-            p @ 1..=99 => Ok(Verdict::Degraded(p as u8)),
-            other => Err(format!(
-                "sluice_health_evaluate returned {other}; expected -1, 1..=99 or 100"
-            )),
-        }
+            .map_err(|e| root_cause(&e))?;
+        Verdict::from_abi(rc).ok_or_else(|| {
+            format!("sluice_health_evaluate returned {rc}; expected -1, 1..=99 or 100")
+        })
     }
 }
 
@@ -393,7 +206,7 @@ impl HealthHost {
     }
 
     /// The probe to run against `backend`.
-    pub fn probe(&self, backend: &Backend) -> Result<ProbeSpec, String> {
+    pub fn probe(&self, backend: &Backend) -> Result<Probe, String> {
         self.with_instance(|i| i.probe(backend))
     }
 
@@ -432,11 +245,8 @@ fn validate(
     };
     inst.probe(backend)
         .map_err(|e| PluginError::TrialPick(format!("trial probe: {e}")))?;
-    inst.evaluate(&ProbeResult::failed(
-        Outcome::ConnectFailed,
-        Duration::from_millis(1),
-    ))
-    .map_err(|e| PluginError::TrialPick(format!("trial evaluation: {e}")))?;
+    inst.evaluate(&ProbeResult::connect_failed().with_latency(Duration::from_millis(1)))
+        .map_err(|e| PluginError::TrialPick(format!("trial evaluation: {e}")))?;
     Ok(version)
 }
 
@@ -446,7 +256,8 @@ mod tests {
 
     #[test]
     fn probes_decode_and_bad_ones_are_named() {
-        assert_eq!(decode_probe(&[0]), Ok(ProbeSpec::TcpConnect));
+        let decode = |b: &[u8]| Probe::decode(b).map_err(|e| e.to_string());
+        assert_eq!(decode(&[0]), Ok(Probe::TcpConnect));
         let mut http = vec![1, 3, 0];
         http.extend_from_slice(b"GET");
         http.extend_from_slice(&[8, 0]);
@@ -455,30 +266,29 @@ mod tests {
         http.extend_from_slice(b"host");
         http.extend_from_slice(&[1, 0, b'x', 0, 0, 0, 0]);
         assert_eq!(
-            decode_probe(&http),
-            Ok(ProbeSpec::Http {
+            decode(&http),
+            Ok(Probe::Http {
                 method: "GET".into(),
                 path: "/healthz".into(),
                 headers: vec![("host".into(), "x".into())],
                 body: vec![]
             })
         );
-        assert!(decode_probe(&http[..http.len() - 1])
+        assert!(decode(&http[..http.len() - 1])
             .unwrap_err()
             .contains("truncated"));
-        assert!(decode_probe(&[9])
-            .unwrap_err()
-            .contains("unknown probe kind 9"));
+        assert!(decode(&[9]).unwrap_err().contains("unknown probe kind"));
         let mut bad_path = vec![1, 3, 0];
         bad_path.extend_from_slice(b"GET");
         bad_path.extend_from_slice(&[3, 0]);
         bad_path.extend_from_slice(b"a b");
-        assert!(decode_probe(&bad_path)
+        bad_path.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no headers, empty body
+        assert!(decode(&bad_path)
             .unwrap_err()
             .contains("must start with '/'"));
         assert_eq!(
-            decode_probe(&[2, 2, 0, 0, 0, b'h', b'i', 4, 0, 0, 0]),
-            Ok(ProbeSpec::Tcp {
+            decode(&[2, 2, 0, 0, 0, b'h', b'i', 4, 0, 0, 0]),
+            Ok(Probe::Tcp {
                 send: b"hi".to_vec(),
                 read: 4
             })
@@ -487,15 +297,12 @@ mod tests {
 
     #[test]
     fn results_encode_as_documented() {
-        let r = ProbeResult {
-            outcome: Outcome::Completed,
-            latency: Duration::from_micros(258),
-            status: 200,
-            headers: vec![("a".into(), "b".into())],
-            body: b"ok".to_vec(),
-        };
+        let r = ProbeResult::http(200)
+            .with_header("a", "b")
+            .with_body(b"ok".to_vec())
+            .with_latency(Duration::from_micros(258));
         assert_eq!(
-            r.encode(),
+            r.encode().unwrap(),
             vec![0, 2, 1, 0, 0, 200, 0, 1, 0, 1, 0, b'a', 1, 0, b'b', 2, 0, 0, 0, b'o', b'k']
         );
     }

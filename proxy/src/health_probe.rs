@@ -7,40 +7,49 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::health::{Outcome, ProbeResult, ProbeSpec, BODY_PREFIX};
+use crate::health::{Outcome, Probe, ProbeResult, BODY_PREFIX};
+
+/// Most bytes a raw TCP probe may ask to read back.
+const MAX_TCP_READ: u32 = 64 * 1024;
+
+/// A result with no response.
+fn failed(outcome: Outcome, latency: Duration) -> ProbeResult {
+    ProbeResult::io_error()
+        .with_outcome_of(outcome)
+        .with_latency(latency)
+}
+
+/// A completed HTTP exchange.
+fn http_result(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> ProbeResult {
+    headers
+        .iter()
+        .fold(ProbeResult::http(status), |r, (n, v)| {
+            r.with_header(n, v.as_str())
+        })
+        .with_body(body)
+}
 
 /// Runs `spec` against `addr` within `timeout`.
-pub async fn run(addr: SocketAddr, spec: &ProbeSpec, timeout: Duration) -> ProbeResult {
+pub async fn run(addr: SocketAddr, spec: &Probe, timeout: Duration) -> ProbeResult {
     let start = Instant::now();
-    if let ProbeSpec::Tcp { send, read } = spec {
-        return raw_tcp(addr, send, *read, start, timeout).await;
+    if let Probe::Tcp { send, read } = spec {
+        return raw_tcp(addr, send, (*read).min(MAX_TCP_READ), start, timeout).await;
     }
     match tokio::time::timeout(timeout, exchange(addr, spec)).await {
-        Ok(Ok(mut r)) => {
-            r.latency = start.elapsed();
-            r
-        }
-        Ok(Err(outcome)) => ProbeResult::failed(outcome, start.elapsed()),
-        Err(_) => ProbeResult::failed(Outcome::TimedOut, start.elapsed()),
+        Ok(Ok(r)) => r.with_latency(start.elapsed()),
+        Ok(Err(outcome)) => failed(outcome, start.elapsed()),
+        Err(_) => failed(Outcome::TimedOut, start.elapsed()),
     }
 }
 
-async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Outcome> {
+async fn exchange(addr: SocketAddr, spec: &Probe) -> Result<ProbeResult, Outcome> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|_| Outcome::ConnectFailed)?;
     let _ = stream.set_nodelay(true);
-    let done = |status, headers, body| ProbeResult {
-        outcome: Outcome::Completed,
-        latency: Duration::ZERO,
-        status,
-        headers,
-        body,
-    };
     match spec {
-        ProbeSpec::TcpConnect => Ok(done(0, Vec::new(), Vec::new())),
-        ProbeSpec::Tcp { .. } => unreachable!("raw TCP probes run in raw_tcp"),
-        ProbeSpec::Http {
+        Probe::TcpConnect => Ok(ProbeResult::connected()),
+        Probe::Http {
             method,
             path,
             headers,
@@ -65,6 +74,8 @@ async fn exchange(addr: SocketAddr, spec: &ProbeSpec) -> Result<ProbeResult, Out
             stream.write_all(body).await.map_err(|_| Outcome::IoError)?;
             read_response(&mut stream).await
         }
+        // Raw TCP runs in `raw_tcp`; the codec yields no other kind.
+        _ => Err(Outcome::IoError),
     }
 }
 
@@ -78,7 +89,7 @@ async fn raw_tcp(
     timeout: Duration,
 ) -> ProbeResult {
     let deadline = tokio::time::Instant::from_std(start + timeout);
-    let failed = |outcome| ProbeResult::failed(outcome, start.elapsed());
+    let failed = |outcome| failed(outcome, start.elapsed());
     let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Err(_) => return failed(Outcome::TimedOut),
         Ok(Err(_)) => return failed(Outcome::ConnectFailed),
@@ -100,13 +111,7 @@ async fn raw_tcp(
         }
     }
     buf.truncate(filled);
-    ProbeResult {
-        outcome: Outcome::Completed,
-        latency: start.elapsed(),
-        status: 0,
-        headers: Vec::new(),
-        body: buf,
-    }
+    ProbeResult::tcp_read(buf).with_latency(start.elapsed())
 }
 
 /// Reads a response head and up to [`BODY_PREFIX`] bytes of its body (de-chunked).
@@ -138,13 +143,7 @@ async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
                 });
                 if chunked {
                     let body = read_chunked_prefix(stream, buf[n..].to_vec()).await;
-                    return Ok(ProbeResult {
-                        outcome: Outcome::Completed,
-                        latency: Duration::ZERO,
-                        status,
-                        headers,
-                        body,
-                    });
+                    return Ok(http_result(status, headers, body));
                 }
                 let want = len.unwrap_or(BODY_PREFIX).min(BODY_PREFIX);
                 let mut body = buf[n..].to_vec();
@@ -156,13 +155,7 @@ async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
                     }
                 }
                 body.truncate(want);
-                return Ok(ProbeResult {
-                    outcome: Outcome::Completed,
-                    latency: Duration::ZERO,
-                    status,
-                    headers,
-                    body,
-                });
+                return Ok(http_result(status, headers, body));
             }
             Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => {}
             _ => return Err(Outcome::IoError),

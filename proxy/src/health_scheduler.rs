@@ -90,8 +90,13 @@ impl ProbeTask {
                     crate::health_probe::run(self.backend.addr, &spec, self.schedule.timeout).await;
                 self.host
                     .evaluate(&result)
-                    .map(|v| (v, result.describe()))
-                    .map_err(|e| format!("plugin failed to judge {}: {e}", result.describe()))
+                    .map(|v| (v, crate::health::describe(&result)))
+                    .map_err(|e| {
+                        format!(
+                            "plugin failed to judge {}: {e}",
+                            crate::health::describe(&result)
+                        )
+                    })
             }
         };
         self.apply(verdict);
