@@ -204,7 +204,7 @@ pub enum ClusterError {
     #[error(transparent)]
     Key(#[from] KeyError),
     /// A socket could not be bound or used.
-    #[error("cluster transport on {addr}: {source}")]
+    #[error("cluster transport on {addr}: {source}; is another process using this address? set [cluster] bind_addr to a free IP:port")]
     Io {
         /// The address involved.
         addr: SocketAddr,
