@@ -147,18 +147,11 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     );
 
     // The CLI views: a table and a Graphviz map with an edge per proxy, backend and pool.
+    let admin = p1.admin.to_string();
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(args)
-            .args(["--admin", &p1.admin.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let out = sluice_cli(&[args, &["--admin", admin.as_str()]].concat());
+        assert!(out.ok, "{args:?}: {}", out.stderr);
+        out.stdout
     };
     let table = cli(&["cluster", "info"]);
     assert_eq!(
@@ -176,31 +169,22 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     // `plugin load --cluster` reaches every proxy through one admin address.
     let wasm = dir.join("first.wasm");
     std::fs::write(&wasm, first_only()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "plugin",
-            "load",
-            "--cluster",
-            "--pool",
-            "web",
-            "--admin",
-            &p1.admin.to_string(),
-        ])
-        .arg(&wasm)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = sluice_cli(&[
+        "plugin",
+        "load",
+        "--cluster",
+        "--pool",
+        "web",
+        "--admin",
+        &p1.admin.to_string(),
+        wasm.to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .matches("loaded into pool web")
-            .count(),
+        out.stdout.matches("loaded into pool web").count(),
         2,
         "{}",
-        String::from_utf8_lossy(&out.stdout)
+        out.stdout
     );
     for p in [&p1, &p2] {
         assert_eq!(pools_json(p)["pools"][0]["strategy"]["generation"], 2);
@@ -208,24 +192,17 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     // Back to rotation for the rest of the test.
     let rr = dir.join("rr.wasm");
     std::fs::write(&rr, sluice::builtin::get("round-robin").unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "plugin",
-            "load",
-            "--cluster",
-            "--pool",
-            "web",
-            "--admin",
-            &p2.admin.to_string(),
-        ])
-        .arg(&rr)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = sluice_cli(&[
+        "plugin",
+        "load",
+        "--cluster",
+        "--pool",
+        "web",
+        "--admin",
+        &p2.admin.to_string(),
+        rr.to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
 
     // SIGKILL: no goodbye; both proxies drop it once the cluster declares it down.
     let killed = b[0].0.to_string();

@@ -10,19 +10,8 @@ use common::*;
 fn check(dir: &std::path::Path, text: &str) -> (bool, String) {
     let path = dir.join("check.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let out = sluice_cli(&["check", "--config", path.to_str().unwrap()]);
+    (out.ok, format!("{}{}", out.stdout, out.stderr))
 }
 
 #[test]
@@ -246,23 +235,16 @@ fn mutating_admin_routes_need_the_bearer_token() {
     // The CLI passes the token too.
     let file = proxy.dir.join("s.wasm");
     std::fs::write(&file, &wasm).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "plugin",
-            "load",
-            "--pool",
-            "web",
-            "--admin",
-            &proxy.admin.to_string(),
-            "--token",
-            "s3cret",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = sluice_cli(&[
+        "plugin",
+        "load",
+        "--pool",
+        "web",
+        "--admin",
+        &proxy.admin.to_string(),
+        "--token",
+        "s3cret",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
 }

@@ -17,16 +17,9 @@ fn repo_root() -> PathBuf {
 
 #[test]
 fn quickstart_config_checks() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check", "--config"])
-        .arg(repo_root().join("examples/quickstart.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let quickstart = repo_root().join("examples/quickstart.toml");
+    let out = sluice_cli(&["check", "--config", quickstart.to_str().unwrap()]);
+    assert!(out.ok, "{}", out.stderr);
 }
 
 /// Builds an example crate for wasm32 exactly as its README says and returns the module.
@@ -71,24 +64,17 @@ fn custom_strategy_example_is_built_and_hot_loaded() {
     let proxy = Proxy::start("canary", &body);
     let file = proxy.dir.join("canary_strategy.wasm");
     std::fs::write(&file, &wasm).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "plugin",
-            "load",
-            "--pool",
-            "web",
-            "--admin",
-            &proxy.admin.to_string(),
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("sha256"));
+    let out = sluice_cli(&[
+        "plugin",
+        "load",
+        "--pool",
+        "web",
+        "--admin",
+        &proxy.admin.to_string(),
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("sha256"));
 
     // Requests with the canary header go to the canary backend only; the rest avoid it.
     for _ in 0..20 {
@@ -101,20 +87,17 @@ fn custom_strategy_example_is_built_and_hot_loaded() {
 
     // A refused load reports the reason and exits non-zero.
     std::fs::write(&file, b"junk").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "plugin",
-            "load",
-            "--pool",
-            "web",
-            "--admin",
-            &proxy.admin.to_string(),
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid WebAssembly module"));
+    let out = sluice_cli(&[
+        "plugin",
+        "load",
+        "--pool",
+        "web",
+        "--admin",
+        &proxy.admin.to_string(),
+        file.to_str().unwrap(),
+    ]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("not a valid WebAssembly module"));
 }
 
 /// The custom health check reads each backend's JSON status document and degrades the weight of

@@ -8,15 +8,8 @@ use std::process::Command;
 use common::*;
 
 fn sluice(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = sluice_cli(args);
+    (out.ok, out.stdout, out.stderr)
 }
 
 fn number_after(text: &str, prefix: &str) -> u64 {

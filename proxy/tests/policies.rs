@@ -135,13 +135,9 @@ fn bad_policy_values_are_refused_with_the_line() {
         "[[pool]]\nname = \"web\"\nretry_on = [\"timeouts\"]\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let out = sluice_cli(&["check", "--config", path.to_str().unwrap()]);
+    let err = out.stderr;
+    assert!(!out.ok);
     assert!(
         err.contains("p.toml:3:13: pool \"web\": unknown retry_on value \"timeouts\""),
         "{err}"

@@ -274,3 +274,26 @@ pub fn backend_field(proxy: &Proxy, addr: &str, field: &str) -> serde_json::Valu
         .unwrap()[field]
         .clone()
 }
+
+/// What a `sluice` command printed.
+pub struct CliOutput {
+    /// Exit status 0.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs the `sluice` binary with `args`.
+pub fn sluice_cli(args: &[&str]) -> CliOutput {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .unwrap();
+    CliOutput {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
