@@ -9,14 +9,7 @@ use sluice::pool::{backends_from_specs, BackendTable};
 /// A table of `n` backends on 127.0.0.1, weight 1.
 pub fn table(n: usize, metrics: &Metrics) -> Arc<BackendTable> {
     let specs: Vec<BackendSpec> = (0..n)
-        .map(|i| BackendSpec {
-            addr: format!("127.0.0.1:{}", 10000 + i)
-                .parse()
-                .expect("valid address"),
-            weight: 1,
-            zone: String::new(),
-            tags: Vec::new(),
-        })
+        .map(|i| BackendSpec::loopback(10000 + i as u16))
         .collect();
     Arc::new(BackendTable::new(
         1,

@@ -373,6 +373,18 @@ pub struct BackendSpec {
     pub tags: Vec<String>,
 }
 
+impl BackendSpec {
+    /// A backend at `127.0.0.1:port` with weight 1, no zone and no tags (simulations, benches).
+    pub fn loopback(port: u16) -> BackendSpec {
+        BackendSpec {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+            zone: String::new(),
+            tags: Vec::new(),
+        }
+    }
+}
+
 /// `[[route]]`: requests whose host and path prefix match go to `pool`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -231,12 +231,7 @@ fn validate(
         Some(b) => b,
         None => {
             fallback = crate::pool::backends_from_specs(
-                &[crate::config::BackendSpec {
-                    addr: "127.0.0.1:1".parse().expect("valid"),
-                    weight: 1,
-                    zone: String::new(),
-                    tags: Vec::new(),
-                }],
+                &[crate::config::BackendSpec::loopback(1)],
                 &Metrics::new(),
                 "validation",
             );

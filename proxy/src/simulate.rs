@@ -65,17 +65,15 @@ fn latency_of(i: usize) -> Duration {
 /// Runs the simulation.
 pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, PluginError> {
     let n = params.backends.max(1);
+    if n > 50_000 {
+        return Err(PluginError::Source(format!(
+            "--backends {n} is too many; simulate at most 50000"
+        )));
+    }
     let engine = PluginEngine::new().map_err(|e| PluginError::Instantiate(e.to_string()))?;
     let metrics = Metrics::new();
     let specs: Vec<BackendSpec> = (0..n)
-        .map(|i| BackendSpec {
-            addr: format!("127.0.0.1:{}", 9001 + i)
-                .parse()
-                .expect("valid address"),
-            weight: 1,
-            zone: String::new(),
-            tags: Vec::new(),
-        })
+        .map(|i| BackendSpec::loopback(9001 + i as u16))
         .collect();
     let all = backends_from_specs(&specs, &metrics, "sim");
     let full = Arc::new(BackendTable::new(1, all.clone(), None));
