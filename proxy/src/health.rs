@@ -5,14 +5,14 @@
 //! Unlike strategies, health plugins are not on the request path: one instance per pool serves
 //! the scheduler. A fault never marks a backend down; the caller keeps the last known state.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use wasmtime::TypedFunc;
 
 use crate::metrics::Metrics;
+use crate::plugin::VersionSlot;
 use crate::plugin::{
     root_cause, Guest, PluginEngine, PluginError, PluginKind, PluginVersion, COUNTER_SLOTS,
 };
@@ -112,8 +112,7 @@ impl Instance {
 pub struct HealthHost {
     pool: String,
     engine: PluginEngine,
-    current: ArcSwap<PluginVersion>,
-    next_generation: AtomicU64,
+    versions: VersionSlot,
     /// The scheduler's instance. A plain mutex: health checks are off the request path and each
     /// call is bounded by a deadline.
     instance: Mutex<Option<Instance>>,
@@ -135,8 +134,7 @@ impl HealthHost {
         Ok(HealthHost {
             pool: pool.to_string(),
             engine: engine.clone(),
-            current: ArcSwap::from_pointee(version),
-            next_generation: AtomicU64::new(2),
+            versions: VersionSlot::new(pool, PluginKind::Health, version, metrics),
             instance: Mutex::new(None),
             metrics: metrics.clone(),
         })
@@ -144,7 +142,7 @@ impl HealthHost {
 
     /// The version in use.
     pub fn current(&self) -> Arc<PluginVersion> {
-        self.current.load_full()
+        self.versions.current.load_full()
     }
 
     /// Validates and installs a new version; on error the old one stays.
@@ -155,18 +153,9 @@ impl HealthHost {
         config_json: Option<Arc<[u8]>>,
         sample: Option<&Backend>,
     ) -> Result<Arc<PluginVersion>, PluginError> {
-        let config = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let result = validate(&self.engine, bytes, name, generation, config, sample);
-        let outcome = if result.is_ok() { "ok" } else { "rejected" };
-        self.metrics
-            .plugin_swaps
-            .with_label_values(&[&self.pool, "health", outcome])
-            .inc();
-        let version = Arc::new(result?);
-        self.current.store(version.clone());
-        tracing::info!(pool = %self.pool, plugin = %version.name, sha256 = %version.sha256, generation, "health check swapped");
-        Ok(version)
+        self.versions.swap(config_json, |generation, config| {
+            validate(&self.engine, bytes, name, generation, config, sample)
+        })
     }
 
     /// Validates without installing.
@@ -184,7 +173,7 @@ impl HealthHost {
         &self,
         f: impl FnOnce(&mut Instance) -> Result<R, String>,
     ) -> Result<R, String> {
-        let version = self.current.load();
+        let version = self.versions.current.load();
         let mut guard = self.instance.lock().unwrap_or_else(|p| p.into_inner());
         if guard
             .as_ref()

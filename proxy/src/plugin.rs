@@ -467,6 +467,56 @@ fn check_export(
     Ok(())
 }
 
+/// The serving version of one pool's plugin of one kind, and how a new one replaces it. Shared by
+/// the strategy and health hosts: validate, count the attempt, publish on success, log.
+pub struct VersionSlot {
+    pool: String,
+    kind: PluginKind,
+    /// The version in use; read lock-free on every call.
+    pub current: arc_swap::ArcSwap<PluginVersion>,
+    next_generation: AtomicU64,
+    metrics: crate::metrics::Metrics,
+}
+
+impl VersionSlot {
+    /// A slot serving `first` (generation 1).
+    pub fn new(
+        pool: &str,
+        kind: PluginKind,
+        first: PluginVersion,
+        metrics: &crate::metrics::Metrics,
+    ) -> VersionSlot {
+        VersionSlot {
+            pool: pool.to_string(),
+            kind,
+            current: arc_swap::ArcSwap::from_pointee(first),
+            next_generation: AtomicU64::new(2),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Validates a candidate with `validate(generation, config)` and publishes it; on error the
+    /// old version keeps serving. `config_json: None` keeps the current version's config.
+    pub fn swap(
+        &self,
+        config_json: Option<Arc<[u8]>>,
+        validate: impl FnOnce(u64, Arc<[u8]>) -> Result<PluginVersion, PluginError>,
+    ) -> Result<Arc<PluginVersion>, PluginError> {
+        let config = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let result = validate(generation, config);
+        let outcome = if result.is_ok() { "ok" } else { "rejected" };
+        self.metrics
+            .plugin_swaps
+            .with_label_values(&[&self.pool, self.kind.as_str(), outcome])
+            .inc();
+        let version = Arc::new(result?);
+        self.current.store(version.clone());
+        tracing::info!(pool = %self.pool, kind = self.kind.as_str(), plugin = %version.name, sha256 = %version.sha256, generation, "plugin swapped");
+        Ok(version)
+    }
+}
+
 /// A live, initialized instance of a plugin version: its store, memory and allocator, with
 /// `sluice_init` already run. Strategy and health hosts add their own exports on top.
 pub struct Guest {

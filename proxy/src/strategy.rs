@@ -10,15 +10,15 @@
 //! rebuilt after a growing backoff.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use wasmtime::TypedFunc;
 
 use crate::metrics::Metrics;
+use crate::plugin::VersionSlot;
 use crate::plugin::{
     is_deadline, root_cause, Guest, HostState, PluginEngine, PluginError, PluginKind,
     PluginVersion, RequestView, COUNTER_SLOTS, INIT_DEADLINE_TICKS, PICK_DEADLINE_TICKS,
@@ -164,11 +164,9 @@ pub struct StrategyHost {
     id: usize,
     pool: String,
     engine: PluginEngine,
-    current: ArcSwap<PluginVersion>,
-    next_generation: AtomicU64,
+    versions: VersionSlot,
     counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
     fallback_rr: AtomicUsize,
-    metrics: Metrics,
     picks: IntCounter,
     fallbacks: IntCounter,
     faults: FaultCounters,
@@ -196,11 +194,9 @@ impl StrategyHost {
             id: NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed),
             pool: pool.to_string(),
             engine: engine.clone(),
-            current: ArcSwap::from_pointee(version),
-            next_generation: AtomicU64::new(2),
+            versions: VersionSlot::new(pool, PluginKind::Strategy, version, metrics),
             counters,
             fallback_rr: AtomicUsize::new(0),
-            metrics: metrics.clone(),
             picks: metrics.plugin_picks.with_label_values(&[pool]),
             fallbacks: metrics.fallback_picks.with_label_values(&[pool]),
             faults: FaultCounters {
@@ -214,7 +210,7 @@ impl StrategyHost {
 
     /// The version serving now.
     pub fn current(&self) -> Arc<PluginVersion> {
-        self.current.load_full()
+        self.versions.current.load_full()
     }
 
     /// Validates `bytes` (compile, ABI version, instantiate, init with `config_json`, one trial pick
@@ -227,18 +223,9 @@ impl StrategyHost {
         config_json: Option<Arc<[u8]>>,
         table: &Arc<BackendTable>,
     ) -> Result<Arc<PluginVersion>, PluginError> {
-        let config = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let result = validate(&self.engine, bytes, name, generation, config, table);
-        let outcome = if result.is_ok() { "ok" } else { "rejected" };
-        self.metrics
-            .plugin_swaps
-            .with_label_values(&[&self.pool, "strategy", outcome])
-            .inc();
-        let version = Arc::new(result?);
-        self.current.store(version.clone());
-        tracing::info!(pool = %self.pool, plugin = %version.name, sha256 = %version.sha256, generation, "strategy swapped");
-        Ok(version)
+        self.versions.swap(config_json, |generation, config| {
+            validate(&self.engine, bytes, name, generation, config, table)
+        })
     }
 
     /// Validates a candidate version exactly as [`StrategyHost::swap`] would, without publishing it.
@@ -263,7 +250,7 @@ impl StrategyHost {
         if table.is_empty() {
             return None;
         }
-        let version = self.current.load();
+        let version = self.versions.current.load();
         let outcome = SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
             if slots.len() <= self.id {
