@@ -7,15 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use sluice::metrics::Metrics;
-use sluice::plugin::{PluginEngine, RequestView};
-use sluice::strategy::StrategyHost;
-use sluice_benches::{request_header, table};
+use sluice_benches::{request_header, strategy, table};
+use sluice_core::metrics::Metrics;
+use sluice_core::plugin::{PluginEngine, RequestView};
 
 fn pick(c: &mut Criterion) {
     let engine = PluginEngine::new().expect("engine");
     let metrics = Metrics::new();
-    let wasm = sluice::builtin::get("round-robin").expect("built-in round-robin");
     let header = request_header();
     let none = |_: usize| false;
     let view = RequestView {
@@ -26,16 +24,7 @@ fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
     for n in [8usize, 64] {
         let table = table(n, &metrics);
-        let host = StrategyHost::new(
-            &engine,
-            "bench",
-            wasm,
-            "builtin:round-robin",
-            Arc::from(&b"{}"[..]),
-            &table,
-            &metrics,
-        )
-        .expect("round-robin loads");
+        let host = strategy(&engine, "round-robin", &table, &metrics);
         group.bench_with_input(BenchmarkId::new("wasm_round_robin", n), &n, |b, _| {
             b.iter(|| black_box(host.pick(&table, &view, 0)))
         });

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use sluice::metrics::Metrics;
-use sluice::plugin::{PluginEngine, RequestView};
-use sluice::pool::BackendTable;
-use sluice::strategy::StrategyHost;
-use sluice_benches::{request_header, table};
+use sluice_benches::{request_header, strategy, table};
+use sluice_core::backend::BackendTable;
+use sluice_core::metrics::Metrics;
+use sluice_core::plugin::{PluginEngine, RequestView};
 
 fn strategies(c: &mut Criterion) {
     let engine = PluginEngine::new().expect("engine");
@@ -35,18 +34,8 @@ fn strategies(c: &mut Criterion) {
         picks.bench_with_input(BenchmarkId::new("native-baseline", n), &n, |b, _| {
             b.iter(|| black_box(counter.fetch_add(1, Ordering::Relaxed) % t.len()))
         });
-        for name in sluice::builtin::strategy_names() {
-            let wasm = sluice::builtin::get(name).expect("listed");
-            let host = StrategyHost::new(
-                &engine,
-                "bench",
-                wasm,
-                name,
-                Arc::from(&b"{}"[..]),
-                &t,
-                &metrics,
-            )
-            .expect("loads");
+        for name in sluice_core::builtin::strategy_names() {
+            let host = strategy(&engine, name, &t, &metrics);
             picks.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 b.iter(|| black_box(host.pick(&t, &view, 0)))
             });
@@ -66,18 +55,8 @@ fn strategies(c: &mut Criterion) {
             a.backends.clone(),
             None,
         ));
-        for name in sluice::builtin::strategy_names() {
-            let wasm = sluice::builtin::get(name).expect("listed");
-            let host = StrategyHost::new(
-                &engine,
-                "bench",
-                wasm,
-                name,
-                Arc::from(&b"{}"[..]),
-                &a,
-                &metrics,
-            )
-            .expect("loads");
+        for name in sluice_core::builtin::strategy_names() {
+            let host = strategy(&engine, name, &a, &metrics);
             let flip = AtomicUsize::new(0);
             pushes.bench_with_input(BenchmarkId::new(name, n), &n, |bench, _| {
                 bench.iter(|| {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load test: requests per second per core, sluice vs nginx (vs haproxy) vs the backend alone.
 #
-#   benches/load/run.sh                      # build sluice (perf profile) if needed, measure, print a table
+#   benches/load/run.sh                      # build sluice (release profile) if needed, measure, print a table
 #   DURATION=20 RUNS=3 benches/load/run.sh   # longer runs, 3 rounds; the table shows the median
 #
 # Everything runs on 127.0.0.1. The proxy under test is pinned to CPU $PROXY_CPU, wrk and the backend
@@ -105,17 +105,19 @@ if [[ -z $SLUICE_BIN ]]; then
             git -C "$REPO" archive "$rev" | tar -x -C "$src.partial"
             mv "$src.partial" "$src"
         fi
-        log "building sluice at $rev: cargo build --profile perf -p sluice (fat LTO; 10+ minutes cold)"
-        (cd "$src" && CARGO_TARGET_DIR=$REPO/target/loadtest/target cargo build --profile perf -p sluice)
-        SLUICE_BIN=$REPO/target/loadtest/target/perf/sluice
-        SLUICE_DESC="commit $rev (perf profile)"
+        # Older commits shipped their fast build as the `perf` profile; newer ones as `release`.
+        profile=release; grep -q '^\[profile.perf\]' "$src/Cargo.toml" && profile=perf
+        log "building sluice at $rev: cargo build --profile $profile -p sluice (fat LTO; 10+ minutes cold)"
+        (cd "$src" && CARGO_TARGET_DIR=$REPO/target/loadtest/target cargo build --profile "$profile" -p sluice)
+        SLUICE_BIN=$REPO/target/loadtest/target/$profile/sluice
+        SLUICE_DESC="commit $rev ($profile profile)"
     else
-        log "building sluice: cargo build --profile perf -p sluice (fat LTO; 10+ minutes cold)"
-        (cd "$REPO" && cargo build --profile perf -p sluice) ||
+        log "building sluice: cargo build --release -p sluice (fat LTO; 10+ minutes cold)"
+        (cd "$REPO" && cargo build --release -p sluice) ||
             die "build failed; if the working tree is mid-change, try SLUICE_REV=HEAD (or an older commit)"
-        SLUICE_BIN=$REPO/target/perf/sluice
+        SLUICE_BIN=$REPO/target/release/sluice
         dirty=$(git -C "$REPO" status --porcelain -- proxy Cargo.lock 2>/dev/null | head -c1)
-        SLUICE_DESC="working tree at $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo '?')${dirty:+ + uncommitted changes} (perf profile)"
+        SLUICE_DESC="working tree at $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo '?')${dirty:+ + uncommitted changes} (release profile)"
     fi
 else
     SLUICE_DESC="$SLUICE_BIN (given)"

@@ -10,7 +10,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
-use crate::pool::STATUS_CLASSES;
+use crate::metrics::STATUS_CLASSES;
 use crate::runtime::{ApplyError, Runtime};
 
 /// Largest plugin upload accepted.
@@ -48,18 +48,21 @@ impl AdminApp {
             .iter()
             .map(|p| {
                 let v = p.strategy.current();
-                let table = p.table.load();
-                let s = p.settings.load();
+                let table = p.table();
+                let s = p.settings();
                 let now = crate::clock::now_ms();
-                let members = p.members.load();
+                let members = p.members();
                 let backends: Vec<_> = members
                     .iter()
                     .map(|b| {
-                        let in_table = table.backends.iter().position(|t| std::sync::Arc::ptr_eq(t, b));
-                        let ejected_until = b.stats.ejected_until_ms.load(std::sync::atomic::Ordering::Relaxed);
+                        let in_table = table
+                            .backends
+                            .iter()
+                            .position(|t| std::sync::Arc::ptr_eq(t, b));
+                        let ejected_until = b.stats.ejected_until_ms();
                         let state = if b.stats.is_ejected(now) {
                             "ejected"
-                        } else if !b.stats.healthy.load(std::sync::atomic::Ordering::Relaxed) {
+                        } else if !b.stats.is_healthy() {
                             "unhealthy"
                         } else if in_table.is_some() {
                             "routable"
@@ -76,19 +79,19 @@ impl AdminApp {
                             "weight": b.weight,
                             "zone": b.zone,
                             "tags": b.tags,
-                            "inflight": b.stats.inflight.get(),
+                            "inflight": b.stats.inflight(),
                             "latency_ewma_us": b.stats.latency_us(),
                             "consecutive_failures": b.stats.failures(),
                             "requests": requests,
                             "state": state,
                             "effective_weight": in_table.map(|i| table.weights[i]),
-                            "ejections": b.stats.ejections.load(std::sync::atomic::Ordering::Relaxed),
+                            "ejections": b.stats.ejections(),
                             "ejected_for_ms": ejected_until.saturating_sub(now),
-                            "health": health_json(b, now, p.health.load().is_some()),
+                            "health": health_json(b, now, p.health().is_some()),
                         })
                     })
                     .collect();
-                let health = p.health.load_full().map(|h| {
+                let health = p.health().map(|h| {
                     let v = h.current();
                     json!({ "name": v.name, "sha256": v.sha256, "generation": v.generation })
                 });
@@ -108,7 +111,7 @@ impl AdminApp {
     }
 }
 
-fn health_json(b: &crate::pool::Backend, now: u64, checked_pool: bool) -> serde_json::Value {
+fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> serde_json::Value {
     if !checked_pool {
         return serde_json::Value::Null;
     }
@@ -118,10 +121,10 @@ fn health_json(b: &crate::pool::Backend, now: u64, checked_pool: bool) -> serde_
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let healthy = b.stats.healthy.load(std::sync::atomic::Ordering::Relaxed);
+    let healthy = b.stats.is_healthy();
     json!({
         "state": if !rec.checked && !healthy { "pending" } else if healthy { "healthy" } else { "unhealthy" },
-        "weight_percent": b.stats.health_factor.load(std::sync::atomic::Ordering::Relaxed),
+        "weight_percent": b.stats.health_factor(),
         "last_result": rec.last_result,
         "last_change_ms_ago": (rec.last_change_ms > 0).then(|| now.saturating_sub(rec.last_change_ms)),
         "consecutive_passes": rec.passes,

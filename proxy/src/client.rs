@@ -1,11 +1,13 @@
 //! A minimal blocking HTTP/1.1 client for the CLI (talking to the admin API) and the test suite.
 //!
-//! Hand-written on std + httparse: requests are small, to loopback, with known framing
-//! (content-length or close), and a full client stack would add minutes to every cold build.
+//! Hand-written on std and sluice's one HTTP/1 parser ([`crate::http1`]): requests are small, to
+//! loopback, and a full client stack would add minutes to every cold build.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use crate::http1::{self, ChunkedDecoder, Framing};
 
 /// A response.
 #[derive(Debug, Clone)]
@@ -76,102 +78,63 @@ impl HttpConn {
     }
 
     fn read_response(&mut self, head_only: bool) -> std::io::Result<HttpResponse> {
-        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-        let mut chunk = [0u8; 8192];
-        loop {
-            let mut hs = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut hs);
-            if let httparse::Status::Complete(n) =
-                resp.parse(&self.buf).map_err(|e| bad(&e.to_string()))?
-            {
-                let status = resp.code.unwrap_or(0);
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                let len = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-length")
-                    .and_then(|(_, v)| v.trim().parse::<usize>().ok());
-                let chunked = headers
-                    .iter()
-                    .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-                self.buf.drain(..n);
-                let body = if head_only || status == 204 || status == 304 {
-                    Vec::new()
-                } else if let Some(len) = len {
-                    while self.buf.len() < len {
-                        let k = self.stream.read(&mut chunk)?;
-                        if k == 0 {
-                            return Err(bad("connection closed inside the body"));
-                        }
-                        self.buf.extend_from_slice(&chunk[..k]);
+        let bad = |e: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+        };
+        let (head, n) = loop {
+            if let Some(done) = http1::parse_response(&self.buf, head_only).map_err(|e| bad(&e))? {
+                break done;
+            }
+            if self.fill()? == 0 {
+                return Err(bad(&"connection closed before a response"));
+            }
+        };
+        self.buf.drain(..n);
+        let body = match head.framing {
+            Framing::Empty => Vec::new(),
+            Framing::Length(len) => {
+                while self.buf.len() < len {
+                    if self.fill()? == 0 {
+                        return Err(bad(&"connection closed inside the body"));
                     }
-                    self.buf.drain(..len).collect()
-                } else if chunked {
-                    self.read_chunked()?
-                } else {
-                    self.stream.read_to_end(&mut self.buf)?;
-                    std::mem::take(&mut self.buf)
-                };
-                return Ok(HttpResponse {
-                    status,
-                    headers,
-                    body,
-                });
+                }
+                self.buf.drain(..len).collect()
             }
-            let k = self.stream.read(&mut chunk)?;
-            if k == 0 {
-                return Err(bad("connection closed before a response"));
+            Framing::Chunked => {
+                let mut decoder = ChunkedDecoder::new();
+                let mut body = Vec::new();
+                loop {
+                    let used = decoder.decode(&self.buf, &mut body).map_err(|e| bad(&e))?;
+                    self.buf.drain(..used);
+                    if decoder.is_done() {
+                        break body;
+                    }
+                    if self.fill()? == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "closed in chunked body",
+                        ));
+                    }
+                }
             }
-            self.buf.extend_from_slice(&chunk[..k]);
-        }
+            Framing::UntilClose => {
+                self.stream.read_to_end(&mut self.buf)?;
+                std::mem::take(&mut self.buf)
+            }
+        };
+        Ok(HttpResponse {
+            status: head.status,
+            headers: head.headers,
+            body,
+        })
     }
 
-    fn read_chunked(&mut self) -> std::io::Result<Vec<u8>> {
-        let mut body = Vec::new();
+    /// Reads more bytes into the buffer; 0 at end of stream.
+    fn fill(&mut self) -> std::io::Result<usize> {
         let mut chunk = [0u8; 8192];
-        loop {
-            let line_end = loop {
-                if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                    break p;
-                }
-                let k = self.stream.read(&mut chunk)?;
-                if k == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "closed in chunked body",
-                    ));
-                }
-                self.buf.extend_from_slice(&chunk[..k]);
-            };
-            let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size")
-                })?;
-            while self.buf.len() < line_end + 2 + size + 2 {
-                let k = self.stream.read(&mut chunk)?;
-                if k == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "closed in chunk",
-                    ));
-                }
-                self.buf.extend_from_slice(&chunk[..k]);
-            }
-            body.extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
-            self.buf.drain(..line_end + 2 + size + 2);
-            if size == 0 {
-                return Ok(body);
-            }
-        }
+        let k = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..k]);
+        Ok(k)
     }
 }
 

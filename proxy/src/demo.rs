@@ -1,8 +1,9 @@
 //! Demo backends: tiny HTTP/1.1 servers that answer with their own name. Used by `sluice demo`
 //! and by the test suite as real backends on loopback.
 //!
-//! Written on tokio + httparse rather than a full HTTP server crate: it needs keep-alive and
-//! fixed responses only, and a second HTTP stack would lengthen every build.
+//! Written on tokio and sluice's one HTTP/1 parser ([`crate::http1`]) rather than a full HTTP
+//! server crate: it needs keep-alive and fixed responses only, and a second HTTP stack would
+//! lengthen every build.
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::http1::{self, ChunkedDecoder, Framing};
 
 /// Behaviour of a demo backend, adjustable while it runs.
 #[derive(Debug)]
@@ -59,26 +62,10 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
     let mut chunk = [0u8; 4096];
     loop {
         // Read one request head (and skip its body).
-        let (head_len, body_len, close, status_doc) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let header = |name: &str| {
-                        req.headers
-                            .iter()
-                            .find(|h| h.name.eq_ignore_ascii_case(name))
-                            .map(|h| h.value)
-                    };
-                    let body_len = header("content-length")
-                        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    let close = header("connection")
-                        .is_some_and(|v| v.eq_ignore_ascii_case(b"close"))
-                        || req.version == Some(0);
-                    break (n, body_len, close, req.path == Some("/status"));
-                }
-                Ok(httparse::Status::Partial) => {}
+        let (head, head_len) = loop {
+            match http1::parse_request(&buf) {
+                Ok(Some(done)) => break done,
+                Ok(None) => {}
                 Err(_) => return Ok(()),
             }
             let n = stream.read(&mut chunk).await?;
@@ -87,14 +74,37 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
             }
             buf.extend_from_slice(&chunk[..n]);
         };
-        while buf.len() < head_len + body_len {
+        buf.drain(..head_len);
+        let mut decoder = ChunkedDecoder::new();
+        let mut skipped = Vec::new();
+        loop {
+            match head.framing {
+                Framing::Length(len) if buf.len() >= len => {
+                    buf.drain(..len);
+                    break;
+                }
+                Framing::Chunked => {
+                    let used = match decoder.decode(&buf, &mut skipped) {
+                        Ok(used) => used,
+                        Err(_) => return Ok(()),
+                    };
+                    buf.drain(..used);
+                    skipped.clear();
+                    if decoder.is_done() {
+                        break;
+                    }
+                }
+                Framing::Length(_) => {}
+                Framing::Empty | Framing::UntilClose => break,
+            }
             let n = stream.read(&mut chunk).await?;
             if n == 0 {
                 return Ok(());
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        buf.drain(..head_len + body_len);
+        let close = head.closes();
+        let status_doc = head.path == "/status";
 
         let delay = backend.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {

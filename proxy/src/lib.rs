@@ -1,32 +1,22 @@
-//! sluice: a load-balancing reverse proxy on pingora whose balancing strategies are WebAssembly
-//! plugins, hot-swappable while traffic flows.
+//! sluice: a load-balancing reverse proxy on pingora whose balancing strategies and health checks
+//! are WebAssembly plugins, hot-swappable while traffic flows.
 //!
-//! The request path, one module per stage: [`proxy`] (pingora phases) → [`route`] (host and
-//! path prefix to a pool) → [`pool`] (backend table and live stats) → [`strategy`] (the Wasm
-//! pick, with a native fallback) → back to [`proxy`] for the peer. [`plugin`] is the wasmtime host
-//! shared by every plugin kind; [`runtime`] holds the swappable state; [`admin`] is the API.
+//! This crate is the server around `sluice-core`: [`proxy`] is the request path on pingora
+//! (listener → route → pool → strategy → peer), [`admin`] the API and dashboard, [`server`]
+//! assembles a process, [`agent`] runs `sluice agent`, and the CLI lives in `main.rs`. The
+//! engine's modules are re-exported here under their own names.
 
 pub mod admin;
 pub mod agent;
-pub mod builtin;
 pub mod client;
-pub mod clock;
-pub mod cluster;
-pub mod config;
 pub mod dashboard;
 pub mod demo;
-pub mod health;
-pub mod health_probe;
-pub mod health_scheduler;
-pub mod membership;
-pub mod metrics;
-pub mod outlier;
-pub mod plugin;
-pub mod pool;
 pub mod proxy;
-pub mod route;
-pub mod runtime;
 pub mod scaffold;
 pub mod server;
-pub mod simulate;
-pub mod strategy;
+
+pub use sluice_core::{
+    backend, builtin, clock, cluster, cluster_config, config, health, health_probe,
+    health_scheduler, http1, lease, membership, metrics, outlier, plugin, pool, route, runtime,
+    simulate, strategy,
+};

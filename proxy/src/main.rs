@@ -177,7 +177,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 println!(
                     "pool {}: {} backends, strategy {} (sha256 {})",
                     p.name,
-                    p.table.load().len(),
+                    p.table().len(),
                     v.name,
                     &v.sha256[..16]
                 );

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,8 +10,9 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
-use crate::pool::{Backend, Pool};
+use crate::pool::Pool;
 use crate::runtime::Runtime;
 
 /// The pingora proxy application.
@@ -30,34 +30,32 @@ impl SluiceProxy {
 /// Per-request state.
 pub struct RequestCtx {
     pool: Option<Arc<Pool>>,
-    /// The backend currently holding an in-flight slot for this request.
-    current: Option<Arc<Backend>>,
-    /// Backends whose connect failed; excluded from later attempts.
+    /// The current attempt's in-flight slot. Replacing or dropping it releases the slot and
+    /// records the outcome set on it, so no retry path can leak or double-count.
+    lease: Option<Lease>,
+    /// Backends whose attempt failed; excluded from later attempts.
     tried: Vec<SocketAddr>,
     attempt: u32,
-    started: Instant,
-    upstream_status: Option<u16>,
     /// Short reason sent with an error response.
     reason: Option<String>,
 }
 
 impl RequestCtx {
-    /// Releases the in-flight slot and records the outcome.
-    fn finish_backend(&mut self, status: Option<u16>) {
-        if let Some(b) = self.current.take() {
-            b.stats.inflight.dec();
-            b.stats.record(status, self.started.elapsed());
-            if let Some(pool) = &self.pool {
-                crate::outlier::after_request(pool, &b);
+    /// Ends the current attempt with `outcome`; `exclude` keeps its backend out of retries.
+    fn end_attempt(&mut self, outcome: Outcome, exclude: bool) {
+        if let Some(mut lease) = self.lease.take() {
+            if exclude {
+                self.tried.push(lease.backend().addr);
             }
+            lease.set_outcome(outcome);
         }
     }
 
     /// Whether another attempt is allowed and possible.
     fn may_retry(&self) -> bool {
         let Some(pool) = &self.pool else { return false };
-        let retries = pool.settings.load().retries;
-        self.attempt <= retries && pool.table.load().len() > self.tried.len()
+        let retries = pool.settings().retries;
+        self.attempt <= retries && pool.table().len() > self.tried.len()
     }
 }
 
@@ -77,11 +75,9 @@ impl ProxyHttp for SluiceProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             pool: None,
-            current: None,
+            lease: None,
             tried: Vec::new(),
             attempt: 0,
-            started: Instant::now(),
-            upstream_status: None,
             reason: None,
         }
     }
@@ -97,12 +93,8 @@ impl ProxyHttp for SluiceProxy {
             respond(session, 404, "no route matches this request\n").await?;
             return Ok(true);
         };
-        if pool.table.load().is_empty() {
-            self.runtime
-                .metrics
-                .no_backend
-                .with_label_values(&[&pool.name])
-                .inc();
+        if pool.table().is_empty() {
+            pool.counters.no_backend.inc();
             respond(
                 session,
                 503,
@@ -111,8 +103,7 @@ impl ProxyHttp for SluiceProxy {
             .await?;
             return Ok(true);
         }
-        pool.requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        pool.count_request();
         ctx.pool = Some(pool);
         Ok(false)
     }
@@ -125,7 +116,9 @@ impl ProxyHttp for SluiceProxy {
         let Some(pool) = ctx.pool.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no pool selected");
         };
-        let table = pool.table.load();
+        // A retry starts a new attempt: the previous one's slot is released here at the latest.
+        ctx.lease = None;
+        let table = pool.table();
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -143,11 +136,7 @@ impl ProxyHttp for SluiceProxy {
             excluded: &excluded,
         };
         let Some(index) = pool.strategy.pick(&table, &view, ctx.attempt) else {
-            self.runtime
-                .metrics
-                .no_backend
-                .with_label_values(&[&pool.name])
-                .inc();
+            pool.counters.no_backend.inc();
             ctx.reason = Some(if ctx.tried.is_empty() {
                 format!("no backend available in pool \"{}\"\n", pool.name)
             } else {
@@ -162,13 +151,12 @@ impl ProxyHttp for SluiceProxy {
         };
         let backend = table.backends[index].clone();
         ctx.attempt += 1;
-        backend.stats.inflight.inc();
-        let settings = pool.settings.load();
+        let settings = pool.settings();
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
         peer.options.idle_timeout = Some(settings.idle_timeout);
-        ctx.current = Some(backend);
+        ctx.lease = Some(pool.lease(backend));
         Ok(Box::new(peer))
     }
 
@@ -179,22 +167,43 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(b) = &ctx.current {
-            ctx.tried.push(b.addr);
-        }
-        ctx.finish_backend(None);
+        ctx.end_attempt(Outcome::Failed, true);
         // A connect failure never reached the backend, so retrying is safe for every method.
         let retry = ctx.may_retry();
         if retry {
             if let Some(pool) = &ctx.pool {
-                self.runtime
-                    .metrics
-                    .retries
-                    .with_label_values(&[&pool.name, "connect"])
-                    .inc();
+                pool.counters.retry_connect.inc();
             }
         }
         e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // pingora's own rule: a failure on a reused upstream connection (the backend had closed
+        // it) may be retried when the request can be replayed.
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        if e.retry() {
+            // A stale pooled connection says nothing about the backend: release the slot,
+            // record nothing, and let it be picked again.
+            ctx.end_attempt(Outcome::Unknown, false);
+            if let Some(pool) = &ctx.pool {
+                pool.counters.retry_reused.inc();
+            }
+        }
         e
     }
 
@@ -207,23 +216,16 @@ impl ProxyHttp for SluiceProxy {
         let status = resp.status.as_u16();
         if status >= 500 {
             let policy_allows = ctx.pool.as_ref().is_some_and(|p| {
-                let s = p.settings.load();
+                let s = p.settings();
                 s.retry_on_5xx
                     && (s.retry_non_idempotent || session.req_header().method.is_idempotent())
             });
             // Nothing has been sent downstream yet, so the request can still go elsewhere
             // (pingora replays it; bodies larger than its retry buffer are not retried).
             if policy_allows && ctx.may_retry() && !session.as_ref().retry_buffer_truncated() {
-                if let Some(b) = &ctx.current {
-                    ctx.tried.push(b.addr);
-                }
-                ctx.finish_backend(Some(status));
+                ctx.end_attempt(Outcome::Status(status), true);
                 if let Some(pool) = &ctx.pool {
-                    self.runtime
-                        .metrics
-                        .retries
-                        .with_label_values(&[&pool.name, "5xx"])
-                        .inc();
+                    pool.counters.retry_5xx.inc();
                 }
                 let mut e = Error::explain(
                     ErrorType::HTTPStatus(status),
@@ -233,7 +235,9 @@ impl ProxyHttp for SluiceProxy {
                 return Err(e);
             }
         }
-        ctx.upstream_status = Some(status);
+        if let Some(lease) = &mut ctx.lease {
+            lease.set_outcome(Outcome::Status(status));
+        }
         Ok(())
     }
 
@@ -243,6 +247,22 @@ impl ProxyHttp for SluiceProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if head_sent(session) {
+            // The response is under way: an error body would be appended to it and read as a
+            // good answer. Abort instead (h1: close without the last chunk or with a short body;
+            // h2: RST_STREAM), so the client sees a failed response.
+            if e.esource() == &ErrorSource::Upstream {
+                if let Some(pool) = &ctx.pool {
+                    pool.counters.upstream_aborts.inc();
+                    tracing::warn!(pool = %pool.name, backend = ctx.lease.as_ref().map(|l| l.backend().addr_text.as_str()).unwrap_or("-"), error = %e, "backend failed after the response head was sent; client connection aborted");
+                }
+            }
+            session.shutdown().await;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
@@ -270,14 +290,30 @@ impl ProxyHttp for SluiceProxy {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        // No upstream status means no response came back (connect or read failure).
-        ctx.finish_backend(ctx.upstream_status);
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // An upstream error ends the attempt as a failure even if a status had come back (the
+        // body broke off); a downstream error (the client left) says nothing about the backend.
+        if let (Some(e), Some(lease)) = (e, &mut ctx.lease) {
+            if e.esource() == &ErrorSource::Upstream {
+                lease.set_outcome(Outcome::Failed);
+            }
+        }
+        ctx.lease = None;
     }
 }
 
-/// Sends a short plain-text response.
+/// True once a final response head has gone downstream (a `100 Continue` does not count).
+fn head_sent(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|r| !r.status.is_informational() || r.status.as_u16() == 101)
+}
+
+/// Sends a short plain-text response, unless a response is already under way.
 async fn respond(session: &mut Session, code: u16, body: &str) -> Result<()> {
+    if head_sent(session) {
+        return Ok(());
+    }
     let mut resp = ResponseHeader::build(code, Some(3))?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;

@@ -187,7 +187,8 @@ struct HealthChecks {
 #[async_trait]
 impl BackgroundService for HealthChecks {
     async fn start(&self, shutdown: ShutdownWatch) {
-        crate::health_scheduler::run(self.runtime.clone(), shutdown).await;
+        let runtime = self.runtime.clone();
+        crate::health_scheduler::run(move || runtime.pools(), shutdown).await;
     }
 }
 

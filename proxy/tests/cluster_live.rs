@@ -23,10 +23,9 @@ fn cluster_section(name: &str, bind: SocketAddr, key: &str, peers: &[SocketAddr]
 }
 
 fn gossip_addr(ip_last: u8) -> SocketAddr {
-    // Ports from the OS's free list, on distinct 127.0.0.x addresses as separate hosts would have.
-    let ip = format!("127.0.0.{ip_last}");
-    let l = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
-    l.local_addr().unwrap()
+    // Distinct 127.0.0.x addresses, as separate hosts would have; ports that no other call in
+    // this process returned (no bind-then-drop race).
+    SocketAddr::from(([127, 0, 0, ip_last], unique_port()))
 }
 
 struct Agent {

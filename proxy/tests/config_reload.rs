@@ -164,7 +164,7 @@ fn raw_get_with_host(addr: std::net::SocketAddr, host: &str) -> String {
 fn connect_failures_are_retried_on_another_backend() {
     let b = backends(2);
     // A port with nothing listening, between two live backends.
-    let dead = format!("127.0.0.1:{}", free_port());
+    let dead = unique_addr().to_string();
     let list = format!("\"{}\", \"{dead}\", \"{}\"", b[0].0, b[1].0);
     // Outlier detection off: this test is about retries alone (see policies.rs for ejection).
     let proxy = Proxy::start(

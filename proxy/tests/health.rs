@@ -136,7 +136,7 @@ fn wat_health(bad: &str) -> Vec<u8> {
         "garbage" => ("(if (i32.gt_u (global.get $calls) (i32.const 1)) (then (return (i64.or (i64.shl (i64.const 2100) (i64.const 32)) (i64.const 1)))))", ""),
         _ => ("", ""),
     };
-    format!(
+    let text = format!(
         r#"(module
   (memory (export "memory") 2)
   (data (i32.const 2048) "\00")
@@ -155,7 +155,8 @@ fn wat_health(bad: &str) -> Vec<u8> {
     (if (result i32) (i32.eqz (i32.load8_u (local.get $p))) (then (i32.const 100)) (else (i32.const -1))))
 )"#
     )
-    .into_bytes()
+    .into_bytes();
+    wat::parse_bytes(&text).expect("valid WAT").into_owned()
 }
 
 #[test]

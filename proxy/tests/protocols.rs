@@ -57,15 +57,17 @@ fn tls_with_h2_and_h2c() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let tls_port = free_port();
-    let server = format!("h2c = true\ntls = {{ listen = [\"127.0.0.1:{tls_port}\"], cert = \"cert.pem\", key = \"key.pem\" }}");
+    let tls_addr = unique_addr();
+    let server = format!(
+        "h2c = true\ntls = {{ listen = [\"{tls_addr}\"], cert = \"cert.pem\", key = \"key.pem\" }}"
+    );
     let body = format!(
         "[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n",
         backend_list(&b)
     );
     let proxy = Proxy::start_full(dir, &server, &body);
 
-    let url = format!("https://127.0.0.1:{tls_port}/");
+    let url = format!("https://{tls_addr}/");
     let (body1, meta) = curl(&["-k", "--http2", &url]);
     assert_eq!(meta, "2 200", "TLS + ALPN h2 ({body1})");
     let (body2, meta) = curl(&["-k", "--http1.1", &url]);

@@ -102,8 +102,13 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
         ),
         (
             "missing export",
-            b"(module (memory (export \"memory\") 1))".to_vec(),
+            wat::parse_str("(module (memory (export \"memory\") 1))").unwrap(),
             "does not export `sluice_abi_version`",
+        ),
+        (
+            "text instead of binary",
+            b"(module)".to_vec(),
+            "only binary modules are accepted",
         ),
         ("empty body", Vec::new(), "empty body"),
     ];
@@ -144,7 +149,7 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
         proxy.metric(
             "sluice_plugin_swaps_total{kind=\"strategy\",pool=\"web\",result=\"rejected\"}"
         ),
-        6.0
+        7.0
     );
 }
 

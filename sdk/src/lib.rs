@@ -241,7 +241,7 @@ pub use config::{Config, ConfigError};
 pub use hash::hash_bytes;
 pub use health::{HealthCheck, Outcome, Probe, ProbeResult, Verdict, WireError};
 pub use host::{counter_add, monotonic_ns, now_ms, random_u64, HostError, COUNTER_SLOTS};
-pub use request::{Attr, Request};
+pub use request::{attr_kind, Attr, Request};
 pub use table::{Backend, Backends, TableError};
 
 /// Re-exported so plugins can derive `Deserialize` for their config without their own serde

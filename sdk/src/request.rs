@@ -27,18 +27,39 @@ pub enum Attr<'a> {
     Uri,
 }
 
+/// The ABI's attribute `kind` numbers (`request_attr`, `request_hash`): the one definition the
+/// host reads too.
+pub mod attr_kind {
+    /// [`super::Attr::ClientIp`].
+    pub const CLIENT_IP: i32 = 0;
+    /// [`super::Attr::Method`].
+    pub const METHOD: i32 = 1;
+    /// [`super::Attr::Host`].
+    pub const HOST: i32 = 2;
+    /// [`super::Attr::Path`].
+    pub const PATH: i32 = 3;
+    /// [`super::Attr::Header`].
+    pub const HEADER: i32 = 4;
+    /// [`super::Attr::Cookie`].
+    pub const COOKIE: i32 = 5;
+    /// [`super::Attr::Query`].
+    pub const QUERY: i32 = 6;
+    /// [`super::Attr::Uri`].
+    pub const URI: i32 = 7;
+}
+
 impl Attr<'_> {
     /// The ABI `kind` number.
     pub const fn kind(&self) -> i32 {
         match self {
-            Attr::ClientIp => 0,
-            Attr::Method => 1,
-            Attr::Host => 2,
-            Attr::Path => 3,
-            Attr::Header(_) => 4,
-            Attr::Cookie(_) => 5,
-            Attr::Query(_) => 6,
-            Attr::Uri => 7,
+            Attr::ClientIp => attr_kind::CLIENT_IP,
+            Attr::Method => attr_kind::METHOD,
+            Attr::Host => attr_kind::HOST,
+            Attr::Path => attr_kind::PATH,
+            Attr::Header(_) => attr_kind::HEADER,
+            Attr::Cookie(_) => attr_kind::COOKIE,
+            Attr::Query(_) => attr_kind::QUERY,
+            Attr::Uri => attr_kind::URI,
         }
     }
 

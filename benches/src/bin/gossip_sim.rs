@@ -1,4 +1,4 @@
-//! Gossip membership at 1000 nodes on virtual time (see `sluice::cluster::sim`).
+//! Gossip membership at 1000 nodes on virtual time (see `sluice_gossip::sim`).
 //!
 //! `cargo run --release -p sluice-benches --bin gossip_sim [-- --nodes N --runs R --hour-secs S]`
 //!
@@ -12,8 +12,8 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use sluice::cluster::node::Event;
-use sluice::cluster::sim::{sim_addr, Sim, SimConfig};
+use sluice_gossip::node::Event;
+use sluice_gossip::sim::{sim_addr, Sim, SimConfig};
 
 const SECOND: u64 = 1000;
 

@@ -1,7 +1,7 @@
 //! Shared test support: real sluice processes, real demo backends, all on loopback.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,13 +11,26 @@ use std::time::{Duration, Instant};
 pub use sluice::client::{request, HttpConn, HttpResponse};
 pub use sluice::demo::DemoBackend;
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback address no other test uses, without the bind-then-drop race: every test process
+/// gets its own 127.x.y.z address (from its pid, which no concurrent process shares) and every
+/// call a new port on it, below the kernel's ephemeral range so no outgoing connection takes it.
+pub fn unique_addr() -> SocketAddr {
+    let pid = std::process::id();
+    let ip = std::net::Ipv4Addr::new(
+        127,
+        64 | ((pid >> 16) & 0x3f) as u8,
+        (pid >> 8) as u8,
+        pid as u8,
+    );
+    SocketAddr::from((ip, unique_port()))
+}
+
+/// A port no other call in this process returned (20000..30000); see [`unique_addr`].
+pub fn unique_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    assert!(n < 10_000, "out of test ports");
+    20_000 + n as u16
 }
 
 /// A fresh scratch directory for one test.
@@ -69,8 +82,8 @@ impl Proxy {
     /// `server_extra` goes into the `[server]` section (e.g. `h2c = true` or a `[server.tls]` table
     /// placed after `body` is not possible, so give TLS as an inline table: `tls = { ... }`).
     pub fn start_full(dir: PathBuf, server_extra: &str, body: &str) -> Proxy {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen = unique_addr();
+        let admin = unique_addr();
         let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
@@ -162,7 +175,7 @@ pub fn tally(
 /// A strategy plugin in WAT with the given pick body (`(param $attempt i32) (result i32)`),
 /// init body (`(param i32 i32) (result i32)`) and ABI version. Real wasm, compiled by the host.
 pub fn wat_strategy(version: i32, init_body: &str, pick_body: &str) -> Vec<u8> {
-    format!(
+    let text = format!(
         r#"(module
   (import "sluice" "counter_add" (func $counter_add (param i32 i64) (result i64)))
   (import "sluice" "request_attr" (func $request_attr (param i32 i32 i32 i32 i32) (result i32)))
@@ -177,8 +190,8 @@ pub fn wat_strategy(version: i32, init_body: &str, pick_body: &str) -> Vec<u8> {
     (global.set $n (i32.load (local.get $ptr))) (i32.const 0))
   (func (export "sluice_pick") (param $attempt i32) (result i32) {pick_body})
 )"#
-    )
-    .into_bytes()
+    );
+    wat::parse_str(text).expect("valid WAT")
 }
 
 /// Picks backend 0 always.

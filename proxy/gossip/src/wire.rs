@@ -170,7 +170,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::keyring::generate_key;
+    use crate::keyring::generate_key;
 
     #[test]
     fn plain_round_trip_with_and_without_compression() {

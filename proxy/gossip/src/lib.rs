@@ -1,4 +1,4 @@
-//! Gossip cluster membership (issue 5): which proxies and backends exist, what they offer and
+//! sluice-gossip: cluster membership — which proxies and backends exist, what they offer and
 //! whether they are alive.
 //!
 //! Layers, bottom up:
@@ -25,6 +25,7 @@
 //! repairs anything the broadcast missed. Metadata too large for a datagram is announced as a
 //! small stub and fetched over TCP.
 
+pub mod clock;
 pub mod keyring;
 pub mod node;
 pub mod runtime;

@@ -5,141 +5,14 @@
 //! A *suspect* or *draining* member stays in the pool but receives no new requests at once; a
 //! *down* or *left* member leaves the pool.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use crate::cluster::{Cluster, ClusterConfig, ClusterHandle, MemberState, NodeMeta, Profile, Role};
+use crate::cluster::{Cluster, ClusterConfig, ClusterHandle, MemberState, NodeMeta, Role};
 use crate::config::BackendSpec;
 use crate::runtime::Runtime;
 
-/// `[cluster]`: joins this process to a gossip cluster.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterSection {
-    /// Cluster name; also authenticated in every packet, so clusters sharing a key stay apart.
-    pub name: String,
-    /// This node's unique name (default: host name and gossip port).
-    #[serde(default)]
-    pub node_name: Option<String>,
-    /// Address to bind UDP and TCP gossip on.
-    pub bind_addr: String,
-    /// Address others reach this node at (default: `bind_addr`).
-    #[serde(default)]
-    pub advertise_addr: Option<String>,
-    /// Base64 AES-256 key (`sluice genkey`).
-    #[serde(default)]
-    pub key: Option<String>,
-    /// Several keys: the first encrypts, all decrypt (key rotation).
-    #[serde(default)]
-    pub keys: Vec<String>,
-    /// A file holding the key(s), one per line.
-    #[serde(default)]
-    pub key_file: Option<String>,
-    /// Seeds; may be empty for the first node.
-    #[serde(default)]
-    pub peers: Vec<String>,
-    /// Deflate large messages.
-    #[serde(default)]
-    pub compression: bool,
-    /// Timing profile: "lan" (default), "wan" or "local" (fast, for one machine).
-    #[serde(default = "default_profile")]
-    pub profile: String,
-    /// Expected cluster size (tunes dissemination and suspicion).
-    #[serde(default = "default_expected_size")]
-    pub expected_size: u32,
-}
-
-fn default_profile() -> String {
-    "lan".into()
-}
-fn default_expected_size() -> u32 {
-    32
-}
-
-impl ClusterSection {
-    /// Validates the section and builds the runtime config. `base` resolves `key_file`.
-    pub fn to_config(&self, base: &Path) -> Result<ClusterConfig, String> {
-        let bind: SocketAddr = self.bind_addr.parse().map_err(|_| {
-            format!(
-                "[cluster] bind_addr \"{}\" is not an IP:port; write it like \"127.0.0.1:7946\"",
-                self.bind_addr
-            )
-        })?;
-        let advertise = match &self.advertise_addr {
-            Some(a) => Some(
-                a.parse()
-                    .map_err(|_| format!("[cluster] advertise_addr \"{a}\" is not an IP:port"))?,
-            ),
-            None => None,
-        };
-        let mut keys: Vec<String> = self
-            .key
-            .iter()
-            .cloned()
-            .chain(self.keys.iter().cloned())
-            .collect();
-        if let Some(f) = &self.key_file {
-            let p = if Path::new(f).is_absolute() {
-                Path::new(f).to_path_buf()
-            } else {
-                base.join(f)
-            };
-            let text = std::fs::read_to_string(&p)
-                .map_err(|e| format!("[cluster] key_file {}: {e}", p.display()))?;
-            keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from),
-            );
-        }
-        if keys.is_empty() {
-            return Err("[cluster] needs a key: set key = \"...\" (generate one with `sluice genkey`), keys = [...] or key_file".into());
-        }
-        for k in &keys {
-            crate::cluster::keyring::parse_key(k).map_err(|e| format!("[cluster] key: {e}"))?;
-        }
-        let profile = match self.profile.as_str() {
-            "lan" => Profile::Lan,
-            "wan" => Profile::Wan,
-            "local" => Profile::Local,
-            other => {
-                return Err(format!(
-                    "[cluster] profile \"{other}\" is unknown; use \"lan\", \"wan\" or \"local\""
-                ))
-            }
-        };
-        if self.name.is_empty() {
-            return Err("[cluster] name must not be empty".into());
-        }
-        Ok(ClusterConfig {
-            cluster_name: self.name.clone(),
-            bind_addr: bind,
-            advertise_addr: advertise,
-            keys,
-            peers: self.peers.clone(),
-            profile,
-            compression: self.compression,
-            expected_size: self.expected_size.max(1),
-        })
-    }
-
-    /// The node name: configured, or host name plus gossip port.
-    pub fn node_name(&self) -> String {
-        self.node_name.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "node".into());
-            let port = self.bind_addr.rsplit(':').next().unwrap_or("0");
-            format!("{host}-{port}")
-        })
-    }
-}
+pub use crate::cluster_config::ClusterSection;
 
 /// A cluster member running on its own small tokio runtime (the proxy's runtimes belong to
 /// pingora's services), so it can be started and checked before any listener opens.
@@ -205,18 +78,7 @@ pub fn gossip_backends(
 pub fn sync_pools(runtime: &Runtime, handle: &ClusterHandle) {
     let members = handle.members_snapshot();
     for pool in runtime.pools() {
-        let gossip = gossip_backends(&members, &pool.name);
-        pool.set_gossip_backends(&gossip.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>());
-        let mut changed = false;
-        for b in pool.members.load().iter() {
-            let hold = gossip.iter().any(|(g, h)| g.addr == b.addr && *h);
-            if b.stats.cluster_hold.swap(hold, Ordering::Relaxed) != hold {
-                changed = true;
-            }
-        }
-        if changed {
-            pool.rebuild_table();
-        }
+        pool.set_gossip_backends(&gossip_backends(&members, &pool.name));
     }
 }
 
@@ -338,6 +200,8 @@ pub fn cluster_dot(cluster: &serde_json::Value) -> String {
 mod tests {
     use super::*;
     use crate::cluster::{MemberInfo, Service};
+    use std::net::SocketAddr;
+    use std::path::Path;
 
     fn member(
         name: &str,

@@ -1,12 +1,12 @@
 //! Gossip membership at scale, simulated: ~100 nodes in one process on virtual time over a
-//! seeded lossy network (see `sluice::cluster::sim`). No sockets, no sleeps; every run is the
+//! seeded lossy network (see `sluice_gossip::sim`). No sockets, no sleeps; every run is the
 //! same run.
 
 use std::collections::HashSet;
 
-use sluice::cluster::node::Event;
-use sluice::cluster::sim::{sim_addr, Sim, SimConfig};
-use sluice::cluster::MemberState;
+use sluice_gossip::node::Event;
+use sluice_gossip::sim::{sim_addr, Sim, SimConfig};
+use sluice_gossip::MemberState;
 
 const N: usize = 100;
 const SECOND: u64 = 1000;

@@ -909,7 +909,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{profile_settings, Profile, Role, Service};
+    use crate::{profile_settings, Profile, Role, Service};
 
     fn node(port: u16, name: &str) -> Node {
         let (cfg, pp) = profile_settings(Profile::Local, 8);

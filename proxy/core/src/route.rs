@@ -30,7 +30,7 @@ impl Router {
 
     /// The pool for a request to `host` (may include a port) and `path`.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
-        let host = host.map(strip_port);
+        let host = host.map(crate::http1::strip_port_str);
         self.routes
             .iter()
             .find(|r| {
@@ -47,24 +47,5 @@ impl Router {
     /// The routes in match order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
-    }
-}
-
-fn strip_port(h: &str) -> &str {
-    if h.starts_with('[') {
-        return h.split_inclusive(']').next().unwrap_or(h);
-    }
-    h.rsplit_once(':').map_or(h, |(host, _)| host)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::strip_port;
-
-    #[test]
-    fn ports_are_ignored() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
     }
 }

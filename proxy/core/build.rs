@@ -7,8 +7,9 @@ use std::process::Command;
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir
-        .parent()
-        .expect("proxy/ lives in the workspace root")
+        .ancestors()
+        .nth(2)
+        .expect("proxy/core/ lives two levels under the workspace root")
         .to_path_buf();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     println!("cargo:rerun-if-changed={}", root.join("plugins").display());

@@ -1,9 +1,11 @@
 //! The strategy host: runs a pool's strategy plugin on every request.
 //!
-//! Each worker thread keeps its own instance of the pool's current plugin version (thread-local,
-//! so the request path takes no lock). A new version is published through an `ArcSwap`; a thread
-//! notices the changed generation on its next pick and instantiates the new version first. `pick`
-//! is synchronous and never held across an `.await`, so a swap needs no drain and fails no request.
+//! Each worker thread keeps its own instance of the pool's current plugin version, in storage the
+//! *version* owns (`thread_local::ThreadLocal`, so the request path takes no lock). A new version
+//! is published through an `ArcSwap`; a thread's next pick finds no instance for it and
+//! instantiates one. When the old version's last reader is done, dropping it drops every thread's
+//! instance of it, and with them their pooling-allocator slots. `pick` is synchronous and never
+//! held across an `.await`, so a swap needs no drain and fails no request.
 //!
 //! A trap, a deadline hit or a nonsense index is a *fault*: that request is served by a native
 //! round-robin over the same table, the fault is counted and logged, and the thread's instance is
@@ -15,22 +17,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
+use thread_local::ThreadLocal;
 use wasmtime::TypedFunc;
 
-use crate::metrics::Metrics;
-use crate::plugin::VersionSlot;
+use crate::backend::BackendTable;
+use crate::metrics::{Metrics, SeriesScope};
 use crate::plugin::{
-    is_deadline, root_cause, Guest, HostState, PluginEngine, PluginError, PluginKind,
-    PluginVersion, RequestView, COUNTER_SLOTS, INIT_DEADLINE_TICKS, PICK_DEADLINE_TICKS,
+    Fault, FaultCounters, Guest, HostState, PluginEngine, PluginError, PluginKind, PluginVersion,
+    Prepared, RequestView, VersionSlot, COUNTER_SLOTS, INIT_DEADLINE_TICKS, PICK_DEADLINE_TICKS,
 };
-use crate::pool::BackendTable;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// A live instance of one plugin version on one thread.
 struct Instance {
-    generation: u64,
     table_generation: u64,
     guest: Guest,
     set_backends: TypedFunc<(i32, i32), i32>,
@@ -43,12 +44,12 @@ impl Instance {
         engine: &PluginEngine,
         version: &PluginVersion,
         counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+        log_dropped: Option<IntCounter>,
     ) -> Result<Instance, PluginError> {
-        let mut guest = Guest::new(engine, version, counters)?;
+        let mut guest = Guest::new(engine, version, counters, log_dropped)?;
         let set_backends = guest.func("sluice_set_backends")?;
         let pick = guest.func("sluice_pick")?;
         Ok(Instance {
-            generation: version.generation,
             table_generation: 0,
             guest,
             set_backends,
@@ -93,124 +94,79 @@ impl Instance {
     }
 }
 
-/// Why a plugin call could not be used.
-#[derive(Debug)]
-enum Fault {
-    Trap(String),
-    Deadline,
-    BadIndex(i32),
-    Instantiate(String),
-    Backoff,
-}
-
-impl std::fmt::Display for Fault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Fault::Trap(t) => write!(f, "{t}"),
-            Fault::Deadline => write!(f, "deadline exceeded (the plugin ran too long)"),
-            Fault::BadIndex(i) => write!(
-                f,
-                "returned index {i}, which is out of range or already tried"
-            ),
-            Fault::Instantiate(e) => write!(f, "cannot rebuild the instance: {e}"),
-            Fault::Backoff => write!(f, "instance is waiting to be rebuilt"),
-        }
-    }
-}
-
-impl Fault {
-    fn from_call(e: wasmtime::Error) -> Fault {
-        if is_deadline(&e) {
-            Fault::Deadline
-        } else {
-            Fault::Trap(root_cause(&e))
-        }
-    }
-    fn reason(&self) -> &'static str {
-        match self {
-            Fault::Trap(_) => "trap",
-            Fault::Deadline => "deadline",
-            Fault::BadIndex(_) => "bad_index",
-            Fault::Instantiate(_) => "instantiate",
-            Fault::Backoff => "backoff",
-        }
-    }
-}
-
-/// A thread's instance of one pool's strategy, with its rebuild backoff.
+/// A thread's instance of the serving version, with its rebuild backoff.
 struct Slot {
-    generation: u64,
     instance: Option<Instance>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
 
-thread_local! {
-    /// Indexed by `StrategyHost::id`: O(1) and lock-free.
-    static SLOTS: RefCell<Vec<Option<Slot>>> = const { RefCell::new(Vec::new()) };
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            instance: None,
+            retry_at: None,
+            backoff: FIRST_BACKOFF,
+        }
+    }
 }
 
-static NEXT_HOST_ID: AtomicUsize = AtomicUsize::new(0);
-
-struct FaultCounters {
-    trap: IntCounter,
-    deadline: IntCounter,
-    bad_index: IntCounter,
-    instantiate: IntCounter,
-}
+/// Every worker thread's instance of one version; owned by that version.
+type Instances = ThreadLocal<RefCell<Slot>>;
 
 /// Runs one pool's strategy plugin.
 pub struct StrategyHost {
-    id: usize,
     pool: String,
     engine: PluginEngine,
-    versions: VersionSlot,
+    versions: VersionSlot<Instances>,
     counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
     fallback_rr: AtomicUsize,
     picks: IntCounter,
     fallbacks: IntCounter,
+    log_dropped: IntCounter,
     faults: FaultCounters,
+    _series: SeriesScope,
 }
 
 impl StrategyHost {
-    /// Loads and validates the first version of a pool's strategy against `table`.
-    pub fn new(
+    /// Validates a first version of a pool's strategy against `table`, without a host yet
+    /// (a reload prepares every new pool's plugin before publishing anything).
+    pub fn prepare_first(
         engine: &PluginEngine,
-        pool: &str,
         bytes: &[u8],
         name: &str,
         config_json: Arc<[u8]>,
         table: &Arc<BackendTable>,
+    ) -> Result<Prepared, PluginError> {
+        // The first version of a host is generation 1.
+        validate(engine, bytes, name, 1, config_json, table).map(Prepared::from)
+    }
+
+    /// A host serving `first` (from [`StrategyHost::prepare_first`]).
+    pub fn new(
+        engine: &PluginEngine,
+        pool: &str,
+        first: Prepared,
         metrics: &Metrics,
-    ) -> Result<StrategyHost, PluginError> {
-        let counters = Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]);
-        let version = validate(engine, bytes, name, 1, config_json, table)?;
-        let fault = |reason: &str| {
-            metrics
-                .plugin_faults
-                .with_label_values(&[pool, "strategy", reason])
-        };
-        Ok(StrategyHost {
-            id: NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed),
+    ) -> StrategyHost {
+        let series = metrics.scope(&[pool]);
+        StrategyHost {
             pool: pool.to_string(),
             engine: engine.clone(),
-            versions: VersionSlot::new(pool, PluginKind::Strategy, version, metrics),
-            counters,
+            versions: VersionSlot::new(pool, PluginKind::Strategy, first, &series, metrics),
+            counters: Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]),
             fallback_rr: AtomicUsize::new(0),
-            picks: metrics.plugin_picks.with_label_values(&[pool]),
-            fallbacks: metrics.fallback_picks.with_label_values(&[pool]),
-            faults: FaultCounters {
-                trap: fault("trap"),
-                deadline: fault("deadline"),
-                bad_index: fault("bad_index"),
-                instantiate: fault("instantiate"),
-            },
-        })
+            picks: series.counter(&metrics.plugin_picks, &[]),
+            fallbacks: series.counter(&metrics.fallback_picks, &[]),
+            log_dropped: series.counter(&metrics.plugin_log_dropped, &["strategy"]),
+            faults: FaultCounters::new(&series, metrics, PluginKind::Strategy),
+            _series: series,
+        }
     }
 
     /// The version serving now.
     pub fn current(&self) -> Arc<PluginVersion> {
-        self.versions.current.load_full()
+        self.versions.version()
     }
 
     /// Validates `bytes` (compile, ABI version, instantiate, init with `config_json`, one trial pick
@@ -228,15 +184,23 @@ impl StrategyHost {
         })
     }
 
-    /// Validates a candidate version exactly as [`StrategyHost::swap`] would, without publishing it.
-    pub fn check(
+    /// Validates a candidate exactly as [`StrategyHost::swap`] would, without publishing it.
+    pub fn prepare(
         &self,
         bytes: &[u8],
         name: &str,
         config_json: Arc<[u8]>,
         table: &Arc<BackendTable>,
-    ) -> Result<(), PluginError> {
-        validate(&self.engine, bytes, name, 0, config_json, table).map(drop)
+    ) -> Result<Prepared, PluginError> {
+        self.versions
+            .prepare(Some(config_json), |generation, config| {
+                validate(&self.engine, bytes, name, generation, config, table)
+            })
+    }
+
+    /// Publishes a version from [`StrategyHost::prepare`]. Cannot fail.
+    pub fn publish(&self, prepared: Prepared) -> Arc<PluginVersion> {
+        self.versions.publish(prepared)
     }
 
     /// Picks a backend of `table` for a request. `None` means no backend is available.
@@ -250,59 +214,34 @@ impl StrategyHost {
         if table.is_empty() {
             return None;
         }
-        let version = self.versions.current.load();
-        let outcome = SLOTS.with(|slots| {
-            let mut slots = slots.borrow_mut();
-            if slots.len() <= self.id {
-                slots.resize_with(self.id + 1, || None);
-            }
-            let slot = slots[self.id].get_or_insert_with(|| Slot {
-                generation: 0,
-                instance: None,
-                retry_at: None,
-                backoff: FIRST_BACKOFF,
-            });
-            if slot.generation != version.generation {
-                *slot = Slot {
-                    generation: version.generation,
-                    instance: None,
-                    retry_at: None,
-                    backoff: FIRST_BACKOFF,
-                };
-            }
+        let live = self.versions.load();
+        let mut slot = live.state.get_or_default().borrow_mut();
+        let outcome = (|| {
             if slot.instance.is_none() {
                 if slot.retry_at.is_some_and(|t| Instant::now() < t) {
                     return Err(Fault::Backoff);
                 }
-                match Instance::new(&self.engine, &version, self.counters.clone()) {
+                match Instance::new(
+                    &self.engine,
+                    &live.version,
+                    self.counters.clone(),
+                    Some(self.log_dropped.clone()),
+                ) {
                     Ok(i) => slot.instance = Some(i),
-                    Err(e) => {
-                        let fault = Fault::Instantiate(e.to_string());
-                        self.poison(slot, &fault);
-                        return Err(fault);
-                    }
+                    Err(e) => return Err(Fault::Instantiate(e.to_string())),
                 }
             }
-            let Some(instance) = slot.instance.as_mut() else {
-                return Err(Fault::Backoff);
-            };
-            match instance.pick(table, req, attempt) {
-                Ok(pick) => {
-                    slot.backoff = FIRST_BACKOFF;
-                    Ok(pick)
-                }
-                Err(fault) => {
-                    self.poison(slot, &fault);
-                    Err(fault)
-                }
-            }
-        });
+            let instance = slot.instance.as_mut().ok_or(Fault::Backoff)?;
+            instance.pick(table, req, attempt)
+        })();
         match outcome {
             Ok(pick) => {
+                slot.backoff = FIRST_BACKOFF;
                 self.picks.inc();
                 pick
             }
-            Err(_) => {
+            Err(fault) => {
+                self.poison(&mut slot, live.version.generation, &fault);
                 self.fallbacks.inc();
                 self.fallback_pick(table, req)
             }
@@ -310,19 +249,11 @@ impl StrategyHost {
     }
 
     /// Drops a faulty instance and schedules its rebuild.
-    fn poison(&self, slot: &mut Slot, fault: &Fault) {
-        let counter = match fault {
-            Fault::Trap(_) => &self.faults.trap,
-            Fault::Deadline => &self.faults.deadline,
-            Fault::BadIndex(_) => &self.faults.bad_index,
-            Fault::Instantiate(_) => &self.faults.instantiate,
-            Fault::Backoff => return,
-        };
-        counter.inc();
-        let generation = slot
-            .instance
-            .as_ref()
-            .map_or(slot.generation, |i| i.generation);
+    fn poison(&self, slot: &mut Slot, generation: u64, fault: &Fault) {
+        if matches!(fault, Fault::Backoff) {
+            return;
+        }
+        self.faults.count(fault);
         tracing::warn!(
             pool = %self.pool, generation, reason = fault.reason(), detail = %fault, retry_in = ?slot.backoff,
             "strategy plugin fault; request served by the native fallback, instance will be rebuilt"
@@ -354,9 +285,8 @@ fn validate(
     let version = engine.compile(bytes, PluginKind::Strategy, name, generation, config_json)?;
     // The trial runs on its own counters so it does not shift the live rotation.
     let trial_counters = Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]);
-    let mut instance = Instance::new(engine, &version, trial_counters)?;
-    let header = pingora::http::RequestHeader::build("GET", b"/", None)
-        .map_err(|e| PluginError::TrialPick(e.to_string()))?;
+    let mut instance = Instance::new(engine, &version, trial_counters, None)?;
+    let (header, ()) = http::Request::new(()).into_parts();
     let none = |_: usize| false;
     let req = RequestView {
         header: &header,

@@ -2,7 +2,7 @@
 //! each `builtin:NAME` is the embedded wasm module, compiled by wasmtime and driven through
 //! `StrategyHost::pick` exactly as on the request path.
 //!
-//! Generic rules are checked for every strategy the binary embeds (`sluice::builtin::strategy_names()`):
+//! Generic rules are checked for every strategy the binary embeds (`sluice_core::builtin::strategy_names()`):
 //! an empty table has no backend, a single backend always gets the request, and a retry never
 //! returns a backend the request already tried. Rules that depend on what a strategy is for (a
 //! weight-proportional share, stickiness of a key, consistent hashing, bounded loads) are
@@ -21,14 +21,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use pingora::http::RequestHeader;
 use prometheus::IntCounter;
 use proptest::prelude::*;
-use sluice::config::BackendSpec;
-use sluice::metrics::Metrics;
-use sluice::plugin::{PluginEngine, PluginError, RequestView};
-use sluice::pool::{backends_from_specs, BackendTable};
-use sluice::strategy::StrategyHost;
+use sluice_core::backend::{BackendTable, InflightSlot};
+use sluice_core::config::BackendSpec;
+use sluice_core::metrics::Metrics;
+use sluice_core::plugin::{PluginEngine, PluginError, RequestView};
+use sluice_core::strategy::StrategyHost;
 
 // ---------------------------------------------------------------------------------------------
 // What each strategy promises
@@ -116,8 +115,17 @@ fn table(weights: &[u32]) -> Arc<BackendTable> {
         })
         .collect();
     let generation = next_generation();
-    let backends = backends_from_specs(&specs, metrics(), &format!("table-{generation}"));
-    Arc::new(BackendTable::new(generation, backends, None))
+    let t = BackendTable::from_specs(&specs, metrics(), &format!("table-{generation}"), None);
+    Arc::new(BackendTable::new(generation, t.backends, None))
+}
+
+/// Puts `loads[i]` requests in flight on backend `i` of `t` until the slots are dropped.
+fn set_load(t: &BackendTable, loads: &[i64]) -> Vec<InflightSlot> {
+    t.backends
+        .iter()
+        .zip(loads)
+        .flat_map(|(b, &n)| (0..n).map(|_| InflightSlot::new(&b.stats)))
+        .collect()
 }
 
 /// `t` without backend `removed`: the same backends (same statistics), a new generation.
@@ -144,20 +152,19 @@ fn load(name: &str, config: &str) -> Option<Arc<Loaded>> {
     cache
         .entry((name.to_string(), config.to_string()))
         .or_insert_with(|| {
-            let bytes = sluice::builtin::get(name).expect("listed by builtin::strategy_names");
+            let bytes = sluice_core::builtin::get(name).expect("listed by builtin::strategy_names");
             let pool = format!("{name} {config}");
             // Validated against an empty table: the trial pick must answer -1, which is the
             // plugin-level half of the "empty table" rule (the host never asks a plugin to
             // pick from an empty table).
-            let result = StrategyHost::new(
+            let result = StrategyHost::prepare_first(
                 engine(),
-                &pool,
                 bytes,
                 &format!("builtin:{name}"),
                 Arc::from(config.as_bytes()),
                 &table(&[]),
-                metrics(),
-            );
+            )
+            .map(|first| StrategyHost::new(engine(), &pool, first, metrics()));
             match result {
                 Ok(host) => Some(Arc::new(Loaded {
                     host,
@@ -172,14 +179,14 @@ fn load(name: &str, config: &str) -> Option<Arc<Loaded>> {
 
 /// Built-in strategies with their default configuration.
 fn strategies() -> Vec<(&'static str, Arc<Loaded>)> {
-    sluice::builtin::strategy_names()
+    sluice_core::builtin::strategy_names()
         .filter_map(|name| load(name, "{}").map(|s| (name, s)))
         .collect()
 }
 
 /// A request as a strategy sees it.
 struct Req {
-    header: RequestHeader,
+    header: http::request::Parts,
     client_ip: Option<IpAddr>,
     excluded: Vec<usize>,
     attempt: u32,
@@ -188,7 +195,7 @@ struct Req {
 impl Req {
     fn new() -> Req {
         Req {
-            header: RequestHeader::build("GET", b"/path", None).unwrap(),
+            header: http::Request::get("/path").body(()).unwrap().into_parts().0,
             client_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
             excluded: Vec::new(),
             attempt: 0,
@@ -204,7 +211,9 @@ impl Req {
     }
 
     fn header(mut self, name: &'static str, value: &str) -> Req {
-        self.header.insert_header(name, value).unwrap();
+        self.header
+            .headers
+            .insert(name, http::HeaderValue::from_str(value).unwrap());
         self
     }
 
@@ -389,9 +398,7 @@ proptest! {
         busy in prop::collection::vec(0i64..=8, 12),
     ) {
         let t = table(&weights);
-        for (b, &load) in t.backends.iter().zip(&busy) {
-            b.stats.inflight.set(load);
-        }
+        let _busy = set_load(&t, &busy);
         let tried: Vec<usize> = (0..weights.len()).filter(|i| tried_mask >> i & 1 == 1).collect();
         for_each_strategy(|_, s| {
             let picked = s.pick(&t, &Req::from_client(client).retry(&tried));
@@ -470,7 +477,7 @@ fn the_same_client_keeps_its_backend() {
 
 /// The consistent-hashing strategies, each with `config`.
 fn consistent(config: &str) -> Vec<(&'static str, Arc<Loaded>)> {
-    sluice::builtin::strategy_names()
+    sluice_core::builtin::strategy_names()
         .filter(|name| profile(name).is_some_and(|p| p.consistent))
         .filter_map(|name| load(name, config).map(|s| (name, s)))
         .collect()
@@ -564,18 +571,13 @@ proptest! {
     ) {
         const PICKS: usize = 120;
         let t = table(&weights);
-        for (b, &load) in t.backends.iter().zip(&initial) {
-            b.stats.inflight.set(load);
-        }
         let total_weight = f64::from(weights.iter().sum::<u32>());
         for (name, s) in consistent(&format!(r#"{{"bounded_load": {c}}}"#)) {
-            for (b, &load) in t.backends.iter().zip(&initial) {
-                b.stats.inflight.set(load);
-            }
+            let mut running = set_load(&t, &initial);
             for k in 0..PICKS {
                 let req = Req::from_client(hot_clients[k % hot_clients.len()]);
                 let i = s.pick(&t, &req).unwrap();
-                let loads: Vec<i64> = t.backends.iter().map(|b| b.stats.inflight.get()).collect();
+                let loads: Vec<i64> = t.backends.iter().map(|b| b.stats.inflight()).collect();
                 let total: i64 = loads.iter().sum();
                 // The plugin's formula, in the same floating-point operations.
                 let scale = c * (total + 1) as f64 / total_weight;
@@ -585,7 +587,7 @@ proptest! {
                     "{} (c = {}): picked {} with loads {:?}, weights {:?}: {} + 1 > {}",
                     name, c, i, loads, weights, loads[i], bound
                 );
-                t.backends[i].stats.inflight.inc();
+                running.push(InflightSlot::new(&t.backends[i].stats));
             }
         }
     }

@@ -13,10 +13,12 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::BackendTable;
 use crate::config::BackendSpec;
+use crate::lease::{Lease, Outcome};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginEngine, PluginError, RequestView};
-use crate::pool::{backends_from_specs, BackendTable};
+use crate::pool::{Pool, PoolSettings};
 use crate::strategy::StrategyHost;
 
 /// Simulation parameters.
@@ -75,25 +77,37 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
     let specs: Vec<BackendSpec> = (0..n)
         .map(|i| BackendSpec::loopback(9001 + i as u16))
         .collect();
-    let all = backends_from_specs(&specs, &metrics, "sim");
-    let full = Arc::new(BackendTable::new(1, all.clone(), None));
-    let host = StrategyHost::new(
+    let full = Arc::new(BackendTable::from_specs(&specs, &metrics, "sim", None));
+    let first = StrategyHost::prepare_first(
         &engine,
-        "sim",
         wasm,
         name,
         Arc::from(params.config_json.as_bytes()),
         &full,
-        &metrics,
     )?;
+    drop(full);
+    let host = StrategyHost::new(&engine, "sim", first, &metrics);
+    let settings = PoolSettings {
+        panic_threshold: 0,
+        ..PoolSettings::default()
+    };
+    let pool = Arc::new(Pool::new(
+        "sim",
+        &specs,
+        settings,
+        host,
+        metrics.clone(),
+        None,
+    ));
+    let host = &pool.strategy;
+    let all = pool.members().to_vec();
     let removed = n / 2;
-    let reduced: Vec<_> = all
+    let reduced: Vec<BackendSpec> = specs
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != removed)
-        .map(|(_, b)| b.clone())
+        .map(|(_, s)| s.clone())
         .collect();
-    let reduced = Arc::new(BackendTable::new(2, reduced, None));
 
     let mut report = SimReport {
         addrs: all.iter().map(|b| b.addr_text.clone()).collect(),
@@ -110,21 +124,25 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
     let keys = params.keys.max(1);
     let mut first_backend: HashMap<usize, usize> = HashMap::new();
     let mut second_backend: HashMap<usize, usize> = HashMap::new();
-    // (completion time in µs, backend index in `all`)
-    let mut in_flight: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    // (completion time in µs, sequence number) -> the attempt's lease
+    let mut in_flight: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut leases: HashMap<u64, Lease> = HashMap::new();
+    let mut seq = 0u64;
     let mut now_us: u64 = 0;
     let none = |_: usize| false;
     for phase in 0..2 {
-        let table = if phase == 0 { &full } else { &reduced };
+        if phase == 1 {
+            pool.set_static_backends(&reduced);
+        }
+        let table = pool.table_full();
         for r in 0..params.requests {
             now_us += 50;
-            while let Some(Reverse((done, b))) = in_flight.peek().copied() {
+            while let Some(Reverse((done, id))) = in_flight.peek().copied() {
                 if done > now_us {
                     break;
                 }
                 in_flight.pop();
-                all[b].stats.inflight.dec();
-                all[b].stats.record(Some(200), latency_of(b));
+                leases.remove(&id); // ends the attempt: releases the slot, records the latency
             }
             let key = r % keys;
             let header = key_request(key);
@@ -134,14 +152,14 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
                 client_ip: Some(ip),
                 excluded: &none,
             };
-            let Some(idx) = host.pick(table, &view, 0) else {
+            let Some(idx) = host.pick(&table, &view, 0) else {
                 report.no_backend += 1;
                 continue;
             };
             let backend = &table.backends[idx];
             let global = all
                 .iter()
-                .position(|b| Arc::ptr_eq(b, backend))
+                .position(|b| b.addr == backend.addr)
                 .expect("table backends come from `all`");
             if phase == 0 {
                 report.before[global] += 1;
@@ -150,10 +168,14 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
                 report.after[global] += 1;
                 second_backend.entry(key).or_insert(global);
             }
-            backend.stats.inflight.inc();
+            let mut lease = pool.lease(backend.clone());
+            lease.set_outcome(Outcome::Status(200));
+            lease.set_latency(latency_of(global));
+            seq += 1;
+            leases.insert(seq, lease);
             in_flight.push(Reverse((
                 now_us + latency_of(global).as_micros() as u64,
-                global,
+                seq,
             )));
         }
     }
@@ -168,21 +190,22 @@ pub fn run(wasm: &[u8], name: &str, params: &SimParams) -> Result<SimReport, Plu
             }
         }
     }
+    drop(leases);
     report.fallback_picks = metrics.fallback_picks.with_label_values(&["sim"]).get();
     Ok(report)
 }
 
 /// A request carrying `key` in every attribute kind a strategy may hash.
-fn key_request(key: usize) -> pingora::http::RequestHeader {
-    let uri = format!("/k/{key}?key=k{key}");
-    let mut h = pingora::http::RequestHeader::build("GET", uri.as_bytes(), None)
-        .expect("valid request line");
+fn key_request(key: usize) -> http::request::Parts {
     let k = format!("k{key}");
-    // Header names and values are plain ASCII here, so these cannot fail.
-    let _ = h.insert_header("host", "sim.example");
-    let _ = h.insert_header("x-key", k.as_str());
-    let _ = h.insert_header("cookie", format!("session={k}"));
-    h
+    let (parts, ()) = http::Request::get(format!("/k/{key}?key={k}"))
+        .header("host", "sim.example")
+        .header("x-key", k.as_str())
+        .header("cookie", format!("session={k}"))
+        .body(())
+        .expect("ASCII request parts are valid")
+        .into_parts();
+    parts
 }
 
 impl SimReport {

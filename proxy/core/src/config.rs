@@ -56,7 +56,7 @@ pub struct Config {
     pub route: Vec<RouteConfig>,
     /// `[cluster]`: join a gossip cluster; pools then also take members from it.
     #[serde(default)]
-    pub cluster: Option<Spanned<crate::membership::ClusterSection>>,
+    pub cluster: Option<Spanned<crate::cluster_config::ClusterSection>>,
     /// Directory relative plugin paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -448,7 +448,8 @@ fn default_prefix() -> String {
 }
 
 /// Durations are written as strings: `"200ms"`, `"2s"`, `"1m 30s"`. Also used by the agent's file.
-pub(crate) mod duration {
+pub mod duration {
+    //! Serde helper for duration strings.
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -673,7 +674,7 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Deserializes TOML, locating errors at file:line:column. Shared with the agent's file.
-pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     name: &str,
 ) -> Result<T, ConfigError> {

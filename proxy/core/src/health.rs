@@ -9,14 +9,16 @@ use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use wasmtime::TypedFunc;
 
-use crate::metrics::Metrics;
-use crate::plugin::VersionSlot;
+use crate::backend::Backend;
+use crate::config::BackendSpec;
+use crate::metrics::{Metrics, SeriesScope};
 use crate::plugin::{
-    root_cause, Guest, PluginEngine, PluginError, PluginKind, PluginVersion, COUNTER_SLOTS,
+    Fault, FaultCounters, Guest, PluginEngine, PluginError, PluginKind, PluginVersion, Prepared,
+    VersionSlot, COUNTER_SLOTS,
 };
-use crate::pool::Backend;
 
 /// Deadline of one `sluice_health_probe` / `sluice_health_evaluate` call, in epoch ticks (≈ 50 ms).
 const HEALTH_CALL_TICKS: u64 = 10;
@@ -39,49 +41,45 @@ pub fn describe(r: &ProbeResult) -> String {
     }
 }
 
-/// One backend as a single table entry (the table format without the count).
-fn encode_backend(b: &Backend) -> Vec<u8> {
-    let mut out = Vec::with_capacity(48);
-    crate::pool::encode_entry(&mut out, b, b.weight, None);
-    out
-}
-
 struct Instance {
-    generation: u64,
     guest: Guest,
     probe: TypedFunc<(i32, i32), i64>,
     evaluate: TypedFunc<(i32, i32), i32>,
 }
 
 impl Instance {
-    fn new(engine: &PluginEngine, version: &PluginVersion) -> Result<Instance, PluginError> {
+    fn new(
+        engine: &PluginEngine,
+        version: &PluginVersion,
+        log_dropped: Option<IntCounter>,
+    ) -> Result<Instance, PluginError> {
         let mut guest = Guest::new(
             engine,
             version,
             Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]),
+            log_dropped,
         )?;
         let probe = guest.func("sluice_health_probe")?;
         let evaluate = guest.func("sluice_health_evaluate")?;
         Ok(Instance {
-            generation: version.generation,
             guest,
             probe,
             evaluate,
         })
     }
 
-    fn probe(&mut self, backend: &Backend) -> Result<Probe, String> {
+    fn probe(&mut self, backend: &Backend) -> Result<Probe, Fault> {
         // The deadline first: writing calls the guest's allocator, which must not run under the
         // stale deadline of the previous call.
         self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
         let (ptr, len) = self
             .guest
-            .write(&encode_backend(backend))
-            .map_err(|e| root_cause(&e))?;
+            .write(&backend.encode_entry())
+            .map_err(Fault::from_call)?;
         let packed = self
             .probe
             .call(&mut self.guest.store, (ptr, len))
-            .map_err(|e| root_cause(&e))?;
+            .map_err(Fault::from_call)?;
         let (p, n) = (
             (packed as u64 >> 32) as usize,
             (packed as u64 & 0xffff_ffff) as usize,
@@ -90,62 +88,100 @@ impl Instance {
         let bytes = p
             .checked_add(n)
             .and_then(|end| data.get(p..end))
-            .ok_or_else(|| format!("probe pointer {p}+{n} is outside the plugin's memory"))?;
-        Probe::decode(bytes).map_err(|e| e.to_string())
+            .ok_or_else(|| {
+                Fault::BadAnswer(format!(
+                    "probe pointer {p}+{n} is outside the plugin's memory"
+                ))
+            })?;
+        Probe::decode(bytes).map_err(|e| Fault::BadAnswer(e.to_string()))
     }
 
-    fn evaluate(&mut self, result: &ProbeResult) -> Result<Verdict, String> {
+    fn evaluate(&mut self, result: &ProbeResult) -> Result<Verdict, Fault> {
         self.guest.store.set_epoch_deadline(HEALTH_CALL_TICKS);
-        let encoded = result.encode().map_err(|e| e.to_string())?;
-        let (ptr, len) = self.guest.write(&encoded).map_err(|e| root_cause(&e))?;
+        let encoded = result
+            .encode()
+            .map_err(|e| Fault::BadAnswer(e.to_string()))?;
+        let (ptr, len) = self.guest.write(&encoded).map_err(Fault::from_call)?;
         let rc = self
             .evaluate
             .call(&mut self.guest.store, (ptr, len))
-            .map_err(|e| root_cause(&e))?;
+            .map_err(Fault::from_call)?;
         Verdict::from_abi(rc).ok_or_else(|| {
-            format!("sluice_health_evaluate returned {rc}; expected -1, 1..=99 or 100")
+            Fault::BadAnswer(format!(
+                "sluice_health_evaluate returned {rc}; expected -1, 1..=99 or 100"
+            ))
         })
     }
 }
 
+/// The scheduler's instance of one version, owned by that version. A plain mutex: health
+/// checks are off the request path and each call is bounded by a deadline.
+type InstanceCell = Mutex<Option<Instance>>;
+
 /// Runs one pool's health plugin.
 pub struct HealthHost {
-    pool: String,
     engine: PluginEngine,
-    versions: VersionSlot,
-    /// The scheduler's instance. A plain mutex: health checks are off the request path and each
-    /// call is bounded by a deadline.
-    instance: Mutex<Option<Instance>>,
-    metrics: Metrics,
+    versions: VersionSlot<InstanceCell>,
+    faults: FaultCounters,
+    log_dropped: IntCounter,
+    _series: SeriesScope,
 }
 
 impl HealthHost {
-    /// Loads and validates the first version of a pool's health plugin.
-    pub fn new(
+    /// Validates a first version (compile, instantiate, init, a trial probe against `sample` and
+    /// a trial evaluation), without a host yet.
+    pub fn prepare_first(
         engine: &PluginEngine,
-        pool: &str,
         bytes: &[u8],
         name: &str,
         config_json: Arc<[u8]>,
         sample: Option<&Backend>,
+    ) -> Result<Prepared, PluginError> {
+        validate(engine, bytes, name, 1, config_json, sample).map(Prepared::from)
+    }
+
+    /// A host serving `first` (from [`HealthHost::prepare_first`]).
+    pub fn new(
+        engine: &PluginEngine,
+        pool: &str,
+        first: Prepared,
         metrics: &Metrics,
-    ) -> Result<HealthHost, PluginError> {
-        let version = validate(engine, bytes, name, 1, config_json, sample)?;
-        Ok(HealthHost {
-            pool: pool.to_string(),
+    ) -> HealthHost {
+        let series = metrics.scope(&[pool]);
+        HealthHost {
             engine: engine.clone(),
-            versions: VersionSlot::new(pool, PluginKind::Health, version, metrics),
-            instance: Mutex::new(None),
-            metrics: metrics.clone(),
-        })
+            versions: VersionSlot::new(pool, PluginKind::Health, first, &series, metrics),
+            faults: FaultCounters::new(&series, metrics, PluginKind::Health),
+            log_dropped: series.counter(&metrics.plugin_log_dropped, &["health"]),
+            _series: series,
+        }
     }
 
     /// The version in use.
     pub fn current(&self) -> Arc<PluginVersion> {
-        self.versions.current.load_full()
+        self.versions.version()
     }
 
-    /// Validates and installs a new version; on error the old one stays.
+    /// Validates a candidate without installing it. `config_json: None` keeps the current config.
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        config_json: Option<Arc<[u8]>>,
+        sample: Option<&Backend>,
+    ) -> Result<Prepared, PluginError> {
+        self.versions.prepare(config_json, |generation, config| {
+            validate(&self.engine, bytes, name, generation, config, sample)
+        })
+    }
+
+    /// Installs a version from [`HealthHost::prepare`]. Cannot fail.
+    pub fn publish(&self, prepared: Prepared) -> Arc<PluginVersion> {
+        self.versions.publish(prepared)
+    }
+
+    /// Validates and installs a new version; on error the old one stays (and the rejection is
+    /// counted).
     pub fn swap(
         &self,
         bytes: &[u8],
@@ -158,49 +194,36 @@ impl HealthHost {
         })
     }
 
-    /// Validates without installing.
-    pub fn check(
-        engine: &PluginEngine,
-        bytes: &[u8],
-        name: &str,
-        config_json: Arc<[u8]>,
-        sample: Option<&Backend>,
-    ) -> Result<(), PluginError> {
-        validate(engine, bytes, name, 0, config_json, sample).map(drop)
-    }
-
     fn with_instance<R>(
         &self,
-        f: impl FnOnce(&mut Instance) -> Result<R, String>,
-    ) -> Result<R, String> {
-        let version = self.versions.current.load();
-        let mut guard = self.instance.lock().unwrap_or_else(|p| p.into_inner());
-        if guard
-            .as_ref()
-            .is_none_or(|i| i.generation != version.generation)
-        {
-            *guard = Some(Instance::new(&self.engine, &version).map_err(|e| e.to_string())?);
-        }
-        let inst = guard.as_mut().expect("set above");
-        let result = f(inst);
-        if result.is_err() {
+        f: impl FnOnce(&mut Instance) -> Result<R, Fault>,
+    ) -> Result<R, Fault> {
+        let live = self.versions.load();
+        let mut guard = live.state.lock().unwrap_or_else(|p| p.into_inner());
+        let result = (|| {
+            if guard.is_none() {
+                let inst =
+                    Instance::new(&self.engine, &live.version, Some(self.log_dropped.clone()))
+                        .map_err(|e| Fault::Instantiate(e.to_string()))?;
+                *guard = Some(inst);
+            }
+            f(guard.as_mut().ok_or(Fault::Backoff)?)
+        })();
+        if let Err(fault) = &result {
             // Rebuilt on the next call: a trap may have left the instance's state inconsistent.
             *guard = None;
-            self.metrics
-                .plugin_faults
-                .with_label_values(&[&self.pool, "health", "trap"])
-                .inc();
+            self.faults.count(fault);
         }
         result
     }
 
     /// The probe to run against `backend`.
-    pub fn probe(&self, backend: &Backend) -> Result<Probe, String> {
+    pub fn probe(&self, backend: &Backend) -> Result<Probe, Fault> {
         self.with_instance(|i| i.probe(backend))
     }
 
     /// The plugin's verdict on `result`, the outcome of the probe it asked for.
-    pub fn evaluate(&self, result: &ProbeResult) -> Result<Verdict, String> {
+    pub fn evaluate(&self, result: &ProbeResult) -> Result<Verdict, Fault> {
         self.with_instance(|i| i.evaluate(result))
     }
 }
@@ -214,17 +237,20 @@ fn validate(
     sample: Option<&Backend>,
 ) -> Result<PluginVersion, PluginError> {
     let version = engine.compile(bytes, PluginKind::Health, name, generation, config_json)?;
-    let mut inst = Instance::new(engine, &version)?;
+    let mut inst = Instance::new(engine, &version, None)?;
     let fallback;
     let backend = match sample {
         Some(b) => b,
         None => {
-            fallback = crate::pool::backends_from_specs(
-                &[crate::config::BackendSpec::loopback(1)],
+            // A throwaway registry: the sample's series must not appear in the live one.
+            fallback = Backend::new(
                 &Metrics::new(),
                 "validation",
+                &BackendSpec::loopback(1),
+                None,
+                true,
             );
-            &fallback[0]
+            &fallback
         }
     };
     inst.probe(backend)

@@ -696,7 +696,7 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{generate_key, MemberState, Role, Service};
+    use crate::{generate_key, MemberState, Role, Service};
 
     fn config(key: &str, peers: &[SocketAddr]) -> ClusterConfig {
         let mut c = ClusterConfig::new("test", "127.0.0.1:0".parse().expect("valid"), key);
@@ -840,7 +840,7 @@ mod tests {
         assert_eq!(h.keys(), [k1.clone(), k2.clone()]);
         assert!(matches!(
             h.keyring_remove(&k1),
-            Err(ClusterError::Key(crate::cluster::KeyError::RemovePrimary))
+            Err(ClusterError::Key(crate::KeyError::RemovePrimary))
         ));
         h.keyring_use(&k2).expect("use");
         h.keyring_remove(&k1).expect("remove the old primary");

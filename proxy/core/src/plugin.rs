@@ -4,24 +4,31 @@
 //!
 //! The wire contract is `sdk/ABI.md`; this module and the SDK are its only two readers.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 use wasmtime::{
     Caller, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder,
 };
 
-use crate::pool::BackendTable;
+use prometheus::IntCounter;
 
-/// The ABI version this host speaks (`sluice_abi_version` export).
-pub const ABI_VERSION: i32 = 1;
+use crate::backend::{BackendStats, BackendTable};
+
+/// The ABI version this host speaks (`sluice_abi_version` export): the SDK's, the one source.
+pub const ABI_VERSION: i32 = sluice_sdk::ABI_VERSION;
 /// Shared counters per pool (`counter_add` slots).
-pub const COUNTER_SLOTS: usize = 16;
+pub const COUNTER_SLOTS: usize = sluice_sdk::COUNTER_SLOTS as usize;
+/// Log budget of one plugin instance per second: lines, then bytes. Lines over it are dropped
+/// and counted (`sluice_plugin_log_dropped_total`); one summary line says how many.
+pub const LOG_LINES_PER_SEC: u32 = 20;
+/// See [`LOG_LINES_PER_SEC`].
+pub const LOG_BYTES_PER_SEC: usize = 16 * 1024;
 /// Memory a plugin instance may use.
 pub const MAX_PLUGIN_MEMORY: usize = 64 << 20;
 /// Epoch tick period; deadlines are counted in ticks. Coarse on purpose: the ticker thread wakes
@@ -44,8 +51,8 @@ pub enum PluginKind {
 impl PluginKind {
     fn code(self) -> i32 {
         match self {
-            PluginKind::Strategy => 0,
-            PluginKind::Health => 1,
+            PluginKind::Strategy => sluice_sdk::PluginKind::Strategy as i32,
+            PluginKind::Health => sluice_sdk::PluginKind::HealthCheck as i32,
         }
     }
     /// Lower-case name, as used in metrics and the API.
@@ -116,8 +123,8 @@ pub struct PluginVersion {
 
 /// The per-request attributes a plugin may read (ABI "request attribute kinds").
 pub struct RequestView<'a> {
-    /// Request header.
-    pub header: &'a RequestHeader,
+    /// Request head (method, URI, headers).
+    pub header: &'a http::request::Parts,
     /// Client address.
     pub client_ip: Option<IpAddr>,
     /// Returns true for backend indexes already tried by this request.
@@ -135,10 +142,11 @@ impl RequestView<'_> {
         name: &[u8],
         scratch: &'s mut String,
     ) -> Result<Option<&'s [u8]>, ()> {
+        use sluice_sdk::attr_kind;
         use std::fmt::Write;
         let uri = &self.header.uri;
         Ok(match kind {
-            0 => match self.client_ip {
+            attr_kind::CLIENT_IP => match self.client_ip {
                 Some(ip) => {
                     scratch.clear();
                     let _ = write!(scratch, "{ip}");
@@ -146,31 +154,31 @@ impl RequestView<'_> {
                 }
                 None => None,
             },
-            1 => Some(self.header.method.as_str().as_bytes()),
-            2 => {
+            attr_kind::METHOD => Some(self.header.method.as_str().as_bytes()),
+            attr_kind::HOST => {
                 let host = uri.host().map(str::as_bytes).or_else(|| {
                     self.header
                         .headers
                         .get(http::header::HOST)
                         .map(|h| h.as_bytes())
                 });
-                host.map(strip_port)
+                host.map(crate::http1::strip_port)
             }
-            3 => Some(uri.path().as_bytes()),
-            4 => std::str::from_utf8(name)
+            attr_kind::PATH => Some(uri.path().as_bytes()),
+            attr_kind::HEADER => std::str::from_utf8(name)
                 .ok()
                 .and_then(|n| self.header.headers.get(n))
                 .map(|v| v.as_bytes()),
-            5 => self
+            attr_kind::COOKIE => self
                 .header
                 .headers
                 .get_all(http::header::COOKIE)
                 .iter()
                 .find_map(|v| find_pair(v.as_bytes(), b';', name)),
-            6 => uri
+            attr_kind::QUERY => uri
                 .query()
                 .and_then(|q| find_pair(q.as_bytes(), b'&', name)),
-            7 => Some(
+            attr_kind::URI => Some(
                 uri.path_and_query()
                     .map(|p| p.as_str())
                     .unwrap_or("/")
@@ -178,20 +186,6 @@ impl RequestView<'_> {
             ),
             _ => return Err(()),
         })
-    }
-}
-
-fn strip_port(h: &[u8]) -> &[u8] {
-    if h.first() == Some(&b'[') {
-        // [v6]:port -> [v6]
-        return match h.iter().position(|&c| c == b']') {
-            Some(end) => &h[..=end],
-            None => h,
-        };
-    }
-    match h.iter().rposition(|&c| c == b':') {
-        Some(i) => &h[..i],
-        None => h,
     }
 }
 
@@ -233,11 +227,61 @@ pub struct HostState {
     rng: u64,
     scratch: String,
     plugin: Arc<str>,
+    log: LogBudget,
+}
+
+/// The per-instance log budget: at most [`LOG_LINES_PER_SEC`] lines and [`LOG_BYTES_PER_SEC`]
+/// bytes per one-second window. What is over is dropped and counted; the first line of the next
+/// window that logs says how many were dropped.
+struct LogBudget {
+    window: Instant,
+    lines: u32,
+    bytes: usize,
+    dropped: u64,
+    dropped_total: Option<IntCounter>,
+}
+
+impl LogBudget {
+    fn new(dropped_total: Option<IntCounter>) -> LogBudget {
+        LogBudget {
+            window: Instant::now(),
+            lines: 0,
+            bytes: 0,
+            dropped: 0,
+            dropped_total,
+        }
+    }
+
+    /// Whether a line of `len` bytes may be written now; `Some(n)` also reports `n` lines
+    /// dropped in earlier windows (to be mentioned once).
+    fn admit(&mut self, len: usize, now: Instant) -> (bool, u64) {
+        let mut reported = 0;
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.lines = 0;
+            self.bytes = 0;
+            reported = std::mem::take(&mut self.dropped);
+        }
+        if self.lines >= LOG_LINES_PER_SEC || self.bytes + len > LOG_BYTES_PER_SEC {
+            self.dropped += 1;
+            if let Some(c) = &self.dropped_total {
+                c.inc();
+            }
+            return (false, reported);
+        }
+        self.lines += 1;
+        self.bytes += len;
+        (true, reported)
+    }
 }
 
 impl HostState {
-    /// State for a new instance.
-    pub fn new(counters: Arc<[AtomicI64; COUNTER_SLOTS]>, plugin: Arc<str>) -> HostState {
+    /// State for a new instance; lines over its log budget are counted in `log_dropped`.
+    pub fn new(
+        counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+        plugin: Arc<str>,
+        log_dropped: Option<IntCounter>,
+    ) -> HostState {
         static SEED: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
         HostState {
             limits: StoreLimitsBuilder::new()
@@ -251,6 +295,7 @@ impl HostState {
             rng: SEED.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) | 1,
             scratch: String::new(),
             plugin,
+            log: LogBudget::new(log_dropped),
         }
     }
 
@@ -295,7 +340,13 @@ impl HostState {
 pub struct PluginEngine {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
+    /// Compiled modules by sha256 of their bytes, so a reload that keeps (or repeats) a plugin
+    /// does not compile it again. Bounded: compiling is the slow part, not memory.
+    modules: Arc<std::sync::Mutex<HashMap<[u8; 32], Module>>>,
 }
+
+/// Compiled modules kept for reuse by [`PluginEngine::compile`].
+const MODULE_CACHE: usize = 64;
 
 impl PluginEngine {
     /// Creates the engine and starts its epoch ticker thread.
@@ -320,7 +371,11 @@ impl PluginEngine {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(PluginEngine { engine, linker })
+        Ok(PluginEngine {
+            engine,
+            linker,
+            modules: Arc::default(),
+        })
     }
 
     /// The wasmtime engine.
@@ -337,8 +392,13 @@ impl PluginEngine {
         generation: u64,
         config_json: Arc<[u8]>,
     ) -> Result<PluginVersion, PluginError> {
-        let module =
-            Module::new(&self.engine, bytes).map_err(|e| PluginError::Compile(root_cause(&e)))?;
+        if !bytes.starts_with(b"\0asm") {
+            return Err(PluginError::Compile(
+                "the upload does not start with the wasm magic bytes (\\0asm); only binary modules are accepted (text .wat must be compiled first, e.g. with wasm-tools parse)".into(),
+            ));
+        }
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        let module = self.module(&digest, bytes)?;
         for (export, params, results) in required_exports(kind) {
             check_export(&module, export, params, results)?;
         }
@@ -358,13 +418,17 @@ impl PluginEngine {
             .map_err(|e| PluginError::Instantiate(root_cause(&e)))?;
         let version = PluginVersion {
             pre,
-            sha256: hex::encode(Sha256::digest(bytes)),
+            sha256: hex::encode(digest),
             name: name.to_string(),
             generation,
             config_json,
         };
         // Version and kind are checked on a throwaway instance, before anything else runs.
-        let mut store = self.store(Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]), name);
+        let mut store = self.store(
+            Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]),
+            name,
+            None,
+        );
         let instance = version
             .pre
             .instantiate(&mut store)
@@ -401,9 +465,40 @@ impl PluginEngine {
         Ok(version)
     }
 
+    /// The compiled module for `bytes` (whose sha256 is `digest`), from the cache or compiled now.
+    fn module(&self, digest: &[u8; 32], bytes: &[u8]) -> Result<Module, PluginError> {
+        // Admin-path only (reloads and uploads), never taken per request.
+        #[allow(clippy::disallowed_types, clippy::disallowed_methods)]
+        let cached = self
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned();
+        if let Some(m) = cached {
+            return Ok(m);
+        }
+        let module = Module::from_binary(&self.engine, bytes)
+            .map_err(|e| PluginError::Compile(root_cause(&e)))?;
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if modules.len() >= MODULE_CACHE {
+            modules.clear();
+        }
+        modules.insert(*digest, module.clone());
+        Ok(module)
+    }
+
     /// A store for one instance of plugin `name`.
-    pub fn store(&self, counters: Arc<[AtomicI64; COUNTER_SLOTS]>, name: &str) -> Store<HostState> {
-        let mut store = Store::new(&self.engine, HostState::new(counters, Arc::from(name)));
+    pub fn store(
+        &self,
+        counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+        name: &str,
+        log_dropped: Option<IntCounter>,
+    ) -> Store<HostState> {
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(counters, Arc::from(name), log_dropped),
+        );
         store.limiter(|s| &mut s.limits);
         store
     }
@@ -467,53 +562,211 @@ fn check_export(
     Ok(())
 }
 
-/// The serving version of one pool's plugin of one kind, and how a new one replaces it. Shared by
-/// the strategy and health hosts: validate, count the attempt, publish on success, log.
-pub struct VersionSlot {
-    pool: String,
-    kind: PluginKind,
-    /// The version in use; read lock-free on every call.
-    pub current: arc_swap::ArcSwap<PluginVersion>,
-    next_generation: AtomicU64,
-    metrics: crate::metrics::Metrics,
+/// A plugin version as served: the version and the per-version state a host keeps beside it
+/// (for strategies, every worker thread's instance). Dropping the last handle drops that state,
+/// so replacing a version or removing its pool frees every instance and allocator slot.
+pub struct Live<T> {
+    /// The version.
+    pub version: Arc<PluginVersion>,
+    /// Host state that lives exactly as long as this version serves (or is still in use).
+    pub state: T,
 }
 
-impl VersionSlot {
-    /// A slot serving `first` (generation 1).
+/// A validated version that is ready to publish: the result of [`VersionSlot::prepare`].
+pub struct Prepared(PluginVersion);
+
+impl From<PluginVersion> for Prepared {
+    fn from(v: PluginVersion) -> Prepared {
+        Prepared(v)
+    }
+}
+
+impl Prepared {
+    /// The prepared version.
+    pub fn version(&self) -> &PluginVersion {
+        &self.0
+    }
+}
+
+/// The serving version of one pool's plugin of one kind, and how a new one replaces it. Shared by
+/// the strategy and health hosts: prepare (everything that can fail), then publish (cannot fail).
+pub struct VersionSlot<T> {
+    pool: String,
+    kind: PluginKind,
+    current: arc_swap::ArcSwap<Live<T>>,
+    next_generation: AtomicU64,
+    swaps_ok: IntCounter,
+    swaps_rejected: IntCounter,
+}
+
+impl<T: Default> VersionSlot<T> {
+    /// A slot serving `first`.
     pub fn new(
         pool: &str,
         kind: PluginKind,
-        first: PluginVersion,
+        first: Prepared,
+        series: &crate::metrics::SeriesScope,
         metrics: &crate::metrics::Metrics,
-    ) -> VersionSlot {
+    ) -> VersionSlot<T> {
+        let next = first.0.generation + 1;
         VersionSlot {
             pool: pool.to_string(),
             kind,
-            current: arc_swap::ArcSwap::from_pointee(first),
-            next_generation: AtomicU64::new(2),
-            metrics: metrics.clone(),
+            current: arc_swap::ArcSwap::from_pointee(Live {
+                version: Arc::new(first.0),
+                state: T::default(),
+            }),
+            next_generation: AtomicU64::new(next),
+            swaps_ok: series.counter(&metrics.plugin_swaps, &[kind.as_str(), "ok"]),
+            swaps_rejected: series.counter(&metrics.plugin_swaps, &[kind.as_str(), "rejected"]),
         }
     }
 
-    /// Validates a candidate with `validate(generation, config)` and publishes it; on error the
-    /// old version keeps serving. `config_json: None` keeps the current version's config.
+    /// The version serving now, with its state; lock-free.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Live<T>>> {
+        self.current.load()
+    }
+
+    /// The version serving now.
+    pub fn version(&self) -> Arc<PluginVersion> {
+        self.current.load().version.clone()
+    }
+
+    /// Runs `validate(generation, config)` for a candidate; publishes nothing. `config_json:
+    /// None` keeps the current version's config.
+    pub fn prepare(
+        &self,
+        config_json: Option<Arc<[u8]>>,
+        validate: impl FnOnce(u64, Arc<[u8]>) -> Result<PluginVersion, PluginError>,
+    ) -> Result<Prepared, PluginError> {
+        let config = config_json.unwrap_or_else(|| self.current.load().version.config_json.clone());
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        validate(generation, config).map(Prepared)
+    }
+
+    /// Makes a prepared version the serving one. Cannot fail.
+    pub fn publish(&self, prepared: Prepared) -> Arc<PluginVersion> {
+        let version = Arc::new(prepared.0);
+        self.current.store(Arc::new(Live {
+            version: version.clone(),
+            state: T::default(),
+        }));
+        self.swaps_ok.inc();
+        tracing::info!(pool = %self.pool, kind = self.kind.as_str(), plugin = %version.name, sha256 = %version.sha256, generation = version.generation, "plugin swapped");
+        version
+    }
+
+    /// Prepare and publish in one step (the API's hot swap); a rejection is counted and the old
+    /// version keeps serving.
     pub fn swap(
         &self,
         config_json: Option<Arc<[u8]>>,
         validate: impl FnOnce(u64, Arc<[u8]>) -> Result<PluginVersion, PluginError>,
     ) -> Result<Arc<PluginVersion>, PluginError> {
-        let config = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let result = validate(generation, config);
-        let outcome = if result.is_ok() { "ok" } else { "rejected" };
-        self.metrics
-            .plugin_swaps
-            .with_label_values(&[&self.pool, self.kind.as_str(), outcome])
-            .inc();
-        let version = Arc::new(result?);
-        self.current.store(version.clone());
-        tracing::info!(pool = %self.pool, kind = self.kind.as_str(), plugin = %version.name, sha256 = %version.sha256, generation, "plugin swapped");
-        Ok(version)
+        match self.prepare(config_json, validate) {
+            Ok(p) => Ok(self.publish(p)),
+            Err(e) => {
+                self.swaps_rejected.inc();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Why a plugin call could not be used. Strategy and health hosts count each reason in
+/// `sluice_plugin_faults_total{reason}` and log it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The plugin trapped (or a host call refused it).
+    Trap(String),
+    /// The call ran past its epoch deadline.
+    Deadline,
+    /// A strategy returned an index outside the table or already tried.
+    BadIndex(i32),
+    /// A health plugin returned a malformed probe or verdict.
+    BadAnswer(String),
+    /// The instance could not be rebuilt.
+    Instantiate(String),
+    /// The instance is waiting out its rebuild backoff.
+    Backoff,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Trap(t) => write!(f, "{t}"),
+            Fault::Deadline => write!(f, "deadline exceeded (the plugin ran too long)"),
+            Fault::BadIndex(i) => write!(
+                f,
+                "returned index {i}, which is out of range or already tried"
+            ),
+            Fault::BadAnswer(why) => write!(f, "{why}"),
+            Fault::Instantiate(e) => write!(f, "cannot rebuild the instance: {e}"),
+            Fault::Backoff => write!(f, "instance is waiting to be rebuilt"),
+        }
+    }
+}
+
+impl Fault {
+    /// Classifies a wasmtime call error.
+    pub fn from_call(e: wasmtime::Error) -> Fault {
+        if is_deadline(&e) {
+            Fault::Deadline
+        } else {
+            Fault::Trap(root_cause(&e))
+        }
+    }
+
+    /// The `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Fault::Trap(_) => "trap",
+            Fault::Deadline => "deadline",
+            Fault::BadIndex(_) => "bad_index",
+            Fault::BadAnswer(_) => "bad_answer",
+            Fault::Instantiate(_) => "instantiate",
+            Fault::Backoff => "backoff",
+        }
+    }
+}
+
+/// One counter per [`Fault`] reason, in one pool's series.
+pub struct FaultCounters {
+    trap: IntCounter,
+    deadline: IntCounter,
+    bad_index: IntCounter,
+    bad_answer: IntCounter,
+    instantiate: IntCounter,
+}
+
+impl FaultCounters {
+    /// The counters of `kind` plugins in `series` (a pool's scope).
+    pub fn new(
+        series: &crate::metrics::SeriesScope,
+        metrics: &crate::metrics::Metrics,
+        kind: PluginKind,
+    ) -> FaultCounters {
+        let c = |reason| series.counter(&metrics.plugin_faults, &[kind.as_str(), reason]);
+        FaultCounters {
+            trap: c("trap"),
+            deadline: c("deadline"),
+            bad_index: c("bad_index"),
+            bad_answer: c("bad_answer"),
+            instantiate: c("instantiate"),
+        }
+    }
+
+    /// Counts `fault`; a backoff is not a new fault and is not counted.
+    pub fn count(&self, fault: &Fault) {
+        match fault {
+            Fault::Trap(_) => self.trap.inc(),
+            Fault::Deadline => self.deadline.inc(),
+            Fault::BadIndex(_) => self.bad_index.inc(),
+            Fault::BadAnswer(_) => self.bad_answer.inc(),
+            Fault::Instantiate(_) => self.instantiate.inc(),
+            Fault::Backoff => {}
+        }
     }
 }
 
@@ -534,8 +787,9 @@ impl Guest {
         engine: &PluginEngine,
         version: &PluginVersion,
         counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
+        log_dropped: Option<IntCounter>,
     ) -> Result<Guest, PluginError> {
-        let mut store = engine.store(counters, &version.name);
+        let mut store = engine.store(counters, &version.name, log_dropped);
         let instance = version
             .pre
             .instantiate(&mut store)
@@ -660,12 +914,20 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
             let Some(bytes) = read_guest(&mut c, ptr, len.min(4096)) else {
                 return;
             };
-            let msg = String::from_utf8_lossy(&bytes);
+            let (admitted, dropped_before) = c.data_mut().log.admit(bytes.len(), Instant::now());
             let plugin = c.data().plugin.clone();
-            match level {
-                0 => tracing::error!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
-                1 => tracing::warn!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
-                2 => tracing::info!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+            if dropped_before > 0 {
+                tracing::warn!(target: "sluice::plugin", plugin = &*plugin, dropped = dropped_before, "plugin log lines dropped: over the instance's budget of {LOG_LINES_PER_SEC} lines / {LOG_BYTES_PER_SEC} bytes per second");
+            }
+            if !admitted {
+                return;
+            }
+            let msg = String::from_utf8_lossy(&bytes);
+            use sluice_sdk::log::Level;
+            match Level::from_i32(level) {
+                Some(Level::Error) => tracing::error!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+                Some(Level::Warn) => tracing::warn!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
+                Some(Level::Info) => tracing::info!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
                 _ => tracing::debug!(target: "sluice::plugin", plugin = &*plugin, "{msg}"),
             }
         },
@@ -790,11 +1052,7 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
             }
         },
     )?;
-    fn stat<R>(
-        c: &Caller<'_, HostState>,
-        index: i32,
-        f: impl Fn(&crate::pool::BackendStats) -> R,
-    ) -> Option<R> {
+    fn stat<R>(c: &Caller<'_, HostState>, index: i32, f: impl Fn(&BackendStats) -> R) -> Option<R> {
         let table = c.data().table.as_ref()?;
         let b = table.backends.get(usize::try_from(index).ok()?)?;
         Some(f(&b.stats))
@@ -803,7 +1061,7 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
         "sluice",
         "backend_inflight",
         |c: Caller<'_, HostState>, i: i32| -> i32 {
-            stat(&c, i, |s| s.inflight.get().clamp(0, i32::MAX as i64) as i32).unwrap_or(-1)
+            stat(&c, i, |s| s.inflight().clamp(0, i32::MAX as i64) as i32).unwrap_or(-1)
         },
     )?;
     l.func_wrap(
@@ -842,10 +1100,13 @@ mod tests {
 
     #[test]
     fn attributes_are_read_from_the_request() {
-        let mut h = RequestHeader::build("GET", b"/a/b?x=1&user=42", None).unwrap();
-        h.insert_header("host", "example.com:8080").unwrap();
-        h.insert_header("cookie", "a=1; sid=abc").unwrap();
-        h.insert_header("x-canary", "yes").unwrap();
+        let (h, ()) = http::Request::get("/a/b?x=1&user=42")
+            .header("host", "example.com:8080")
+            .header("cookie", "a=1; sid=abc")
+            .header("x-canary", "yes")
+            .body(())
+            .unwrap()
+            .into_parts();
         let no = |_: usize| false;
         let view = RequestView {
             header: &h,

@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::health::{Outcome, Probe, ProbeResult, BODY_PREFIX};
+use crate::http1::{self, ChunkedDecoder, Framing};
 
 /// Most bytes a raw TCP probe may ask to read back.
 const MAX_TCP_READ: u32 = 64 * 1024;
@@ -118,99 +119,49 @@ async fn raw_tcp(
 async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
-    loop {
-        let mut hs = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut hs);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let status = resp.code.unwrap_or(0);
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                let len = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-length")
-                    .and_then(|(_, v)| v.trim().parse::<usize>().ok());
-                let chunked = headers.iter().any(|(k, v)| {
-                    k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked")
-                });
-                if chunked {
-                    let body = read_chunked_prefix(stream, buf[n..].to_vec()).await;
-                    return Ok(http_result(status, headers, body));
-                }
-                let want = len.unwrap_or(BODY_PREFIX).min(BODY_PREFIX);
-                let mut body = buf[n..].to_vec();
-                while body.len() < want {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) => break,
-                        Ok(k) => body.extend_from_slice(&chunk[..k]),
-                        Err(_) => break,
-                    }
-                }
-                body.truncate(want);
-                return Ok(http_result(status, headers, body));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => {}
-            _ => return Err(Outcome::IoError),
+    let (head, n) = loop {
+        match http1::parse_response(&buf, false) {
+            Ok(Some(done)) => break done,
+            Ok(None) => {}
+            Err(_) => return Err(Outcome::IoError),
         }
         match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return Err(Outcome::IoError),
             Ok(k) => buf.extend_from_slice(&chunk[..k]),
         }
-    }
-}
-
-/// Decodes a chunked body until [`BODY_PREFIX`] bytes, the last chunk, or the end of the stream.
-async fn read_chunked_prefix(stream: &mut TcpStream, mut raw: Vec<u8>) -> Vec<u8> {
+    };
+    let mut raw = buf.split_off(n);
     let mut body = Vec::new();
-    let mut chunk = [0u8; 2048];
-    let mut pos = 0;
+    let mut decoder = ChunkedDecoder::new();
+    // What is read after the prefix is full, or the stream ends, does not matter to the verdict.
     loop {
-        // Parse as many complete chunks as `raw` holds.
-        while let Some(line_end) = raw[pos..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map(|p| pos + p)
-        {
-            let size_text = String::from_utf8_lossy(&raw[pos..line_end]);
-            let Ok(size) =
-                usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            else {
-                return body;
-            };
-            if size == 0 {
-                return body;
-            }
-            let data_start = line_end + 2;
-            if raw.len() < data_start + size + 2 {
-                // Take what is there when it already fills the prefix.
-                if body.len() + raw.len().saturating_sub(data_start) >= BODY_PREFIX {
-                    body.extend_from_slice(&raw[data_start..]);
-                    body.truncate(BODY_PREFIX);
-                    return body;
+        match head.framing {
+            Framing::Empty => break,
+            Framing::Chunked => {
+                if decoder.decode(&raw, &mut body).is_err() || decoder.is_done() {
+                    break;
                 }
-                break;
             }
-            body.extend_from_slice(&raw[data_start..data_start + size]);
-            pos = data_start + size + 2;
-            if body.len() >= BODY_PREFIX {
-                body.truncate(BODY_PREFIX);
-                return body;
+            Framing::Length(len) => {
+                body.extend_from_slice(&raw);
+                if body.len() >= len {
+                    break;
+                }
             }
+            Framing::UntilClose => body.extend_from_slice(&raw),
         }
+        if body.len() >= BODY_PREFIX {
+            break;
+        }
+        raw.clear();
         match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return body,
+            Ok(0) | Err(_) => break,
             Ok(k) => raw.extend_from_slice(&chunk[..k]),
         }
-        if raw.len() > 256 * 1024 {
-            return body;
-        }
     }
+    if let Framing::Length(len) = head.framing {
+        body.truncate(len);
+    }
+    body.truncate(BODY_PREFIX);
+    Ok(http_result(head.status, head.headers, body))
 }

@@ -1,0 +1,335 @@
+//! Prometheus metrics. One registry per process, handed to the parts that record (no globals),
+//! so tests can read them. Hot-path handles are resolved once (per backend, per pool) and then
+//! only incremented: the request path never looks up a label set.
+//!
+//! Series that belong to a pool or a backend are created through a [`SeriesScope`], an owned value
+//! that removes them from the registry when the last holder drops it: a removed pool or backend
+//! leaves no series behind, and nothing has to remember to "forget" them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Status classes used as the `code` label of `sluice_requests_total`.
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// All metric families of a sluice process. Cloning is cheap (handles are shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `sluice_requests_total{pool,backend,code}`.
+    pub requests: IntCounterVec,
+    /// `sluice_backend_inflight{pool,backend}`.
+    pub backend_inflight: IntGaugeVec,
+    /// `sluice_plugin_picks_total{pool}`: picks answered by the plugin.
+    pub plugin_picks: IntCounterVec,
+    /// `sluice_plugin_faults_total{pool,kind,reason}`: traps, deadlines, bad indexes, failed rebuilds.
+    pub plugin_faults: IntCounterVec,
+    /// `sluice_fallback_picks_total{pool}`: picks made by the native fallback.
+    pub fallback_picks: IntCounterVec,
+    /// `sluice_plugin_swaps_total{pool,kind,result}`.
+    pub plugin_swaps: IntCounterVec,
+    /// `sluice_plugin_log_dropped_total{pool,kind}`: plugin log lines over the rate budget.
+    pub plugin_log_dropped: IntCounterVec,
+    /// `sluice_no_backend_total{pool}`: requests answered 503 because no backend was available.
+    pub no_backend: IntCounterVec,
+    /// `sluice_config_reloads_total{result}`.
+    pub reloads: IntCounterVec,
+    /// `sluice_outlier_ejections_total{pool}`.
+    pub ejections: IntCounterVec,
+    /// `sluice_retries_total{pool,reason}`.
+    pub retries: IntCounterVec,
+    /// `sluice_upstream_aborts_total{pool}`: responses cut off because the backend failed after
+    /// the response head had gone downstream (the client connection is aborted).
+    pub upstream_aborts: IntCounterVec,
+    /// `sluice_health_checks_total{pool,result}`: pass, fail, error (plugin fault).
+    pub health_checks: IntCounterVec,
+    /// `sluice_health_flaps_total{pool}`: health state changes.
+    pub health_flaps: IntCounterVec,
+    /// `sluice_backend_healthy{pool,backend}`: 1 healthy, 0 not.
+    pub backend_healthy: IntGaugeVec,
+    scopes: Arc<Mutex<HashMap<Vec<String>, Weak<ScopeInner>>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every sluice metric registered.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        Metrics {
+            requests: counter(
+                "sluice_requests_total",
+                "Proxied requests by pool, backend and status class.",
+                &["pool", "backend", "code"],
+            ),
+            backend_inflight: gauge(
+                "sluice_backend_inflight",
+                "Requests in flight per backend.",
+                &["pool", "backend"],
+            ),
+            plugin_picks: counter(
+                "sluice_plugin_picks_total",
+                "Backend picks answered by the strategy plugin.",
+                &["pool"],
+            ),
+            plugin_faults: counter(
+                "sluice_plugin_faults_total",
+                "Plugin faults (trap, deadline, bad_index, instantiate) by pool and plugin kind.",
+                &["pool", "kind", "reason"],
+            ),
+            fallback_picks: counter(
+                "sluice_fallback_picks_total",
+                "Picks made by the native round-robin fallback after a plugin fault.",
+                &["pool"],
+            ),
+            plugin_swaps: counter(
+                "sluice_plugin_swaps_total",
+                "Plugin hot-swap attempts by result.",
+                &["pool", "kind", "result"],
+            ),
+            plugin_log_dropped: counter(
+                "sluice_plugin_log_dropped_total",
+                "Plugin log lines dropped because the instance exceeded its log budget.",
+                &["pool", "kind"],
+            ),
+            no_backend: counter(
+                "sluice_no_backend_total",
+                "Requests answered 503 because the pool had no available backend.",
+                &["pool"],
+            ),
+            reloads: counter(
+                "sluice_config_reloads_total",
+                "Configuration reloads by result.",
+                &["result"],
+            ),
+            ejections: counter(
+                "sluice_outlier_ejections_total",
+                "Backends ejected by passive outlier detection.",
+                &["pool"],
+            ),
+            retries: counter(
+                "sluice_retries_total",
+                "Requests retried on another backend, by reason (connect, reused, 5xx).",
+                &["pool", "reason"],
+            ),
+            upstream_aborts: counter(
+                "sluice_upstream_aborts_total",
+                "Responses aborted downstream because the backend failed after the response head was sent.",
+                &["pool"],
+            ),
+            health_checks: counter(
+                "sluice_health_checks_total",
+                "Active health checks by result (pass, fail, error).",
+                &["pool", "result"],
+            ),
+            health_flaps: counter(
+                "sluice_health_flaps_total",
+                "Backend health state changes.",
+                &["pool"],
+            ),
+            backend_healthy: gauge(
+                "sluice_backend_healthy",
+                "1 when the backend passes its health checks.",
+                &["pool", "backend"],
+            ),
+            registry,
+            scopes: Arc::default(),
+        }
+    }
+
+    /// The scope of the series labelled with `key` (`[pool]` or `[pool, backend]`): an existing
+    /// live scope for the same key is shared, so a pool that is replaced by one of the same name
+    /// keeps its series.
+    pub fn scope(&self, key: &[&str]) -> SeriesScope {
+        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(inner) = scopes.get(&key).and_then(Weak::upgrade) {
+            return SeriesScope { inner };
+        }
+        let inner = Arc::new(ScopeInner {
+            key: key.clone(),
+            scopes: Arc::downgrade(&self.scopes),
+            series: Mutex::new(Vec::new()),
+        });
+        scopes.insert(key, Arc::downgrade(&inner));
+        SeriesScope { inner }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// A family a scope created a series in.
+#[derive(Clone)]
+enum Family {
+    Counter(IntCounterVec),
+    Gauge(IntGaugeVec),
+}
+
+impl Family {
+    fn name(&self) -> &str {
+        match self {
+            Family::Counter(v) => &v.desc()[0].fq_name,
+            Family::Gauge(v) => &v.desc()[0].fq_name,
+        }
+    }
+
+    fn remove(&self, labels: &[String]) {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        // Absent series are fine: another scope of the same key may have removed it.
+        let _ = match self {
+            Family::Counter(v) => v.remove_label_values(&labels),
+            Family::Gauge(v) => v.remove_label_values(&labels),
+        };
+    }
+}
+
+struct ScopeInner {
+    key: Vec<String>,
+    scopes: Weak<Mutex<HashMap<Vec<String>, Weak<ScopeInner>>>>,
+    series: Mutex<Vec<(Family, Vec<String>)>>,
+}
+
+impl Drop for ScopeInner {
+    fn drop(&mut self) {
+        let series = std::mem::take(self.series.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let Some(scopes) = self.scopes.upgrade() else {
+            return; // the registry itself is gone
+        };
+        let mut scopes = scopes.lock().unwrap_or_else(|p| p.into_inner());
+        match scopes.get(&self.key).and_then(Weak::upgrade) {
+            // A successor for the same key was created while this one was dropping: it now owns
+            // the series (its handles point at them), so hand them over instead of removing them.
+            Some(successor) => successor
+                .series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(series),
+            None => {
+                scopes.remove(&self.key);
+                for (family, labels) in &series {
+                    family.remove(labels);
+                }
+            }
+        }
+    }
+}
+
+/// The series of one pool or one backend. Every handle obtained through it is removed from the
+/// registry when the last clone of the scope (for that key) is dropped.
+#[derive(Clone)]
+pub struct SeriesScope {
+    inner: Arc<ScopeInner>,
+}
+
+impl std::fmt::Debug for SeriesScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SeriesScope({:?})", self.inner.key)
+    }
+}
+
+impl SeriesScope {
+    fn labels(&self, extra: &[&str]) -> Vec<String> {
+        let mut labels = self.inner.key.clone();
+        labels.extend(extra.iter().map(|s| s.to_string()));
+        labels
+    }
+
+    fn remember(&self, family: Family, labels: Vec<String>) {
+        let mut series = self.inner.series.lock().unwrap_or_else(|p| p.into_inner());
+        let name = family.name();
+        if !series.iter().any(|(f, l)| *l == labels && f.name() == name) {
+            series.push((family, labels));
+        }
+    }
+
+    /// The counter of `family` with this scope's labels followed by `extra`.
+    pub fn counter(&self, family: &IntCounterVec, extra: &[&str]) -> IntCounter {
+        let labels = self.labels(extra);
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let c = family.with_label_values(&refs);
+        self.remember(Family::Counter(family.clone()), labels);
+        c
+    }
+
+    /// The gauge of `family` with this scope's labels followed by `extra`.
+    pub fn gauge(&self, family: &IntGaugeVec, extra: &[&str]) -> IntGauge {
+        let labels = self.labels(extra);
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let g = family.with_label_values(&refs);
+        self.remember(Family::Gauge(family.clone()), labels);
+        g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn a_scope_removes_its_series_when_the_last_holder_drops() {
+        let m = Metrics::new();
+        let a = m.scope(&["web"]);
+        a.counter(&m.plugin_picks, &[]).inc();
+        let b = m.scope(&["web"]);
+        b.counter(&m.retries, &["connect"]).inc();
+        drop(a);
+        assert!(rendered(&m).contains("sluice_plugin_picks_total{pool=\"web\"} 1"));
+        drop(b);
+        let text = rendered(&m);
+        assert!(!text.contains("pool=\"web\""), "{text}");
+    }
+
+    #[test]
+    fn scopes_of_other_keys_are_untouched() {
+        let m = Metrics::new();
+        let web = m.scope(&["web", "127.0.0.1:1"]);
+        let api = m.scope(&["api", "127.0.0.1:1"]);
+        web.gauge(&m.backend_inflight, &[]).set(3);
+        api.gauge(&m.backend_inflight, &[]).set(4);
+        drop(web);
+        let text = rendered(&m);
+        assert!(!text.contains("pool=\"web\""));
+        assert!(text.contains("pool=\"api\""));
+    }
+}

@@ -1,0 +1,578 @@
+//! Pools: a pool owns its routing state (members, health, cluster hold, ejection, weights) and
+//! the table built from it. Every change goes through a method here that rebuilds the table
+//! under one lock and publishes it with `ArcSwap`; the request path only loads the table, picks,
+//! and takes a [`Lease`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption, Guard};
+use prometheus::IntCounter;
+
+use crate::backend::{Backend, BackendTable};
+use crate::clock::now_ms;
+use crate::config::{BackendSpec, PoolConfig};
+use crate::health::HealthHost;
+use crate::lease::Lease;
+use crate::metrics::{Metrics, SeriesScope};
+use crate::strategy::StrategyHost;
+
+/// Per-pool upstream settings and balancing policies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    /// Extra attempts after a failure that may be retried.
+    pub retries: u32,
+    /// Also retry a 5xx answer (on another backend).
+    pub retry_on_5xx: bool,
+    /// Retry non-idempotent methods too (a connect failure is always retried: it never reached the backend).
+    pub retry_non_idempotent: bool,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Read timeout.
+    pub read_timeout: Duration,
+    /// Upstream keep-alive idle timeout.
+    pub idle_timeout: Duration,
+    /// Passive outlier detection.
+    pub outlier: crate::outlier::OutlierPolicy,
+    /// Ramp a new or re-admitted backend's weight over this window (zero = off).
+    pub slow_start: Duration,
+    /// Below this percentage of routable members, balance over all members (0 = never).
+    pub panic_threshold: u32,
+    /// Prefer backends in the proxy's zone.
+    pub zone_aware: bool,
+    /// Spill out of the local zone when its in-flight requests per weight unit exceed this.
+    pub zone_spill_inflight: u32,
+    /// Active health-check schedule (the plugin itself is [`Pool::health`]).
+    pub health: Option<HealthSchedule>,
+}
+
+/// When and how often a pool's backends are probed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSchedule {
+    /// Time between probes of one backend.
+    pub interval: Duration,
+    /// Interval while the pool has no traffic.
+    pub idle_interval: Duration,
+    /// ± random spread per interval.
+    pub jitter: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Passes to become healthy.
+    pub rise: u32,
+    /// Failures to become unhealthy.
+    pub fall: u32,
+    /// New backends start unhealthy (not routed until their first pass).
+    pub start_unhealthy: bool,
+    /// Probes at once.
+    pub concurrency: u32,
+}
+
+/// Per-pool counters, resolved once; their series go when the pool does.
+pub struct PoolCounters {
+    /// Requests answered 503 for want of a backend.
+    pub no_backend: IntCounter,
+    /// Retries after a connect failure.
+    pub retry_connect: IntCounter,
+    /// Retries after a pooled connection turned out closed.
+    pub retry_reused: IntCounter,
+    /// Retries after a 5xx answer.
+    pub retry_5xx: IntCounter,
+    /// Responses aborted mid-body because the backend failed.
+    pub upstream_aborts: IntCounter,
+    ejections: IntCounter,
+    health_flaps: IntCounter,
+    health_pass: IntCounter,
+    health_fail: IntCounter,
+    health_error: IntCounter,
+    _series: SeriesScope,
+}
+
+impl PoolCounters {
+    fn new(metrics: &Metrics, pool: &str) -> PoolCounters {
+        let s = metrics.scope(&[pool]);
+        PoolCounters {
+            no_backend: s.counter(&metrics.no_backend, &[]),
+            retry_connect: s.counter(&metrics.retries, &["connect"]),
+            retry_reused: s.counter(&metrics.retries, &["reused"]),
+            retry_5xx: s.counter(&metrics.retries, &["5xx"]),
+            upstream_aborts: s.counter(&metrics.upstream_aborts, &[]),
+            ejections: s.counter(&metrics.ejections, &[]),
+            health_flaps: s.counter(&metrics.health_flaps, &[]),
+            health_pass: s.counter(&metrics.health_checks, &["pass"]),
+            health_fail: s.counter(&metrics.health_checks, &["fail"]),
+            health_error: s.counter(&metrics.health_checks, &["error"]),
+            _series: s,
+        }
+    }
+}
+
+/// What an active health check concluded about a backend (see [`Pool::apply_health`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthUpdate {
+    /// The plugin faulted: the backend's state stays.
+    Error,
+    /// A failed check; `down` when it crossed the fall threshold.
+    Fail {
+        /// Mark the backend unhealthy now.
+        down: bool,
+    },
+    /// A passed check with a weight percentage; `up` when it crossed the rise threshold.
+    Pass {
+        /// Mark the backend healthy now.
+        up: bool,
+        /// Weight percentage (100 = full).
+        factor: u32,
+    },
+}
+
+/// A pool: its members, the routable table built from them, its strategy and its settings,
+/// each swappable while traffic flows.
+pub struct Pool {
+    /// The pool's name.
+    pub name: String,
+    members: ArcSwap<Vec<Arc<Backend>>>,
+    table: ArcSwap<BackendTable>,
+    /// The strategy plugin.
+    pub strategy: StrategyHost,
+    settings: ArcSwap<PoolSettings>,
+    health: ArcSwapOption<HealthHost>,
+    metrics: Metrics,
+    /// Counters of this pool.
+    pub counters: PoolCounters,
+    local_zone: Option<String>,
+    /// Serializes table rebuilds; held only on membership changes, never per request.
+    rebuild: Mutex<()>,
+    /// Requests routed to this pool (the health scheduler slows down while it does not move).
+    requests: AtomicU64,
+    /// Set while the "ejection cap reached" warning stands, so it is logged once per state.
+    cap_warned: AtomicBool,
+    /// Where members come from: (static config, gossip cluster). Merged into `members`.
+    sources: Mutex<(Vec<BackendSpec>, Vec<BackendSpec>)>,
+}
+
+impl Pool {
+    /// A new pool with the given backends.
+    pub fn new(
+        name: &str,
+        specs: &[BackendSpec],
+        settings: PoolSettings,
+        strategy: StrategyHost,
+        metrics: Metrics,
+        local_zone: Option<String>,
+    ) -> Pool {
+        let healthy = !settings.start_unhealthy();
+        let members: Vec<Arc<Backend>> = specs
+            .iter()
+            .map(|s| Arc::new(Backend::new(&metrics, name, s, None, healthy)))
+            .collect();
+        let table = BackendTable::new(1, members.clone(), local_zone.as_deref());
+        let pool = Pool {
+            name: name.to_string(),
+            members: ArcSwap::from_pointee(members),
+            table: ArcSwap::from_pointee(table),
+            strategy,
+            settings: ArcSwap::from_pointee(settings),
+            health: ArcSwapOption::empty(),
+            counters: PoolCounters::new(&metrics, name),
+            metrics,
+            local_zone,
+            rebuild: Mutex::new(()),
+            requests: AtomicU64::new(0),
+            cap_warned: AtomicBool::new(false),
+            sources: Mutex::new((specs.to_vec(), Vec::new())),
+        };
+        pool.rebuild_table();
+        pool
+    }
+
+    /// Every member, routable or not.
+    pub fn members(&self) -> Guard<Arc<Vec<Arc<Backend>>>> {
+        self.members.load()
+    }
+
+    /// The routable table strategies pick from.
+    pub fn table(&self) -> Guard<Arc<BackendTable>> {
+        self.table.load()
+    }
+
+    /// The routable table, as an owned handle.
+    pub fn table_full(&self) -> Arc<BackendTable> {
+        self.table.load_full()
+    }
+
+    /// Upstream settings and policies.
+    pub fn settings(&self) -> Guard<Arc<PoolSettings>> {
+        self.settings.load()
+    }
+
+    /// The health-check plugin, when the pool has one.
+    pub fn health(&self) -> Option<Arc<HealthHost>> {
+        self.health.load_full()
+    }
+
+    /// Requests routed to this pool so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request routed here.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes an in-flight slot on `backend` for one attempt.
+    pub fn lease(self: &Arc<Self>, backend: Arc<Backend>) -> Lease {
+        Lease::new(self.clone(), backend)
+    }
+
+    /// Replaces the settings; true when they changed. New backends take their initial health
+    /// state from them, so a reload sets them before the backends.
+    pub fn set_settings(&self, settings: PoolSettings) -> bool {
+        let _guard = self.lock();
+        if **self.settings.load() == settings {
+            return false;
+        }
+        self.settings.store(Arc::new(settings));
+        self.rebuild_locked(now_ms());
+        true
+    }
+
+    /// Installs or removes the health-check plugin. Removing it marks every member healthy at
+    /// full weight (nothing judges them any more).
+    pub fn set_health_host(&self, host: Option<Arc<HealthHost>>) {
+        let _guard = self.lock();
+        let removed = host.is_none();
+        self.health.store(host);
+        if removed {
+            let now = now_ms();
+            for b in self.members.load().iter() {
+                b.stats.set_healthy(true, now);
+                b.stats.set_health_factor(100);
+            }
+            self.rebuild_locked(now);
+        }
+    }
+
+    /// Replaces the backends from the config file; gossip members stay. True when members changed.
+    pub fn set_static_backends(&self, specs: &[BackendSpec]) -> bool {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.0 = specs.to_vec();
+        self.set_backends(&merge_sources(&sources))
+    }
+
+    /// Replaces the backends announced by cluster members (with whether each is held: its member
+    /// is suspect or draining); static ones stay. True when the table changed.
+    pub fn set_gossip_backends(&self, specs: &[(BackendSpec, bool)]) -> bool {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let plain: Vec<BackendSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
+        let mut changed = false;
+        if sources.1 != plain {
+            sources.1 = plain;
+            changed = self.set_backends(&merge_sources(&sources));
+        }
+        drop(sources);
+        let _guard = self.lock();
+        let mut held = false;
+        for b in self.members.load().iter() {
+            let hold = specs.iter().any(|(g, h)| g.addr == b.addr && *h);
+            held |= b.stats.set_hold(hold);
+        }
+        if held {
+            changed |= self.rebuild_locked(now_ms());
+        }
+        changed
+    }
+
+    /// Applies an active health check's conclusion about `backend`; true when its state or
+    /// weight changed (the table is rebuilt then).
+    pub fn apply_health(&self, backend: &Backend, update: HealthUpdate) -> bool {
+        let c = &self.counters;
+        match update {
+            HealthUpdate::Error => c.health_error.inc(),
+            HealthUpdate::Fail { .. } => c.health_fail.inc(),
+            HealthUpdate::Pass { .. } => c.health_pass.inc(),
+        }
+        let _guard = self.lock();
+        let now = now_ms();
+        let stats = &backend.stats;
+        let (flapped, reweighed) = match update {
+            HealthUpdate::Error => return false,
+            HealthUpdate::Fail { down } => (down && stats.set_healthy(false, now), false),
+            HealthUpdate::Pass { up, factor } => (
+                up && stats.set_healthy(true, now),
+                stats.set_health_factor(factor),
+            ),
+        };
+        if flapped {
+            c.health_flaps.inc();
+            tracing::info!(pool = %self.name, backend = %backend.addr_text, healthy = stats.is_healthy(), "backend health changed");
+        }
+        if flapped || reweighed {
+            self.rebuild_locked(now);
+        }
+        flapped || reweighed
+    }
+
+    /// Called when a lease that recorded an outcome ends: ejects the backend when it crossed
+    /// the failure threshold. The common case is two atomic loads; a failing backend is decided
+    /// by the one request that wins a compare-and-swap, which alone takes the rebuild lock.
+    pub(crate) fn after_request(&self, backend: &Backend) {
+        let settings = self.settings.load();
+        let policy = &settings.outlier;
+        let stats = &backend.stats;
+        if !policy.should_eject(stats.failures()) || !stats.try_begin_ejection() {
+            return;
+        }
+        {
+            let _guard = self.lock();
+            let now = now_ms();
+            if !stats.is_ejected(now) && policy.should_eject(stats.failures()) {
+                let members = self.members.load();
+                let ejected = members.iter().filter(|b| b.stats.is_ejected(now)).count();
+                let cap = policy.cap(members.len());
+                if ejected >= cap {
+                    if !self.cap_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(pool = %self.name, backend = %backend.addr_text, ejected, cap, "outlier not ejected: the pool's ejection cap is reached (logged once until the ejected set changes)");
+                    }
+                } else {
+                    let n = stats.ejections() + 1;
+                    let time = policy.ejection_time(n);
+                    stats.eject(now + time.as_millis() as u64);
+                    self.counters.ejections.inc();
+                    self.cap_warned.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        pool = %self.name, backend = %backend.addr_text, failures = stats.failures(), ejection = n, duration = ?time,
+                        "backend ejected by outlier detection"
+                    );
+                    self.rebuild_locked(now);
+                }
+            }
+        }
+        stats.end_ejection();
+    }
+
+    /// Time-driven upkeep, run by a background ticker: re-admits backends whose ejection ended,
+    /// forgets ejections after a clean period, and rebuilds the table when anything
+    /// time-dependent (slow start, zone load) changed.
+    pub fn maintain(&self) {
+        let _guard = self.lock();
+        let now = now_ms();
+        let max = self.settings.load().outlier.max_ejection_time.as_millis() as u64;
+        for b in self.members.load().iter() {
+            let until = b.stats.ejected_until_ms();
+            if until != 0 && until <= now {
+                b.stats.readmit(now);
+                self.cap_warned.store(false, Ordering::Relaxed);
+                tracing::info!(pool = %self.name, backend = %b.addr_text, "ejected backend re-admitted");
+            } else if until == 0
+                && b.stats.ejections() > 0
+                && now.saturating_sub(b.stats.admitted_at_ms()) > max
+            {
+                b.stats.forget_ejections();
+            }
+        }
+        self.rebuild_locked(now);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.rebuild.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces all members, keeping the statistics of backends whose address stays.
+    /// Returns true when the membership changed.
+    fn set_backends(&self, specs: &[BackendSpec]) -> bool {
+        let _guard = self.lock();
+        let old = self.members.load_full();
+        let same = old.len() == specs.len()
+            && old.iter().zip(specs).all(|(b, s)| {
+                b.addr == s.addr && b.weight == s.weight && b.zone == s.zone && b.tags == s.tags
+            });
+        if same {
+            return false;
+        }
+        let now = now_ms();
+        let healthy = !self.settings.load().start_unhealthy();
+        let members: Vec<_> = specs
+            .iter()
+            .map(|s| {
+                let stats = old
+                    .iter()
+                    .find(|b| b.addr == s.addr)
+                    .map(|b| b.stats.clone());
+                let is_new = stats.is_none();
+                // With health checks a new backend is not routed before its first pass.
+                let b = Arc::new(Backend::new(&self.metrics, &self.name, s, stats, healthy));
+                if is_new {
+                    // A backend joining a running pool starts its slow-start ramp now.
+                    b.stats.set_admitted(now);
+                }
+                b
+            })
+            .collect();
+        // Removed backends' statistics (and so their series) go with the last table that
+        // holds them.
+        self.members.store(Arc::new(members));
+        self.rebuild_locked(now);
+        true
+    }
+
+    /// Recomputes the routable table from members, health, ejections, zone and slow start.
+    /// Publishes (and so pushes to the strategy) only when something changed.
+    pub fn rebuild_table(&self) -> bool {
+        let _guard = self.lock();
+        self.rebuild_locked(now_ms())
+    }
+
+    fn rebuild_locked(&self, now: u64) -> bool {
+        let members = self.members.load();
+        let policy = self.settings.load();
+        let routable: Vec<Arc<Backend>> = members
+            .iter()
+            .filter(|b| b.stats.is_routable(now))
+            .cloned()
+            .collect();
+        // Panic mode (Envoy's panic threshold): with too few routable members, a partial outage
+        // would overload the survivors, so balance over everyone and let retries sort it out.
+        let panic = !members.is_empty()
+            && policy.panic_threshold > 0
+            && (routable.len() as u64) * 100
+                < u64::from(policy.panic_threshold) * members.len() as u64;
+        let mut chosen = if panic { members.to_vec() } else { routable };
+        if let (true, Some(zone)) = (policy.zone_aware, self.local_zone.as_deref()) {
+            let local: Vec<Arc<Backend>> =
+                chosen.iter().filter(|b| b.zone == zone).cloned().collect();
+            let local_members = members.iter().filter(|b| b.zone == zone).count();
+            let weight: u64 = local.iter().map(|b| u64::from(b.weight)).sum();
+            let inflight: i64 = local.iter().map(|b| b.stats.inflight().max(0)).sum();
+            // Stay local while most local members are routable and they are not overloaded.
+            let healthy_enough = local.len() * 10 >= local_members * 7;
+            let overloaded =
+                weight > 0 && inflight as u64 > weight * u64::from(policy.zone_spill_inflight);
+            if !local.is_empty() && healthy_enough && !overloaded && local.len() < chosen.len() {
+                chosen = local;
+            }
+        }
+        // Weights are scaled by 100 only while some backend is degraded or ramping, so that
+        // fractions have resolution; otherwise strategies see the configured weights.
+        let scaled = chosen
+            .iter()
+            .any(|b| b.stats.health_factor() < 100 || ramping(b, policy.slow_start, now));
+        let weights: Vec<u32> = chosen
+            .iter()
+            .map(|b| effective_weight(b, policy.slow_start, now, scaled))
+            .collect();
+        let current = self.table.load();
+        let unchanged = current.panic == panic
+            && current.weights == weights
+            && current.backends.len() == chosen.len()
+            && current
+                .backends
+                .iter()
+                .zip(&chosen)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if unchanged {
+            return false;
+        }
+        let table = BackendTable::with_weights(
+            current.generation + 1,
+            chosen,
+            weights,
+            self.local_zone.as_deref(),
+            panic,
+        );
+        self.table.store(Arc::new(table));
+        true
+    }
+}
+
+impl PoolSettings {
+    /// New backends start unhealthy (health checks with `initial = "unhealthy"`).
+    pub fn start_unhealthy(&self) -> bool {
+        self.health.as_ref().is_some_and(|h| h.start_unhealthy)
+    }
+}
+
+impl From<&PoolConfig> for PoolSettings {
+    fn from(pc: &PoolConfig) -> PoolSettings {
+        let o = &pc.outlier;
+        let health = pc.health.as_ref().map(|h| {
+            let h = h.get_ref();
+            HealthSchedule {
+                interval: h.interval,
+                idle_interval: h.idle_interval.unwrap_or(h.interval * 5),
+                jitter: h.jitter.unwrap_or(h.interval / 10),
+                timeout: h.timeout,
+                rise: h.rise,
+                fall: h.fall,
+                start_unhealthy: h.initial == "unhealthy",
+                concurrency: h.concurrency,
+            }
+        });
+        PoolSettings {
+            retries: pc.retries,
+            retry_on_5xx: pc.retry_on.iter().any(|r| r.get_ref() == "5xx"),
+            retry_non_idempotent: pc.retry_non_idempotent,
+            connect_timeout: pc.connect_timeout,
+            read_timeout: pc.read_timeout,
+            idle_timeout: pc.idle_timeout,
+            outlier: crate::outlier::OutlierPolicy {
+                enabled: o.enabled,
+                consecutive_failures: o.consecutive_failures,
+                base_ejection_time: o.base_ejection_time,
+                max_ejection_time: o.max_ejection_time,
+                max_ejected_percent: o.max_ejected_percent,
+            },
+            slow_start: pc.slow_start,
+            panic_threshold: pc.panic_threshold,
+            zone_aware: pc.zone_aware,
+            zone_spill_inflight: pc.zone_spill_inflight,
+            health,
+        }
+    }
+}
+
+impl Default for PoolSettings {
+    /// The settings of a pool configured with nothing but its name.
+    fn default() -> PoolSettings {
+        let pc: PoolConfig =
+            toml::from_str("name = \"default\"").expect("a pool needs only a name");
+        PoolSettings::from(&pc)
+    }
+}
+
+/// Static entries first, then gossip entries at addresses the config does not list.
+fn merge_sources(sources: &(Vec<BackendSpec>, Vec<BackendSpec>)) -> Vec<BackendSpec> {
+    let mut all = sources.0.clone();
+    all.extend(
+        sources
+            .1
+            .iter()
+            .filter(|g| !sources.0.iter().any(|s| s.addr == g.addr))
+            .cloned(),
+    );
+    all
+}
+
+/// True while `b` is in its slow-start window.
+fn ramping(b: &Backend, slow_start: Duration, now: u64) -> bool {
+    let admitted = b.stats.admitted_at_ms();
+    !slow_start.is_zero()
+        && admitted != 0
+        && now.saturating_sub(admitted) < slow_start.as_millis() as u64
+}
+
+/// Weight with the health factor and slow start applied; `scaled` multiplies by 100 first.
+fn effective_weight(b: &Backend, slow_start: Duration, now: u64, scaled: bool) -> u32 {
+    if !scaled {
+        return b.weight;
+    }
+    let mut w =
+        f64::from(b.weight) * 100.0 * f64::from(b.stats.health_factor().clamp(1, 100)) / 100.0;
+    if ramping(b, slow_start, now) {
+        let since = now.saturating_sub(b.stats.admitted_at_ms()) as f64;
+        // Linear ramp from 10 % (a fresh backend still gets some traffic to warm up).
+        w *= 0.1 + 0.9 * since / slow_start.as_millis().max(1) as f64;
+    }
+    (w as u32).max(1)
+}
