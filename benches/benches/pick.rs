@@ -4,7 +4,6 @@
 //! Run: `cargo bench -p sluice-benches --bench pick`
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice_benches::{request_header, strategy, table};

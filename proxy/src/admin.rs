@@ -115,12 +115,7 @@ fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> ser
     if !checked_pool {
         return serde_json::Value::Null;
     }
-    let rec = b
-        .stats
-        .health
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let rec = b.stats.health.lock().clone();
     let healthy = b.stats.is_healthy();
     json!({
         "state": if !rec.checked && !healthy { "pending" } else if healthy { "healthy" } else { "unhealthy" },

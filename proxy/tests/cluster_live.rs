@@ -217,14 +217,25 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     // SIGTERM: the agent drains; a bounded load loop meanwhile sees no failure.
     let drained = b[1].0.to_string();
     let addr = p1.listen;
+    let served = |i: usize| b[i].1.served.load(std::sync::atomic::Ordering::Relaxed);
+    let served_before = served(1);
     let loader = std::thread::spawn(move || {
         bounded_load(3, 400, Duration::from_secs(20), move |c| {
             keepalive_get(c, addr, "/")
         })
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The drain must overlap traffic: wait until the load reaches the draining backend.
+    assert!(
+        wait_for(Duration::from_secs(10), || served(1) >= served_before + 20),
+        "the load never reached the backend to drain"
+    );
     agents[1].as_ref().unwrap().signal("-TERM");
+    let served_at_term = served(2);
     let results = loader.join().unwrap();
+    assert!(
+        served(2) > served_at_term,
+        "no request was served after the drain began, so the drain did not overlap the load"
+    );
     let failed = results
         .iter()
         .filter(|r| !matches!(r, Ok(r) if r.status == 200))
@@ -287,7 +298,13 @@ fn a_second_node_with_the_same_name_refuses_to_start() {
         &cluster_section("same-name", g1, KEY, &[]),
         b[0].0,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_for(Duration::from_secs(20), || first
+            .log()
+            .contains("agent joined the cluster")),
+        "the first agent did not start: {}",
+        first.log()
+    );
     let g2 = gossip_addr(42);
     let dup = Agent::start(
         &dir,
@@ -353,7 +370,18 @@ fn keys_rotate_without_a_restart() {
             })
             .collect();
         std::fs::write(&agent_cfg, lines.join("\n") + "\n").unwrap();
+        let reloads = agent.log().matches("cluster keys reloaded").count();
         agent.signal("-HUP");
+        // The agent has applied its new keys once it says so.
+        assert!(
+            wait_for(Duration::from_secs(10), || agent
+                .log()
+                .matches("cluster keys reloaded")
+                .count()
+                > reloads),
+            "the agent did not reload its keys: {}",
+            agent.log()
+        );
     };
     let key_op = |op: &str, key: &str| {
         let r = p1.admin_req(
@@ -366,10 +394,8 @@ fn keys_rotate_without_a_restart() {
     // 1. everyone learns the new key; 2. everyone encrypts with it; 3. the old key goes.
     key_op("install", NEW_KEY);
     set_agent_keys(&[KEY, NEW_KEY]);
-    std::thread::sleep(Duration::from_millis(500));
     key_op("use", NEW_KEY);
     set_agent_keys(&[NEW_KEY, KEY]);
-    std::thread::sleep(Duration::from_millis(500));
     let r = p1.admin_req(
         "POST",
         "/api/cluster/keys",
@@ -383,17 +409,28 @@ fn keys_rotate_without_a_restart() {
     );
     key_op("remove", KEY);
     set_agent_keys(&[NEW_KEY]);
+    assert_eq!(agent.log().matches("cluster keys reloaded").count(), 3);
+    // The cluster keeps working on the new key alone: gossip keeps arriving at the proxy, none of
+    // it is rejected, and the agent stays a live, routable member.
+    let transport = |p: &Proxy| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.admin_req("GET", "/api/cluster", b"").text()).unwrap();
+        (
+            v["transport"]["udp_received"].as_u64().unwrap(),
+            v["transport"]["rejected_decrypt"].as_u64().unwrap(),
+        )
+    };
+    let (received, rejected) = transport(&p1);
     assert!(
-        wait_for(Duration::from_secs(5), || agent
-            .log()
-            .matches("cluster keys reloaded")
-            .count()
-            == 3),
-        "{}",
-        agent.log()
+        wait_for(Duration::from_secs(20), || transport(&p1).0
+            >= received + 20),
+        "gossip stopped arriving after the old key was removed"
     );
-    // The cluster keeps working on the new key alone: the agent stays a live, routable member.
-    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        transport(&p1).1,
+        rejected,
+        "packets were rejected after the rotation"
+    );
     assert_eq!(
         routable(&p1),
         1,

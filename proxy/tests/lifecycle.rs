@@ -13,6 +13,19 @@ use std::time::Duration;
 
 use common::*;
 
+/// Reads one request head from `s`; false when the connection ends first.
+fn read_head(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// A backend that answers every request with a keep-alive response and then closes the
 /// connection without saying so (as servers do after `keepalive_requests` or an idle timeout),
 /// so the proxy's pooled connection to it is always stale on reuse.
@@ -26,13 +39,8 @@ fn closing_backend(stop: Arc<AtomicBool>) -> SocketAddr {
             }
             let Ok(mut s) = conn else { continue };
             std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut s) {
+                    return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
                 // Dropped: closed after one answer, with no `Connection: close`.
@@ -87,13 +95,8 @@ fn failing_midway(chunked: bool) -> SocketAddr {
         for conn in l.incoming() {
             let Ok(mut s) = conn else { continue };
             std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut s) {
+                    return;
                 }
                 let part = vec![b'x'; 1024];
                 let mut out = Vec::new();

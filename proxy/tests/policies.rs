@@ -139,7 +139,9 @@ fn bad_policy_values_are_refused_with_the_line() {
     let err = out.stderr;
     assert!(!out.ok);
     assert!(
-        err.contains("p.toml:3:13: pool \"web\": unknown retry_on value \"timeouts\""),
+        err.contains(
+            "p.toml:3:13: unknown variant `timeouts`, expected `connect-failure` or `5xx`"
+        ),
         "{err}"
     );
 }

@@ -39,16 +39,37 @@ fn hot_swap_under_load_fails_no_request() {
     let addr = proxy.listen;
     let admin = proxy.admin;
     // 4 client threads, 400 requests each (bounded by count and by 60 s), swapping midway.
+    let served = || -> usize {
+        b.iter()
+            .map(|(_, be)| be.served.load(Ordering::Relaxed) as usize)
+            .sum()
+    };
     let loader = std::thread::spawn(move || {
         bounded_load(4, 400, Duration::from_secs(60), move |c| {
             keepalive_get(c, addr, "/")
         })
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Swap once the load is under way, and check that it kept going after the swap: the swap
+    // overlapped requests in flight.
+    assert!(
+        wait_for(Duration::from_secs(30), || served() >= 200),
+        "the load did not start"
+    );
+    let before = served();
     let resp = request(admin, "PUT", "/api/pools/web/strategy", &[], &first_only()).unwrap();
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert!(resp.text().contains("sha256"), "{}", resp.text());
+    let at_swap = served();
+    assert!(
+        !loader.is_finished() && at_swap < 1600,
+        "the load ended before the swap was published"
+    );
     let results = loader.join().unwrap();
+    assert!(
+        before >= 200 && served() > at_swap,
+        "requests before ({before}) and after ({}) the swap",
+        served() - at_swap
+    );
     let failed: Vec<_> = results
         .iter()
         .filter(|r| !matches!(r, Ok(r) if r.status == 200))

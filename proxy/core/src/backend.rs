@@ -7,12 +7,14 @@
 //! [`crate::lease::Lease`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 
+use crate::cold_lock::ColdLock;
 use crate::config::BackendSpec;
 use crate::metrics::{Metrics, SeriesScope, STATUS_CLASSES};
 
@@ -22,9 +24,9 @@ use crate::metrics::{Metrics, SeriesScope, STATUS_CLASSES};
 /// Its metric series live exactly as long as it does.
 #[derive(Debug)]
 pub struct BackendStats {
-    /// Requests in flight: the truth strategies read. Changed only by leases.
-    inflight: AtomicI64,
-    inflight_gauge: IntGauge,
+    /// Requests in flight (also the `sluice_backend_inflight` series): the truth strategies read.
+    /// Changed only by leases and in-flight slots.
+    inflight: IntGauge,
     /// Latency EWMA in microseconds (0 = no sample yet).
     latency_ewma_us: AtomicU64,
     /// Consecutive failures (connect errors and 5xx), reset by a success.
@@ -47,7 +49,7 @@ pub struct BackendStats {
     /// Weight percentage from a "degraded" health verdict (100 = full weight).
     health_factor: AtomicU32,
     /// Health-check bookkeeping, touched only by the health scheduler and the admin API.
-    pub health: Mutex<HealthRecord>,
+    pub health: ColdLock<HealthRecord>,
     _series: SeriesScope,
 }
 
@@ -79,8 +81,7 @@ impl BackendStats {
         let healthy_gauge = series.gauge(&metrics.backend_healthy, &[]);
         healthy_gauge.set(i64::from(healthy));
         BackendStats {
-            inflight: AtomicI64::new(0),
-            inflight_gauge: series.gauge(&metrics.backend_inflight, &[]),
+            inflight: series.gauge(&metrics.backend_inflight, &[]),
             latency_ewma_us: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             by_class: STATUS_CLASSES.map(|c| series.counter(&metrics.requests, &[c])),
@@ -92,26 +93,24 @@ impl BackendStats {
             healthy: AtomicBool::new(healthy),
             cluster_hold: AtomicBool::new(false),
             health_factor: AtomicU32::new(100),
-            health: Mutex::new(HealthRecord::default()),
+            health: ColdLock::new(HealthRecord::default()),
             _series: series,
         }
     }
 
     /// Requests in flight now.
     pub fn inflight(&self) -> i64 {
-        self.inflight.load(Ordering::Relaxed)
+        self.inflight.get()
     }
 
     /// Takes an in-flight slot; only [`crate::lease::Lease`] calls this and its `Drop` the inverse.
     pub(crate) fn acquire(&self) {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        self.inflight_gauge.inc();
+        self.inflight.inc();
     }
 
     /// Gives an in-flight slot back (see [`BackendStats::acquire`]).
     pub(crate) fn release(&self) {
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.inflight_gauge.dec();
+        self.inflight.dec();
     }
 
     /// True while ejected by outlier detection.

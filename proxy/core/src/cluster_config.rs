@@ -39,14 +39,14 @@ pub struct ClusterSection {
     pub compression: bool,
     /// Timing profile: "lan" (default), "wan" or "local" (fast, for one machine).
     #[serde(default = "default_profile")]
-    pub profile: String,
+    pub profile: Profile,
     /// Expected cluster size (tunes dissemination and suspicion).
     #[serde(default = "default_expected_size")]
     pub expected_size: u32,
 }
 
-fn default_profile() -> String {
-    "lan".into()
+fn default_profile() -> Profile {
+    Profile::Lan
 }
 fn default_expected_size() -> u32 {
     32
@@ -95,16 +95,7 @@ impl ClusterSection {
         for k in &keys {
             crate::cluster::keyring::parse_key(k).map_err(|e| format!("[cluster] key: {e}"))?;
         }
-        let profile = match self.profile.as_str() {
-            "lan" => Profile::Lan,
-            "wan" => Profile::Wan,
-            "local" => Profile::Local,
-            other => {
-                return Err(format!(
-                    "[cluster] profile \"{other}\" is unknown; use \"lan\", \"wan\" or \"local\""
-                ))
-            }
-        };
+        let profile = self.profile;
         if self.name.is_empty() {
             return Err("[cluster] name must not be empty".into());
         }
@@ -129,5 +120,42 @@ impl ClusterSection {
             let port = self.bind_addr.rsplit(':').next().unwrap_or("0");
             format!("{host}-{port}")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_sections_are_validated() {
+        let section = |extra: &str| -> ClusterSection {
+            toml::from_str(&format!(
+                "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        assert!(section("")
+            .to_config(Path::new("."))
+            .unwrap_err()
+            .contains("needs a key"));
+        assert!(section("key = \"short\"")
+            .to_config(Path::new("."))
+            .unwrap_err()
+            .contains("[cluster] key"));
+        let key = crate::cluster::keyring::generate_key();
+        let err = toml::from_str::<ClusterSection>(&format!(
+            "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\nkey = \"{key}\"\nprofile = \"fast\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("unknown variant `fast`, expected one of `lan`, `wan`, `local`"),
+            "{err}"
+        );
+        let cfg = section(&format!("key = \"{key}\"\npeers = [\"127.0.0.1:7947\"]"))
+            .to_config(Path::new("."))
+            .unwrap();
+        assert_eq!(cfg.peers, vec!["127.0.0.1:7947".to_string()]);
     }
 }

@@ -162,7 +162,7 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Which failures are retried: `"connect-failure"` (always safe) and `"5xx"`.
     #[serde(default = "default_retry_on")]
-    pub retry_on: Vec<Spanned<String>>,
+    pub retry_on: Vec<RetryOn>,
     /// Retry non-idempotent methods (POST, PATCH) on 5xx too. Off by default: the backend may
     /// already have acted on the request.
     #[serde(default)]
@@ -232,8 +232,30 @@ fn default_max_ejection() -> Duration {
 fn default_max_ejected_percent() -> u32 {
     50
 }
-fn default_retry_on() -> Vec<Spanned<String>> {
-    vec![Spanned::new(0..0, "connect-failure".to_string())]
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::ConnectFailure]
+}
+
+/// A failure a pool retries on another backend (`retry_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum RetryOn {
+    /// The connection could not be made: the backend never saw the request.
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The backend answered 5xx (idempotent methods only, unless `retry_non_idempotent`).
+    #[serde(rename = "5xx")]
+    Status5xx,
+}
+
+/// A backend's health before its first check (`initial`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialHealth {
+    /// Not routed until it passes a check.
+    #[default]
+    Unhealthy,
+    /// Routed at once.
+    Healthy,
 }
 fn zero_duration() -> Duration {
     Duration::ZERO
@@ -305,8 +327,8 @@ pub struct HealthConfig {
     #[serde(default, with = "opt_duration")]
     pub idle_interval: Option<Duration>,
     /// State of a backend before its first check: "unhealthy" (not routed until it passes once) or "healthy".
-    #[serde(default = "default_initial")]
-    pub initial: String,
+    #[serde(default)]
+    pub initial: InitialHealth,
     /// Probes of this pool running at once.
     #[serde(default = "default_health_concurrency")]
     pub concurrency: u32,
@@ -322,9 +344,6 @@ impl HealthConfig {
     }
 }
 
-fn default_initial() -> String {
-    "unhealthy".into()
-}
 fn default_health_concurrency() -> u32 {
     16
 }
@@ -449,7 +468,6 @@ fn default_prefix() -> String {
 
 /// Durations are written as strings: `"200ms"`, `"2s"`, `"1m 30s"`. Also used by the agent's file.
 pub mod duration {
-    //! Serde helper for duration strings.
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -541,14 +559,6 @@ impl Config {
                     .resolve()
                     .map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
             }
-            for r in &pool.retry_on {
-                if !["connect-failure", "5xx"].contains(&r.get_ref().as_str()) {
-                    return Err(self.error_at(
-                        r.span(),
-                        format!("pool \"{name}\": unknown retry_on value \"{}\"; use \"connect-failure\" and/or \"5xx\"", r.get_ref()),
-                    ));
-                }
-            }
             if pool.panic_threshold > 100 || pool.outlier.max_ejected_percent > 100 {
                 return Err(self.error_at(pool.name.span(), format!("pool \"{name}\": panic_threshold and outlier.max_ejected_percent are percentages (0-100)")));
             }
@@ -564,9 +574,6 @@ impl Config {
                         h.span(),
                         format!("pool \"{name}\": health rise and fall must be at least 1"),
                     ));
-                }
-                if hc.initial != "unhealthy" && hc.initial != "healthy" {
-                    return Err(self.error_at(h.span(), format!("pool \"{name}\": health initial must be \"unhealthy\" or \"healthy\", not \"{}\"", hc.initial)));
                 }
                 if hc.interval.is_zero() || hc.timeout.is_zero() || hc.concurrency == 0 {
                     return Err(self.error_at(h.span(), format!("pool \"{name}\": health interval, timeout and concurrency must be greater than zero")));

@@ -6,13 +6,15 @@
 //! the scheduler. A fault never marks a backend down; the caller keeps the last known state.
 
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use wasmtime::TypedFunc;
 
 use crate::backend::Backend;
+use crate::cold_lock::ColdLock;
 use crate::config::BackendSpec;
 use crate::metrics::{Metrics, SeriesScope};
 use crate::plugin::{
@@ -116,7 +118,7 @@ impl Instance {
 
 /// The scheduler's instance of one version, owned by that version. A plain mutex: health
 /// checks are off the request path and each call is bounded by a deadline.
-type InstanceCell = Mutex<Option<Instance>>;
+type InstanceCell = ColdLock<Option<Instance>>;
 
 /// Runs one pool's health plugin.
 pub struct HealthHost {
@@ -199,7 +201,7 @@ impl HealthHost {
         f: impl FnOnce(&mut Instance) -> Result<R, Fault>,
     ) -> Result<R, Fault> {
         let live = self.versions.load();
-        let mut guard = live.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = live.state.lock();
         let result = (|| {
             if guard.is_none() {
                 let inst =

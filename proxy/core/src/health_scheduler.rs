@@ -52,7 +52,7 @@ pub async fn run(
                 });
             for b in pool.members().iter() {
                 {
-                    let mut rec = b.stats.health.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut rec = b.stats.health.lock();
                     if rec.in_flight || now < rec.next_due_ms {
                         continue;
                     }
@@ -106,12 +106,7 @@ impl ProbeTask {
     fn apply(&self, verdict: Result<(Verdict, String), String>) {
         let now = now_ms();
         let update = {
-            let mut rec = self
-                .backend
-                .stats
-                .health
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut rec = self.backend.stats.health.lock();
             rec.in_flight = false;
             let traffic = self.pool.requests();
             let idle = traffic == rec.pool_requests_seen;

@@ -8,7 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
-use crate::pool::Pool;
+
+/// What owns the backends a lease is taken on (a [`crate::pool::Pool`]): told when an attempt
+/// with a known outcome ends, so it can apply outlier detection.
+pub trait LeaseOwner: Send + Sync {
+    /// The owner's name, for logs.
+    fn name(&self) -> &str;
+    /// An attempt on `backend` ended and its outcome was recorded.
+    fn after_request(&self, backend: &Backend);
+}
 
 /// How an attempt ended, as far as the backend's record is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +33,7 @@ pub enum Outcome {
 /// An in-flight slot on one backend of one pool.
 #[must_use = "dropping a lease releases its in-flight slot at once"]
 pub struct Lease {
-    pool: Arc<Pool>,
+    pool: Arc<dyn LeaseOwner>,
     backend: Arc<Backend>,
     started: Instant,
     latency: Option<std::time::Duration>,
@@ -35,7 +43,7 @@ pub struct Lease {
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("pool", &self.pool.name)
+            .field("pool", &self.pool.name())
             .field("backend", &self.backend.addr_text)
             .field("outcome", &self.outcome)
             .finish()
@@ -44,7 +52,7 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     /// Takes an in-flight slot on `backend` of `pool`.
-    pub(crate) fn new(pool: Arc<Pool>, backend: Arc<Backend>) -> Lease {
+    pub(crate) fn new(pool: Arc<dyn LeaseOwner>, backend: Arc<Backend>) -> Lease {
         backend.stats.acquire();
         Lease {
             pool,
@@ -58,11 +66,6 @@ impl Lease {
     /// The leased backend.
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
-    }
-
-    /// The pool the backend belongs to.
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
     }
 
     /// The outcome recorded so far.

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod builtin;
 pub mod cluster_config;
+pub mod cold_lock;
 pub mod config;
 pub mod health;
 pub mod health_probe;

@@ -201,7 +201,6 @@ mod tests {
     use super::*;
     use crate::cluster::{MemberInfo, Service};
     use std::net::SocketAddr;
-    use std::path::Path;
 
     fn member(
         name: &str,
@@ -271,32 +270,5 @@ mod tests {
         );
         assert_eq!(gossip_backends(&members, "api").len(), 1);
         assert!(gossip_backends(&members, "none").is_empty());
-    }
-
-    #[test]
-    fn cluster_sections_are_validated() {
-        let section = |extra: &str| -> ClusterSection {
-            toml::from_str(&format!(
-                "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\n{extra}"
-            ))
-            .unwrap()
-        };
-        assert!(section("")
-            .to_config(Path::new("."))
-            .unwrap_err()
-            .contains("needs a key"));
-        assert!(section("key = \"short\"")
-            .to_config(Path::new("."))
-            .unwrap_err()
-            .contains("[cluster] key"));
-        let key = crate::cluster::keyring::generate_key();
-        assert!(section(&format!("key = \"{key}\"\nprofile = \"fast\""))
-            .to_config(Path::new("."))
-            .unwrap_err()
-            .contains("profile \"fast\" is unknown"));
-        let cfg = section(&format!("key = \"{key}\"\npeers = [\"127.0.0.1:7947\"]"))
-            .to_config(Path::new("."))
-            .unwrap();
-        assert_eq!(cfg.peers, vec!["127.0.0.1:7947".to_string()]);
     }
 }

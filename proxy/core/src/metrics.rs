@@ -7,7 +7,9 @@
 //! leaves no series behind, and nothing has to remember to "forget" them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use crate::cold_lock::ColdLock;
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -52,7 +54,7 @@ pub struct Metrics {
     pub health_flaps: IntCounterVec,
     /// `sluice_backend_healthy{pool,backend}`: 1 healthy, 0 not.
     pub backend_healthy: IntGaugeVec,
-    scopes: Arc<Mutex<HashMap<Vec<String>, Weak<ScopeInner>>>>,
+    scopes: Arc<ColdLock<HashMap<Vec<String>, Weak<ScopeInner>>>>,
 }
 
 impl Default for Metrics {
@@ -173,14 +175,14 @@ impl Metrics {
     /// keeps its series.
     pub fn scope(&self, key: &[&str]) -> SeriesScope {
         let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
-        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut scopes = self.scopes.lock();
         if let Some(inner) = scopes.get(&key).and_then(Weak::upgrade) {
             return SeriesScope { inner };
         }
         let inner = Arc::new(ScopeInner {
             key: key.clone(),
             scopes: Arc::downgrade(&self.scopes),
-            series: Mutex::new(Vec::new()),
+            series: ColdLock::new(Vec::new()),
         });
         scopes.insert(key, Arc::downgrade(&inner));
         SeriesScope { inner }
@@ -222,25 +224,21 @@ impl Family {
 
 struct ScopeInner {
     key: Vec<String>,
-    scopes: Weak<Mutex<HashMap<Vec<String>, Weak<ScopeInner>>>>,
-    series: Mutex<Vec<(Family, Vec<String>)>>,
+    scopes: Weak<ColdLock<HashMap<Vec<String>, Weak<ScopeInner>>>>,
+    series: ColdLock<Vec<(Family, Vec<String>)>>,
 }
 
 impl Drop for ScopeInner {
     fn drop(&mut self) {
-        let series = std::mem::take(self.series.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let series = std::mem::take(self.series.get_mut());
         let Some(scopes) = self.scopes.upgrade() else {
             return; // the registry itself is gone
         };
-        let mut scopes = scopes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut scopes = scopes.lock();
         match scopes.get(&self.key).and_then(Weak::upgrade) {
             // A successor for the same key was created while this one was dropping: it now owns
             // the series (its handles point at them), so hand them over instead of removing them.
-            Some(successor) => successor
-                .series
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(series),
+            Some(successor) => successor.series.lock().extend(series),
             None => {
                 scopes.remove(&self.key);
                 for (family, labels) in &series {
@@ -272,7 +270,7 @@ impl SeriesScope {
     }
 
     fn remember(&self, family: Family, labels: Vec<String>) {
-        let mut series = self.inner.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut series = self.inner.series.lock();
         let name = family.name();
         if !series.iter().any(|(f, l)| *l == labels && f.name() == name) {
             series.push((family, labels));

@@ -1,9 +1,9 @@
 //! Passive outlier detection, from real traffic: a backend with too many consecutive failures
 //! (connect errors, 5xx) is ejected from its pool for a time that grows with each ejection,
 //! unless that would eject more than the allowed share of the pool. Ejected backends come back
-//! by themselves when their time is up. The pool applies these rules
-//! ([`crate::pool::Pool::after_request`], [`crate::pool::Pool::maintain`]); this module holds the
-//! policy and its arithmetic.
+//! by themselves when their time is up. The pool applies these rules when a lease with a known
+//! outcome ends and in [`crate::pool::Pool::maintain`]; this module holds the policy and its
+//! arithmetic.
 
 use std::time::Duration;
 

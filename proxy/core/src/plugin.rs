@@ -19,6 +19,7 @@ use wasmtime::{
 use prometheus::IntCounter;
 
 use crate::backend::{BackendStats, BackendTable};
+use crate::cold_lock::ColdLock;
 
 /// The ABI version this host speaks (`sluice_abi_version` export): the SDK's, the one source.
 pub const ABI_VERSION: i32 = sluice_sdk::ABI_VERSION;
@@ -342,7 +343,7 @@ pub struct PluginEngine {
     linker: Arc<Linker<HostState>>,
     /// Compiled modules by sha256 of their bytes, so a reload that keeps (or repeats) a plugin
     /// does not compile it again. Bounded: compiling is the slow part, not memory.
-    modules: Arc<std::sync::Mutex<HashMap<[u8; 32], Module>>>,
+    modules: Arc<ColdLock<HashMap<[u8; 32], Module>>>,
 }
 
 /// Compiled modules kept for reuse by [`PluginEngine::compile`].
@@ -469,18 +470,13 @@ impl PluginEngine {
     fn module(&self, digest: &[u8; 32], bytes: &[u8]) -> Result<Module, PluginError> {
         // Admin-path only (reloads and uploads), never taken per request.
         #[allow(clippy::disallowed_types, clippy::disallowed_methods)]
-        let cached = self
-            .modules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-            .cloned();
+        let cached = self.modules.lock().get(digest).cloned();
         if let Some(m) = cached {
             return Ok(m);
         }
         let module = Module::from_binary(&self.engine, bytes)
             .map_err(|e| PluginError::Compile(root_cause(&e)))?;
-        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut modules = self.modules.lock();
         if modules.len() >= MODULE_CACHE {
             modules.clear();
         }
@@ -980,32 +976,18 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
          buf_ptr: i32,
          buf_cap: i32|
          -> i32 {
-            let Some(mem) = memory(&mut c) else { return -2 };
-            let (data, state) = mem.data_and_store_mut(&mut c);
-            // SAFETY: see `HostState::with_request`.
-            let Some(req) = (unsafe { state.request.0.as_ref() }) else {
-                return -2;
-            };
-            // Copied to the stack because `data` is written below; names longer than 256 bytes
-            // match nothing real (header names are far shorter).
-            let mut name_buf = [0u8; 256];
-            let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
-            let n = name.len().min(name_buf.len());
-            name_buf[..n].copy_from_slice(&name[..n]);
-            let value = match req.attr(kind, &name_buf[..n], &mut state.scratch) {
-                Err(()) => return -2,
-                Ok(None) => return -1,
-                Ok(Some(v)) => v,
-            };
-            let n = value.len().min(usize::try_from(buf_cap).unwrap_or(0));
-            match usize::try_from(buf_ptr)
-                .ok()
-                .and_then(|p| data.get_mut(p..p.checked_add(n)?))
-            {
-                Some(dst) => dst.copy_from_slice(&value[..n]),
-                None => return -2,
-            }
-            value.len().min(i32::MAX as usize) as i32
+            with_attr(&mut c, kind, name_ptr, name_len, |data, value| {
+                let Some(value) = value else { return -1 };
+                let n = value.len().min(usize::try_from(buf_cap).unwrap_or(0));
+                match usize::try_from(buf_ptr)
+                    .ok()
+                    .and_then(|p| data.get_mut(p..p.checked_add(n)?))
+                {
+                    Some(dst) => dst.copy_from_slice(&value[..n]),
+                    None => return -2,
+                }
+                value.len().min(i32::MAX as usize) as i32
+            })
         },
     )?;
     l.func_wrap(
@@ -1017,29 +999,17 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
          name_len: i32,
          out_ptr: i32|
          -> i32 {
-            let Some(mem) = memory(&mut c) else { return -2 };
-            let (data, state) = mem.data_and_store_mut(&mut c);
-            // SAFETY: see `HostState::with_request`.
-            let Some(req) = (unsafe { state.request.0.as_ref() }) else {
-                return -2;
-            };
-            let mut name_buf = [0u8; 256];
-            let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
-            let n = name.len().min(name_buf.len());
-            name_buf[..n].copy_from_slice(&name[..n]);
-            let hash = match req.attr(kind, &name_buf[..n], &mut state.scratch) {
-                Err(()) => return -2,
-                Ok(None) => return 0,
-                Ok(Some(v)) => abi_hash(v),
-            };
-            match usize::try_from(out_ptr)
-                .ok()
-                .and_then(|p| data.get_mut(p..p.checked_add(8)?))
-            {
-                Some(dst) => dst.copy_from_slice(&hash.to_le_bytes()),
-                None => return -2,
-            }
-            1
+            with_attr(&mut c, kind, name_ptr, name_len, |data, value| {
+                let Some(value) = value else { return 0 };
+                match usize::try_from(out_ptr)
+                    .ok()
+                    .and_then(|p| data.get_mut(p..p.checked_add(8)?))
+                {
+                    Some(dst) => dst.copy_from_slice(&abi_hash(value).to_le_bytes()),
+                    None => return -2,
+                }
+                1
+            })
         },
     )?;
     l.func_wrap(
@@ -1079,6 +1049,34 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
         },
     )?;
     Ok(l)
+}
+
+/// Looks up request attribute `kind` (its name read from guest memory at `name_ptr`) and hands
+/// the guest memory and the value (`None`: the request has no such attribute) to `f`. Answers -2
+/// itself when there is no request (outside `sluice_pick`), no memory, or the kind is unknown.
+fn with_attr(
+    c: &mut Caller<'_, HostState>,
+    kind: i32,
+    name_ptr: i32,
+    name_len: i32,
+    f: impl FnOnce(&mut [u8], Option<&[u8]>) -> i32,
+) -> i32 {
+    let Some(mem) = memory(c) else { return -2 };
+    let (data, state) = mem.data_and_store_mut(c);
+    // SAFETY: see `HostState::with_request`.
+    let Some(req) = (unsafe { state.request.0.as_ref() }) else {
+        return -2;
+    };
+    // Copied to the stack because `f` may write `data`; names longer than 256 bytes match
+    // nothing real (header names are far shorter).
+    let mut name_buf = [0u8; 256];
+    let name = guest_slice(data, name_ptr, name_len).unwrap_or(&[]);
+    let n = name.len().min(name_buf.len());
+    name_buf[..n].copy_from_slice(&name[..n]);
+    match req.attr(kind, &name_buf[..n], &mut state.scratch) {
+        Err(()) => -2,
+        Ok(value) => f(data, value),
+    }
 }
 
 fn guest_slice(data: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {

@@ -4,7 +4,9 @@
 //! and takes a [`Lease`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::cold_lock::ColdLock;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption, Guard};
@@ -14,7 +16,7 @@ use crate::backend::{Backend, BackendTable};
 use crate::clock::now_ms;
 use crate::config::{BackendSpec, PoolConfig};
 use crate::health::HealthHost;
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseOwner};
 use crate::metrics::{Metrics, SeriesScope};
 use crate::strategy::StrategyHost;
 
@@ -142,13 +144,13 @@ pub struct Pool {
     pub counters: PoolCounters,
     local_zone: Option<String>,
     /// Serializes table rebuilds; held only on membership changes, never per request.
-    rebuild: Mutex<()>,
+    rebuild: ColdLock<()>,
     /// Requests routed to this pool (the health scheduler slows down while it does not move).
     requests: AtomicU64,
     /// Set while the "ejection cap reached" warning stands, so it is logged once per state.
     cap_warned: AtomicBool,
     /// Where members come from: (static config, gossip cluster). Merged into `members`.
-    sources: Mutex<(Vec<BackendSpec>, Vec<BackendSpec>)>,
+    sources: ColdLock<(Vec<BackendSpec>, Vec<BackendSpec>)>,
 }
 
 impl Pool {
@@ -177,10 +179,10 @@ impl Pool {
             counters: PoolCounters::new(&metrics, name),
             metrics,
             local_zone,
-            rebuild: Mutex::new(()),
+            rebuild: ColdLock::new(()),
             requests: AtomicU64::new(0),
             cap_warned: AtomicBool::new(false),
-            sources: Mutex::new((specs.to_vec(), Vec::new())),
+            sources: ColdLock::new((specs.to_vec(), Vec::new())),
         };
         pool.rebuild_table();
         pool
@@ -256,7 +258,7 @@ impl Pool {
 
     /// Replaces the backends from the config file; gossip members stay. True when members changed.
     pub fn set_static_backends(&self, specs: &[BackendSpec]) -> bool {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sources = self.sources.lock();
         sources.0 = specs.to_vec();
         self.set_backends(&merge_sources(&sources))
     }
@@ -264,7 +266,7 @@ impl Pool {
     /// Replaces the backends announced by cluster members (with whether each is held: its member
     /// is suspect or draining); static ones stay. True when the table changed.
     pub fn set_gossip_backends(&self, specs: &[(BackendSpec, bool)]) -> bool {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sources = self.sources.lock();
         let plain: Vec<BackendSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
         let mut changed = false;
         if sources.1 != plain {
@@ -317,7 +319,7 @@ impl Pool {
     /// Called when a lease that recorded an outcome ends: ejects the backend when it crossed
     /// the failure threshold. The common case is two atomic loads; a failing backend is decided
     /// by the one request that wins a compare-and-swap, which alone takes the rebuild lock.
-    pub(crate) fn after_request(&self, backend: &Backend) {
+    fn eject_if_failing(&self, backend: &Backend) {
         let settings = self.settings.load();
         let policy = &settings.outlier;
         let stats = &backend.stats;
@@ -356,8 +358,12 @@ impl Pool {
     /// forgets ejections after a clean period, and rebuilds the table when anything
     /// time-dependent (slow start, zone load) changed.
     pub fn maintain(&self) {
+        self.maintain_at(now_ms());
+    }
+
+    /// [`Pool::maintain`] as of `now` (tests drive it on virtual time).
+    fn maintain_at(&self, now: u64) {
         let _guard = self.lock();
-        let now = now_ms();
         let max = self.settings.load().outlier.max_ejection_time.as_millis() as u64;
         for b in self.members.load().iter() {
             let until = b.stats.ejected_until_ms();
@@ -376,7 +382,7 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.rebuild.lock().unwrap_or_else(|p| p.into_inner())
+        self.rebuild.lock()
     }
 
     /// Replaces all members, keeping the statistics of backends whose address stays.
@@ -486,6 +492,16 @@ impl Pool {
     }
 }
 
+impl LeaseOwner for Pool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn after_request(&self, backend: &Backend) {
+        self.eject_if_failing(backend);
+    }
+}
+
 impl PoolSettings {
     /// New backends start unhealthy (health checks with `initial = "unhealthy"`).
     pub fn start_unhealthy(&self) -> bool {
@@ -505,13 +521,13 @@ impl From<&PoolConfig> for PoolSettings {
                 timeout: h.timeout,
                 rise: h.rise,
                 fall: h.fall,
-                start_unhealthy: h.initial == "unhealthy",
+                start_unhealthy: h.initial == crate::config::InitialHealth::Unhealthy,
                 concurrency: h.concurrency,
             }
         });
         PoolSettings {
             retries: pc.retries,
-            retry_on_5xx: pc.retry_on.iter().any(|r| r.get_ref() == "5xx"),
+            retry_on_5xx: pc.retry_on.contains(&crate::config::RetryOn::Status5xx),
             retry_non_idempotent: pc.retry_non_idempotent,
             connect_timeout: pc.connect_timeout,
             read_timeout: pc.read_timeout,
@@ -575,4 +591,114 @@ fn effective_weight(b: &Backend, slow_start: Duration, now: u64, scaled: bool) -
         w *= 0.1 + 0.9 * since / slow_start.as_millis().max(1) as f64;
     }
     (w as u32).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::Outcome;
+    use crate::plugin::PluginEngine;
+
+    /// A pool of `n` loopback backends with the built-in round-robin and default policies.
+    fn pool(n: u16, settings: PoolSettings) -> Arc<Pool> {
+        let metrics = Metrics::new();
+        let engine = PluginEngine::new().unwrap();
+        let specs: Vec<BackendSpec> = (0..n).map(|i| BackendSpec::loopback(9000 + i)).collect();
+        let table = Arc::new(BackendTable::from_specs(&specs, &metrics, "t", None));
+        let wasm = crate::builtin::get("round-robin").unwrap();
+        let first = StrategyHost::prepare_first(&engine, wasm, "rr", Arc::from(&b"{}"[..]), &table)
+            .unwrap();
+        let strategy = StrategyHost::new(&engine, "t", first, &metrics);
+        Arc::new(Pool::new("t", &specs, settings, strategy, metrics, None))
+    }
+
+    fn fail(pool: &Arc<Pool>, i: usize, times: u32) {
+        let b = pool.members()[i].clone();
+        for _ in 0..times {
+            let mut lease = pool.lease(b.clone());
+            lease.set_outcome(Outcome::Failed);
+        }
+    }
+
+    #[test]
+    fn leases_release_their_slot_whatever_the_outcome() {
+        let p = pool(2, PoolSettings::default());
+        let b = p.members()[0].clone();
+        let leases: Vec<_> = (0..3).map(|_| p.lease(b.clone())).collect();
+        assert_eq!(b.stats.inflight(), 3);
+        drop(leases);
+        assert_eq!(b.stats.inflight(), 0);
+        assert_eq!(
+            b.stats.requests_in_class(1),
+            0,
+            "unknown outcomes record nothing"
+        );
+        let mut l = p.lease(b.clone());
+        l.set_outcome(Outcome::Status(200));
+        drop(l);
+        assert_eq!(b.stats.requests_in_class(1), 1);
+    }
+
+    #[test]
+    fn consecutive_failures_eject_then_time_readmits() {
+        let p = pool(3, PoolSettings::default());
+        fail(&p, 0, 4);
+        assert_eq!(p.table().len(), 3, "four failures are below the threshold");
+        fail(&p, 0, 1);
+        assert_eq!(p.table().len(), 2, "the fifth ejects");
+        assert!(p.members()[0].stats.is_ejected(now_ms()));
+        assert_eq!(p.counters.ejections.get(), 1);
+        // 30 s later (virtual time), the backend comes back with its failures forgiven.
+        p.maintain_at(now_ms() + 31_000);
+        assert_eq!(p.table().len(), 3);
+        assert_eq!(p.members()[0].stats.failures(), 0);
+        // A second ejection lasts twice as long.
+        fail(&p, 0, 5);
+        let until = p.members()[0].stats.ejected_until_ms();
+        assert!(until >= now_ms() + 59_000, "second ejection is 60 s");
+    }
+
+    #[test]
+    fn the_ejection_cap_holds_and_warns_once() {
+        let p = pool(2, PoolSettings::default());
+        fail(&p, 0, 5);
+        fail(&p, 1, 5);
+        assert_eq!(p.table().len(), 1, "only one of two may be ejected");
+        assert!(p.cap_warned.load(Ordering::Relaxed));
+        fail(&p, 1, 5);
+        assert_eq!(p.counters.ejections.get(), 1);
+        // Re-admission clears the warning state, so the next refusal is logged again.
+        p.maintain_at(now_ms() + 31_000);
+        assert!(!p.cap_warned.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn health_updates_go_through_the_pool() {
+        let p = pool(2, PoolSettings::default());
+        let b = p.members()[1].clone();
+        assert!(p.apply_health(&b, HealthUpdate::Fail { down: true }));
+        assert_eq!(p.table().len(), 1);
+        assert!(
+            !p.apply_health(&b, HealthUpdate::Error),
+            "an error changes nothing"
+        );
+        assert!(p.apply_health(
+            &b,
+            HealthUpdate::Pass {
+                up: true,
+                factor: 50
+            }
+        ));
+        assert_eq!(p.table().len(), 2);
+        assert_eq!(
+            p.table().weights,
+            vec![100, 50],
+            "degraded weights are scaled"
+        );
+        // Cluster holds: held backends stay members but leave the table.
+        let held = vec![(BackendSpec::loopback(9000), true)];
+        p.set_gossip_backends(&held);
+        assert_eq!(p.members().len(), 2);
+        assert_eq!(p.table().len(), 1);
+    }
 }

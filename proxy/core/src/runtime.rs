@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::cold_lock::ColdLock;
 
 use arc_swap::ArcSwap;
 
@@ -69,11 +71,11 @@ pub struct Runtime {
     router: ArcSwap<Router>,
     /// The strategy entry of the config each pool was last loaded from (to tell whether a reload
     /// changes it; an unchanged entry keeps a plugin hot-swapped through the API).
-    pool_sources: Mutex<HashMap<String, (PluginRef, Option<HealthConfig>)>>,
+    pool_sources: ColdLock<HashMap<String, (PluginRef, Option<HealthConfig>)>>,
     config: ArcSwap<Config>,
     config_path: Option<PathBuf>,
     /// Serializes reloads and swaps against each other (never taken on the request path).
-    admin_lock: Mutex<()>,
+    admin_lock: ColdLock<()>,
     /// This proxy's cluster member, when `[cluster]` is configured.
     pub cluster: std::sync::OnceLock<crate::cluster::ClusterHandle>,
 }
@@ -91,10 +93,10 @@ impl Runtime {
             metrics,
             pools: ArcSwap::from_pointee(HashMap::new()),
             router: ArcSwap::from_pointee(Router::new(Vec::new())),
-            pool_sources: Mutex::new(HashMap::new()),
+            pool_sources: ColdLock::new(HashMap::new()),
             config: ArcSwap::from_pointee(config.clone()),
             config_path,
-            admin_lock: Mutex::new(()),
+            admin_lock: ColdLock::new(()),
             cluster: std::sync::OnceLock::new(),
         };
         rt.apply(config)?;
@@ -154,9 +156,9 @@ impl Runtime {
     /// and validating each plugin once, building new pools), then publishes all at once with
     /// operations that cannot fail. A rejected config changes nothing.
     pub fn apply(&self, cfg: Config) -> Result<ReloadReport, ApplyError> {
-        let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.admin_lock.lock();
         let old_pools = self.pools.load_full();
-        let mut sources = self.pool_sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sources = self.pool_sources.lock();
         let plans = cfg
             .pool
             .iter()
@@ -275,13 +277,13 @@ impl Runtime {
                     .map_err(plugin_error(name, plugin_ref.source()))?,
             )
         };
-        Ok(Plan::Update(PoolUpdate {
+        Ok(Plan::Update(Box::new(PoolUpdate {
             pool: pool.clone(),
             settings: PoolSettings::from(pc),
             backends: specs,
             strategy,
             health,
-        }))
+        })))
     }
 
     /// Builds a new pool with its plugins, unpublished.
@@ -333,7 +335,7 @@ impl Runtime {
 
     /// Hot-swaps a pool's health check with uploaded wasm bytes.
     pub fn swap_health(&self, pool: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, ApplyError> {
-        let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.admin_lock.lock();
         let p = self
             .pool(pool)
             .ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
@@ -355,7 +357,7 @@ impl Runtime {
         pool: &str,
         bytes: &[u8],
     ) -> Result<Arc<PluginVersion>, ApplyError> {
-        let _guard = self.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.admin_lock.lock();
         let p = self
             .pool(pool)
             .ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
@@ -413,7 +415,7 @@ impl PoolUpdate {
 /// A reload's plan for one pool.
 enum Plan {
     New(Arc<Pool>),
-    Update(PoolUpdate),
+    Update(Box<PoolUpdate>),
 }
 
 /// What a reload does to a pool's health check.
@@ -479,4 +481,84 @@ fn prospective(pool: &Pool, specs: &[BackendSpec]) -> Vec<Arc<Backend>> {
             Arc::new(Backend::new(&scratch, &pool.name, s, stats, true))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(pools: &[(&str, &str)]) -> Config {
+        let mut text = String::from("[server]\nlisten = [\"127.0.0.1:1\"]\n");
+        for (name, strategy) in pools {
+            text.push_str(&format!(
+                "[[pool]]\nname = \"{name}\"\nstrategy = \"{strategy}\"\nbackends = [\"127.0.0.1:9001\"]\n[[route]]\nhost = \"{name}\"\npool = \"{name}\"\n"
+            ));
+        }
+        Config::parse(&text, "test.toml", Path::new(".")).unwrap()
+    }
+
+    fn runtime(pools: &[(&str, &str)]) -> Runtime {
+        Runtime::new(
+            config(pools),
+            None,
+            PluginEngine::new().unwrap(),
+            Metrics::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_reports_added_removed_and_changed_pools() {
+        let rt = runtime(&[("a", "builtin:round-robin"), ("b", "builtin:round-robin")]);
+        let a = rt.pool("a").unwrap();
+        let report = rt
+            .apply(config(&[
+                ("a", "builtin:random"),
+                ("c", "builtin:round-robin"),
+            ]))
+            .unwrap();
+        assert_eq!(report.added, vec!["c"]);
+        assert_eq!(report.removed, vec!["b"]);
+        assert_eq!(report.changed, vec!["a"]);
+        assert!(
+            Arc::ptr_eq(&a, &rt.pool("a").unwrap()),
+            "a changed pool is updated in place"
+        );
+        assert_eq!(a.strategy.current().name, "builtin:random");
+        assert_eq!(a.strategy.current().generation, 2);
+        assert!(rt.pool("b").is_none());
+    }
+
+    #[test]
+    fn an_unchanged_entry_keeps_the_running_plugin() {
+        let rt = runtime(&[("a", "builtin:round-robin")]);
+        let swapped = rt
+            .swap_strategy("a", crate::builtin::get("random").unwrap())
+            .unwrap();
+        let report = rt.apply(config(&[("a", "builtin:round-robin")])).unwrap();
+        assert!(report.changed.is_empty(), "{report:?}");
+        assert_eq!(
+            rt.pool("a").unwrap().strategy.current().sha256,
+            swapped.sha256
+        );
+    }
+
+    #[test]
+    fn a_rejected_config_changes_nothing() {
+        let rt = runtime(&[("a", "builtin:round-robin")]);
+        let before = String::from_utf8(rt.metrics.render()).unwrap();
+        let bad = config(&[("a", "builtin:random"), ("z", "builtin:no-such-plugin")]);
+        let err = rt.apply(bad).unwrap_err().to_string();
+        assert!(err.contains("pool \"z\""), "{err}");
+        let a = rt.pool("a").unwrap();
+        assert_eq!(
+            a.strategy.current().name,
+            "builtin:round-robin",
+            "a's new plugin was not published"
+        );
+        assert_eq!(a.strategy.current().generation, 1);
+        assert!(rt.pool("z").is_none());
+        assert_eq!(String::from_utf8(rt.metrics.render()).unwrap(), before);
+    }
 }

@@ -19,7 +19,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use sluice_core::cold_lock::ColdLock;
 
 use prometheus::IntCounter;
 use proptest::prelude::*;
@@ -144,11 +146,11 @@ struct Loaded {
 /// The host for `builtin:name` with `config`, compiled on first use and shared by all tests;
 /// `None` if the built-in is not a strategy (a health-check plugin).
 fn load(name: &str, config: &str) -> Option<Arc<Loaded>> {
-    type Cache = Mutex<HashMap<(String, String), Option<Arc<Loaded>>>>;
+    type Cache = ColdLock<HashMap<(String, String), Option<Arc<Loaded>>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     // Held while compiling so two tests never compile the same module twice.
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = cache.lock();
     cache
         .entry((name.to_string(), config.to_string()))
         .or_insert_with(|| {

@@ -144,8 +144,10 @@ pub struct MemberInfo {
     pub is_self: bool,
 }
 
-/// Timing profile: foca's settings plus how often to push-pull.
+/// Timing profile: foca's settings plus how often to push-pull. Written `"lan"`, `"wan"` or
+/// `"local"` in config files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// foca's `Config::new_lan`: 1 s probe period, push-pull every 30 s (scaled up for large
     /// clusters).
