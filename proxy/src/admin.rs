@@ -20,12 +20,21 @@ const MAX_UPLOAD: usize = 32 << 20;
 pub struct AdminApp {
     runtime: Arc<Runtime>,
     token: Option<String>,
+    readiness: Arc<crate::server::Readiness>,
 }
 
 impl AdminApp {
-    /// Admin API over `runtime`; `token` protects mutating routes.
-    pub fn new(runtime: Arc<Runtime>, token: Option<String>) -> AdminApp {
-        AdminApp { runtime, token }
+    /// Admin API over `runtime`; `token` protects mutating routes; `readiness` answers `/readyz`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        token: Option<String>,
+        readiness: Arc<crate::server::Readiness>,
+    ) -> AdminApp {
+        AdminApp {
+            runtime,
+            token,
+            readiness,
+        }
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -197,7 +206,17 @@ impl ServeHttp for AdminApp {
                 "text/plain; version=0.0.4",
                 self.runtime.metrics.render(),
             ),
+            // Liveness: the process answers.
             ("GET", ["healthz"]) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            // Readiness: every listener is up.
+            ("GET", ["readyz"]) if self.readiness.is_ready() => {
+                reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+            }
+            ("GET", ["readyz"]) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                b"starting: not every listener is up yet\n".to_vec(),
+            ),
             ("GET", ["api", "pools"]) => {
                 json_reply(StatusCode::OK, Self::pools_json(&self.runtime))
             }

@@ -168,6 +168,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let cfg = sluice::config::Config::load(&config)?;
+            for warning in sluice::server::preflight(&cfg, true)? {
+                eprintln!("warning: {warning}");
+            }
             let pools = cfg.pool.len();
             let routes = cfg.route.len();
             // Loads and exercises every plugin exactly as `run` would, without listening.

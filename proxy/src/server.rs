@@ -3,7 +3,9 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
@@ -27,8 +29,8 @@ pub fn build_runtime(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     Ok(Arc::new(rt))
 }
 
-/// Checks that every listen address can be bound, so a clash is reported clearly up front.
-fn check_listeners(config: &Config) -> anyhow::Result<()> {
+/// Every address the process listens on: proxy (plain and TLS) and admin.
+fn listen_addrs(config: &Config) -> Vec<String> {
     let mut addrs: Vec<String> = config
         .server
         .listen
@@ -39,12 +41,130 @@ fn check_listeners(config: &Config) -> anyhow::Result<()> {
         addrs.extend(tls.listen.iter().map(|l| l.get_ref().clone()));
     }
     addrs.push(config.admin.listen.get_ref().clone());
-    for a in addrs {
-        TcpListener::bind(&a).map_err(|e| {
-            anyhow::anyhow!("cannot listen on {a}: {e}; is another process (or another sluice) using it? change `listen` in the config")
-        })?;
+    addrs
+}
+
+/// Largest certificate or key file read.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Checks what `run` needs beyond the config file itself, so `check` catches it and `run` never
+/// starts half-alive: every listen address can be bound, and the TLS certificate chain and key are
+/// readable, bounded in size, parse, and belong together.
+///
+/// `in_use_ok` is for `sluice check`, which is often run beside the sluice it is checking a file
+/// for: an address already in use is then a warning (returned), not an error. An address this host
+/// does not have, or may not bind, is an error either way.
+pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for a in listen_addrs(config) {
+        match TcpListener::bind(&a) {
+            Ok(_) => {}
+            Err(e) if in_use_ok && e.kind() == std::io::ErrorKind::AddrInUse => warnings.push(
+                format!("{a} is in use now (fine if it is the running sluice's own address)"),
+            ),
+            Err(e) => anyhow::bail!(
+                "cannot listen on {a}: {e}; is another process (or another sluice) using it? change `listen` in the config"
+            ),
+        }
     }
+    if let Some(tls) = &config.server.tls {
+        let cert = config.resolve_path(&tls.cert.to_string_lossy());
+        let key = config.resolve_path(&tls.key.to_string_lossy());
+        check_tls(&cert, &key)?;
+    }
+    Ok(warnings)
+}
+
+fn check_tls(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<()> {
+    for (what, path) in [("cert", cert), ("key", key)] {
+        let meta = std::fs::metadata(path).map_err(|e| {
+            anyhow::anyhow!(
+                "[server.tls] {what} {}: {e}; give the path of a PEM file (relative paths are relative to the config file)",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            meta.len() <= MAX_PEM_FILE,
+            "[server.tls] {what} {} is {} bytes; a PEM file over {MAX_PEM_FILE} bytes is not a certificate or key",
+            path.display(),
+            meta.len()
+        );
+    }
+    let (certs, key_der) = pingora::tls::load_certs_and_key_files(
+        &cert.to_string_lossy(),
+        &key.to_string_lossy(),
+    )
+    .map_err(|e| anyhow::anyhow!("[server.tls]: {e}"))?
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "[server.tls]: {} holds no PEM certificate or {} no PEM private key (PKCS#1, PKCS#8 or SEC1)",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    pingora::tls::install_default_crypto_provider();
+    pingora::tls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "[server.tls]: the key {} does not fit the certificate {}: {e}",
+                key.display(),
+                cert.display()
+            )
+        })?;
     Ok(())
+}
+
+/// How long the listeners may take to come up before the process gives up.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Whether every listener is up (the admin API's `/readyz`).
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    /// True once every listener accepted a connection.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Watches the start: until every listener accepts connections, a panic in any thread (pingora
+/// panics when a listener or its TLS setup fails) ends the process with status 1, and so does a
+/// listener still down after [`STARTUP_DEADLINE`]. Once all are up, `ready` turns true and panics
+/// are left to the default handling.
+fn watch_startup(addrs: Vec<String>, ready: Arc<Readiness>) {
+    let starting = Arc::new(AtomicBool::new(true));
+    let default_hook = std::panic::take_hook();
+    let still_starting = starting.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        if still_starting.load(Ordering::Acquire) {
+            tracing::error!(panic = %info, "a service failed while sluice was starting; exiting");
+            eprintln!("error: a service failed while sluice was starting: {info}");
+            std::process::exit(1);
+        }
+    }));
+    std::thread::Builder::new()
+        .name("sluice-startup".into())
+        .spawn(move || {
+            let deadline = Instant::now() + STARTUP_DEADLINE;
+            for a in &addrs {
+                while std::net::TcpStream::connect(a.as_str()).is_err() {
+                    if Instant::now() > deadline {
+                        tracing::error!(listen = %a, "listener did not come up; exiting");
+                        eprintln!("error: the listener on {a} did not come up within {STARTUP_DEADLINE:?}; exiting");
+                        std::process::exit(1);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            starting.store(false, Ordering::Release);
+            ready.0.store(true, Ordering::Release);
+            tracing::info!(listeners = addrs.len(), "all listeners are up");
+        })
+        .expect("a thread can be spawned at start");
 }
 
 /// Runs the proxy until SIGINT/SIGTERM. `ready` is called once everything is validated,
@@ -54,8 +174,9 @@ pub fn run(
     config_path: Option<PathBuf>,
     ready: impl FnOnce(&Runtime),
 ) -> anyhow::Result<()> {
-    check_listeners(&config)?;
+    preflight(&config, false)?;
     let runtime = build_runtime(config.clone(), config_path)?;
+    let readiness = Arc::new(Readiness::default());
     // Join the cluster before any listener opens: a name conflict or a bad key stops us here.
     let cluster = match &config.cluster {
         Some(section) => {
@@ -127,7 +248,11 @@ pub fn run(
 
     let mut admin = Service::new(
         "sluice-admin".to_string(),
-        AdminApp::new(runtime.clone(), config.admin.token.clone()),
+        AdminApp::new(
+            runtime.clone(),
+            config.admin.token.clone(),
+            readiness.clone(),
+        ),
     );
     admin.add_tcp(config.admin.listen.get_ref());
     admin.threads = Some(1);
@@ -152,6 +277,7 @@ pub fn run(
         },
     ));
 
+    watch_startup(listen_addrs(&config), readiness);
     ready(&runtime);
     // The cluster member lives as long as the process; pingora exits the process on shutdown.
     std::mem::forget(cluster);

@@ -41,7 +41,7 @@ fn check_accepts_good_files_and_names_each_error_class() {
             "does not exist",
         ),
         (
-            "[[pool]]\nname = \"web\"\nstrategy = \"builtin:nope\"\n",
+            "[[pool]]\nname = \"web\"\nstrategy = \"builtin:nope\"\n[[route]]\npool = \"web\"\n",
             "unknown built-in plugin \"nope\"; built-ins are: ",
         ),
         (
@@ -56,7 +56,10 @@ fn check_accepts_good_files_and_names_each_error_class() {
     }
     // A plugin file that exists but is not a valid plugin is caught by check too.
     std::fs::write(dir.join("bad.wasm"), b"nope").unwrap();
-    let (ok, out) = check(&dir, "[[pool]]\nname = \"web\"\nstrategy = \"bad.wasm\"\n");
+    let (ok, out) = check(
+        &dir,
+        "[[pool]]\nname = \"web\"\nstrategy = \"bad.wasm\"\n[[route]]\npool = \"web\"\n",
+    );
     assert!(
         !ok && out.contains("not a valid WebAssembly module"),
         "{out}"

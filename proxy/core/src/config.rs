@@ -517,19 +517,36 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.threads == 0 {
-            return Err(self.error_at(0..0, "[server] threads must be at least 1"));
+        if self.source_text.trim().is_empty() {
+            return Err(self.error_at(0..0, "the file is empty; a proxy needs at least a [[pool]] and a [[route]] (docs/config.md has a minimal example)"));
         }
-        for l in self
-            .server
-            .listen
-            .iter()
-            .chain(self.server.tls.iter().flat_map(|t| t.listen.iter()))
-        {
-            parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;
+        in_range(
+            self.server.threads as u64,
+            1..=MAX_THREADS,
+            "[server] threads",
+        )
+        .map_err(|m| self.error_at(0..0, m))?;
+        let tls_listen = self.server.tls.iter().flat_map(|t| t.listen.iter());
+        if self.server.listen.is_empty() && tls_listen.clone().next().is_none() {
+            return Err(self.error_at(0..0, "[server] listen is empty and there is no [server.tls] listener, so the proxy would accept nothing; add an address such as listen = [\"127.0.0.1:8080\"]"));
         }
-        parse_listen(self.admin.listen.get_ref())
+        let admin = parse_listen(self.admin.listen.get_ref())
             .map_err(|m| self.error_at(self.admin.listen.span(), m))?;
+        let mut seen = HashSet::new();
+        for l in self.server.listen.iter().chain(tls_listen) {
+            let addr = parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;
+            if addr == admin {
+                return Err(self.error_at(l.span(), format!("{addr} is both a proxy and the admin listen address; give [admin] listen another port")));
+            }
+            if !seen.insert(addr) {
+                return Err(self.error_at(
+                    l.span(),
+                    format!(
+                        "{addr} is listed twice in [server]; each listen address must be unique"
+                    ),
+                ));
+            }
+        }
         if let Some(c) = &self.cluster {
             c.get_ref()
                 .to_config(&self.base_dir)
@@ -554,11 +571,43 @@ impl Config {
                     format!("pool \"{name}\" is defined twice"),
                 ));
             }
+            let mut addrs = HashSet::new();
             for b in &pool.backends {
-                b.get_ref()
+                let spec = b
+                    .get_ref()
                     .resolve()
                     .map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
+                if !addrs.insert(spec.addr) {
+                    return Err(self.error_at(b.span(), format!("pool \"{name}\": backend {} is listed twice; list each address once and use weight to send it more traffic", spec.addr)));
+                }
             }
+            let at = |m: String| self.error_at(pool.name.span(), format!("pool \"{name}\": {m}"));
+            in_range(u64::from(pool.retries), 0..=MAX_RETRIES, "retries").map_err(at)?;
+            for (what, d) in [
+                ("connect_timeout", pool.connect_timeout),
+                ("read_timeout", pool.read_timeout),
+                ("idle_timeout", pool.idle_timeout),
+                (
+                    "outlier.base_ejection_time",
+                    pool.outlier.base_ejection_time,
+                ),
+                ("outlier.max_ejection_time", pool.outlier.max_ejection_time),
+            ] {
+                duration_in_range(d, Duration::from_millis(1)..=MAX_DURATION, what).map_err(at)?;
+            }
+            duration_in_range(pool.slow_start, Duration::ZERO..=MAX_DURATION, "slow_start")
+                .map_err(at)?;
+            if pool.outlier.max_ejection_time < pool.outlier.base_ejection_time {
+                return Err(at(
+                    "outlier.max_ejection_time must be at least base_ejection_time".into(),
+                ));
+            }
+            in_range(
+                u64::from(pool.zone_spill_inflight),
+                1..=1_000_000,
+                "zone_spill_inflight",
+            )
+            .map_err(at)?;
             if pool.panic_threshold > 100 || pool.outlier.max_ejected_percent > 100 {
                 return Err(self.error_at(pool.name.span(), format!("pool \"{name}\": panic_threshold and outlier.max_ejected_percent are percentages (0-100)")));
             }
@@ -569,15 +618,21 @@ impl Config {
             if let Some(h) = &pool.health {
                 self.plugin_source_ok(&h.get_ref().plugin, h.span(), name)?;
                 let hc = h.get_ref();
-                if hc.rise == 0 || hc.fall == 0 {
-                    return Err(self.error_at(
-                        h.span(),
-                        format!("pool \"{name}\": health rise and fall must be at least 1"),
-                    ));
+                let at =
+                    |m: String| self.error_at(h.span(), format!("pool \"{name}\": health {m}"));
+                for (what, d) in [
+                    ("interval", Some(hc.interval)),
+                    ("timeout", Some(hc.timeout)),
+                    ("idle_interval", hc.idle_interval),
+                ] {
+                    if let Some(d) = d {
+                        duration_in_range(d, Duration::from_millis(10)..=MAX_DURATION, what)
+                            .map_err(at)?;
+                    }
                 }
-                if hc.interval.is_zero() || hc.timeout.is_zero() || hc.concurrency == 0 {
-                    return Err(self.error_at(h.span(), format!("pool \"{name}\": health interval, timeout and concurrency must be greater than zero")));
-                }
+                in_range(u64::from(hc.rise), 1..=1000, "rise").map_err(at)?;
+                in_range(u64::from(hc.fall), 1..=1000, "fall").map_err(at)?;
+                in_range(u64::from(hc.concurrency), 1..=10_000, "concurrency").map_err(at)?;
             }
         }
         for (i, route) in self.route.iter().enumerate() {
@@ -599,6 +654,9 @@ impl Config {
                     format!("route {}: path_prefix must start with '/'", i + 1),
                 ));
             }
+        }
+        if self.pool.is_empty() || self.route.is_empty() {
+            return Err(self.error_at(0..0, "the config defines no [[pool]] or no [[route]], so every request would fail; add both (docs/config.md has a minimal example)"));
         }
         Ok(())
     }
@@ -678,6 +736,44 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("listen address \"{s}\" is not an IP:port; write it like \"127.0.0.1:8080\"")
     })
+}
+
+/// Most worker threads a proxy may run.
+pub const MAX_THREADS: u64 = 1024;
+/// Most retries a pool may make.
+pub const MAX_RETRIES: u64 = 16;
+/// Longest duration any setting accepts (a day); longer ones are mistakes.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// `value` within `range`, or a message naming `what` and the allowed range.
+fn in_range(value: u64, range: std::ops::RangeInclusive<u64>, what: &str) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} is {value}; allowed: {} to {}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+/// `d` within `range`, or a message naming `what` and the allowed range.
+fn duration_in_range(
+    d: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+    what: &str,
+) -> Result<(), String> {
+    if range.contains(&d) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} is {}; allowed: {} to {}",
+            humantime::format_duration(d),
+            humantime::format_duration(*range.start()),
+            humantime::format_duration(*range.end())
+        ))
+    }
 }
 
 /// Deserializes TOML, locating errors at file:line:column. Shared with the agent's file.

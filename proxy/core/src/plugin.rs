@@ -865,8 +865,26 @@ fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
         })
 }
 
-/// The innermost message of a wasmtime error chain, which is the one an operator can act on.
+/// Longest error text shown for a plugin (the rest is cut: an upload must not be echoed back).
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// The innermost message of a wasmtime error chain, which is the one an operator can act on,
+/// cut to [`MAX_ERROR_TEXT`] bytes.
 pub fn root_cause(e: &wasmtime::Error) -> String {
+    let mut msg = full_root_cause(e);
+    if msg.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = msg.len() - end;
+        msg.truncate(end);
+        msg.push_str(&format!("… ({cut} more bytes)"));
+    }
+    msg
+}
+
+fn full_root_cause(e: &wasmtime::Error) -> String {
     let mut msg = e.to_string();
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
         msg = match trap {

@@ -115,7 +115,7 @@ impl Proxy {
                 panic!("sluice exited early with {status}: {}", self.log());
             }
             let admin_ok =
-                request(self.admin, "GET", "/healthz", &[], b"").is_ok_and(|r| r.status == 200);
+                request(self.admin, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200);
             if admin_ok && std::net::TcpStream::connect(self.listen).is_ok() {
                 return;
             }
