@@ -16,7 +16,7 @@ pub mod scaffold;
 pub mod server;
 
 pub use sluice_core::{
-    backend, builtin, clock, cluster, cluster_config, config, health, health_probe,
+    backend, builtin, clock, cluster, cluster_config, cold_lock, config, health, health_probe,
     health_scheduler, http1, lease, membership, metrics, outlier, plugin, pool, route, runtime,
     simulate, strategy,
 };

@@ -203,6 +203,28 @@ impl ProxyHttp for SluiceProxy {
             if let Some(pool) = &ctx.pool {
                 pool.counters.retry_reused.inc();
             }
+            return e;
+        }
+        // The backend failed before answering (reset, closed, timed out). An idempotent request
+        // that can be replayed goes to another backend, as nginx's `proxy_next_upstream error`.
+        let no_answer = ctx
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.outcome() == Outcome::Unknown);
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let allowed = ctx
+            .pool
+            .as_ref()
+            .is_some_and(|p| p.settings().retry_on_error);
+        if no_answer && replayable && allowed && e.esource() == &ErrorSource::Upstream {
+            ctx.end_attempt(Outcome::Failed, true);
+            if ctx.may_retry() {
+                if let Some(pool) = &ctx.pool {
+                    pool.counters.retry_error.inc();
+                }
+                e.set_retry(true);
+            }
         }
         e
     }

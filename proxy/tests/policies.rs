@@ -140,7 +140,7 @@ fn bad_policy_values_are_refused_with_the_line() {
     assert!(!out.ok);
     assert!(
         err.contains(
-            "p.toml:3:13: unknown variant `timeouts`, expected `connect-failure` or `5xx`"
+            "p.toml:3:13: unknown variant `timeouts`, expected one of `connect-failure`, `error`, `5xx`"
         ),
         "{err}"
     );

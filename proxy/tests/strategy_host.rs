@@ -127,6 +127,24 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
             "does not export `sluice_abi_version`",
         ),
         (
+            "imports WASI",
+            wat::parse_str(
+                r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                    (memory (export "memory") 1))"#,
+            )
+            .unwrap(),
+            "plugin imports `wasi_snapshot_preview1::fd_write`, which sluice does not provide",
+        ),
+        (
+            "imports an unknown host call",
+            wat::parse_str(
+                r#"(module (import "sluice" "open_file" (func (param i32 i32) (result i32)))
+                    (memory (export "memory") 1))"#,
+            )
+            .unwrap(),
+            "plugin imports `sluice::open_file`",
+        ),
+        (
             "text instead of binary",
             b"(module)".to_vec(),
             "only binary modules are accepted",
@@ -170,7 +188,7 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
         proxy.metric(
             "sluice_plugin_swaps_total{kind=\"strategy\",pool=\"web\",result=\"rejected\"}"
         ),
-        7.0
+        9.0
     );
 }
 

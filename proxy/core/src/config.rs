@@ -160,7 +160,8 @@ pub struct PoolConfig {
     /// How long an idle upstream keep-alive connection is kept.
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
-    /// Which failures are retried: `"connect-failure"` (always safe) and `"5xx"`.
+    /// Which failures are retried: `"connect-failure"` (always safe), `"error"` (no answer;
+    /// idempotent methods) and `"5xx"`.
     #[serde(default = "default_retry_on")]
     pub retry_on: Vec<RetryOn>,
     /// Retry non-idempotent methods (POST, PATCH) on 5xx too. Off by default: the backend may
@@ -233,7 +234,7 @@ fn default_max_ejected_percent() -> u32 {
     50
 }
 fn default_retry_on() -> Vec<RetryOn> {
-    vec![RetryOn::ConnectFailure]
+    vec![RetryOn::ConnectFailure, RetryOn::Error]
 }
 
 /// A failure a pool retries on another backend (`retry_on`).
@@ -242,6 +243,10 @@ pub enum RetryOn {
     /// The connection could not be made: the backend never saw the request.
     #[serde(rename = "connect-failure")]
     ConnectFailure,
+    /// The backend failed before answering: reset, closed or timed out after the request was
+    /// sent (idempotent methods only: the backend may have acted on it).
+    #[serde(rename = "error")]
+    Error,
     /// The backend answered 5xx (idempotent methods only, unless `retry_non_idempotent`).
     #[serde(rename = "5xx")]
     Status5xx,

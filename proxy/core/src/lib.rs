@@ -15,6 +15,7 @@ pub mod builtin;
 pub mod cluster_config;
 pub mod cold_lock;
 pub mod config;
+pub mod fuzzing;
 pub mod health;
 pub mod health_probe;
 pub mod health_scheduler;

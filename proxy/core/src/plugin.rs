@@ -103,6 +103,14 @@ pub enum PluginError {
     /// The trial pick against the current table failed.
     #[error("plugin failed its trial pick against the current backends: {0}")]
     TrialPick(String),
+    /// The plugin imports something the host does not provide (WASI, another module's function).
+    #[error("plugin imports `{module}::{name}`, which sluice does not provide: plugins run without WASI, files, sockets or clocks of their own, and may import only the `sluice` host calls listed in sdk/ABI.md (build for wasm32-unknown-unknown, not wasm32-wasip1)")]
+    Import {
+        /// Import module.
+        module: String,
+        /// Import name.
+        name: String,
+    },
     /// The plugin source could not be found.
     #[error("{0}")]
     Source(String),
@@ -344,6 +352,8 @@ pub struct PluginEngine {
     /// Compiled modules by sha256 of their bytes, so a reload that keeps (or repeats) a plugin
     /// does not compile it again. Bounded: compiling is the slow part, not memory.
     modules: Arc<ColdLock<HashMap<[u8; 32], Module>>>,
+    /// (module, name) of every host import the linker defines: the whole sandbox.
+    host_imports: Arc<[(String, String)]>,
 }
 
 /// Compiled modules kept for reuse by [`PluginEngine::compile`].
@@ -372,10 +382,23 @@ impl PluginEngine {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
+        let mut probe = Store::new(
+            &engine,
+            HostState::new(
+                Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]),
+                Arc::from(""),
+                None,
+            ),
+        );
+        let host_imports = linker
+            .iter(&mut probe)
+            .map(|(m, n, _)| (m.to_string(), n.to_string()))
+            .collect();
         Ok(PluginEngine {
             engine,
             linker,
             modules: Arc::default(),
+            host_imports,
         })
     }
 
@@ -400,6 +423,19 @@ impl PluginEngine {
         }
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         let module = self.module(&digest, bytes)?;
+        // The sandbox: a plugin gets the `sluice` host calls of ABI.md and nothing else (no WASI,
+        // files, sockets or clocks of its own).
+        if let Some(import) = module.imports().find(|i| {
+            !self
+                .host_imports
+                .iter()
+                .any(|(m, n)| m == i.module() && n == i.name())
+        }) {
+            return Err(PluginError::Import {
+                module: import.module().to_string(),
+                name: import.name().to_string(),
+            });
+        }
         for (export, params, results) in required_exports(kind) {
             check_export(&module, export, params, results)?;
         }

@@ -27,6 +27,9 @@ pub struct PoolSettings {
     pub retries: u32,
     /// Also retry a 5xx answer (on another backend).
     pub retry_on_5xx: bool,
+    /// Retry an idempotent request whose backend failed before answering (reset, closed, timed
+    /// out), as nginx's `proxy_next_upstream error timeout` does.
+    pub retry_on_error: bool,
     /// Retry non-idempotent methods too (a connect failure is always retried: it never reached the backend).
     pub retry_non_idempotent: bool,
     /// TCP connect timeout.
@@ -80,6 +83,8 @@ pub struct PoolCounters {
     pub retry_reused: IntCounter,
     /// Retries after a 5xx answer.
     pub retry_5xx: IntCounter,
+    /// Retries after the backend failed before answering.
+    pub retry_error: IntCounter,
     /// Responses aborted mid-body because the backend failed.
     pub upstream_aborts: IntCounter,
     ejections: IntCounter,
@@ -98,6 +103,7 @@ impl PoolCounters {
             retry_connect: s.counter(&metrics.retries, &["connect"]),
             retry_reused: s.counter(&metrics.retries, &["reused"]),
             retry_5xx: s.counter(&metrics.retries, &["5xx"]),
+            retry_error: s.counter(&metrics.retries, &["error"]),
             upstream_aborts: s.counter(&metrics.upstream_aborts, &[]),
             ejections: s.counter(&metrics.ejections, &[]),
             health_flaps: s.counter(&metrics.health_flaps, &[]),
@@ -528,6 +534,7 @@ impl From<&PoolConfig> for PoolSettings {
         PoolSettings {
             retries: pc.retries,
             retry_on_5xx: pc.retry_on.contains(&crate::config::RetryOn::Status5xx),
+            retry_on_error: pc.retry_on.contains(&crate::config::RetryOn::Error),
             retry_non_idempotent: pc.retry_non_idempotent,
             connect_timeout: pc.connect_timeout,
             read_timeout: pc.read_timeout,
