@@ -354,3 +354,84 @@ fn a_stalled_backend_is_ejected_and_the_rest_keep_serving() {
     );
     b[0].1.delay_ms.store(0, Ordering::Relaxed);
 }
+
+#[test]
+fn a_proxy_of_three_killed_and_restarted_leaves_the_others_serving() {
+    let b = backends(2);
+    let dir = scratch_dir("chaos-cluster");
+    let pool = "[[pool]]\nname = \"web\"\n[[route]]\npool = \"web\"\n";
+    let seeds = [gossip_addr(61), gossip_addr(62), gossip_addr(63)];
+    let mut proxies: Vec<Proxy> = (0..3)
+        .map(|i| {
+            let d = dir.join(format!("p{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let peers: Vec<SocketAddr> = seeds[..i].to_vec();
+            Proxy::start_in(
+                d,
+                &format!(
+                    "{pool}{}",
+                    cluster_section(&format!("proxy-{i}"), seeds[i], CLUSTER_KEY, &peers)
+                ),
+            )
+        })
+        .collect();
+    let _agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            Agent::start(
+                &dir,
+                &format!("agent-{i}"),
+                &cluster_section(
+                    &format!("agent-{i}"),
+                    gossip_addr(71 + i as u8),
+                    CLUSTER_KEY,
+                    &seeds,
+                ),
+                b[i].0,
+            )
+        })
+        .collect();
+    for p in &proxies {
+        assert!(
+            wait_for(Duration::from_secs(30), || routable(p) == 2),
+            "cluster never formed: {}",
+            p.log()
+        );
+    }
+    // Load on the first two proxies while the third dies and comes back, again and again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [
+        load_until(proxies[0].listen, stop.clone()),
+        load_until(proxies[1].listen, stop.clone()),
+    ];
+    let end = Instant::now() + chaos_time();
+    let (mut restarts, mut converged) = (0, Vec::new());
+    while Instant::now() < end {
+        let since = Instant::now();
+        proxies[2].kill();
+        proxies[2].restart();
+        restarts += 1;
+        assert!(
+            wait_for(Duration::from_secs(30), || routable(&proxies[2]) == 2),
+            "the restarted proxy's pool never filled: {}",
+            proxies[2].log()
+        );
+        converged.push(since.elapsed());
+        // The others never lose their members while it is away.
+        assert_eq!(routable(&proxies[0]), 2);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut totals = [0u64; 4];
+    for l in loads {
+        for (t, v) in totals.iter_mut().zip(l.join().unwrap()) {
+            *t += v;
+        }
+    }
+    let [gets, gets_failed, posts, posts_failed] = totals;
+    let worst = converged.iter().max().copied().unwrap_or_default();
+    println!(
+        "chaos: a proxy of three killed and restarted: {restarts} restarts, back with a full pool at most {worst:?} after the kill; \
+         the other two: {gets} GETs ({gets_failed} failed), {posts} POSTs ({posts_failed} failed)"
+    );
+    assert!(gets > 0);
+    assert_eq!((gets_failed, posts_failed), (0, 0));
+}

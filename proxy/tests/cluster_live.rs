@@ -4,72 +4,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 
 const KEY: &str = "c2x1aWNlLXRlc3Qta2V5LTMyLWJ5dGVzLWxvbmchISE="; // 32 bytes, test only
 const OTHER_KEY: &str = "b3RoZXItdGVzdC1rZXktMzItYnl0ZXMtbG9uZyEhISE=";
-
-fn cluster_section(name: &str, bind: SocketAddr, key: &str, peers: &[SocketAddr]) -> String {
-    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
-    format!(
-        "[cluster]\nname = \"test\"\nnode_name = \"{name}\"\nbind_addr = \"{bind}\"\nkey = \"{key}\"\npeers = [{}]\nprofile = \"local\"\n",
-        peers.join(", ")
-    )
-}
-
-fn gossip_addr(ip_last: u8) -> SocketAddr {
-    // Distinct 127.0.0.x addresses, as separate hosts would have; ports that no other call in
-    // this process returned (no bind-then-drop race).
-    SocketAddr::from(([127, 0, 0, ip_last], unique_port()))
-}
-
-struct Agent {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, name: &str, cluster: &str, service: SocketAddr) -> Agent {
-        let dir = dir.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = format!("{cluster}\n[agent]\ndrain_grace = \"1500ms\"\ncheck_interval = \"500ms\"\n[[service]]\npool = \"web\"\naddr = \"{service}\"\ncheck = \"tcp\"\n");
-        std::fs::write(dir.join("agent.toml"), cfg).unwrap();
-        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["agent", "--config"])
-            .arg(dir.join("agent.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent { child, dir }
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn pool_addrs(proxy: &Proxy) -> Vec<String> {
     let v: serde_json::Value =
@@ -80,17 +20,6 @@ fn pool_addrs(proxy: &Proxy) -> Vec<String> {
         .iter()
         .map(|b| b["addr"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn routable(proxy: &Proxy) -> usize {
-    let v: serde_json::Value =
-        serde_json::from_str(&proxy.admin_req("GET", "/api/pools", b"").text()).unwrap();
-    v["pools"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|b| b["state"] == "routable")
-        .count()
 }
 
 #[test]

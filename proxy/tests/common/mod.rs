@@ -87,16 +87,7 @@ impl Proxy {
         let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
-        let log = std::fs::File::create(dir.join("sluice.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("SLUICE_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Proxy::spawn(&dir, &config_path);
         let mut p = Proxy {
             child,
             listen,
@@ -106,6 +97,36 @@ impl Proxy {
         };
         p.wait_ready();
         p
+    }
+
+    fn spawn(dir: &std::path::Path, config_path: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sluice.log"))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(config_path)
+            .env("SLUICE_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// SIGKILLs the process (no goodbye, as a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again with the same config and addresses, and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Proxy::spawn(&self.dir, &self.config_path);
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -309,4 +330,77 @@ pub fn sluice_cli(args: &[&str]) -> CliOutput {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// A test cluster key (base64 of 32 bytes).
+pub const CLUSTER_KEY: &str = "dGVzdC1jbHVzdGVyLWtleS0zMi1ieXRlcy1sb25nISE=";
+
+/// A `[cluster]` section on the fast `local` timing profile.
+pub fn cluster_section(name: &str, bind: SocketAddr, key: &str, peers: &[SocketAddr]) -> String {
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "[cluster]\nname = \"test\"\nnode_name = \"{name}\"\nbind_addr = \"{bind}\"\nkey = \"{key}\"\npeers = [{}]\nprofile = \"local\"\n",
+        peers.join(", ")
+    )
+}
+
+/// A gossip address on `127.0.0.{ip_last}`, as a separate host would have, with a port no other
+/// call in this process returned (no bind-then-drop race).
+pub fn gossip_addr(ip_last: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, ip_last], unique_port()))
+}
+
+/// A running `sluice agent` process, killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent in `dir/name` announcing `service` for pool "web".
+    pub fn start(dir: &std::path::Path, name: &str, cluster: &str, service: SocketAddr) -> Agent {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = format!("{cluster}\n[agent]\ndrain_grace = \"1500ms\"\ncheck_interval = \"500ms\"\n[[service]]\npool = \"web\"\naddr = \"{service}\"\ncheck = \"tcp\"\n");
+        std::fs::write(dir.join("agent.toml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["agent", "--config"])
+            .arg(dir.join("agent.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent { child, dir }
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`, `-HUP`).
+    pub fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Backends of the first pool in `proxy`'s `GET /api/pools` that are routable.
+pub fn routable(proxy: &Proxy) -> usize {
+    pools_json(proxy)["pools"][0]["backends"]
+        .as_array()
+        .map(|a| a.iter().filter(|b| b["state"] == "routable").count())
+        .unwrap_or(0)
 }
