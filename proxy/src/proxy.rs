@@ -169,7 +169,11 @@ impl ProxyHttp for SluiceProxy {
     ) -> Box<Error> {
         ctx.end_attempt(Outcome::Failed, true);
         // A connect failure never reached the backend, so retrying is safe for every method.
-        let retry = ctx.may_retry();
+        let allowed = ctx
+            .pool
+            .as_ref()
+            .is_some_and(|p| p.settings().retry_on_connect);
+        let retry = allowed && ctx.may_retry();
         if retry {
             if let Some(pool) = &ctx.pool {
                 pool.counters.retry_connect.inc();

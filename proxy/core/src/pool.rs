@@ -25,6 +25,8 @@ use crate::strategy::StrategyHost;
 pub struct PoolSettings {
     /// Extra attempts after a failure that may be retried.
     pub retries: u32,
+    /// Retry a connect failure on another backend (`retry_on` has `"connect-failure"`).
+    pub retry_on_connect: bool,
     /// Also retry a 5xx answer (on another backend).
     pub retry_on_5xx: bool,
     /// Retry an idempotent request whose backend failed before answering (reset, closed, timed
@@ -533,6 +535,9 @@ impl From<&PoolConfig> for PoolSettings {
         });
         PoolSettings {
             retries: pc.retries,
+            retry_on_connect: pc
+                .retry_on
+                .contains(&crate::config::RetryOn::ConnectFailure),
             retry_on_5xx: pc.retry_on.contains(&crate::config::RetryOn::Status5xx),
             retry_on_error: pc.retry_on.contains(&crate::config::RetryOn::Error),
             retry_non_idempotent: pc.retry_non_idempotent,
@@ -677,6 +682,18 @@ mod tests {
         // Re-admission clears the warning state, so the next refusal is logged again.
         p.maintain_at(now_ms() + 31_000);
         assert!(!p.cap_warned.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn retry_on_selects_what_is_retried() {
+        let settings = |text: &str| {
+            let pc: PoolConfig = toml::from_str(&format!("name = \"p\"\n{text}")).unwrap();
+            let s = PoolSettings::from(&pc);
+            (s.retry_on_connect, s.retry_on_error, s.retry_on_5xx)
+        };
+        assert_eq!(settings(""), (true, true, false), "the default");
+        assert_eq!(settings("retry_on = [\"5xx\"]"), (false, false, true));
+        assert_eq!(settings("retry_on = []"), (false, false, false));
     }
 
     #[test]
