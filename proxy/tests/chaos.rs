@@ -256,25 +256,13 @@ fn a_reload_and_a_plugin_swap_every_second_fail_no_request() {
         text
     };
     let proxy = Proxy::start("chaos-reload", &config(false, 0));
-    let head = std::fs::read_to_string(&proxy.config_path)
-        .unwrap()
-        .split("[[pool]]")
-        .next()
-        .unwrap()
-        .to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let load = load_until(proxy.listen, stop.clone());
     let end = Instant::now() + chaos_time();
     let (mut reloads, mut swaps) = (0, 0);
     let plugins = ["round-robin", "random", "least-connections", "p2c"];
     while Instant::now() < end {
-        std::fs::write(
-            &proxy.config_path,
-            format!("{head}{}", config(reloads % 2 == 0, 100 * (reloads % 3))),
-        )
-        .unwrap();
-        let r = proxy.admin_req("POST", "/api/reload", b"");
-        assert_eq!(r.status, 200, "{}", r.text());
+        proxy.reload_with(&config(reloads % 2 == 0, 100 * (reloads % 3)));
         reloads += 1;
         let wasm = sluice::builtin::get(plugins[swaps % plugins.len()]).unwrap();
         let r = proxy.put_strategy("web", wasm);

@@ -70,12 +70,6 @@ fn pool_cfg(backends: &str, extra: &str) -> String {
     format!("[[pool]]\nname = \"web\"\nbackends = [{backends}]\n{extra}\n[[route]]\npath_prefix = \"/\"\npool = \"web\"\n")
 }
 
-fn rewrite(proxy: &Proxy, body: &str) {
-    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    let head: String = text.split("[[pool]]").next().unwrap().to_string();
-    std::fs::write(&proxy.config_path, format!("{head}{body}")).unwrap();
-}
-
 #[test]
 fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
     let b = backends(3);
@@ -84,14 +78,14 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
     assert_eq!(tally((0..6).map(|_| proxy.get("/").text())).len(), 1);
 
     // A bad file: refused with the reason, nothing changes.
-    rewrite(&proxy, &pool_cfg(&one, "bogus = 1"));
+    proxy.rewrite_pools(&pool_cfg(&one, "bogus = 1"));
     let r = proxy.admin_req("POST", "/api/reload", b"");
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.text().contains("unknown field `bogus`"), "{}", r.text());
     assert_eq!(tally((0..6).map(|_| proxy.get("/").text())).len(), 1);
 
     // A good file with all three backends.
-    rewrite(&proxy, &pool_cfg(&backend_list(&b), ""));
+    proxy.rewrite_pools(&pool_cfg(&backend_list(&b), ""));
     let r = proxy.admin_req("POST", "/api/reload", b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
@@ -107,7 +101,7 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
     );
 
     // SIGHUP does the same: back to one backend.
-    rewrite(&proxy, &pool_cfg(&format!("\"{}\"", b[1].0), ""));
+    proxy.rewrite_pools(&pool_cfg(&format!("\"{}\"", b[1].0), ""));
     assert!(Command::new("kill")
         .args(["-HUP", &proxy.pid().to_string()])
         .status()
@@ -184,7 +178,7 @@ fn connect_failures_are_retried_on_another_backend() {
     assert!(pools.contains("\"error\": 30"), "{pools}");
 
     // With retries disabled, the failure surfaces as 502 with a reason.
-    rewrite(&proxy, &pool_cfg(&format!("\"{dead}\""), "retries = 0"));
+    proxy.rewrite_pools(&pool_cfg(&format!("\"{dead}\""), "retries = 0"));
     assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 200);
     let r = proxy.get("/");
     assert_eq!(r.status, 502, "{}", r.text());

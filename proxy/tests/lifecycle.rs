@@ -280,15 +280,6 @@ fn pools_added_and_removed_2000_times_free_their_instances_and_series() {
             "{base}[[pool]]\nname = \"tmp{i}\"\nbackends = [{list}]\n[[route]]\npath_prefix = \"/tmp\"\npool = \"tmp{i}\"\n"
         )
     };
-    let write = |text: &str| {
-        let head = std::fs::read_to_string(&proxy.config_path).unwrap();
-        let keep: String = head.split("[[pool]]").next().unwrap().to_string();
-        std::fs::write(&proxy.config_path, format!("{keep}{text}")).unwrap();
-    };
-    let reload = || {
-        let r = proxy.admin_req("POST", "/api/reload", b"");
-        assert_eq!(r.status, 200, "{}", r.text());
-    };
     let mut conn = None;
     let mut start_rss = 0;
     for i in 0..2000 {
@@ -296,16 +287,14 @@ fn pools_added_and_removed_2000_times_free_their_instances_and_series() {
             // Allocators and caches have settled.
             start_rss = rss_kib(proxy.pid());
         }
-        write(&with_tmp(i));
-        reload();
+        proxy.reload_with(&with_tmp(i));
         // Two requests over two connections reach both worker threads' instances.
         for _ in 0..2 {
             let r = keepalive_get(&mut conn, proxy.listen, "/tmp").unwrap();
             assert_eq!(r.status, 200);
             conn = None;
         }
-        write(&base);
-        reload();
+        proxy.reload_with(&base);
     }
     let text = proxy.admin_req("GET", "/metrics", b"").text();
     assert!(

@@ -62,12 +62,6 @@ fn nothing_accumulates_under_load_and_churn() {
         text
     };
     let proxy = Proxy::start("soak", &config(&all, false));
-    let head = std::fs::read_to_string(&proxy.config_path)
-        .unwrap()
-        .split("[[pool]]")
-        .next()
-        .unwrap()
-        .to_string();
     let pid = proxy.pid();
     // One reload first, so the reload counter's series is part of the baseline.
     assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 200);
@@ -129,13 +123,7 @@ fn nothing_accumulates_under_load_and_churn() {
             rss_after_warmup = proc_status(pid, "VmRSS:");
         }
         let list = if tick % 2 == 0 { &two } else { &all };
-        std::fs::write(
-            &proxy.config_path,
-            format!("{head}{}", config(list, tick % 2 == 0)),
-        )
-        .unwrap();
-        let r = proxy.admin_req("POST", "/api/reload", b"");
-        assert_eq!(r.status, 200, "{}", r.text());
+        proxy.reload_with(&config(list, tick % 2 == 0));
         if tick % 3 == 0 {
             let wasm = sluice::builtin::get(plugins[(tick / 3) % plugins.len()]).unwrap();
             assert_eq!(proxy.put_strategy("web", wasm).status, 200);
@@ -152,8 +140,7 @@ fn nothing_accumulates_under_load_and_churn() {
         h.join().unwrap();
     }
     // Back to the starting config; then everything that was per-connection or per-pool must go.
-    std::fs::write(&proxy.config_path, format!("{head}{}", config(&all, false))).unwrap();
-    assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 200);
+    proxy.reload_with(&config(&all, false));
     let fds_back = wait_for(Duration::from_secs(10), || fds(pid) <= base_fds + 2);
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let growth = (rss_end as f64 / rss_after_warmup.max(1) as f64 - 1.0) * 100.0;

@@ -116,6 +116,21 @@ impl Proxy {
             .unwrap()
     }
 
+    /// Replaces the config file's pools and routes (everything from the first `[[pool]]` on) with
+    /// `body`, keeping the `[server]` and `[admin]` sections the proxy was started with.
+    pub fn rewrite_pools(&self, body: &str) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let head = text.split("[[pool]]").next().unwrap();
+        std::fs::write(&self.config_path, format!("{head}{body}")).unwrap();
+    }
+
+    /// [`Proxy::rewrite_pools`], then `POST /api/reload`, asserting it was applied.
+    pub fn reload_with(&self, body: &str) {
+        self.rewrite_pools(body);
+        let r = self.admin_req("POST", "/api/reload", b"");
+        assert_eq!(r.status, 200, "reload refused: {}", r.text());
+    }
+
     /// SIGKILLs the process (no goodbye, as a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
