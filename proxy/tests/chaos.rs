@@ -261,6 +261,17 @@ fn a_reload_and_a_plugin_swap_every_second_fail_no_request() {
     let end = Instant::now() + chaos_time();
     let (mut reloads, mut swaps) = (0, 0);
     let plugins = ["round-robin", "random", "least-connections", "p2c"];
+    let served = || -> u64 {
+        b.iter()
+            .map(|(_, x)| x.served.load(Ordering::Relaxed))
+            .sum()
+    };
+    // The reloads must overlap the load: it is under way before the first one...
+    assert!(
+        wait_for(Duration::from_secs(10), || served() > 100),
+        "the load did not start"
+    );
+    let served_at_first = served();
     while Instant::now() < end {
         proxy.reload_with(&config(reloads % 2 == 0, 100 * (reloads % 3)));
         reloads += 1;
@@ -274,6 +285,16 @@ fn a_reload_and_a_plugin_swap_every_second_fail_no_request() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // ...and still running after the last.
+    let served_at_last = served();
+    assert!(
+        wait_for(Duration::from_secs(10), || served() > served_at_last),
+        "no request was served after the last reload"
+    );
+    assert!(
+        served_at_last > served_at_first,
+        "no request between the reloads"
+    );
     stop.store(true, Ordering::Relaxed);
     let [gets, gets_failed, posts, posts_failed] = load.join().unwrap();
     println!(
@@ -393,7 +414,18 @@ fn a_proxy_of_three_killed_and_restarted_leaves_the_others_serving() {
     ];
     let end = Instant::now() + chaos_time();
     let (mut restarts, mut converged) = (0, Vec::new());
+    let served = || -> u64 {
+        b.iter()
+            .map(|(_, x)| x.served.load(Ordering::Relaxed))
+            .sum()
+    };
     while Instant::now() < end {
+        // Each restart must overlap the load on the other two proxies.
+        let before = served();
+        assert!(
+            wait_for(Duration::from_secs(10), || served() > before + 50),
+            "the load stopped"
+        );
         let since = Instant::now();
         proxies[2].kill();
         proxies[2].restart();
