@@ -200,6 +200,10 @@ impl ProxyHttp for SluiceProxy {
         } else {
             e.retry.decide_reuse(client_reused);
         }
+        if ctx.lease.is_none() {
+            // The attempt was already ended by sluice itself (a 5xx being retried): nothing to add.
+            return e;
+        }
         if e.retry() {
             // A stale pooled connection says nothing about the backend: release the slot,
             // record nothing, and let it be picked again.

@@ -114,6 +114,12 @@ fn five_hundreds_are_retried_for_idempotent_methods_only() {
         assert_eq!(r.text().trim(), "b2");
     }
     assert!(proxy.metric("sluice_retries_total{pool=\"web\",reason=\"5xx\"}") >= 10.0);
+    // Each retry is counted once, under its own reason (the backends keep connections alive, so
+    // no stale pooled connection was retried).
+    assert_eq!(
+        proxy.metric("sluice_retries_total{pool=\"web\",reason=\"reused\"}"),
+        0.0
+    );
     // POST is not idempotent: the 503 goes back to the client as it is.
     let statuses: Vec<u16> = (0..4)
         .map(|_| {
