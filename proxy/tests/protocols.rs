@@ -28,35 +28,7 @@ fn curl(args: &[&str]) -> (String, String) {
 fn tls_with_h2_and_h2c() {
     let b = backends(2);
     let dir = scratch_dir("tls");
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    self_signed(&dir, "cert.pem", "key.pem");
     let tls_addr = unique_addr();
     let server = format!(
         "h2c = true\ntls = {{ listen = [\"{tls_addr}\"], cert = \"cert.pem\", key = \"key.pem\" }}"

@@ -75,35 +75,11 @@ fn check_refuses_configs_that_could_not_serve() {
     assert!(out.ok, "a sound config is accepted: {}", out.stderr);
 }
 
-/// A self-signed certificate and key for localhost in `dir` as `{name}.pem` / `{name}.key`.
-fn self_signed(dir: &Path, name: &str) {
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{name}.pem")))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn bad_tls_files_stop_check_and_run_before_anything_listens() {
     let dir = scratch_dir("tls-check");
-    self_signed(&dir, "a");
-    self_signed(&dir, "b");
+    self_signed(&dir, "a.pem", "a.key");
+    self_signed(&dir, "b.pem", "b.key");
     let server = |cert: &str, key: &str| {
         format!(
             "[server]\nlisten = [\"{}\"]\n[server.tls]\nlisten = [\"{}\"]\ncert = \"{cert}\"\nkey = \"{key}\"\n[admin]\nlisten = \"{}\"\n{POOL}",

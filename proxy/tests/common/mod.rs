@@ -419,3 +419,33 @@ pub fn routable(proxy: &Proxy) -> usize {
         .map(|a| a.iter().filter(|b| b["state"] == "routable").count())
         .unwrap_or(0)
 }
+
+/// Writes a self-signed EC certificate for localhost and 127.0.0.1 to `dir/cert` and its key to
+/// `dir/key` (openssl, installed by the set-up script).
+pub fn self_signed(dir: &std::path::Path, cert: &str, key: &str) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(dir.join(key))
+        .arg("-out")
+        .arg(dir.join(cert))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
