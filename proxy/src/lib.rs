@@ -11,12 +11,13 @@ pub mod agent;
 pub mod client;
 pub mod dashboard;
 pub mod demo;
+pub mod lean;
 pub mod proxy;
 pub mod scaffold;
 pub mod server;
 
 pub use sluice_core::{
-    backend, builtin, clock, cluster, cluster_config, cold_lock, config, health, health_probe,
-    health_scheduler, http1, lease, membership, metrics, outlier, plugin, pool, route, runtime,
-    simulate, strategy,
+    backend, builtin, clock, cluster, cluster_config, cold_lock, config, head, health,
+    health_probe, health_scheduler, http1, lease, membership, metrics, outlier, plugin, pool,
+    route, runtime, simulate, strategy, upstream,
 };

@@ -130,8 +130,9 @@ impl ProxyHttp for SluiceProxy {
                 .get(i)
                 .is_some_and(|b| tried.contains(&b.addr))
         };
+        let head: &http::request::Parts = session.req_header();
         let view = RequestView {
-            header: session.req_header(),
+            header: head,
             client_ip,
             excluded: &excluded,
         };
@@ -268,6 +269,8 @@ impl ProxyHttp for SluiceProxy {
         if let Some(lease) = &mut ctx.lease {
             lease.set_outcome(Outcome::Status(status));
         }
+        // The backend's keep-alive terms are about its connection to sluice, not the client's.
+        resp.remove_header("keep-alive");
         Ok(())
     }
 

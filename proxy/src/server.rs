@@ -15,8 +15,11 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
+use pingora::proxy::HttpProxy;
+
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{Config, Http1Engine};
+use crate::lean::LeanApp;
 use crate::metrics::Metrics;
 use crate::plugin::PluginEngine;
 use crate::proxy::SluiceProxy;
@@ -212,20 +215,26 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        SluiceProxy::new(runtime.clone()),
-        "sluice-proxy",
-    );
+    // pingora-proxy serves HTTP/2, and HTTP/1 too when `[server] http1 = "pingora"`.
+    let mut pingora_app =
+        pingora::proxy::http_proxy(&server.configuration, SluiceProxy::new(runtime.clone()));
+    if config.server.h2c {
+        let mut opts = HttpServerOptions::default();
+        opts.h2c = true;
+        pingora_app.server_options = Some(opts);
+    }
+    let mut proxy = match config.server.http1 {
+        Http1Engine::Lean => ProxyService::Lean(Service::new(
+            "sluice-proxy".to_string(),
+            LeanApp::new(runtime.clone(), pingora_app, config.server.h2c),
+        )),
+        Http1Engine::Pingora => ProxyService::Pingora(Box::new(Service::new(
+            "sluice-proxy".to_string(),
+            pingora_app,
+        ))),
+    };
     for l in &config.server.listen {
         proxy.add_tcp(l.get_ref());
-    }
-    if config.server.h2c {
-        if let Some(app) = proxy.app_logic_mut() {
-            let mut opts = HttpServerOptions::default();
-            opts.h2c = true;
-            app.server_options = Some(opts);
-        }
     }
     if let Some(tls) = &config.server.tls {
         for l in &tls.listen {
@@ -241,10 +250,13 @@ pub fn run(
                         )
                     })?;
             settings.enable_h2();
-            proxy.add_tls_with_settings(l.get_ref(), None, settings);
+            proxy.add_tls(l.get_ref(), settings);
         }
     }
-    server.add_service(proxy);
+    match proxy {
+        ProxyService::Lean(p) => server.add_service(p),
+        ProxyService::Pingora(p) => server.add_service(*p),
+    };
 
     let mut admin = Service::new(
         "sluice-admin".to_string(),
@@ -282,6 +294,28 @@ pub fn run(
     // The cluster member lives as long as the process; pingora exits the process on shutdown.
     std::mem::forget(cluster);
     server.run_forever()
+}
+
+/// The proxy service, on the engine `[server] http1` chose.
+enum ProxyService {
+    Lean(Service<LeanApp<HttpProxy<SluiceProxy>>>),
+    Pingora(Box<Service<HttpProxy<SluiceProxy>>>),
+}
+
+impl ProxyService {
+    fn add_tcp(&mut self, addr: &str) {
+        match self {
+            ProxyService::Lean(s) => s.add_tcp(addr),
+            ProxyService::Pingora(s) => s.add_tcp(addr),
+        }
+    }
+
+    fn add_tls(&mut self, addr: &str, settings: TlsSettings) {
+        match self {
+            ProxyService::Lean(s) => s.add_tls_with_settings(addr, None, settings),
+            ProxyService::Pingora(s) => s.add_tls_with_settings(addr, None, settings),
+        }
+    }
 }
 
 /// Re-admits ejected backends, advances slow-start ramps and re-evaluates zone load.

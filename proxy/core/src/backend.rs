@@ -279,20 +279,25 @@ pub struct Backend {
     pub tags: Vec<String>,
     /// Live statistics.
     pub stats: Arc<BackendStats>,
+    /// Idle connections to it, kept across table rebuilds like `stats`.
+    pub conns: Arc<crate::upstream::IdleConns>,
 }
 
 impl Backend {
-    /// A backend for `spec`, with `stats` carried over or fresh ones.
+    /// A backend for `spec`, with the statistics and idle connections of `previous` (the same
+    /// address in the table before) carried over, or fresh ones.
     pub fn new(
         metrics: &Metrics,
         pool: &str,
         spec: &BackendSpec,
-        stats: Option<Arc<BackendStats>>,
+        previous: Option<&Backend>,
         healthy: bool,
     ) -> Backend {
         let addr_text = spec.addr.to_string();
-        let stats = stats
+        let stats = previous
+            .map(|b| b.stats.clone())
             .unwrap_or_else(|| Arc::new(BackendStats::new(metrics, pool, &addr_text, healthy)));
+        let conns = previous.map(|b| b.conns.clone()).unwrap_or_default();
         Backend {
             addr: spec.addr,
             addr_text,
@@ -300,6 +305,7 @@ impl Backend {
             zone: spec.zone.clone(),
             tags: spec.tags.clone(),
             stats,
+            conns,
         }
     }
 

@@ -86,6 +86,21 @@ pub struct ServerConfig {
     /// TLS termination.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Which engine serves HTTP/1.x downstream connections (HTTP/2 always takes pingora's).
+    #[serde(default)]
+    pub http1: Http1Engine,
+}
+
+/// `[server] http1`: the engine for HTTP/1.x downstream connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Http1Engine {
+    /// sluice's lean forwarder: heads forwarded as parsed, one task per connection, pooled
+    /// upstream connections per worker thread.
+    #[default]
+    Lean,
+    /// pingora-proxy's general HTTP/1 cycle (the path HTTP/2 takes).
+    Pingora,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +111,7 @@ impl Default for ServerConfig {
             zone: None,
             h2c: false,
             tls: None,
+            http1: Http1Engine::Lean,
         }
     }
 }

@@ -22,6 +22,21 @@ pub fn config(data: &[u8]) {
 pub fn http1(data: &[u8]) {
     let _ = http1::parse_request(data);
     let _ = http1::parse_response(data, false);
+    // The proxy's in-place parser: whatever it accepts must have a consistent head and body.
+    let mut spans = Vec::new();
+    if let Ok(Some(h)) = crate::head::parse_request(data, &mut spans, http1::MAX_HEAD) {
+        assert!(h.len <= data.len());
+        for s in &spans {
+            let _ = (s.name.of(data), s.value.of(data));
+        }
+        let mut body = crate::head::BodyCursor::new(h.framing);
+        let used = body.advance(&data[h.len..]).unwrap_or(0);
+        assert!(used <= data.len() - h.len);
+    }
+    if let Ok(Some(r)) = crate::head::parse_response(data, &mut spans, false, http1::MAX_HEAD) {
+        assert!(r.len <= data.len());
+        let _ = r.reason.of(data);
+    }
     let Some((&step, body)) = data.split_first() else {
         return;
     };

@@ -1,6 +1,6 @@
 //! The one HTTP/1 head parser and chunked decoder for sluice's own small HTTP speakers: the health
-//! prober, the CLI's admin client and the demo backends. The proxy's request path does not use it
-//! (pingora parses there).
+//! prober, the CLI's admin client and the demo backends. The proxy's request path parses heads with
+//! [`crate::head`] and uses the chunked decoder here to find where forwarded bodies end.
 //!
 //! Sans-IO: callers read bytes their own way (blocking or async) and feed them in. `httparse`
 //! parses heads; framing and the chunked decoder are written here because they are small, and a
@@ -241,13 +241,23 @@ impl ChunkedDecoder {
     /// Decodes from `input`, appending body bytes to `out`. Returns how many input bytes were
     /// used: all of them unless the body ended inside `input` (what follows is the next message).
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, ParseError> {
+        self.run(input, |data| out.extend_from_slice(data))
+    }
+
+    /// Like [`ChunkedDecoder::decode`] but keeps nothing: validates the framing and finds the
+    /// end of the body, for a proxy that forwards the chunked bytes unchanged.
+    pub fn scan(&mut self, input: &[u8]) -> Result<usize, ParseError> {
+        self.run(input, |_| {})
+    }
+
+    fn run(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, ParseError> {
         let mut i = 0;
         while i < input.len() {
             match &mut self.state {
                 State::Done => return Ok(i),
                 State::Data(left) => {
                     let n = (*left).min((input.len() - i) as u64) as usize;
-                    out.extend_from_slice(&input[i..i + n]);
+                    data(&input[i..i + n]);
                     i += n;
                     *left -= n as u64;
                     if *left == 0 {
@@ -287,7 +297,12 @@ impl ChunkedDecoder {
                     } else if b == b'\r' {
                         *cr = true;
                     } else if *ext {
-                        // Chunk extensions are ignored.
+                        // Chunk extensions are ignored, but a control byte in one (a bare LF
+                        // above all) is refused: a peer that ends the line there would read
+                        // the body differently.
+                        if (b < 0x20 && b != b'\t') || b == 0x7f {
+                            return Err(ParseError::Chunked("control byte in a chunk extension"));
+                        }
                     } else if b == b';' {
                         *ext = true;
                     } else if let Some(d) = (b as char).to_digit(16) {
@@ -316,6 +331,8 @@ impl ChunkedDecoder {
                         *cr = false;
                     } else if b == b'\r' {
                         *cr = true;
+                    } else if b == b'\n' {
+                        return Err(ParseError::Chunked("bare LF in the trailers"));
                     } else {
                         *len += 1;
                         if *len > MAX_HEAD {

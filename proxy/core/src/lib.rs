@@ -16,6 +16,7 @@ pub mod cluster_config;
 pub mod cold_lock;
 pub mod config;
 pub mod fuzzing;
+pub mod head;
 pub mod health;
 pub mod health_probe;
 pub mod health_scheduler;
@@ -30,6 +31,7 @@ pub mod route;
 pub mod runtime;
 pub mod simulate;
 pub mod strategy;
+pub mod upstream;
 
 /// Gossip cluster membership (the `sluice-gossip` crate).
 pub use sluice_gossip as cluster;

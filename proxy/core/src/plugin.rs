@@ -130,10 +130,68 @@ pub struct PluginVersion {
     pub config_json: Arc<[u8]>,
 }
 
+/// A request head as strategies see it, whichever HTTP path parsed it: pingora's
+/// [`http::request::Parts`] or the lean HTTP/1 path's in-place [`crate::head::ParsedRequest`].
+pub trait HeadView {
+    /// The method token.
+    fn method(&self) -> &[u8];
+    /// The authority (target's, else the `Host` header's), port included.
+    fn authority(&self) -> Option<&[u8]>;
+    /// The path, without the query.
+    fn path(&self) -> &[u8];
+    /// The query after `?`.
+    fn query(&self) -> Option<&[u8]>;
+    /// Path and query (`/` when the target has neither).
+    fn path_and_query(&self) -> &[u8];
+    /// Calls `found` with each value of header `name` (case-insensitive) in order, until it
+    /// returns `Some`.
+    fn find_header<'s>(
+        &'s self,
+        name: &[u8],
+        found: &mut dyn FnMut(&'s [u8]) -> Option<&'s [u8]>,
+    ) -> Option<&'s [u8]>;
+}
+
+impl HeadView for http::request::Parts {
+    fn method(&self) -> &[u8] {
+        self.method.as_str().as_bytes()
+    }
+    fn authority(&self) -> Option<&[u8]> {
+        self.uri
+            .host()
+            .map(str::as_bytes)
+            .or_else(|| self.headers.get(http::header::HOST).map(|h| h.as_bytes()))
+    }
+    fn path(&self) -> &[u8] {
+        self.uri.path().as_bytes()
+    }
+    fn query(&self) -> Option<&[u8]> {
+        self.uri.query().map(str::as_bytes)
+    }
+    fn path_and_query(&self) -> &[u8] {
+        self.uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .as_bytes()
+    }
+    fn find_header<'s>(
+        &'s self,
+        name: &[u8],
+        found: &mut dyn FnMut(&'s [u8]) -> Option<&'s [u8]>,
+    ) -> Option<&'s [u8]> {
+        let name = http::header::HeaderName::from_bytes(name).ok()?;
+        self.headers
+            .get_all(name)
+            .iter()
+            .find_map(|v| found(v.as_bytes()))
+    }
+}
+
 /// The per-request attributes a plugin may read (ABI "request attribute kinds").
 pub struct RequestView<'a> {
-    /// Request head (method, URI, headers).
-    pub header: &'a http::request::Parts,
+    /// Request head (method, target, headers).
+    pub header: &'a dyn HeadView,
     /// Client address.
     pub client_ip: Option<IpAddr>,
     /// Returns true for backend indexes already tried by this request.
@@ -153,7 +211,7 @@ impl RequestView<'_> {
     ) -> Result<Option<&'s [u8]>, ()> {
         use sluice_sdk::attr_kind;
         use std::fmt::Write;
-        let uri = &self.header.uri;
+        let head = self.header;
         Ok(match kind {
             attr_kind::CLIENT_IP => match self.client_ip {
                 Some(ip) => {
@@ -163,36 +221,13 @@ impl RequestView<'_> {
                 }
                 None => None,
             },
-            attr_kind::METHOD => Some(self.header.method.as_str().as_bytes()),
-            attr_kind::HOST => {
-                let host = uri.host().map(str::as_bytes).or_else(|| {
-                    self.header
-                        .headers
-                        .get(http::header::HOST)
-                        .map(|h| h.as_bytes())
-                });
-                host.map(crate::http1::strip_port)
-            }
-            attr_kind::PATH => Some(uri.path().as_bytes()),
-            attr_kind::HEADER => std::str::from_utf8(name)
-                .ok()
-                .and_then(|n| self.header.headers.get(n))
-                .map(|v| v.as_bytes()),
-            attr_kind::COOKIE => self
-                .header
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .find_map(|v| find_pair(v.as_bytes(), b';', name)),
-            attr_kind::QUERY => uri
-                .query()
-                .and_then(|q| find_pair(q.as_bytes(), b'&', name)),
-            attr_kind::URI => Some(
-                uri.path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/")
-                    .as_bytes(),
-            ),
+            attr_kind::METHOD => Some(head.method()),
+            attr_kind::HOST => head.authority().map(crate::http1::strip_port),
+            attr_kind::PATH => Some(head.path()),
+            attr_kind::HEADER => head.find_header(name, &mut Some),
+            attr_kind::COOKIE => head.find_header(b"cookie", &mut |v| find_pair(v, b';', name)),
+            attr_kind::QUERY => head.query().and_then(|q| find_pair(q, b'&', name)),
+            attr_kind::URI => Some(head.path_and_query()),
             _ => return Err(()),
         })
     }
@@ -1150,36 +1185,50 @@ mod tests {
         assert_eq!(abi_hash(b"x-user"), 0x87a0_7faf_2b22_9b46);
     }
 
+    /// Both request paths give strategies the same attributes.
     #[test]
     fn attributes_are_read_from_the_request() {
-        let (h, ()) = http::Request::get("/a/b?x=1&user=42")
+        let (parts, ()) = http::Request::get("/a/b?x=1&user=42")
             .header("host", "example.com:8080")
             .header("cookie", "a=1; sid=abc")
             .header("x-canary", "yes")
             .body(())
             .unwrap()
             .into_parts();
-        let no = |_: usize| false;
-        let view = RequestView {
-            header: &h,
-            client_ip: Some("10.1.2.3".parse().unwrap()),
-            excluded: &no,
+        let buf = b"GET /a/b?x=1&user=42 HTTP/1.1\r\nhost: example.com:8080\r\ncookie: a=1; sid=abc\r\nx-canary: yes\r\n\r\n";
+        let mut spans = Vec::new();
+        let head = crate::head::parse_request(buf, &mut spans, 4096)
+            .unwrap()
+            .unwrap();
+        let lean = crate::head::ParsedRequest {
+            buf,
+            head: &head,
+            headers: &spans,
         };
-        let mut s = String::new();
-        let mut get = |k: i32, n: &str| {
-            view.attr(k, n.as_bytes(), &mut s)
-                .unwrap()
-                .map(|v| String::from_utf8(v.to_vec()).unwrap())
-        };
-        assert_eq!(get(0, "").as_deref(), Some("10.1.2.3"));
-        assert_eq!(get(1, "").as_deref(), Some("GET"));
-        assert_eq!(get(2, "").as_deref(), Some("example.com"));
-        assert_eq!(get(3, "").as_deref(), Some("/a/b"));
-        assert_eq!(get(4, "X-Canary").as_deref(), Some("yes"));
-        assert_eq!(get(5, "sid").as_deref(), Some("abc"));
-        assert_eq!(get(6, "user").as_deref(), Some("42"));
-        assert_eq!(get(6, "nope"), None);
-        assert_eq!(get(7, "").as_deref(), Some("/a/b?x=1&user=42"));
-        assert!(view.attr(99, b"", &mut String::new()).is_err());
+        let heads: [&dyn HeadView; 2] = [&parts, &lean];
+        for h in heads {
+            let no = |_: usize| false;
+            let view = RequestView {
+                header: h,
+                client_ip: Some("10.1.2.3".parse().unwrap()),
+                excluded: &no,
+            };
+            let mut s = String::new();
+            let mut get = |k: i32, n: &str| {
+                view.attr(k, n.as_bytes(), &mut s)
+                    .unwrap()
+                    .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            };
+            assert_eq!(get(0, "").as_deref(), Some("10.1.2.3"));
+            assert_eq!(get(1, "").as_deref(), Some("GET"));
+            assert_eq!(get(2, "").as_deref(), Some("example.com"));
+            assert_eq!(get(3, "").as_deref(), Some("/a/b"));
+            assert_eq!(get(4, "X-Canary").as_deref(), Some("yes"));
+            assert_eq!(get(5, "sid").as_deref(), Some("abc"));
+            assert_eq!(get(6, "user").as_deref(), Some("42"));
+            assert_eq!(get(6, "nope"), None);
+            assert_eq!(get(7, "").as_deref(), Some("/a/b?x=1&user=42"));
+            assert!(view.attr(99, b"", &mut String::new()).is_err());
+        }
     }
 }

@@ -410,13 +410,16 @@ impl Pool {
         let members: Vec<_> = specs
             .iter()
             .map(|s| {
-                let stats = old
-                    .iter()
-                    .find(|b| b.addr == s.addr)
-                    .map(|b| b.stats.clone());
-                let is_new = stats.is_none();
+                let previous = old.iter().find(|b| b.addr == s.addr);
+                let is_new = previous.is_none();
                 // With health checks a new backend is not routed before its first pass.
-                let b = Arc::new(Backend::new(&self.metrics, &self.name, s, stats, healthy));
+                let b = Arc::new(Backend::new(
+                    &self.metrics,
+                    &self.name,
+                    s,
+                    previous.map(|b| &**b),
+                    healthy,
+                ));
                 if is_new {
                     // A backend joining a running pool starts its slow-start ramp now.
                     b.stats.set_admitted(now);

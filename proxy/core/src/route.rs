@@ -30,16 +30,21 @@ impl Router {
 
     /// The pool for a request to `host` (may include a port) and `path`.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
-        let host = host.map(crate::http1::strip_port_str);
+        self.route_bytes(host.map(str::as_bytes), path.as_bytes())
+    }
+
+    /// [`Router::route`] on the bytes of a head.
+    pub fn route_bytes(&self, host: Option<&[u8]>, path: &[u8]) -> Option<&Arc<Pool>> {
+        let host = host.map(crate::http1::strip_port);
         self.routes
             .iter()
             .find(|r| {
                 let host_ok = match (&r.host, host) {
                     (None, _) => true,
-                    (Some(want), Some(h)) => want.eq_ignore_ascii_case(h),
+                    (Some(want), Some(h)) => want.as_bytes().eq_ignore_ascii_case(h),
                     (Some(_), None) => false,
                 };
-                host_ok && path.starts_with(r.path_prefix.as_str())
+                host_ok && path.starts_with(r.path_prefix.as_bytes())
             })
             .map(|r| &r.pool)
     }

@@ -474,11 +474,14 @@ fn prospective(pool: &Pool, specs: &[BackendSpec]) -> Vec<Arc<Backend>> {
     specs
         .iter()
         .map(|s| {
-            let stats = current
-                .iter()
-                .find(|b| b.addr == s.addr)
-                .map(|b| b.stats.clone());
-            Arc::new(Backend::new(&scratch, &pool.name, s, stats, true))
+            let previous = current.iter().find(|b| b.addr == s.addr);
+            Arc::new(Backend::new(
+                &scratch,
+                &pool.name,
+                s,
+                previous.map(|b| &**b),
+                true,
+            ))
         })
         .collect()
 }

@@ -84,7 +84,13 @@ impl Proxy {
     pub fn start_full(dir: PathBuf, server_extra: &str, body: &str) -> Proxy {
         let listen = unique_addr();
         let admin = unique_addr();
-        let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
+        // The request-path tests run on both HTTP/1 engines: `SLUICE_TEST_HTTP1=pingora` picks
+        // pingora-proxy's, the default is the lean path.
+        let engine = match std::env::var("SLUICE_TEST_HTTP1") {
+            Ok(e) if !e.is_empty() => format!("http1 = \"{e}\"\n"),
+            _ => String::new(),
+        };
+        let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{engine}{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
         let child = Proxy::spawn(&dir, &config_path);

@@ -1,0 +1,807 @@
+//! The lean HTTP/1.1 path: one task per downstream connection forwards each request head as the
+//! bytes that were parsed (re-serialized with sluice's edits), streams bodies both ways without
+//! channels, and keeps upstream connections per backend and per worker thread.
+//!
+//! pingora still owns the listeners, TLS, HTTP/2, the server lifecycle and timeouts' clock; a
+//! connection that negotiated HTTP/2 (ALPN `h2`, or the h2c preface when `h2c` is on) is handed
+//! to pingora-proxy's path whole, before any byte is read. The choice is made once per
+//! connection. Everything HTTP/1.x stays here, including upgrades (WebSocket), `Expect:
+//! 100-continue`, pipelined requests and HTTP/1.0 clients.
+//!
+//! Per request the host does no allocation on the success path: the read buffer, header spans and
+//! the head being written are per-connection buffers reused from one request to the next.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use pingora::apps::ServerApp;
+use pingora::protocols::{Stream, ALPN};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::head::{
+    self, is_hop_by_hop, name_is, BodyCursor, BodyFraming, HeadError, HeaderSpan, ParsedRequest,
+    RequestHead, ResponseHead,
+};
+use crate::lease::{Lease, Outcome};
+use crate::plugin::RequestView;
+use crate::pool::Pool;
+use crate::runtime::Runtime;
+
+/// Largest request head (nginx's `large_client_header_buffers` is 4 × 8 KiB; pingora allows
+/// 1 MiB). Larger is answered 431.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Largest response head accepted from a backend.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// A request body up to this size is read whole before the backend is chosen, so a failed
+/// attempt can be replayed on another backend (pingora's retry buffer is the same size).
+const REPLAY_MAX: u64 = 64 * 1024;
+/// How long a kept-alive client connection may sit idle between requests (pingora's default).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to send a request head or the next piece of a body once started.
+const CLIENT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a write to the client may stall.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The h2c connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The proxy service's application: the lean path for HTTP/1.x, pingora-proxy for HTTP/2.
+pub struct LeanApp<F> {
+    runtime: Arc<Runtime>,
+    fallback: Arc<F>,
+    h2c: bool,
+}
+
+impl<F> LeanApp<F> {
+    /// Serves `runtime`'s routes; HTTP/2 connections go to `fallback`.
+    pub fn new(runtime: Arc<Runtime>, fallback: F, h2c: bool) -> LeanApp<F> {
+        LeanApp {
+            runtime,
+            fallback: Arc::new(fallback),
+            h2c,
+        }
+    }
+}
+
+#[async_trait]
+impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let tls = stream.get_ssl_digest().is_some();
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let h2c = !tls && self.h2c && {
+            let mut preface = [0u8; H2_PREFACE.len()];
+            // A stream that cannot peek is served as HTTP/1 (pingora does the same).
+            matches!(stream.try_peek(&mut preface).await, Ok(true)) && preface == H2_PREFACE
+        };
+        if h2 || h2c {
+            return self.fallback.process_new(stream, shutdown).await;
+        }
+        Conn::new(&self.runtime, stream)
+            .serve(shutdown.clone())
+            .await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.fallback.cleanup().await;
+    }
+}
+
+/// What a pool allows for one request, copied out of its settings once.
+#[derive(Clone, Copy)]
+struct Policy {
+    retries: u32,
+    retry_on_connect: bool,
+    retry_on_error: bool,
+    retry_on_5xx: bool,
+    retry_non_idempotent: bool,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Policy {
+    fn of(pool: &Pool) -> Policy {
+        let s = pool.settings();
+        Policy {
+            retries: s.retries,
+            retry_on_connect: s.retry_on_connect,
+            retry_on_error: s.retry_on_error,
+            retry_on_5xx: s.retry_on_5xx,
+            retry_non_idempotent: s.retry_non_idempotent,
+            connect_timeout: s.connect_timeout,
+            read_timeout: s.read_timeout,
+            idle_timeout: s.idle_timeout,
+        }
+    }
+}
+
+/// How an exchange left the downstream connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Ready for the next request.
+    KeepAlive,
+    /// Must close.
+    Close,
+}
+
+/// Why an attempt on a backend failed.
+enum AttemptError {
+    /// Connecting failed or timed out; nothing was sent.
+    Connect,
+    /// The backend failed before any byte of its response arrived: the request may be replayed.
+    NoResponse { timed_out: bool },
+    /// The backend failed after its response head was sent downstream: abort the client.
+    Aborted,
+    /// The client failed or left: nothing to answer.
+    Client,
+    /// The backend sent something that is not HTTP.
+    BadResponse,
+    /// The backend answered this 5xx, nothing was sent downstream, and the pool retries it.
+    Retry5xx(u16),
+}
+
+/// What an attempt may do with the request.
+#[derive(Clone, Copy)]
+struct Attempt {
+    /// The whole body is in the buffer (or there is none): it can be sent again.
+    replayable: bool,
+    /// A 5xx answer is to be retried on another backend.
+    retry_5xx: bool,
+    /// Body bytes in the buffer after the head.
+    body_here: usize,
+}
+
+/// One downstream connection and its reused buffers.
+struct Conn<'r> {
+    runtime: &'r Arc<Runtime>,
+    io: Stream,
+    client_ip: Option<IpAddr>,
+    /// Bytes read from the client: the current request's head, then its body or the next
+    /// pipelined request.
+    buf: BytesMut,
+    spans: Vec<HeaderSpan>,
+    /// Bytes read from the backend.
+    ubuf: BytesMut,
+    uspans: Vec<HeaderSpan>,
+    /// A head being written.
+    out: Vec<u8>,
+}
+
+impl<'r> Conn<'r> {
+    fn new(runtime: &'r Arc<Runtime>, io: Stream) -> Conn<'r> {
+        let client_ip = io
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        Conn {
+            runtime,
+            io,
+            client_ip,
+            buf: BytesMut::with_capacity(8 * 1024),
+            spans: Vec::with_capacity(32),
+            ubuf: BytesMut::with_capacity(16 * 1024),
+            uspans: Vec::with_capacity(32),
+            out: Vec::with_capacity(2 * 1024),
+        }
+    }
+
+    async fn serve(mut self, mut shutdown: ShutdownWatch) {
+        loop {
+            let head = match self.read_head(&mut shutdown).await {
+                Ok(Some(h)) => h,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = self.send_error(e.status, e.reason, false).await;
+                    return;
+                }
+            };
+            match self.exchange(&head, &shutdown).await {
+                Next::KeepAlive if !*shutdown.borrow() => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Reads until a whole request head is in the buffer. `None`: the client closed, timed out
+    /// while idle, or the server is shutting down between requests.
+    async fn read_head(
+        &mut self,
+        shutdown: &mut ShutdownWatch,
+    ) -> Result<Option<RequestHead>, HeadError> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(h) = head::parse_request(&self.buf, &mut self.spans, MAX_REQUEST_HEAD)?
+                {
+                    return Ok(Some(h));
+                }
+            }
+            self.buf.reserve(4096);
+            let read = if self.buf.is_empty() {
+                // Idle between requests: a shutdown closes the connection now.
+                tokio::select! {
+                    r = tokio::time::timeout(KEEPALIVE_TIMEOUT, self.io.read_buf(&mut self.buf)) => r,
+                    _ = shutdown.changed() => return Ok(None),
+                }
+            } else {
+                tokio::time::timeout(CLIENT_READ_TIMEOUT, self.io.read_buf(&mut self.buf)).await
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// Serves one request whose head is at the start of `buf`.
+    async fn exchange(&mut self, head: &RequestHead, shutdown: &ShutdownWatch) -> Next {
+        let pool = {
+            let router = self.runtime.router();
+            router
+                .route_bytes(head.host.map(|h| h.of(&self.buf)), head.path(&self.buf))
+                .cloned()
+        };
+        let Some(pool) = pool else {
+            return self
+                .send_error(404, "no route matches this request\n", head.is_head)
+                .await;
+        };
+        if pool.table().is_empty() {
+            pool.counters.no_backend.inc();
+            let reason = format!("no backend available in pool \"{}\"\n", pool.name);
+            return self.send_error(503, &reason, head.is_head).await;
+        }
+        pool.count_request();
+        let policy = Policy::of(&pool);
+
+        // A small body is read whole first, so the request stays replayable.
+        if let BodyFraming::Length(n) = head.framing {
+            if n <= REPLAY_MAX && !head.expect_continue {
+                let want = head.len + n as usize;
+                while self.buf.len() < want {
+                    self.buf.reserve(want - self.buf.len());
+                    match tokio::time::timeout(CLIENT_READ_TIMEOUT, self.io.read_buf(&mut self.buf))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return Next::Close,
+                    }
+                }
+            }
+        }
+        // The body's bytes already here, and whether that is all of it.
+        let mut body = BodyCursor::new(head.framing);
+        let body_here = match body.advance(&self.buf[head.len..]) {
+            Ok(n) => n,
+            Err(_) => {
+                return self
+                    .send_error(400, "malformed chunked body\n", false)
+                    .await
+            }
+        };
+        let replayable = body.is_done() && !head.expect_continue;
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let picked = {
+                let table = pool.table();
+                let view_head = ParsedRequest {
+                    buf: &self.buf,
+                    head,
+                    headers: &self.spans,
+                };
+                let excluded = |i: usize| {
+                    table
+                        .backends
+                        .get(i)
+                        .is_some_and(|b| tried.contains(&b.addr))
+                };
+                let view = RequestView {
+                    header: &view_head,
+                    client_ip: self.client_ip,
+                    excluded: &excluded,
+                };
+                pool.strategy
+                    .pick(&table, &view, attempt)
+                    .map(|i| table.backends[i].clone())
+            };
+            let Some(backend) = picked else {
+                pool.counters.no_backend.inc();
+                let (code, reason) = if tried.is_empty() {
+                    (
+                        503,
+                        format!("no backend available in pool \"{}\"\n", pool.name),
+                    )
+                } else {
+                    (
+                        502,
+                        format!(
+                            "all {} backends tried in pool \"{}\" failed\n",
+                            tried.len(),
+                            pool.name
+                        ),
+                    )
+                };
+                return self.send_error(code, &reason, head.is_head).await;
+            };
+            attempt += 1;
+            let may_retry = |tried: &[SocketAddr]| {
+                attempt <= policy.retries && pool.table().len() > tried.len()
+            };
+            // A 5xx is retried only where nothing was sent downstream and the request can be
+            // replayed elsewhere.
+            let retry_5xx = policy.retry_on_5xx
+                && replayable
+                && (policy.retry_non_idempotent || head.idempotent)
+                && attempt <= policy.retries
+                && pool.table().len() > tried.len() + 1;
+            let mut lease = pool.lease(backend);
+            let attempt_io = Attempt {
+                replayable,
+                retry_5xx,
+                body_here,
+            };
+            let result = self
+                .attempt(head, &mut lease, &mut body, attempt_io, &policy, shutdown)
+                .await;
+            let addr = lease.backend().addr;
+            match result {
+                Ok(next) => return next,
+                Err((AttemptError::Connect, _)) => {
+                    lease.set_outcome(Outcome::Failed);
+                    drop(lease);
+                    tried.push(addr);
+                    if policy.retry_on_connect && may_retry(&tried) {
+                        pool.counters.retry_connect.inc();
+                        continue;
+                    }
+                    return self
+                        .send_error(502, "bad gateway: the backend failed\n", head.is_head)
+                        .await;
+                }
+                Err((AttemptError::Retry5xx(status), _)) => {
+                    lease.set_outcome(Outcome::Status(status));
+                    drop(lease);
+                    tried.push(addr);
+                    pool.counters.retry_5xx.inc();
+                    continue;
+                }
+                Err((AttemptError::NoResponse { timed_out }, reused)) => {
+                    // pingora's rule: only an idempotent request is replayed after it was sent.
+                    let replay = replayable && head.idempotent;
+                    if reused && replay {
+                        // A pooled connection the backend had closed says nothing about the
+                        // backend: release the slot, record nothing, pick again.
+                        drop(lease);
+                        pool.counters.retry_reused.inc();
+                        continue;
+                    }
+                    lease.set_outcome(Outcome::Failed);
+                    drop(lease);
+                    tried.push(addr);
+                    if replay && policy.retry_on_error && may_retry(&tried) {
+                        pool.counters.retry_error.inc();
+                        continue;
+                    }
+                    let (code, reason) = if timed_out {
+                        (504, "gateway timeout\n")
+                    } else {
+                        (502, "bad gateway: the backend failed\n")
+                    };
+                    return self.send_error(code, reason, head.is_head).await;
+                }
+                Err((AttemptError::BadResponse, _)) => {
+                    lease.set_outcome(Outcome::Failed);
+                    return self
+                        .send_error(
+                            502,
+                            "bad gateway: the backend's response is not HTTP/1\n",
+                            head.is_head,
+                        )
+                        .await;
+                }
+                Err((AttemptError::Aborted, _)) => {
+                    lease.set_outcome(Outcome::Failed);
+                    pool.counters.upstream_aborts.inc();
+                    tracing::warn!(pool = %pool.name, backend = %lease.backend().addr_text,
+                        "backend failed after the response head was sent; client connection aborted");
+                    return Next::Close;
+                }
+                Err((AttemptError::Client, _)) => return Next::Close,
+            }
+        }
+    }
+
+    /// One attempt on the leased backend. `Ok` once a response was relayed; otherwise the
+    /// error, with whether the upstream connection was a reused one.
+    async fn attempt(
+        &mut self,
+        head: &RequestHead,
+        lease: &mut Lease,
+        body: &mut BodyCursor,
+        how: Attempt,
+        policy: &Policy,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Next, (AttemptError, bool)> {
+        let body_here = how.body_here;
+        let backend = lease.backend().clone();
+        let now = Instant::now();
+        let (mut up, reused) = match backend.conns.take(now) {
+            Some(s) => (s, true),
+            None => {
+                match tokio::time::timeout(policy.connect_timeout, TcpStream::connect(backend.addr))
+                    .await
+                {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        (s, false)
+                    }
+                    _ => return Err((AttemptError::Connect, false)),
+                }
+            }
+        };
+        let fail = |e: AttemptError| Err((e, reused));
+
+        // The head, and the body bytes already read, in one write.
+        self.out.clear();
+        write_request_head(&mut self.out, &self.buf, head, &self.spans);
+        let mut sent_body = false;
+        if !head.expect_continue {
+            self.out
+                .extend_from_slice(&self.buf[head.len..head.len + body_here]);
+            sent_body = true;
+        }
+        if upstream_write(&mut up, &self.out, policy.read_timeout)
+            .await
+            .is_err()
+        {
+            return fail(AttemptError::NoResponse { timed_out: false });
+        }
+        let mut consumed = head.len + body_here;
+        if sent_body && !body.is_done() {
+            // A large or streamed body: relay the rest as it comes (no replay after this).
+            if let Err(e) = self
+                .relay_request_body(&mut up, body, &mut consumed, policy)
+                .await
+            {
+                return fail(e);
+            }
+        }
+
+        // The response head; 1xx answers are relayed and the real one awaited.
+        self.ubuf.clear();
+        let resp = loop {
+            let resp = match self.read_response_head(&mut up, head, policy).await {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            if (100..200).contains(&resp.status) && resp.status != 101 {
+                if head.version == 1 {
+                    let informational = self.ubuf.split_to(resp.len);
+                    if self.client_write(&informational).await.is_err() {
+                        return fail(AttemptError::Client);
+                    }
+                } else {
+                    self.ubuf.advance(resp.len);
+                }
+                if resp.status == 100 && !sent_body {
+                    // The backend wants the body: relay it now.
+                    self.out.clear();
+                    self.out
+                        .extend_from_slice(&self.buf[head.len..head.len + body_here]);
+                    if upstream_write(&mut up, &self.out, policy.read_timeout)
+                        .await
+                        .is_err()
+                    {
+                        return fail(AttemptError::NoResponse { timed_out: false });
+                    }
+                    sent_body = true;
+                    if !body.is_done() {
+                        if let Err(e) = self
+                            .relay_request_body(&mut up, body, &mut consumed, policy)
+                            .await
+                        {
+                            return fail(e);
+                        }
+                    }
+                }
+                continue;
+            }
+            break resp;
+        };
+
+        let status = resp.status;
+        if status >= 500 && how.retry_5xx {
+            debug_assert!(how.replayable);
+            // The connection is dropped with the unread body.
+            return fail(AttemptError::Retry5xx(status));
+        }
+        lease.set_outcome(Outcome::Status(status));
+
+        // The client's connection survives only if its request body was read whole.
+        let request_done = sent_body && body.is_done();
+        let close = head.close
+            || resp.framing == BodyFraming::UntilClose
+            || !request_done
+            || *shutdown.borrow();
+        let upgrade = status == 101;
+        self.out.clear();
+        write_response_head(
+            &mut self.out,
+            &self.ubuf,
+            &resp,
+            &self.uspans,
+            close,
+            head.version,
+        );
+        self.ubuf.advance(resp.len);
+
+        if upgrade {
+            return self.tunnel(up, consumed).await.map_err(|e| (e, reused));
+        }
+
+        // Response body: what came with the head goes out with it.
+        let mut rbody = BodyCursor::new(resp.framing);
+        let used = match rbody.advance(&self.ubuf) {
+            Ok(n) => n,
+            Err(_) => return fail(AttemptError::BadResponse),
+        };
+        self.out.extend_from_slice(&self.ubuf[..used]);
+        let extra = self.ubuf.len() > used;
+        if self.client_write_out().await.is_err() {
+            return fail(AttemptError::Client);
+        }
+        while !rbody.is_done() {
+            self.ubuf.clear();
+            self.ubuf.reserve(16 * 1024);
+            let n = match tokio::time::timeout(policy.read_timeout, up.read_buf(&mut self.ubuf))
+                .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return fail(AttemptError::Aborted),
+            };
+            if n == 0 {
+                if matches!(rbody, BodyCursor::UntilClose) {
+                    break;
+                }
+                return fail(AttemptError::Aborted);
+            }
+            let used = match rbody.advance(&self.ubuf) {
+                Ok(n) => n,
+                Err(_) => return fail(AttemptError::Aborted),
+            };
+            let chunk = self.ubuf.split_to(used);
+            if self.client_write(&chunk).await.is_err() {
+                return fail(AttemptError::Client);
+            }
+            if !self.ubuf.is_empty() {
+                // Bytes after the end of the response: the connection is not clean.
+                return self.finish(consumed, close);
+            }
+        }
+        let reusable =
+            !resp.close && !extra && request_done && !matches!(rbody, BodyCursor::UntilClose);
+        if reusable {
+            backend.conns.put(up, Instant::now(), policy.idle_timeout);
+        }
+        self.finish(consumed, close)
+    }
+
+    /// Ends an exchange: drops the request from the buffer.
+    fn finish(&mut self, consumed: usize, close: bool) -> Result<Next, (AttemptError, bool)> {
+        self.buf.advance(consumed.min(self.buf.len()));
+        Ok(if close { Next::Close } else { Next::KeepAlive })
+    }
+
+    /// Relays the rest of a request body from the client to the backend. Bytes after the body
+    /// (a pipelined request) stay in `buf`.
+    async fn relay_request_body(
+        &mut self,
+        up: &mut TcpStream,
+        body: &mut BodyCursor,
+        consumed: &mut usize,
+        policy: &Policy,
+    ) -> Result<(), AttemptError> {
+        // Whatever of the body was buffered has been sent.
+        self.buf.advance(*consumed);
+        *consumed = 0;
+        while !body.is_done() {
+            if self.buf.is_empty() {
+                self.buf.reserve(16 * 1024);
+                match tokio::time::timeout(CLIENT_READ_TIMEOUT, self.io.read_buf(&mut self.buf))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Err(AttemptError::Client),
+                }
+            }
+            let used = body.advance(&self.buf).map_err(|_| AttemptError::Client)?;
+            let chunk = self.buf.split_to(used);
+            upstream_write(up, &chunk, policy.read_timeout)
+                .await
+                .map_err(|_| AttemptError::NoResponse { timed_out: false })?;
+        }
+        Ok(())
+    }
+
+    /// Reads a response head into `ubuf` (which may already hold the start of one).
+    async fn read_response_head(
+        &mut self,
+        up: &mut TcpStream,
+        req: &RequestHead,
+        policy: &Policy,
+    ) -> Result<ResponseHead, AttemptError> {
+        loop {
+            if !self.ubuf.is_empty() {
+                match head::parse_response(
+                    &self.ubuf,
+                    &mut self.uspans,
+                    req.is_head,
+                    MAX_RESPONSE_HEAD,
+                ) {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => {}
+                    Err(_) => return Err(AttemptError::BadResponse),
+                }
+            }
+            self.ubuf.reserve(16 * 1024);
+            match tokio::time::timeout(policy.read_timeout, up.read_buf(&mut self.ubuf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err(AttemptError::NoResponse { timed_out: false }),
+                Err(_) => return Err(AttemptError::NoResponse { timed_out: true }),
+            }
+        }
+    }
+
+    /// After a `101 Switching Protocols`: the response head goes out, then bytes flow both ways
+    /// until either side closes.
+    async fn tunnel(&mut self, mut up: TcpStream, consumed: usize) -> Result<Next, AttemptError> {
+        // Whatever either side sent after its head belongs to the new protocol.
+        self.out.extend_from_slice(&self.ubuf);
+        self.ubuf.clear();
+        if self.client_write_out().await.is_err() {
+            return Err(AttemptError::Client);
+        }
+        self.buf.advance(consumed.min(self.buf.len()));
+        if !self.buf.is_empty() {
+            if up.write_all(&self.buf).await.is_err() {
+                return Ok(Next::Close);
+            }
+            self.buf.clear();
+        }
+        let _ = tokio::io::copy_bidirectional(&mut self.io, &mut up).await;
+        Ok(Next::Close)
+    }
+
+    async fn client_write_out(&mut self) -> std::io::Result<()> {
+        let out = std::mem::take(&mut self.out);
+        let r = self.client_write(&out).await;
+        self.out = out;
+        r
+    }
+
+    async fn client_write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let io = &mut self.io;
+        match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Answers with a short plain-text error and closes (the request's body, if any, is not
+    /// read). Returns [`Next::Close`].
+    async fn send_error(&mut self, status: u16, body: &str, head_request: bool) -> Next {
+        use std::io::Write;
+        self.out.clear();
+        let _ = write!(
+            self.out,
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or(""),
+            body.len()
+        );
+        if !head_request {
+            self.out.extend_from_slice(body.as_bytes());
+        }
+        if self.client_write_out().await.is_ok() {
+            let _ = self.io.shutdown().await;
+        }
+        Next::Close
+    }
+}
+
+async fn upstream_write(up: &mut TcpStream, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, up.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// The request head as sent upstream: the request line and headers as parsed, without the
+/// hop-by-hop headers (the upstream connection is sluice's own and kept alive), except those an
+/// upgrade needs.
+fn write_request_head(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, spans: &[HeaderSpan]) {
+    out.extend_from_slice(head.method.of(buf));
+    out.push(b' ');
+    out.extend_from_slice(head.target.of(buf));
+    out.extend_from_slice(if head.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    for h in spans {
+        let name = h.name.of(buf);
+        if is_hop_by_hop(name) && !(head.upgrade && name_is(name, b"connection")) {
+            continue;
+        }
+        put_header(out, name, h.value.of(buf));
+    }
+    if head.version == 0 {
+        // HTTP/1.0 closes by default; sluice keeps its upstream connections.
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The response head as sent downstream: status line normalised to HTTP/1.1, the backend's
+/// headers without its hop-by-hop ones, and sluice's own `Connection` for the client.
+fn write_response_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    resp: &ResponseHead,
+    spans: &[HeaderSpan],
+    close: bool,
+    client_version: u8,
+) {
+    let upgrade = resp.status == 101;
+    let s = resp.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (s / 100 % 10) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(resp.reason.of(buf));
+    out.extend_from_slice(b"\r\n");
+    for h in spans {
+        let name = h.name.of(buf);
+        if is_hop_by_hop(name) && !(upgrade && name_is(name, b"connection")) {
+            continue;
+        }
+        if resp.framing == BodyFraming::Chunked && name_is(name, b"content-length") {
+            continue;
+        }
+        put_header(out, name, h.value.of(buf));
+    }
+    if !upgrade {
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if client_version == 0 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
