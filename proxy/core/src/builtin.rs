@@ -33,9 +33,18 @@ pub fn get(name: &str) -> Option<&'static [u8]> {
         .map(|(_, _, b)| *b)
 }
 
-/// Reads a plugin given as `builtin:NAME` or a path (relative to `base_dir`).
-/// Returns the bytes and a display name.
+/// A round-robin written in the host, not a plugin: it measures what the Wasm strategy costs
+/// (benches/load). It carries the built-in round-robin plugin as its version, so the API and a
+/// hot swap treat it like any other strategy; swapping in a plugin replaces it.
+pub const NATIVE_ROUND_ROBIN: &str = "native:round-robin";
+
+/// Reads a plugin given as `builtin:NAME`, [`NATIVE_ROUND_ROBIN`] or a path (relative to
+/// `base_dir`). Returns the bytes and a display name.
 pub fn load_source(source: &str, base_dir: &Path) -> Result<(Vec<u8>, String), String> {
+    if source == NATIVE_ROUND_ROBIN {
+        let rr = get("round-robin").ok_or("the round-robin built-in is missing")?;
+        return Ok((rr.to_vec(), source.to_string()));
+    }
     if let Some(name) = source.strip_prefix("builtin:") {
         return get(name)
             .map(|b| (b.to_vec(), source.to_string()))

@@ -688,7 +688,7 @@ impl Config {
         span: std::ops::Range<usize>,
         pool: &str,
     ) -> Result<(), ConfigError> {
-        if source.starts_with("builtin:") {
+        if source.starts_with("builtin:") || source == crate::builtin::NATIVE_ROUND_ROBIN {
             return Ok(());
         }
         let path = self.resolve_path(source);

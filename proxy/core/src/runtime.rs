@@ -495,7 +495,7 @@ mod tests {
         let mut text = String::from("[server]\nlisten = [\"127.0.0.1:1\"]\n");
         for (name, strategy) in pools {
             text.push_str(&format!(
-                "[[pool]]\nname = \"{name}\"\nstrategy = \"{strategy}\"\nbackends = [\"127.0.0.1:9001\"]\n[[route]]\nhost = \"{name}\"\npool = \"{name}\"\n"
+                "[[pool]]\nname = \"{name}\"\nstrategy = \"{strategy}\"\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n[[route]]\nhost = \"{name}\"\npool = \"{name}\"\n"
             ));
         }
         Config::parse(&text, "test.toml", Path::new(".")).unwrap()
@@ -531,6 +531,38 @@ mod tests {
         assert_eq!(a.strategy.current().name, "builtin:random");
         assert_eq!(a.strategy.current().generation, 2);
         assert!(rt.pool("b").is_none());
+    }
+
+    /// `native:round-robin` rotates in the host (no plugin call), and a swap replaces it.
+    #[test]
+    fn the_native_round_robin_rotates_without_the_plugin_until_swapped() {
+        let rt = runtime(&[("a", crate::builtin::NATIVE_ROUND_ROBIN)]);
+        let a = rt.pool("a").unwrap();
+        assert_eq!(a.strategy.current().name, "native:round-robin");
+        let table = a.table_full();
+        let (head, ()) = http::Request::new(()).into_parts();
+        let none = |_: usize| false;
+        let view = crate::plugin::RequestView {
+            header: &head,
+            client_ip: None,
+            excluded: &none,
+        };
+        let picks: Vec<_> = (0..6)
+            .map(|_| a.strategy.pick(&table, &view, 0).unwrap())
+            .collect();
+        let n = table.len();
+        assert!(n > 1);
+        for w in picks.windows(2) {
+            assert_eq!(w[1], (w[0] + 1) % n, "not a rotation: {picks:?}");
+        }
+        let text = String::from_utf8(rt.metrics.render()).unwrap();
+        assert!(
+            text.contains("sluice_fallback_picks_total{pool=\"a\"} 0"),
+            "native picks are not plugin faults: {text}"
+        );
+        rt.swap_strategy("a", crate::builtin::get("random").unwrap())
+            .unwrap();
+        assert_ne!(a.strategy.current().name, "native:round-robin");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! rebuilt after a growing backoff.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,8 @@ pub struct StrategyHost {
     versions: VersionSlot<Instances>,
     counters: Arc<[AtomicI64; COUNTER_SLOTS]>,
     fallback_rr: AtomicUsize,
+    /// The serving version is [`crate::builtin::NATIVE_ROUND_ROBIN`]: picks skip the plugin.
+    native: AtomicBool,
     picks: IntCounter,
     fallbacks: IntCounter,
     log_dropped: IntCounter,
@@ -150,12 +152,14 @@ impl StrategyHost {
         metrics: &Metrics,
     ) -> StrategyHost {
         let series = metrics.scope(&[pool]);
+        let native = AtomicBool::new(is_native(first.version()));
         StrategyHost {
             pool: pool.to_string(),
             engine: engine.clone(),
             versions: VersionSlot::new(pool, PluginKind::Strategy, first, &series, metrics),
             counters: Arc::new([const { AtomicI64::new(0) }; COUNTER_SLOTS]),
             fallback_rr: AtomicUsize::new(0),
+            native,
             picks: series.counter(&metrics.plugin_picks, &[]),
             fallbacks: series.counter(&metrics.fallback_picks, &[]),
             log_dropped: series.counter(&metrics.plugin_log_dropped, &["strategy"]),
@@ -179,9 +183,11 @@ impl StrategyHost {
         config_json: Option<Arc<[u8]>>,
         table: &Arc<BackendTable>,
     ) -> Result<Arc<PluginVersion>, PluginError> {
-        self.versions.swap(config_json, |generation, config| {
+        let version = self.versions.swap(config_json, |generation, config| {
             validate(&self.engine, bytes, name, generation, config, table)
-        })
+        })?;
+        self.native.store(is_native(&version), Ordering::Relaxed);
+        Ok(version)
     }
 
     /// Validates a candidate exactly as [`StrategyHost::swap`] would, without publishing it.
@@ -200,7 +206,9 @@ impl StrategyHost {
 
     /// Publishes a version from [`StrategyHost::prepare`]. Cannot fail.
     pub fn publish(&self, prepared: Prepared) -> Arc<PluginVersion> {
-        self.versions.publish(prepared)
+        let version = self.versions.publish(prepared);
+        self.native.store(is_native(&version), Ordering::Relaxed);
+        version
     }
 
     /// Picks a backend of `table` for a request. `None` means no backend is available.
@@ -213,6 +221,10 @@ impl StrategyHost {
     ) -> Option<usize> {
         if table.is_empty() {
             return None;
+        }
+        if self.native.load(Ordering::Relaxed) {
+            self.picks.inc();
+            return self.fallback_pick(table, req);
         }
         let live = self.versions.load();
         let mut slot = live.state.get_or_default().borrow_mut();
@@ -271,6 +283,10 @@ impl StrategyHost {
             .map(|k| (start + k) % n)
             .find(|&i| !(req.excluded)(i))
     }
+}
+
+fn is_native(version: &PluginVersion) -> bool {
+    version.name == crate::builtin::NATIVE_ROUND_ROBIN
 }
 
 /// Compiles and fully exercises a plugin version on a throwaway instance.
