@@ -233,11 +233,13 @@ impl ServeHttp for AdminApp {
                 let (p, k) = (pool.clone(), kind.clone());
                 // Compilation takes milliseconds of CPU: keep it off the admin runtime's reactor.
                 let result = tokio::task::spawn_blocking(move || {
-                    if k == "health" {
+                    let r = if k == "health" {
                         rt.swap_health(&p, &body)
                     } else {
                         rt.swap_strategy(&p, &body)
-                    }
+                    };
+                    crate::server::release_free_memory();
+                    r
                 })
                 .await;
                 match result {
@@ -294,7 +296,12 @@ impl ServeHttp for AdminApp {
             }
             ("POST", ["api", "reload"]) => {
                 let rt = self.runtime.clone();
-                match tokio::task::spawn_blocking(move || rt.reload()).await {
+                let reload = move || {
+                    let r = rt.reload();
+                    crate::server::release_free_memory();
+                    r
+                };
+                match tokio::task::spawn_blocking(reload).await {
                     Ok(Ok(report)) => json_reply(
                         StatusCode::OK,
                         json!({ "reloaded": true, "report": report }),

@@ -134,6 +134,7 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -148,6 +149,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process. mimalloc asks for huge pages on its arenas,
+/// so every 2 MiB region the heap touches becomes resident whole: an idle proxy held 16 MiB of
+/// mostly empty huge pages. The request path allocates nothing, so it loses nothing by it.
+fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and touches no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r != 0 {
+        // Older kernels: not fatal, only more resident memory.
+        tracing::debug!("transparent huge pages could not be turned off");
     }
 }
 

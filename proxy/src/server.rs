@@ -27,9 +27,19 @@ use crate::runtime::Runtime;
 
 /// Builds the runtime for `config` (validating every plugin) without starting listeners.
 pub fn build_runtime(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Runtime>> {
-    let engine = PluginEngine::new()?;
+    let engine = PluginEngine::sized_for(config.server.threads, config.pool.len())?;
     let rt = Runtime::new(config, config_path, engine, Metrics::new())?;
     Ok(Arc::new(rt))
+}
+
+/// Returns to the OS the heap this thread freed. Compiling plugins (start, reload, swap) takes
+/// tens of MB of short-lived heap; mimalloc keeps freed pages for reuse and only purges them on
+/// later allocator calls, which an idle proxy does not make, so idle RSS would stay at the
+/// compile peak. Called on the thread that compiled, after it finished.
+pub fn release_free_memory() {
+    // SAFETY: mi_collect only frees memory mimalloc owns and no longer uses; it is safe to call
+    // at any time from any thread (a no-op for heaps another allocator serves).
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Every address the process listens on: proxy (plain and TLS) and admin.
@@ -179,6 +189,7 @@ pub fn run(
 ) -> anyhow::Result<()> {
     preflight(&config, false)?;
     let runtime = build_runtime(config.clone(), config_path)?;
+    release_free_memory();
     let readiness = Arc::new(Readiness::default());
     // Join the cluster before any listener opens: a name conflict or a bad key stops us here.
     let cluster = match &config.cluster {
@@ -370,7 +381,12 @@ impl BackgroundService for SighupReload {
                 _ = hup.recv() => {
                     let rt = self.runtime.clone();
                     // Errors are logged by reload itself; the running config stays.
-                    let _ = tokio::task::spawn_blocking(move || rt.reload()).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let r = rt.reload();
+                        release_free_memory();
+                        r
+                    })
+                    .await;
                 }
                 _ = shutdown.changed() => return,
             }

@@ -147,3 +147,46 @@ fn readiness_is_reported_apart_from_liveness() {
     assert_eq!((ready.status, ready.text().trim()), (200, "ready"));
     assert!(proxy.log().contains("all listeners are up"));
 }
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The plugin engine reserves address space for its instance slots from the threads and pools
+/// configured (it once reserved about 4 TiB, which broke under `RLIMIT_AS`): four pools with
+/// strategies and a health check start and serve under an 8 GiB limit, and stay small at rest.
+#[test]
+fn four_pools_start_under_an_address_space_limit_and_stay_small_at_rest() {
+    let b = backends(4);
+    let mut body = String::new();
+    for (i, strategy) in ["round-robin", "least-connections", "ring-hash", "p2c"]
+        .iter()
+        .enumerate()
+    {
+        body.push_str(&format!(
+            "[[pool]]\nname = \"p{i}\"\nstrategy = \"builtin:{strategy}\"\nbackends = [\"{}\"]\n",
+            b[i].0
+        ));
+        if i == 2 {
+            body.push_str("health = { plugin = \"builtin:http\", interval = \"1s\" }\n");
+        }
+        body.push_str(&format!(
+            "[[route]]\npath_prefix = \"/p{i}\"\npool = \"p{i}\"\n"
+        ));
+    }
+    let limit_kib = 8 * 1024 * 1024;
+    let p = Proxy::start_limited(scratch_dir("rlimit-as"), "", &body, Some(limit_kib));
+    for i in 0..4 {
+        assert_eq!(p.get(&format!("/p{i}/x")).status, 200, "pool p{i}");
+    }
+    let pid = p.pid();
+    let (size, rss) = (status_kib(pid, "VmSize:"), status_kib(pid, "VmRSS:"));
+    println!("4 pools at rest: VmSize {size} KiB, VmRSS {rss} KiB");
+    assert!(size < limit_kib, "VmSize {size} KiB");
+    assert!(rss <= 40 * 1024, "idle RSS {rss} KiB is over 40 MiB");
+}

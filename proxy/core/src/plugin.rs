@@ -391,19 +391,54 @@ pub struct PluginEngine {
     host_imports: Arc<[(String, String)]>,
 }
 
+/// Instance slots for `threads` workers and `pools` pools (see [`PluginEngine::sized_for`]):
+/// twice the steady need (old and new versions during a swap), with room for four more pools.
+pub fn slots_for(threads: usize, pools: usize) -> u32 {
+    let per_pool = threads.saturating_add(1);
+    let need = pools
+        .saturating_add(4)
+        .saturating_mul(per_pool)
+        .saturating_mul(2);
+    (need.saturating_add(16) as u64).clamp(u64::from(DEFAULT_SLOTS), u64::from(MAX_SLOTS)) as u32
+}
+
 /// Compiled modules kept for reuse by [`PluginEngine::compile`].
 const MODULE_CACHE: usize = 64;
 
+/// Instance slots of an engine made by [`PluginEngine::new`] (tests, tools, benches).
+const DEFAULT_SLOTS: u32 = 64;
+/// The most instance slots an engine reserves, whatever the config.
+const MAX_SLOTS: u32 = 10_000;
+/// Guard region after each linear memory. Memories are reserved at their 64 MiB cap, so
+/// compiled code checks bounds explicitly and the guard only has to catch small overruns.
+const MEMORY_GUARD: u64 = 2 << 20;
+
 impl PluginEngine {
-    /// Creates the engine and starts its epoch ticker thread.
+    /// An engine with a small pool of instance slots; see [`PluginEngine::sized_for`].
     pub fn new() -> anyhow::Result<PluginEngine> {
+        PluginEngine::with_slots(DEFAULT_SLOTS)
+    }
+
+    /// An engine whose pooling allocator fits `threads` worker threads and `pools` pools: each
+    /// pool has one strategy instance per thread and one health instance, a swap or reload holds
+    /// the old and new versions for a moment, and a reload may add pools. Each slot reserves
+    /// (does not commit) 66 MiB of address space: the plugin memory cap and a guard.
+    pub fn sized_for(threads: usize, pools: usize) -> anyhow::Result<PluginEngine> {
+        PluginEngine::with_slots(slots_for(threads, pools))
+    }
+
+    /// Creates the engine with `slots` instance slots and starts its epoch ticker thread.
+    pub fn with_slots(slots: u32) -> anyhow::Result<PluginEngine> {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_memories(1000)
-            .total_core_instances(1000)
-            .total_tables(1000)
+        pool.total_memories(slots)
+            .total_core_instances(slots)
+            .total_tables(slots)
             .max_memory_size(MAX_PLUGIN_MEMORY);
         let mut cfg = Config::new();
         cfg.epoch_interruption(true)
+            .memory_reservation(MAX_PLUGIN_MEMORY as u64)
+            .memory_guard_size(MEMORY_GUARD)
+            .memory_reservation_for_growth(0)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg)?;
         let linker = Arc::new(build_linker(&engine)?);

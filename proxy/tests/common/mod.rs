@@ -82,6 +82,16 @@ impl Proxy {
     /// `server_extra` goes into the `[server]` section (e.g. `h2c = true` or a `[server.tls]` table
     /// placed after `body` is not possible, so give TLS as an inline table: `tls = { ... }`).
     pub fn start_full(dir: PathBuf, server_extra: &str, body: &str) -> Proxy {
+        Proxy::start_limited(dir, server_extra, body, None)
+    }
+
+    /// [`Proxy::start_full`] with the process's address space limited (`ulimit -v`, KiB).
+    pub fn start_limited(
+        dir: PathBuf,
+        server_extra: &str,
+        body: &str,
+        address_space_kib: Option<u64>,
+    ) -> Proxy {
         let listen = unique_addr();
         let admin = unique_addr();
         // The request-path tests run on both HTTP/1 engines: `SLUICE_TEST_HTTP1=pingora` picks
@@ -93,7 +103,7 @@ impl Proxy {
         let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{engine}{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
-        let child = Proxy::spawn(&dir, &config_path);
+        let child = Proxy::spawn(&dir, &config_path, address_space_kib);
         let mut p = Proxy {
             child,
             listen,
@@ -105,14 +115,30 @@ impl Proxy {
         p
     }
 
-    fn spawn(dir: &std::path::Path, config_path: &std::path::Path) -> Child {
+    fn spawn(
+        dir: &std::path::Path,
+        config_path: &std::path::Path,
+        address_space_kib: Option<u64>,
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("sluice.log"))
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
+        let mut cmd = match address_space_kib {
+            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+            Some(kib) => {
+                // The shell sets the limit, then becomes sluice (same pid).
+                let mut c = Command::new("sh");
+                c.args([
+                    "-c",
+                    &format!("ulimit -v {kib} && exec \"$0\" \"$@\""),
+                    env!("CARGO_BIN_EXE_sluice"),
+                ]);
+                c
+            }
+        };
+        cmd.args(["run", "--config"])
             .arg(config_path)
             .env("SLUICE_LOG", "info")
             .stdout(log.try_clone().unwrap())
@@ -146,7 +172,7 @@ impl Proxy {
     /// Starts the process again with the same config and addresses, and waits until it is ready.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Proxy::spawn(&self.dir, &self.config_path);
+        self.child = Proxy::spawn(&self.dir, &self.config_path, None);
         self.wait_ready();
     }
 
