@@ -15,7 +15,8 @@
 #   1. throughput (wrk, closed loop, CONNS keep-alive connections) of each target in TARGETS:
 #        direct         wrk -> backend, no proxy (the ceiling of the load side)
 #        nginx          nginx, 1 worker, upstream keepalive
-#        sluice         sluice, threads = 1, strategy builtin:round-robin (Wasm)
+#        sluice         sluice, threads = 1, strategy builtin:round-robin (Wasm), lean HTTP/1 path
+#        sluice-pingora the same on pingora-proxy's HTTP/1 path ([server] http1 = "pingora")
 #        sluice-native  sluice, threads = 1, strategy native:round-robin (no Wasm); skipped with a message
 #                       when the binary refuses that config
 #        haproxy        haproxy, nbthread 1, http-reuse always (skipped if it cannot be installed)
@@ -41,7 +42,7 @@
 #   CONNS=64       wrk connections (wrk -c)                RUNS=1     rounds; targets are interleaved per round
 #   PROXY_CPU=0    CPU for the proxy under test            LOAD_CPU=1 CPU for wrk, oha and the backend
 #   BASE_PORT=18080  ports BASE_PORT+1 .. BASE_PORT+200 are used (backends, proxies, admin ports)
-#   TARGETS="direct nginx sluice sluice-native haproxy caddy"   which to measure (throughput and latency)
+#   TARGETS="direct nginx sluice sluice-pingora sluice-native haproxy caddy"   which to measure
 #   STRATEGIES=0     1: also measure every built-in strategy (section 2)
 #   STRAT_BACKENDS=64  backends in the strategy pool (1..64)
 #   STRATEGY_LIST=   strategies to measure instead of all, e.g. "round-robin maglev native:round-robin"
@@ -69,7 +70,7 @@ RUNS=${RUNS:-1}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BASE_PORT=${BASE_PORT:-18080}
-TARGETS=${TARGETS:-direct nginx sluice sluice-native haproxy caddy}
+TARGETS=${TARGETS:-direct nginx sluice sluice-pingora sluice-native haproxy caddy}
 STRATEGIES=${STRATEGIES:-0}
 STRAT_BACKENDS=${STRAT_BACKENDS:-64}
 STRATEGY_LIST=${STRATEGY_LIST:-}
@@ -85,7 +86,7 @@ SLUICE_REV=${SLUICE_REV:-}
 KEEP_TMP=${KEEP_TMP:-0}
 PERF_OUT=${PERF_OUT:-}
 
-# Port map (offsets from BASE_PORT): 1-9 the single-core targets, 20-99 the strategy proxies (2 each),
+# Port map (offsets from BASE_PORT): 1-11 the single-core targets, 20-99 the strategy proxies (2 each),
 # 100-163 the strategy backends, 170-199 the multi-worker set (10 per worker count).
 BACKEND_PORT=$((BASE_PORT + 1))
 NGINX_PORT=$((BASE_PORT + 2))
@@ -95,6 +96,8 @@ HAPROXY_PORT=$((BASE_PORT + 5))
 CADDY_PORT=$((BASE_PORT + 6))
 NATIVE_PORT=$((BASE_PORT + 7))
 NATIVE_ADMIN_PORT=$((BASE_PORT + 8))
+PINGORA_PORT=$((BASE_PORT + 10))
+PINGORA_ADMIN_PORT=$((BASE_PORT + 11))
 STRAT_PROXY_BASE=$((BASE_PORT + 20))
 STRAT_BACKEND_BASE=$((BASE_PORT + 100))
 SCALE_BASE=$((BASE_PORT + 170))
@@ -125,8 +128,8 @@ done
 ((n_workers <= 3)) || die "WORKERS may list at most 3 worker counts"
 for t in $TARGETS; do
     case $t in
-    direct | nginx | sluice | sluice-native | haproxy | caddy) ;;
-    *) die "unknown target '$t' (known: direct nginx sluice sluice-native haproxy caddy)" ;;
+    direct | nginx | sluice | sluice-pingora | sluice-native | haproxy | caddy) ;;
+    *) die "unknown target '$t' (known: direct nginx sluice sluice-pingora sluice-native haproxy caddy)" ;;
     esac
 done
 for s in $STRATEGY_LIST; do
@@ -382,6 +385,7 @@ start_sluice() {
 [server]
 listen = ["127.0.0.1:$port"]
 threads = $threads
+${SERVER_EXTRA:-}
 
 [admin]
 listen = "127.0.0.1:$admin"
@@ -438,6 +442,11 @@ for t in $TARGETS; do
         start_sluice sluice "$PROXY_CPU" 1 "$SLUICE_PORT" "$SLUICE_ADMIN_PORT" '"builtin:round-robin"' "$BACKEND_PORT" ||
             die "$SKIP_REASON"
         add_main sluice "http://127.0.0.1:$SLUICE_PORT/"
+        ;;
+    sluice-pingora)
+        SERVER_EXTRA='http1 = "pingora"' start_sluice sluice-pingora "$PROXY_CPU" 1 "$PINGORA_PORT" "$PINGORA_ADMIN_PORT" \
+            '"builtin:round-robin"' "$BACKEND_PORT" || die "$SKIP_REASON"
+        add_main sluice-pingora "http://127.0.0.1:$PINGORA_PORT/"
         ;;
     sluice-native)
         if start_sluice sluice-native "$PROXY_CPU" 1 "$NATIVE_PORT" "$NATIVE_ADMIN_PORT" '"native:round-robin"' "$BACKEND_PORT"; then

@@ -227,6 +227,9 @@ impl<'r> Conn<'r> {
             let read = if self.buf.is_empty() {
                 // Idle between requests: a shutdown closes the connection now.
                 tokio::select! {
+                    // The read first: the shutdown watch is only registered with when the
+                    // client has nothing to read yet.
+                    biased;
                     r = tokio::time::timeout(KEEPALIVE_TIMEOUT, self.io.read_buf(&mut self.buf)) => r,
                     _ = shutdown.changed() => return Ok(None),
                 }

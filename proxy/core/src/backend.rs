@@ -171,7 +171,11 @@ impl BackendStats {
         };
         self.by_class[class].inc();
         if status.is_some_and(|s| s < 500) {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
+            // Read first: a store on every request would bounce the line between cores even
+            // while it stays 0.
+            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
             // A racy read-modify-write: concurrent samples may overwrite each other, which only
             // drops a sample from an average; a CAS loop would cost more than it is worth.
             let sample = latency.as_micros().min(u64::MAX as u128) as u64;

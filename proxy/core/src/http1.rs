@@ -456,6 +456,8 @@ mod tests {
             (b"1\r\nab", "chunk data not followed by CRLF"),
             (b"1\rx", "CR without LF in a chunk-size line"),
             (b"ffffffffffffffff\r\n", "chunk size too large"),
+            (b"1;a\nb\r\n", "control byte in a chunk extension"),
+            (b"0\r\nX: y\nZ\r\n\r\n", "bare LF in the trailers"),
         ] {
             let err = ChunkedDecoder::new()
                 .decode(bad, &mut Vec::new())
