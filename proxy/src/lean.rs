@@ -12,6 +12,7 @@
 //! the head being written are per-connection buffers reused from one request to the next.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,11 @@ use bytes::{Buf, BytesMut};
 use pingora::apps::ServerApp;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
+use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::{ClientLimits, Http1Engine};
 use crate::head::{
     self, is_hop_by_hop, name_is, BodyCursor, BodyFraming, HeadError, HeaderSpan, ParsedRequest,
     RequestHead, ResponseHead,
@@ -32,38 +35,93 @@ use crate::plugin::RequestView;
 use crate::pool::Pool;
 use crate::runtime::Runtime;
 
-/// Largest request head (nginx's `large_client_header_buffers` is 4 × 8 KiB; pingora allows
-/// 1 MiB). Larger is answered 431.
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// A request body up to this size is read whole before the backend is chosen, so a failed
 /// attempt can be replayed on another backend (pingora's retry buffer is the same size).
 const REPLAY_MAX: u64 = 64 * 1024;
-/// How long a kept-alive client connection may sit idle between requests (pingora's default).
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a client may take to send a request head or the next piece of a body once started.
-const CLIENT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a write to the client may stall.
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The h2c connection preface (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The proxy service's application: the lean path for HTTP/1.x, pingora-proxy for HTTP/2.
+/// The proxy service's application: every client connection is admitted here (the connection
+/// cap), then served by the lean path (HTTP/1.x) or by pingora-proxy (HTTP/2, and HTTP/1.x when
+/// `[server] http1 = "pingora"`).
 pub struct LeanApp<F> {
     runtime: Arc<Runtime>,
     fallback: Arc<F>,
     h2c: bool,
+    engine: Http1Engine,
+    limits: ClientLimits,
+    open: AtomicU64,
+    counters: LimitCounters,
+}
+
+/// The downstream counters, resolved once.
+struct LimitCounters {
+    open: IntGauge,
+    accepted: IntCounter,
+    connections: IntCounter,
+    header_timeout: IntCounter,
+    body_timeout: IntCounter,
+    header_size: IntCounter,
+    body_size: IntCounter,
 }
 
 impl<F> LeanApp<F> {
-    /// Serves `runtime`'s routes; HTTP/2 connections go to `fallback`.
-    pub fn new(runtime: Arc<Runtime>, fallback: F, h2c: bool) -> LeanApp<F> {
+    /// Serves `runtime`'s routes; HTTP/2 connections (and HTTP/1 ones when `engine` says so)
+    /// go to `fallback`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        fallback: F,
+        h2c: bool,
+        engine: Http1Engine,
+        limits: ClientLimits,
+    ) -> LeanApp<F> {
+        let m = &runtime.metrics;
+        let reason = |r: &str| m.limit_rejections.with_label_values(&[r]);
+        let counters = LimitCounters {
+            open: m.downstream_open.with_label_values::<&str>(&[]),
+            accepted: m.downstream_accepted.with_label_values::<&str>(&[]),
+            connections: reason("connections"),
+            header_timeout: reason("header_timeout"),
+            body_timeout: reason("body_timeout"),
+            header_size: reason("header_size"),
+            body_size: reason("body_size"),
+        };
         LeanApp {
             runtime,
             fallback: Arc::new(fallback),
             h2c,
+            engine,
+            limits,
+            open: AtomicU64::new(0),
+            counters,
         }
+    }
+
+    /// A place for one more client connection, or `None` at `max_connections`.
+    fn admit(&self) -> Option<ConnSlot<'_, F>> {
+        let n = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.limits.max_connections {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.counters.connections.inc();
+            return None;
+        }
+        self.counters.accepted.inc();
+        self.counters.open.inc();
+        Some(ConnSlot(self))
+    }
+}
+
+/// One admitted client connection; dropping it frees the place.
+struct ConnSlot<'a, F>(&'a LeanApp<F>);
+
+impl<F> Drop for ConnSlot<'_, F> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.open.dec();
     }
 }
 
@@ -74,6 +132,11 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // Over the cap the connection is closed at once, before anything is read or allocated.
+        let _slot = self.admit()?;
+        if self.engine == Http1Engine::Pingora {
+            return self.fallback.process_new(stream, shutdown).await;
+        }
         let tls = stream.get_ssl_digest().is_some();
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let h2c = !tls && self.h2c && {
@@ -84,7 +147,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         if h2 || h2c {
             return self.fallback.process_new(stream, shutdown).await;
         }
-        Conn::new(&self.runtime, stream)
+        Conn::new(&self.runtime, stream, self.limits, &self.counters)
             .serve(shutdown.clone())
             .await;
         None
@@ -147,6 +210,8 @@ enum AttemptError {
     BadResponse,
     /// The backend answered this 5xx, nothing was sent downstream, and the pool retries it.
     Retry5xx(u16),
+    /// A streamed request body went over `max_body_bytes` before any answer.
+    BodyTooLarge,
 }
 
 /// What an attempt may do with the request.
@@ -163,6 +228,10 @@ struct Attempt {
 /// One downstream connection and its reused buffers.
 struct Conn<'r> {
     runtime: &'r Arc<Runtime>,
+    limits: ClientLimits,
+    counters: &'r LimitCounters,
+    /// When the head being read must be complete.
+    head_deadline: Option<tokio::time::Instant>,
     io: Stream,
     client_ip: Option<IpAddr>,
     /// Bytes read from the client: the current request's head, then its body or the next
@@ -177,12 +246,21 @@ struct Conn<'r> {
 }
 
 impl<'r> Conn<'r> {
-    fn new(runtime: &'r Arc<Runtime>, io: Stream) -> Conn<'r> {
+    fn new(
+        runtime: &'r Arc<Runtime>,
+        io: Stream,
+        limits: ClientLimits,
+        counters: &'r LimitCounters,
+    ) -> Conn<'r> {
         let client_ip = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         Conn {
             runtime,
+            limits,
+            counters,
+            // A new connection must send its first head within the header timeout.
+            head_deadline: Some(tokio::time::Instant::now() + limits.header_timeout),
             io,
             client_ip,
             buf: BytesMut::with_capacity(8 * 1024),
@@ -216,28 +294,57 @@ impl<'r> Conn<'r> {
         &mut self,
         shutdown: &mut ShutdownWatch,
     ) -> Result<Option<RequestHead>, HeadError> {
+        let max_head = self.limits.max_header_bytes as usize;
         loop {
             if !self.buf.is_empty() {
-                if let Some(h) = head::parse_request(&self.buf, &mut self.spans, MAX_REQUEST_HEAD)?
-                {
-                    return Ok(Some(h));
+                match head::parse_request(&self.buf, &mut self.spans, max_head) {
+                    Ok(Some(h)) => {
+                        self.head_deadline = None;
+                        return Ok(Some(h));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if e.status == 431 {
+                            self.counters.header_size.inc();
+                        }
+                        return Err(e);
+                    }
+                }
+                // The head has started: it must be complete within the header timeout.
+                if self.head_deadline.is_none() {
+                    self.head_deadline =
+                        Some(tokio::time::Instant::now() + self.limits.header_timeout);
                 }
             }
             self.buf.reserve(4096);
-            let read = if self.buf.is_empty() {
-                // Idle between requests: a shutdown closes the connection now.
-                tokio::select! {
-                    // The read first: the shutdown watch is only registered with when the
-                    // client has nothing to read yet.
-                    biased;
-                    r = tokio::time::timeout(KEEPALIVE_TIMEOUT, self.io.read_buf(&mut self.buf)) => r,
-                    _ = shutdown.changed() => return Ok(None),
+            let read = match self.head_deadline {
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // A client too slow to send its head (or silent since it connected).
+                            self.counters.header_timeout.inc();
+                            return Ok(None);
+                        }
+                    }
                 }
-            } else {
-                tokio::time::timeout(CLIENT_READ_TIMEOUT, self.io.read_buf(&mut self.buf)).await
+                // Idle between requests: a shutdown closes the connection now.
+                None => {
+                    let idle = self.limits.keepalive_timeout;
+                    tokio::select! {
+                        // The read first: the shutdown watch is only registered with when the
+                        // client has nothing to read yet.
+                        biased;
+                        r = tokio::time::timeout(idle, self.io.read_buf(&mut self.buf)) => match r {
+                            Ok(r) => r,
+                            Err(_) => return Ok(None),
+                        },
+                        _ = shutdown.changed() => return Ok(None),
+                    }
+                }
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(n) if n > 0 => {}
                 _ => return Ok(None),
             }
         }
@@ -263,6 +370,14 @@ impl<'r> Conn<'r> {
         }
         pool.count_request();
         let policy = Policy::of(&pool);
+        let max_body = self.limits.max_body_bytes;
+        if let BodyFraming::Length(n) = head.framing {
+            if max_body > 0 && n > max_body {
+                self.counters.body_size.inc();
+                let reason = format!("request body of {n} bytes is over the limit of {max_body}\n");
+                return self.send_error(413, &reason, false).await;
+            }
+        }
 
         // A small body is read whole first, so the request stays replayable.
         if let BodyFraming::Length(n) = head.framing {
@@ -270,11 +385,14 @@ impl<'r> Conn<'r> {
                 let want = head.len + n as usize;
                 while self.buf.len() < want {
                     self.buf.reserve(want - self.buf.len());
-                    match tokio::time::timeout(CLIENT_READ_TIMEOUT, self.io.read_buf(&mut self.buf))
-                        .await
-                    {
+                    let read = self.io.read_buf(&mut self.buf);
+                    match tokio::time::timeout(self.limits.body_timeout, read).await {
                         Ok(Ok(n)) if n > 0 => {}
-                        _ => return Next::Close,
+                        Ok(_) => return Next::Close,
+                        Err(_) => {
+                            self.counters.body_timeout.inc();
+                            return Next::Close;
+                        }
                     }
                 }
             }
@@ -419,6 +537,13 @@ impl<'r> Conn<'r> {
                     return Next::Close;
                 }
                 Err((AttemptError::Client, _)) => return Next::Close,
+                Err((AttemptError::BodyTooLarge, _)) => {
+                    // Not the backend's doing: nothing is recorded against it.
+                    drop(lease);
+                    self.counters.body_size.inc();
+                    let reason = format!("request body is over the limit of {max_body} bytes\n");
+                    return self.send_error(413, &reason, false).await;
+                }
             }
         }
     }
@@ -472,7 +597,7 @@ impl<'r> Conn<'r> {
         if sent_body && !body.is_done() {
             // A large or streamed body: relay the rest as it comes (no replay after this).
             if let Err(e) = self
-                .relay_request_body(&mut up, body, &mut consumed, policy)
+                .relay_request_body(&mut up, body, &mut consumed, head.len, policy)
                 .await
             {
                 return fail(e);
@@ -509,7 +634,7 @@ impl<'r> Conn<'r> {
                     sent_body = true;
                     if !body.is_done() {
                         if let Err(e) = self
-                            .relay_request_body(&mut up, body, &mut consumed, policy)
+                            .relay_request_body(&mut up, body, &mut consumed, head.len, policy)
                             .await
                         {
                             return fail(e);
@@ -611,22 +736,34 @@ impl<'r> Conn<'r> {
         up: &mut TcpStream,
         body: &mut BodyCursor,
         consumed: &mut usize,
+        head_len: usize,
         policy: &Policy,
     ) -> Result<(), AttemptError> {
         // Whatever of the body was buffered has been sent.
+        let mut relayed = (*consumed).saturating_sub(head_len) as u64;
         self.buf.advance(*consumed);
         *consumed = 0;
+        let max_body = self.limits.max_body_bytes;
         while !body.is_done() {
             if self.buf.is_empty() {
                 self.buf.reserve(16 * 1024);
-                match tokio::time::timeout(CLIENT_READ_TIMEOUT, self.io.read_buf(&mut self.buf))
-                    .await
-                {
+                let read = self.io.read_buf(&mut self.buf);
+                match tokio::time::timeout(self.limits.body_timeout, read).await {
                     Ok(Ok(n)) if n > 0 => {}
-                    _ => return Err(AttemptError::Client),
+                    Ok(_) => return Err(AttemptError::Client),
+                    Err(_) => {
+                        self.counters.body_timeout.inc();
+                        return Err(AttemptError::Client);
+                    }
                 }
             }
             let used = body.advance(&self.buf).map_err(|_| AttemptError::Client)?;
+            relayed += used as u64;
+            if max_body > 0 && relayed > max_body {
+                // Counted on the wire (chunk framing included), so a chunked body is cut a
+                // little before its data reaches the limit.
+                return Err(AttemptError::BodyTooLarge);
+            }
             let chunk = self.buf.split_to(used);
             upstream_write(up, &chunk, policy.read_timeout)
                 .await

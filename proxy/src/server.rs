@@ -15,10 +15,8 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use pingora::proxy::HttpProxy;
-
 use crate::admin::AdminApp;
-use crate::config::{Config, Http1Engine};
+use crate::config::Config;
 use crate::lean::LeanApp;
 use crate::metrics::Metrics;
 use crate::plugin::PluginEngine;
@@ -229,21 +227,23 @@ pub fn run(
     // pingora-proxy serves HTTP/2, and HTTP/1 too when `[server] http1 = "pingora"`.
     let mut pingora_app =
         pingora::proxy::http_proxy(&server.configuration, SluiceProxy::new(runtime.clone()));
-    if config.server.h2c {
-        let mut opts = HttpServerOptions::default();
-        opts.h2c = true;
-        pingora_app.server_options = Some(opts);
-    }
-    let mut proxy = match config.server.http1 {
-        Http1Engine::Lean => ProxyService::Lean(Service::new(
-            "sluice-proxy".to_string(),
-            LeanApp::new(runtime.clone(), pingora_app, config.server.h2c),
-        )),
-        Http1Engine::Pingora => ProxyService::Pingora(Box::new(Service::new(
-            "sluice-proxy".to_string(),
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = config.server.h2c;
+    // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
+    opts.h2_idle_timeout = Some(config.server.limits.keepalive_timeout);
+    pingora_app.server_options = Some(opts);
+    // Every client connection is admitted by the lean app (connection cap), which serves HTTP/1
+    // itself or hands the connection to pingora-proxy.
+    let mut proxy = Service::new(
+        "sluice-proxy".to_string(),
+        LeanApp::new(
+            runtime.clone(),
             pingora_app,
-        ))),
-    };
+            config.server.h2c,
+            config.server.http1,
+            config.server.limits,
+        ),
+    );
     for l in &config.server.listen {
         proxy.add_tcp(l.get_ref());
     }
@@ -261,13 +261,10 @@ pub fn run(
                         )
                     })?;
             settings.enable_h2();
-            proxy.add_tls(l.get_ref(), settings);
+            proxy.add_tls_with_settings(l.get_ref(), None, settings);
         }
     }
-    match proxy {
-        ProxyService::Lean(p) => server.add_service(p),
-        ProxyService::Pingora(p) => server.add_service(*p),
-    };
+    server.add_service(proxy);
 
     let mut admin = Service::new(
         "sluice-admin".to_string(),
@@ -305,28 +302,6 @@ pub fn run(
     // The cluster member lives as long as the process; pingora exits the process on shutdown.
     std::mem::forget(cluster);
     server.run_forever()
-}
-
-/// The proxy service, on the engine `[server] http1` chose.
-enum ProxyService {
-    Lean(Service<LeanApp<HttpProxy<SluiceProxy>>>),
-    Pingora(Box<Service<HttpProxy<SluiceProxy>>>),
-}
-
-impl ProxyService {
-    fn add_tcp(&mut self, addr: &str) {
-        match self {
-            ProxyService::Lean(s) => s.add_tcp(addr),
-            ProxyService::Pingora(s) => s.add_tcp(addr),
-        }
-    }
-
-    fn add_tls(&mut self, addr: &str, settings: TlsSettings) {
-        match self {
-            ProxyService::Lean(s) => s.add_tls_with_settings(addr, None, settings),
-            ProxyService::Pingora(s) => s.add_tls_with_settings(addr, None, settings),
-        }
-    }
 }
 
 /// Re-admits ejected backends, advances slow-start ramps and re-evaluates zone load.

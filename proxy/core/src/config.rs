@@ -89,6 +89,65 @@ pub struct ServerConfig {
     /// Which engine serves HTTP/1.x downstream connections (HTTP/2 always takes pingora's).
     #[serde(default)]
     pub http1: Http1Engine,
+    /// What a client may take: timeouts, sizes, connections.
+    #[serde(default)]
+    pub limits: ClientLimits,
+}
+
+/// `[server.limits]`: what one client may take, on every listener. Defaults follow nginx's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLimits {
+    /// From a request's first byte (a new connection: from its accept) to the end of its head.
+    #[serde(default = "default_header_timeout", with = "duration")]
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may wait idle for its next request.
+    #[serde(default = "default_keepalive_timeout", with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// Longest wait between two reads of a request body.
+    #[serde(default = "default_body_timeout", with = "duration")]
+    pub body_timeout: Duration,
+    /// Largest request head in bytes; a larger one is answered 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u64,
+    /// Largest request body in bytes, answered 413 above; 0 means no limit.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Client connections open at once; one more is closed as soon as it is accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u64,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout: default_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            body_timeout: default_body_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: default_max_body_bytes(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_header_bytes() -> u64 {
+    64 * 1024
+}
+fn default_max_body_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_max_connections() -> u64 {
+    10_000
 }
 
 /// `[server] http1`: the engine for HTTP/1.x downstream connections.
@@ -112,6 +171,7 @@ impl Default for ServerConfig {
             h2c: false,
             tls: None,
             http1: Http1Engine::Lean,
+            limits: ClientLimits::default(),
         }
     }
 }
@@ -547,6 +607,38 @@ impl Config {
             "[server] threads",
         )
         .map_err(|m| self.error_at(0..0, m))?;
+        let l = &self.server.limits;
+        for (what, d) in [
+            ("[server.limits] header_timeout", l.header_timeout),
+            ("[server.limits] keepalive_timeout", l.keepalive_timeout),
+            ("[server.limits] body_timeout", l.body_timeout),
+        ] {
+            duration_in_range(
+                d,
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+                what,
+            )
+            .map_err(|m| self.error_at(0..0, m))?;
+        }
+        for (what, v, range) in [
+            (
+                "[server.limits] max_header_bytes",
+                l.max_header_bytes,
+                1024..=1024 * 1024,
+            ),
+            (
+                "[server.limits] max_body_bytes",
+                l.max_body_bytes,
+                0..=1 << 40,
+            ),
+            (
+                "[server.limits] max_connections",
+                l.max_connections,
+                1..=1_000_000,
+            ),
+        ] {
+            in_range(v, range, what).map_err(|m| self.error_at(0..0, m))?;
+        }
         let tls_listen = self.server.tls.iter().flat_map(|t| t.listen.iter());
         if self.server.listen.is_empty() && tls_listen.clone().next().is_none() {
             return Err(self.error_at(0..0, "[server] listen is empty and there is no [server.tls] listener, so the proxy would accept nothing; add an address such as listen = [\"127.0.0.1:8080\"]"));

@@ -54,6 +54,13 @@ pub struct Metrics {
     pub health_flaps: IntCounterVec,
     /// `sluice_backend_healthy{pool,backend}`: 1 healthy, 0 not.
     pub backend_healthy: IntGaugeVec,
+    /// `sluice_downstream_connections`: client connections open now.
+    pub downstream_open: IntGaugeVec,
+    /// `sluice_downstream_accepted_total`: client connections accepted.
+    pub downstream_accepted: IntCounterVec,
+    /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
+    /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`).
+    pub limit_rejections: IntCounterVec,
     scopes: Arc<ColdLock<HashMap<Vec<String>, Weak<ScopeInner>>>>,
 }
 
@@ -164,6 +171,21 @@ impl Metrics {
                 "sluice_backend_healthy",
                 "1 when the backend passes its health checks.",
                 &["pool", "backend"],
+            ),
+            downstream_open: gauge(
+                "sluice_downstream_connections",
+                "Client connections open now.",
+                &[],
+            ),
+            downstream_accepted: counter(
+                "sluice_downstream_accepted_total",
+                "Client connections accepted.",
+                &[],
+            ),
+            limit_rejections: counter(
+                "sluice_limit_rejections_total",
+                "Clients cut off by a [server.limits] setting, by reason.",
+                &["reason"],
             ),
             registry,
             scopes: Arc::default(),
