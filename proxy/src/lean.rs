@@ -26,9 +26,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{ClientLimits, Http1Engine};
+use crate::forwarding::{self, Forwarding, Hop};
 use crate::head::{
-    self, is_hop_by_hop, name_is, BodyCursor, BodyFraming, HeadError, HeaderSpan, ParsedRequest,
-    RequestHead, ResponseHead,
+    self, is_hop_by_hop, name_is, BodyCursor, BodyFraming, HeadError, HeadWriter, HeaderSpan,
+    ParsedRequest, RequestHead, ResponseHead,
 };
 use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
@@ -54,6 +55,7 @@ pub struct LeanApp<F> {
     h2c: bool,
     engine: Http1Engine,
     limits: ClientLimits,
+    forwarding: Forwarding,
     open: AtomicU64,
     counters: LimitCounters,
 }
@@ -78,6 +80,7 @@ impl<F> LeanApp<F> {
         h2c: bool,
         engine: Http1Engine,
         limits: ClientLimits,
+        forwarding: Forwarding,
     ) -> LeanApp<F> {
         let m = &runtime.metrics;
         let reason = |r: &str| m.limit_rejections.with_label_values(&[r]);
@@ -96,6 +99,7 @@ impl<F> LeanApp<F> {
             h2c,
             engine,
             limits,
+            forwarding,
             open: AtomicU64::new(0),
             counters,
         }
@@ -147,9 +151,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         if h2 || h2c {
             return self.fallback.process_new(stream, shutdown).await;
         }
-        Conn::new(&self.runtime, stream, self.limits, &self.counters)
-            .serve(shutdown.clone())
-            .await;
+        Conn::new(self, stream, tls).serve(shutdown.clone()).await;
         None
     }
 
@@ -223,6 +225,8 @@ struct Attempt {
     retry_5xx: bool,
     /// Body bytes in the buffer after the head.
     body_here: usize,
+    /// The request id to add (the request has none).
+    request_id: Option<[u8; 32]>,
 }
 
 /// One downstream connection and its reused buffers.
@@ -230,6 +234,10 @@ struct Conn<'r> {
     runtime: &'r Arc<Runtime>,
     limits: ClientLimits,
     counters: &'r LimitCounters,
+    forwarding: &'r Forwarding,
+    /// The peer is a trusted proxy: its forwarding headers are believed.
+    trusted_peer: bool,
+    scheme: &'static str,
     /// When the head being read must be complete.
     head_deadline: Option<tokio::time::Instant>,
     io: Stream,
@@ -246,12 +254,8 @@ struct Conn<'r> {
 }
 
 impl<'r> Conn<'r> {
-    fn new(
-        runtime: &'r Arc<Runtime>,
-        io: Stream,
-        limits: ClientLimits,
-        counters: &'r LimitCounters,
-    ) -> Conn<'r> {
+    fn new<F>(app: &'r LeanApp<F>, io: Stream, tls: bool) -> Conn<'r> {
+        let (runtime, limits, counters) = (&app.runtime, app.limits, &app.counters);
         let client_ip = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
@@ -259,6 +263,9 @@ impl<'r> Conn<'r> {
             runtime,
             limits,
             counters,
+            forwarding: &app.forwarding,
+            trusted_peer: app.forwarding.trusts(client_ip),
+            scheme: if tls { "https" } else { "http" },
             // A new connection must send its first head within the header timeout.
             head_deadline: Some(tokio::time::Instant::now() + limits.header_timeout),
             io,
@@ -268,6 +275,16 @@ impl<'r> Conn<'r> {
             ubuf: BytesMut::with_capacity(16 * 1024),
             uspans: Vec::with_capacity(32),
             out: Vec::with_capacity(2 * 1024),
+        }
+    }
+
+    /// This hop, as the forwarding headers describe it.
+    fn hop<'h>(&'h self, head: &RequestHead) -> Hop<'h> {
+        Hop {
+            peer: self.client_ip,
+            trusted: self.trusted_peer,
+            scheme: self.scheme,
+            host: head.host.map(|h| h.of(&self.buf)),
         }
     }
 
@@ -409,6 +426,26 @@ impl<'r> Conn<'r> {
         };
         let replayable = body.is_done() && !head.expect_continue;
 
+        // Who the client is, and the request id, once for every attempt.
+        let (client_ip, request_id) = {
+            let parsed = ParsedRequest {
+                buf: &self.buf,
+                head,
+                headers: &self.spans,
+            };
+            let client_ip = if self.trusted_peer {
+                self.forwarding.client_ip(&self.hop(head), &parsed)
+            } else {
+                self.client_ip
+            };
+            let request_id = self.forwarding.needs_request_id(&parsed).then(|| {
+                let mut id = [0u8; 32];
+                forwarding::new_request_id(&mut id);
+                id
+            });
+            (client_ip, request_id)
+        };
+
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0u32;
         loop {
@@ -427,7 +464,7 @@ impl<'r> Conn<'r> {
                 };
                 let view = RequestView {
                     header: &view_head,
-                    client_ip: self.client_ip,
+                    client_ip,
                     excluded: &excluded,
                 };
                 pool.strategy
@@ -469,6 +506,7 @@ impl<'r> Conn<'r> {
                 replayable,
                 retry_5xx,
                 body_here,
+                request_id,
             };
             let result = self
                 .attempt(head, &mut lease, &mut body, attempt_io, &policy, shutdown)
@@ -580,7 +618,24 @@ impl<'r> Conn<'r> {
 
         // The head, and the body bytes already read, in one write.
         self.out.clear();
-        write_request_head(&mut self.out, &self.buf, head, &self.spans);
+        // Built from the fields (not `self.hop`) so `self.out` can be borrowed beside it.
+        let hop = Hop {
+            peer: self.client_ip,
+            trusted: self.trusted_peer,
+            scheme: self.scheme,
+            host: head.host.map(|h| h.of(&self.buf)),
+        };
+        write_request_head(
+            &mut self.out,
+            &ParsedRequest {
+                buf: &self.buf,
+                head,
+                headers: &self.spans,
+            },
+            self.forwarding,
+            &hop,
+            how.request_id.as_ref().map(|id| &id[..]),
+        );
         let mut sent_body = false;
         if !head.expect_continue {
             self.out
@@ -873,9 +928,16 @@ async fn upstream_write(up: &mut TcpStream, bytes: &[u8], limit: Duration) -> st
 }
 
 /// The request head as sent upstream: the request line and headers as parsed, without the
-/// hop-by-hop headers (the upstream connection is sluice's own and kept alive), except those an
-/// upgrade needs.
-fn write_request_head(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, spans: &[HeaderSpan]) {
+/// hop-by-hop headers (the upstream connection is sluice's own and kept alive) except those an
+/// upgrade needs, and with the forwarding headers rewritten by `fwd`'s rules.
+fn write_request_head(
+    out: &mut Vec<u8>,
+    req: &ParsedRequest<'_>,
+    fwd: &Forwarding,
+    hop: &Hop<'_>,
+    request_id: Option<&[u8]>,
+) {
+    let (buf, head) = (req.buf, req.head);
     out.extend_from_slice(head.method.of(buf));
     out.push(b' ');
     out.extend_from_slice(head.target.of(buf));
@@ -884,13 +946,17 @@ fn write_request_head(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, spans: 
     } else {
         b" HTTP/1.1\r\n"
     });
-    for h in spans {
+    for h in req.headers {
         let name = h.name.of(buf);
         if is_hop_by_hop(name) && !(head.upgrade && name_is(name, b"connection")) {
             continue;
         }
+        if fwd.rewrites(name) {
+            continue;
+        }
         put_header(out, name, h.value.of(buf));
     }
+    fwd.write(hop, req, request_id, &mut HeadWriter(out));
     if head.version == 0 {
         // HTTP/1.0 closes by default; sluice keeps its upstream connections.
         out.extend_from_slice(b"Connection: keep-alive\r\n");

@@ -10,6 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::forwarding::{Forwarding, HeaderSink, Hop};
 use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
 use crate::pool::Pool;
@@ -18,12 +19,50 @@ use crate::runtime::Runtime;
 /// The pingora proxy application.
 pub struct SluiceProxy {
     runtime: Arc<Runtime>,
+    forwarding: Forwarding,
 }
 
 impl SluiceProxy {
-    /// A proxy serving `runtime`'s routes.
-    pub fn new(runtime: Arc<Runtime>) -> SluiceProxy {
-        SluiceProxy { runtime }
+    /// A proxy serving `runtime`'s routes, with `forwarding`'s headers.
+    pub fn new(runtime: Arc<Runtime>, forwarding: Forwarding) -> SluiceProxy {
+        SluiceProxy {
+            runtime,
+            forwarding,
+        }
+    }
+
+    /// This hop as the forwarding headers describe it.
+    fn hop<'s>(&self, session: &'s Session) -> Hop<'s> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        Hop {
+            peer,
+            trusted: self.forwarding.trusts(peer),
+            scheme: if tls { "https" } else { "http" },
+            host: request_host(session).map(str::as_bytes),
+        }
+    }
+}
+
+/// Collects forwarding headers for pingora's request header.
+#[derive(Default)]
+struct Collected(Vec<(&'static str, Vec<u8>)>);
+
+impl HeaderSink for Collected {
+    fn header(&mut self, name: &str, parts: &[&[u8]]) {
+        let name = match name {
+            "X-Forwarded-For" => "X-Forwarded-For",
+            "X-Forwarded-Proto" => "X-Forwarded-Proto",
+            "X-Forwarded-Host" => "X-Forwarded-Host",
+            "Forwarded" => "Forwarded",
+            "Via" => "Via",
+            // The request id header's configured name (lower case).
+            _ => "",
+        };
+        self.0.push((name, parts.concat()));
     }
 }
 
@@ -38,6 +77,8 @@ pub struct RequestCtx {
     attempt: u32,
     /// Short reason sent with an error response.
     reason: Option<String>,
+    /// The request id sluice added (the same on every attempt).
+    request_id: Option<[u8; 32]>,
 }
 
 impl RequestCtx {
@@ -79,6 +120,7 @@ impl ProxyHttp for SluiceProxy {
             tried: Vec::new(),
             attempt: 0,
             reason: None,
+            request_id: None,
         }
     }
 
@@ -119,10 +161,9 @@ impl ProxyHttp for SluiceProxy {
         // A retry starts a new attempt: the previous one's slot is released here at the latest.
         ctx.lease = None;
         let table = pool.table();
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let client_ip = self
+            .forwarding
+            .client_ip(&self.hop(session), &session.req_header().headers);
         let tried = &ctx.tried;
         let excluded = |i: usize| {
             table
@@ -236,6 +277,48 @@ impl ProxyHttp for SluiceProxy {
             }
         }
         e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let incoming = &session.req_header().headers;
+        if ctx.request_id.is_none() && self.forwarding.needs_request_id(incoming) {
+            let mut id = [0u8; 32];
+            crate::forwarding::new_request_id(&mut id);
+            ctx.request_id = Some(id);
+        }
+        let mut out = Collected::default();
+        self.forwarding.write(
+            &self.hop(session),
+            incoming,
+            ctx.request_id.as_ref().map(|id| &id[..]),
+            &mut out,
+        );
+        let rewritten: Vec<http::HeaderName> = upstream_request
+            .headers
+            .keys()
+            .filter(|n| self.forwarding.rewrites(n.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        for name in rewritten {
+            upstream_request.remove_header(&name);
+        }
+        for (name, value) in out.0 {
+            let name = if name.is_empty() {
+                self.forwarding.request_id_name().unwrap_or("x-request-id")
+            } else {
+                name
+            };
+            let value = http::HeaderValue::from_bytes(&value).map_err(|e| {
+                Error::because(ErrorType::InternalError, "forwarding header value", e)
+            })?;
+            upstream_request.append_header(name.to_string(), value)?;
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(

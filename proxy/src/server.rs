@@ -225,8 +225,16 @@ pub fn run(
     server.bootstrap();
 
     // pingora-proxy serves HTTP/2, and HTTP/1 too when `[server] http1 = "pingora"`.
-    let mut pingora_app =
-        pingora::proxy::http_proxy(&server.configuration, SluiceProxy::new(runtime.clone()));
+    // Validated by Config::load already; the same rules serve both request paths.
+    let forwarding = config
+        .server
+        .forwarding
+        .build()
+        .map_err(anyhow::Error::msg)?;
+    let mut pingora_app = pingora::proxy::http_proxy(
+        &server.configuration,
+        SluiceProxy::new(runtime.clone(), forwarding.clone()),
+    );
     let mut opts = HttpServerOptions::default();
     opts.h2c = config.server.h2c;
     // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
@@ -242,6 +250,7 @@ pub fn run(
             config.server.h2c,
             config.server.http1,
             config.server.limits,
+            forwarding,
         ),
     );
     for l in &config.server.listen {

@@ -481,3 +481,78 @@ fn hop_by_hop_headers_stay_and_upstream_connections_are_reused() {
         "{conns} upstream connections for 20 sequential requests"
     );
 }
+
+fn header_of(h: &http1::Head, name: &str) -> String {
+    h.header(name).unwrap_or("").to_string()
+}
+
+/// Forwarding headers are on by default, and an untrusted client's own are replaced: it cannot
+/// claim another address. `Via` records the hop; a request id is added when absent and kept
+/// when present.
+#[test]
+fn forwarding_headers_are_set_and_a_client_cannot_spoof_them() {
+    let (backend, seen) = echo_backend();
+    let p = proxy_for("h1-forwarding", backend);
+    let mut c = connect(&p);
+    let mut carry = Vec::new();
+    c.write_all(
+        b"GET /f HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nVia: 1.0 fred\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut c, &mut carry, false).0.status, 200);
+    c.write_all(b"GET /g HTTP/1.1\r\nHost: shop.example\r\nX-Request-Id: mine-123\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut carry, false).0.status, 200);
+    let reqs = seen.requests.lock();
+    let first = &reqs[0];
+    let xff = header_of(first, "x-forwarded-for");
+    let ip: std::net::IpAddr = xff
+        .parse()
+        .unwrap_or_else(|_| panic!("X-Forwarded-For {xff:?}"));
+    assert!(ip.is_loopback(), "{xff}");
+    assert_eq!(header_of(first, "x-forwarded-proto"), "http");
+    assert_eq!(header_of(first, "x-forwarded-host"), "shop.example");
+    assert_eq!(header_of(first, "via"), "1.0 fred, 1.1 sluice");
+    let id = header_of(first, "x-request-id");
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    assert_eq!(
+        first
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "x-forwarded-for")
+            .count(),
+        1,
+        "the client's own X-Forwarded-For went through"
+    );
+    assert_eq!(header_of(&reqs[1], "x-request-id"), "mine-123");
+}
+
+/// Behind a trusted proxy the incoming chain is kept and extended.
+#[test]
+fn a_trusted_proxy_chain_is_extended() {
+    let (backend, seen) = echo_backend();
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [\"{backend}\"]\n[[route]]\npath_prefix = \"/\"\npool = \"web\"\n"
+    );
+    let p = Proxy::start_full(
+        scratch_dir("h1-trusted"),
+        "forwarding = { trusted_proxies = [\"127.0.0.0/8\", \"::1\"], forwarded = true }",
+        &body,
+    );
+    let mut c = connect(&p);
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.9\r\nX-Forwarded-Proto: https\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut Vec::new(), false).0.status, 200);
+    let reqs = seen.requests.lock();
+    let xff = header_of(&reqs[0], "x-forwarded-for");
+    assert!(xff.starts_with("198.51.100.9, 127."), "{xff}");
+    assert_eq!(
+        header_of(&reqs[0], "x-forwarded-proto"),
+        "https",
+        "kept from a trusted proxy"
+    );
+    assert!(header_of(&reqs[0], "forwarded").starts_with("for=127."));
+}

@@ -92,6 +92,9 @@ pub struct ServerConfig {
     /// What a client may take: timeouts, sizes, connections.
     #[serde(default)]
     pub limits: ClientLimits,
+    /// Forwarding headers and whose to believe.
+    #[serde(default)]
+    pub forwarding: crate::forwarding::ForwardingConfig,
 }
 
 /// `[server.limits]`: what one client may take, on every listener. Defaults follow nginx's.
@@ -172,6 +175,7 @@ impl Default for ServerConfig {
             tls: None,
             http1: Http1Engine::Lean,
             limits: ClientLimits::default(),
+            forwarding: crate::forwarding::ForwardingConfig::default(),
         }
     }
 }
@@ -639,6 +643,10 @@ impl Config {
         ] {
             in_range(v, range, what).map_err(|m| self.error_at(0..0, m))?;
         }
+        self.server
+            .forwarding
+            .build()
+            .map_err(|m| self.error_at(0..0, m))?;
         let tls_listen = self.server.tls.iter().flat_map(|t| t.listen.iter());
         if self.server.listen.is_empty() && tls_listen.clone().next().is_none() {
             return Err(self.error_at(0..0, "[server] listen is empty and there is no [server.tls] listener, so the proxy would accept nothing; add an address such as listen = [\"127.0.0.1:8080\"]"));

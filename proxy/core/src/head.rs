@@ -508,6 +508,31 @@ impl crate::plugin::HeadView for ParsedRequest<'_> {
     }
 }
 
+impl crate::forwarding::IncomingHeaders for ParsedRequest<'_> {
+    fn each_value<'s>(&'s self, name: &[u8], each: &mut dyn FnMut(&'s [u8])) {
+        for h in self.headers {
+            if name_is(h.name.of(self.buf), name) {
+                each(h.value.of(self.buf));
+            }
+        }
+    }
+}
+
+/// Writes headers into a head being assembled (`name: value` CRLF).
+#[derive(Debug)]
+pub struct HeadWriter<'a>(pub &'a mut Vec<u8>);
+
+impl crate::forwarding::HeaderSink for HeadWriter<'_> {
+    fn header(&mut self, name: &str, parts: &[&[u8]]) {
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b": ");
+        for p in parts {
+            self.0.extend_from_slice(p);
+        }
+        self.0.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Tracks where a forwarded body ends without copying or decoding it: bytes pass through
 /// unchanged, and [`BodyCursor::advance`] says how many of them still belong to the body.
 #[derive(Debug, Clone)]

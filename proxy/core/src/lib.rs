@@ -15,6 +15,7 @@ pub mod builtin;
 pub mod cluster_config;
 pub mod cold_lock;
 pub mod config;
+pub mod forwarding;
 pub mod fuzzing;
 pub mod head;
 pub mod health;
