@@ -25,7 +25,9 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::access_log::{AccessLog, LogFormat, RequestFields, ResponseFields};
 use crate::config::{ClientLimits, Http1Engine};
+use crate::forwarding::IncomingHeaders;
 use crate::forwarding::{self, Forwarding, Hop};
 use crate::head::{
     self, is_hop_by_hop, name_is, BodyCursor, BodyFraming, HeadError, HeadWriter, HeaderSpan,
@@ -56,6 +58,7 @@ pub struct LeanApp<F> {
     engine: Http1Engine,
     limits: ClientLimits,
     forwarding: Forwarding,
+    log: AccessLog,
     open: AtomicU64,
     counters: LimitCounters,
 }
@@ -81,6 +84,7 @@ impl<F> LeanApp<F> {
         engine: Http1Engine,
         limits: ClientLimits,
         forwarding: Forwarding,
+        log: AccessLog,
     ) -> LeanApp<F> {
         let m = &runtime.metrics;
         let reason = |r: &str| m.limit_rejections.with_label_values(&[r]);
@@ -100,6 +104,7 @@ impl<F> LeanApp<F> {
             engine,
             limits,
             forwarding,
+            log,
             open: AtomicU64::new(0),
             counters,
         }
@@ -216,6 +221,22 @@ enum AttemptError {
     BodyTooLarge,
 }
 
+/// The access log's view of the request being served (reset per request).
+#[derive(Default)]
+struct Record {
+    /// A line is being written: collect the fields that cost something.
+    logging: bool,
+    status: u16,
+    bytes_in: u64,
+    connect: Option<Duration>,
+    response: Option<Duration>,
+    pool: Option<Arc<Pool>>,
+    backend: Option<Arc<crate::backend::Backend>>,
+    attempts: u32,
+    generation: Option<u64>,
+    request_id: Option<[u8; 32]>,
+}
+
 /// What an attempt may do with the request.
 #[derive(Clone, Copy)]
 struct Attempt {
@@ -235,6 +256,13 @@ struct Conn<'r> {
     limits: ClientLimits,
     counters: &'r LimitCounters,
     forwarding: &'r Forwarding,
+    log: &'r AccessLog,
+    /// What the access log says about the request being served.
+    rec: Record,
+    /// Bytes written to the client on this connection.
+    bytes_out: u64,
+    client_port: u16,
+    tls_version: Option<Arc<pingora::protocols::tls::SslDigest>>,
     /// The peer is a trusted proxy: its forwarding headers are believed.
     trusted_peer: bool,
     scheme: &'static str,
@@ -256,14 +284,20 @@ struct Conn<'r> {
 impl<'r> Conn<'r> {
     fn new<F>(app: &'r LeanApp<F>, io: Stream, tls: bool) -> Conn<'r> {
         let (runtime, limits, counters) = (&app.runtime, app.limits, &app.counters);
-        let client_ip = io
+        let peer = io
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let client_ip = peer.map(|a| a.ip());
         Conn {
             runtime,
             limits,
             counters,
             forwarding: &app.forwarding,
+            log: &app.log,
+            rec: Record::default(),
+            bytes_out: 0,
+            client_port: peer.map_or(0, |a| a.port()),
+            tls_version: io.get_ssl_digest(),
             trusted_peer: app.forwarding.trusts(client_ip),
             scheme: if tls { "https" } else { "http" },
             // A new connection must send its first head within the header timeout.
@@ -298,11 +332,59 @@ impl<'r> Conn<'r> {
                     return;
                 }
             };
-            match self.exchange(&head, &shutdown).await {
+            let next = if self.log.format() == LogFormat::Off {
+                self.exchange(&head, &shutdown).await
+            } else {
+                self.logged_exchange(&head, &shutdown).await
+            };
+            match next {
                 Next::KeepAlive if !*shutdown.borrow() => {}
                 _ => return,
             }
         }
+    }
+
+    /// [`Conn::exchange`] with its access log line (the request's fields are taken before the
+    /// exchange, since the buffer moves on after it).
+    async fn logged_exchange(&mut self, head: &RequestHead, shutdown: &ShutdownWatch) -> Next {
+        let started = Instant::now();
+        let mut line = self.log.line();
+        if let Some(line) = &mut line {
+            let tls = self.tls_version.as_ref().map(|d| d.version.as_ref());
+            line.request(&RequestFields {
+                time: std::time::SystemTime::now(),
+                client: self.client_ip.map(|ip| (ip, self.client_port)),
+                method: head.method.of(&self.buf),
+                host: head.host.map(|h| h.of(&self.buf)),
+                target: head.target.of(&self.buf),
+                version: head.version,
+                tls,
+            });
+        }
+        self.rec = Record {
+            logging: line.is_some(),
+            ..Record::default()
+        };
+        let out_before = self.bytes_out;
+        let next = self.exchange(head, shutdown).await;
+        if let Some(line) = line {
+            let r = &self.rec;
+            line.finish(&ResponseFields {
+                status: r.status,
+                bytes_in: r.bytes_in,
+                bytes_out: self.bytes_out - out_before,
+                duration: started.elapsed(),
+                connect: r.connect,
+                response: r.response,
+                pool: r.pool.as_ref().map(|p| p.name.as_str()),
+                backend: r.backend.as_ref().map(|b| b.addr_text.as_str()),
+                attempts: r.attempts,
+                generation: r.generation,
+                // A client's id shorter than 32 bytes was padded with spaces.
+                request_id: r.request_id.as_ref().map(|id| id.trim_ascii_end()),
+            });
+        }
+        next
     }
 
     /// Reads until a whole request head is in the buffer. `None`: the client closed, timed out
@@ -386,6 +468,10 @@ impl<'r> Conn<'r> {
             return self.send_error(503, &reason, head.is_head).await;
         }
         pool.count_request();
+        if self.rec.logging {
+            self.rec.generation = Some(pool.strategy.current().generation);
+            self.rec.pool = Some(pool.clone());
+        }
         let policy = Policy::of(&pool);
         let max_body = self.limits.max_body_bytes;
         if let BodyFraming::Length(n) = head.framing {
@@ -425,6 +511,7 @@ impl<'r> Conn<'r> {
             }
         };
         let replayable = body.is_done() && !head.expect_continue;
+        self.rec.bytes_in = (head.len + body_here) as u64;
 
         // Who the client is, and the request id, once for every attempt.
         let (client_ip, request_id) = {
@@ -443,6 +530,21 @@ impl<'r> Conn<'r> {
                 forwarding::new_request_id(&mut id);
                 id
             });
+            if self.rec.logging {
+                self.rec.request_id = request_id.or_else(|| {
+                    // The client's own id, if it fits.
+                    let name = self.forwarding.request_id_name()?;
+                    let mut own = None;
+                    parsed.each_value(name.as_bytes(), &mut |v| {
+                        if own.is_none() && v.len() <= 32 {
+                            let mut id = [b' '; 32];
+                            id[..v.len()].copy_from_slice(v);
+                            own = Some(id);
+                        }
+                    });
+                    own
+                });
+            }
             (client_ip, request_id)
         };
 
@@ -501,6 +603,10 @@ impl<'r> Conn<'r> {
                 && (policy.retry_non_idempotent || head.idempotent)
                 && attempt <= policy.retries
                 && pool.table().len() > tried.len() + 1;
+            if self.rec.logging {
+                self.rec.attempts = attempt;
+                self.rec.backend = Some(backend.clone());
+            }
             let mut lease = pool.lease(backend);
             let attempt_io = Attempt {
                 replayable,
@@ -601,13 +707,17 @@ impl<'r> Conn<'r> {
         let backend = lease.backend().clone();
         let now = Instant::now();
         let (mut up, reused) = match backend.conns.take(now) {
-            Some(s) => (s, true),
+            Some(s) => {
+                self.rec.connect = Some(Duration::ZERO);
+                (s, true)
+            }
             None => {
                 match tokio::time::timeout(policy.connect_timeout, TcpStream::connect(backend.addr))
                     .await
                 {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
+                        self.rec.connect = Some(now.elapsed());
                         (s, false)
                     }
                     _ => return Err((AttemptError::Connect, false)),
@@ -660,6 +770,7 @@ impl<'r> Conn<'r> {
         }
 
         // The response head; 1xx answers are relayed and the real one awaited.
+        let sent_at = Instant::now();
         self.ubuf.clear();
         let resp = loop {
             let resp = match self.read_response_head(&mut up, head, policy).await {
@@ -702,6 +813,8 @@ impl<'r> Conn<'r> {
         };
 
         let status = resp.status;
+        self.rec.response = Some(sent_at.elapsed());
+        self.rec.status = status;
         if status >= 500 && how.retry_5xx {
             debug_assert!(how.replayable);
             // The connection is dropped with the unread body.
@@ -814,6 +927,7 @@ impl<'r> Conn<'r> {
             }
             let used = body.advance(&self.buf).map_err(|_| AttemptError::Client)?;
             relayed += used as u64;
+            self.rec.bytes_in += used as u64;
             if max_body > 0 && relayed > max_body {
                 // Counted on the wire (chunk framing included), so a chunked body is cut a
                 // little before its data reaches the limit.
@@ -884,6 +998,7 @@ impl<'r> Conn<'r> {
     }
 
     async fn client_write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.bytes_out += bytes.len() as u64;
         let io = &mut self.io;
         match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, async {
             io.write_all(bytes).await?;
@@ -900,6 +1015,7 @@ impl<'r> Conn<'r> {
     /// read). Returns [`Next::Close`].
     async fn send_error(&mut self, status: u16, body: &str, head_request: bool) -> Next {
         use std::io::Write;
+        self.rec.status = status;
         self.out.clear();
         let _ = write!(
             self.out,

@@ -10,6 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::access_log::{AccessLog, RequestFields, ResponseFields};
 use crate::forwarding::{Forwarding, HeaderSink, Hop};
 use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
@@ -20,14 +21,16 @@ use crate::runtime::Runtime;
 pub struct SluiceProxy {
     runtime: Arc<Runtime>,
     forwarding: Forwarding,
+    log: AccessLog,
 }
 
 impl SluiceProxy {
     /// A proxy serving `runtime`'s routes, with `forwarding`'s headers.
-    pub fn new(runtime: Arc<Runtime>, forwarding: Forwarding) -> SluiceProxy {
+    pub fn new(runtime: Arc<Runtime>, forwarding: Forwarding, log: AccessLog) -> SluiceProxy {
         SluiceProxy {
             runtime,
             forwarding,
+            log,
         }
     }
 
@@ -79,6 +82,9 @@ pub struct RequestCtx {
     reason: Option<String>,
     /// The request id sluice added (the same on every attempt).
     request_id: Option<[u8; 32]>,
+    /// When the request started, and the last attempt's backend (for the access log).
+    started: std::time::Instant,
+    backend: Option<Arc<crate::backend::Backend>>,
 }
 
 impl RequestCtx {
@@ -121,6 +127,8 @@ impl ProxyHttp for SluiceProxy {
             attempt: 0,
             reason: None,
             request_id: None,
+            started: std::time::Instant::now(),
+            backend: None,
         }
     }
 
@@ -198,6 +206,7 @@ impl ProxyHttp for SluiceProxy {
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
         peer.options.idle_timeout = Some(settings.idle_timeout);
+        ctx.backend = Some(backend.clone());
         ctx.lease = Some(pool.lease(backend));
         Ok(Box::new(peer))
     }
@@ -406,7 +415,46 @@ impl ProxyHttp for SluiceProxy {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(mut line) = self.log.line() {
+            let req = session.req_header();
+            let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+            let tls = session.digest().and_then(|d| d.ssl_digest.clone());
+            line.request(&RequestFields {
+                time: std::time::SystemTime::now() - ctx.started.elapsed(),
+                client: peer.map(|a| (a.ip(), a.port())),
+                method: req.method.as_str().as_bytes(),
+                host: request_host(session).map(str::as_bytes),
+                target: req
+                    .uri
+                    .path_and_query()
+                    .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+                version: match req.version {
+                    http::Version::HTTP_10 => 0,
+                    http::Version::HTTP_2 => 2,
+                    _ => 1,
+                },
+                tls: tls.as_ref().map(|d| d.version.as_ref()),
+            });
+            let id = self
+                .forwarding
+                .request_id_name()
+                .and_then(|n| req.headers.get(n).map(|v| v.as_bytes().to_vec()));
+            let generated = ctx.request_id;
+            line.finish(&ResponseFields {
+                status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                bytes_in: session.body_bytes_read() as u64,
+                bytes_out: session.body_bytes_sent() as u64,
+                duration: ctx.started.elapsed(),
+                connect: None,
+                response: None,
+                pool: ctx.pool.as_ref().map(|p| p.name.as_str()),
+                backend: ctx.backend.as_ref().map(|b| b.addr_text.as_str()),
+                attempts: ctx.attempt,
+                generation: ctx.pool.as_ref().map(|p| p.strategy.current().generation),
+                request_id: generated.as_ref().map(|g| &g[..]).or(id.as_deref()),
+            });
+        }
         // An upstream error ends the attempt as a failure even if a status had come back (the
         // body broke off); a downstream error (the client left) says nothing about the backend.
         if let (Some(e), Some(lease)) = (e, &mut ctx.lease) {

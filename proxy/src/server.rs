@@ -15,6 +15,7 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::lean::LeanApp;
@@ -76,6 +77,17 @@ pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>
             Err(e) => anyhow::bail!(
                 "cannot listen on {a}: {e}; is another process (or another sluice) using it? change `listen` in the config"
             ),
+        }
+    }
+    let log = &config.server.access_log;
+    if let Some(path) = log.path.as_ref().filter(|p| p.as_os_str() != "-") {
+        let path = config.resolve_path(&path.to_string_lossy());
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            anyhow::bail!(
+                "[server.access_log] path {}: the directory does not exist; create it or give another path",
+                path.display()
+            );
         }
     }
     if let Some(tls) = &config.server.tls {
@@ -231,9 +243,31 @@ pub fn run(
         .forwarding
         .build()
         .map_err(anyhow::Error::msg)?;
+    let mut log_cfg = config.server.access_log.clone();
+    log_cfg.path = log_cfg
+        .path
+        .filter(|p| p.as_os_str() != "-")
+        .map(|p| config.resolve_path(&p.to_string_lossy()));
+    let access_log = AccessLog::start(
+        &log_cfg,
+        runtime
+            .metrics
+            .access_log_dropped
+            .with_label_values::<&str>(&[]),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "[server.access_log]: cannot open {} for appending: {e}",
+            log_cfg
+                .path
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display()
+        )
+    })?;
     let mut pingora_app = pingora::proxy::http_proxy(
         &server.configuration,
-        SluiceProxy::new(runtime.clone(), forwarding.clone()),
+        SluiceProxy::new(runtime.clone(), forwarding.clone(), access_log.clone()),
     );
     let mut opts = HttpServerOptions::default();
     opts.h2c = config.server.h2c;
@@ -251,6 +285,7 @@ pub fn run(
             config.server.http1,
             config.server.limits,
             forwarding,
+            access_log.clone(),
         ),
     );
     for l in &config.server.listen {
@@ -287,6 +322,10 @@ pub fn run(
     admin.threads = Some(1);
     server.add_service(admin);
 
+    server.add_service(background_service(
+        "sigusr1-reopen-log",
+        ReopenLog(access_log),
+    ));
     server.add_service(background_service(
         "sighup-reload",
         SighupReload {
@@ -344,6 +383,30 @@ impl BackgroundService for HealthChecks {
     async fn start(&self, shutdown: ShutdownWatch) {
         let runtime = self.runtime.clone();
         crate::health_scheduler::run(move || runtime.pools(), shutdown).await;
+    }
+}
+
+/// Reopens the access log file on SIGUSR1 (after logrotate moved it).
+struct ReopenLog(AccessLog);
+
+#[async_trait]
+impl BackgroundService for ReopenLog {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut usr1) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        else {
+            tracing::warn!("cannot install the SIGUSR1 handler; the access log is not reopened");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => {
+                    self.0.reopen();
+                    tracing::info!("SIGUSR1: access log reopened");
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

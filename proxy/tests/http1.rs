@@ -476,8 +476,11 @@ fn hop_by_hop_headers_stay_and_upstream_connections_are_reused() {
     }
     drop(reqs);
     let conns = seen.connections.load(Ordering::SeqCst);
+    // The lean path keeps one idle connection per worker thread (2 here); pingora's shared pool
+    // reuses too, less tightly.
+    let most = if lean() { 2 } else { 10 };
     assert!(
-        conns <= 4,
+        conns <= most,
         "{conns} upstream connections for 20 sequential requests"
     );
 }
@@ -555,4 +558,72 @@ fn a_trusted_proxy_chain_is_extended() {
         "kept from a trusted proxy"
     );
     assert!(header_of(&reqs[0], "forwarded").starts_with("for=127."));
+}
+
+/// One JSON line per request, written off the request path, with the fields docs/config.md lists.
+#[test]
+fn access_log_lines_are_json_with_the_request_and_its_upstream() {
+    let (backend, _seen) = echo_backend();
+    let dir = scratch_dir("h1-access-log");
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [\"{backend}\"]\n[[route]]\npath_prefix = \"/\"\npool = \"web\"\n"
+    );
+    let p = Proxy::start_full(
+        dir.clone(),
+        "access_log = { format = \"json\", path = \"access.log\" }",
+        &body,
+    );
+    let mut c = connect(&p);
+    let mut carry = Vec::new();
+    c.write_all(b"GET /logged?x=1 HTTP/1.1\r\nHost: shop.example\r\nX-Request-Id: given-1\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut carry, false).0.status, 200);
+    c.write_all(b"POST /second HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 3\r\n\r\nabc")
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut carry, false).0.status, 200);
+    let path = dir.join("access.log");
+    let mut lines = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            lines = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .map(String::from)
+                .collect();
+            lines.len() >= 2
+        }),
+        "access log lines did not appear: {lines:?}"
+    );
+    let v: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let first = v
+        .iter()
+        .find(|l| l["path"] == "/logged?x=1")
+        .expect("first line");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["host"], "shop.example");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["pool"], "web");
+    assert_eq!(first["backend"], backend.to_string());
+    assert_eq!(first["request_id"], "given-1");
+    assert!(first["client_ip"].as_str().unwrap().starts_with("127."));
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(first["bytes_out"].as_u64().unwrap() > 0);
+    let second = v
+        .iter()
+        .find(|l| l["path"] == "/second")
+        .expect("second line");
+    assert_eq!(second["method"], "POST");
+    assert_eq!(second["attempts"], 1);
+    assert_eq!(
+        second["request_id"].as_str().unwrap().len(),
+        32,
+        "a generated id"
+    );
+    // sluice's own log goes to a file here, not a terminal: no colour codes in it.
+    let own = p.log();
+    assert!(own.contains("INFO"), "{own}");
+    assert!(!own.contains('\x1b'), "ANSI escapes in a log file");
 }

@@ -95,6 +95,9 @@ pub struct ServerConfig {
     /// Forwarding headers and whose to believe.
     #[serde(default)]
     pub forwarding: crate::forwarding::ForwardingConfig,
+    /// One line per request.
+    #[serde(default)]
+    pub access_log: crate::access_log::AccessLogConfig,
 }
 
 /// `[server.limits]`: what one client may take, on every listener. Defaults follow nginx's.
@@ -176,6 +179,7 @@ impl Default for ServerConfig {
             http1: Http1Engine::Lean,
             limits: ClientLimits::default(),
             forwarding: crate::forwarding::ForwardingConfig::default(),
+            access_log: crate::access_log::AccessLogConfig::default(),
         }
     }
 }

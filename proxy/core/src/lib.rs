@@ -10,6 +10,7 @@
 //! The pingora request path lives in the `sluice` crate; nothing here depends on it, so the
 //! conformance tests and benches of strategies build without it.
 
+pub mod access_log;
 pub mod backend;
 pub mod builtin;
 pub mod cluster_config;

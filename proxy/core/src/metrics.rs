@@ -58,6 +58,8 @@ pub struct Metrics {
     pub downstream_open: IntGaugeVec,
     /// `sluice_downstream_accepted_total`: client connections accepted.
     pub downstream_accepted: IntCounterVec,
+    /// `sluice_access_log_dropped_total`: access log lines dropped because the writer was behind.
+    pub access_log_dropped: IntCounterVec,
     /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
     /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`).
     pub limit_rejections: IntCounterVec,
@@ -180,6 +182,11 @@ impl Metrics {
             downstream_accepted: counter(
                 "sluice_downstream_accepted_total",
                 "Client connections accepted.",
+                &[],
+            ),
+            access_log_dropped: counter(
+                "sluice_access_log_dropped_total",
+                "Access log lines dropped because the writer thread was behind.",
                 &[],
             ),
             limit_rejections: counter(
