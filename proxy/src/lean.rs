@@ -206,7 +206,7 @@ enum Next {
 /// Why an attempt on a backend failed.
 enum AttemptError {
     /// Connecting failed or timed out; nothing was sent.
-    Connect,
+    Connect { timed_out: bool },
     /// The backend failed before any byte of its response arrived: the request may be replayed.
     NoResponse { timed_out: bool },
     /// The backend failed after its response head was sent downstream: abort the client.
@@ -620,7 +620,7 @@ impl<'r> Conn<'r> {
             let addr = lease.backend().addr;
             match result {
                 Ok(next) => return next,
-                Err((AttemptError::Connect, _)) => {
+                Err((AttemptError::Connect { timed_out }, _)) => {
                     lease.set_outcome(Outcome::Failed);
                     drop(lease);
                     tried.push(addr);
@@ -628,9 +628,12 @@ impl<'r> Conn<'r> {
                         pool.counters.retry_connect.inc();
                         continue;
                     }
-                    return self
-                        .send_error(502, "bad gateway: the backend failed\n", head.is_head)
-                        .await;
+                    let (code, reason) = if timed_out {
+                        (504, "gateway timeout\n")
+                    } else {
+                        (502, "bad gateway: the backend failed\n")
+                    };
+                    return self.send_error(code, reason, head.is_head).await;
                 }
                 Err((AttemptError::Retry5xx(status), _)) => {
                     lease.set_outcome(Outcome::Status(status));
@@ -720,7 +723,8 @@ impl<'r> Conn<'r> {
                         self.rec.connect = Some(now.elapsed());
                         (s, false)
                     }
-                    _ => return Err((AttemptError::Connect, false)),
+                    Ok(Err(_)) => return Err((AttemptError::Connect { timed_out: false }, false)),
+                    Err(_) => return Err((AttemptError::Connect { timed_out: true }, false)),
                 }
             }
         };

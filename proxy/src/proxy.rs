@@ -390,6 +390,12 @@ impl ProxyHttp for SluiceProxy {
         }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
+            // A backend that did not answer in time is a gateway timeout, as nginx says.
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
             _ => match e.esource() {
                 ErrorSource::Upstream => 502,
                 ErrorSource::Downstream => match e.etype() {

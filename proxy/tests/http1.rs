@@ -627,3 +627,29 @@ fn access_log_lines_are_json_with_the_request_and_its_upstream() {
     assert!(own.contains("INFO"), "{own}");
     assert!(!own.contains('\x1b'), "ANSI escapes in a log file");
 }
+
+/// A backend that accepts and never answers is a gateway timeout (504), with nothing about the
+/// backend's address in the body.
+#[test]
+fn a_silent_backend_is_a_gateway_timeout() {
+    let silent = TcpListener::bind(unique_addr()).unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        // Hold accepted connections open without answering until the listener is dropped.
+        let mut conns = Vec::new();
+        for c in silent.incoming().take(1) {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let p = Proxy::start(
+        "h1-timeout",
+        &format!(
+            "[[pool]]\nname = \"web\"\nbackends = [\"{addr}\"]\nread_timeout = \"300ms\"\nretry_on = []\n[[route]]\npath_prefix = \"/\"\npool = \"web\"\n"
+        ),
+    );
+    let r = p.get("/slow");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(!r.text().contains(&addr.to_string()), "{}", r.text());
+    drop(held);
+}
