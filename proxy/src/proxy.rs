@@ -409,7 +409,16 @@ impl ProxyHttp for SluiceProxy {
             let reason = ctx.reason.take().unwrap_or_else(|| match code {
                 502 => "bad gateway: the backend failed\n".to_string(),
                 504 => "gateway timeout\n".to_string(),
-                _ => format!("{e}\n"),
+                // The error's own text can name a backend's address: clients get the status's
+                // reason, the log gets the detail.
+                _ => {
+                    tracing::debug!(error = %e, code, "request failed");
+                    let reason = http::StatusCode::from_u16(code)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("error");
+                    format!("{}\n", reason.to_ascii_lowercase())
+                }
             });
             if let Err(err) = respond(session, code, &reason).await {
                 tracing::debug!(error = %err, "could not send the error response downstream");

@@ -249,6 +249,7 @@ fn request_smuggling_shapes_never_reach_the_backend() {
         (format!("POST /a HTTP/1.1\r\nHost: x\r\nBad Name: a\r\nContent-Length: 0\r\n\r\n{hidden}"), 400),
         (format!("POST /a HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n{hidden}"), 400),
         (format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x\nyz\r\nhello\r\n0\r\n\r\n{hidden}"), 400),
+        (format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n{hidden}"), 400),
     ];
     for (text, status) in &shapes {
         let mut c = connect(&p);
@@ -256,6 +257,10 @@ fn request_smuggling_shapes_never_reach_the_backend() {
         let mut all = Vec::new();
         let _ = c.read_to_end(&mut all);
         let reply = String::from_utf8_lossy(&all);
+        assert!(
+            !reply.contains(&backend.ip().to_string()),
+            "the answer names the backend: {reply:?}"
+        );
         if lean() {
             assert!(
                 reply.starts_with(&format!("HTTP/1.1 {status} ")),
