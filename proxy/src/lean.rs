@@ -1035,8 +1035,26 @@ impl<'r> Conn<'r> {
         }
         if self.client_write_out().await.is_ok() {
             let _ = self.io.shutdown().await;
+            self.linger().await;
         }
         Next::Close
+    }
+
+    /// After an error answer, reads and discards what the client is still sending (a body sluice
+    /// refused), for a moment and up to a bound, before closing. Closing with unread data makes
+    /// the kernel send a reset, which can destroy the answer before the client reads it.
+    async fn linger(&mut self) {
+        const LINGER_TIME: Duration = Duration::from_secs(2);
+        const LINGER_BYTES: usize = 1 << 20;
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut drained = 0;
+        let mut sink = [0u8; 8192];
+        while drained < LINGER_BYTES {
+            match tokio::time::timeout_at(deadline, self.io.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => return,
+            }
+        }
     }
 }
 
@@ -1072,6 +1090,14 @@ fn write_request_head(
             continue;
         }
         if fwd.rewrites(name) {
+            continue;
+        }
+        // Headers the client named in `Connection` were for sluice only (the upgrade's own
+        // `Upgrade` header goes on).
+        if head.connection_lists
+            && !(head.upgrade && name_is(name, b"upgrade"))
+            && head::listed_in_connection(buf, req.headers, name)
+        {
             continue;
         }
         put_header(out, name, h.value.of(buf));
@@ -1111,6 +1137,12 @@ fn write_response_head(
             continue;
         }
         if resp.framing == BodyFraming::Chunked && name_is(name, b"content-length") {
+            continue;
+        }
+        if resp.connection_lists
+            && !(upgrade && name_is(name, b"upgrade"))
+            && head::listed_in_connection(buf, spans, name)
+        {
             continue;
         }
         put_header(out, name, h.value.of(buf));

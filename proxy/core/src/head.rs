@@ -122,6 +122,8 @@ pub struct RequestHead {
     pub idempotent: bool,
     /// `HEAD` (the response has no body whatever its headers say).
     pub is_head: bool,
+    /// `Connection` names other headers (hop-by-hop by that listing, RFC 9110 7.6.1).
+    pub connection_lists: bool,
 }
 
 impl RequestHead {
@@ -153,6 +155,8 @@ pub struct ResponseHead {
     pub framing: BodyFraming,
     /// The backend closes the connection after this response.
     pub close: bool,
+    /// `Connection` names other headers.
+    pub connection_lists: bool,
 }
 
 /// Case-insensitive header name comparison (names are ASCII tokens).
@@ -172,6 +176,26 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     name_is(name, b"connection")
         || name_is(name, b"keep-alive")
         || name_is(name, b"proxy-connection")
+}
+
+/// True when a `Connection` header lists a token other than `close`, `keep-alive` and `upgrade`.
+fn lists_others(value: &[u8]) -> bool {
+    value.split(|&c| c == b',').any(|t| {
+        let t = t.trim_ascii();
+        !(t.is_empty()
+            || t.eq_ignore_ascii_case(b"close")
+            || t.eq_ignore_ascii_case(b"keep-alive")
+            || t.eq_ignore_ascii_case(b"upgrade"))
+    })
+}
+
+/// Whether header `name` is named in one of the `Connection` headers among `headers` (so it is
+/// hop-by-hop and not forwarded).
+pub fn listed_in_connection(buf: &[u8], headers: &[HeaderSpan], name: &[u8]) -> bool {
+    headers
+        .iter()
+        .filter(|h| name_is(h.name.of(buf), b"connection"))
+        .any(|h| has_token(h.value.of(buf), name))
 }
 
 /// Parses a `Content-Length` value: ASCII digits only (no sign, no spaces inside), with the
@@ -296,6 +320,7 @@ pub fn parse_request(
     let mut framing = Framing::default();
     let mut host: Option<Span> = None;
     let (mut close, mut keep_alive, mut conn_upgrade) = (false, false, false);
+    let mut connection_lists = false;
     let (mut has_upgrade, mut expect_continue) = (false, false);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -313,6 +338,7 @@ pub fn parse_request(
             close |= has_token(value, b"close");
             keep_alive |= has_token(value, b"keep-alive");
             conn_upgrade |= has_token(value, b"upgrade");
+            connection_lists |= lists_others(value);
         } else if name_is(name, b"upgrade") {
             has_upgrade = true;
         } else if name_is(name, b"expect") {
@@ -394,6 +420,7 @@ pub fn parse_request(
         expect_continue: version == 1 && expect_continue,
         idempotent: is_idempotent(method),
         is_head: method == b"HEAD",
+        connection_lists,
     }))
 }
 
@@ -419,13 +446,14 @@ pub fn parse_response(
     let reason = resp.reason.unwrap_or("").as_bytes();
     headers.clear();
     let mut framing = Framing::default();
-    let (mut close, mut keep_alive) = (false, false);
+    let (mut close, mut keep_alive, mut connection_lists) = (false, false, false);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value.trim_ascii();
         if name_is(name, b"connection") {
             close |= has_token(value, b"close");
             keep_alive |= has_token(value, b"keep-alive");
+            connection_lists |= lists_others(value);
         }
         framing.add(name, value)?;
         headers.push(HeaderSpan {
@@ -463,6 +491,7 @@ pub fn parse_response(
         version,
         framing: body,
         close: close || (version == 0 && !keep_alive) || body == BodyFraming::UntilClose,
+        connection_lists,
     }))
 }
 
@@ -646,7 +675,15 @@ mod tests {
         let buf = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
         assert!(!req(buf).unwrap().unwrap().close);
         let buf = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        assert!(req(buf).unwrap().unwrap().upgrade);
+        let h = req(buf).unwrap().unwrap();
+        assert!(h.upgrade && !h.connection_lists);
+        let buf =
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\r\n";
+        let mut spans = Vec::new();
+        let h = parse_request(buf, &mut spans, 1024).unwrap().unwrap();
+        assert!(h.connection_lists);
+        assert!(listed_in_connection(buf, &spans, b"x-secret"));
+        assert!(!listed_in_connection(buf, &spans, b"host"));
         let buf = b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
         assert!(req(buf).unwrap().unwrap().expect_continue);
     }
