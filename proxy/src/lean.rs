@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use crate::access_log::{AccessLog, LogFormat, RequestFields, ResponseFields};
 use crate::config::{ClientLimits, Http1Engine};
 use crate::forwarding::IncomingHeaders;
-use crate::forwarding::{self, Forwarding, Hop};
+use crate::forwarding::{Forwarding, Hop, RequestId};
 use crate::head::{
     self, is_hop_by_hop, name_is, BodyCursor, BodyFraming, HeadError, HeadWriter, HeaderSpan,
     ParsedRequest, RequestHead, ResponseHead,
@@ -234,20 +234,18 @@ struct Record {
     backend: Option<Arc<crate::backend::Backend>>,
     attempts: u32,
     generation: Option<u64>,
-    request_id: Option<[u8; 32]>,
+    request_id: Option<RequestId>,
 }
 
 /// What an attempt may do with the request.
 #[derive(Clone, Copy)]
 struct Attempt {
-    /// The whole body is in the buffer (or there is none): it can be sent again.
-    replayable: bool,
     /// A 5xx answer is to be retried on another backend.
     retry_5xx: bool,
     /// Body bytes in the buffer after the head.
     body_here: usize,
     /// The request id to add (the request has none).
-    request_id: Option<[u8; 32]>,
+    request_id: Option<RequestId>,
 }
 
 /// One downstream connection and its reused buffers.
@@ -380,8 +378,7 @@ impl<'r> Conn<'r> {
                 backend: r.backend.as_ref().map(|b| b.addr_text.as_str()),
                 attempts: r.attempts,
                 generation: r.generation,
-                // A client's id shorter than 32 bytes was padded with spaces.
-                request_id: r.request_id.as_ref().map(|id| id.trim_ascii_end()),
+                request_id: r.request_id.as_ref().map(RequestId::as_bytes),
             });
         }
         next
@@ -525,22 +522,17 @@ impl<'r> Conn<'r> {
             } else {
                 self.client_ip
             };
-            let request_id = self.forwarding.needs_request_id(&parsed).then(|| {
-                let mut id = [0u8; 32];
-                forwarding::new_request_id(&mut id);
-                id
-            });
+            let request_id = self
+                .forwarding
+                .needs_request_id(&parsed)
+                .then(RequestId::generate);
             if self.rec.logging {
                 self.rec.request_id = request_id.or_else(|| {
                     // The client's own id, if it fits.
                     let name = self.forwarding.request_id_name()?;
                     let mut own = None;
                     parsed.each_value(name.as_bytes(), &mut |v| {
-                        if own.is_none() && v.len() <= 32 {
-                            let mut id = [b' '; 32];
-                            id[..v.len()].copy_from_slice(v);
-                            own = Some(id);
-                        }
+                        own = own.or_else(|| RequestId::copy_of(v));
                     });
                     own
                 });
@@ -609,7 +601,6 @@ impl<'r> Conn<'r> {
             }
             let mut lease = pool.lease(backend);
             let attempt_io = Attempt {
-                replayable,
                 retry_5xx,
                 body_here,
                 request_id,
@@ -628,12 +619,7 @@ impl<'r> Conn<'r> {
                         pool.counters.retry_connect.inc();
                         continue;
                     }
-                    let (code, reason) = if timed_out {
-                        (504, "gateway timeout\n")
-                    } else {
-                        (502, "bad gateway: the backend failed\n")
-                    };
-                    return self.send_error(code, reason, head.is_head).await;
+                    return self.gateway_error(timed_out, head.is_head).await;
                 }
                 Err((AttemptError::Retry5xx(status), _)) => {
                     lease.set_outcome(Outcome::Status(status));
@@ -659,12 +645,7 @@ impl<'r> Conn<'r> {
                         pool.counters.retry_error.inc();
                         continue;
                     }
-                    let (code, reason) = if timed_out {
-                        (504, "gateway timeout\n")
-                    } else {
-                        (502, "bad gateway: the backend failed\n")
-                    };
-                    return self.send_error(code, reason, head.is_head).await;
+                    return self.gateway_error(timed_out, head.is_head).await;
                 }
                 Err((AttemptError::BadResponse, _)) => {
                     lease.set_outcome(Outcome::Failed);
@@ -748,7 +729,7 @@ impl<'r> Conn<'r> {
             },
             self.forwarding,
             &hop,
-            how.request_id.as_ref().map(|id| &id[..]),
+            how.request_id.as_ref().map(RequestId::as_bytes),
         );
         let mut sent_body = false;
         if !head.expect_continue {
@@ -763,8 +744,7 @@ impl<'r> Conn<'r> {
             return fail(AttemptError::NoResponse { timed_out: false });
         }
         let mut consumed = head.len + body_here;
-        if sent_body && !body.is_done() {
-            // A large or streamed body: relay the rest as it comes (no replay after this).
+        if sent_body {
             if let Err(e) = self
                 .relay_request_body(&mut up, body, &mut consumed, head.len, policy)
                 .await
@@ -791,24 +771,20 @@ impl<'r> Conn<'r> {
                     self.ubuf.advance(resp.len);
                 }
                 if resp.status == 100 && !sent_body {
-                    // The backend wants the body: relay it now.
-                    self.out.clear();
-                    self.out
-                        .extend_from_slice(&self.buf[head.len..head.len + body_here]);
-                    if upstream_write(&mut up, &self.out, policy.read_timeout)
+                    // The backend wants the body: what is buffered, then the rest as it comes.
+                    let buffered = &self.buf[head.len..head.len + body_here];
+                    if upstream_write(&mut up, buffered, policy.read_timeout)
                         .await
                         .is_err()
                     {
                         return fail(AttemptError::NoResponse { timed_out: false });
                     }
                     sent_body = true;
-                    if !body.is_done() {
-                        if let Err(e) = self
-                            .relay_request_body(&mut up, body, &mut consumed, head.len, policy)
-                            .await
-                        {
-                            return fail(e);
-                        }
+                    if let Err(e) = self
+                        .relay_request_body(&mut up, body, &mut consumed, head.len, policy)
+                        .await
+                    {
+                        return fail(e);
                     }
                 }
                 continue;
@@ -820,7 +796,6 @@ impl<'r> Conn<'r> {
         self.rec.response = Some(sent_at.elapsed());
         self.rec.status = status;
         if status >= 500 && how.retry_5xx {
-            debug_assert!(how.replayable);
             // The connection is dropped with the unread body.
             return fail(AttemptError::Retry5xx(status));
         }
@@ -901,8 +876,9 @@ impl<'r> Conn<'r> {
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
 
-    /// Relays the rest of a request body from the client to the backend. Bytes after the body
-    /// (a pipelined request) stay in `buf`.
+    /// Relays the rest of a request body from the client to the backend, once what was buffered
+    /// has been sent; nothing when the body was whole in the buffer (which then stays, so the
+    /// request can be replayed). Bytes after the body (a pipelined request) stay in `buf`.
     async fn relay_request_body(
         &mut self,
         up: &mut TcpStream,
@@ -911,6 +887,10 @@ impl<'r> Conn<'r> {
         head_len: usize,
         policy: &Policy,
     ) -> Result<(), AttemptError> {
+        if body.is_done() {
+            return Ok(());
+        }
+        // A large or streamed body: no replay after this.
         // Whatever of the body was buffered has been sent.
         let mut relayed = (*consumed).saturating_sub(head_len) as u64;
         self.buf.advance(*consumed);
@@ -1038,6 +1018,17 @@ impl<'r> Conn<'r> {
             self.linger().await;
         }
         Next::Close
+    }
+
+    /// The answer when the backend failed (502) or did not answer in time (504).
+    async fn gateway_error(&mut self, timed_out: bool, head_request: bool) -> Next {
+        if timed_out {
+            self.send_error(504, "gateway timeout\n", head_request)
+                .await
+        } else {
+            self.send_error(502, "bad gateway: the backend failed\n", head_request)
+                .await
+        }
     }
 
     /// After an error answer, reads and discards what the client is still sending (a body sluice

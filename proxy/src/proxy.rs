@@ -11,7 +11,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::{AccessLog, RequestFields, ResponseFields};
-use crate::forwarding::{Forwarding, HeaderSink, Hop};
+use crate::forwarding::{Forwarding, HeaderSink, Hop, RequestId};
 use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
 use crate::pool::Pool;
@@ -52,21 +52,18 @@ impl SluiceProxy {
 
 /// Collects forwarding headers for pingora's request header.
 #[derive(Default)]
-struct Collected(Vec<(&'static str, Vec<u8>)>);
+struct Collected(Vec<(String, Vec<u8>)>);
 
 impl HeaderSink for Collected {
-    fn header(&mut self, name: &str, parts: &[&[u8]]) {
-        let name = match name {
-            "X-Forwarded-For" => "X-Forwarded-For",
-            "X-Forwarded-Proto" => "X-Forwarded-Proto",
-            "X-Forwarded-Host" => "X-Forwarded-Host",
-            "Forwarded" => "Forwarded",
-            "Via" => "Via",
-            // The request id header's configured name (lower case).
-            _ => "",
-        };
-        self.0.push((name, parts.concat()));
+    fn start(&mut self, name: &str) {
+        self.0.push((name.to_string(), Vec::new()));
     }
+    fn push(&mut self, part: &[u8]) {
+        if let Some((_, value)) = self.0.last_mut() {
+            value.extend_from_slice(part);
+        }
+    }
+    fn end(&mut self) {}
 }
 
 /// Per-request state.
@@ -81,7 +78,7 @@ pub struct RequestCtx {
     /// Short reason sent with an error response.
     reason: Option<String>,
     /// The request id sluice added (the same on every attempt).
-    request_id: Option<[u8; 32]>,
+    request_id: Option<RequestId>,
     /// When the request started, and the last attempt's backend (for the access log).
     started: std::time::Instant,
     backend: Option<Arc<crate::backend::Backend>>,
@@ -296,15 +293,13 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         let incoming = &session.req_header().headers;
         if ctx.request_id.is_none() && self.forwarding.needs_request_id(incoming) {
-            let mut id = [0u8; 32];
-            crate::forwarding::new_request_id(&mut id);
-            ctx.request_id = Some(id);
+            ctx.request_id = Some(RequestId::generate());
         }
         let mut out = Collected::default();
         self.forwarding.write(
             &self.hop(session),
             incoming,
-            ctx.request_id.as_ref().map(|id| &id[..]),
+            ctx.request_id.as_ref().map(RequestId::as_bytes),
             &mut out,
         );
         let rewritten: Vec<http::HeaderName> = upstream_request
@@ -317,15 +312,10 @@ impl ProxyHttp for SluiceProxy {
             upstream_request.remove_header(&name);
         }
         for (name, value) in out.0 {
-            let name = if name.is_empty() {
-                self.forwarding.request_id_name().unwrap_or("x-request-id")
-            } else {
-                name
-            };
             let value = http::HeaderValue::from_bytes(&value).map_err(|e| {
                 Error::because(ErrorType::InternalError, "forwarding header value", e)
             })?;
-            upstream_request.append_header(name.to_string(), value)?;
+            upstream_request.append_header(name, value)?;
         }
         Ok(())
     }
@@ -467,7 +457,10 @@ impl ProxyHttp for SluiceProxy {
                 backend: ctx.backend.as_ref().map(|b| b.addr_text.as_str()),
                 attempts: ctx.attempt,
                 generation: ctx.pool.as_ref().map(|p| p.strategy.current().generation),
-                request_id: generated.as_ref().map(|g| &g[..]).or(id.as_deref()),
+                request_id: generated
+                    .as_ref()
+                    .map(RequestId::as_bytes)
+                    .or(id.as_deref()),
             });
         }
         // An upstream error ends the attempt as a failure even if a status had come back (the

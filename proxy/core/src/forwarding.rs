@@ -111,10 +111,16 @@ pub struct Hop<'a> {
     pub host: Option<&'a [u8]>,
 }
 
-/// Where forwarding headers go: the lean path's head buffer or pingora's request header.
+/// Where forwarding headers go: the lean path's head buffer or pingora's request header. A
+/// header is written as `start`, any number of `push`es making up its value, then `end`, so a
+/// chain of any length is written without collecting it first.
 pub trait HeaderSink {
-    /// Adds header `name` with the concatenation of `parts` as its value.
-    fn header(&mut self, name: &str, parts: &[&[u8]]);
+    /// Starts header `name`.
+    fn start(&mut self, name: &str);
+    /// Appends `part` to the value of the header being written.
+    fn push(&mut self, part: &[u8]);
+    /// Ends the header being written.
+    fn end(&mut self);
 }
 
 /// The incoming headers the rules read, in their request's order.
@@ -216,62 +222,47 @@ impl Forwarding {
             None => b"unknown",
         };
         let host = hop.host.unwrap_or(b"");
+        // Incoming values count only from a trusted proxy.
+        let trusted = |name: &'static [u8]| hop.trusted.then_some((incoming, name));
         if self.x_forwarded {
-            self.extended(
-                hop,
-                incoming,
-                b"x-forwarded-for",
-                peer,
+            joined(
+                sink,
                 "X-Forwarded-For",
-                sink,
+                trusted(b"x-forwarded-for"),
+                &[peer],
             );
-            self.kept_or_set(
-                hop,
-                incoming,
-                b"x-forwarded-proto",
-                hop.scheme.as_bytes(),
-                "X-Forwarded-Proto",
-                sink,
-            );
+            let proto = first_of(trusted(b"x-forwarded-proto")).unwrap_or(hop.scheme.as_bytes());
+            joined(sink, "X-Forwarded-Proto", None, &[proto]);
             if hop.host.is_some() {
-                self.kept_or_set(
-                    hop,
-                    incoming,
-                    b"x-forwarded-host",
-                    host,
-                    "X-Forwarded-Host",
-                    sink,
-                );
+                let fwd_host = first_of(trusted(b"x-forwarded-host")).unwrap_or(host);
+                joined(sink, "X-Forwarded-Host", None, &[fwd_host]);
             }
         }
         if self.forwarded {
             let ipv6 = matches!(hop.peer, Some(IpAddr::V6(_)));
             let (q1, q2): (&[u8], &[u8]) = if ipv6 { (b"\"[", b"]\"") } else { (b"", b"") };
-            let mut parts: [&[u8]; 9] = [
-                b"",
-                b"for=",
+            let (host_key, host_value): (&[u8], &[u8]) = match hop.host {
+                Some(h) => (b";host=", h),
+                None => (b"", b""),
+            };
+            let own = [
+                b"for=".as_slice(),
                 q1,
                 peer,
                 q2,
                 b";proto=",
                 hop.scheme.as_bytes(),
-                b"",
-                b"",
+                host_key,
+                host_value,
             ];
-            if hop.host.is_some() {
-                parts[7] = b";host=";
-                parts[8] = host;
-            }
-            self.with_incoming(hop, incoming, b"forwarded", &mut parts, "Forwarded", sink);
+            joined(sink, "Forwarded", trusted(b"forwarded"), &own);
         }
         if self.via {
             // Via is extended whoever sent it: it records hops, not identities.
-            let mut all = ViaChain::default();
-            incoming.each_value(b"via", &mut |v| all.push(v));
-            all.finish(sink);
+            joined(sink, "Via", Some((incoming, b"via")), &[b"1.1 sluice"]);
         }
         if let (Some(name), Some(id)) = (&self.request_id, request_id) {
-            sink.header(name, &[id]);
+            joined(sink, name, None, &[id]);
         }
     }
 
@@ -281,120 +272,44 @@ impl Forwarding {
             .as_ref()
             .is_some_and(|n| !incoming.has(n.as_bytes()))
     }
-
-    /// `name: <incoming values, if trusted>, <own>`.
-    fn extended(
-        &self,
-        hop: &Hop<'_>,
-        incoming: &dyn IncomingHeaders,
-        name: &[u8],
-        own: &[u8],
-        display: &str,
-        sink: &mut dyn HeaderSink,
-    ) {
-        let mut parts: [&[u8]; 1] = [own];
-        self.with_incoming(hop, incoming, name, &mut parts, display, sink);
-    }
-
-    /// `name: <incoming values, if trusted>, <parts...>`, written as one header.
-    fn with_incoming(
-        &self,
-        hop: &Hop<'_>,
-        incoming: &dyn IncomingHeaders,
-        name: &[u8],
-        parts: &mut [&[u8]],
-        display: &str,
-        sink: &mut dyn HeaderSink,
-    ) {
-        if hop.trusted && incoming.has(name) {
-            let mut chain = Chain::default();
-            incoming.each_value(name, &mut |v| chain.push(v));
-            chain.finish(display, parts, sink);
-        } else {
-            sink.header(display, parts);
-        }
-    }
-
-    /// The trusted incoming value, or `own`.
-    fn kept_or_set(
-        &self,
-        hop: &Hop<'_>,
-        incoming: &dyn IncomingHeaders,
-        name: &[u8],
-        own: &[u8],
-        display: &str,
-        sink: &mut dyn HeaderSink,
-    ) {
-        let mut kept = false;
-        if hop.trusted {
-            incoming.each_value(name, &mut |v| {
-                if !kept {
-                    sink.header(display, &[v]);
-                    kept = true;
-                }
-            });
-        }
-        if !kept {
-            sink.header(display, &[own]);
-        }
-    }
 }
 
-/// Incoming values of one header joined with ", ", held as slices (at most 8 lines; more are
-/// joined into the last by the sink's own buffer when that is exceeded, which no real chain is).
-#[derive(Default)]
-struct Chain<'v> {
-    values: [&'v [u8]; 8],
-    n: usize,
-}
-
-impl<'v> Chain<'v> {
-    fn push(&mut self, v: &'v [u8]) {
-        if self.n < self.values.len() {
-            self.values[self.n] = v;
-            self.n += 1;
-        }
-    }
-
-    fn finish(&self, display: &str, own: &[&[u8]], sink: &mut dyn HeaderSink) {
-        // values joined by ", ", then ", ", then own parts: at most 8*2 + 9 slices.
-        let mut parts: [&[u8]; 32] = [b""; 32];
-        let mut k = 0;
-        for (i, v) in self.values[..self.n].iter().enumerate() {
-            if i > 0 {
-                parts[k] = b", ";
-                k += 1;
+/// Writes `display: <every value of the incoming header, if given>, <own parts>`: a chain of
+/// any length, streamed into the sink.
+fn joined(
+    sink: &mut dyn HeaderSink,
+    display: &str,
+    incoming: Option<(&dyn IncomingHeaders, &[u8])>,
+    own: &[&[u8]],
+) {
+    sink.start(display);
+    let mut any = false;
+    if let Some((headers, name)) = incoming {
+        headers.each_value(name, &mut |v| {
+            if any {
+                sink.push(b", ");
             }
-            parts[k] = v;
-            k += 1;
-        }
-        parts[k] = b", ";
-        k += 1;
-        for p in own {
-            parts[k] = p;
-            k += 1;
-        }
-        sink.header(display, &parts[..k]);
+            sink.push(v);
+            any = true;
+        });
     }
+    if any {
+        sink.push(b", ");
+    }
+    for p in own {
+        sink.push(p);
+    }
+    sink.end();
 }
 
-/// `Via`: the incoming chain, then this hop.
-#[derive(Default)]
-struct ViaChain<'v>(Chain<'v>);
-
-impl<'v> ViaChain<'v> {
-    fn push(&mut self, v: &'v [u8]) {
-        self.0.push(v);
-    }
-
-    fn finish(&self, sink: &mut dyn HeaderSink) {
-        const ME: &[u8] = b"1.1 sluice";
-        if self.0.n == 0 {
-            sink.header("Via", &[ME]);
-        } else {
-            self.0.finish("Via", &[ME], sink);
-        }
-    }
+/// The first value of the incoming header, if given and present.
+fn first_of<'s>(incoming: Option<(&'s dyn IncomingHeaders, &[u8])>) -> Option<&'s [u8]> {
+    let (headers, name) = incoming?;
+    let mut first = None;
+    headers.each_value(name, &mut |v| {
+        first.get_or_insert(v);
+    });
+    first
 }
 
 /// `ip` as text in `buf`, without allocating.
@@ -407,13 +322,39 @@ fn write_ip(buf: &mut [u8; 64], ip: IpAddr) -> &[u8] {
     &buf[..n]
 }
 
-/// A new request id: 128 random bits as 32 lower-case hex digits.
-pub fn new_request_id(out: &mut [u8; 32]) {
-    // rand's thread-local generator: no lock, no allocation.
-    let v: u128 = rand::random();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
+/// A request id, held inline (no allocation): one sluice generated, or a client's that fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId {
+    bytes: [u8; 32],
+    len: u8,
+}
+
+impl RequestId {
+    /// A new id: 128 random bits as 32 lower-case hex digits.
+    pub fn generate() -> RequestId {
+        // rand's thread-local generator: no lock, no allocation.
+        let v: u128 = rand::random();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut bytes = [0u8; 32];
+        for (i, o) in bytes.iter_mut().enumerate() {
+            *o = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId { bytes, len: 32 }
+    }
+
+    /// A copy of `id` when it is at most 32 bytes long.
+    pub fn copy_of(id: &[u8]) -> Option<RequestId> {
+        let mut bytes = [0u8; 32];
+        bytes.get_mut(..id.len())?.copy_from_slice(id);
+        Some(RequestId {
+            bytes,
+            len: id.len() as u8,
+        })
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 
@@ -438,11 +379,14 @@ mod tests {
     struct Out(Vec<(String, String)>);
 
     impl HeaderSink for Out {
-        fn header(&mut self, name: &str, parts: &[&[u8]]) {
-            let v: Vec<u8> = parts.concat();
-            self.0
-                .push((name.to_string(), String::from_utf8(v).unwrap()));
+        fn start(&mut self, name: &str) {
+            self.0.push((name.to_string(), String::new()));
         }
+        fn push(&mut self, part: &[u8]) {
+            let last = self.0.last_mut().unwrap();
+            last.1.push_str(std::str::from_utf8(part).unwrap());
+        }
+        fn end(&mut self) {}
     }
 
     fn rules(trusted: &[&str], forwarded: bool) -> Forwarding {
@@ -540,11 +484,11 @@ mod tests {
             ..ForwardingConfig::default()
         };
         assert!(bad.build().unwrap_err().contains("\"10.0.0.0/33\""));
-        let mut a = [0u8; 32];
-        let mut b = [0u8; 32];
-        new_request_id(&mut a);
-        new_request_id(&mut b);
+        let (a, b) = (RequestId::generate(), RequestId::generate());
         assert_ne!(a, b);
-        assert!(a.iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.as_bytes().len(), 32);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(RequestId::copy_of(b"mine-1").unwrap().as_bytes(), b"mine-1");
+        assert!(RequestId::copy_of(&[b'x'; 33]).is_none());
     }
 }

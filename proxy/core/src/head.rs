@@ -552,12 +552,14 @@ impl crate::forwarding::IncomingHeaders for ParsedRequest<'_> {
 pub struct HeadWriter<'a>(pub &'a mut Vec<u8>);
 
 impl crate::forwarding::HeaderSink for HeadWriter<'_> {
-    fn header(&mut self, name: &str, parts: &[&[u8]]) {
+    fn start(&mut self, name: &str) {
         self.0.extend_from_slice(name.as_bytes());
         self.0.extend_from_slice(b": ");
-        for p in parts {
-            self.0.extend_from_slice(p);
-        }
+    }
+    fn push(&mut self, part: &[u8]) {
+        self.0.extend_from_slice(part);
+    }
+    fn end(&mut self) {
         self.0.extend_from_slice(b"\r\n");
     }
 }
