@@ -639,13 +639,12 @@ fn access_log_lines_are_json_with_the_request_and_its_upstream() {
 fn a_silent_backend_is_a_gateway_timeout() {
     let silent = TcpListener::bind(unique_addr()).unwrap();
     let addr = silent.local_addr().unwrap();
+    // The backend holds what it accepts, unanswered, until the test is done with it.
+    let (done, wait) = std::sync::mpsc::channel::<()>();
     let held = std::thread::spawn(move || {
-        // Hold accepted connections open without answering until the listener is dropped.
-        let mut conns = Vec::new();
-        for c in silent.incoming().take(1) {
-            conns.push(c);
-        }
-        std::thread::sleep(Duration::from_secs(5));
+        let conn = silent.incoming().next();
+        let _ = wait.recv();
+        drop(conn);
     });
     let p = Proxy::start(
         "h1-timeout",
@@ -656,5 +655,6 @@ fn a_silent_backend_is_a_gateway_timeout() {
     let r = p.get("/slow");
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(!r.text().contains(&addr.to_string()), "{}", r.text());
-    drop(held);
+    drop(done);
+    held.join().unwrap();
 }

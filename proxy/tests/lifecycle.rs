@@ -258,14 +258,6 @@ fn a_plugin_logging_on_every_pick_is_held_to_its_budget() {
 }
 
 /// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 #[test]
 fn pools_added_and_removed_2000_times_free_their_instances_and_series() {
@@ -285,7 +277,7 @@ fn pools_added_and_removed_2000_times_free_their_instances_and_series() {
     for i in 0..2000 {
         if i == 100 {
             // Allocators and caches have settled.
-            start_rss = rss_kib(proxy.pid());
+            start_rss = proc_status_kib(proxy.pid(), "VmRSS:");
         }
         proxy.reload_with(&with_tmp(i));
         // Two requests over two connections reach both worker threads' instances.
@@ -312,7 +304,7 @@ fn pools_added_and_removed_2000_times_free_their_instances_and_series() {
         proxy.metric("sluice_fallback_picks_total{pool=\"web\"}"),
         0.0
     );
-    let end_rss = rss_kib(proxy.pid());
+    let end_rss = proc_status_kib(proxy.pid(), "VmRSS:");
     assert!(
         end_rss * 10 <= start_rss * 11,
         "RSS grew from {start_rss} KiB to {end_rss} KiB over 1900 add/remove cycles"

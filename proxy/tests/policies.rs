@@ -206,6 +206,12 @@ fn zone_aware_prefers_the_local_zone_and_spills_over_when_it_is_gone() {
     // The local backend fails and is ejected: traffic spills over to the other zone.
     b[0].1.status.store(500, Ordering::Relaxed);
     proxy.get("/");
+    // The attempt's outcome is recorded when its lease ends, which can be just after the client
+    // has its answer: wait for the ejection to be visible before counting.
+    let local = b[0].0.to_string();
+    assert!(wait_for(Duration::from_secs(10), || {
+        backend_field(&proxy, &local, "state") == "ejected"
+    }));
     let t = tally((0..12).map(|_| proxy.get("/").text()));
     assert_eq!(t.get("b1"), None, "{t:?}");
     assert_eq!(t.get("b2"), Some(&6), "{t:?}");

@@ -24,15 +24,6 @@ fn soak_time() -> Duration {
     Duration::from_secs(secs.clamp(2, 24 * 3600))
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -120,7 +111,7 @@ fn nothing_accumulates_under_load_and_churn() {
     let mut tick = 0usize;
     while started.elapsed() < total {
         if rss_after_warmup == 0 && started.elapsed() >= total / 5 {
-            rss_after_warmup = proc_status(pid, "VmRSS:");
+            rss_after_warmup = proc_status_kib(pid, "VmRSS:");
         }
         let list = if tick % 2 == 0 { &two } else { &all };
         proxy.reload_with(&config(list, tick % 2 == 0));
@@ -134,7 +125,7 @@ fn nothing_accumulates_under_load_and_churn() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let rss_end = proc_status(pid, "VmRSS:");
+    let rss_end = proc_status_kib(pid, "VmRSS:");
     stop.store(true, Ordering::Relaxed);
     for h in loaders.into_iter().chain(slow) {
         h.join().unwrap();

@@ -148,15 +148,6 @@ fn readiness_is_reported_apart_from_liveness() {
     assert!(proxy.log().contains("all listeners are up"));
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// The plugin engine reserves address space for its instance slots from the threads and pools
 /// configured (it once reserved about 4 TiB, which broke under `RLIMIT_AS`): four pools with
 /// strategies and a health check start and serve under an 8 GiB limit, and stay small at rest.
@@ -185,7 +176,10 @@ fn four_pools_start_under_an_address_space_limit_and_stay_small_at_rest() {
         assert_eq!(p.get(&format!("/p{i}/x")).status, 200, "pool p{i}");
     }
     let pid = p.pid();
-    let (size, rss) = (status_kib(pid, "VmSize:"), status_kib(pid, "VmRSS:"));
+    let (size, rss) = (
+        proc_status_kib(pid, "VmSize:"),
+        proc_status_kib(pid, "VmRSS:"),
+    );
     println!("4 pools at rest: VmSize {size} KiB, VmRSS {rss} KiB");
     assert!(size < limit_kib, "VmSize {size} KiB");
     assert!(rss <= 40 * 1024, "idle RSS {rss} KiB is over 40 MiB");

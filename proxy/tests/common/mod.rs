@@ -481,3 +481,13 @@ pub fn self_signed(dir: &std::path::Path, cert: &str, key: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A `kB` field of `/proc/PID/status` (`"VmRSS:"`, `"VmSize:"`), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
