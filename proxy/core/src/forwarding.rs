@@ -477,6 +477,25 @@ mod tests {
         );
     }
 
+    /// A trusted chain is kept whole however many header lines carry it.
+    #[test]
+    fn a_long_trusted_chain_is_kept_whole() {
+        let f = rules(&["10.0.0.0/8"], false);
+        let lines: Vec<(&'static str, &'static str)> = [
+            "1.1.1.1", "1.1.1.2", "1.1.1.3", "1.1.1.4", "1.1.1.5", "1.1.1.6", "1.1.1.7", "1.1.1.8",
+            "1.1.1.9", "1.1.1.10",
+        ]
+        .iter()
+        .map(|ip| ("X-Forwarded-For", *ip))
+        .collect();
+        let (h, client) = run(&f, "10.0.0.1", Given(lines));
+        assert_eq!(
+            get(&h, "X-Forwarded-For"),
+            Some("1.1.1.1, 1.1.1.2, 1.1.1.3, 1.1.1.4, 1.1.1.5, 1.1.1.6, 1.1.1.7, 1.1.1.8, 1.1.1.9, 1.1.1.10, 10.0.0.1")
+        );
+        assert_eq!(client, Some("1.1.1.10".parse().unwrap()));
+    }
+
     #[test]
     fn bad_entries_are_named_and_ids_are_hex() {
         let bad = ForwardingConfig {
