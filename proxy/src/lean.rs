@@ -156,12 +156,66 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         if h2 || h2c {
             return self.fallback.process_new(stream, shutdown).await;
         }
+        let _here = ThreadConn::open();
         Conn::new(self, stream, tls).serve(shutdown.clone()).await;
         None
     }
 
     async fn cleanup(&self) {
         self.fallback.cleanup().await;
+    }
+}
+
+/// How many client connections must have closed on a worker thread since its heap was last
+/// trimmed before the next trim.
+const TRIM_AFTER_CLOSED: u32 = 64;
+
+thread_local! {
+    /// This worker thread's client connections: open now, and the most open since its heap was
+    /// last trimmed.
+    static THREAD_CONNS: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+    static TRIMMER_STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// One client connection served on this worker thread; dropping it counts it closed.
+///
+/// mimalloc keeps the pages freed by closed connections for reuse and purges them only on later
+/// allocator calls on the same thread, so after a burst of connections (thousands of slow
+/// clients) a quiet thread would hold their memory indefinitely. Each worker thread therefore
+/// runs a small task that, once a second, returns its free heap to the OS when many connections
+/// have closed since the last time: cheap, and off the request path.
+struct ThreadConn;
+
+impl ThreadConn {
+    fn open() -> ThreadConn {
+        THREAD_CONNS.with(|c| {
+            let (open, peak) = c.get();
+            c.set((open + 1, peak.max(open + 1)));
+        });
+        if !TRIMMER_STARTED.with(|s| s.replace(true)) {
+            // Worker threads run single-threaded runtimes: this task stays on this thread.
+            tokio::spawn(async {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let (open, peak) = THREAD_CONNS.with(|c| c.get());
+                    if peak - open >= TRIM_AFTER_CLOSED {
+                        crate::server::release_free_memory();
+                        THREAD_CONNS.with(|c| c.set((open, open)));
+                    }
+                }
+            });
+        }
+        ThreadConn
+    }
+}
+
+impl Drop for ThreadConn {
+    fn drop(&mut self) {
+        THREAD_CONNS.with(|c| {
+            let (open, peak) = c.get();
+            c.set((open - 1, peak));
+        });
     }
 }
 
@@ -302,11 +356,13 @@ impl<'r> Conn<'r> {
             head_deadline: Some(tokio::time::Instant::now() + limits.header_timeout),
             io,
             client_ip,
-            buf: BytesMut::with_capacity(8 * 1024),
-            spans: Vec::with_capacity(32),
-            ubuf: BytesMut::with_capacity(16 * 1024),
-            uspans: Vec::with_capacity(32),
-            out: Vec::with_capacity(2 * 1024),
+            // Allocated when first needed (the first read reserves 4 KiB), so a connection that
+            // never completes a head holds a few KiB, not a request's worth of buffers.
+            buf: BytesMut::new(),
+            spans: Vec::new(),
+            ubuf: BytesMut::new(),
+            uspans: Vec::new(),
+            out: Vec::new(),
         }
     }
 
