@@ -1,6 +1,8 @@
 //! The admin API: pools, metrics, hot swap and reload. Served by pingora on its own listener.
 //!
-//! Mutating routes (`PUT`, `POST`) require `Authorization: Bearer TOKEN` when `[admin] token` is set.
+//! Mutating routes (`PUT`, `POST`, `DELETE`) require `Authorization: Bearer TOKEN` when
+//! `[admin] token` is set, and read routes too with `[admin] protect_reads`. Unknown routes are
+//! 404, a known route with the wrong method 405 with `Allow`, and `HEAD` works wherever `GET` does.
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
 use crate::metrics::STATUS_CLASSES;
+use crate::pool::{AdminMode, Override, MAX_WEIGHT};
 use crate::runtime::{ApplyError, Runtime};
 
 /// Largest plugin upload accepted.
@@ -19,25 +22,51 @@ const MAX_UPLOAD: usize = 32 << 20;
 /// The admin application.
 pub struct AdminApp {
     runtime: Arc<Runtime>,
-    token: Option<String>,
+    /// SHA-256 of the token: comparing digests in constant time leaks neither the token's bytes
+    /// nor its length.
+    token: Option<[u8; 32]>,
+    protect_reads: bool,
     readiness: Arc<crate::server::Readiness>,
 }
 
+fn digest(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token).into()
+}
+
+/// The methods each admin route answers (`HEAD` goes with `GET`); `None` for no such route.
+fn allowed_methods(segments: &[&str]) -> Option<&'static [&'static str]> {
+    Some(match segments {
+        [""] | ["metrics"] | ["healthz"] | ["readyz"] | ["api", "pools"] | ["api", "cluster"] => {
+            &["GET", "HEAD"]
+        }
+        ["api", "pools", _, "strategy" | "health"] => &["PUT"],
+        ["api", "pools", _, "backends", _, "drain" | "undrain" | "disable" | "enable"] => &["POST"],
+        ["api", "pools", _, "backends", _, "weight"] => &["PUT", "DELETE"],
+        ["api", "cluster", "keys"] | ["api", "reload"] => &["POST"],
+        _ => return None,
+    })
+}
+
 impl AdminApp {
-    /// Admin API over `runtime`; `token` protects mutating routes; `readiness` answers `/readyz`.
+    /// Admin API over `runtime`; `token` protects mutating routes (and read routes with
+    /// `protect_reads`); `readiness` answers `/readyz`.
     pub fn new(
         runtime: Arc<Runtime>,
-        token: Option<String>,
+        token: Option<&str>,
+        protect_reads: bool,
         readiness: Arc<crate::server::Readiness>,
     ) -> AdminApp {
         AdminApp {
             runtime,
-            token,
+            token: token.map(|t| digest(t.as_bytes())),
+            protect_reads,
             readiness,
         }
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
+        use subtle::ConstantTimeEq;
         let Some(token) = &self.token else {
             return true;
         };
@@ -45,9 +74,8 @@ impl AdminApp {
             .req_header()
             .headers
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        got.and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        got.is_some_and(|t| bool::from(digest(t).ct_eq(token)))
     }
 
     /// JSON description of every pool (also used by the CLI and dashboard).
@@ -69,7 +97,16 @@ impl AdminApp {
                             .iter()
                             .position(|t| std::sync::Arc::ptr_eq(t, b));
                         let ejected_until = b.stats.ejected_until_ms();
-                        let state = if b.stats.is_ejected(now) {
+                        let o = p.override_of(b.addr);
+                        let state = if o.mode == AdminMode::Disabled {
+                            "disabled"
+                        } else if o.mode == AdminMode::Draining {
+                            if b.stats.inflight() > 0 {
+                                "draining"
+                            } else {
+                                "drained"
+                            }
+                        } else if b.stats.is_ejected(now) {
                             "ejected"
                         } else if !b.stats.is_healthy() {
                             "unhealthy"
@@ -86,6 +123,8 @@ impl AdminApp {
                         json!({
                             "addr": b.addr_text,
                             "weight": b.weight,
+                            "weight_override": o.weight,
+                            "admin_mode": o.mode,
                             "zone": b.zone,
                             "tags": b.tags,
                             "inflight": b.stats.inflight(),
@@ -136,10 +175,6 @@ fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> ser
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
@@ -186,10 +221,46 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let method = session.req_header().method.clone();
+        let head = session.req_header().method == Method::HEAD;
+        let mut resp = self.route(session).await;
+        if head {
+            // The headers GET would send (Content-Length included), without the body.
+            resp.body_mut().clear();
+        }
+        resp
+    }
+}
+
+impl AdminApp {
+    async fn route(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = match &session.req_header().method {
+            m if *m == Method::HEAD => Method::GET,
+            m => m.clone(),
+        };
         let path = session.req_header().uri.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        if method != Method::GET && method != Method::HEAD && !self.authorized(session) {
+        let Some(allowed) = allowed_methods(&segments) else {
+            return error_reply(
+                StatusCode::NOT_FOUND,
+                format!("no admin route {path}; see /api/pools, /metrics, /"),
+            );
+        };
+        if !allowed.contains(&method.as_str()) {
+            let mut resp = error_reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{method} is not allowed on {path}; use {}",
+                    allowed.join(", ")
+                ),
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert(http::header::ALLOW, v);
+            }
+            return resp;
+        }
+        let open_read = matches!(segments.as_slice(), [""] | ["healthz"] | ["readyz"]);
+        let needs_token = method != Method::GET || (self.protect_reads && !open_read);
+        if needs_token && !self.authorized(session) {
             return error_reply(
                 StatusCode::UNAUTHORIZED,
                 "this route needs `Authorization: Bearer TOKEN` ([admin] token)",
@@ -314,14 +385,87 @@ impl ServeHttp for AdminApp {
                     ),
                 }
             }
-            (_, ["api", ..]) | (_, ["metrics"]) => error_reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
-            ),
-            _ => error_reply(
-                StatusCode::NOT_FOUND,
-                format!("no admin route {path}; see /api/pools, /metrics, /"),
-            ),
+            ("POST", ["api", "pools", pool, "backends", addr, action]) => {
+                let action = *action;
+                self.override_backend(pool, addr, action, |o| match action {
+                    "drain" => o.mode = AdminMode::Draining,
+                    "disable" => o.mode = AdminMode::Disabled,
+                    _ => o.mode = AdminMode::Active, // undrain, enable
+                })
+            }
+            ("PUT", ["api", "pools", pool, "backends", addr, "weight"]) => {
+                let (pool, addr) = (pool.to_string(), addr.to_string());
+                let body = match read_body(session).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let weight = match parse_weight(&body) {
+                    Ok(w) => w,
+                    Err(msg) => return error_reply(StatusCode::BAD_REQUEST, msg),
+                };
+                self.override_backend(&pool, &addr, "weight", |o| o.weight = Some(weight))
+            }
+            ("DELETE", ["api", "pools", pool, "backends", addr, "weight"]) => {
+                self.override_backend(pool, addr, "weight reset", |o| o.weight = None)
+            }
+            _ => unreachable!("allowed_methods lists every route matched here"),
         }
+    }
+
+    /// Applies an operator's change to one backend of a pool, logs it, and answers with the
+    /// backend's override.
+    fn override_backend(
+        &self,
+        pool: &str,
+        addr: &str,
+        action: &str,
+        change: impl FnOnce(&mut Override),
+    ) -> Response<Vec<u8>> {
+        let Some(p) = self
+            .runtime
+            .pools()
+            .iter()
+            .find(|p| p.name == pool)
+            .cloned()
+        else {
+            return error_reply(
+                StatusCode::NOT_FOUND,
+                format!("no pool \"{pool}\"; GET /api/pools lists them"),
+            );
+        };
+        // An IPv6 backend's brackets and colons may come %-escaped.
+        let addr_text = percent_encoding::percent_decode_str(addr).decode_utf8_lossy();
+        let Ok(sock) = addr_text.parse::<std::net::SocketAddr>() else {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                format!("\"{addr_text}\" is not a backend address; give it as IP:port, as /api/pools shows it"),
+            );
+        };
+        match p.set_override(sock, change) {
+            None => error_reply(
+                StatusCode::NOT_FOUND,
+                format!("{sock} is not a backend of pool \"{pool}\"; GET /api/pools lists them"),
+            ),
+            Some(o) => {
+                tracing::info!(pool, backend = %sock, action, mode = ?o.mode, weight = ?o.weight, "backend changed through the admin API");
+                json_reply(
+                    StatusCode::OK,
+                    json!({ "pool": pool, "backend": sock.to_string(), "override": o }),
+                )
+            }
+        }
+    }
+}
+
+/// A weight from a body holding a bare number or `{"weight": N}`.
+fn parse_weight(body: &[u8]) -> Result<u32, String> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("expected a weight such as 5 or {{\"weight\": 5}}: {e}"))?;
+    let n = v.get("weight").unwrap_or(&v).as_u64();
+    match n {
+        Some(w) if (1..=u64::from(MAX_WEIGHT)).contains(&w) => Ok(w as u32),
+        _ => Err(format!(
+            "the weight must be a whole number from 1 to {MAX_WEIGHT}; to stop traffic, POST .../drain instead"
+        )),
     }
 }

@@ -319,10 +319,24 @@ pub fn run(
         "sluice-admin".to_string(),
         AdminApp::new(
             runtime.clone(),
-            config.admin.token.clone(),
+            config.admin.token.as_deref(),
+            config.admin.protect_reads,
             readiness.clone(),
         ),
     );
+    if config.admin.token.is_none()
+        && config
+            .admin
+            .listen
+            .get_ref()
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback())
+    {
+        tracing::warn!(
+            listen = %config.admin.listen.get_ref(),
+            "THE ADMIN API IS OPEN TO THE NETWORK WITHOUT A TOKEN ([admin] allow_unauthenticated = true): anyone who reaches it can reload the config, swap plugins and drain backends; set [admin] token"
+        );
+    }
     admin.add_tcp(config.admin.listen.get_ref());
     admin.threads = Some(1);
     server.add_service(admin);

@@ -206,6 +206,14 @@ pub struct AdminConfig {
     /// Bearer token required by mutating routes; none means open (bind to loopback then).
     #[serde(default)]
     pub token: Option<String>,
+    /// Require the token on read routes too (`/api/...`, `/metrics`); `/healthz`, `/readyz`
+    /// and the dashboard page itself stay open for probes.
+    #[serde(default)]
+    pub protect_reads: bool,
+    /// Allow an admin listener on a non-loopback address without a token. Anyone who can reach
+    /// it can then reload the config and swap plugins, so it must be asked for explicitly.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for AdminConfig {
@@ -213,6 +221,8 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: Spanned::new(0..0, default_admin_listen()),
             token: None,
+            protect_reads: false,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -657,6 +667,19 @@ impl Config {
         }
         let admin = parse_listen(self.admin.listen.get_ref())
             .map_err(|m| self.error_at(self.admin.listen.span(), m))?;
+        match self.admin.token.as_deref() {
+            Some("") => return Err(self.error_at(self.admin.listen.span(), "[admin] token is empty; give a long random string (e.g. `openssl rand -hex 32`) or remove the key")),
+            None if !admin.ip().is_loopback() && !self.admin.allow_unauthenticated => {
+                return Err(self.error_at(self.admin.listen.span(), format!("[admin] listen = \"{admin}\" is not a loopback address and [admin] has no token, so anyone who reaches it could reload the config and swap plugins; set [admin] token (or listen on 127.0.0.1), or write allow_unauthenticated = true to accept that")));
+            }
+            _ => {}
+        }
+        if self.admin.protect_reads && self.admin.token.is_none() {
+            return Err(self.error_at(
+                self.admin.listen.span(),
+                "[admin] protect_reads = true needs [admin] token; set a token or remove protect_reads",
+            ));
+        }
         let mut seen = HashSet::new();
         for l in self.server.listen.iter().chain(tls_listen) {
             let addr = parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;

@@ -51,6 +51,9 @@ pub async fn run(
                     )
                 });
             for b in pool.members().iter() {
+                if pool.override_of(b.addr).mode == crate::pool::AdminMode::Disabled {
+                    continue;
+                }
                 {
                     let mut rec = b.stats.health.lock();
                     if rec.in_flight || now < rec.next_due_ms {

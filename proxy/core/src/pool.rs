@@ -3,6 +3,8 @@
 //! under one lock and publishes it with `ArcSwap`; the request path only loads the table, picks,
 //! and takes a [`Lease`].
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -19,6 +21,33 @@ use crate::health::HealthHost;
 use crate::lease::{Lease, LeaseOwner};
 use crate::metrics::{Metrics, SeriesScope};
 use crate::strategy::StrategyHost;
+
+/// What an operator set on one backend through the runtime API. Kept by the pool per address,
+/// so it outlives table rebuilds, membership changes that keep the address, and config reloads
+/// that keep the pool; it is dropped when the address leaves the pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Override {
+    /// Whether the backend takes new requests.
+    pub mode: AdminMode,
+    /// Replaces the configured weight while set.
+    pub weight: Option<u32>,
+}
+
+/// An operator's say on whether a backend takes traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminMode {
+    /// Routed as its health and ejection state allow.
+    #[default]
+    Active,
+    /// No new requests; those in flight finish. Health checks go on.
+    Draining,
+    /// No new requests and no health checks.
+    Disabled,
+}
+
+/// Largest weight the runtime API accepts (the config's own bound).
+pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// Per-pool upstream settings and balancing policies.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +188,8 @@ pub struct Pool {
     cap_warned: AtomicBool,
     /// Where members come from: (static config, gossip cluster). Merged into `members`.
     sources: ColdLock<(Vec<BackendSpec>, Vec<BackendSpec>)>,
+    /// Operator overrides by backend address (runtime API); written under `rebuild`.
+    overrides: ArcSwap<HashMap<SocketAddr, Override>>,
 }
 
 impl Pool {
@@ -191,6 +222,7 @@ impl Pool {
             requests: AtomicU64::new(0),
             cap_warned: AtomicBool::new(false),
             sources: ColdLock::new((specs.to_vec(), Vec::new())),
+            overrides: ArcSwap::from_pointee(HashMap::new()),
         };
         pool.rebuild_table();
         pool
@@ -262,6 +294,38 @@ impl Pool {
             }
             self.rebuild_locked(now);
         }
+    }
+
+    /// The operator's override of the backend at `addr` (the default when none is set).
+    pub fn override_of(&self, addr: SocketAddr) -> Override {
+        self.overrides
+            .load()
+            .get(&addr)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Changes the operator's override of the member at `addr` and rebuilds the table, so it
+    /// applies to the next request. `None` when `addr` is not a member of this pool.
+    pub fn set_override(
+        &self,
+        addr: SocketAddr,
+        change: impl FnOnce(&mut Override),
+    ) -> Option<Override> {
+        let _guard = self.lock();
+        if !self.members.load().iter().any(|b| b.addr == addr) {
+            return None;
+        }
+        let mut map = HashMap::clone(&self.overrides.load());
+        let o = map.entry(addr).or_default();
+        change(o);
+        let result = *o;
+        if result == Override::default() {
+            map.remove(&addr);
+        }
+        self.overrides.store(Arc::new(map));
+        self.rebuild_locked(now_ms());
+        Some(result)
     }
 
     /// Replaces the backends from the config file; gossip members stay. True when members changed.
@@ -427,6 +491,19 @@ impl Pool {
                 b
             })
             .collect();
+        // An override lasts while its address is a member.
+        let overrides = self.overrides.load();
+        if overrides
+            .keys()
+            .any(|a| !members.iter().any(|b| b.addr == *a))
+        {
+            let kept = overrides
+                .iter()
+                .filter(|(a, _)| members.iter().any(|b| b.addr == **a))
+                .map(|(a, o)| (*a, *o))
+                .collect();
+            self.overrides.store(Arc::new(kept));
+        }
         // Removed backends' statistics (and so their series) go with the last table that
         // holds them.
         self.members.store(Arc::new(members));
@@ -442,8 +519,25 @@ impl Pool {
     }
 
     fn rebuild_locked(&self, now: u64) -> bool {
-        let members = self.members.load();
+        let all = self.members.load();
         let policy = self.settings.load();
+        let overrides = self.overrides.load();
+        let weight_of = |b: &Backend| {
+            overrides
+                .get(&b.addr)
+                .and_then(|o| o.weight)
+                .unwrap_or(b.weight)
+        };
+        // Drained and disabled backends are out of everything below, panic mode included.
+        let members: Vec<Arc<Backend>> = all
+            .iter()
+            .filter(|b| {
+                overrides
+                    .get(&b.addr)
+                    .is_none_or(|o| o.mode == AdminMode::Active)
+            })
+            .cloned()
+            .collect();
         let routable: Vec<Arc<Backend>> = members
             .iter()
             .filter(|b| b.stats.is_routable(now))
@@ -455,12 +549,12 @@ impl Pool {
             && policy.panic_threshold > 0
             && (routable.len() as u64) * 100
                 < u64::from(policy.panic_threshold) * members.len() as u64;
-        let mut chosen = if panic { members.to_vec() } else { routable };
+        let mut chosen = if panic { members.clone() } else { routable };
         if let (true, Some(zone)) = (policy.zone_aware, self.local_zone.as_deref()) {
             let local: Vec<Arc<Backend>> =
                 chosen.iter().filter(|b| b.zone == zone).cloned().collect();
             let local_members = members.iter().filter(|b| b.zone == zone).count();
-            let weight: u64 = local.iter().map(|b| u64::from(b.weight)).sum();
+            let weight: u64 = local.iter().map(|b| u64::from(weight_of(b))).sum();
             let inflight: i64 = local.iter().map(|b| b.stats.inflight().max(0)).sum();
             // Stay local while most local members are routable and they are not overloaded.
             let healthy_enough = local.len() * 10 >= local_members * 7;
@@ -477,7 +571,7 @@ impl Pool {
             .any(|b| b.stats.health_factor() < 100 || ramping(b, policy.slow_start, now));
         let weights: Vec<u32> = chosen
             .iter()
-            .map(|b| effective_weight(b, policy.slow_start, now, scaled))
+            .map(|b| effective_weight(b, weight_of(b), policy.slow_start, now, scaled))
             .collect();
         let current = self.table.load();
         let unchanged = current.panic == panic
@@ -593,13 +687,14 @@ fn ramping(b: &Backend, slow_start: Duration, now: u64) -> bool {
         && now.saturating_sub(admitted) < slow_start.as_millis() as u64
 }
 
-/// Weight with the health factor and slow start applied; `scaled` multiplies by 100 first.
-fn effective_weight(b: &Backend, slow_start: Duration, now: u64, scaled: bool) -> u32 {
+/// `weight` with the health factor and slow start of `b` applied; `scaled` multiplies by 100
+/// first.
+fn effective_weight(b: &Backend, weight: u32, slow_start: Duration, now: u64, scaled: bool) -> u32 {
     if !scaled {
-        return b.weight;
+        return weight;
     }
     let mut w =
-        f64::from(b.weight) * 100.0 * f64::from(b.stats.health_factor().clamp(1, 100)) / 100.0;
+        f64::from(weight) * 100.0 * f64::from(b.stats.health_factor().clamp(1, 100)) / 100.0;
     if ramping(b, slow_start, now) {
         let since = now.saturating_sub(b.stats.admitted_at_ms()) as f64;
         // Linear ramp from 10 % (a fresh backend still gets some traffic to warm up).
