@@ -300,14 +300,18 @@ impl AdminApp {
                 if body.is_empty() {
                     return error_reply(StatusCode::BAD_REQUEST, "empty body; send the plugin's .wasm bytes (curl --data-binary @plugin.wasm)");
                 }
+                let config = match plugin_config(session.req_header().uri.query()) {
+                    Ok(c) => c,
+                    Err(msg) => return error_reply(StatusCode::BAD_REQUEST, msg),
+                };
                 let rt = self.runtime.clone();
                 let (p, k) = (pool.clone(), kind.clone());
                 // Compilation takes milliseconds of CPU: keep it off the admin runtime's reactor.
                 let result = tokio::task::spawn_blocking(move || {
                     let r = if k == "health" {
-                        rt.swap_health(&p, &body)
+                        rt.swap_health(&p, &body, config)
                     } else {
-                        rt.swap_strategy(&p, &body)
+                        rt.swap_strategy(&p, &body, config)
                     };
                     crate::server::release_free_memory();
                     r
@@ -454,6 +458,27 @@ impl AdminApp {
                 )
             }
         }
+    }
+}
+
+/// The plugin config of an upload: the `config` query parameter, a %-encoded JSON object.
+/// `None` (no parameter) keeps the pool's current config.
+fn plugin_config(query: Option<&str>) -> Result<Option<Arc<[u8]>>, String> {
+    let Some(raw) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("config="))
+    else {
+        return Ok(None);
+    };
+    let text = percent_encoding::percent_decode_str(&raw.replace('+', " "))
+        .decode_utf8()
+        .map_err(|_| "the config parameter is not UTF-8 once %-decoded".to_string())?
+        .into_owned();
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) if v.is_object() => Ok(Some(Arc::from(text.into_bytes()))),
+        Ok(_) => Err("the config parameter must be a JSON object, like {\"zones\": 2}".into()),
+        Err(e) => Err(format!("the config parameter is not JSON: {e}")),
     }
 }
 

@@ -140,6 +140,10 @@ enum PluginCommand {
         /// Load it into every proxy of the cluster (found through `--admin`'s cluster view).
         #[arg(long)]
         cluster: bool,
+        /// The plugin's config as a JSON object (replaces the pool's); without it the pool's
+        /// current config is kept.
+        #[arg(long)]
+        config: Option<String>,
     },
 }
 
@@ -279,10 +283,27 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     admin,
                     token,
                     cluster,
+                    config,
                 },
         } => {
             let bytes = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let query = match &config {
+                None => String::new(),
+                Some(c) => {
+                    let v: serde_json::Value = serde_json::from_str(c)
+                        .map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
+                    anyhow::ensure!(
+                        v.is_object(),
+                        "--config must be a JSON object, like '{{\"zones\": 2}}'"
+                    );
+                    let enc = percent_encoding::utf8_percent_encode(
+                        c,
+                        percent_encoding::NON_ALPHANUMERIC,
+                    );
+                    format!("?config={enc}")
+                }
+            };
             let targets: Vec<String> = if cluster {
                 let v = admin_call(&admin, token.clone(), "GET", "/api/cluster", b"")?;
                 v["members"]
@@ -301,7 +322,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             let mut failed = 0;
             for target in &targets {
-                match put_plugin(target, token.clone(), &pool, &kind, &bytes) {
+                match put_plugin(target, token.clone(), &pool, &kind, &query, &bytes) {
                     Ok(v) => println!(
                         "{target}: {kind} loaded into pool {pool}: sha256 {} generation {}",
                         v["sha256"].as_str().unwrap_or("?"),
@@ -329,13 +350,14 @@ fn put_plugin(
     token: Option<String>,
     pool: &str,
     kind: &str,
+    query: &str,
     bytes: &[u8],
 ) -> anyhow::Result<serde_json::Value> {
     admin_call(
         admin,
         token,
         "PUT",
-        &format!("/api/pools/{pool}/{kind}"),
+        &format!("/api/pools/{pool}/{kind}{query}"),
         bytes,
     )
     .map_err(|e| anyhow::anyhow!("the proxy refused the plugin: {e:#}"))

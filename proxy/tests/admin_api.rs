@@ -257,3 +257,71 @@ fn an_open_admin_listener_on_the_network_is_refused_unless_asked_for() {
         out.stderr
     );
 }
+
+/// A strategy whose picks follow its config: backend 1 when the config is longer than `{}`,
+/// else backend 0.
+fn config_following_strategy() -> Vec<u8> {
+    wat_strategy(
+        1,
+        "(i32.store (i32.const 64) (i32.gt_u (local.get 1) (i32.const 2))) (i32.const 0)",
+        "(i32.load (i32.const 64))",
+    )
+}
+
+#[test]
+fn a_plugin_is_hot_loaded_with_its_config_or_keeps_the_pool_s() {
+    let b = backends(2);
+    let body = format!(
+        "token = \"{TOKEN}\"\n[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start("admin-config", &body);
+    let wasm = config_following_strategy();
+    let file = proxy.dir.join("s.wasm");
+    std::fs::write(&file, &wasm).unwrap();
+    let load = |config: Option<&str>| {
+        let admin = proxy.admin.to_string();
+        let mut args = vec![
+            "plugin",
+            "load",
+            "--pool",
+            "web",
+            "--admin",
+            &admin,
+            "--token",
+            TOKEN,
+            file.to_str().unwrap(),
+        ];
+        if let Some(c) = config {
+            args.extend(["--config", c]);
+        }
+        sluice_cli(&args)
+    };
+    // With a config: the plugin sees it.
+    let out = load(Some(r#"{"side": "second", "note": "a & b = c?"}"#));
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(served_by(&proxy, 6).get("b2"), Some(&6));
+    // Without one, the pool's current config (the one just given) stays.
+    let out = load(None);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(served_by(&proxy, 6).get("b2"), Some(&6));
+    // An empty object replaces it.
+    assert!(load(Some("{}")).ok);
+    assert_eq!(served_by(&proxy, 6).get("b1"), Some(&6));
+    // Bad configs are refused before anything changes, by the CLI and by the API.
+    let out = load(Some("[1, 2]"));
+    assert!(
+        !out.ok && out.stderr.contains("JSON object"),
+        "{}",
+        out.stderr
+    );
+    let r = authed(
+        &proxy,
+        "PUT",
+        "/api/pools/web/strategy?config=%7Bnope",
+        &wasm,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("not JSON"), "{}", r.text());
+    assert_eq!(served_by(&proxy, 6).get("b1"), Some(&6));
+}

@@ -334,7 +334,13 @@ impl Runtime {
     }
 
     /// Hot-swaps a pool's health check with uploaded wasm bytes.
-    pub fn swap_health(&self, pool: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, ApplyError> {
+    /// `config` (JSON) replaces the plugin's config; `None` keeps the current one.
+    pub fn swap_health(
+        &self,
+        pool: &str,
+        bytes: &[u8],
+        config: Option<Arc<[u8]>>,
+    ) -> Result<Arc<PluginVersion>, ApplyError> {
         let _guard = self.admin_lock.lock();
         let p = self
             .pool(pool)
@@ -343,7 +349,7 @@ impl Runtime {
             .health()
             .ok_or_else(|| ApplyError::NoHealth(pool.to_string()))?;
         let first = p.members().first().cloned();
-        host.swap(bytes, "uploaded", None, first.as_deref())
+        host.swap(bytes, "uploaded", config, first.as_deref())
             .map_err(|source| ApplyError::Plugin {
                 pool: pool.to_string(),
                 plugin: "upload".into(),
@@ -351,11 +357,13 @@ impl Runtime {
             })
     }
 
-    /// Hot-swaps a pool's strategy with uploaded wasm bytes.
+    /// Hot-swaps a pool's strategy with uploaded wasm bytes; `config` (JSON) replaces the
+    /// plugin's config, `None` keeps the current one.
     pub fn swap_strategy(
         &self,
         pool: &str,
         bytes: &[u8],
+        config: Option<Arc<[u8]>>,
     ) -> Result<Arc<PluginVersion>, ApplyError> {
         let _guard = self.admin_lock.lock();
         let p = self
@@ -363,7 +371,7 @@ impl Runtime {
             .ok_or_else(|| ApplyError::UnknownPool(pool.to_string()))?;
         let table = p.table_full();
         p.strategy
-            .swap(bytes, "uploaded", None, &table)
+            .swap(bytes, "uploaded", config, &table)
             .map_err(|source| ApplyError::Plugin {
                 pool: pool.to_string(),
                 plugin: "upload".into(),
@@ -560,7 +568,7 @@ mod tests {
             text.contains("sluice_fallback_picks_total{pool=\"a\"} 0"),
             "native picks are not plugin faults: {text}"
         );
-        rt.swap_strategy("a", crate::builtin::get("random").unwrap())
+        rt.swap_strategy("a", crate::builtin::get("random").unwrap(), None)
             .unwrap();
         assert_ne!(a.strategy.current().name, "native:round-robin");
     }
@@ -569,7 +577,7 @@ mod tests {
     fn an_unchanged_entry_keeps_the_running_plugin() {
         let rt = runtime(&[("a", "builtin:round-robin")]);
         let swapped = rt
-            .swap_strategy("a", crate::builtin::get("random").unwrap())
+            .swap_strategy("a", crate::builtin::get("random").unwrap(), None)
             .unwrap();
         let report = rt.apply(config(&[("a", "builtin:round-robin")])).unwrap();
         assert!(report.changed.is_empty(), "{report:?}");
