@@ -152,6 +152,8 @@ impl AdminApp {
                     "table_generation": table.generation,
                     "panic_mode": table.panic,
                     "backends": backends,
+                    "dns": p.dns_states().iter().map(crate::dns::DnsState::to_json).collect::<Vec<_>>(),
+                    "dns_refresh_ms": s.dns_refresh.as_millis() as u64,
                 })
             })
             .collect();

@@ -137,10 +137,20 @@ async fn connection(mut stream: TcpStream, backend: Arc<DemoBackend>) -> std::io
 pub fn spawn_backends(
     names: &[&str],
 ) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoBackend>)>> {
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    let at: Vec<_> = names.iter().map(|n| (*n, local)).collect();
+    spawn_backends_on(&at)
+}
+
+/// Starts a demo backend named `name` on each `addr` (port 0 = an ephemeral one) in a
+/// background thread. Returns their addresses and handles, in order.
+pub fn spawn_backends_on(
+    at: &[(&str, std::net::SocketAddr)],
+) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoBackend>)>> {
     let mut out = Vec::new();
     let mut listeners = Vec::new();
-    for name in names {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    for (name, addr) in at {
+        let l = std::net::TcpListener::bind(addr)?;
         l.set_nonblocking(true)?;
         let backend = DemoBackend::new(name);
         out.push((l.local_addr()?, backend.clone()));

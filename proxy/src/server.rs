@@ -363,6 +363,12 @@ pub fn run(
             runtime: runtime.clone(),
         },
     ));
+    server.add_service(background_service(
+        "dns-refresh",
+        DnsRefresh {
+            runtime: runtime.clone(),
+        },
+    ));
 
     watch_startup(listen_addrs(&config), readiness);
     ready(&runtime);
@@ -402,6 +408,19 @@ impl BackgroundService for HealthChecks {
     async fn start(&self, shutdown: ShutdownWatch) {
         let runtime = self.runtime.clone();
         crate::health_scheduler::run(move || runtime.pools(), shutdown).await;
+    }
+}
+
+/// Re-resolves the backend host names of every pool when due.
+struct DnsRefresh {
+    runtime: Arc<Runtime>,
+}
+
+#[async_trait]
+impl BackgroundService for DnsRefresh {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let (pools, resolver) = (self.runtime.clone(), self.runtime.clone());
+        crate::dns::run(move || pools.pools(), move || resolver.resolver(), shutdown).await;
     }
 }
 

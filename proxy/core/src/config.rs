@@ -57,6 +57,9 @@ pub struct Config {
     /// `[cluster]`: join a gossip cluster; pools then also take members from it.
     #[serde(default)]
     pub cluster: Option<Spanned<crate::cluster_config::ClusterSection>>,
+    /// `[dns]`: how backend host names are resolved.
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// Directory relative plugin paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -196,6 +199,16 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// `[dns]`: how backend host names are resolved (see [`crate::dns`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// A hosts-format file whose names are answered before the system resolver is asked,
+    /// re-read at every resolution (relative paths are relative to the config file).
+    #[serde(default)]
+    pub hosts_file: Option<Spanned<String>>,
+}
+
 /// `[admin]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,9 +252,12 @@ pub struct PoolConfig {
     /// The health-check plugin and its schedule.
     #[serde(default)]
     pub health: Option<Spanned<HealthConfig>>,
-    /// Static backends.
+    /// Static backends: addresses, or host names resolved through DNS.
     #[serde(default)]
     pub backends: Vec<Spanned<BackendEntry>>,
+    /// How often backend host names are resolved again.
+    #[serde(default = "default_dns_refresh", with = "duration")]
+    pub dns_refresh: Duration,
     /// How many more backends to try after a failed connect (0 = no retry).
     #[serde(default = "default_retries")]
     pub retries: u32,
@@ -314,6 +330,9 @@ impl Default for OutlierConfig {
 
 fn default_true() -> bool {
     true
+}
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_consecutive() -> u32 {
     5
@@ -464,7 +483,7 @@ pub enum BackendEntry {
     Addr(String),
     /// Address with attributes.
     Full {
-        /// `host:port` (an IP address; names are not resolved on the request path).
+        /// `IP:port`, or `host:port` resolved through DNS (never on the request path).
         addr: String,
         /// Relative weight, at least 1.
         #[serde(default = "default_weight")]
@@ -478,7 +497,17 @@ pub enum BackendEntry {
     },
 }
 
-/// A backend entry after validation.
+/// A backend entry after validation: an address, or a host name every address of which
+/// becomes a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendTarget {
+    /// `IP:port`.
+    Addr(BackendSpec),
+    /// `host:port`.
+    Name(crate::dns::DnsName),
+}
+
+/// A backend after validation (and resolution).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendSpec {
     /// Resolved address.
@@ -700,6 +729,12 @@ impl Config {
                 .to_config(&self.base_dir)
                 .map_err(|m| self.error_at(c.span(), m))?;
         }
+        if let Some(f) = &self.dns.hosts_file {
+            let path = self.resolve_path(f.get_ref());
+            if !path.is_file() {
+                return Err(self.error_at(f.span(), format!("[dns] hosts_file \"{}\" does not exist; give the path of a hosts-format file (relative paths are relative to the config file) or remove the key", path.display())));
+            }
+        }
         let mut names = HashSet::new();
         for pool in &self.pool {
             let name = pool.name.get_ref();
@@ -720,13 +755,20 @@ impl Config {
                 ));
             }
             let mut addrs = HashSet::new();
+            let mut hosts = HashSet::new();
             for b in &pool.backends {
-                let spec = b
+                let target = b
                     .get_ref()
-                    .resolve()
+                    .target()
                     .map_err(|m| self.error_at(b.span(), format!("pool \"{name}\": {m}")))?;
-                if !addrs.insert(spec.addr) {
-                    return Err(self.error_at(b.span(), format!("pool \"{name}\": backend {} is listed twice; list each address once and use weight to send it more traffic", spec.addr)));
+                let twice = match &target {
+                    BackendTarget::Addr(spec) => {
+                        (!addrs.insert(spec.addr)).then(|| spec.addr.to_string())
+                    }
+                    BackendTarget::Name(n) => (!hosts.insert(n.label())).then(|| n.label()),
+                };
+                if let Some(entry) = twice {
+                    return Err(self.error_at(b.span(), format!("pool \"{name}\": backend {entry} is listed twice; list each address once and use weight to send it more traffic")));
                 }
             }
             let at = |m: String| self.error_at(pool.name.span(), format!("pool \"{name}\": {m}"));
@@ -745,6 +787,12 @@ impl Config {
             }
             duration_in_range(pool.slow_start, Duration::ZERO..=MAX_DURATION, "slow_start")
                 .map_err(at)?;
+            duration_in_range(
+                pool.dns_refresh,
+                Duration::from_millis(100)..=MAX_DURATION,
+                "dns_refresh",
+            )
+            .map_err(at)?;
             if pool.outlier.max_ejection_time < pool.outlier.base_ejection_time {
                 return Err(at(
                     "outlier.max_ejection_time must be at least base_ejection_time".into(),
@@ -841,18 +889,43 @@ impl Config {
         }
     }
 
-    /// Validated static backends of a pool.
+    /// Validated backends of a pool given as addresses.
     pub fn backends(pool: &PoolConfig) -> Vec<BackendSpec> {
         pool.backends
             .iter()
-            .filter_map(|b| b.get_ref().resolve().ok())
+            .filter_map(|b| match b.get_ref().target() {
+                Ok(BackendTarget::Addr(spec)) => Some(spec),
+                _ => None,
+            })
             .collect()
+    }
+
+    /// Validated backends of a pool given as host names, with where each is written.
+    pub fn dns_names(pool: &PoolConfig) -> Vec<(crate::dns::DnsName, std::ops::Range<usize>)> {
+        pool.backends
+            .iter()
+            .filter_map(|b| match b.get_ref().target() {
+                Ok(BackendTarget::Name(n)) => Some((n, b.span())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The resolver `[dns]` describes.
+    pub fn resolver(&self) -> crate::dns::Resolver {
+        crate::dns::Resolver {
+            hosts_file: self
+                .dns
+                .hosts_file
+                .as_ref()
+                .map(|f| self.resolve_path(f.get_ref())),
+        }
     }
 }
 
 impl BackendEntry {
-    /// Validates the entry.
-    pub fn resolve(&self) -> Result<BackendSpec, String> {
+    /// Validates the entry: an address, or a host name to resolve.
+    pub fn target(&self) -> Result<BackendTarget, String> {
         let (addr, weight, zone, tags) = match self {
             BackendEntry::Addr(a) => (a, 1, None, Vec::new()),
             BackendEntry::Full {
@@ -862,20 +935,42 @@ impl BackendEntry {
                 tags,
             } => (addr, *weight, zone.clone(), tags.clone()),
         };
-        let parsed: SocketAddr = addr.parse().map_err(|_| {
-            format!("backend address \"{addr}\" is not an IP:port; write it like \"127.0.0.1:9001\" or \"[::1]:9001\"")
-        })?;
+        let malformed = || {
+            format!("backend address \"{addr}\" is not an IP:port or host:port; write it like \"127.0.0.1:9001\", \"[::1]:9001\" or \"api.internal:9001\"")
+        };
+        let (parsed, host) = match addr.parse::<SocketAddr>() {
+            Ok(a) => (a, None),
+            Err(_) => {
+                let (host, port) = addr.rsplit_once(':').ok_or_else(malformed)?;
+                let port: u16 = port.parse().map_err(|_| malformed())?;
+                if !crate::dns::DnsName::valid_host(host) {
+                    return Err(malformed());
+                }
+                let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+                (SocketAddr::from(([0, 0, 0, 0], port)), Some(host))
+            }
+        };
         if parsed.port() == 0 {
             return Err(format!("backend address \"{addr}\" has port 0"));
         }
         if weight == 0 {
             return Err(format!("backend \"{addr}\" has weight 0; weights start at 1 (remove the backend to stop traffic)"));
         }
-        Ok(BackendSpec {
-            addr: parsed,
-            weight,
-            zone: zone.unwrap_or_default(),
-            tags,
+        let zone = zone.unwrap_or_default();
+        Ok(match host {
+            None => BackendTarget::Addr(BackendSpec {
+                addr: parsed,
+                weight,
+                zone,
+                tags,
+            }),
+            Some(host) => BackendTarget::Name(crate::dns::DnsName {
+                host,
+                port: parsed.port(),
+                weight,
+                zone,
+                tags,
+            }),
         })
     }
 }
@@ -1015,7 +1110,17 @@ pool = "web"
     fn bad_backend_address() {
         let e = err("[[pool]]\nname = \"web\"\nbackends = [\"localhost:80x\"]\n");
         assert!(e.starts_with("t.toml:3:13:"), "{e}");
-        assert!(e.contains("is not an IP:port"), "{e}");
+        assert!(e.contains("is not an IP:port or host:port"), "{e}");
+        for bad in ["10.0.0.300:80", "api internal:80", "api.internal", ":80"] {
+            let e = err(&format!(
+                "[[pool]]\nname = \"web\"\nbackends = [\"{bad}\"]\n"
+            ));
+            assert!(e.contains("is not an IP:port or host:port"), "{bad}: {e}");
+        }
+        let e = err(
+            "[[pool]]\nname = \"web\"\nbackends = [\"Api.Internal:80\", \"api.internal.:80\"]\n",
+        );
+        assert!(e.contains("backend api.internal:80 is listed twice"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! fallback) → a [`backend::Lease`] that holds the chosen backend's in-flight slot until the
 //! attempt ends. [`plugin`] is the wasmtime host shared by every plugin kind; [`health`] and
 //! [`health_scheduler`] run the active checks; [`runtime`] holds the swappable state and applies
-//! reloads; [`membership`] feeds pools from the gossip cluster.
+//! reloads; [`membership`] feeds pools from the gossip cluster and [`dns`] from backend host names.
 //!
 //! The pingora request path lives in the `sluice` crate; nothing here depends on it, so the
 //! conformance tests and benches of strategies build without it.
@@ -16,6 +16,7 @@ pub mod builtin;
 pub mod cluster_config;
 pub mod cold_lock;
 pub mod config;
+pub mod dns;
 pub mod forwarding;
 pub mod fuzzing;
 pub mod head;

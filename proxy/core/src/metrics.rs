@@ -60,6 +60,9 @@ pub struct Metrics {
     pub downstream_accepted: IntCounterVec,
     /// `sluice_access_log_dropped_total`: access log lines dropped because the writer was behind.
     pub access_log_dropped: IntCounterVec,
+    /// `sluice_dns_resolution_failures_total{pool}`: failed refreshes of backend host names (the
+    /// last good addresses stay).
+    pub dns_failures: IntCounterVec,
     /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
     /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`).
     pub limit_rejections: IntCounterVec,
@@ -188,6 +191,11 @@ impl Metrics {
                 "sluice_access_log_dropped_total",
                 "Access log lines dropped because the writer thread was behind.",
                 &[],
+            ),
+            dns_failures: counter(
+                "sluice_dns_resolution_failures_total",
+                "Failed refreshes of backend host names; the last good addresses stay.",
+                &["pool"],
             ),
             limit_rejections: counter(
                 "sluice_limit_rejections_total",

@@ -4,7 +4,7 @@
 //! and takes a [`Lease`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -17,6 +17,7 @@ use prometheus::IntCounter;
 use crate::backend::{Backend, BackendTable};
 use crate::clock::now_ms;
 use crate::config::{BackendSpec, PoolConfig};
+use crate::dns::{DnsName, DnsState};
 use crate::health::HealthHost;
 use crate::lease::{Lease, LeaseOwner};
 use crate::metrics::{Metrics, SeriesScope};
@@ -81,6 +82,8 @@ pub struct PoolSettings {
     pub zone_spill_inflight: u32,
     /// Active health-check schedule (the plugin itself is [`Pool::health`]).
     pub health: Option<HealthSchedule>,
+    /// How often backend host names are resolved again.
+    pub dns_refresh: Duration,
 }
 
 /// When and how often a pool's backends are probed.
@@ -123,6 +126,7 @@ pub struct PoolCounters {
     health_pass: IntCounter,
     health_fail: IntCounter,
     health_error: IntCounter,
+    dns_failures: IntCounter,
     _series: SeriesScope,
 }
 
@@ -141,6 +145,7 @@ impl PoolCounters {
             health_pass: s.counter(&metrics.health_checks, &["pass"]),
             health_fail: s.counter(&metrics.health_checks, &["fail"]),
             health_error: s.counter(&metrics.health_checks, &["error"]),
+            dns_failures: s.counter(&metrics.dns_failures, &[]),
             _series: s,
         }
     }
@@ -186,10 +191,22 @@ pub struct Pool {
     requests: AtomicU64,
     /// Set while the "ejection cap reached" warning stands, so it is logged once per state.
     cap_warned: AtomicBool,
-    /// Where members come from: (static config, gossip cluster). Merged into `members`.
-    sources: ColdLock<(Vec<BackendSpec>, Vec<BackendSpec>)>,
+    /// Where members come from. Merged into `members`.
+    sources: ColdLock<Sources>,
     /// Operator overrides by backend address (runtime API); written under `rebuild`.
     overrides: ArcSwap<HashMap<SocketAddr, Override>>,
+}
+
+/// Where a pool's members come from, merged in this order (an address listed by an earlier
+/// source is not added again).
+#[derive(Default)]
+struct Sources {
+    /// Backends the config gives as addresses.
+    addrs: Vec<BackendSpec>,
+    /// Backends the config gives as host names, with their resolution state.
+    dns: Vec<DnsState>,
+    /// Backends announced by gossip cluster members.
+    gossip: Vec<BackendSpec>,
 }
 
 impl Pool {
@@ -221,7 +238,10 @@ impl Pool {
             rebuild: ColdLock::new(()),
             requests: AtomicU64::new(0),
             cap_warned: AtomicBool::new(false),
-            sources: ColdLock::new((specs.to_vec(), Vec::new())),
+            sources: ColdLock::new(Sources {
+                addrs: specs.to_vec(),
+                ..Sources::default()
+            }),
             overrides: ArcSwap::from_pointee(HashMap::new()),
         };
         pool.rebuild_table();
@@ -328,10 +348,61 @@ impl Pool {
         Some(result)
     }
 
-    /// Replaces the backends from the config file; gossip members stay. True when members changed.
+    /// Replaces the backends the config gives as addresses; host names and gossip members stay.
+    /// True when members changed.
     pub fn set_static_backends(&self, specs: &[BackendSpec]) -> bool {
         let mut sources = self.sources.lock();
-        sources.0 = specs.to_vec();
+        sources.addrs = specs.to_vec();
+        self.set_backends(&merge_sources(&sources))
+    }
+
+    /// Replaces the backends from the config file: `specs` given as addresses, `dns` as host
+    /// names (already resolved); gossip members stay. True when members changed.
+    pub fn set_config_backends(&self, specs: &[BackendSpec], dns: Vec<DnsState>) -> bool {
+        let mut sources = self.sources.lock();
+        sources.addrs = specs.to_vec();
+        sources.dns = dns;
+        self.set_backends(&merge_sources(&sources))
+    }
+
+    /// The resolution state of the pool's host names.
+    pub fn dns_states(&self) -> Vec<DnsState> {
+        self.sources.lock().dns.clone()
+    }
+
+    /// The host names due for a refresh at `now`, marked as being refreshed.
+    pub fn due_dns_names(&self, now: u64) -> Vec<DnsName> {
+        let mut sources = self.sources.lock();
+        sources
+            .dns
+            .iter_mut()
+            .filter(|s| !s.in_flight && s.next_due_ms <= now)
+            .map(|s| {
+                s.in_flight = true;
+                s.name.clone()
+            })
+            .collect()
+    }
+
+    /// Applies a refresh of `name`: a changed answer replaces its backends (those whose address
+    /// stays keep their statistics, leases and idle connections); a failure keeps the last good
+    /// addresses and is counted and logged. True when members changed.
+    pub fn dns_answer(&self, name: &DnsName, answer: Result<Vec<IpAddr>, String>) -> bool {
+        let refresh = self.settings.load().dns_refresh;
+        let mut sources = self.sources.lock();
+        // A reload may have removed or changed the entry meanwhile: then the answer is stale.
+        let Some(state) = sources.dns.iter_mut().find(|s| s.name == *name) else {
+            return false;
+        };
+        if let Err(e) = &answer {
+            self.counters.dns_failures.inc();
+            tracing::warn!(pool = %self.name, name = %name.label(), error = %e, kept = ?state.addrs, "DNS refresh failed; keeping the last good addresses");
+        }
+        let before = state.addrs.clone();
+        if !state.record(answer, refresh) {
+            return false;
+        }
+        tracing::info!(pool = %self.name, name = %name.label(), before = ?before, after = ?state.addrs, "DNS answer changed; updating the pool");
         self.set_backends(&merge_sources(&sources))
     }
 
@@ -341,8 +412,8 @@ impl Pool {
         let mut sources = self.sources.lock();
         let plain: Vec<BackendSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
         let mut changed = false;
-        if sources.1 != plain {
-            sources.1 = plain;
+        if sources.gossip != plain {
+            sources.gossip = plain;
             changed = self.set_backends(&merge_sources(&sources));
         }
         drop(sources);
@@ -653,6 +724,7 @@ impl From<&PoolConfig> for PoolSettings {
             zone_aware: pc.zone_aware,
             zone_spill_inflight: pc.zone_spill_inflight,
             health,
+            dns_refresh: pc.dns_refresh,
         }
     }
 }
@@ -666,16 +738,29 @@ impl Default for PoolSettings {
     }
 }
 
-/// Static entries first, then gossip entries at addresses the config does not list.
-fn merge_sources(sources: &(Vec<BackendSpec>, Vec<BackendSpec>)) -> Vec<BackendSpec> {
-    let mut all = sources.0.clone();
-    all.extend(
-        sources
-            .1
-            .iter()
-            .filter(|g| !sources.0.iter().any(|s| s.addr == g.addr))
-            .cloned(),
-    );
+/// The members a pool gets from its config: `specs` given as addresses, then the addresses of
+/// the resolved names `dns` (each address once).
+pub fn config_members(specs: &[BackendSpec], dns: &[DnsState]) -> Vec<BackendSpec> {
+    merge_sources(&Sources {
+        addrs: specs.to_vec(),
+        dns: dns.to_vec(),
+        gossip: Vec::new(),
+    })
+}
+
+/// Addresses from the config first, then resolved names, then gossip entries, each address once.
+fn merge_sources(sources: &Sources) -> Vec<BackendSpec> {
+    let mut all = sources.addrs.clone();
+    let more = sources
+        .dns
+        .iter()
+        .flat_map(DnsState::specs)
+        .chain(sources.gossip.iter().cloned());
+    for spec in more {
+        if !all.iter().any(|s| s.addr == spec.addr) {
+            all.push(spec);
+        }
+    }
     all
 }
 

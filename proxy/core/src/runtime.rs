@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Backend, BackendTable};
 use crate::builtin;
 use crate::config::{BackendSpec, Config, HealthConfig, PluginRef, PoolConfig};
+use crate::dns::{DnsState, Resolver};
 use crate::health::HealthHost;
 use crate::metrics::Metrics;
 use crate::plugin::{PluginEngine, PluginError, PluginVersion, Prepared};
@@ -78,6 +79,8 @@ pub struct Runtime {
     admin_lock: ColdLock<()>,
     /// This proxy's cluster member, when `[cluster]` is configured.
     pub cluster: std::sync::OnceLock<crate::cluster::ClusterHandle>,
+    /// How backend host names are resolved (`[dns]`).
+    resolver: ArcSwap<Resolver>,
 }
 
 impl Runtime {
@@ -98,6 +101,7 @@ impl Runtime {
             config_path,
             admin_lock: ColdLock::new(()),
             cluster: std::sync::OnceLock::new(),
+            resolver: ArcSwap::from_pointee(Resolver::default()),
         };
         rt.apply(config)?;
         Ok(rt)
@@ -126,6 +130,11 @@ impl Runtime {
         for pool in self.pools.load().values() {
             pool.maintain();
         }
+    }
+
+    /// The resolver of backend host names, as the applied config describes it.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        self.resolver.load_full()
     }
 
     /// The config currently applied.
@@ -212,10 +221,51 @@ impl Runtime {
                 ),
             );
         }
+        self.resolver.store(Arc::new(cfg.resolver()));
         self.pools.store(Arc::new(pools));
         self.router.store(Arc::new(Router::new(routes)));
         self.config.store(Arc::new(cfg));
         Ok(report)
+    }
+
+    /// The resolution state of `pc`'s host names. A name the running `pool` already has (with
+    /// the same resolver) keeps its state, the refresher keeps it current; a new one is resolved
+    /// now, and one that does not resolve refuses the config, naming its line.
+    fn resolve_names(
+        &self,
+        pc: &PoolConfig,
+        cfg: &Config,
+        pool: Option<&Pool>,
+    ) -> Result<Vec<DnsState>, ApplyError> {
+        let names = Config::dns_names(pc);
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let resolver = cfg.resolver();
+        let known = match pool {
+            Some(p) if **self.resolver.load() == resolver => p.dns_states(),
+            _ => Vec::new(),
+        };
+        names
+            .into_iter()
+            .map(|(name, span)| {
+                let same = |s: &&DnsState| s.name.host == name.host && s.name.port == name.port;
+                if let Some(state) = known.iter().find(same) {
+                    let mut state = state.clone();
+                    state.name = name;
+                    state.in_flight = false;
+                    return Ok(state);
+                }
+                let addrs = resolver.lookup(&name.host).map_err(|e| {
+                    cfg.error_at(span, format!(
+                        "pool \"{}\": backend host name \"{}\" does not resolve: {e}; check the name and the resolver (or [dns] hosts_file), or list the backend by address",
+                        pc.name.get_ref(),
+                        name.host
+                    ))
+                })?;
+                Ok(DnsState::resolved(name, addrs, pc.dns_refresh))
+            })
+            .collect()
     }
 
     /// Prepares the changes to an existing pool.
@@ -228,6 +278,8 @@ impl Runtime {
     ) -> Result<Plan, ApplyError> {
         let name = pc.name.get_ref();
         let specs = Config::backends(pc);
+        let dns = self.resolve_names(pc, cfg, Some(pool))?;
+        let all_specs = crate::pool::config_members(&specs, &dns);
         let plugin_ref = pc.strategy.get_ref();
         let new_health = pc.health.as_ref().map(|h| h.get_ref().clone());
         let health = if sources.get(name).is_some_and(|(_, h)| *h == new_health) {
@@ -268,7 +320,7 @@ impl Runtime {
             // Validated against the table the pool will have after this reload.
             let trial = Arc::new(BackendTable::new(
                 0,
-                prospective(pool, &specs),
+                prospective(pool, &all_specs),
                 cfg.server.zone.as_deref(),
             ));
             Some(
@@ -281,6 +333,7 @@ impl Runtime {
             pool: pool.clone(),
             settings: PoolSettings::from(pc),
             backends: specs,
+            dns,
             strategy,
             health,
         })))
@@ -289,7 +342,9 @@ impl Runtime {
     /// Builds a new pool with its plugins, unpublished.
     fn plan_new(&self, pc: &PoolConfig, cfg: &Config) -> Result<Arc<Pool>, ApplyError> {
         let name = pc.name.get_ref();
-        let specs = Config::backends(pc);
+        let dns = self.resolve_names(pc, cfg, None)?;
+        let literal = Config::backends(pc);
+        let specs = crate::pool::config_members(&literal, &dns);
         let zone = cfg.server.zone.clone();
         let plugin_ref = pc.strategy.get_ref();
         let (bytes, display) = load(plugin_ref.source(), cfg, name)?;
@@ -310,6 +365,8 @@ impl Runtime {
         .map_err(plugin_error(name, plugin_ref.source()))?;
         let strategy = StrategyHost::new(&self.engine, name, first, &self.metrics);
         let pool = Pool::new(name, &specs, settings, strategy, self.metrics.clone(), zone);
+        // Records where the members came from; the members themselves stay as built.
+        pool.set_config_backends(&literal, dns);
         drop(table);
         if let Some(hc) = &pc.health {
             let hc = hc.get_ref();
@@ -386,6 +443,7 @@ struct PoolUpdate {
     pool: Arc<Pool>,
     settings: PoolSettings,
     backends: Vec<BackendSpec>,
+    dns: Vec<DnsState>,
     strategy: Option<Prepared>,
     health: HealthPlan,
 }
@@ -396,7 +454,7 @@ impl PoolUpdate {
         let pool = &self.pool;
         // Settings first: new backends take their initial health state from them.
         let mut changed = pool.set_settings(self.settings.clone());
-        changed |= pool.set_static_backends(&self.backends);
+        changed |= pool.set_config_backends(&self.backends, self.dns);
         match self.health {
             HealthPlan::Keep => {}
             HealthPlan::Remove => {
