@@ -36,6 +36,8 @@ use crate::head::{
 use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
 use crate::pool::Pool;
+use crate::route::Route;
+use crate::route_rules::{Action, HeaderEdits, Rules};
 use crate::runtime::Runtime;
 
 /// Largest response head accepted from a backend.
@@ -293,13 +295,15 @@ struct Record {
 
 /// What an attempt may do with the request.
 #[derive(Clone, Copy)]
-struct Attempt {
+struct Attempt<'a> {
     /// A 5xx answer is to be retried on another backend.
     retry_5xx: bool,
     /// Body bytes in the buffer after the head.
     body_here: usize,
     /// The request id to add (the request has none).
     request_id: Option<RequestId>,
+    /// The route's edits.
+    rules: &'a Rules<Arc<Pool>>,
 }
 
 /// One downstream connection and its reused buffers.
@@ -386,10 +390,24 @@ impl<'r> Conn<'r> {
                     return;
                 }
             };
-            let next = if self.log.format() == LogFormat::Off {
-                self.exchange(&head, &shutdown).await
+            let route = {
+                let router = self.runtime.router();
+                let parsed = ParsedRequest {
+                    buf: &self.buf,
+                    head: &head,
+                    headers: &self.spans,
+                };
+                router.select(&parsed).cloned()
+            };
+            let format = route
+                .as_ref()
+                .and_then(|r| r.rules.access_log)
+                .unwrap_or(self.log.format());
+            let next = if format == LogFormat::Off {
+                self.exchange(&head, route.as_deref(), &shutdown).await
             } else {
-                self.logged_exchange(&head, &shutdown).await
+                self.logged_exchange(&head, route.as_deref(), format, &shutdown)
+                    .await
             };
             match next {
                 Next::KeepAlive if !*shutdown.borrow() => {}
@@ -400,9 +418,15 @@ impl<'r> Conn<'r> {
 
     /// [`Conn::exchange`] with its access log line (the request's fields are taken before the
     /// exchange, since the buffer moves on after it).
-    async fn logged_exchange(&mut self, head: &RequestHead, shutdown: &ShutdownWatch) -> Next {
+    async fn logged_exchange(
+        &mut self,
+        head: &RequestHead,
+        route: Option<&Route>,
+        format: LogFormat,
+        shutdown: &ShutdownWatch,
+    ) -> Next {
         let started = Instant::now();
-        let mut line = self.log.line();
+        let mut line = self.log.line_as(format);
         if let Some(line) = &mut line {
             let tls = self.tls_version.as_ref().map(|d| d.version.as_ref());
             line.request(&RequestFields {
@@ -420,7 +444,7 @@ impl<'r> Conn<'r> {
             ..Record::default()
         };
         let out_before = self.bytes_out;
-        let next = self.exchange(head, shutdown).await;
+        let next = self.exchange(head, route, shutdown).await;
         if let Some(line) = line {
             let r = &self.rec;
             line.finish(&ResponseFields {
@@ -502,18 +526,22 @@ impl<'r> Conn<'r> {
         }
     }
 
-    /// Serves one request whose head is at the start of `buf`.
-    async fn exchange(&mut self, head: &RequestHead, shutdown: &ShutdownWatch) -> Next {
-        let pool = {
-            let router = self.runtime.router();
-            router
-                .route_bytes(head.host.map(|h| h.of(&self.buf)), head.path(&self.buf))
-                .cloned()
-        };
-        let Some(pool) = pool else {
+    /// Serves one request whose head is at the start of `buf`, on `route` (`None`: no route
+    /// matched).
+    async fn exchange(
+        &mut self,
+        head: &RequestHead,
+        route: Option<&Route>,
+        shutdown: &ShutdownWatch,
+    ) -> Next {
+        let Some(route) = route else {
             return self
                 .send_error(404, "no route matches this request\n", head.is_head)
                 .await;
+        };
+        let pool = match &route.rules.action {
+            Action::Pool(pool) => pool,
+            Action::Redirect(_) | Action::Respond(_) => return self.answer(head, route).await,
         };
         if pool.table().is_empty() {
             pool.counters.no_backend.inc();
@@ -525,7 +553,7 @@ impl<'r> Conn<'r> {
             self.rec.generation = Some(pool.strategy.current().generation);
             self.rec.pool = Some(pool.clone());
         }
-        let policy = Policy::of(&pool);
+        let policy = Policy::of(pool);
         let max_body = self.limits.max_body_bytes;
         if let BodyFraming::Length(n) = head.framing {
             if max_body > 0 && n > max_body {
@@ -660,6 +688,7 @@ impl<'r> Conn<'r> {
                 retry_5xx,
                 body_here,
                 request_id,
+                rules: &route.rules,
             };
             let result = self
                 .attempt(head, &mut lease, &mut body, attempt_io, &policy, shutdown)
@@ -739,7 +768,7 @@ impl<'r> Conn<'r> {
         head: &RequestHead,
         lease: &mut Lease,
         body: &mut BodyCursor,
-        how: Attempt,
+        how: Attempt<'_>,
         policy: &Policy,
         shutdown: &ShutdownWatch,
     ) -> Result<Next, (AttemptError, bool)> {
@@ -786,6 +815,7 @@ impl<'r> Conn<'r> {
             self.forwarding,
             &hop,
             how.request_id.as_ref().map(RequestId::as_bytes),
+            how.rules,
         );
         let mut sent_body = false;
         if !head.expect_continue {
@@ -872,6 +902,7 @@ impl<'r> Conn<'r> {
             &self.uspans,
             close,
             head.version,
+            &how.rules.response_headers,
         );
         self.ubuf.advance(resp.len);
 
@@ -1051,6 +1082,86 @@ impl<'r> Conn<'r> {
         }
     }
 
+    /// Answers a request on a route that redirects or responds by itself. The connection stays
+    /// open when the request's body (if any) is already read whole; otherwise it closes.
+    async fn answer(&mut self, head: &RequestHead, route: &Route) -> Next {
+        use std::io::Write;
+        let mut body = BodyCursor::new(head.framing);
+        let body_here = body.advance(&self.buf[head.len..]).unwrap_or(0);
+        let close = head.close || !body.is_done() || head.upgrade;
+        let edits = &route.rules.response_headers;
+        let (status, fixed_body): (u16, &[u8]) = match &route.rules.action {
+            Action::Redirect(r) => (r.status, b""),
+            Action::Respond(f) => (f.status, &f.body),
+            Action::Pool(_) => (500, b""),
+        };
+        self.rec.status = status;
+        self.rec.bytes_in = (head.len + body_here) as u64;
+        self.out.clear();
+        let _ = write!(
+            self.out,
+            "HTTP/1.1 {status} {}\r\n",
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+        );
+        match &route.rules.action {
+            Action::Redirect(r) if !edits.drops(b"location") => {
+                self.out.extend_from_slice(b"Location: ");
+                let host = head.host.map(|h| h.of(&self.buf));
+                let target = match head.path_and_query.of(&self.buf) {
+                    b"" => b"/".as_slice(),
+                    pq => pq,
+                };
+                if !r.location(self.scheme, host, target, &mut self.out) {
+                    return self
+                        .send_error(
+                            400,
+                            "the request has no host to redirect to\n",
+                            head.is_head,
+                        )
+                        .await;
+                }
+                self.out.extend_from_slice(b"\r\n");
+            }
+            Action::Respond(f) => {
+                if let Some(t) = f
+                    .content_type
+                    .as_ref()
+                    .filter(|_| !edits.drops(b"content-type"))
+                {
+                    put_header(&mut self.out, b"Content-Type", t.as_bytes());
+                }
+            }
+            _ => {}
+        }
+        let _ = write!(self.out, "Content-Length: {}\r\n", fixed_body.len());
+        put_fields(&mut self.out, edits);
+        if close {
+            self.out.extend_from_slice(b"Connection: close\r\n");
+        } else if head.version == 0 {
+            self.out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        if !head.is_head {
+            self.out.extend_from_slice(fixed_body);
+        }
+        let sent = self.client_write_out().await.is_ok();
+        if close {
+            if sent {
+                let _ = self.io.shutdown().await;
+                self.linger().await;
+            }
+            return Next::Close;
+        }
+        if !sent {
+            return Next::Close;
+        }
+        self.buf.advance(head.len + body_here);
+        Next::KeepAlive
+    }
+
     /// Answers with a short plain-text error and closes (the request's body, if any, is not
     /// read). Returns [`Next::Close`].
     async fn send_error(&mut self, status: u16, body: &str, head_request: bool) -> Next {
@@ -1121,11 +1232,23 @@ fn write_request_head(
     fwd: &Forwarding,
     hop: &Hop<'_>,
     request_id: Option<&[u8]>,
+    rules: &Rules<Arc<Pool>>,
 ) {
     let (buf, head) = (req.buf, req.head);
     out.extend_from_slice(head.method.of(buf));
     out.push(b' ');
-    out.extend_from_slice(head.target.of(buf));
+    match rules.rewrite.as_ref().and_then(|r| r.apply(head.path(buf))) {
+        Some((prefix, rest)) => {
+            // The rewritten path, in origin form, with the query kept.
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(rest);
+            if let Some(q) = head.query(buf) {
+                out.push(b'?');
+                out.extend_from_slice(q);
+            }
+        }
+        None => out.extend_from_slice(head.target.of(buf)),
+    }
     out.extend_from_slice(if head.version == 0 {
         b" HTTP/1.0\r\n"
     } else {
@@ -1136,7 +1259,7 @@ fn write_request_head(
         if is_hop_by_hop(name) && !(head.upgrade && name_is(name, b"connection")) {
             continue;
         }
-        if fwd.rewrites(name) {
+        if fwd.rewrites(name) || rules.request_headers.drops(name) {
             continue;
         }
         // Headers the client named in `Connection` were for sluice only (the upgrade's own
@@ -1150,6 +1273,7 @@ fn write_request_head(
         put_header(out, name, h.value.of(buf));
     }
     fwd.write(hop, req, request_id, &mut HeadWriter(out));
+    put_fields(out, &rules.request_headers);
     if head.version == 0 {
         // HTTP/1.0 closes by default; sluice keeps its upstream connections.
         out.extend_from_slice(b"Connection: keep-alive\r\n");
@@ -1166,6 +1290,7 @@ fn write_response_head(
     spans: &[HeaderSpan],
     close: bool,
     client_version: u8,
+    edits: &HeaderEdits,
 ) {
     let upgrade = resp.status == 101;
     let s = resp.status;
@@ -1186,6 +1311,9 @@ fn write_response_head(
         if resp.framing == BodyFraming::Chunked && name_is(name, b"content-length") {
             continue;
         }
+        if edits.drops(name) {
+            continue;
+        }
         if resp.connection_lists
             && !(upgrade && name_is(name, b"upgrade"))
             && head::listed_in_connection(buf, spans, name)
@@ -1194,6 +1322,7 @@ fn write_response_head(
         }
         put_header(out, name, h.value.of(buf));
     }
+    put_fields(out, edits);
     if !upgrade {
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
@@ -1202,6 +1331,13 @@ fn write_response_head(
         }
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The fields a route's header edits add (`set`, then `add`).
+fn put_fields(out: &mut Vec<u8>, edits: &HeaderEdits) {
+    for (name, value) in edits.fields() {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

@@ -19,5 +19,5 @@ pub mod server;
 pub use sluice_core::{
     access_log, backend, builtin, clock, cluster, cluster_config, cold_lock, config, dns,
     forwarding, head, health, health_probe, health_scheduler, http1, lease, membership, metrics,
-    outlier, plugin, pool, route, runtime, simulate, strategy, upstream,
+    outlier, plugin, pool, route, route_rules, runtime, simulate, strategy, upstream,
 };

@@ -15,6 +15,8 @@ use crate::forwarding::{Forwarding, HeaderSink, Hop, RequestId};
 use crate::lease::{Lease, Outcome};
 use crate::plugin::RequestView;
 use crate::pool::Pool;
+use crate::route::Route;
+use crate::route_rules::{Action, HeaderEdits};
 use crate::runtime::Runtime;
 
 /// The pingora proxy application.
@@ -68,6 +70,8 @@ impl HeaderSink for Collected {
 
 /// Per-request state.
 pub struct RequestCtx {
+    /// The matched route (its edits apply to the request and response).
+    route: Option<Arc<Route>>,
     pool: Option<Arc<Pool>>,
     /// The current attempt's in-flight slot. Replacing or dropping it releases the slot and
     /// records the outcome set on it, so no retry path can leak or double-count.
@@ -118,6 +122,7 @@ impl ProxyHttp for SluiceProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            route: None,
             pool: None,
             lease: None,
             tried: Vec::new(),
@@ -130,15 +135,22 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let pool = {
+        let route = {
             let router = self.runtime.router();
-            router
-                .route(request_host(session), session.req_header().uri.path())
-                .cloned()
+            let head: &http::request::Parts = session.req_header();
+            router.select(head).cloned()
         };
-        let Some(pool) = pool else {
+        let Some(route) = route else {
             respond(session, 404, "no route matches this request\n").await?;
             return Ok(true);
+        };
+        ctx.route = Some(route.clone());
+        let pool = match &route.rules.action {
+            Action::Pool(pool) => pool.clone(),
+            Action::Redirect(_) | Action::Respond(_) => {
+                answer(session, &route).await?;
+                return Ok(true);
+            }
         };
         if pool.table().is_empty() {
             pool.counters.no_backend.inc();
@@ -317,6 +329,51 @@ impl ProxyHttp for SluiceProxy {
             })?;
             upstream_request.append_header(name, value)?;
         }
+        if let Some(route) = &ctx.route {
+            let rules = &route.rules;
+            let edits = &rules.request_headers;
+            for name in edits.dropped() {
+                upstream_request.remove_header(name);
+            }
+            for (name, value) in edits.fields() {
+                upstream_request.append_header(name, value.clone())?;
+            }
+            let uri = &upstream_request.uri;
+            if let Some((prefix, rest)) = rules
+                .rewrite
+                .as_ref()
+                .and_then(|r| r.apply(uri.path().as_bytes()))
+            {
+                // The rewritten path with the query kept; scheme and authority (HTTP/2) stay.
+                let mut pq = Vec::with_capacity(prefix.len() + rest.len() + 64);
+                pq.extend_from_slice(prefix);
+                pq.extend_from_slice(rest);
+                if let Some(q) = uri.query() {
+                    pq.push(b'?');
+                    pq.extend_from_slice(q.as_bytes());
+                }
+                let mut parts = uri.clone().into_parts();
+                parts.path_and_query =
+                    Some(http::uri::PathAndQuery::try_from(pq).map_err(|e| {
+                        Error::because(ErrorType::InternalError, "rewritten path", e)
+                    })?);
+                let new = http::Uri::from_parts(parts)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "rewritten path", e))?;
+                upstream_request.set_uri(new);
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            edit_response(resp, &route.rules.response_headers)?;
+        }
         Ok(())
     }
 
@@ -421,7 +478,12 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(mut line) = self.log.line() {
+        let format = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.rules.access_log)
+            .unwrap_or(self.log.format());
+        if let Some(mut line) = self.log.line_as(format) {
             let req = session.req_header();
             let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
             let tls = session.digest().and_then(|d| d.ssl_digest.clone());
@@ -479,6 +541,69 @@ fn head_sent(session: &Session) -> bool {
     session
         .response_written()
         .is_some_and(|r| !r.status.is_informational() || r.status.as_u16() == 101)
+}
+
+/// Applies a route's response header edits.
+fn edit_response(resp: &mut ResponseHeader, edits: &HeaderEdits) -> Result<()> {
+    for name in edits.dropped() {
+        resp.remove_header(name);
+    }
+    for (name, value) in edits.fields() {
+        resp.append_header(name, value.clone())?;
+    }
+    Ok(())
+}
+
+/// Answers a request on a route that redirects or responds by itself.
+async fn answer(session: &mut Session, route: &Route) -> Result<()> {
+    let edits = &route.rules.response_headers;
+    let (status, body): (u16, &[u8]) = match &route.rules.action {
+        Action::Redirect(r) => (r.status, b""),
+        Action::Respond(f) => (f.status, &f.body),
+        Action::Pool(_) => (500, b""),
+    };
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    match &route.rules.action {
+        Action::Redirect(r) => {
+            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+            let req = session.req_header();
+            let host = request_host(session).map(str::as_bytes);
+            let target = req
+                .uri
+                .path_and_query()
+                .map_or(b"/".as_slice(), |p| p.as_str().as_bytes());
+            let mut location = Vec::with_capacity(128);
+            let scheme = if tls { "https" } else { "http" };
+            if !r.location(scheme, host, target, &mut location) {
+                return respond(session, 400, "the request has no host to redirect to\n").await;
+            }
+            let location = http::HeaderValue::from_bytes(&location)
+                .map_err(|e| Error::because(ErrorType::InternalError, "redirect location", e))?;
+            resp.insert_header(http::header::LOCATION, location)?;
+        }
+        Action::Respond(f) => {
+            if let Some(t) = &f.content_type {
+                resp.insert_header(http::header::CONTENT_TYPE, t.clone())?;
+            }
+        }
+        Action::Pool(_) => {}
+    }
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    edit_response(&mut resp, edits)?;
+    if !session.is_body_empty() {
+        // The request's body is not read: the connection cannot carry another request.
+        session.set_keepalive(None);
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), head_only || body.is_empty())
+        .await?;
+    if !head_only && !body.is_empty() {
+        session
+            .write_response_body(Some(Bytes::copy_from_slice(body)), true)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Sends a short plain-text response, unless a response is already under way.

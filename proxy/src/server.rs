@@ -249,8 +249,9 @@ pub fn run(
         .path
         .filter(|p| p.as_os_str() != "-")
         .map(|p| config.resolve_path(&p.to_string_lossy()));
-    let access_log = AccessLog::start(
+    let access_log = AccessLog::start_with_writer(
         &log_cfg,
+        config.access_log_writer_needed(),
         runtime
             .metrics
             .access_log_dropped

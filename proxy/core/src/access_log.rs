@@ -99,7 +99,17 @@ impl AccessLog {
     /// Opens the log `config` describes and starts its writer thread. Fails when the file
     /// cannot be opened for appending.
     pub fn start(config: &AccessLogConfig, dropped: IntCounter) -> std::io::Result<AccessLog> {
-        if config.format == LogFormat::Off {
+        AccessLog::start_with_writer(config, config.format != LogFormat::Off, dropped)
+    }
+
+    /// [`AccessLog::start`], starting the writer also when the default format is `off` if
+    /// `writer` says so (a route logs with its own format).
+    pub fn start_with_writer(
+        config: &AccessLogConfig,
+        writer: bool,
+        dropped: IntCounter,
+    ) -> std::io::Result<AccessLog> {
+        if !writer {
             return Ok(AccessLog::off());
         }
         let mut sink = match &config.path {
@@ -170,11 +180,20 @@ impl AccessLog {
 
     /// A buffer for one line, or `None` (logging off, or every buffer in use: counted).
     pub fn line(&self) -> Option<Line> {
+        self.line_as(self.format)
+    }
+
+    /// [`AccessLog::line`] in `format` (a route's own), or `None` (`format` is `off`, no writer
+    /// runs, or every buffer is in use: counted).
+    pub fn line_as(&self, format: LogFormat) -> Option<Line> {
+        if format == LogFormat::Off {
+            return None;
+        }
         let s = self.shared.as_ref()?;
         match s.free.pop() {
             Some(buf) => Some(Line {
                 buf,
-                format: self.format,
+                format,
                 shared: s.clone(),
             }),
             None => {

@@ -53,7 +53,7 @@ pub struct Config {
     pub pool: Vec<PoolConfig>,
     /// `[[route]]` entries, matched most specific first.
     #[serde(default)]
-    pub route: Vec<RouteConfig>,
+    pub route: Vec<Spanned<RouteConfig>>,
     /// `[cluster]`: join a gossip cluster; pools then also take members from it.
     #[serde(default)]
     pub cluster: Option<Spanned<crate::cluster_config::ClusterSection>>,
@@ -532,7 +532,8 @@ impl BackendSpec {
     }
 }
 
-/// `[[route]]`: requests whose host and path prefix match go to `pool`.
+/// `[[route]]`: requests that match go to `pool`, or are answered by a redirect or a fixed
+/// response; header and path rules edit what is forwarded (docs/config.md, "[[route]]").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -542,8 +543,64 @@ pub struct RouteConfig {
     /// Path prefix; the longest matching prefix wins.
     #[serde(default = "default_prefix")]
     pub path_prefix: String,
-    /// The pool to use.
-    pub pool: Spanned<String>,
+    /// The path must also match this regex.
+    #[serde(default)]
+    pub path_regex: Option<Spanned<String>>,
+    /// The method must be one of these.
+    #[serde(default)]
+    pub methods: Option<Spanned<Vec<String>>>,
+    /// Header conditions: a value (exact), `true` (present) or `false` (absent).
+    #[serde(default)]
+    pub headers:
+        Option<Spanned<std::collections::BTreeMap<String, crate::route_rules::HeaderMatchConfig>>>,
+    /// The pool to use (exactly one of `pool`, `redirect`, `respond`).
+    #[serde(default)]
+    pub pool: Option<Spanned<String>>,
+    /// Answer with a redirect.
+    #[serde(default)]
+    pub redirect: Option<Spanned<crate::route_rules::RedirectConfig>>,
+    /// Answer with a fixed response.
+    #[serde(default)]
+    pub respond: Option<Spanned<crate::route_rules::RespondConfig>>,
+    /// Remove this prefix from the path sent upstream.
+    #[serde(default)]
+    pub strip_prefix: Option<Spanned<String>>,
+    /// Replace a path prefix in the path sent upstream.
+    #[serde(default)]
+    pub replace_prefix: Option<Spanned<crate::route_rules::ReplacePrefixConfig>>,
+    /// Edits of the request head sent upstream.
+    #[serde(default)]
+    pub request_headers: Option<Spanned<crate::route_rules::HeaderEditsConfig>>,
+    /// Edits of the response head sent downstream.
+    #[serde(default)]
+    pub response_headers: Option<Spanned<crate::route_rules::HeaderEditsConfig>>,
+    /// Access log format for this route's requests: `off`, `common` or `json` (default: the
+    /// `[server.access_log]` format).
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::LogFormat>,
+}
+
+impl RouteConfig {
+    /// The parts [`crate::route_rules`] compiles; `span` is the route's own.
+    pub fn rules_config(
+        &self,
+        span: std::ops::Range<usize>,
+    ) -> crate::route_rules::RulesConfig<'_> {
+        crate::route_rules::RulesConfig {
+            span,
+            path_regex: self.path_regex.as_ref(),
+            methods: self.methods.as_ref(),
+            headers: self.headers.as_ref(),
+            pool: self.pool.as_ref(),
+            redirect: self.redirect.as_ref(),
+            respond: self.respond.as_ref(),
+            strip_prefix: self.strip_prefix.as_ref(),
+            replace_prefix: self.replace_prefix.as_ref(),
+            request_headers: self.request_headers.as_ref(),
+            response_headers: self.response_headers.as_ref(),
+            access_log: self.access_log,
+        }
+    }
 }
 
 fn default_listen() -> Vec<Spanned<String>> {
@@ -627,6 +684,16 @@ impl Config {
         cfg.source_text = text.to_string();
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether the access log's writer must run: `[server.access_log]` logs, or a route does.
+    pub fn access_log_writer_needed(&self) -> bool {
+        use crate::access_log::LogFormat;
+        self.server.access_log.format != LogFormat::Off
+            || self
+                .route
+                .iter()
+                .any(|r| r.get_ref().access_log.is_some_and(|f| f != LogFormat::Off))
     }
 
     /// An error located at `span` of this file.
@@ -831,27 +898,36 @@ impl Config {
                 in_range(u64::from(hc.concurrency), 1..=10_000, "concurrency").map_err(at)?;
             }
         }
-        for (i, route) in self.route.iter().enumerate() {
-            let pool = route.pool.get_ref();
-            if !names.contains(pool.as_str()) {
-                let known: Vec<_> = names.iter().copied().collect();
-                return Err(self.error_at(
-                    route.pool.span(),
-                    format!(
-                        "route {} refers to pool \"{pool}\", which is not defined; define a [[pool]] with name = \"{pool}\" (defined pools: {})",
-                        i + 1,
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
-                    ),
-                ));
+        for (i, spanned) in self.route.iter().enumerate() {
+            let route = spanned.get_ref();
+            let rules = route
+                .rules_config(spanned.span())
+                .compile()
+                .map_err(|e| self.error_at(e.span, format!("route {}: {}", i + 1, e.message)))?;
+            if let crate::route_rules::Action::Pool(pool) = &rules.action {
+                if !names.contains(pool.as_str()) {
+                    let known: Vec<_> = names.iter().copied().collect();
+                    let span = route.pool.as_ref().map_or(spanned.span(), Spanned::span);
+                    return Err(self.error_at(
+                        span,
+                        format!(
+                            "route {} refers to pool \"{pool}\", which is not defined; define a [[pool]] with name = \"{pool}\" (defined pools: {})",
+                            i + 1,
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        ),
+                    ));
+                }
             }
             if !route.path_prefix.starts_with('/') {
                 return Err(self.error_at(
-                    route.pool.span(),
+                    spanned.span(),
                     format!("route {}: path_prefix must start with '/'", i + 1),
                 ));
             }
         }
-        if self.pool.is_empty() || self.route.is_empty() {
+        // A config whose routes only redirect or respond needs no pool (an unknown pool was
+        // refused above).
+        if self.route.is_empty() {
             return Err(self.error_at(0..0, "the config defines no [[pool]] or no [[route]], so every request would fail; add both (docs/config.md has a minimal example)"));
         }
         Ok(())
@@ -1146,5 +1222,51 @@ pool = "web"
             e.starts_with("t.toml:4:8:") && e.contains("defined twice"),
             "{e}"
         );
+    }
+
+    const WEB: &str = "[[pool]]\nname = \"web\"\nbackends = [\"127.0.0.1:9001\"]\n";
+
+    #[test]
+    fn route_rule_errors_name_the_route_line_and_fix() {
+        let cases = [
+            ("[[route]]\npath_prefix = \"/\"\n", "t.toml:4:1:", "route 1: the route has nowhere to send requests"),
+            ("[[route]]\npool = \"web\"\nredirect = { to = \"/x\" }\n", "t.toml:6:12:", "more than one of `pool`, `redirect` and `respond`"),
+            ("[[route]]\npool = \"web\"\npath_regex = \"^/(a\"\n", "t.toml:6:14:", "path_regex is not a valid regex: regex parse error"),
+            ("[[route]]\npool = \"web\"\nrequest_headers = { set = { Connection = \"x\" } }\n", "t.toml:6:19:", "header \"Connection\" cannot be edited"),
+            ("[[route]]\npool = \"web\"\nrequest_headers = { remove = [\"Host\"] }\n", "t.toml:6:19:", "header \"Host\" cannot be edited"),
+            ("[[route]]\npool = \"web\"\nresponse_headers = { add = { \"bad name\" = \"x\" } }\n", "t.toml:6:20:", "\"bad name\" is not a valid header name"),
+            ("[[route]]\npool = \"web\"\nrequest_headers = { set = { x-a = \"a\\nb\" } }\n", "t.toml:6:19:", "not a valid header value"),
+            ("[[route]]\nredirect = { status = 200, to = \"/x\" }\n", "t.toml:5:12:", "redirect status 200 is not a redirect"),
+            ("[[route]]\nredirect = { status = 301 }\n", "t.toml:5:12:", "redirect needs a target"),
+            ("[[route]]\nrespond = { status = 99 }\n", "t.toml:5:11:", "respond: status 99"),
+            ("[[route]]\nrespond = { status = 204, body = \"x\" }\n", "t.toml:5:11:", "a 204 response has no body"),
+            ("[[route]]\nrespond = { body = \"x\" }\nstrip_prefix = \"/a\"\n", "t.toml:6:16:", "strip_prefix edits the request sent to a pool"),
+            ("[[route]]\npool = \"web\"\nstrip_prefix = \"api\"\n", "t.toml:6:16:", "strip_prefix \"api\" is not a path"),
+            ("[[route]]\npool = \"web\"\nmethods = [\"G ET\"]\n", "t.toml:6:11:", "\"G ET\" is not an HTTP method"),
+            ("[[route]]\npool = \"web\"\naccess_log = \"loud\"\n", "t.toml:6:", "unknown variant `loud`"),
+        ];
+        for (route, at, want) in cases {
+            let e = err(&format!("{WEB}{route}"));
+            assert!(e.starts_with(at) && e.contains(want), "{route:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn routes_without_pools_need_no_pool() {
+        let cfg = Config::parse(
+            "[[route]]\nredirect = { scheme = \"https\", status = 308 }\n",
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(cfg.pool.is_empty());
+        assert!(!cfg.access_log_writer_needed());
+        let cfg = Config::parse(
+            &format!("{WEB}[[route]]\npool = \"web\"\naccess_log = \"json\"\n"),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(cfg.access_log_writer_needed());
     }
 }

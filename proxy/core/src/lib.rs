@@ -31,6 +31,7 @@ pub mod outlier;
 pub mod plugin;
 pub mod pool;
 pub mod route;
+pub mod route_rules;
 pub mod runtime;
 pub mod simulate;
 pub mod strategy;

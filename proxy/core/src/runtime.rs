@@ -176,6 +176,20 @@ impl Runtime {
                 None => self.plan_new(pc, &cfg).map(Plan::New),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Routes compile (regexes, header names) from a config `Config::validate` accepted.
+        let route_rules = cfg
+            .route
+            .iter()
+            .map(|spanned| {
+                let r = spanned.get_ref();
+                let rules = r
+                    .rules_config(spanned.span())
+                    .compile()
+                    .map_err(|e| cfg.error_at(e.span, e.message))?;
+                let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+                Ok((host, r.path_prefix.clone(), rules))
+            })
+            .collect::<Result<Vec<_>, crate::config::ConfigError>>()?;
 
         // Publish. Nothing below can fail.
         let mut report = ReloadReport::default();
@@ -202,13 +216,12 @@ impl Runtime {
         for name in old_pools.keys().filter(|n| !pools.contains_key(*n)) {
             report.removed.push(name.clone());
         }
-        let routes = cfg
-            .route
-            .iter()
-            .map(|r| Route {
-                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                path_prefix: r.path_prefix.clone(),
-                pool: pools[r.pool.get_ref()].clone(),
+        let routes = route_rules
+            .into_iter()
+            .map(|(host, path_prefix, rules)| Route {
+                host,
+                path_prefix,
+                rules: rules.resolve(|name| pools[&name].clone()),
             })
             .collect();
         sources.clear();
@@ -514,6 +527,9 @@ fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.server.threads != new.server.threads {
         warnings.push("[server] threads changed; restart sluice to apply it".into());
+    }
+    if !old.access_log_writer_needed() && new.access_log_writer_needed() {
+        warnings.push("a route's access_log turns logging on while [server.access_log] format is \"off\", so no log writer runs; restart sluice to apply it".into());
     }
     warnings
 }
