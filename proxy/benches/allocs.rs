@@ -1,6 +1,8 @@
 //! Heap allocations per proxied request, counted by a global allocator in the proxy's own
 //! process, for three servers: sluice on its lean HTTP/1 path, sluice on pingora-proxy's path,
-//! and a plain pingora-proxy with no sluice logic (one fixed upstream peer).
+//! and a plain pingora-proxy with no sluice logic (one fixed upstream peer). `lean-rules` is the
+//! lean path on a route with every rule kind (method, header and regex match, path rewrite,
+//! request and response header edits).
 //!
 //!     cargo bench -p sluice --bench allocs            # all three, a table
 //!     ALLOC_REQUESTS=50000 cargo bench -p sluice --bench allocs
@@ -160,12 +162,22 @@ fn child(mode: &str, requests: usize) -> ! {
         "plain-pingora" => {
             std::thread::spawn(move || plain_pingora(listen, upstream));
         }
-        engine => {
+        mode => {
             let admin = free_addr();
+            let (engine, rules) = match mode.strip_suffix("-rules") {
+                Some(engine) => (
+                    engine,
+                    "methods = [\"GET\"]\nheaders = { user-agent = \"allocs\" }\npath_regex = \"^/bench$\"\n\
+                     replace_prefix = { from = \"/bench\", to = \"/b\" }\n\
+                     request_headers = { set = { x-a = \"1\" }, add = { x-b = \"2\" }, remove = [\"user-agent\"] }\n\
+                     response_headers = { set = { x-c = \"3\" }, remove = [\"content-type\"] }\n",
+                ),
+                None => (mode, ""),
+            };
             let text = format!(
                 "[server]\nlisten = [\"{listen}\"]\nthreads = 1\nhttp1 = \"{engine}\"\n[admin]\nlisten = \"{admin}\"\n\
                  [[pool]]\nname = \"bench\"\nstrategy = \"builtin:round-robin\"\nbackends = [\"{upstream}\"]\n\
-                 [[route]]\npath_prefix = \"/\"\npool = \"bench\"\n"
+                 [[route]]\npath_prefix = \"/\"\npool = \"bench\"\n{rules}"
             );
             let cfg = sluice::config::Config::parse(&text, "bench.toml", std::path::Path::new("."))
                 .unwrap();
@@ -254,7 +266,7 @@ fn main() {
     println!("heap allocations per proxied request (whole proxy process, keep-alive GET, {requests} requests over 4 connections)");
     println!("| server | requests | allocations per request | bytes allocated per request | background allocations in an equal idle period |");
     println!("|---|---:|---:|---:|---:|");
-    for mode in ["lean", "pingora", "plain-pingora"] {
+    for mode in ["lean", "lean-rules", "pingora", "plain-pingora"] {
         if !filter.is_empty() && !filter.iter().any(|f| mode.contains(f.as_str())) {
             continue;
         }
@@ -270,6 +282,7 @@ fn main() {
                 let f: Vec<&str> = r.split(' ').collect();
                 let label = match f[0] {
                     "lean" => "sluice, lean HTTP/1 path",
+                    "lean-rules" => "sluice, lean path, route with every rule kind",
                     "pingora" => "sluice, pingora-proxy path",
                     _ => "plain pingora-proxy (no sluice logic)",
                 };
