@@ -240,6 +240,10 @@ fn redirects_and_fixed_responses() {
         Some("https://site.example/secure/a?b=1"),
         "a new scheme drops the old port, keeps host, path and query"
     );
+    // An HTTP/1.0 request without a host cannot keep its host.
+    let r = raw(p.listen, "GET /secure/a HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.header("location"), None);
     let r = raw(
         p.listen,
         "GET /moved/x HTTP/1.1\r\nHost: site.example\r\nConnection: close\r\n\r\n",
