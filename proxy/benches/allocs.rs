@@ -181,7 +181,7 @@ fn child(mode: &str, requests: usize) -> ! {
             );
             let cfg = sluice::config::Config::parse(&text, "bench.toml", std::path::Path::new("."))
                 .unwrap();
-            std::thread::spawn(move || sluice::server::run(cfg, None, |_| {}).unwrap());
+            std::thread::spawn(move || sluice::server::run(cfg, None, false, |_| {}).unwrap());
         }
     }
     wait_listening(listen);

@@ -36,6 +36,10 @@ enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listeners over from the running sluice (zero-downtime binary upgrade):
+        /// start this, then send SIGQUIT to the old process. See docs/operations.md.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file (schema, addresses, plugins) and exit 0, or non-zero with the reason.
     Check {
@@ -185,9 +189,9 @@ fn no_transparent_huge_pages() {
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             let cfg = sluice::config::Config::load(&config)?;
-            sluice::server::run(cfg, Some(config), |rt| {
+            sluice::server::run(cfg, Some(config), upgrade, |rt| {
                 let c = rt.config();
                 let listen: Vec<_> = c
                     .server
@@ -479,7 +483,7 @@ pool = "demo"
         list.join(", ")
     );
     let cfg = sluice::config::Config::parse(&text, "demo config", std::path::Path::new("."))?;
-    sluice::server::run(cfg, None, |_| {
+    sluice::server::run(cfg, None, false, |_| {
         println!("sluice demo is running (Ctrl-C to stop)");
         println!(
             "  three demo backends: {}",

@@ -12,7 +12,7 @@ use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -191,14 +191,18 @@ fn watch_startup(addrs: Vec<String>, ready: Arc<Readiness>) {
         .expect("a thread can be spawned at start");
 }
 
-/// Runs the proxy until SIGINT/SIGTERM. `ready` is called once everything is validated,
-/// right before the listeners start.
+/// Runs the proxy until SIGTERM/SIGINT (graceful: see [`Drain`]) or SIGQUIT (hand the
+/// listeners to a process started with `upgrade`, then the same). `upgrade` takes the
+/// listeners from the running process over `[server] upgrade_sock` instead of binding them.
+/// `ready` is called once everything is validated, right before the listeners start.
 pub fn run(
     config: Config,
     config_path: Option<PathBuf>,
+    upgrade: bool,
     ready: impl FnOnce(&Runtime),
 ) -> anyhow::Result<()> {
-    preflight(&config, false)?;
+    // An upgrade takes over addresses the old process still listens on.
+    preflight(&config, upgrade)?;
     let runtime = build_runtime(config.clone(), config_path)?;
     release_free_memory();
     let readiness = Arc::new(Readiness::default());
@@ -230,11 +234,18 @@ pub fn run(
         // One single-threaded runtime per worker: no work-stealing bookkeeping on the request
         // path (measured in benches/RESULTS.md). The strategy's thread-local instances suit it too.
         work_stealing: false,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(2),
+        // pingora sleeps this long after a graceful shutdown starts, then drops what is left;
+        // `Drain` exits earlier as soon as no client connection is open.
+        grace_period_seconds: Some(config.server.shutdown_grace.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     // pingora-proxy serves HTTP/2, and HTTP/1 too when `[server] http1 = "pingora"`.
@@ -344,7 +355,15 @@ pub fn run(
 
     server.add_service(background_service(
         "sigusr1-reopen-log",
-        ReopenLog(access_log),
+        ReopenLog(access_log.clone()),
+    ));
+    server.add_service(background_service(
+        "drain-on-shutdown",
+        Drain {
+            runtime: runtime.clone(),
+            access_log,
+            grace: config.server.shutdown_grace,
+        },
     ));
     server.add_service(background_service(
         "sighup-reload",
@@ -375,7 +394,105 @@ pub fn run(
     ready(&runtime);
     // The cluster member lives as long as the process; pingora exits the process on shutdown.
     std::mem::forget(cluster);
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    std::process::exit(0)
+}
+
+/// SIGTERM and SIGINT shut down gracefully (pingora's SIGINT is immediate; operators and
+/// orchestrators expect both to drain, as nginx's SIGQUIT and Envoy's drain do); SIGQUIT hands
+/// the listeners over for an upgrade first. A second SIGTERM/SIGINT exits at once ([`Drain`]).
+struct Signals;
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut quit = signal(SignalKind::quit()).expect("signal handlers install at start");
+        let mut term = signal(SignalKind::terminate()).expect("signal handlers install at start");
+        let mut int = signal(SignalKind::interrupt()).expect("signal handlers install at start");
+        tokio::select! {
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing the listeners to the new process, then draining");
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::GracefulTerminate,
+        }
+    }
+}
+
+/// The graceful end of the process. Once pingora broadcasts shutdown (at once on
+/// SIGTERM/SIGINT; after the listeners were handed over on SIGQUIT) the listeners no longer
+/// accept, idle keep-alive connections close and busy ones close after their response. This
+/// leaves the cluster gracefully, waits until no client connection is open or `grace` has
+/// passed, lets the access log write out, and exits.
+struct Drain {
+    runtime: Arc<Runtime>,
+    access_log: AccessLog,
+    grace: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _ = shutdown.changed().await;
+        let open = self
+            .runtime
+            .metrics
+            .downstream_open
+            .with_label_values::<&str>(&[]);
+        tracing::info!(
+            grace = %humantime::format_duration(self.grace),
+            open_connections = open.get(),
+            "shutting down: accepting no new connections, letting requests in flight finish"
+        );
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        if let Some(cluster) = self.runtime.cluster.get() {
+            match tokio::time::timeout(std::time::Duration::from_secs(2), cluster.leave()).await {
+                Ok(Ok(())) => tracing::info!("left the cluster"),
+                _ => tracing::warn!(
+                    "could not announce leaving the cluster; the others will find this node gone"
+                ),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.grace;
+        loop {
+            if open.get() <= 0 {
+                tracing::info!("every client connection is closed");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    open_connections = open.get(),
+                    "shutdown grace is over; closing the connections still open"
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                Some(_) = async { term.as_mut()?.recv().await } => {
+                    tracing::warn!("second SIGTERM: exiting now");
+                    break;
+                }
+                Some(_) = async { int.as_mut()?.recv().await } => {
+                    tracing::warn!("second SIGINT: exiting now");
+                    break;
+                }
+            }
+        }
+        if !self
+            .access_log
+            .wait_written(std::time::Duration::from_secs(2))
+        {
+            tracing::warn!("access log lines still queued at exit were lost");
+        }
+        tracing::info!("sluice exits");
+        std::process::exit(0);
+    }
 }
 
 /// Re-admits ejected backends, advances slow-start ramps and re-evaluates zone load.

@@ -58,6 +58,8 @@ struct Shared {
     free: ArrayQueue<Vec<u8>>,
     reopen: AtomicBool,
     dropped: IntCounter,
+    /// Lines queued and not yet written and flushed.
+    unwritten: std::sync::atomic::AtomicUsize,
 }
 
 /// The access log of the process (cheap to clone).
@@ -123,6 +125,7 @@ impl AccessLog {
             free: ArrayQueue::new(2 * QUEUE),
             reopen: AtomicBool::new(false),
             dropped,
+            unwritten: std::sync::atomic::AtomicUsize::new(0),
         });
         for _ in 0..QUEUE {
             let _ = shared.free.push(Vec::with_capacity(LINE));
@@ -131,7 +134,7 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("sluice-access-log".into())
             .spawn(move || loop {
-                let mut wrote = false;
+                let mut wrote = 0;
                 while let Some(mut line) = s.full.pop() {
                     let _ = match &mut sink {
                         Sink::Stdout(o) => o.write_all(&line),
@@ -139,13 +142,14 @@ impl AccessLog {
                     };
                     line.clear();
                     let _ = s.free.push(line);
-                    wrote = true;
+                    wrote += 1;
                 }
-                if wrote {
+                if wrote > 0 {
                     let _ = match &mut sink {
                         Sink::Stdout(o) => o.flush(),
                         Sink::File(f, _) => f.flush(),
                     };
+                    s.unwritten.fetch_sub(wrote, Ordering::AcqRel);
                 }
                 if s.reopen.swap(false, Ordering::AcqRel) {
                     if let Sink::File(f, path) = &mut sink {
@@ -156,7 +160,7 @@ impl AccessLog {
                         }
                     }
                 }
-                if !wrote {
+                if wrote == 0 {
                     std::thread::park_timeout(POLL);
                 }
             })?;
@@ -169,6 +173,22 @@ impl AccessLog {
     /// The line format (`Off` when nothing is logged).
     pub fn format(&self) -> LogFormat {
         self.format
+    }
+
+    /// Waits (at most `limit`) until every line queued so far is written and flushed; false
+    /// when some were still waiting at the limit. For a clean exit.
+    pub fn wait_written(&self, limit: std::time::Duration) -> bool {
+        let Some(s) = &self.shared else {
+            return true;
+        };
+        let until = std::time::Instant::now() + limit;
+        while s.unwritten.load(Ordering::Acquire) > 0 {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
     }
 
     /// Reopens the log file (after it was rotated away).
@@ -366,7 +386,10 @@ impl Line {
             }
         }
         let buf = std::mem::take(&mut self.buf);
+        // Counted before the push, so the writer can never count it written first.
+        self.shared.unwritten.fetch_add(1, Ordering::AcqRel);
         if let Err(buf) = self.shared.full.push(buf) {
+            self.shared.unwritten.fetch_sub(1, Ordering::AcqRel);
             self.shared.dropped.inc();
             let mut buf = buf;
             buf.clear();
@@ -497,6 +520,7 @@ mod tests {
             free: ArrayQueue::new(4),
             reopen: AtomicBool::new(false),
             dropped: dropped.clone(),
+            unwritten: std::sync::atomic::AtomicUsize::new(0),
         });
         let _ = shared.free.push(Vec::with_capacity(8));
         let log = AccessLog {

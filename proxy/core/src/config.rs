@@ -101,6 +101,14 @@ pub struct ServerConfig {
     /// One line per request.
     #[serde(default)]
     pub access_log: crate::access_log::AccessLogConfig,
+    /// On SIGTERM/SIGINT (and after handing the listeners over in an upgrade), how long
+    /// requests in flight may take to finish before the process exits anyway.
+    #[serde(default = "default_shutdown_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+    /// The Unix socket over which an old process hands its listeners to a new one started
+    /// with `sluice run --upgrade`.
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: PathBuf,
 }
 
 /// `[server.limits]`: what one client may take, on every listener. Defaults follow nginx's.
@@ -183,6 +191,8 @@ impl Default for ServerConfig {
             limits: ClientLimits::default(),
             forwarding: crate::forwarding::ForwardingConfig::default(),
             access_log: crate::access_log::AccessLogConfig::default(),
+            shutdown_grace: default_shutdown_grace(),
+            upgrade_sock: default_upgrade_sock(),
         }
     }
 }
@@ -611,6 +621,12 @@ fn default_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_upgrade_sock() -> PathBuf {
+    PathBuf::from("/tmp/sluice-upgrade.sock")
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9900".to_string()
 }
@@ -719,6 +735,12 @@ impl Config {
             self.server.threads as u64,
             1..=MAX_THREADS,
             "[server] threads",
+        )
+        .map_err(|m| self.error_at(0..0, m))?;
+        duration_in_range(
+            self.server.shutdown_grace,
+            Duration::ZERO..=Duration::from_secs(3600),
+            "[server] shutdown_grace",
         )
         .map_err(|m| self.error_at(0..0, m))?;
         let l = &self.server.limits;

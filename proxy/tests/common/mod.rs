@@ -103,7 +103,7 @@ impl Proxy {
         let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{engine}{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
-        let child = Proxy::spawn(&dir, &config_path, address_space_kib);
+        let child = Proxy::spawn(&dir, &config_path, address_space_kib, &[]);
         let mut p = Proxy {
             child,
             listen,
@@ -119,6 +119,7 @@ impl Proxy {
         dir: &std::path::Path,
         config_path: &std::path::Path,
         address_space_kib: Option<u64>,
+        extra_args: &[&str],
     ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -140,6 +141,7 @@ impl Proxy {
         };
         cmd.args(["run", "--config"])
             .arg(config_path)
+            .args(extra_args)
             .env("SLUICE_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -172,7 +174,7 @@ impl Proxy {
     /// Starts the process again with the same config and addresses, and waits until it is ready.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Proxy::spawn(&self.dir, &self.config_path, None);
+        self.child = Proxy::spawn(&self.dir, &self.config_path, None, &[]);
         self.wait_ready();
     }
 
@@ -219,6 +221,41 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal (`-TERM`, `-QUIT`, `-HUP`).
+    pub fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// The exit status, once the process has exited within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A second process on the same config, started with `--upgrade`: it waits to be handed
+    /// this one's listeners (send this one SIGQUIT). Not waited for.
+    pub fn start_upgrade(&self) -> Proxy {
+        Proxy {
+            child: Proxy::spawn(&self.dir, &self.config_path, None, &["--upgrade"]),
+            listen: self.listen,
+            admin: self.admin,
+            config_path: self.config_path.clone(),
+            dir: self.dir.clone(),
+        }
     }
 }
 
