@@ -11,6 +11,7 @@
 //! Per request the host does no allocation on the success path: the read buffer, header spans and
 //! the head being written are per-connection buffers reused from one request to the next.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,14 +56,28 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// `[server] http1 = "pingora"`).
 pub struct LeanApp<F> {
     runtime: Arc<Runtime>,
-    fallback: Arc<F>,
     h2c: bool,
     engine: Http1Engine,
-    limits: ClientLimits,
     forwarding: Forwarding,
-    log: AccessLog,
+    /// Settings of connections whose listener is not known (`[server.limits]`,
+    /// `[server.access_log]`); `limits.max_connections` caps all listeners together.
+    default: ListenerState<F>,
+    /// Each listener's settings, found once per connection from the address it arrived on.
+    by_addr: HashMap<SocketAddr, ListenerState<F>>,
+    /// Listeners on an unspecified IP (`0.0.0.0:443`), by port.
+    by_port: HashMap<u16, SocketAddr>,
     open: AtomicU64,
     counters: LimitCounters,
+}
+
+/// What one listener gives its connections.
+struct ListenerState<F> {
+    limits: ClientLimits,
+    log: AccessLog,
+    /// pingora-proxy for this listener's HTTP/2 (and HTTP/1 with `http1 = "pingora"`).
+    fallback: Arc<F>,
+    /// Connections open on this listener.
+    open: AtomicU64,
 }
 
 /// The downstream counters, resolved once.
@@ -78,7 +93,8 @@ struct LimitCounters {
 
 impl<F> LeanApp<F> {
     /// Serves `runtime`'s routes; HTTP/2 connections (and HTTP/1 ones when `engine` says so)
-    /// go to `fallback`.
+    /// go to `fallback`. `limits` and `log` serve connections of listeners not given with
+    /// [`LeanApp::listener`].
     pub fn new(
         runtime: Arc<Runtime>,
         fallback: F,
@@ -101,37 +117,85 @@ impl<F> LeanApp<F> {
         };
         LeanApp {
             runtime,
-            fallback: Arc::new(fallback),
             h2c,
             engine,
-            limits,
             forwarding,
-            log,
+            default: ListenerState {
+                limits,
+                log,
+                fallback: Arc::new(fallback),
+                open: AtomicU64::new(0),
+            },
+            by_addr: HashMap::new(),
+            by_port: HashMap::new(),
             open: AtomicU64::new(0),
             counters,
         }
     }
 
-    /// A place for one more client connection, or `None` at `max_connections`.
-    fn admit(&self) -> Option<ConnSlot<'_, F>> {
+    /// Gives connections arriving on `addr` their own limits, access log and pingora-proxy.
+    /// Its `max_connections` caps this listener's connections (the global cap still holds).
+    pub fn listener(
+        &mut self,
+        addr: SocketAddr,
+        limits: ClientLimits,
+        log: AccessLog,
+        fallback: Arc<F>,
+    ) {
+        if addr.ip().is_unspecified() {
+            self.by_port.insert(addr.port(), addr);
+        }
+        let state = ListenerState {
+            limits,
+            log,
+            fallback,
+            open: AtomicU64::new(0),
+        };
+        self.by_addr.insert(addr, state);
+    }
+
+    /// The listener `stream` arrived on (two hash lookups at most, once per connection).
+    fn listener_of(&self, stream: &Stream) -> &ListenerState<F> {
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let Some(local) = local else {
+            return &self.default;
+        };
+        self.by_addr
+            .get(&local)
+            .or_else(|| {
+                // A listener on 0.0.0.0 or [::] sees the address the client dialled.
+                let wild = self.by_port.get(&local.port())?;
+                self.by_addr.get(wild)
+            })
+            .unwrap_or(&self.default)
+    }
+
+    /// A place for one more client connection on `listener`, or `None` at `max_connections`
+    /// (the global one or the listener's).
+    fn admit<'a>(&'a self, listener: &'a ListenerState<F>) -> Option<ConnSlot<'a, F>> {
         let n = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > self.limits.max_connections {
+        let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.default.limits.max_connections || here > listener.limits.max_connections {
             self.open.fetch_sub(1, Ordering::Relaxed);
+            listener.open.fetch_sub(1, Ordering::Relaxed);
             self.counters.connections.inc();
             return None;
         }
         self.counters.accepted.inc();
         self.counters.open.inc();
-        Some(ConnSlot(self))
+        Some(ConnSlot(self, listener))
     }
 }
 
 /// One admitted client connection; dropping it frees the place.
-struct ConnSlot<'a, F>(&'a LeanApp<F>);
+struct ConnSlot<'a, F>(&'a LeanApp<F>, &'a ListenerState<F>);
 
 impl<F> Drop for ConnSlot<'_, F> {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.1.open.fetch_sub(1, Ordering::Relaxed);
         self.0.counters.open.dec();
     }
 }
@@ -143,10 +207,11 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let listener = self.listener_of(&stream);
         // Over the cap the connection is closed at once, before anything is read or allocated.
-        let _slot = self.admit()?;
+        let _slot = self.admit(listener)?;
         if self.engine == Http1Engine::Pingora {
-            return self.fallback.process_new(stream, shutdown).await;
+            return listener.fallback.process_new(stream, shutdown).await;
         }
         let tls = stream.get_ssl_digest().is_some();
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
@@ -156,15 +221,24 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
             matches!(stream.try_peek(&mut preface).await, Ok(true)) && preface == H2_PREFACE
         };
         if h2 || h2c {
-            return self.fallback.process_new(stream, shutdown).await;
+            return listener.fallback.process_new(stream, shutdown).await;
         }
         let _here = ThreadConn::open();
-        Conn::new(self, stream, tls).serve(shutdown.clone()).await;
+        Conn::new(self, listener, stream, tls)
+            .serve(shutdown.clone())
+            .await;
         None
     }
 
     async fn cleanup(&self) {
-        self.fallback.cleanup().await;
+        // Listeners with the same settings share one pingora-proxy: clean each up once.
+        let mut done: Vec<&Arc<F>> = Vec::new();
+        for l in std::iter::once(&self.default).chain(self.by_addr.values()) {
+            if !done.iter().any(|f| Arc::ptr_eq(f, &l.fallback)) {
+                l.fallback.cleanup().await;
+                done.push(&l.fallback);
+            }
+        }
     }
 }
 
@@ -338,8 +412,13 @@ struct Conn<'r> {
 }
 
 impl<'r> Conn<'r> {
-    fn new<F>(app: &'r LeanApp<F>, io: Stream, tls: bool) -> Conn<'r> {
-        let (runtime, limits, counters) = (&app.runtime, app.limits, &app.counters);
+    fn new<F>(
+        app: &'r LeanApp<F>,
+        listener: &'r ListenerState<F>,
+        io: Stream,
+        tls: bool,
+    ) -> Conn<'r> {
+        let (runtime, limits, counters) = (&app.runtime, listener.limits, &app.counters);
         let peer = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
@@ -349,7 +428,7 @@ impl<'r> Conn<'r> {
             limits,
             counters,
             forwarding: &app.forwarding,
-            log: &app.log,
+            log: &listener.log,
             rec: Record::default(),
             bytes_out: 0,
             client_port: peer.map_or(0, |a| a.port()),

@@ -2,7 +2,7 @@
 //! are WebAssembly plugins, hot-swappable while traffic flows.
 //!
 //! This crate is the server around `sluice-core`: [`proxy`] is the request path on pingora
-//! (listener → route → pool → strategy → peer), [`admin`] the API and dashboard, [`server`]
+//! (listener → route → pool → strategy → peer), [`tls`] terminates TLS, [`admin`] the API and dashboard, [`server`]
 //! assembles a process, [`agent`] runs `sluice agent`, and the CLI lives in `main.rs`. The
 //! engine's modules are re-exported here under their own names.
 
@@ -15,9 +15,10 @@ pub mod lean;
 pub mod proxy;
 pub mod scaffold;
 pub mod server;
+pub mod tls;
 
 pub use sluice_core::{
     access_log, backend, builtin, clock, cluster, cluster_config, cold_lock, config, dns,
-    forwarding, head, health, health_probe, health_scheduler, http1, lease, membership, metrics,
-    outlier, plugin, pool, route, route_rules, runtime, simulate, strategy, upstream,
+    forwarding, head, health, health_probe, health_scheduler, http1, lease, listener, membership,
+    metrics, outlier, plugin, pool, route, route_rules, runtime, simulate, strategy, upstream,
 };

@@ -194,10 +194,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             sluice::server::run(cfg, Some(config), upgrade, |rt| {
                 let c = rt.config();
                 let listen: Vec<_> = c
-                    .server
-                    .listen
+                    .listeners()
                     .iter()
-                    .map(|l| l.get_ref().as_str())
+                    .map(|l| format!("{}{}", l.addr, if l.tls.is_some() { " (TLS)" } else { "" }))
                     .collect();
                 tracing::info!(listen = ?listen, admin = %c.admin.listen.get_ref(), pools = rt.pools().len(), "sluice is running");
             })

@@ -1,6 +1,7 @@
 //! Assembles the pingora server from a config: the proxy service, the admin service and the
 //! background tasks (SIGHUP reload), then runs it until a signal stops it.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -45,24 +45,36 @@ pub fn release_free_memory() {
 /// Every address the process listens on: proxy (plain and TLS) and admin.
 fn listen_addrs(config: &Config) -> Vec<String> {
     let mut addrs: Vec<String> = config
-        .server
-        .listen
+        .listeners()
         .iter()
-        .map(|l| l.get_ref().clone())
+        .map(|l| l.addr.to_string())
         .collect();
-    if let Some(tls) = &config.server.tls {
-        addrs.extend(tls.listen.iter().map(|l| l.get_ref().clone()));
-    }
     addrs.push(config.admin.listen.get_ref().clone());
     addrs
 }
 
-/// Largest certificate or key file read.
-const MAX_PEM_FILE: u64 = 1 << 20;
+/// The access log files a config writes to (resolved; `-` is standard output), one per listener
+/// that logs.
+fn log_paths(config: &Config) -> Vec<(std::net::SocketAddr, PathBuf)> {
+    config
+        .listeners()
+        .iter()
+        .filter(|l| l.access_log.format != crate::access_log::LogFormat::Off)
+        .filter_map(|l| {
+            let p = l
+                .access_log
+                .path
+                .as_ref()
+                .filter(|p| p.as_os_str() != "-")?;
+            Some((l.addr, config.resolve_path(&p.to_string_lossy())))
+        })
+        .collect()
+}
 
 /// Checks what `run` needs beyond the config file itself, so `check` catches it and `run` never
-/// starts half-alive: every listen address can be bound, and the TLS certificate chain and key are
-/// readable, bounded in size, parse, and belong together.
+/// starts half-alive: every listen address can be bound, every access log directory exists, and
+/// every TLS certificate chain, key and client CA is readable, bounded in size and parses, and
+/// each key belongs to its certificate.
 ///
 /// `in_use_ok` is for `sluice check`, which is often run beside the sluice it is checking a file
 /// for: an address already in use is then a warning (returned), not an error. An address this host
@@ -80,64 +92,17 @@ pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>
             ),
         }
     }
-    let log = &config.server.access_log;
-    if let Some(path) = log.path.as_ref().filter(|p| p.as_os_str() != "-") {
-        let path = config.resolve_path(&path.to_string_lossy());
+    for (listener, path) in log_paths(config) {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
         if dir.is_some_and(|d| !d.is_dir()) {
             anyhow::bail!(
-                "[server.access_log] path {}: the directory does not exist; create it or give another path",
+                "access_log of listener {listener}: path {}: the directory does not exist; create it or give another path",
                 path.display()
             );
         }
     }
-    if let Some(tls) = &config.server.tls {
-        let cert = config.resolve_path(&tls.cert.to_string_lossy());
-        let key = config.resolve_path(&tls.key.to_string_lossy());
-        check_tls(&cert, &key)?;
-    }
+    crate::tls::check(config)?;
     Ok(warnings)
-}
-
-fn check_tls(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<()> {
-    for (what, path) in [("cert", cert), ("key", key)] {
-        let meta = std::fs::metadata(path).map_err(|e| {
-            anyhow::anyhow!(
-                "[server.tls] {what} {}: {e}; give the path of a PEM file (relative paths are relative to the config file)",
-                path.display()
-            )
-        })?;
-        anyhow::ensure!(
-            meta.len() <= MAX_PEM_FILE,
-            "[server.tls] {what} {} is {} bytes; a PEM file over {MAX_PEM_FILE} bytes is not a certificate or key",
-            path.display(),
-            meta.len()
-        );
-    }
-    let (certs, key_der) = pingora::tls::load_certs_and_key_files(
-        &cert.to_string_lossy(),
-        &key.to_string_lossy(),
-    )
-    .map_err(|e| anyhow::anyhow!("[server.tls]: {e}"))?
-    .ok_or_else(|| {
-        anyhow::anyhow!(
-            "[server.tls]: {} holds no PEM certificate or {} no PEM private key (PKCS#1, PKCS#8 or SEC1)",
-            cert.display(),
-            key.display()
-        )
-    })?;
-    pingora::tls::install_default_crypto_provider();
-    pingora::tls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "[server.tls]: the key {} does not fit the certificate {}: {e}",
-                key.display(),
-                cert.display()
-            )
-        })?;
-    Ok(())
 }
 
 /// How long the listeners may take to come up before the process gives up.
@@ -255,75 +220,83 @@ pub fn run(
         .forwarding
         .build()
         .map_err(anyhow::Error::msg)?;
-    let mut log_cfg = config.server.access_log.clone();
-    log_cfg.path = log_cfg
-        .path
-        .filter(|p| p.as_os_str() != "-")
-        .map(|p| config.resolve_path(&p.to_string_lossy()));
-    let access_log = AccessLog::start_with_writer(
-        &log_cfg,
-        config.access_log_writer_needed(),
-        runtime
+    let mut logs = LogWriters {
+        by_path: HashMap::new(),
+        dropped: runtime
             .metrics
             .access_log_dropped
             .with_label_values::<&str>(&[]),
-    )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "[server.access_log]: cannot open {} for appending: {e}",
-            log_cfg
-                .path
-                .as_deref()
-                .unwrap_or(std::path::Path::new("-"))
-                .display()
-        )
-    })?;
-    let mut pingora_app = pingora::proxy::http_proxy(
-        &server.configuration,
-        SluiceProxy::new(runtime.clone(), forwarding.clone(), access_log.clone()),
-    );
-    let mut opts = HttpServerOptions::default();
-    opts.h2c = config.server.h2c;
-    // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
-    opts.h2_idle_timeout = Some(config.server.limits.keepalive_timeout);
-    pingora_app.server_options = Some(opts);
+    };
+    let access_log = logs.get(&config.server.access_log, &config)?;
+    let forwarding_ = forwarding.clone();
+    let runtime_ = runtime.clone();
+    let conf = server.configuration.clone();
+    let h2c = config.server.h2c;
+    // pingora-proxy for listeners with this access log and idle timeout.
+    let pingora_app = move |log: AccessLog, idle: Duration| {
+        let mut app = pingora::proxy::http_proxy(
+            &conf,
+            SluiceProxy::new(runtime_.clone(), forwarding_.clone(), log),
+        );
+        let mut opts = HttpServerOptions::default();
+        opts.h2c = h2c;
+        // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
+        opts.h2_idle_timeout = Some(idle);
+        app.server_options = Some(opts);
+        app
+    };
     // Every client connection is admitted by the lean app (connection cap), which serves HTTP/1
     // itself or hands the connection to pingora-proxy.
-    let mut proxy = Service::new(
-        "sluice-proxy".to_string(),
-        LeanApp::new(
-            runtime.clone(),
-            pingora_app,
-            config.server.h2c,
-            config.server.http1,
-            config.server.limits,
-            forwarding,
-            access_log.clone(),
-        ),
+    let mut lean = LeanApp::new(
+        runtime.clone(),
+        pingora_app(access_log.clone(), config.server.limits.keepalive_timeout),
+        config.server.h2c,
+        config.server.http1,
+        config.server.limits,
+        forwarding,
+        access_log,
     );
-    for l in &config.server.listen {
-        // No L4 read buffer on plain listeners: both HTTP/1 engines and h2 read into their own
-        // buffers, so pingora's default 64 KiB one only added a copy per read and 64 KiB to
-        // every open connection (5,000 slow clients held 300 MB through it).
-        let unbuffered_reads = L4BufferSettings::default().read(0);
-        proxy.add_listener(ListenerConfig::tcp(l.get_ref()).l4_buffer(unbuffered_reads));
-    }
-    if let Some(tls) = &config.server.tls {
-        for l in &tls.listen {
-            let cert = config.resolve_path(&tls.cert.to_string_lossy());
-            let key = config.resolve_path(&tls.key.to_string_lossy());
-            let mut settings =
-                TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "[server.tls]: cannot load cert {} / key {}: {e}",
-                            cert.display(),
-                            key.display()
-                        )
-                    })?;
-            settings.enable_h2();
-            proxy.add_tls_with_settings(l.get_ref(), None, settings);
+    // Listeners with settings of their own; the others take the defaults above. Listeners with
+    // the same log and idle timeout share one pingora-proxy.
+    let mut fallbacks = Vec::new();
+    for l in config.listeners() {
+        if l.limits == config.server.limits && l.access_log == config.server.access_log {
+            continue;
         }
+        let log = logs.get(&l.access_log, &config)?;
+        let key = (l.access_log.clone(), l.limits.keepalive_timeout);
+        let fallback = match fallbacks.iter().find(|(k, _)| *k == key) {
+            Some((_, f)) => Arc::clone(f),
+            None => {
+                let f = Arc::new(pingora_app(log.clone(), l.limits.keepalive_timeout));
+                fallbacks.push((key, f.clone()));
+                f
+            }
+        };
+        lean.listener(l.addr, l.limits, log, fallback);
+    }
+    let mut proxy = Service::new("sluice-proxy".to_string(), lean);
+    let tls = crate::tls::Tls::start(&config)?;
+    for l in config.listeners() {
+        let addr = l.addr.to_string();
+        match &tls {
+            Some(tls) if l.tls.is_some() => {
+                proxy.add_tls_with_settings(&addr, None, tls.settings(l.addr)?)
+            }
+            _ => {
+                // No L4 read buffer on plain listeners: both HTTP/1 engines and h2 read into
+                // their own buffers, so pingora's default 64 KiB one only added a copy per read
+                // and 64 KiB to every open connection (5,000 slow clients held 300 MB through it).
+                let unbuffered_reads = L4BufferSettings::default().read(0);
+                proxy.add_listener(ListenerConfig::tcp(&addr).l4_buffer(unbuffered_reads));
+            }
+        }
+    }
+    // A reload swaps certificates and client CAs in place (or, without TLS listeners, only
+    // checks them, for the restart that would open one).
+    match tls {
+        Some(tls) => runtime.set_reload_hook(Box::new(tls)),
+        None => runtime.set_reload_hook(Box::new(crate::tls::CheckOnly)),
     }
     server.add_service(proxy);
 
@@ -355,13 +328,13 @@ pub fn run(
 
     server.add_service(background_service(
         "sigusr1-reopen-log",
-        ReopenLog(access_log.clone()),
+        ReopenLog(logs.by_path.values().cloned().collect()),
     ));
     server.add_service(background_service(
         "drain-on-shutdown",
         Drain {
             runtime: runtime.clone(),
-            access_log,
+            access_logs: logs.by_path.into_values().collect(),
             grace: config.server.shutdown_grace,
         },
     ));
@@ -430,7 +403,8 @@ impl ShutdownSignalWatch for Signals {
 /// passed, lets the access log write out, and exits.
 struct Drain {
     runtime: Arc<Runtime>,
-    access_log: AccessLog,
+    /// Every access log writer (one per file).
+    access_logs: Vec<AccessLog>,
     grace: std::time::Duration,
 }
 
@@ -484,10 +458,12 @@ impl BackgroundService for Drain {
                 }
             }
         }
-        if !self
-            .access_log
-            .wait_written(std::time::Duration::from_secs(2))
-        {
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        let written = self
+            .access_logs
+            .iter()
+            .all(|log| log.wait_written(deadline.saturating_duration_since(Instant::now())));
+        if !written {
             tracing::warn!("access log lines still queued at exit were lost");
         }
         tracing::info!("sluice exits");
@@ -542,8 +518,52 @@ impl BackgroundService for DnsRefresh {
     }
 }
 
-/// Reopens the access log file on SIGUSR1 (after logrotate moved it).
-struct ReopenLog(AccessLog);
+/// Access log writers, one per file: listeners that log to the same file share its writer.
+struct LogWriters {
+    /// By resolved path; `None` is standard output.
+    by_path: HashMap<Option<PathBuf>, AccessLog>,
+    dropped: prometheus::IntCounter,
+}
+
+impl LogWriters {
+    /// The log `cfg` describes, starting its writer if no listener writes to that file yet.
+    fn get(
+        &mut self,
+        cfg: &crate::access_log::AccessLogConfig,
+        config: &Config,
+    ) -> anyhow::Result<AccessLog> {
+        // A listener that logs nothing still gets a writer when a route logs in a format of
+        // its own: a route's `access_log` overrides the listener's, which overrides the global.
+        if cfg.format == crate::access_log::LogFormat::Off && !config.access_log_writer_needed() {
+            return Ok(AccessLog::off());
+        }
+        let path = cfg
+            .path
+            .as_ref()
+            .filter(|p| p.as_os_str() != "-")
+            .map(|p| config.resolve_path(&p.to_string_lossy()));
+        if let Some(w) = self.by_path.get(&path) {
+            return Ok(w.with_format(cfg.format));
+        }
+        let wanted = crate::access_log::AccessLogConfig {
+            format: cfg.format,
+            path: path.clone(),
+        };
+        let w = AccessLog::start_with_writer(&wanted, true, self.dropped.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "access_log: cannot open {} for appending: {e}",
+                path.as_deref()
+                    .unwrap_or(std::path::Path::new("-"))
+                    .display()
+            )
+        })?;
+        self.by_path.insert(path, w.clone());
+        Ok(w)
+    }
+}
+
+/// Reopens the access log files on SIGUSR1 (after logrotate moved them).
+struct ReopenLog(Vec<AccessLog>);
 
 #[async_trait]
 impl BackgroundService for ReopenLog {
@@ -557,7 +577,9 @@ impl BackgroundService for ReopenLog {
         loop {
             tokio::select! {
                 _ = usr1.recv() => {
-                    self.0.reopen();
+                    for log in &self.0 {
+                        log.reopen();
+                    }
                     tracing::info!("SIGUSR1: access log reopened");
                 }
                 _ = shutdown.changed() => return,

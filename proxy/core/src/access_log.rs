@@ -170,6 +170,15 @@ impl AccessLog {
         })
     }
 
+    /// This log's writer with lines in `format` by default (listeners that share a file may
+    /// differ in format; with `Off`, only routes with a format of their own write to it).
+    pub fn with_format(&self, format: LogFormat) -> AccessLog {
+        AccessLog {
+            format,
+            shared: self.shared.clone(),
+        }
+    }
+
     /// The line format (`Off` when nothing is logged).
     pub fn format(&self) -> LogFormat {
         self.format

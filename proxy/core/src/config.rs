@@ -68,6 +68,9 @@ pub struct Config {
     pub source_name: String,
     #[serde(skip)]
     source_text: String,
+    /// Every proxy listener with its settings, resolved at load.
+    #[serde(skip)]
+    listeners: Vec<crate::listener::Listener>,
 }
 
 /// `[server]`.
@@ -75,8 +78,10 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Plain-text listen addresses (HTTP/1.1, and HTTP/2 prior knowledge when `h2c` is set).
-    #[serde(default = "default_listen")]
-    pub listen: Vec<Spanned<String>>,
+    /// Absent: `127.0.0.1:8080`, unless `[[server.listener]]` entries are given. Read the resolved
+    /// set from [`Config::listeners`].
+    #[serde(default)]
+    pub listen: Option<Vec<Spanned<String>>>,
     /// Worker threads for the proxy.
     #[serde(default = "default_threads")]
     pub threads: usize,
@@ -109,6 +114,9 @@ pub struct ServerConfig {
     /// with `sluice run --upgrade`.
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: PathBuf,
+    /// `[[server.listener]]`: listeners with their own TLS, limits or access log.
+    #[serde(default)]
+    pub listener: Vec<crate::listener::ListenerConfig>,
 }
 
 /// `[server.limits]`: what one client may take, on every listener. Defaults follow nginx's.
@@ -148,6 +156,36 @@ impl Default for ClientLimits {
     }
 }
 
+impl ClientLimits {
+    /// Every value within its range, or a message starting with `section` (the table it is in).
+    pub fn check(&self, section: &str) -> Result<(), String> {
+        for (what, d) in [
+            ("header_timeout", self.header_timeout),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("body_timeout", self.body_timeout),
+        ] {
+            duration_in_range(
+                d,
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+                what,
+            )
+            .map_err(|m| format!("{section} {m}"))?;
+        }
+        for (what, v, range) in [
+            (
+                "max_header_bytes",
+                self.max_header_bytes,
+                1024..=1024 * 1024,
+            ),
+            ("max_body_bytes", self.max_body_bytes, 0..=1 << 40),
+            ("max_connections", self.max_connections, 1..=1_000_000),
+        ] {
+            in_range(v, range, what).map_err(|m| format!("{section} {m}"))?;
+        }
+        Ok(())
+    }
+}
+
 fn default_header_timeout() -> Duration {
     Duration::from_secs(60)
 }
@@ -182,7 +220,7 @@ pub enum Http1Engine {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: default_listen(),
+            listen: None,
             threads: default_threads(),
             zone: None,
             h2c: false,
@@ -193,20 +231,34 @@ impl Default for ServerConfig {
             access_log: crate::access_log::AccessLogConfig::default(),
             shutdown_grace: default_shutdown_grace(),
             upgrade_sock: default_upgrade_sock(),
+            listener: Vec::new(),
         }
     }
 }
 
-/// `[server.tls]`: TLS listeners terminating HTTP/1.1 and HTTP/2 (ALPN).
-#[derive(Debug, Clone, Deserialize)]
+/// `[server.tls]`: TLS listeners terminating HTTP/1.1 and HTTP/2 (ALPN), the certificates every
+/// TLS listener serves (chosen by SNI), and the default client-certificate check.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// TLS listen addresses.
+    #[serde(default)]
     pub listen: Vec<Spanned<String>>,
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
+    /// PEM certificate chain (with `key`: the first certificate).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// `[[server.tls.certificate]]`: more certificates.
+    #[serde(default)]
+    pub certificate: Vec<Spanned<crate::listener::CertificateConfig>>,
+    /// PEM file of the CAs that sign client certificates (mTLS) on every TLS listener.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client certificate is required (default when `client_ca` is set) or optional.
+    #[serde(default)]
+    pub client_auth: Option<crate::listener::ClientAuth>,
 }
 
 /// `[dns]`: how backend host names are resolved (see [`crate::dns`]).
@@ -613,7 +665,7 @@ impl RouteConfig {
     }
 }
 
-fn default_listen() -> Vec<Spanned<String>> {
+pub(crate) fn default_listen() -> Vec<Spanned<String>> {
     vec![Spanned::new(0..0, "127.0.0.1:8080".to_string())]
 }
 fn default_threads() -> usize {
@@ -699,6 +751,7 @@ impl Config {
         cfg.source_name = name.to_string();
         cfg.source_text = text.to_string();
         cfg.validate()?;
+        cfg.listeners = cfg.resolve_listeners()?;
         Ok(cfg)
     }
 
@@ -710,6 +763,17 @@ impl Config {
                 .route
                 .iter()
                 .any(|r| r.get_ref().access_log.is_some_and(|f| f != LogFormat::Off))
+    }
+
+    /// Every proxy listener (plain, `[server.tls] listen`, `[[server.listener]]`) with its
+    /// resolved TLS, limits and access log settings.
+    pub fn listeners(&self) -> &[crate::listener::Listener] {
+        &self.listeners
+    }
+
+    /// The text the config was parsed from.
+    pub(crate) fn source_text(&self) -> &str {
+        &self.source_text
     }
 
     /// An error located at `span` of this file.
@@ -743,46 +807,14 @@ impl Config {
             "[server] shutdown_grace",
         )
         .map_err(|m| self.error_at(0..0, m))?;
-        let l = &self.server.limits;
-        for (what, d) in [
-            ("[server.limits] header_timeout", l.header_timeout),
-            ("[server.limits] keepalive_timeout", l.keepalive_timeout),
-            ("[server.limits] body_timeout", l.body_timeout),
-        ] {
-            duration_in_range(
-                d,
-                Duration::from_millis(100)..=Duration::from_secs(3600),
-                what,
-            )
+        self.server
+            .limits
+            .check("[server.limits]")
             .map_err(|m| self.error_at(0..0, m))?;
-        }
-        for (what, v, range) in [
-            (
-                "[server.limits] max_header_bytes",
-                l.max_header_bytes,
-                1024..=1024 * 1024,
-            ),
-            (
-                "[server.limits] max_body_bytes",
-                l.max_body_bytes,
-                0..=1 << 40,
-            ),
-            (
-                "[server.limits] max_connections",
-                l.max_connections,
-                1..=1_000_000,
-            ),
-        ] {
-            in_range(v, range, what).map_err(|m| self.error_at(0..0, m))?;
-        }
         self.server
             .forwarding
             .build()
             .map_err(|m| self.error_at(0..0, m))?;
-        let tls_listen = self.server.tls.iter().flat_map(|t| t.listen.iter());
-        if self.server.listen.is_empty() && tls_listen.clone().next().is_none() {
-            return Err(self.error_at(0..0, "[server] listen is empty and there is no [server.tls] listener, so the proxy would accept nothing; add an address such as listen = [\"127.0.0.1:8080\"]"));
-        }
         let admin = parse_listen(self.admin.listen.get_ref())
             .map_err(|m| self.error_at(self.admin.listen.span(), m))?;
         match self.admin.token.as_deref() {
@@ -797,21 +829,6 @@ impl Config {
                 self.admin.listen.span(),
                 "[admin] protect_reads = true needs [admin] token; set a token or remove protect_reads",
             ));
-        }
-        let mut seen = HashSet::new();
-        for l in self.server.listen.iter().chain(tls_listen) {
-            let addr = parse_listen(l.get_ref()).map_err(|m| self.error_at(l.span(), m))?;
-            if addr == admin {
-                return Err(self.error_at(l.span(), format!("{addr} is both a proxy and the admin listen address; give [admin] listen another port")));
-            }
-            if !seen.insert(addr) {
-                return Err(self.error_at(
-                    l.span(),
-                    format!(
-                        "{addr} is listed twice in [server]; each listen address must be unique"
-                    ),
-                ));
-            }
         }
         if let Some(c) = &self.cluster {
             c.get_ref()
@@ -1073,7 +1090,7 @@ impl BackendEntry {
     }
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("listen address \"{s}\" is not an IP:port; write it like \"127.0.0.1:8080\"")
     })
@@ -1087,7 +1104,11 @@ pub const MAX_RETRIES: u64 = 16;
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// `value` within `range`, or a message naming `what` and the allowed range.
-fn in_range(value: u64, range: std::ops::RangeInclusive<u64>, what: &str) -> Result<(), String> {
+pub(crate) fn in_range(
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    what: &str,
+) -> Result<(), String> {
     if range.contains(&value) {
         Ok(())
     } else {

@@ -25,6 +25,7 @@ pub mod health_probe;
 pub mod health_scheduler;
 pub mod http1;
 pub mod lease;
+pub mod listener;
 pub mod membership;
 pub mod metrics;
 pub mod outlier;

@@ -44,6 +44,9 @@ pub enum ApplyError {
     /// Health swap on a pool without health checks.
     #[error("pool \"{0}\" has no health checks; add `health = {{ plugin = \"builtin:http\", ... }}` to the pool in the config and reload first")]
     NoHealth(String),
+    /// A part outside the pools (the TLS certificates) refused the new config.
+    #[error("{0}")]
+    Listeners(String),
     /// Reload without a file (demo mode).
     #[error("this proxy was not started from a config file, so there is nothing to reload")]
     NoConfigFile,
@@ -60,6 +63,17 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
     /// Things that need a restart to take effect.
     pub warnings: Vec<String>,
+    /// What changed in the TLS certificates and client certificate checks.
+    pub tls: Vec<String>,
+}
+
+/// A part of the proxy outside this crate that a reload also updates (the TLS certificates).
+/// [`ReloadHook::prepare`] does everything that can fail, before anything is published; the
+/// commit it returns runs after the pools are published and cannot fail.
+pub trait ReloadHook: Send + Sync {
+    /// Reads and checks what `cfg` asks for, or says why it cannot be applied.
+    #[allow(clippy::type_complexity)]
+    fn prepare(&self, cfg: &Config) -> Result<Box<dyn FnOnce(&mut ReloadReport) + Send>, String>;
 }
 
 /// The proxy's live state.
@@ -81,6 +95,8 @@ pub struct Runtime {
     pub cluster: std::sync::OnceLock<crate::cluster::ClusterHandle>,
     /// How backend host names are resolved (`[dns]`).
     resolver: ArcSwap<Resolver>,
+    /// What else a reload updates (set once by the server).
+    reload_hook: std::sync::OnceLock<Box<dyn ReloadHook>>,
 }
 
 impl Runtime {
@@ -102,9 +118,15 @@ impl Runtime {
             admin_lock: ColdLock::new(()),
             cluster: std::sync::OnceLock::new(),
             resolver: ArcSwap::from_pointee(Resolver::default()),
+            reload_hook: std::sync::OnceLock::new(),
         };
         rt.apply(config)?;
         Ok(rt)
+    }
+
+    /// Makes every later reload also prepare and commit `hook` (set once; a second is ignored).
+    pub fn set_reload_hook(&self, hook: Box<dyn ReloadHook>) {
+        let _ = self.reload_hook.set(hook);
     }
 
     /// The current router.
@@ -152,7 +174,10 @@ impl Runtime {
         self.metrics.reloads.with_label_values(&[label]).inc();
         match &result {
             Ok(r) => {
-                tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, "config reloaded")
+                tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, tls = ?r.tls, "config reloaded");
+                for w in &r.warnings {
+                    tracing::warn!("reload: {w}");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload rejected; the running config stays")
@@ -190,6 +215,10 @@ impl Runtime {
                 Ok((host, r.path_prefix.clone(), rules))
             })
             .collect::<Result<Vec<_>, crate::config::ConfigError>>()?;
+        let commit = match self.reload_hook.get() {
+            Some(hook) => Some(hook.prepare(&cfg).map_err(ApplyError::Listeners)?),
+            None => None,
+        };
 
         // Publish. Nothing below can fail.
         let mut report = ReloadReport::default();
@@ -238,6 +267,9 @@ impl Runtime {
         self.pools.store(Arc::new(pools));
         self.router.store(Arc::new(Router::new(routes)));
         self.config.store(Arc::new(cfg));
+        if let Some(commit) = commit {
+            commit(&mut report);
+        }
         Ok(report)
     }
 
@@ -521,31 +553,11 @@ fn plugin_error<'a>(pool: &'a str, plugin: &'a str) -> impl Fn(PluginError) -> A
 
 /// Settings that only a restart applies.
 fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
-    let mut warnings = Vec::new();
-    if listen_set(old) != listen_set(new) {
-        warnings.push("listen addresses changed; restart sluice to apply them".into());
-    }
-    if old.server.threads != new.server.threads {
-        warnings.push("[server] threads changed; restart sluice to apply it".into());
-    }
+    let mut warnings = crate::listener::restart_changes(old, new);
     if !old.access_log_writer_needed() && new.access_log_writer_needed() {
         warnings.push("a route's access_log turns logging on while [server.access_log] format is \"off\", so no log writer runs; restart sluice to apply it".into());
     }
     warnings
-}
-
-fn listen_set(c: &Config) -> Vec<String> {
-    let mut v: Vec<String> = c
-        .server
-        .listen
-        .iter()
-        .map(|s| s.get_ref().clone())
-        .collect();
-    if let Some(t) = &c.server.tls {
-        v.extend(t.listen.iter().map(|s| format!("tls:{}", s.get_ref())));
-    }
-    v.push(format!("admin:{}", c.admin.listen.get_ref()));
-    v
 }
 
 /// Backends a pool would have with `specs` (for validating a plugin before publishing). New
