@@ -156,6 +156,9 @@ impl<F> LeanApp<F> {
 
     /// The listener `stream` arrived on (two hash lookups at most, once per connection).
     fn listener_of(&self, stream: &Stream) -> &ListenerState<F> {
+        if self.by_addr.is_empty() {
+            return &self.default;
+        }
         let local = stream
             .get_socket_digest()
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());

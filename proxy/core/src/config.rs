@@ -750,8 +750,7 @@ impl Config {
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source_name = name.to_string();
         cfg.source_text = text.to_string();
-        cfg.validate()?;
-        cfg.listeners = cfg.resolve_listeners()?;
+        cfg.listeners = cfg.validate()?;
         Ok(cfg)
     }
 
@@ -791,7 +790,8 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the whole file; returns the resolved listeners.
+    fn validate(&self) -> Result<Vec<crate::listener::Listener>, ConfigError> {
         if self.source_text.trim().is_empty() {
             return Err(self.error_at(0..0, "the file is empty; a proxy needs at least a [[pool]] and a [[route]] (docs/config.md has a minimal example)"));
         }
@@ -830,6 +830,7 @@ impl Config {
                 "[admin] protect_reads = true needs [admin] token; set a token or remove protect_reads",
             ));
         }
+        let listeners = self.resolve_listeners()?;
         if let Some(c) = &self.cluster {
             c.get_ref()
                 .to_config(&self.base_dir)
@@ -969,7 +970,7 @@ impl Config {
         if self.route.is_empty() {
             return Err(self.error_at(0..0, "the config defines no [[pool]] or no [[route]], so every request would fail; add both (docs/config.md has a minimal example)"));
         }
-        Ok(())
+        Ok(listeners)
     }
 
     fn plugin_source_ok(
