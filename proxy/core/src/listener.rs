@@ -418,6 +418,10 @@ pub fn restart_changes(old: &Config, new: &Config) -> Vec<String> {
             "[admin] listen",
         ),
         (old.admin.token != new.admin.token, "[admin] token"),
+        (
+            old.admin.protect_reads != new.admin.protect_reads,
+            "[admin] protect_reads",
+        ),
     ] {
         if changed {
             out.push(format!("{what} changed; restart sluice to apply it"));
