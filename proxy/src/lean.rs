@@ -479,7 +479,7 @@ impl<'r> Conn<'r> {
                     head: &head,
                     headers: &self.spans,
                 };
-                router.select(&parsed).cloned()
+                router.select(&parsed, self.scheme == "https").cloned()
             };
             let format = route
                 .as_ref()

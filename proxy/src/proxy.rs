@@ -137,8 +137,9 @@ impl ProxyHttp for SluiceProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let route = {
             let router = self.runtime.router();
+            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
             let head: &http::request::Parts = session.req_header();
-            router.select(head).cloned()
+            router.select(head, tls).cloned()
         };
         let Some(route) = route else {
             respond(session, 404, "no route matches this request\n").await?;

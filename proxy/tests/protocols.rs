@@ -52,3 +52,52 @@ fn tls_with_h2_and_h2c() {
     let (_, meta) = curl(&[&url]);
     assert_eq!(meta, "1.1 200");
 }
+
+/// An HTTP→HTTPS redirect limited to plain-text connections (`scheme = "http"`): plain requests
+/// are redirected with their path and query, TLS ones (HTTP/1.1 and h2) reach the pool instead
+/// of being redirected to themselves.
+#[test]
+fn an_http_to_https_redirect_applies_to_plain_text_connections_only() {
+    let b = backends(1);
+    let dir = scratch_dir("https-redirect");
+    self_signed(&dir, "cert.pem", "key.pem");
+    let tls_addr = unique_addr();
+    let server =
+        format!("tls = {{ listen = [\"{tls_addr}\"], cert = \"cert.pem\", key = \"key.pem\" }}");
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}]\n\
+         [[route]]\nscheme = \"http\"\nredirect = {{ scheme = \"https\", status = 308 }}\n\
+         [[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start_full(dir, &server, &body);
+
+    let r = proxy.get("/a/b?q=1");
+    assert_eq!(r.status, 308, "{}", r.text());
+    let location = r.header("location").unwrap_or_default();
+    assert!(
+        location.starts_with("https://") && location.ends_with("/a/b?q=1"),
+        "{location}"
+    );
+    let url = format!("https://{tls_addr}/a/b?q=1");
+    for proto in ["--http1.1", "--http2"] {
+        let (body, meta) = curl(&["-k", proto, &url]);
+        assert!(meta.ends_with(" 200"), "{proto}: {meta} {body}");
+        assert_eq!(body, "b1");
+    }
+    // A route's scheme must be one of the two.
+    let bad = proxy.dir.join("bad.toml");
+    let text = std::fs::read_to_string(&proxy.config_path)
+        .unwrap()
+        .replace("scheme = \"http\"\nredirect", "scheme = \"ftp\"\nredirect");
+    std::fs::write(&bad, text).unwrap();
+    let out = sluice_cli(&["check", "--config", bad.to_str().unwrap()]);
+    assert!(
+        !out.ok
+            && out
+                .stderr
+                .contains("scheme = \"ftp\" is not \"http\" or \"https\""),
+        "{}",
+        out.stderr
+    );
+}

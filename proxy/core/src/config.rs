@@ -608,6 +608,9 @@ pub struct RouteConfig {
     /// The path must also match this regex.
     #[serde(default)]
     pub path_regex: Option<Spanned<String>>,
+    /// Match only plain-text (`"http"`) or TLS (`"https"`) connections.
+    #[serde(default)]
+    pub scheme: Option<Spanned<String>>,
     /// The method must be one of these.
     #[serde(default)]
     pub methods: Option<Spanned<Vec<String>>>,
@@ -651,6 +654,7 @@ impl RouteConfig {
         crate::route_rules::RulesConfig {
             span,
             path_regex: self.path_regex.as_ref(),
+            scheme: self.scheme.as_ref(),
             methods: self.methods.as_ref(),
             headers: self.headers.as_ref(),
             pool: self.pool.as_ref(),

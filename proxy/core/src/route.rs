@@ -25,6 +25,7 @@ impl Route {
             host: host.map(str::to_ascii_lowercase),
             path_prefix: path_prefix.to_string(),
             rules: Rules {
+                tls: None,
                 path_regex: None,
                 methods: Vec::new(),
                 headers: Vec::new(),
@@ -45,8 +46,9 @@ impl Route {
         }
     }
 
-    /// Whether `head` (with `host` already stripped of its port) meets every condition.
-    fn matches(&self, host: Option<&[u8]>, head: &dyn HeadView) -> bool {
+    /// Whether `head` (with `host` already stripped of its port), on a TLS connection or not,
+    /// meets every condition.
+    fn matches(&self, host: Option<&[u8]>, tls: bool, head: &dyn HeadView) -> bool {
         let host_ok = match (&self.host, host) {
             (None, _) => true,
             (Some(want), Some(h)) => want.as_bytes().eq_ignore_ascii_case(h),
@@ -56,6 +58,9 @@ impl Route {
             return false;
         }
         let r = &self.rules;
+        if r.tls.is_some_and(|want| want != tls) {
+            return false;
+        }
         if !r.methods.is_empty() {
             let method = head.method();
             if !r.methods.iter().any(|m| m.as_bytes() == method) {
@@ -105,10 +110,10 @@ impl Router {
         }
     }
 
-    /// The route for a request, or `None` (answered 404).
-    pub fn select(&self, head: &dyn HeadView) -> Option<&Arc<Route>> {
+    /// The route for a request that came over TLS or not, or `None` (answered 404).
+    pub fn select(&self, head: &dyn HeadView, tls: bool) -> Option<&Arc<Route>> {
         let host = head.authority().map(crate::http1::strip_port);
-        self.routes.iter().find(|r| r.matches(host, head))
+        self.routes.iter().find(|r| r.matches(host, tls, head))
     }
 
     /// The routes in match order.

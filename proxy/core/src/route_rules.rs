@@ -465,6 +465,9 @@ pub enum Action<P> {
 /// What a route's config says besides host and prefix, compiled.
 #[derive(Debug, Clone)]
 pub struct Rules<P> {
+    /// The connection must be TLS (`Some(true)`, `scheme = "https"`) or plain text
+    /// (`Some(false)`, `scheme = "http"`).
+    pub tls: Option<bool>,
     /// The path (without query) must match this regex.
     pub path_regex: Option<regex::bytes::Regex>,
     /// The method must be one of these (empty: any).
@@ -487,6 +490,7 @@ impl<P> Rules<P> {
     /// Match conditions beyond host and prefix (a tie-breaker in the match order).
     pub fn conditions(&self) -> usize {
         usize::from(self.path_regex.is_some())
+            + usize::from(self.tls.is_some())
             + usize::from(!self.methods.is_empty())
             + self.headers.len()
     }
@@ -494,6 +498,7 @@ impl<P> Rules<P> {
     /// Replaces the pool name by what `resolve` gives for it.
     pub fn resolve<Q>(self, resolve: impl FnOnce(P) -> Q) -> Rules<Q> {
         Rules {
+            tls: self.tls,
             path_regex: self.path_regex,
             methods: self.methods,
             headers: self.headers,
@@ -535,6 +540,8 @@ pub enum HeaderWant {
 pub struct RulesConfig<'a> {
     /// The route's own span (for errors on keys that have none).
     pub span: Range<usize>,
+    /// `scheme`.
+    pub scheme: Option<&'a Spanned<String>>,
     /// `path_regex`.
     pub path_regex: Option<&'a Spanned<String>>,
     /// `methods`.
@@ -583,6 +590,17 @@ impl RulesConfig<'_> {
                     message: format!("path_regex is not a valid regex: {e}"),
                 })?,
             ),
+        };
+        let tls = match self.scheme {
+            None => None,
+            Some(s) if s.get_ref() == "https" => Some(true),
+            Some(s) if s.get_ref() == "http" => Some(false),
+            Some(s) => {
+                return err(
+                    s.span(),
+                    format!("scheme = \"{}\" is not \"http\" or \"https\"; it matches plain-text or TLS connections", s.get_ref()),
+                )
+            }
         };
         let mut methods = Vec::new();
         if let Some(m) = self.methods {
@@ -653,6 +671,7 @@ impl RulesConfig<'_> {
             None => HeaderEdits::default(),
         };
         Ok(Rules {
+            tls,
             path_regex,
             methods,
             headers,
