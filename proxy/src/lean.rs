@@ -40,6 +40,7 @@ use crate::pool::Pool;
 use crate::route::Route;
 use crate::route_rules::{Action, HeaderEdits, Rules};
 use crate::runtime::Runtime;
+use crate::tls_name::server_name;
 
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -354,14 +355,22 @@ enum AttemptError {
     BodyTooLarge,
 }
 
-/// The access log's view of the request being served (reset per request).
+/// What the metrics and the access log say about the request being served (reset per request).
 #[derive(Default)]
 struct Record {
-    /// A line is being written: collect the fields that cost something.
+    /// A line is being written: collect the fields only the log needs.
     logging: bool,
     status: u16,
-    bytes_in: u64,
+    /// Request body bytes read from the client (as received: chunk framing included).
+    body_in: u64,
+    /// Bytes of response heads (1xx and final) written to the client: what else was written
+    /// is body.
+    heads_out: u64,
+    /// The last attempt's connect time (zero for a reused connection).
     connect: Option<Duration>,
+    /// The last attempt opened a new connection, whose connect time is not observed yet.
+    connected_new: bool,
+    /// The last attempt's time from the request sent to the response head.
     response: Option<Duration>,
     pool: Option<Arc<Pool>>,
     backend: Option<Arc<crate::backend::Backend>>,
@@ -395,6 +404,7 @@ struct Conn<'r> {
     /// Bytes written to the client on this connection.
     bytes_out: u64,
     client_port: u16,
+    /// The TLS digest (version, and the SNI name in its extension) on a TLS listener.
     tls_version: Option<Arc<pingora::protocols::tls::SslDigest>>,
     /// The peer is a trusted proxy: its forwarding headers are believed.
     trusted_peer: bool,
@@ -468,6 +478,7 @@ impl<'r> Conn<'r> {
                 Ok(Some(h)) => h,
                 Ok(None) => return,
                 Err(e) => {
+                    self.log_refused(e.status, e.reason.len() as u64);
                     let _ = self.send_error(e.status, e.reason, false).await;
                     return;
                 }
@@ -485,12 +496,9 @@ impl<'r> Conn<'r> {
                 .as_ref()
                 .and_then(|r| r.rules.access_log)
                 .unwrap_or(self.log.format());
-            let next = if format == LogFormat::Off {
-                self.exchange(&head, route.as_deref(), &shutdown).await
-            } else {
-                self.logged_exchange(&head, route.as_deref(), format, &shutdown)
-                    .await
-            };
+            let next = self
+                .recorded_exchange(&head, route.as_deref(), format, &shutdown)
+                .await;
             match next {
                 Next::KeepAlive if !*shutdown.borrow() => {}
                 _ => return,
@@ -498,9 +506,9 @@ impl<'r> Conn<'r> {
         }
     }
 
-    /// [`Conn::exchange`] with its access log line (the request's fields are taken before the
-    /// exchange, since the buffer moves on after it).
-    async fn logged_exchange(
+    /// [`Conn::exchange`] with its metrics and its access log line in `format` (the request's
+    /// fields are taken before the exchange, since the buffer moves on after it).
+    async fn recorded_exchange(
         &mut self,
         head: &RequestHead,
         route: Option<&Route>,
@@ -510,15 +518,16 @@ impl<'r> Conn<'r> {
         let started = Instant::now();
         let mut line = self.log.line_as(format);
         if let Some(line) = &mut line {
-            let tls = self.tls_version.as_ref().map(|d| d.version.as_ref());
+            let tls = self.tls_version.as_deref();
             line.request(&RequestFields {
                 time: std::time::SystemTime::now(),
                 client: self.client_ip.map(|ip| (ip, self.client_port)),
-                method: head.method.of(&self.buf),
+                method: Some(head.method.of(&self.buf)),
                 host: head.host.map(|h| h.of(&self.buf)),
-                target: head.target.of(&self.buf),
-                version: head.version,
-                tls,
+                target: Some(head.target.of(&self.buf)),
+                version: Some(head.version),
+                tls: tls.map(|d| d.version.as_ref()),
+                sni: tls.and_then(server_name),
             });
         }
         self.rec = Record {
@@ -527,13 +536,25 @@ impl<'r> Conn<'r> {
         };
         let out_before = self.bytes_out;
         let next = self.exchange(head, route, shutdown).await;
+        let duration = started.elapsed();
+        let body_out = (self.bytes_out - out_before).saturating_sub(self.rec.heads_out);
+        if let Some(pool) = &self.rec.pool {
+            let c = &pool.counters;
+            c.timings.duration.observe(duration.as_secs_f64());
+            c.request_bytes.inc_by(self.rec.body_in);
+            c.response_bytes.inc_by(body_out);
+            let backend = self.rec.backend.as_ref();
+            if let Some(t) = backend.and_then(|b| b.stats.timings.as_ref()) {
+                t.duration.observe(duration.as_secs_f64());
+            }
+        }
         if let Some(line) = line {
             let r = &self.rec;
             line.finish(&ResponseFields {
                 status: r.status,
-                bytes_in: r.bytes_in,
-                bytes_out: self.bytes_out - out_before,
-                duration: started.elapsed(),
+                bytes_in: r.body_in,
+                bytes_out: body_out,
+                duration,
                 connect: r.connect,
                 response: r.response,
                 pool: r.pool.as_ref().map(|p| p.name.as_str()),
@@ -544,6 +565,49 @@ impl<'r> Conn<'r> {
             });
         }
         next
+    }
+
+    /// The access log line of a request refused before its head was parsed (`status`, with an
+    /// error body of `body_out` bytes): what is known of the connection, no request line.
+    fn log_refused(&self, status: u16, body_out: u64) {
+        let Some(mut line) = self.log.line() else {
+            return;
+        };
+        let tls = self.tls_version.as_deref();
+        line.request(&RequestFields {
+            time: std::time::SystemTime::now(),
+            client: self.client_ip.map(|ip| (ip, self.client_port)),
+            method: None,
+            host: None,
+            target: None,
+            version: None,
+            tls: tls.map(|d| d.version.as_ref()),
+            sni: tls.and_then(server_name),
+        });
+        line.finish(&ResponseFields {
+            status,
+            bytes_out: body_out,
+            ..ResponseFields::default()
+        });
+    }
+
+    /// Observes the connect and response times of the attempt that just ended on `backend`.
+    fn observe_attempt(&mut self, pool: &Pool, backend: &crate::backend::Backend) {
+        let own = backend.stats.timings.as_ref();
+        if std::mem::take(&mut self.rec.connected_new) {
+            if let Some(d) = self.rec.connect {
+                pool.counters.timings.connect.observe(d.as_secs_f64());
+                if let Some(t) = own {
+                    t.connect.observe(d.as_secs_f64());
+                }
+            }
+        }
+        if let Some(d) = self.rec.response {
+            pool.counters.timings.response.observe(d.as_secs_f64());
+            if let Some(t) = own {
+                t.response.observe(d.as_secs_f64());
+            }
+        }
     }
 
     /// Reads until a whole request head is in the buffer. `None`: the client closed, timed out
@@ -582,6 +646,10 @@ impl<'r> Conn<'r> {
                         Err(_) => {
                             // A client too slow to send its head (or silent since it connected).
                             self.counters.header_timeout.inc();
+                            if !self.buf.is_empty() {
+                                // A head had started: logged as nginx does (408, nothing sent).
+                                self.log_refused(408, 0);
+                            }
                             return Ok(None);
                         }
                     }
@@ -625,6 +693,7 @@ impl<'r> Conn<'r> {
             Action::Pool(pool) => pool,
             Action::Redirect(_) | Action::Respond(_) => return self.answer(head, route).await,
         };
+        self.rec.pool = Some(pool.clone());
         if pool.table().is_empty() {
             pool.counters.no_backend.inc();
             let reason = format!("no backend available in pool \"{}\"\n", pool.name);
@@ -633,7 +702,6 @@ impl<'r> Conn<'r> {
         pool.count_request();
         if self.rec.logging {
             self.rec.generation = Some(pool.strategy.current().generation);
-            self.rec.pool = Some(pool.clone());
         }
         let policy = Policy::of(pool);
         let max_body = self.limits.max_body_bytes;
@@ -674,7 +742,7 @@ impl<'r> Conn<'r> {
             }
         };
         let replayable = body.is_done() && !head.expect_continue;
-        self.rec.bytes_in = (head.len + body_here) as u64;
+        self.rec.body_in = body_here as u64;
 
         // Who the client is, and the request id, once for every attempt.
         let (client_ip, request_id) = {
@@ -761,10 +829,8 @@ impl<'r> Conn<'r> {
                 && (policy.retry_non_idempotent || head.idempotent)
                 && attempt <= policy.retries
                 && pool.table().len() > tried.len() + 1;
-            if self.rec.logging {
-                self.rec.attempts = attempt;
-                self.rec.backend = Some(backend.clone());
-            }
+            self.rec.attempts = attempt;
+            self.rec.backend = Some(backend.clone());
             let mut lease = pool.lease(backend);
             let attempt_io = Attempt {
                 retry_5xx,
@@ -775,6 +841,7 @@ impl<'r> Conn<'r> {
             let result = self
                 .attempt(head, &mut lease, &mut body, attempt_io, &policy, shutdown)
                 .await;
+            self.observe_attempt(pool, lease.backend());
             let addr = lease.backend().addr;
             match result {
                 Ok(next) => return next,
@@ -857,6 +924,8 @@ impl<'r> Conn<'r> {
         let body_here = how.body_here;
         let backend = lease.backend().clone();
         let now = Instant::now();
+        // This attempt's times replace the last one's (a failed connect leaves none).
+        (self.rec.connect, self.rec.response) = (None, None);
         let (mut up, reused) = match backend.conns.take(now) {
             Some(s) => {
                 self.rec.connect = Some(Duration::ZERO);
@@ -869,6 +938,7 @@ impl<'r> Conn<'r> {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
                         self.rec.connect = Some(now.elapsed());
+                        self.rec.connected_new = true;
                         (s, false)
                     }
                     Ok(Err(_)) => return Err((AttemptError::Connect { timed_out: false }, false)),
@@ -932,6 +1002,7 @@ impl<'r> Conn<'r> {
             if (100..200).contains(&resp.status) && resp.status != 101 {
                 if head.version == 1 {
                     let informational = self.ubuf.split_to(resp.len);
+                    self.rec.heads_out += resp.len as u64;
                     if self.client_write(&informational).await.is_err() {
                         return fail(AttemptError::Client);
                     }
@@ -986,6 +1057,7 @@ impl<'r> Conn<'r> {
             head.version,
             &how.rules.response_headers,
         );
+        self.rec.heads_out += self.out.len() as u64;
         self.ubuf.advance(resp.len);
 
         if upgrade {
@@ -1080,7 +1152,7 @@ impl<'r> Conn<'r> {
             }
             let used = body.advance(&self.buf).map_err(|_| AttemptError::Client)?;
             relayed += used as u64;
-            self.rec.bytes_in += used as u64;
+            self.rec.body_in += used as u64;
             if max_body > 0 && relayed > max_body {
                 // Counted on the wire (chunk framing included), so a chunked body is cut a
                 // little before its data reaches the limit.
@@ -1139,7 +1211,13 @@ impl<'r> Conn<'r> {
             }
             self.buf.clear();
         }
-        let _ = tokio::io::copy_bidirectional(&mut self.io, &mut up).await;
+        // The upgraded protocol's bytes count as body (what a broken tunnel moved is not known).
+        if let Ok((client_to_up, up_to_client)) =
+            tokio::io::copy_bidirectional(&mut self.io, &mut up).await
+        {
+            self.rec.body_in += client_to_up;
+            self.bytes_out += up_to_client;
+        }
         Ok(Next::Close)
     }
 
@@ -1178,7 +1256,7 @@ impl<'r> Conn<'r> {
             Action::Pool(_) => (500, b""),
         };
         self.rec.status = status;
-        self.rec.bytes_in = (head.len + body_here) as u64;
+        self.rec.body_in = body_here as u64;
         self.out.clear();
         let _ = write!(
             self.out,
@@ -1226,6 +1304,7 @@ impl<'r> Conn<'r> {
             self.out.extend_from_slice(b"Connection: keep-alive\r\n");
         }
         self.out.extend_from_slice(b"\r\n");
+        self.rec.heads_out += self.out.len() as u64;
         if !head.is_head {
             self.out.extend_from_slice(fixed_body);
         }
@@ -1259,6 +1338,7 @@ impl<'r> Conn<'r> {
                 .unwrap_or(""),
             body.len()
         );
+        self.rec.heads_out += self.out.len() as u64;
         if !head_request {
             self.out.extend_from_slice(body.as_bytes());
         }

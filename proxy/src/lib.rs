@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod scaffold;
 pub mod server;
 pub mod tls;
+pub mod tls_name;
 
 pub use sluice_core::{
     access_log, backend, builtin, clock, cluster, cluster_config, cold_lock, config, dns,

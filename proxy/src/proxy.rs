@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,11 +14,14 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use crate::access_log::{AccessLog, RequestFields, ResponseFields};
 use crate::forwarding::{Forwarding, HeaderSink, Hop, RequestId};
 use crate::lease::{Lease, Outcome};
+use crate::metrics::Timings;
 use crate::plugin::RequestView;
 use crate::pool::Pool;
 use crate::route::Route;
 use crate::route_rules::{Action, HeaderEdits};
 use crate::runtime::Runtime;
+use crate::tls_name::server_name;
+use prometheus::Histogram;
 
 /// The pingora proxy application.
 pub struct SluiceProxy {
@@ -84,8 +88,14 @@ pub struct RequestCtx {
     /// The request id sluice added (the same on every attempt).
     request_id: Option<RequestId>,
     /// When the request started, and the last attempt's backend (for the access log).
-    started: std::time::Instant,
+    started: Instant,
     backend: Option<Arc<crate::backend::Backend>>,
+    /// The current attempt's timeline: when its peer was chosen, its connect time (zero for a
+    /// reused connection), when the request was sent, and the time to the response head.
+    attempt_started: Option<Instant>,
+    connect: Option<Duration>,
+    sent_at: Option<Instant>,
+    response: Option<Duration>,
 }
 
 impl RequestCtx {
@@ -96,6 +106,19 @@ impl RequestCtx {
                 self.tried.push(lease.backend().addr);
             }
             lease.set_outcome(outcome);
+        }
+    }
+
+    /// Observes `took` in the pool's histogram `which` picks, and in the backend's own when
+    /// per-backend metrics are on.
+    fn observe(&self, which: impl Fn(&Timings) -> &Histogram, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(pool) = &self.pool {
+            which(&pool.counters.timings).observe(secs);
+        }
+        let own = self.backend.as_ref().and_then(|b| b.stats.timings.as_ref());
+        if let Some(t) = own {
+            which(t).observe(secs);
         }
     }
 
@@ -129,8 +152,12 @@ impl ProxyHttp for SluiceProxy {
             attempt: 0,
             reason: None,
             request_id: None,
-            started: std::time::Instant::now(),
+            started: Instant::now(),
             backend: None,
+            attempt_started: None,
+            connect: None,
+            sent_at: None,
+            response: None,
         }
     }
 
@@ -153,6 +180,8 @@ impl ProxyHttp for SluiceProxy {
                 return Ok(true);
             }
         };
+        // Known from here on, so the request is counted in the pool's metrics whatever happens.
+        ctx.pool = Some(pool.clone());
         if pool.table().is_empty() {
             pool.counters.no_backend.inc();
             respond(
@@ -164,7 +193,6 @@ impl ProxyHttp for SluiceProxy {
             return Ok(true);
         }
         pool.count_request();
-        ctx.pool = Some(pool);
         Ok(false)
     }
 
@@ -218,7 +246,46 @@ impl ProxyHttp for SluiceProxy {
         peer.options.idle_timeout = Some(settings.idle_timeout);
         ctx.backend = Some(backend.clone());
         ctx.lease = Some(pool.lease(backend));
+        ctx.attempt_started = Some(Instant::now());
+        (ctx.connect, ctx.sent_at, ctx.response) = (None, None, None);
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if reused {
+            ctx.connect = Some(Duration::ZERO);
+            return Ok(());
+        }
+        // From the pick to the connection established (pingora's pool lookup included).
+        let Some(took) = ctx.attempt_started.map(|t| t.elapsed()) else {
+            return Ok(());
+        };
+        ctx.connect = Some(took);
+        ctx.observe(|t| &t.connect, took);
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The whole request is sent once its last body bytes are (the head was sent before).
+        if end_of_stream && ctx.sent_at.is_some() {
+            ctx.sent_at = Some(Instant::now());
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -304,6 +371,8 @@ impl ProxyHttp for SluiceProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The head goes upstream right after this filter.
+        ctx.sent_at = Some(Instant::now());
         let incoming = &session.req_header().headers;
         if ctx.request_id.is_none() && self.forwarding.needs_request_id(incoming) {
             ctx.request_id = Some(RequestId::generate());
@@ -385,6 +454,12 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        if !(100..200).contains(&status) || status == 101 {
+            if let Some(took) = ctx.sent_at.take().map(|t| t.elapsed()) {
+                ctx.response = Some(took);
+                ctx.observe(|t| &t.response, took);
+            }
+        }
         if status >= 500 {
             let policy_allows = ctx.pool.as_ref().is_some_and(|p| {
                 let s = p.settings();
@@ -479,6 +554,17 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let duration = ctx.started.elapsed();
+        // Body bytes only: a head's size is not defined the same way on HTTP/1 and HTTP/2.
+        let (body_in, body_out) = (
+            session.body_bytes_read() as u64,
+            session.body_bytes_sent() as u64,
+        );
+        if let Some(pool) = &ctx.pool {
+            pool.counters.request_bytes.inc_by(body_in);
+            pool.counters.response_bytes.inc_by(body_out);
+        }
+        ctx.observe(|t| &t.duration, duration);
         let format = ctx
             .route
             .as_ref()
@@ -489,20 +575,22 @@ impl ProxyHttp for SluiceProxy {
             let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
             let tls = session.digest().and_then(|d| d.ssl_digest.clone());
             line.request(&RequestFields {
-                time: std::time::SystemTime::now() - ctx.started.elapsed(),
+                time: std::time::SystemTime::now() - duration,
                 client: peer.map(|a| (a.ip(), a.port())),
-                method: req.method.as_str().as_bytes(),
+                method: Some(req.method.as_str().as_bytes()),
                 host: request_host(session).map(str::as_bytes),
-                target: req
-                    .uri
-                    .path_and_query()
-                    .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
-                version: match req.version {
+                target: Some(
+                    req.uri
+                        .path_and_query()
+                        .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+                ),
+                version: Some(match req.version {
                     http::Version::HTTP_10 => 0,
                     http::Version::HTTP_2 => 2,
                     _ => 1,
-                },
+                }),
                 tls: tls.as_ref().map(|d| d.version.as_ref()),
+                sni: tls.as_deref().and_then(server_name),
             });
             let id = self
                 .forwarding
@@ -511,11 +599,11 @@ impl ProxyHttp for SluiceProxy {
             let generated = ctx.request_id;
             line.finish(&ResponseFields {
                 status: session.response_written().map_or(0, |r| r.status.as_u16()),
-                bytes_in: session.body_bytes_read() as u64,
-                bytes_out: session.body_bytes_sent() as u64,
-                duration: ctx.started.elapsed(),
-                connect: None,
-                response: None,
+                bytes_in: body_in,
+                bytes_out: body_out,
+                duration,
+                connect: ctx.connect,
+                response: ctx.response,
                 pool: ctx.pool.as_ref().map(|p| p.name.as_str()),
                 backend: ctx.backend.as_ref().map(|b| b.addr_text.as_str()),
                 attempts: ctx.attempt,

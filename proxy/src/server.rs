@@ -28,7 +28,8 @@ use crate::runtime::Runtime;
 /// Builds the runtime for `config` (validating every plugin) without starting listeners.
 pub fn build_runtime(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Runtime>> {
     let engine = PluginEngine::sized_for(config.server.threads, config.pool.len())?;
-    let rt = Runtime::new(config, config_path, engine, Metrics::new())?;
+    let metrics = Metrics::with_per_backend(config.admin.metrics_per_backend);
+    let rt = Runtime::new(config, config_path, engine, metrics)?;
     Ok(Arc::new(rt))
 }
 

@@ -380,8 +380,9 @@ impl Tls {
 
     /// pingora's settings for the TLS listener on `addr` (HTTP/2 and HTTP/1.1 by ALPN).
     pub fn settings(&self, addr: SocketAddr) -> anyhow::Result<TlsSettings> {
-        // No files: with a resolver set, pingora ignores the certificate paths.
-        let mut s = TlsSettings::intermediate("", "")
+        // No files: with a resolver set, pingora ignores the certificate paths. The handshake
+        // callback records the client's SNI name for the access log.
+        let mut s = TlsSettings::with_callbacks(Box::new(crate::tls_name::RecordServerName))
             .map_err(|e| anyhow::anyhow!("TLS settings for {addr}: {e}"))?;
         s.set_cert_resolver(self.certs.clone());
         if let Some(c) = self.clients.get(&addr) {

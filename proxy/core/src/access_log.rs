@@ -236,20 +236,22 @@ impl AccessLog {
 /// What is known of a request when its line is started.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFields<'a> {
-    /// When the request head was complete.
+    /// When the request head was complete (or, for a head that was refused, when it was).
     pub time: SystemTime,
     /// The client's address (the connection's peer).
     pub client: Option<(IpAddr, u16)>,
-    /// Method token.
-    pub method: &'a [u8],
+    /// Method token (`None`: the head was refused before it could be parsed).
+    pub method: Option<&'a [u8]>,
     /// Host (authority), if any.
     pub host: Option<&'a [u8]>,
-    /// Request target as sent.
-    pub target: &'a [u8],
-    /// 0 for HTTP/1.0, 1 for HTTP/1.1, 2 for HTTP/2.
-    pub version: u8,
+    /// Request target as sent (`None` when the head could not be parsed).
+    pub target: Option<&'a [u8]>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1, 2 for HTTP/2 (`None` when the head could not be parsed).
+    pub version: Option<u8>,
     /// TLS version (`TLSv1.3`) on a TLS listener.
     pub tls: Option<&'a str>,
+    /// The server name the client asked for in its TLS handshake (SNI).
+    pub sni: Option<&'a str>,
 }
 
 /// What is known when the request ended.
@@ -297,11 +299,11 @@ impl Line {
     pub fn request(&mut self, r: &RequestFields<'_>) {
         let b = &mut self.buf;
         let time = humantime::format_rfc3339_millis(r.time);
-        let version: &str = match r.version {
+        let version: Option<&str> = r.version.map(|v| match v {
             0 => "HTTP/1.0",
             2 => "HTTP/2",
             _ => "HTTP/1.1",
-        };
+        });
         match self.format {
             LogFormat::Json => {
                 let _ = write!(b, "{{\"time\":\"{time}\",\"client_ip\":");
@@ -312,13 +314,17 @@ impl Line {
                     None => b.extend_from_slice(b"null,\"client_port\":null"),
                 }
                 b.extend_from_slice(b",\"method\":");
-                json_str(b, r.method);
+                json_opt(b, r.method);
                 b.extend_from_slice(b",\"host\":");
                 json_opt(b, r.host);
                 b.extend_from_slice(b",\"path\":");
-                json_str(b, r.target);
-                let _ = write!(b, ",\"protocol\":\"{version}\",\"tls\":");
+                json_opt(b, r.target);
+                b.extend_from_slice(b",\"protocol\":");
+                json_opt(b, version.map(str::as_bytes));
+                b.extend_from_slice(b",\"tls\":");
                 json_opt(b, r.tls.map(str::as_bytes));
+                b.extend_from_slice(b",\"sni\":");
+                json_opt(b, r.sni.map(str::as_bytes));
             }
             LogFormat::Common | LogFormat::Off => {
                 match r.client {
@@ -327,11 +333,18 @@ impl Line {
                     }
                     None => b.push(b'-'),
                 }
-                let _ = write!(b, " - - [{time}] \"");
-                b.extend_from_slice(r.method);
-                b.push(b' ');
-                clean(b, r.target);
-                let _ = write!(b, " {version}\"");
+                let _ = write!(b, " - - [{time}] ");
+                match (r.method, r.target, version) {
+                    (Some(method), Some(target), Some(version)) => {
+                        b.push(b'"');
+                        clean(b, method);
+                        b.push(b' ');
+                        clean(b, target);
+                        let _ = write!(b, " {version}\"");
+                    }
+                    // A head that could not be parsed: no request line, as nginx logs it.
+                    _ => b.extend_from_slice(b"\"-\""),
+                }
             }
         }
     }
@@ -461,11 +474,12 @@ mod tests {
             RequestFields {
                 time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
                 client: Some(("10.0.0.1".parse().unwrap(), 5555)),
-                method: b"GET",
+                method: Some(b"GET"),
                 host: Some(b"a.example"),
-                target: b"/p?q=\"x\"",
-                version: 1,
-                tls: None,
+                target: Some(b"/p?q=\"x\""),
+                version: Some(1),
+                tls: Some("TLSv1.3"),
+                sni: Some("a.example"),
             },
             ResponseFields {
                 status: 200,
@@ -517,7 +531,9 @@ mod tests {
         assert_eq!(v["backend"], "10.0.0.2:80");
         assert_eq!(v["generation"], 3);
         assert_eq!(v["request_id"], "abc");
-        assert_eq!(v["tls"], serde_json::Value::Null);
+        assert_eq!(v["tls"], "TLSv1.3");
+        assert_eq!(v["sni"], "a.example");
+        assert_eq!(v["upstream_response_ms"], 0.9);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

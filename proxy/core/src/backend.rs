@@ -16,7 +16,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::cold_lock::ColdLock;
 use crate::config::BackendSpec;
-use crate::metrics::{Metrics, SeriesScope, STATUS_CLASSES};
+use crate::metrics::{Metrics, SeriesScope, Timings, STATUS_CLASSES};
 
 /// Live load data of one backend, read by strategies through host calls in O(1).
 ///
@@ -50,6 +50,8 @@ pub struct BackendStats {
     health_factor: AtomicU32,
     /// Health-check bookkeeping, touched only by the health scheduler and the admin API.
     pub health: ColdLock<HealthRecord>,
+    /// This backend's own request-path histograms (`[admin] metrics_per_backend`).
+    pub timings: Option<Timings>,
     _series: SeriesScope,
 }
 
@@ -94,6 +96,9 @@ impl BackendStats {
             cluster_hold: AtomicBool::new(false),
             health_factor: AtomicU32::new(100),
             health: ColdLock::new(HealthRecord::default()),
+            timings: metrics
+                .per_backend()
+                .then(|| series.timings(&metrics.backend_timings)),
             _series: series,
         }
     }

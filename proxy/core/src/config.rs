@@ -289,6 +289,10 @@ pub struct AdminConfig {
     /// it can then reload the config and swap plugins, so it must be asked for explicitly.
     #[serde(default)]
     pub allow_unauthenticated: bool,
+    /// Give every backend its own request-path histograms (a series set per backend, so off
+    /// by default to bound the number of series).
+    #[serde(default)]
+    pub metrics_per_backend: bool,
 }
 
 impl Default for AdminConfig {
@@ -298,6 +302,7 @@ impl Default for AdminConfig {
             token: None,
             protect_reads: false,
             allow_unauthenticated: false,
+            metrics_per_backend: false,
         }
     }
 }

@@ -13,11 +13,18 @@ use crate::cold_lock::ColdLock;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Status classes used as the `code` label of `sluice_requests_total`.
 pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// Upper bounds (seconds) of the request-path histograms: from a loopback round trip (0.5 ms)
+/// to a slow backend (10 s), roughly three per decade.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// All metric families of a sluice process. Cloning is cheap (handles are shared).
 #[derive(Clone)]
@@ -66,6 +73,17 @@ pub struct Metrics {
     /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
     /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`).
     pub limit_rejections: IntCounterVec,
+    /// Request-path histograms per pool (`{pool}`).
+    pub pool_timings: TimingFamilies,
+    /// Request-path histograms per backend (`{pool,backend}`); series exist only when
+    /// [`Metrics::per_backend`] is on.
+    pub backend_timings: TimingFamilies,
+    /// `sluice_request_body_bytes_total{pool}`: request body bytes read from clients.
+    pub request_bytes: IntCounterVec,
+    /// `sluice_response_body_bytes_total{pool}`: response body bytes sent to clients.
+    pub response_bytes: IntCounterVec,
+    /// Backends get their own histograms (`[admin] metrics_per_backend`).
+    per_backend: bool,
     scopes: Arc<ColdLock<HashMap<Vec<String>, Weak<ScopeInner>>>>,
 }
 
@@ -81,9 +99,43 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// The three request-path histogram families, at one level (pool or backend).
+#[derive(Clone)]
+pub struct TimingFamilies {
+    /// `…request_duration_seconds`: from the complete request head to the end of the response.
+    pub duration: HistogramVec,
+    /// `…upstream_connect_seconds`: connecting to a backend (new connections only).
+    pub connect: HistogramVec,
+    /// `…upstream_response_seconds`: from the request sent to the response head received.
+    pub response: HistogramVec,
+}
+
+/// The request-path histograms of one pool or one backend, resolved once.
+#[derive(Clone)]
+pub struct Timings {
+    /// See [`TimingFamilies::duration`].
+    pub duration: Histogram,
+    /// See [`TimingFamilies::connect`].
+    pub connect: Histogram,
+    /// See [`TimingFamilies::response`].
+    pub response: Histogram,
+}
+
+impl std::fmt::Debug for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Timings")
+    }
+}
+
 impl Metrics {
-    /// A fresh registry with every sluice metric registered.
+    /// A fresh registry with every sluice metric registered (no per-backend histograms).
     pub fn new() -> Metrics {
+        Metrics::with_per_backend(false)
+    }
+
+    /// A fresh registry; `per_backend` gives every backend its own request-path histograms
+    /// (a series set per backend: off by default to bound cardinality).
+    pub fn with_per_backend(per_backend: bool) -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c =
@@ -101,7 +153,47 @@ impl Metrics {
                 .expect("metric registered once");
             g
         };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("valid metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let timings = |prefix: &str, what: &str, labels: &[&str]| {
+            TimingFamilies {
+            duration: histogram(
+                &format!("{prefix}request_duration_seconds"),
+                &format!("Requests {what}: from the complete request head to the end of the response."),
+                labels,
+            ),
+            connect: histogram(
+                &format!("{prefix}upstream_connect_seconds"),
+                &format!("New upstream connections {what}: time to connect (reused connections are not observed)."),
+                labels,
+            ),
+            response: histogram(
+                &format!("{prefix}upstream_response_seconds"),
+                &format!("Upstream answers {what}: from the request sent to the response head received."),
+                labels,
+            ),
+        }
+        };
         Metrics {
+            pool_timings: timings("sluice_", "per pool", &["pool"]),
+            backend_timings: timings("sluice_backend_", "per backend", &["pool", "backend"]),
+            request_bytes: counter(
+                "sluice_request_body_bytes_total",
+                "Request body bytes read from clients, per pool (heads not counted).",
+                &["pool"],
+            ),
+            response_bytes: counter(
+                "sluice_response_body_bytes_total",
+                "Response body bytes sent to clients, per pool (heads not counted).",
+                &["pool"],
+            ),
+            per_backend,
             requests: counter(
                 "sluice_requests_total",
                 "Proxied requests by pool, backend and status class.",
@@ -207,6 +299,11 @@ impl Metrics {
         }
     }
 
+    /// Whether backends get their own request-path histograms.
+    pub fn per_backend(&self) -> bool {
+        self.per_backend
+    }
+
     /// The scope of the series labelled with `key` (`[pool]` or `[pool, backend]`): an existing
     /// live scope for the same key is shared, so a pool that is replaced by one of the same name
     /// keeps its series.
@@ -239,6 +336,7 @@ impl Metrics {
 enum Family {
     Counter(IntCounterVec),
     Gauge(IntGaugeVec),
+    Histogram(HistogramVec),
 }
 
 impl Family {
@@ -246,6 +344,7 @@ impl Family {
         match self {
             Family::Counter(v) => &v.desc()[0].fq_name,
             Family::Gauge(v) => &v.desc()[0].fq_name,
+            Family::Histogram(v) => &v.desc()[0].fq_name,
         }
     }
 
@@ -255,6 +354,7 @@ impl Family {
         let _ = match self {
             Family::Counter(v) => v.remove_label_values(&labels),
             Family::Gauge(v) => v.remove_label_values(&labels),
+            Family::Histogram(v) => v.remove_label_values(&labels),
         };
     }
 }
@@ -330,6 +430,24 @@ impl SeriesScope {
         let g = family.with_label_values(&refs);
         self.remember(Family::Gauge(family.clone()), labels);
         g
+    }
+
+    /// The histogram of `family` with this scope's labels.
+    pub fn histogram(&self, family: &HistogramVec) -> Histogram {
+        let labels = self.labels(&[]);
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let h = family.with_label_values(&refs);
+        self.remember(Family::Histogram(family.clone()), labels);
+        h
+    }
+
+    /// The three request-path histograms of `families` with this scope's labels.
+    pub fn timings(&self, families: &TimingFamilies) -> Timings {
+        Timings {
+            duration: self.histogram(&families.duration),
+            connect: self.histogram(&families.connect),
+            response: self.histogram(&families.response),
+        }
     }
 }
 

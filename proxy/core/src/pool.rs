@@ -20,7 +20,7 @@ use crate::config::{BackendSpec, PoolConfig};
 use crate::dns::{DnsName, DnsState};
 use crate::health::HealthHost;
 use crate::lease::{Lease, LeaseOwner};
-use crate::metrics::{Metrics, SeriesScope};
+use crate::metrics::{Metrics, SeriesScope, Timings};
 use crate::strategy::StrategyHost;
 
 /// What an operator set on one backend through the runtime API. Kept by the pool per address,
@@ -121,6 +121,12 @@ pub struct PoolCounters {
     pub retry_error: IntCounter,
     /// Responses aborted mid-body because the backend failed.
     pub upstream_aborts: IntCounter,
+    /// Request duration, upstream connect and response time histograms.
+    pub timings: Timings,
+    /// Request body bytes read from clients.
+    pub request_bytes: IntCounter,
+    /// Response body bytes sent to clients.
+    pub response_bytes: IntCounter,
     ejections: IntCounter,
     health_flaps: IntCounter,
     health_pass: IntCounter,
@@ -140,6 +146,9 @@ impl PoolCounters {
             retry_5xx: s.counter(&metrics.retries, &["5xx"]),
             retry_error: s.counter(&metrics.retries, &["error"]),
             upstream_aborts: s.counter(&metrics.upstream_aborts, &[]),
+            timings: s.timings(&metrics.pool_timings),
+            request_bytes: s.counter(&metrics.request_bytes, &[]),
+            response_bytes: s.counter(&metrics.response_bytes, &[]),
             ejections: s.counter(&metrics.ejections, &[]),
             health_flaps: s.counter(&metrics.health_flaps, &[]),
             health_pass: s.counter(&metrics.health_checks, &["pass"]),

@@ -557,6 +557,9 @@ fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
     if !old.access_log_writer_needed() && new.access_log_writer_needed() {
         warnings.push("a route's access_log turns logging on while [server.access_log] format is \"off\", so no log writer runs; restart sluice to apply it".into());
     }
+    if old.admin.metrics_per_backend != new.admin.metrics_per_backend {
+        warnings.push("[admin] metrics_per_backend changed; restart sluice to apply it".into());
+    }
     warnings
 }
 
