@@ -538,6 +538,47 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_head_has_no_request_line() {
+        let shared = Arc::new(Shared {
+            full: ArrayQueue::new(4),
+            free: ArrayQueue::new(4),
+            reopen: AtomicBool::new(false),
+            dropped: IntCounter::new("d", "d").unwrap(),
+        });
+        let _ = shared.free.push(Vec::new());
+        let _ = shared.free.push(Vec::new());
+        let (mut req, _) = fields();
+        (req.method, req.target, req.version, req.host) = (None, None, None, None);
+        let resp = ResponseFields {
+            status: 431,
+            bytes_out: 20,
+            ..ResponseFields::default()
+        };
+        for format in [LogFormat::Json, LogFormat::Common] {
+            let log = AccessLog {
+                format,
+                shared: Some(shared.clone()),
+            };
+            let mut line = log.line().unwrap();
+            line.request(&req);
+            line.finish(&resp);
+        }
+        let json = String::from_utf8(shared.full.pop().unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(v["status"], 431);
+        assert_eq!(v["method"], serde_json::Value::Null);
+        assert_eq!(v["path"], serde_json::Value::Null);
+        assert_eq!(v["protocol"], serde_json::Value::Null);
+        assert_eq!(v["sni"], "a.example");
+        assert_eq!(v["upstream_connect_ms"], serde_json::Value::Null);
+        let common = String::from_utf8(shared.full.pop().unwrap()).unwrap();
+        assert!(
+            common.starts_with("10.0.0.1 - - [2023-11-14T22:13:20.000Z] \"-\" 431 20 0.000 - - -"),
+            "{common}"
+        );
+    }
+
+    #[test]
     fn a_full_log_drops_and_counts_instead_of_waiting() {
         let dropped = IntCounter::new("d", "d").unwrap();
         let shared = Arc::new(Shared {

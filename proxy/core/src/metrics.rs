@@ -474,6 +474,26 @@ mod tests {
     }
 
     #[test]
+    fn histograms_of_a_scope_go_with_it() {
+        let m = Metrics::with_per_backend(true);
+        let pool = m.scope(&["web"]);
+        let backend = m.scope(&["web", "127.0.0.1:1"]);
+        pool.timings(&m.pool_timings).duration.observe(0.003);
+        backend.timings(&m.backend_timings).response.observe(0.02);
+        let text = rendered(&m);
+        assert!(
+            text.contains("sluice_request_duration_seconds_bucket{pool=\"web\",le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "sluice_backend_upstream_response_seconds_count{backend=\"127.0.0.1:1\",pool=\"web\"} 1"
+        ));
+        drop((pool, backend));
+        let text = rendered(&m);
+        assert!(!text.contains("pool=\"web\""), "{text}");
+    }
+
+    #[test]
     fn scopes_of_other_keys_are_untouched() {
         let m = Metrics::new();
         let web = m.scope(&["web", "127.0.0.1:1"]);
