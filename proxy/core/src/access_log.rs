@@ -544,6 +544,7 @@ mod tests {
             free: ArrayQueue::new(4),
             reopen: AtomicBool::new(false),
             dropped: IntCounter::new("d", "d").unwrap(),
+            unwritten: std::sync::atomic::AtomicUsize::new(0),
         });
         let _ = shared.free.push(Vec::new());
         let _ = shared.free.push(Vec::new());
