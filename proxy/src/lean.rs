@@ -41,6 +41,8 @@ use crate::route::Route;
 use crate::route_rules::{Action, HeaderEdits, Rules};
 use crate::runtime::Runtime;
 use crate::tls_name::server_name;
+use crate::upstream::UpstreamConn;
+use crate::upstream_tls::UpstreamTls;
 
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -228,10 +230,12 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
             return listener.fallback.process_new(stream, shutdown).await;
         }
         let _here = ThreadConn::open();
-        Conn::new(self, listener, stream, tls)
+        let (stream, read) = Conn::new(self, listener, stream, tls)
             .serve(shutdown.clone())
-            .await;
-        None
+            .await?;
+        // A request for an HTTP/2 pool: pingora-proxy serves the connection from this request on.
+        let stream: Stream = Box::new(crate::rewind::Rewound::new(read, stream));
+        listener.fallback.process_new(stream, shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -300,7 +304,7 @@ impl Drop for ThreadConn {
 }
 
 /// What a pool allows for one request, copied out of its settings once.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Policy {
     retries: u32,
     retry_on_connect: bool,
@@ -310,6 +314,10 @@ struct Policy {
     connect_timeout: Duration,
     read_timeout: Duration,
     idle_timeout: Duration,
+    /// Idle connections are kept and taken under this key.
+    conn_key: u64,
+    /// HTTPS to the backends.
+    tls: Option<Arc<UpstreamTls>>,
 }
 
 impl Policy {
@@ -324,6 +332,8 @@ impl Policy {
             connect_timeout: s.connect_timeout,
             read_timeout: s.read_timeout,
             idle_timeout: s.idle_timeout,
+            conn_key: s.upstream.conn_key(),
+            tls: s.upstream.tls.clone(),
         }
     }
 }
@@ -335,6 +345,9 @@ enum Next {
     KeepAlive,
     /// Must close.
     Close,
+    /// The request at the start of the buffer is for an HTTP/2 pool: hand the connection to
+    /// pingora-proxy, unread request included.
+    HandOff,
 }
 
 /// Why an attempt on a backend failed.
@@ -472,15 +485,17 @@ impl<'r> Conn<'r> {
         }
     }
 
-    async fn serve(mut self, mut shutdown: ShutdownWatch) {
+    /// Serves requests until the connection closes; returns the connection and the bytes read
+    /// from it when it is to be handed to pingora-proxy ([`Next::HandOff`]).
+    async fn serve(mut self, mut shutdown: ShutdownWatch) -> Option<(Stream, BytesMut)> {
         loop {
             let head = match self.read_head(&mut shutdown).await {
                 Ok(Some(h)) => h,
-                Ok(None) => return,
+                Ok(None) => return None,
                 Err(e) => {
                     self.log_refused(e.status, e.reason.len() as u64);
                     let _ = self.send_error(e.status, e.reason, false).await;
-                    return;
+                    return None;
                 }
             };
             let route = {
@@ -501,7 +516,8 @@ impl<'r> Conn<'r> {
                 .await;
             match next {
                 Next::KeepAlive if !*shutdown.borrow() => {}
-                _ => return,
+                Next::HandOff => return Some((self.io, self.buf)),
+                _ => return None,
             }
         }
     }
@@ -536,6 +552,10 @@ impl<'r> Conn<'r> {
         };
         let out_before = self.bytes_out;
         let next = self.exchange(head, route, shutdown).await;
+        if next == Next::HandOff {
+            // pingora-proxy serves and logs this request.
+            return next;
+        }
         let duration = started.elapsed();
         let body_out = (self.bytes_out - out_before).saturating_sub(self.rec.heads_out);
         if let Some(pool) = &self.rec.pool {
@@ -693,6 +713,10 @@ impl<'r> Conn<'r> {
             Action::Pool(pool) => pool,
             Action::Redirect(_) | Action::Respond(_) => return self.answer(head, route).await,
         };
+        if pool.settings().upstream.protocol.is_h2() {
+            // The lean path speaks HTTP/1 to backends only.
+            return Next::HandOff;
+        }
         self.rec.pool = Some(pool.clone());
         if pool.table().is_empty() {
             pool.counters.no_backend.inc();
@@ -926,22 +950,25 @@ impl<'r> Conn<'r> {
         let now = Instant::now();
         // This attempt's times replace the last one's (a failed connect leaves none).
         (self.rec.connect, self.rec.response) = (None, None);
-        let (mut up, reused) = match backend.conns.take(now) {
+        let (mut up, reused) = match backend.conns.take(policy.conn_key, now) {
             Some(s) => {
                 self.rec.connect = Some(Duration::ZERO);
                 (s, true)
             }
             None => {
-                match tokio::time::timeout(policy.connect_timeout, TcpStream::connect(backend.addr))
-                    .await
-                {
+                let connect = connect(backend.addr, policy.tls.as_deref());
+                match tokio::time::timeout(policy.connect_timeout, connect).await {
                     Ok(Ok(s)) => {
-                        let _ = s.set_nodelay(true);
                         self.rec.connect = Some(now.elapsed());
                         self.rec.connected_new = true;
                         (s, false)
                     }
-                    Ok(Err(_)) => return Err((AttemptError::Connect { timed_out: false }, false)),
+                    Ok(Err(e)) => {
+                        if let Some(e) = e.get_ref().filter(|_| policy.tls.is_some()) {
+                            tracing::warn!(backend = %backend.addr_text, error = %e, "TLS handshake with the backend failed");
+                        }
+                        return Err((AttemptError::Connect { timed_out: false }, false));
+                    }
                     Err(_) => return Err((AttemptError::Connect { timed_out: true }, false)),
                 }
             }
@@ -1106,7 +1133,9 @@ impl<'r> Conn<'r> {
         let reusable =
             !resp.close && !extra && request_done && !matches!(rbody, BodyCursor::UntilClose);
         if reusable {
-            backend.conns.put(up, Instant::now(), policy.idle_timeout);
+            backend
+                .conns
+                .put(up, policy.conn_key, Instant::now(), policy.idle_timeout);
         }
         self.finish(consumed, close)
     }
@@ -1122,7 +1151,7 @@ impl<'r> Conn<'r> {
     /// request can be replayed). Bytes after the body (a pipelined request) stay in `buf`.
     async fn relay_request_body(
         &mut self,
-        up: &mut TcpStream,
+        up: &mut UpstreamConn,
         body: &mut BodyCursor,
         consumed: &mut usize,
         head_len: usize,
@@ -1169,7 +1198,7 @@ impl<'r> Conn<'r> {
     /// Reads a response head into `ubuf` (which may already hold the start of one).
     async fn read_response_head(
         &mut self,
-        up: &mut TcpStream,
+        up: &mut UpstreamConn,
         req: &RequestHead,
         policy: &Policy,
     ) -> Result<ResponseHead, AttemptError> {
@@ -1197,7 +1226,11 @@ impl<'r> Conn<'r> {
 
     /// After a `101 Switching Protocols`: the response head goes out, then bytes flow both ways
     /// until either side closes.
-    async fn tunnel(&mut self, mut up: TcpStream, consumed: usize) -> Result<Next, AttemptError> {
+    async fn tunnel(
+        &mut self,
+        mut up: UpstreamConn,
+        consumed: usize,
+    ) -> Result<Next, AttemptError> {
         // Whatever either side sent after its head belongs to the new protocol.
         self.out.extend_from_slice(&self.ubuf);
         self.ubuf.clear();
@@ -1206,7 +1239,7 @@ impl<'r> Conn<'r> {
         }
         self.buf.advance(consumed.min(self.buf.len()));
         if !self.buf.is_empty() {
-            if up.write_all(&self.buf).await.is_err() {
+            if up.write_all(&self.buf).await.is_err() || up.flush().await.is_err() {
                 return Ok(Next::Close);
             }
             self.buf.clear();
@@ -1378,11 +1411,33 @@ impl<'r> Conn<'r> {
     }
 }
 
-async fn upstream_write(up: &mut TcpStream, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, up.write_all(bytes)).await {
+async fn upstream_write(
+    up: &mut UpstreamConn,
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    let write = async {
+        up.write_all(bytes).await?;
+        // TLS buffers what is written until flushed; plain TCP's flush does nothing.
+        up.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
+}
+
+/// A new connection to `addr`, over TLS when the pool has it (the handshake checks the
+/// backend's certificate as `[pool.tls]` says).
+async fn connect(addr: SocketAddr, tls: Option<&UpstreamTls>) -> std::io::Result<UpstreamConn> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(UpstreamConn::Plain(tcp));
+    };
+    let connector = pingora::tls::TlsConnector::from(tls.http1.clone());
+    let stream = connector.connect(tls.server_name(addr.ip()), tcp).await?;
+    Ok(UpstreamConn::Tls(Box::new(stream)))
 }
 
 /// The request head as sent upstream: the request line and headers as parsed, without the

@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod lean;
 pub mod proxy;
+pub mod rewind;
 pub mod scaffold;
 pub mod server;
 pub mod tls;
@@ -22,4 +23,6 @@ pub use sluice_core::{
     access_log, backend, builtin, clock, cluster, cluster_config, cold_lock, config, dns,
     forwarding, head, health, health_probe, health_scheduler, http1, lease, listener, membership,
     metrics, outlier, plugin, pool, route, route_rules, runtime, simulate, strategy, upstream,
+    forwarding, head, health, health_probe, health_scheduler, http1, lease, membership, metrics,
+    outlier, plugin, pool, route, route_rules, runtime, simulate, strategy, upstream, upstream_tls,
 };

@@ -22,6 +22,10 @@ use crate::route_rules::{Action, HeaderEdits};
 use crate::runtime::Runtime;
 use crate::tls_name::server_name;
 use prometheus::Histogram;
+use crate::upstream_tls::{Upstream, UpstreamTls};
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
+use sluice_core::config::UpstreamProtocol;
 
 /// The pingora proxy application.
 pub struct SluiceProxy {
@@ -244,6 +248,7 @@ impl ProxyHttp for SluiceProxy {
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
         peer.options.idle_timeout = Some(settings.idle_timeout);
+        upstream_protocol(&mut peer, &settings.upstream, backend.addr.ip());
         ctx.backend = Some(backend.clone());
         ctx.lease = Some(pool.lease(backend));
         ctx.attempt_started = Some(Instant::now());
@@ -398,6 +403,16 @@ impl ProxyHttp for SluiceProxy {
                 Error::because(ErrorType::InternalError, "forwarding header value", e)
             })?;
             upstream_request.append_header(name, value)?;
+        }
+        // pingora drops `TE` as hop-by-hop, but HTTP/2 keeps `TE: trailers` (RFC 9113 8.2.2),
+        // and gRPC servers require it: an HTTP/1.1 client's gRPC request keeps it.
+        let h2 = ctx
+            .pool
+            .as_ref()
+            .is_some_and(|p| p.settings().upstream.protocol.is_h2());
+        if h2 && upstream_request.headers.get(http::header::TE).is_none() && asks_trailers(incoming)
+        {
+            upstream_request.insert_header(http::header::TE, "trailers")?;
         }
         if let Some(route) = &ctx.route {
             let rules = &route.rules;
@@ -623,6 +638,84 @@ impl ProxyHttp for SluiceProxy {
         }
         ctx.lease = None;
     }
+}
+
+/// Most concurrent requests sent over one HTTP/2 connection to a backend.
+const MAX_H2_STREAMS: usize = 100;
+
+/// Sets the peer's protocol (ALPN, HTTP/2 prior knowledge) and TLS settings from the pool's.
+fn upstream_protocol(peer: &mut HttpPeer, upstream: &Upstream, ip: std::net::IpAddr) {
+    match upstream.protocol {
+        UpstreamProtocol::Http1 => {}
+        // Over TLS, ALPN offers only h2; in plain text pingora speaks HTTP/2 with prior
+        // knowledge when the lowest version allowed is 2.
+        UpstreamProtocol::H2 | UpstreamProtocol::H2c => {
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = MAX_H2_STREAMS;
+        }
+    }
+    // Connections made under other protocol or TLS settings are not reused (pingora's reuse
+    // key covers neither the CA nor the ALPN).
+    peer.group_key = upstream.conn_key();
+    let Some(tls) = &upstream.tls else { return };
+    peer.scheme = pingora::upstreams::peer::Scheme::HTTPS;
+    // pingora skips every check when the SNI is empty: without a configured name the
+    // backend's address is given, which rustls checks against the certificate's IP
+    // addresses and does not send as SNI.
+    peer.sni = match &tls.sni {
+        Some(sni) => sni.clone(),
+        None => ip.to_string(),
+    };
+    peer.options.verify_cert = tls.verify;
+    peer.options.verify_hostname = tls.verify;
+    if let Some(form) = pingora_form(tls) {
+        peer.options.ca = form.ca.clone();
+        peer.client_cert_key = form.client.clone();
+    }
+}
+
+/// A pool's CA certificates and client certificate in pingora's own types.
+struct PingoraTls {
+    ca: Option<Arc<CaType>>,
+    client: Option<Arc<CertKey>>,
+}
+
+/// The pingora form of `tls`, built once per loaded TLS setting (on its first request) and kept
+/// beside it.
+fn pingora_form(tls: &UpstreamTls) -> Option<&PingoraTls> {
+    let any = tls.engine_form.get_or_init(|| {
+        let x509 = |der: &[u8]| WrappedX509::new(der.to_vec(), parse_x509);
+        let form = PingoraTls {
+            ca: tls.ca.as_ref().map(|certs| {
+                let certs: Vec<WrappedX509> = certs.iter().map(|c| x509(c.as_ref())).collect();
+                Arc::from(certs.into_boxed_slice())
+            }),
+            client: tls.client.as_ref().map(|(chain, key)| {
+                Arc::new(CertKey::new(
+                    chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+                    key.secret_der().to_vec(),
+                ))
+            }),
+        };
+        Arc::new(form)
+    });
+    // Only this function fills the slot, so the type always matches.
+    any.downcast_ref::<PingoraTls>()
+}
+
+/// Whether the request's `TE` lists `trailers`.
+fn asks_trailers(headers: &http::HeaderMap) -> bool {
+    headers.get_all(http::header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
 }
 
 /// True once a final response head has gone downstream (a `100 Continue` does not count).

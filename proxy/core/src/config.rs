@@ -360,6 +360,54 @@ pub struct PoolConfig {
     /// In-flight requests per weight unit above which the local zone spills over to others.
     #[serde(default = "default_zone_spill")]
     pub zone_spill_inflight: u32,
+    /// How sluice speaks to the backends: HTTP/1.1, HTTP/2 over TLS, or HTTP/2 in plain text.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// `[pool.tls]`: TLS to the backends (HTTPS).
+    #[serde(default)]
+    pub tls: Option<Spanned<UpstreamTlsConfig>>,
+}
+
+/// `[[pool]] protocol`: what is spoken to the backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, over TLS when the pool has a `[pool.tls]` table.
+    #[default]
+    Http1,
+    /// HTTP/2 over TLS (ALPN `h2`); `[pool.tls]` is optional and defaults apply.
+    H2,
+    /// HTTP/2 over plain TCP with prior knowledge (gRPC backends without TLS).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// True for HTTP/2, which only the pingora-proxy path speaks to backends.
+    pub fn is_h2(self) -> bool {
+        self != UpstreamProtocol::Http1
+    }
+}
+
+/// `[pool.tls]`: how sluice connects to backends over TLS.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// The name sent as SNI and checked against the backend's certificate. None: no SNI, and the
+    /// certificate is checked against the backend's IP address.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates to trust; none means the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to backends that ask for one.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Check the backend's certificate (default true). Only an explicit `verify = false` turns it off.
+    #[serde(default)]
+    pub verify: Option<bool>,
 }
 
 /// `outlier = { ... }`: passive outlier detection from real traffic.
@@ -926,6 +974,7 @@ impl Config {
             if pool.outlier.consecutive_failures == 0 {
                 return Err(self.error_at(pool.name.span(), format!("pool \"{name}\": outlier.consecutive_failures must be at least 1 (use enabled = false to turn detection off)")));
             }
+            self.upstream_ok(pool)?;
             self.plugin_source_ok(pool.strategy.get_ref().source(), pool.strategy.span(), name)?;
             if let Some(h) = &pool.health {
                 self.plugin_source_ok(&h.get_ref().plugin, h.span(), name)?;
@@ -980,6 +1029,32 @@ impl Config {
             return Err(self.error_at(0..0, "the config defines no [[pool]] or no [[route]], so every request would fail; add both (docs/config.md has a minimal example)"));
         }
         Ok(listeners)
+    }
+
+    /// `protocol` and `[pool.tls]` agree with each other (the files are read when the pool is
+    /// built: [`crate::upstream_tls`]).
+    fn upstream_ok(&self, pool: &PoolConfig) -> Result<(), ConfigError> {
+        let name = pool.name.get_ref();
+        let Some(tls) = &pool.tls else {
+            return Ok(());
+        };
+        let at = |m: &str| self.error_at(tls.span(), format!("pool \"{name}\": [pool.tls] {m}"));
+        let t = tls.get_ref();
+        if pool.protocol == UpstreamProtocol::H2c {
+            return Err(at("is set, but protocol = \"h2c\" is HTTP/2 without TLS; remove [pool.tls], or use protocol = \"h2\" for HTTP/2 over TLS"));
+        }
+        if t.client_cert.is_some() != t.client_key.is_some() {
+            return Err(at("needs both client_cert and client_key (a PEM certificate chain and its private key), or neither"));
+        }
+        if t.verify == Some(false) && t.ca_file.is_some() {
+            return Err(at("has ca_file and verify = false: with verify = false no certificate is checked, so ca_file would be ignored; remove one of them"));
+        }
+        if let Some(sni) = &t.sni {
+            if rustls::pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                return Err(at(&format!("sni \"{sni}\" is not a host name; write a DNS name such as \"api.example.com\" (or leave it out to check the certificate against the backend's IP address)")));
+            }
+        }
+        Ok(())
     }
 
     fn plugin_source_ok(

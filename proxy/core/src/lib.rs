@@ -37,6 +37,7 @@ pub mod runtime;
 pub mod simulate;
 pub mod strategy;
 pub mod upstream;
+pub mod upstream_tls;
 
 /// Gossip cluster membership (the `sluice-gossip` crate).
 pub use sluice_gossip as cluster;

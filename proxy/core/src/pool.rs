@@ -84,6 +84,8 @@ pub struct PoolSettings {
     pub health: Option<HealthSchedule>,
     /// How often backend host names are resolved again.
     pub dns_refresh: Duration,
+    /// The protocol and TLS settings backends are reached with.
+    pub upstream: crate::upstream_tls::Upstream,
 }
 
 /// When and how often a pool's backends are probed.
@@ -694,6 +696,17 @@ impl PoolSettings {
     }
 }
 
+impl PoolSettings {
+    /// The pool's settings with its upstream protocol and TLS material loaded (files relative to
+    /// `config`'s file); the error names the problem.
+    pub fn load(pc: &PoolConfig, config: &crate::config::Config) -> Result<PoolSettings, String> {
+        let mut settings = PoolSettings::from(pc);
+        settings.upstream = crate::upstream_tls::Upstream::load(pc, config)?;
+        Ok(settings)
+    }
+}
+
+/// The settings without the upstream TLS material, which needs files: see [`PoolSettings::load`].
 impl From<&PoolConfig> for PoolSettings {
     fn from(pc: &PoolConfig) -> PoolSettings {
         let o = &pc.outlier;
@@ -734,6 +747,10 @@ impl From<&PoolConfig> for PoolSettings {
             zone_spill_inflight: pc.zone_spill_inflight,
             health,
             dns_refresh: pc.dns_refresh,
+            upstream: crate::upstream_tls::Upstream {
+                protocol: pc.protocol,
+                tls: None,
+            },
         }
     }
 }

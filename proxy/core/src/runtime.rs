@@ -376,7 +376,7 @@ impl Runtime {
         };
         Ok(Plan::Update(Box::new(PoolUpdate {
             pool: pool.clone(),
-            settings: PoolSettings::from(pc),
+            settings: pool_settings(pc, cfg)?,
             backends: specs,
             dns,
             strategy,
@@ -393,7 +393,7 @@ impl Runtime {
         let zone = cfg.server.zone.clone();
         let plugin_ref = pc.strategy.get_ref();
         let (bytes, display) = load(plugin_ref.source(), cfg, name)?;
-        let settings = PoolSettings::from(pc);
+        let settings = pool_settings(pc, cfg)?;
         let healthy = !settings.start_unhealthy();
         let backends: Vec<Arc<Backend>> = specs
             .iter()
@@ -480,6 +480,14 @@ impl Runtime {
                 source,
             })
     }
+}
+
+/// The pool's settings, its upstream TLS files read and checked; an error names the config line.
+fn pool_settings(pc: &PoolConfig, cfg: &Config) -> Result<PoolSettings, ApplyError> {
+    PoolSettings::load(pc, cfg).map_err(|m| {
+        let span = pc.tls.as_ref().map_or(pc.name.span(), |t| t.span());
+        ApplyError::Config(cfg.error_at(span, m))
+    })
 }
 
 /// What a reload does to one existing pool, prepared and validated; [`PoolUpdate::publish`]
