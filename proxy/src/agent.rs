@@ -169,7 +169,7 @@ async fn passes(s: &LocalService) -> bool {
         Some(LocalCheck::Http(path)) => crate::health::Probe::http_get(path.clone()),
     };
     // Completed, and for HTTP a 2xx or 3xx status.
-    crate::health_probe::run(s.service.addr, &spec, Duration::from_secs(2))
+    crate::health_probe::run(s.service.addr, &spec, Duration::from_secs(2), None)
         .await
         .is_success()
 }

@@ -180,6 +180,7 @@ fn https_backend_checked_against_ca_file_with_sni_and_client_certificate() {
         r#"[[pool]]
 name = "secure"
 backends = ["{addr}"]
+health = {{ plugin = "builtin:http", interval = "100ms", rise = 1, config = {{ path = "/healthz" }} }}
 [pool.tls]
 sni = "backend.test"
 ca_file = "ca.pem"
@@ -190,6 +191,13 @@ pool = "secure"
 "#
     );
     let proxy = Proxy::start_in(dir, &body);
+    // New backends wait for a passing check: the HTTP probe goes over TLS, client certificate
+    // included (the backend refuses connections without one).
+    assert!(
+        wait_for(Duration::from_secs(10), || routable(&proxy) == 1),
+        "the health check passes over TLS:\n{}",
+        proxy.log()
+    );
     let mut conn = HttpConn::connect(proxy.listen, Duration::from_secs(10)).unwrap();
     let first = conn.request("GET", "/a", &[], b"").unwrap();
     assert_eq!(first.status, 200, "{}", first.text());

@@ -1,5 +1,6 @@
 //! Runs a probe against a backend: all health-check I/O is the host's, with one timeout over the
-//! whole exchange.
+//! whole exchange. HTTP probes of a pool with `[pool.tls]` go over TLS, checked as its requests
+//! are.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,6 +10,8 @@ use tokio::net::TcpStream;
 
 use crate::health::{Outcome, Probe, ProbeResult, BODY_PREFIX};
 use crate::http1::{self, ChunkedDecoder, Framing};
+use crate::upstream::UpstreamConn;
+use crate::upstream_tls::UpstreamTls;
 
 /// Most bytes a raw TCP probe may ask to read back.
 const MAX_TCP_READ: u32 = 64 * 1024;
@@ -30,21 +33,30 @@ fn http_result(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> Pr
         .with_body(body)
 }
 
-/// Runs `spec` against `addr` within `timeout`.
-pub async fn run(addr: SocketAddr, spec: &Probe, timeout: Duration) -> ProbeResult {
+/// Runs `spec` against `addr` within `timeout`; HTTP over TLS when `tls` is given.
+pub async fn run(
+    addr: SocketAddr,
+    spec: &Probe,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> ProbeResult {
     let start = Instant::now();
     if let Probe::Tcp { send, read } = spec {
         return raw_tcp(addr, send, (*read).min(MAX_TCP_READ), start, timeout).await;
     }
-    match tokio::time::timeout(timeout, exchange(addr, spec)).await {
+    match tokio::time::timeout(timeout, exchange(addr, spec, tls)).await {
         Ok(Ok(r)) => r.with_latency(start.elapsed()),
         Ok(Err(outcome)) => failed(outcome, start.elapsed()),
         Err(_) => failed(Outcome::TimedOut, start.elapsed()),
     }
 }
 
-async fn exchange(addr: SocketAddr, spec: &Probe) -> Result<ProbeResult, Outcome> {
-    let mut stream = TcpStream::connect(addr)
+async fn exchange(
+    addr: SocketAddr,
+    spec: &Probe,
+    tls: Option<&UpstreamTls>,
+) -> Result<ProbeResult, Outcome> {
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|_| Outcome::ConnectFailed)?;
     let _ = stream.set_nodelay(true);
@@ -68,11 +80,23 @@ async fn exchange(addr: SocketAddr, spec: &Probe) -> Result<ProbeResult, Outcome
                 "user-agent: sluice-health\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
                 body.len()
             ));
+            let mut stream = match tls {
+                None => UpstreamConn::Plain(stream),
+                Some(tls) => {
+                    let connector = tokio_rustls::TlsConnector::from(tls.http1.clone());
+                    let s = connector
+                        .connect(tls.server_name(addr.ip()), stream)
+                        .await
+                        .map_err(|_| Outcome::ConnectFailed)?;
+                    UpstreamConn::Tls(Box::new(s))
+                }
+            };
             stream
                 .write_all(req.as_bytes())
                 .await
                 .map_err(|_| Outcome::IoError)?;
             stream.write_all(body).await.map_err(|_| Outcome::IoError)?;
+            stream.flush().await.map_err(|_| Outcome::IoError)?;
             read_response(&mut stream).await
         }
         // Raw TCP runs in `raw_tcp`; the codec yields no other kind.
@@ -116,7 +140,7 @@ async fn raw_tcp(
 }
 
 /// Reads a response head and up to [`BODY_PREFIX`] bytes of its body (de-chunked).
-async fn read_response(stream: &mut TcpStream) -> Result<ProbeResult, Outcome> {
+async fn read_response(stream: &mut UpstreamConn) -> Result<ProbeResult, Outcome> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     let (head, n) = loop {

@@ -90,8 +90,14 @@ impl ProbeTask {
         let verdict = match self.host.probe(&self.backend) {
             Err(e) => Err(format!("plugin failed to give a probe: {e}")),
             Ok(spec) => {
-                let result =
-                    crate::health_probe::run(self.backend.addr, &spec, self.schedule.timeout).await;
+                let tls = self.pool.settings().upstream.tls.clone();
+                let result = crate::health_probe::run(
+                    self.backend.addr,
+                    &spec,
+                    self.schedule.timeout,
+                    tls.as_deref(),
+                )
+                .await;
                 self.host
                     .evaluate(&result)
                     .map(|v| (v, crate::health::describe(&result)))
