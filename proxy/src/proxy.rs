@@ -21,10 +21,10 @@ use crate::route::Route;
 use crate::route_rules::{Action, HeaderEdits};
 use crate::runtime::Runtime;
 use crate::tls_name::server_name;
-use prometheus::Histogram;
 use crate::upstream_tls::{Upstream, UpstreamTls};
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
+use prometheus::Histogram;
 use sluice_core::config::UpstreamProtocol;
 
 /// The pingora proxy application.
