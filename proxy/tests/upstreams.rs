@@ -69,19 +69,6 @@ impl Backend {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A test CA (`ca.pem`), a server certificate it signed for `backend.test` and `ip`
 /// (`server.pem`, `server.key`), a client certificate for `sluice-client` (`client.pem`,
 /// `client.key`), and an unrelated CA (`other-ca.pem`).

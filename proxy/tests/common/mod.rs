@@ -611,7 +611,8 @@ pub fn signed_cert(dir: &std::path::Path, ca: &str, name: &str, cn: &str, dns: &
     );
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
+/// Runs `openssl ARGS` in `dir`, failing the test with its stderr when it fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
