@@ -154,6 +154,15 @@ impl AdminApp {
                     "backends": backends,
                     "dns": p.dns_states().iter().map(crate::dns::DnsState::to_json).collect::<Vec<_>>(),
                     "dns_refresh_ms": s.dns_refresh.as_millis() as u64,
+                    "spawn": p.spawns().iter().map(|t| json!({
+                        "name": t.name,
+                        "command": t.command,
+                        "args": t.args,
+                        "host": t.host.to_string(),
+                        "start_port": t.start_port,
+                        "instances": t.instances,
+                    })).collect::<Vec<_>>(),
+                    "instances": p.instance_status(),
                 })
             })
             .collect();

@@ -212,8 +212,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let rt = sluice::server::build_runtime(cfg, Some(config.clone()))?;
             for p in rt.pools() {
                 let v = p.strategy.current();
+                let spawned: u32 = p.spawns().iter().map(|s| u32::from(s.instances)).sum();
+                let spawned = if spawned > 0 {
+                    format!(" (+{spawned} spawned instances once they accept connections)")
+                } else {
+                    String::new()
+                };
                 println!(
-                    "pool {}: {} backends, strategy {} (sha256 {})",
+                    "pool {}: {} backends{spawned}, strategy {} (sha256 {})",
                     p.name,
                     p.table().len(),
                     v.name,

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::plugin::PluginEngine;
 use crate::proxy::SluiceProxy;
 use crate::runtime::Runtime;
+use crate::spawn::Spawner;
 
 /// Builds the runtime for `config` (validating every plugin) without starting listeners.
 pub fn build_runtime(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Runtime>> {
@@ -91,6 +92,24 @@ pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>
             Err(e) => anyhow::bail!(
                 "cannot listen on {a}: {e}; is another process (or another sluice) using it? change `listen` in the config"
             ),
+        }
+    }
+    // A port held by another process would make an instance fail, or worse, look ready.
+    for pool in &config.pool {
+        for spec in config.spawn_specs(pool) {
+            for a in spec.addrs() {
+                match TcpListener::bind(a) {
+                    Ok(_) => {}
+                    Err(e) if in_use_ok && e.kind() == std::io::ErrorKind::AddrInUse => warnings.push(format!(
+                        "{a} (spawned instance of pool \"{}\") is in use now (fine if it is the running sluice's own instance)",
+                        pool.name.get_ref()
+                    )),
+                    Err(e) => anyhow::bail!(
+                        "pool \"{}\": spawn \"{}\": cannot listen on {a}: {e}; is another process using the port? change start_port in the config, or stop that process",
+                        pool.name.get_ref(), spec.name
+                    ),
+                }
+            }
         }
     }
     for (listener, path) in log_paths(config) {
@@ -171,6 +190,10 @@ pub fn run(
     preflight(&config, upgrade)?;
     let runtime = build_runtime(config.clone(), config_path)?;
     release_free_memory();
+    // Spawned instances start now, in the background; each joins its pool once its port accepts.
+    let rt = runtime.clone();
+    let spawner = Arc::new(Spawner::start(move || rt.pools())?);
+    runtime.set_spawning();
     let readiness = Arc::new(Readiness::default());
     // Join the cluster before any listener opens: a name conflict or a bad key stops us here.
     let cluster = match &config.cluster {
@@ -337,6 +360,7 @@ pub fn run(
             runtime: runtime.clone(),
             access_logs: logs.by_path.into_values().collect(),
             grace: config.server.shutdown_grace,
+            spawner: spawner.clone(),
         },
     ));
     server.add_service(background_service(
@@ -371,6 +395,14 @@ pub fn run(
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
     });
+    // pingora's grace ended before `Drain` was done: the instances still get their stop.
+    let limit = stop_limit(&runtime);
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        rt.block_on(spawner.stop(false, limit));
+    }
     std::process::exit(0)
 }
 
@@ -407,6 +439,20 @@ struct Drain {
     /// Every access log writer (one per file).
     access_logs: Vec<AccessLog>,
     grace: std::time::Duration,
+    /// The spawned instances, stopped once the clients are gone.
+    spawner: Arc<Spawner>,
+}
+
+/// How long stopping every spawned instance may take: the longest `stop_grace`, and time to
+/// reap what had to be killed.
+fn stop_limit(runtime: &Runtime) -> Duration {
+    let longest = runtime
+        .pools()
+        .iter()
+        .flat_map(|p| p.spawns().iter().map(|s| s.stop_grace).collect::<Vec<_>>())
+        .max()
+        .unwrap_or_default();
+    longest + Duration::from_secs(6)
 }
 
 #[async_trait::async_trait]
@@ -435,6 +481,7 @@ impl BackgroundService for Drain {
             }
         }
         let deadline = tokio::time::Instant::now() + self.grace;
+        let mut hurry = false;
         loop {
             if open.get() <= 0 {
                 tracing::info!("every client connection is closed");
@@ -451,13 +498,46 @@ impl BackgroundService for Drain {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
                 Some(_) = async { term.as_mut()?.recv().await } => {
                     tracing::warn!("second SIGTERM: exiting now");
+                    hurry = true;
                     break;
                 }
                 Some(_) = async { int.as_mut()?.recv().await } => {
                     tracing::warn!("second SIGINT: exiting now");
+                    hurry = true;
                     break;
                 }
             }
+        }
+        // The instances served the requests that were in flight; now they stop too.
+        let instances: usize = self
+            .runtime
+            .pools()
+            .iter()
+            .map(|p| p.instance_status().len())
+            .sum();
+        if instances > 0 {
+            tracing::info!(instances, "stopping the spawned instances");
+        }
+        let limit = stop_limit(&self.runtime);
+        let stopping = self.spawner.stop(hurry, limit);
+        tokio::pin!(stopping);
+        let stopped = loop {
+            tokio::select! {
+                stopped = &mut stopping => break stopped,
+                Some(_) = async { term.as_mut()?.recv().await } => {
+                    tracing::warn!("another SIGTERM: killing the spawned instances");
+                    self.spawner.stop(true, Duration::ZERO).await;
+                }
+                Some(_) = async { int.as_mut()?.recv().await } => {
+                    tracing::warn!("another SIGINT: killing the spawned instances");
+                    self.spawner.stop(true, Duration::ZERO).await;
+                }
+            }
+        };
+        if !stopped {
+            tracing::warn!("spawned instances still running at exit are killed by the kernel");
+        } else if instances > 0 {
+            tracing::info!("every spawned instance has stopped");
         }
         let deadline = Instant::now() + std::time::Duration::from_secs(2);
         let written = self

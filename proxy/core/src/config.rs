@@ -366,6 +366,9 @@ pub struct PoolConfig {
     /// `[pool.tls]`: TLS to the backends (HTTPS).
     #[serde(default)]
     pub tls: Option<Spanned<UpstreamTlsConfig>>,
+    /// `[[pool.spawn]]`: backends sluice starts and keeps running itself.
+    #[serde(default)]
+    pub spawn: Vec<Spanned<crate::spawn::SpawnConfig>>,
 }
 
 /// `[[pool]] protocol`: what is spoken to the backends.
@@ -900,6 +903,7 @@ impl Config {
             }
         }
         let mut names = HashSet::new();
+        let mut spawned = Vec::new();
         for pool in &self.pool {
             let name = pool.name.get_ref();
             if name.is_empty()
@@ -975,6 +979,7 @@ impl Config {
                 return Err(self.error_at(pool.name.span(), format!("pool \"{name}\": outlier.consecutive_failures must be at least 1 (use enabled = false to turn detection off)")));
             }
             self.upstream_ok(pool)?;
+            self.spawn_ok(pool, &admin, &listeners, &mut spawned)?;
             self.plugin_source_ok(pool.strategy.get_ref().source(), pool.strategy.span(), name)?;
             if let Some(h) = &pool.health {
                 self.plugin_source_ok(&h.get_ref().plugin, h.span(), name)?;
@@ -1029,6 +1034,63 @@ impl Config {
             return Err(self.error_at(0..0, "the config defines no [[pool]] or no [[route]], so every request would fail; add both (docs/config.md has a minimal example)"));
         }
         Ok(listeners)
+    }
+
+    /// The pool's spawn tables are valid, and no instance would listen where another instance, a
+    /// listener or one of the pool's backends is. `spawned` collects the tables seen so far.
+    fn spawn_ok(
+        &self,
+        pool: &PoolConfig,
+        admin: &SocketAddr,
+        listeners: &[crate::listener::Listener],
+        spawned: &mut Vec<(crate::spawn::SpawnSpec, std::ops::Range<usize>)>,
+    ) -> Result<(), ConfigError> {
+        let name = pool.name.get_ref();
+        let first = spawned.len();
+        for s in &pool.spawn {
+            let at = |m: String| self.error_at(s.span(), format!("pool \"{name}\": {m}"));
+            let spec =
+                crate::spawn::SpawnSpec::new(name, s.get_ref(), &self.base_dir).map_err(at)?;
+            let prefix = format!("spawn \"{}\"", spec.name);
+            if spawned[first..].iter().any(|(o, _)| o.name == spec.name) {
+                return Err(at(format!("{prefix}: two spawn tables of this pool are named \"{}\"; give each a different name", spec.name)));
+            }
+            if let Some((other, span)) = spawned.iter().find(|(o, _)| o.overlaps(&spec)) {
+                let (line, _) = line_col(&self.source_text, span.start);
+                return Err(at(format!(
+                    "{prefix}: ports {}-{} on {} overlap those of spawn \"{}\" of pool \"{}\" (line {line}); give each its own ports",
+                    spec.start_port, spec.start_port + spec.instances.max(1) - 1, spec.host, other.name, other.pool
+                )));
+            }
+            let busy = listeners
+                .iter()
+                .map(|l| (l.addr, "a proxy listener"))
+                .chain([(*admin, "the admin listener")]);
+            for (addr, what) in busy {
+                if spec.uses(addr) {
+                    return Err(at(format!("{prefix}: an instance would listen on {addr}, which is {what}; change start_port")));
+                }
+            }
+            if let Some(b) = Config::backends(pool)
+                .iter()
+                .find(|b| spec.addrs().any(|a| a == b.addr))
+            {
+                return Err(at(format!("{prefix}: an instance would listen on {}, which the pool also lists in backends; remove it from backends (the instance joins the pool by itself)", b.addr)));
+            }
+            spawned.push((spec, s.span()));
+        }
+        Ok(())
+    }
+
+    /// The validated spawn tables of a pool.
+    pub fn spawn_specs(&self, pool: &PoolConfig) -> Vec<std::sync::Arc<crate::spawn::SpawnSpec>> {
+        pool.spawn
+            .iter()
+            .filter_map(|s| {
+                crate::spawn::SpawnSpec::new(pool.name.get_ref(), s.get_ref(), &self.base_dir).ok()
+            })
+            .map(std::sync::Arc::new)
+            .collect()
     }
 
     /// `protocol` and `[pool.tls]` agree with each other (the files are read when the pool is

@@ -5,7 +5,8 @@
 //! fallback) → a [`backend::Lease`] that holds the chosen backend's in-flight slot until the
 //! attempt ends. [`plugin`] is the wasmtime host shared by every plugin kind; [`health`] and
 //! [`health_scheduler`] run the active checks; [`runtime`] holds the swappable state and applies
-//! reloads; [`membership`] feeds pools from the gossip cluster and [`dns`] from backend host names.
+//! reloads; [`membership`] feeds pools from the gossip cluster, [`dns`] from backend host names
+//! and [`spawn`] from the instances sluice starts itself.
 //!
 //! The pingora request path lives in the `sluice` crate; nothing here depends on it, so the
 //! conformance tests and benches of strategies build without it.
@@ -35,6 +36,7 @@ pub mod route;
 pub mod route_rules;
 pub mod runtime;
 pub mod simulate;
+pub mod spawn;
 pub mod strategy;
 pub mod upstream;
 pub mod upstream_tls;

@@ -3,7 +3,7 @@
 //! under one lock and publishes it with `ArcSwap`; the request path only loads the table, picks,
 //! and takes a [`Lease`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::dns::{DnsName, DnsState};
 use crate::health::HealthHost;
 use crate::lease::{Lease, LeaseOwner};
 use crate::metrics::{Metrics, SeriesScope, Timings};
+use crate::spawn::{InstanceStatus, SpawnSpec};
 use crate::strategy::StrategyHost;
 
 /// What an operator set on one backend through the runtime API. Kept by the pool per address,
@@ -206,6 +207,10 @@ pub struct Pool {
     sources: ColdLock<Sources>,
     /// Operator overrides by backend address (runtime API); written under `rebuild`.
     overrides: ArcSwap<HashMap<SocketAddr, Override>>,
+    /// The `[[pool.spawn]]` tables of the applied config (the spawner runs them).
+    spawns: ArcSwap<Vec<Arc<SpawnSpec>>>,
+    /// What each spawned instance is doing, by name (written by its task, read by the API).
+    instances: ColdLock<BTreeMap<String, InstanceStatus>>,
 }
 
 /// Where a pool's members come from, merged in this order (an address listed by an earlier
@@ -216,6 +221,8 @@ struct Sources {
     addrs: Vec<BackendSpec>,
     /// Backends the config gives as host names, with their resolution state.
     dns: Vec<DnsState>,
+    /// Spawned instances whose port accepts connections, by address.
+    spawned: Vec<BackendSpec>,
     /// Backends announced by gossip cluster members.
     gossip: Vec<BackendSpec>,
 }
@@ -254,6 +261,8 @@ impl Pool {
                 ..Sources::default()
             }),
             overrides: ArcSwap::from_pointee(HashMap::new()),
+            spawns: ArcSwap::from_pointee(Vec::new()),
+            instances: ColdLock::new(BTreeMap::new()),
         };
         pool.rebuild_table();
         pool
@@ -415,6 +424,60 @@ impl Pool {
         }
         tracing::info!(pool = %self.name, name = %name.label(), before = ?before, after = ?state.addrs, "DNS answer changed; updating the pool");
         self.set_backends(&merge_sources(&sources))
+    }
+
+    /// The pool's `[[pool.spawn]]` tables.
+    pub fn spawns(&self) -> Arc<Vec<Arc<SpawnSpec>>> {
+        self.spawns.load_full()
+    }
+
+    /// Replaces the spawn tables (a reload); true when they changed. Running instances follow
+    /// through the spawner.
+    pub fn set_spawns(&self, specs: Vec<Arc<SpawnSpec>>) -> bool {
+        let current = self.spawns.load();
+        let same = current.len() == specs.len() && current.iter().zip(&specs).all(|(a, b)| a == b);
+        if same {
+            return false;
+        }
+        self.spawns.store(Arc::new(specs));
+        true
+    }
+
+    /// Adds (`member`) or removes a spawned instance's address; true when members changed.
+    pub fn set_spawned_member(&self, spec: BackendSpec, member: bool) -> bool {
+        let mut sources = self.sources.lock();
+        let at = sources.spawned.iter().position(|s| s.addr == spec.addr);
+        match (at, member) {
+            (None, true) => {
+                sources.spawned.push(spec);
+                sources.spawned.sort_by_key(|s| s.addr);
+            }
+            (Some(i), false) => {
+                sources.spawned.remove(i);
+            }
+            _ => return false,
+        }
+        self.set_backends(&merge_sources(&sources))
+    }
+
+    /// The member at `addr`, if any.
+    pub fn member_at(&self, addr: SocketAddr) -> Option<Arc<Backend>> {
+        self.members.load().iter().find(|b| b.addr == addr).cloned()
+    }
+
+    /// Records what a spawned instance is doing.
+    pub fn set_instance_status(&self, status: InstanceStatus) {
+        self.instances.lock().insert(status.name.clone(), status);
+    }
+
+    /// Forgets a spawned instance that stopped for good.
+    pub fn remove_instance_status(&self, name: &str) {
+        self.instances.lock().remove(name);
+    }
+
+    /// Every spawned instance, by name.
+    pub fn instance_status(&self) -> Vec<InstanceStatus> {
+        self.instances.lock().values().cloned().collect()
     }
 
     /// Replaces the backends announced by cluster members (with whether each is held: its member
@@ -770,17 +833,20 @@ pub fn config_members(specs: &[BackendSpec], dns: &[DnsState]) -> Vec<BackendSpe
     merge_sources(&Sources {
         addrs: specs.to_vec(),
         dns: dns.to_vec(),
+        spawned: Vec::new(),
         gossip: Vec::new(),
     })
 }
 
-/// Addresses from the config first, then resolved names, then gossip entries, each address once.
+/// Addresses from the config first, then resolved names, then spawned instances, then gossip
+/// entries, each address once.
 fn merge_sources(sources: &Sources) -> Vec<BackendSpec> {
     let mut all = sources.addrs.clone();
     let more = sources
         .dns
         .iter()
         .flat_map(DnsState::specs)
+        .chain(sources.spawned.iter().cloned())
         .chain(sources.gossip.iter().cloned());
     for spec in more {
         if !all.iter().any(|s| s.addr == spec.addr) {

@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::plugin::{PluginEngine, PluginError, PluginVersion, Prepared};
 use crate::pool::{Pool, PoolSettings};
 use crate::route::{Route, Router};
+use crate::spawn::SpawnSpec;
 use crate::strategy::StrategyHost;
 
 /// Why a reload or swap was refused.
@@ -97,6 +98,9 @@ pub struct Runtime {
     resolver: ArcSwap<Resolver>,
     /// What else a reload updates (set once by the server).
     reload_hook: std::sync::OnceLock<Box<dyn ReloadHook>>,
+    /// Spawned instances run (set by the server once it starts the spawner): a reload then
+    /// checks that the ports of instances it adds are free.
+    spawning: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -119,6 +123,7 @@ impl Runtime {
             cluster: std::sync::OnceLock::new(),
             resolver: ArcSwap::from_pointee(Resolver::default()),
             reload_hook: std::sync::OnceLock::new(),
+            spawning: std::sync::atomic::AtomicBool::new(false),
         };
         rt.apply(config)?;
         Ok(rt)
@@ -127,6 +132,45 @@ impl Runtime {
     /// Makes every later reload also prepare and commit `hook` (set once; a second is ignored).
     pub fn set_reload_hook(&self, hook: Box<dyn ReloadHook>) {
         let _ = self.reload_hook.set(hook);
+    }
+
+    /// Says that this runtime's spawn tables are being run, so that later reloads refuse
+    /// instances whose port another process holds.
+    pub fn set_spawning(&self) {
+        self.spawning
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The spawn tables of `pc`. Once instances run, the port of each instance that is not
+    /// running yet must be free: a port another process holds refuses the config.
+    fn plan_spawns(
+        &self,
+        pc: &PoolConfig,
+        cfg: &Config,
+    ) -> Result<Vec<Arc<SpawnSpec>>, ApplyError> {
+        let specs = cfg.spawn_specs(pc);
+        if !self.spawning.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(specs);
+        }
+        let owned: Vec<String> = self
+            .pools()
+            .iter()
+            .flat_map(|p| p.instance_status())
+            .map(|i| i.addr)
+            .collect();
+        for (spec, table) in specs.iter().zip(&pc.spawn) {
+            for addr in spec.addrs().filter(|a| !owned.contains(&a.to_string())) {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    return Err(cfg
+                        .error_at(table.span(), format!(
+                            "pool \"{}\": spawn \"{}\": port {addr} is not free ({e}); another process holds it, so the instance could not listen there; stop that process or change start_port",
+                            pc.name.get_ref(), spec.name
+                        ))
+                        .into());
+                }
+            }
+        }
+        Ok(specs)
     }
 
     /// The current router.
@@ -376,6 +420,7 @@ impl Runtime {
         };
         Ok(Plan::Update(Box::new(PoolUpdate {
             pool: pool.clone(),
+            spawns: self.plan_spawns(pc, cfg)?,
             settings: pool_settings(pc, cfg)?,
             backends: specs,
             dns,
@@ -412,6 +457,7 @@ impl Runtime {
         let pool = Pool::new(name, &specs, settings, strategy, self.metrics.clone(), zone);
         // Records where the members came from; the members themselves stay as built.
         pool.set_config_backends(&literal, dns);
+        pool.set_spawns(self.plan_spawns(pc, cfg)?);
         drop(table);
         if let Some(hc) = &pc.health {
             let hc = hc.get_ref();
@@ -494,6 +540,7 @@ fn pool_settings(pc: &PoolConfig, cfg: &Config) -> Result<PoolSettings, ApplyErr
 /// applies it and cannot fail.
 struct PoolUpdate {
     pool: Arc<Pool>,
+    spawns: Vec<Arc<SpawnSpec>>,
     settings: PoolSettings,
     backends: Vec<BackendSpec>,
     dns: Vec<DnsState>,
@@ -508,6 +555,7 @@ impl PoolUpdate {
         // Settings first: new backends take their initial health state from them.
         let mut changed = pool.set_settings(self.settings.clone());
         changed |= pool.set_config_backends(&self.backends, self.dns);
+        changed |= pool.set_spawns(self.spawns);
         match self.health {
             HealthPlan::Keep => {}
             HealthPlan::Remove => {
