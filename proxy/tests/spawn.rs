@@ -47,6 +47,11 @@ fn host() -> IpAddr {
 
 /// A `[[pool]]` "web" with `instances` spawned servers from `start_port`, and its route.
 fn pool(host: IpAddr, start_port: u16, instances: u16) -> String {
+    pool_with(host, start_port, instances, "")
+}
+
+/// [`pool`] with more `env` entries (`, KEY = "value"`).
+fn pool_with(host: IpAddr, start_port: u16, instances: u16, env: &str) -> String {
     format!(
         r#"[[pool]]
 name = "web"
@@ -56,7 +61,7 @@ args = ["server.py"]
 instances = {instances}
 start_port = {start_port}
 host = "{host}"
-env = {{ HOST = "{host}" }}
+env = {{ HOST = "{host}"{env} }}
 stop_grace = "5s"
 restart_delay = "100ms"
 [[route]]
@@ -167,8 +172,9 @@ impl Load {
         Load { stop, handles }
     }
 
-    /// Stops the clients; every answer body, or the failures.
-    fn finish(self) -> Vec<String> {
+    /// Stops the clients; every answer body, asserting none failed (`proxy`'s warnings are shown
+    /// when some did).
+    fn finish(self, proxy: &Proxy) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
         let results: Vec<_> = self
             .handles
@@ -176,13 +182,20 @@ impl Load {
             .flat_map(|h| h.join().unwrap())
             .collect();
         let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-        assert!(
-            failed.is_empty(),
-            "{} of {} requests failed, first: {:?}",
-            failed.len(),
-            results.len(),
-            failed.first()
-        );
+        if !failed.is_empty() {
+            let log = proxy.log();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            panic!(
+                "{} of {} requests failed, first: {:?}\nsluice's warnings:\n{}",
+                failed.len(),
+                results.len(),
+                &failed[..failed.len().min(5)],
+                warnings.join("\n")
+            );
+        }
         results.into_iter().map(Result::unwrap).collect()
     }
 }
@@ -238,7 +251,7 @@ fn a_killed_instance_is_restarted_and_rejoins_without_failed_requests() {
     assert!(wait_for(Duration::from_secs(10), || {
         proxy.metric("sluice_requests_total") >= before + 200.0
     }));
-    let bodies = load.finish();
+    let bodies = load.finish(&proxy);
     let answered = pids(&bodies);
     assert!(
         answered.contains(&old) && answered.contains(&new),
@@ -298,7 +311,7 @@ fn reloads_change_the_number_of_instances_without_failed_requests() {
     assert!(wait_for(Duration::from_secs(10), || {
         proxy.metric("sluice_requests_total") >= mark + 200.0
     }));
-    let bodies = load.finish();
+    let bodies = load.finish(&proxy);
     let answered = pids(&bodies);
     for p in before.iter().chain(&after) {
         assert!(
@@ -309,6 +322,79 @@ fn reloads_change_the_number_of_instances_without_failed_requests() {
     let log = proxy.log();
     assert!(log.contains("web#2 left the pool; letting its requests in flight finish"));
     assert!(log.contains("web#2: got SIGTERM"), "{log}");
+}
+
+#[test]
+fn a_changed_table_replaces_the_instances_one_at_a_time_without_failed_requests() {
+    let proxy = start("spawn-rolling", 31_050, 3);
+    let before: BTreeSet<u32> = ready(&proxy).iter().map(|(_, p)| *p).collect();
+    let load = Load::start(&proxy, 4);
+    assert!(wait_for(Duration::from_secs(10), || {
+        proxy.metric("sluice_requests_total") >= 200.0
+    }));
+    proxy.reload_with(&pool_with(host(), 31_050, 3, ", RELEASE = \"2\""));
+    let replaced = wait_for(Duration::from_secs(60), || {
+        let now = ready(&proxy);
+        now.len() == 3 && now.iter().all(|(_, p)| !before.contains(p)) && routable(&proxy) == 3
+    });
+    assert!(replaced, "not replaced: {}", pools_json(&proxy));
+    let after: BTreeSet<u32> = ready(&proxy).iter().map(|(_, p)| *p).collect();
+    let mark = proxy.metric("sluice_requests_total");
+    assert!(wait_for(Duration::from_secs(10), || {
+        proxy.metric("sluice_requests_total") >= mark + 200.0
+    }));
+    let answered = pids(&load.finish(&proxy));
+    assert!(
+        before.iter().chain(&after).all(|p| answered.contains(p)),
+        "the load did not span the replacement: {answered:?}, before {before:?}, after {after:?}"
+    );
+    // One at a time: the log shows each old instance stopped before the next one left.
+    let log = proxy.log();
+    let left: Vec<usize> = (0..3)
+        .map(|n| log.find(&format!("web#{n} left the pool")).unwrap())
+        .collect();
+    let joined_again: Vec<usize> = (0..3)
+        .map(|n| log.rfind(&format!("web#{n} accepts connections")).unwrap())
+        .collect();
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by_key(|n| left[*n]);
+    for w in order.windows(2) {
+        assert!(
+            joined_again[w[0]] < left[w[1]],
+            "web#{} left before web#{} was back",
+            w[1],
+            w[0]
+        );
+    }
+}
+
+#[test]
+fn a_reload_refuses_a_port_another_process_holds_and_a_removed_pool_stops_its_instances() {
+    let proxy = start("spawn-busy", 31_060, 1);
+    let pid = pid_of(&proxy, "web#0").unwrap();
+    let holder = std::net::TcpListener::bind((host(), 31_062)).unwrap();
+    proxy.rewrite_pools(&pool(host(), 31_060, 3));
+    let r = proxy.admin_req("POST", "/api/reload", b"");
+    assert_ne!(r.status, 200, "{}", r.text());
+    let want = format!("spawn \"web\": port {}:31062 is not free", host());
+    let error: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    let error = error["error"].as_str().unwrap();
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let line = text.lines().position(|l| l == "[[pool.spawn]]").unwrap() + 1;
+    let at = format!("sluice.toml:{line}:1: pool \"web\"");
+    assert!(error.contains(&want) && error.contains(&at), "{error}");
+    assert_eq!(
+        instances(&proxy).len(),
+        1,
+        "a refused reload changes nothing"
+    );
+    drop(holder);
+    proxy.reload_with("[[route]]\nrespond = { status = 200, body = \"no pools\" }\n");
+    assert!(
+        wait_for(Duration::from_secs(30), || !alive(pid)),
+        "the instance of a removed pool still runs"
+    );
+    assert_eq!(proxy.get("/").text(), "no pools");
 }
 
 #[test]
