@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A small HTTP/1.1 server: listens on HOST:PORT, answers every GET with
-/// `instance N port P pid X`, prints a line when it listens and when it gets SIGTERM.
+/// `instance N port P pid X`, prints a line when it listens and when it gets SIGTERM. Each
+/// response goes out in one write, so a SIGKILL lands before a response or after it, never
+/// between its head and its body (which no proxy could hide from the client).
 const SERVER: &str = r#"
 import os, sys, signal
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
@@ -23,10 +25,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
         body = f"instance {inst} port {port} pid {os.getpid()}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        self.wfile.write(head + body)
     def log_message(self, *args):
         pass
 ThreadingHTTPServer.daemon_threads = True

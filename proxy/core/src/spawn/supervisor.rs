@@ -7,7 +7,8 @@
 //! before the next old one goes). All children are spawned from this one thread, which lives as
 //! long as the process: the kernel kills them when it ends (see `sys::contain`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,9 +153,11 @@ fn reconcile(pools: &[Arc<Pool>], running: &mut BTreeMap<Key, Running>) {
         }
     }
     replace_outdated(&desired, running);
-    // Missing ones start; one whose predecessor is still leaving waits for its port.
+    // Missing ones start; one whose address a leaving instance (of this or another table) still
+    // holds waits for it: started now, it could not listen, and the old one would answer for it.
+    let held: BTreeSet<SocketAddr> = running.iter().map(|(k, r)| r.spec.addr(k.2)).collect();
     for (key, (pool, spec)) in desired {
-        if running.contains_key(&key) {
+        if running.contains_key(&key) || held.contains(&spec.addr(key.2)) {
             continue;
         }
         let (orders, rx) = watch::channel(Order::Run);
