@@ -260,6 +260,10 @@ fn a_killed_instance_is_restarted_and_rejoins_without_failed_requests() {
     let i = instances(&proxy);
     let web1 = i.iter().find(|i| i["name"] == "web#1").unwrap();
     assert_eq!(web1["restarts"], 1, "{web1}");
+    assert_eq!(
+        proxy.metric("sluice_spawn_restarts_total{pool=\"web\"}"),
+        1.0
+    );
     assert!(
         web1["last_exit"].as_str().unwrap().contains("SIGKILL"),
         "{web1}"

@@ -70,6 +70,9 @@ pub struct Metrics {
     /// `sluice_dns_resolution_failures_total{pool}`: failed refreshes of backend host names (the
     /// last good addresses stay).
     pub dns_failures: IntCounterVec,
+    /// `sluice_spawn_restarts_total{pool}`: spawned instances restarted after they exited (or
+    /// failed to start or to accept connections).
+    pub spawn_restarts: IntCounterVec,
     /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
     /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`).
     pub limit_rejections: IntCounterVec,
@@ -287,6 +290,11 @@ impl Metrics {
             dns_failures: counter(
                 "sluice_dns_resolution_failures_total",
                 "Failed refreshes of backend host names; the last good addresses stay.",
+                &["pool"],
+            ),
+            spawn_restarts: counter(
+                "sluice_spawn_restarts_total",
+                "Spawned instances restarted after they exited, failed to start or to accept connections.",
                 &["pool"],
             ),
             limit_rejections: counter(

@@ -136,6 +136,8 @@ pub struct PoolCounters {
     health_fail: IntCounter,
     health_error: IntCounter,
     dns_failures: IntCounter,
+    /// Spawned instances restarted.
+    pub spawn_restarts: IntCounter,
     _series: SeriesScope,
 }
 
@@ -158,6 +160,7 @@ impl PoolCounters {
             health_fail: s.counter(&metrics.health_checks, &["fail"]),
             health_error: s.counter(&metrics.health_checks, &["error"]),
             dns_failures: s.counter(&metrics.dns_failures, &[]),
+            spawn_restarts: s.counter(&metrics.spawn_restarts, &[]),
             _series: s,
         }
     }
@@ -969,6 +972,26 @@ mod tests {
         assert_eq!(settings(""), (true, true, false), "the default");
         assert_eq!(settings("retry_on = [\"5xx\"]"), (false, false, true));
         assert_eq!(settings("retry_on = []"), (false, false, false));
+    }
+
+    #[test]
+    fn spawned_instances_join_and_leave_beside_the_static_backends() {
+        let p = pool(2, PoolSettings::default());
+        let instance = BackendSpec::loopback(9100);
+        assert!(p.set_spawned_member(instance.clone(), true));
+        assert!(
+            !p.set_spawned_member(instance.clone(), true),
+            "already a member"
+        );
+        assert_eq!(p.table().len(), 3);
+        assert!(p.member_at(instance.addr).is_some());
+        // A reload of the static backends keeps the instance.
+        p.set_static_backends(&[BackendSpec::loopback(9000)]);
+        let addrs: Vec<u16> = p.members().iter().map(|b| b.addr.port()).collect();
+        assert_eq!(addrs, vec![9000, 9100]);
+        assert!(p.set_spawned_member(instance.clone(), false));
+        assert!(p.member_at(instance.addr).is_none());
+        assert_eq!(p.table().len(), 1);
     }
 
     #[test]

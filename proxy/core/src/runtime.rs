@@ -733,6 +733,26 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_hands_the_spawn_tables_to_the_pool() {
+        let with = |instances: u16| {
+            let text = format!("[server]\nlisten = [\"127.0.0.1:1\"]\n[[pool]]\nname = \"a\"\n[[pool.spawn]]\ncommand = \"sh\"\nstart_port = 9100\ninstances = {instances}\n[[route]]\npool = \"a\"\n");
+            Config::parse(&text, "test.toml", Path::new(".")).unwrap()
+        };
+        let rt = Runtime::new(with(3), None, PluginEngine::new().unwrap(), Metrics::new()).unwrap();
+        let a = rt.pool("a").unwrap();
+        assert_eq!(a.spawns()[0].instances, 3);
+        assert!(rt.apply(with(3)).unwrap().changed.is_empty());
+        let report = rt.apply(with(1)).unwrap();
+        assert_eq!(report.changed, vec!["a"]);
+        assert_eq!(a.spawns()[0].instances, 1);
+        assert_eq!(
+            a.members().len(),
+            0,
+            "instances join only once they accept connections"
+        );
+    }
+
+    #[test]
     fn a_rejected_config_changes_nothing() {
         let rt = runtime(&[("a", "builtin:round-robin")]);
         let before = String::from_utf8(rt.metrics.render()).unwrap();

@@ -244,6 +244,7 @@ pub async fn run(
             break;
         }
         status.restarts += 1;
+        pool.counters.spawn_restarts.inc();
     }
     ready.store(false, Ordering::Release);
     pool.remove_instance_status(&name);
