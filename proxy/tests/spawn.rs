@@ -34,7 +34,7 @@ server = ThreadingHTTPServer((host, port), Handler)
 def stop(*args):
     print("got SIGTERM", flush=True)
     sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("IGNORE_TERM") else stop)
 print(f"listening on {port} as instance {inst}", flush=True)
 server.serve_forever()
 "#;
@@ -47,11 +47,11 @@ fn host() -> IpAddr {
 
 /// A `[[pool]]` "web" with `instances` spawned servers from `start_port`, and its route.
 fn pool(host: IpAddr, start_port: u16, instances: u16) -> String {
-    pool_with(host, start_port, instances, "")
+    pool_with(host, start_port, instances, "", "5s")
 }
 
-/// [`pool`] with more `env` entries (`, KEY = "value"`).
-fn pool_with(host: IpAddr, start_port: u16, instances: u16, env: &str) -> String {
+/// [`pool`] with more `env` entries (`, KEY = "value"`) and a `stop_grace`.
+fn pool_with(host: IpAddr, start_port: u16, instances: u16, env: &str, grace: &str) -> String {
     format!(
         r#"[[pool]]
 name = "web"
@@ -62,7 +62,7 @@ instances = {instances}
 start_port = {start_port}
 host = "{host}"
 env = {{ HOST = "{host}"{env} }}
-stop_grace = "5s"
+stop_grace = "{grace}"
 restart_delay = "100ms"
 [[route]]
 pool = "web"
@@ -71,9 +71,14 @@ pool = "web"
 }
 
 fn start(tag: &str, start_port: u16, instances: u16) -> Proxy {
+    start_with(tag, &pool(host(), start_port, instances), instances)
+}
+
+/// Starts sluice with the test server and `body`, and waits for its `instances` to be ready.
+fn start_with(tag: &str, body: &str, instances: u16) -> Proxy {
     let dir = scratch_dir(tag);
     std::fs::write(dir.join("server.py"), SERVER).unwrap();
-    let proxy = Proxy::start_in(dir, &pool(host(), start_port, instances));
+    let proxy = Proxy::start_in(dir, body);
     assert!(
         wait_for(Duration::from_secs(30), || ready(&proxy).len()
             == usize::from(instances)
@@ -336,7 +341,7 @@ fn a_changed_table_replaces_the_instances_one_at_a_time_without_failed_requests(
     assert!(wait_for(Duration::from_secs(10), || {
         proxy.metric("sluice_requests_total") >= 200.0
     }));
-    proxy.reload_with(&pool_with(host(), 31_050, 3, ", RELEASE = \"2\""));
+    proxy.reload_with(&pool_with(host(), 31_050, 3, ", RELEASE = \"2\"", "5s"));
     let replaced = wait_for(Duration::from_secs(60), || {
         let now = ready(&proxy);
         now.len() == 3 && now.iter().all(|(_, p)| !before.contains(p)) && routable(&proxy) == 3
@@ -417,6 +422,39 @@ fn sigterm_stops_every_instance_gracefully() {
         assert!(log.contains(&format!("web#{n}: got SIGTERM")), "{log}");
     }
     assert!(log.contains("every spawned instance has stopped"), "{log}");
+}
+
+#[test]
+fn an_instance_that_ignores_sigterm_is_killed_after_its_stop_grace() {
+    let body = pool_with(host(), 31_070, 1, ", IGNORE_TERM = \"1\"", "1s");
+    let mut proxy = start_with("spawn-grace", &body, 1);
+    let pid = pid_of(&proxy, "web#0").unwrap();
+    proxy.signal("-TERM");
+    let status = proxy.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(!alive(pid));
+    let log = proxy.log();
+    assert!(
+        log.contains("killed: it did not exit within stop_grace after SIGTERM"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_second_sigterm_kills_the_instances_at_once() {
+    let body = pool_with(host(), 31_080, 1, ", IGNORE_TERM = \"1\"", "1h");
+    let mut proxy = start_with("spawn-hurry", &body, 1);
+    let pid = pid_of(&proxy, "web#0").unwrap();
+    proxy.signal("-TERM");
+    assert!(wait_for(Duration::from_secs(10), || proxy
+        .log()
+        .contains("stopping the spawned instances")));
+    proxy.signal("-TERM");
+    // Well within the hour of stop_grace.
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(!alive(pid));
+    assert!(proxy.log().contains("killing the spawned instances"));
 }
 
 #[test]

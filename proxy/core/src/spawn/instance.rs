@@ -283,7 +283,7 @@ async fn serve(
     let accepted = tokio::select! {
         ok = accepts_within(addr, spec.ready_timeout) => ok,
         why = child.wait() => return Served::Ended(format!("exited before accepting connections ({why})")),
-        order = changed(orders) => return Served::Stopped(halt(child, spec, order).await),
+        order = changed(orders) => return Served::Stopped(halt(child, spec, order, orders).await),
     };
     if !accepted {
         let how = child.stop(spec.stop_grace).await;
@@ -322,7 +322,7 @@ async fn serve(
                 why = child.wait() => return Served::Stopped(format!("exited while draining ({why})")),
                 order = changed(orders) => {
                     if order != Order::Drain {
-                        return Served::Stopped(halt(child, spec, order).await);
+                        return Served::Stopped(halt(child, spec, order, orders).await);
                     }
                 }
             }
@@ -330,16 +330,36 @@ async fn serve(
     }
     status.state = InstanceState::Stopping;
     pool.set_instance_status(status.clone());
-    Served::Stopped(halt(child, spec, order).await)
+    Served::Stopped(halt(child, spec, order, orders).await)
 }
 
-/// Stops the child as `order` says.
-async fn halt(child: &mut Child, spec: &SpawnSpec, order: Order) -> String {
-    if order == Order::Kill {
-        child.kill().await;
-        return "killed (sluice was told to exit at once)".into();
+/// Stops the child as `order` says; a `Kill` order while it stops cuts its grace short.
+async fn halt(
+    child: &mut Child,
+    spec: &SpawnSpec,
+    order: Order,
+    orders: &mut watch::Receiver<Order>,
+) -> String {
+    if order != Order::Kill {
+        tokio::select! {
+            how = child.stop(spec.stop_grace) => return how,
+            () = until_kill(orders) => {}
+        }
     }
-    child.stop(spec.stop_grace).await
+    child.kill().await;
+    "killed (sluice was told to exit at once)".into()
+}
+
+/// Returns once the order is `Kill`; never when the supervisor is gone.
+async fn until_kill(orders: &mut watch::Receiver<Order>) {
+    loop {
+        if orders.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if *orders.borrow_and_update() == Order::Kill {
+            return;
+        }
+    }
 }
 
 /// The next order other than `Run` (a supervisor that is gone orders `Stop`).
