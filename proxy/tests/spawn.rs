@@ -471,15 +471,18 @@ fn a_killed_sluice_leaves_no_instance_behind() {
 #[test]
 fn check_refuses_bad_spawn_tables_naming_the_line() {
     let dir = scratch_dir("spawn-check");
+    let ip = host();
     let write = |dir: &Path, body: &str| {
-        let text = format!("[server]\nlisten = [\"127.0.0.1:31090\"]\n[admin]\nlisten = \"127.0.0.1:31091\"\n{body}");
+        let text = format!(
+            "[server]\nlisten = [\"{ip}:31090\"]\n[admin]\nlisten = \"{ip}:31091\"\n{body}"
+        );
         let path = dir.join("sluice.toml");
         std::fs::write(&path, text).unwrap();
         sluice_cli(&["check", "--config", path.to_str().unwrap()])
     };
     let table = |port: u16, n: u16, extra: &str| {
         format!(
-            "[[pool.spawn]]\ncommand = \"python3\"\nstart_port = {port}\ninstances = {n}\n{extra}"
+            "[[pool.spawn]]\ncommand = \"python3\"\nstart_port = {port}\ninstances = {n}\nhost = \"{ip}\"\n{extra}"
         )
     };
     let cases = [
@@ -489,45 +492,45 @@ fn check_refuses_bad_spawn_tables_naming_the_line() {
                 table(31_100, 3, ""),
                 table(31_102, 1, "")
             ),
-            "sluice.toml:13:1: pool \"b\": spawn \"b\": ports 31102-31102 on 127.0.0.1 overlap those of spawn \"a\" of pool \"a\" (line 7)",
+            format!("sluice.toml:14:1: pool \"b\": spawn \"b\": ports 31102-31102 on {ip} overlap those of spawn \"a\" of pool \"a\" (line 7)"),
         ),
         (
             format!("[[pool]]\nname = \"a\"\n{}", table(31_089, 2, "")),
-            "an instance would listen on 127.0.0.1:31090, which is a proxy listener",
+            format!("an instance would listen on {ip}:31090, which is a proxy listener"),
         ),
         (
             format!("[[pool]]\nname = \"a\"\n{}", table(31_100, 300, "")),
-            "pool \"a\": spawn \"a\": instances is 300; allowed: 0 to 256",
+            "pool \"a\": spawn \"a\": instances is 300; allowed: 0 to 256".to_string(),
         ),
         (
             format!("[[pool]]\nname = \"a\"\n{}", table(0, 1, "")),
-            "start_port is 0",
+            "start_port is 0".to_string(),
         ),
         (
             "[[pool]]\nname = \"a\"\n[[pool.spawn]]\ncommand = \"\"\nstart_port = 31100\n".into(),
-            "command is empty",
+            "command is empty".to_string(),
         ),
         (
             format!(
-                "[[pool]]\nname = \"a\"\nbackends = [\"127.0.0.1:31100\"]\n{}",
+                "[[pool]]\nname = \"a\"\nbackends = [\"{ip}:31100\"]\n{}",
                 table(31_100, 1, "")
             ),
-            "which the pool also lists in backends",
+            "which the pool also lists in backends".to_string(),
         ),
         (
             format!("[[pool]]\nname = \"a\"\n{}", table(31_100, 1, "env = { PORT = \"1\" }\n")),
-            "env sets PORT",
+            "env sets PORT".to_string(),
         ),
         (
             format!("[[pool]]\nname = \"a\"\n{}", table(31_100, 1, "colour = \"red\"\n")),
-            "unknown field `colour`",
+            "unknown field `colour`".to_string(),
         ),
     ];
     for (body, want) in cases {
         let out = write(&dir, &format!("{body}[[route]]\npool = \"a\"\n"));
         assert!(!out.ok, "accepted: {body}");
         assert!(
-            out.stderr.contains(want),
+            out.stderr.contains(&want),
             "{body}\nwant {want:?}\ngot {}",
             out.stderr
         );
