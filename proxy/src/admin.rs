@@ -27,6 +27,10 @@ pub struct AdminApp {
     token: Option<[u8; 32]>,
     protect_reads: bool,
     readiness: Arc<crate::server::Readiness>,
+    /// The proxy listeners opened at start (a reload does not change them).
+    listeners: Vec<serde_json::Value>,
+    /// The TLS state, for the certificates being served.
+    tls: Option<crate::tls::Tls>,
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
@@ -37,9 +41,15 @@ fn digest(token: &[u8]) -> [u8; 32] {
 /// The methods each admin route answers (`HEAD` goes with `GET`); `None` for no such route.
 fn allowed_methods(segments: &[&str]) -> Option<&'static [&'static str]> {
     Some(match segments {
-        [""] | ["metrics"] | ["healthz"] | ["readyz"] | ["api", "pools"] | ["api", "cluster"] => {
-            &["GET", "HEAD"]
-        }
+        [""]
+        | ["metrics"]
+        | ["healthz"]
+        | ["readyz"]
+        | ["api", "pools"]
+        | ["api", "cluster"]
+        | ["api", "overview"]
+        | ["api", "history"] => &["GET", "HEAD"],
+        ["dashboard", file] if crate::dashboard::asset(file).is_some() => &["GET", "HEAD"],
         ["api", "pools", _, "strategy" | "health"] => &["PUT"],
         ["api", "pools", _, "backends", _, "drain" | "undrain" | "disable" | "enable"] => &["POST"],
         ["api", "pools", _, "backends", _, "weight"] => &["PUT", "DELETE"],
@@ -62,7 +72,46 @@ impl AdminApp {
             token: token.map(|t| digest(t.as_bytes())),
             protect_reads,
             readiness,
+            listeners: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// Shows `listeners` and the certificates of `tls` in `/api/overview`.
+    pub fn with_listeners(
+        mut self,
+        listeners: &[crate::listener::Listener],
+        tls: Option<crate::tls::Tls>,
+    ) -> AdminApp {
+        self.listeners = listeners.iter().map(listener_json).collect();
+        self.tls = tls;
+        self
+    }
+
+    /// What the dashboard needs besides the pools: whether this proxy is in a cluster (so it
+    /// asks for `/api/cluster` only then), listeners, certificates and routes.
+    fn overview_json(&self) -> serde_json::Value {
+        let cfg = self.runtime.config();
+        let certificates = self
+            .tls
+            .as_ref()
+            .map(crate::tls::Tls::certificates)
+            .unwrap_or_default();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "clustered": self.runtime.cluster.get().is_some(),
+            "zone": cfg.server.zone,
+            "token_required": self.token.is_some(),
+            "protect_reads": self.protect_reads,
+            "reloadable": self.runtime.config_path().is_some(),
+            "listeners": self.listeners,
+            "certificates": certificates,
+            "routes": cfg.route.iter().map(|r| route_json(r.get_ref())).collect::<Vec<_>>(),
+            "history": {
+                "interval_ms": crate::history::SAMPLE_PERIOD.as_millis() as u64,
+                "points": crate::history::HISTORY_LEN - 1,
+            },
+        })
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -141,12 +190,20 @@ impl AdminApp {
                     .collect();
                 let health = p.health().map(|h| {
                     let v = h.current();
-                    json!({ "name": v.name, "sha256": v.sha256, "generation": v.generation })
+                    json!({
+                        "name": v.name, "sha256": v.sha256, "generation": v.generation,
+                        "faults": faults_json(h.fault_totals()),
+                        "swaps": h.swap_history(),
+                    })
                 });
                 json!({
                     "name": p.name,
                     "health_check": health,
-                    "strategy": { "name": v.name, "sha256": v.sha256, "generation": v.generation },
+                    "strategy": {
+                        "name": v.name, "sha256": v.sha256, "generation": v.generation,
+                        "faults": faults_json(p.strategy.fault_totals()),
+                        "swaps": p.strategy.swap_history(),
+                    },
                     "retries": s.retries,
                     "connect_timeout_ms": s.connect_timeout.as_millis() as u64,
                     "table_generation": table.generation,
@@ -159,6 +216,48 @@ impl AdminApp {
             .collect();
         json!({ "pools": pools })
     }
+}
+
+/// Fault counts by reason, as an object.
+fn faults_json(totals: [(&str, u64); 5]) -> serde_json::Value {
+    totals
+        .iter()
+        .map(|(reason, n)| (reason.to_string(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn listener_json(l: &crate::listener::Listener) -> serde_json::Value {
+    let client_auth = match &l.tls {
+        Some(Some(check)) if check.required => "required",
+        Some(Some(_)) => "optional",
+        _ => "none",
+    };
+    json!({
+        "address": l.addr.to_string(),
+        "tls": l.tls.is_some(),
+        "client_auth": client_auth,
+        "max_connections": l.limits.max_connections,
+    })
+}
+
+fn route_json(r: &crate::config::RouteConfig) -> serde_json::Value {
+    let action = if r.redirect.is_some() {
+        "redirect"
+    } else if r.respond.is_some() {
+        "respond"
+    } else {
+        "pool"
+    };
+    json!({
+        "host": r.host,
+        "path_prefix": r.path_prefix,
+        "path_regex": r.path_regex.as_ref().map(|s| s.get_ref()),
+        "methods": r.methods.as_ref().map(|m| m.get_ref()),
+        "scheme": r.scheme.as_ref().map(|s| s.get_ref()),
+        "pool": r.pool.as_ref().map(|p| p.get_ref()),
+        "action": action,
+    })
 }
 
 fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> serde_json::Value {
@@ -174,6 +273,7 @@ fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> ser
         "last_change_ms_ago": (rec.last_change_ms > 0).then(|| now.saturating_sub(rec.last_change_ms)),
         "consecutive_passes": rec.passes,
         "consecutive_fails": rec.fails,
+        "next_check_in_ms": (rec.next_due_ms > 0).then(|| rec.next_due_ms.saturating_sub(now)),
     })
 }
 
@@ -184,6 +284,45 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
         .header(http::header::CONTENT_LENGTH, body.len())
         .body(body)
         .expect("static header names and values are valid")
+}
+
+/// A dashboard file. `no-cache`: a new binary's page is picked up at once. The policy keeps
+/// the page to its own origin (no script, style or image from elsewhere).
+fn asset_reply(a: &crate::dashboard::Asset) -> Response<Vec<u8>> {
+    let mut resp = reply(StatusCode::OK, a.content_type, a.body.to_vec());
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+/// `?seconds=N` of `/api/history` (default: all that is kept).
+fn history_seconds(query: Option<&str>) -> Result<usize, String> {
+    let raw = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("seconds="));
+    match raw {
+        None => Ok(crate::history::HISTORY_LEN),
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            format!(
+                "seconds must be a whole number of seconds (at most {} are kept), not \"{v}\"",
+                crate::history::HISTORY_LEN - 1
+            )
+        }),
+    }
 }
 
 fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
@@ -260,7 +399,11 @@ impl AdminApp {
             }
             return resp;
         }
-        let open_read = matches!(segments.as_slice(), [""] | ["healthz"] | ["readyz"]);
+        // The dashboard's own files are open like the page; its data follows protect_reads.
+        let open_read = matches!(
+            segments.as_slice(),
+            [""] | ["healthz"] | ["readyz"] | ["dashboard", _]
+        );
         let needs_token = method != Method::GET || (self.protect_reads && !open_read);
         if needs_token && !self.authorized(session) {
             return error_reply(
@@ -269,11 +412,20 @@ impl AdminApp {
             );
         }
         match (method.as_str(), segments.as_slice()) {
-            ("GET", [""]) => reply(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                crate::dashboard::PAGE.as_bytes().to_vec(),
-            ),
+            ("GET", [""]) => asset_reply(crate::dashboard::INDEX),
+            ("GET", ["dashboard", file]) => match crate::dashboard::asset(file) {
+                Some(a) => asset_reply(a),
+                None => unreachable!("allowed_methods admits only known files"),
+            },
+            ("GET", ["api", "overview"]) => json_reply(StatusCode::OK, self.overview_json()),
+            ("GET", ["api", "history"]) => {
+                match history_seconds(session.req_header().uri.query()) {
+                    Ok(seconds) => {
+                        json_reply(StatusCode::OK, self.runtime.history.to_json(seconds))
+                    }
+                    Err(msg) => error_reply(StatusCode::BAD_REQUEST, msg),
+                }
+            }
             ("GET", ["metrics"]) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

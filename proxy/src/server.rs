@@ -295,6 +295,7 @@ pub fn run(
     }
     // A reload swaps certificates and client CAs in place (or, without TLS listeners, only
     // checks them, for the restart that would open one).
+    let admin_tls = tls.clone();
     match tls {
         Some(tls) => runtime.set_reload_hook(Box::new(tls)),
         None => runtime.set_reload_hook(Box::new(crate::tls::CheckOnly)),
@@ -308,7 +309,8 @@ pub fn run(
             config.admin.token.as_deref(),
             config.admin.protect_reads,
             readiness.clone(),
-        ),
+        )
+        .with_listeners(config.listeners(), admin_tls),
     );
     if config.admin.token.is_none()
         && config
@@ -348,6 +350,12 @@ pub fn run(
     server.add_service(background_service(
         "pool-upkeep",
         PoolUpkeep {
+            runtime: runtime.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "dashboard-history",
+        HistorySampler {
             runtime: runtime.clone(),
         },
     ));
@@ -487,6 +495,26 @@ impl BackgroundService for PoolUpkeep {
         loop {
             tokio::select! {
                 _ = tick.tick() => self.runtime.maintain(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Samples the dashboard's history of every pool and backend once a second.
+struct HistorySampler {
+    runtime: Arc<Runtime>,
+}
+
+#[async_trait]
+impl BackgroundService for HistorySampler {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(crate::history::SAMPLE_PERIOD);
+        // After a stall, go on a second from now: no burst of samples one after another.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.runtime.history.sample(&self.runtime.pools()),
                 _ = shutdown.changed() => return,
             }
         }

@@ -690,6 +690,39 @@ impl Prepared {
     }
 }
 
+/// How many loads and swaps of one pool's plugin of one kind are remembered (the oldest go).
+pub const SWAP_HISTORY: usize = 16;
+
+/// One entry of a plugin's swap history, for the admin API and dashboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwapRecord {
+    /// Wall-clock time, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// `loaded` (the pool's first version), `swapped` or `rejected` (the old version stayed).
+    pub result: &'static str,
+    /// The version's name (`builtin:...`, a file name, or `uploaded`); empty for a rejection.
+    pub name: String,
+    /// The version's sha256 (not for a rejection).
+    pub sha256: Option<String>,
+    /// The version's generation (not for a rejection).
+    pub generation: Option<u64>,
+    /// Why a rejected version was refused.
+    pub error: Option<String>,
+}
+
+impl SwapRecord {
+    fn of(result: &'static str, v: &PluginVersion) -> SwapRecord {
+        SwapRecord {
+            at_unix_ms: crate::history::unix_ms(),
+            result,
+            name: v.name.clone(),
+            sha256: Some(v.sha256.clone()),
+            generation: Some(v.generation),
+            error: None,
+        }
+    }
+}
+
 /// The serving version of one pool's plugin of one kind, and how a new one replaces it. Shared by
 /// the strategy and health hosts: prepare (everything that can fail), then publish (cannot fail).
 pub struct VersionSlot<T> {
@@ -699,6 +732,8 @@ pub struct VersionSlot<T> {
     next_generation: AtomicU64,
     swaps_ok: IntCounter,
     swaps_rejected: IntCounter,
+    /// The last [`SWAP_HISTORY`] loads, swaps and rejections, oldest first.
+    history: ColdLock<std::collections::VecDeque<SwapRecord>>,
 }
 
 impl<T: Default> VersionSlot<T> {
@@ -711,6 +746,7 @@ impl<T: Default> VersionSlot<T> {
         metrics: &crate::metrics::Metrics,
     ) -> VersionSlot<T> {
         let next = first.0.generation + 1;
+        let loaded = SwapRecord::of("loaded", &first.0);
         VersionSlot {
             pool: pool.to_string(),
             kind,
@@ -721,7 +757,21 @@ impl<T: Default> VersionSlot<T> {
             next_generation: AtomicU64::new(next),
             swaps_ok: series.counter(&metrics.plugin_swaps, &[kind.as_str(), "ok"]),
             swaps_rejected: series.counter(&metrics.plugin_swaps, &[kind.as_str(), "rejected"]),
+            history: ColdLock::new([loaded].into()),
         }
+    }
+
+    /// The last loads, swaps and rejections, oldest first.
+    pub fn swap_history(&self) -> Vec<SwapRecord> {
+        self.history.lock().iter().cloned().collect()
+    }
+
+    fn remember(&self, record: SwapRecord) {
+        let mut h = self.history.lock();
+        if h.len() == SWAP_HISTORY {
+            h.pop_front();
+        }
+        h.push_back(record);
     }
 
     /// The version serving now, with its state; lock-free.
@@ -754,6 +804,7 @@ impl<T: Default> VersionSlot<T> {
             state: T::default(),
         }));
         self.swaps_ok.inc();
+        self.remember(SwapRecord::of("swapped", &version));
         tracing::info!(pool = %self.pool, kind = self.kind.as_str(), plugin = %version.name, sha256 = %version.sha256, generation = version.generation, "plugin swapped");
         version
     }
@@ -769,6 +820,14 @@ impl<T: Default> VersionSlot<T> {
             Ok(p) => Ok(self.publish(p)),
             Err(e) => {
                 self.swaps_rejected.inc();
+                self.remember(SwapRecord {
+                    at_unix_ms: crate::history::unix_ms(),
+                    result: "rejected",
+                    name: String::new(),
+                    sha256: None,
+                    generation: None,
+                    error: Some(e.to_string()),
+                });
                 Err(e)
             }
         }
@@ -857,6 +916,17 @@ impl FaultCounters {
             bad_answer: c("bad_answer"),
             instantiate: c("instantiate"),
         }
+    }
+
+    /// The count of each reason so far.
+    pub fn totals(&self) -> [(&'static str, u64); 5] {
+        [
+            ("trap", self.trap.get()),
+            ("deadline", self.deadline.get()),
+            ("bad_index", self.bad_index.get()),
+            ("bad_answer", self.bad_answer.get()),
+            ("instantiate", self.instantiate.get()),
+        ]
     }
 
     /// Counts `fault`; a backoff is not a new fault and is not counted.

@@ -82,6 +82,8 @@ pub struct Runtime {
     pub engine: PluginEngine,
     /// Metrics.
     pub metrics: Metrics,
+    /// The last minutes of traffic per pool and backend (sampled by a background task).
+    pub history: crate::history::History,
     pools: ArcSwap<HashMap<String, Arc<Pool>>>,
     router: ArcSwap<Router>,
     /// The strategy entry of the config each pool was last loaded from (to tell whether a reload
@@ -110,6 +112,7 @@ impl Runtime {
         let rt = Runtime {
             engine,
             metrics,
+            history: crate::history::History::default(),
             pools: ArcSwap::from_pointee(HashMap::new()),
             router: ArcSwap::from_pointee(Router::new(Vec::new())),
             pool_sources: ColdLock::new(HashMap::new()),
@@ -162,6 +165,11 @@ impl Runtime {
     /// The config currently applied.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// The config file reloads read (`None`: started without one, as the demo is).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
     }
 
     /// Re-reads the config file and applies it.
