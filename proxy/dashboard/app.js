@@ -411,9 +411,13 @@ function renderOverview(o) {
   const now = Date.now();
   document.getElementById('certificates').replaceChildren(o.certificates.length
     ? table('certificates', ['names', 'file', 'expires', 'state'], o.certificates.map((c) => {
-      const days = Math.floor((c.not_after_unix_ms - now) / 86400000);
-      const state = days < 0 ? 'expired' : days < 14 ? 'expiring' : 'valid';
-      const when = `${new Date(c.not_after_unix_ms).toISOString().slice(0, 10)} (${days < 0 ? -days + ' days ago' : 'in ' + days + ' days'})`;
+      const left = c.not_after_unix_ms - now;
+      const days = left / 86400000;
+      const state = left < 0 ? 'expired' : days < 14 ? 'expiring' : 'valid';
+      const span = Math.abs(days) < 2 ? `${Math.round(Math.abs(left) / 3600000)} hours`
+        : `${Math.floor(Math.abs(days))} days`;
+      const when = `${new Date(c.not_after_unix_ms).toISOString().slice(0, 16).replace('T', ' ')} UTC`
+        + (left < 0 ? ` (${span} ago)` : ` (in ${span})`);
       return [c.names.join(', ') + (c.default ? ' (default)' : ''), c.cert, when, badge(state)];
     }))
     : el('p', { class: 'muted' }, 'no TLS listener'));

@@ -268,3 +268,51 @@ fn a_clustered_proxy_shows_its_members_and_map() {
         1
     );
 }
+
+#[test]
+fn tls_listeners_and_certificate_expiry_are_shown() {
+    let b = backends(1);
+    let dir = scratch_dir("dashboard-tls");
+    self_signed(&dir, "site.pem", "site.key"); // valid for one day
+    let tls_addr = unique_addr();
+    let proxy = Proxy::start_full(
+        dir.clone(),
+        &format!("tls = {{ listen = [\"{tls_addr}\"], cert = \"site.pem\", key = \"site.key\" }}"),
+        &format!(
+            "[[pool]]\nname = \"web\"\nbackends = [{}]\n[[route]]\npool = \"web\"\n",
+            backend_list(&b)
+        ),
+    );
+    let o: serde_json::Value =
+        serde_json::from_str(&proxy.admin_req("GET", "/api/overview", b"").text()).unwrap();
+    let cert = &o["certificates"][0];
+    assert_eq!(cert["names"], serde_json::json!(["localhost"]), "{o}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let not_after = cert["not_after_unix_ms"].as_i64().unwrap();
+    assert!(
+        now < not_after && not_after <= now + 2 * 86_400_000,
+        "a one-day certificate ends within two days: {o}"
+    );
+    let listeners = o["listeners"].as_array().unwrap();
+    assert!(
+        listeners
+            .iter()
+            .any(|l| l["address"] == tls_addr.to_string() && l["tls"] == true),
+        "{o}"
+    );
+
+    let dom = rendered(&format!("http://{}/", proxy.admin), "chromium-tls");
+    assert!(
+        dom.contains(&format!("<td>{tls_addr}</td><td>TLS</td>")),
+        "{dom}"
+    );
+    // Under two weeks left: flagged.
+    assert!(
+        dom.contains("<td>localhost (default)</td>")
+            && dom.contains("<span class=\"state state-expiring\">expiring</span>"),
+        "{dom}"
+    );
+}
