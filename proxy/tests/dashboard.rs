@@ -200,6 +200,77 @@ fn an_operator_drains_a_backend_and_uploads_a_plugin_through_the_page() {
     ));
     assert_eq!(pools_json(&proxy)["pools"][0]["strategy"]["generation"], 2);
 
+    // A file that is not a plugin: the API's reason is shown and kept in the swap history.
+    let junk = dir.join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    page.choose_file(".pool[data-pool=\"web\"] input[type=file]", &junk);
+    page.eval("document.querySelector('.pool[data-pool=\"web\"] textarea').value = ''");
+    page.click(".pool[data-pool=\"web\"] form.upload button");
+    assert!(
+        page.wait_until(
+            "document.getElementById('message').textContent.includes('not a valid WebAssembly module')",
+            PAGE_LIMIT
+        ),
+        "{}",
+        page.eval("document.getElementById('message').textContent")
+    );
+    assert!(page.wait_until(
+        "document.querySelector('.pool[data-pool=\"web\"] table.swaps').textContent.includes('rejected')",
+        PAGE_LIMIT
+    ));
+    let swaps = pools_json(&proxy)["pools"][0]["strategy"]["swaps"].clone();
+    let results: Vec<&str> = swaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, ["loaded", "swapped", "rejected"], "{swaps}");
+
+    // Weight and disable on the other backend.
+    let other = b[1].0.to_string();
+    let row = format!("tr[data-addr=\"{other}\"]");
+    page.type_into(&format!("{row} input.weight"), "5");
+    page.click(&format!("{row} button[data-action=\"weight\"]"));
+    assert!(wait_for(PAGE_LIMIT, || backend_field(
+        &proxy,
+        &other,
+        "weight_override"
+    ) == 5));
+    page.click(&format!("{row} button[data-action=\"disable\"]"));
+    assert!(page.wait_until(
+        &format!("{} === 'disabled'", state_cell(&other)),
+        PAGE_LIMIT
+    ));
+    assert_eq!(backend_field(&proxy, &other, "admin_mode"), "disabled");
+    page.click(&format!("{row} button[data-action=\"disable\"]")); // now labelled "enable"
+    assert!(page.wait_until(
+        &format!("{} === 'routable'", state_cell(&other)),
+        PAGE_LIMIT
+    ));
+
+    // Reload: a backend added to the file appears in the page.
+    let added = backends(1);
+    proxy.rewrite_pools(&format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}, {}]\n[[route]]\npool = \"web\"\n",
+        backend_list(&b),
+        backend_list(&added)
+    ));
+    page.click("#reload");
+    assert!(
+        page.wait_until(
+            &format!("{} === 'routable'", state_cell(&added[0].0.to_string())),
+            PAGE_LIMIT
+        ),
+        "{}",
+        page.eval("document.getElementById('message').textContent")
+    );
+    assert!(page
+        .eval("document.getElementById('message').textContent")
+        .as_str()
+        .unwrap()
+        .contains("config reloaded (changed: web)"));
+
     // Not clustered: the page never asked for /api/cluster (it would be 404).
     let fetched = page.eval("performance.getEntriesByType('resource').map(e => e.name).join(' ')");
     let fetched = fetched.as_str().unwrap();
