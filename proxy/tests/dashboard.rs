@@ -237,6 +237,13 @@ fn an_operator_drains_a_backend_and_uploads_a_plugin_through_the_page() {
         &other,
         "weight_override"
     ) == 5));
+    // The row changes width when the page shows it: wait, so the next click lands where aimed.
+    assert!(page.wait_until(
+        &format!(
+            "document.querySelector('{row} td:nth-child(4)').textContent.startsWith('5 (set')"
+        ),
+        PAGE_LIMIT
+    ));
     page.click(&format!("{row} button[data-action=\"disable\"]"));
     assert!(page.wait_until(
         &format!("{} === 'disabled'", state_cell(&other)),

@@ -166,24 +166,35 @@ impl Browser {
         false
     }
 
-    /// Clicks the middle of the element `selector` finds, with real mouse events.
+    /// Clicks the middle of the element `selector` finds, with real mouse events. The page may
+    /// re-render between aiming and clicking (its tables refresh every 2 s and columns change
+    /// width), so the element reports whether the click reached it, and a missed click is
+    /// aimed again (a few times at most).
     pub fn click(&mut self, selector: &str) {
         let sel = serde_json::to_string(selector).unwrap();
-        let rect = self.eval(&format!(
-            "(() => {{ const e = document.querySelector({sel}); if (!e) return null; \
-             e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
-             return [r.left + r.width / 2, r.top + r.height / 2]; }})()"
-        ));
-        let (x, y) = match rect.as_array() {
-            Some(xy) => (xy[0].as_f64().unwrap(), xy[1].as_f64().unwrap()),
-            None => panic!("nothing matches {selector}"),
-        };
-        for kind in ["mousePressed", "mouseReleased"] {
-            self.command(
-                "Input.dispatchMouseEvent",
-                json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 }),
-            );
+        for _ in 0..5 {
+            let rect = self.eval(&format!(
+                "(() => {{ const e = document.querySelector({sel}); if (!e) return null; \
+                 e.scrollIntoView({{block: 'center'}}); window.__clicked = false; \
+                 e.addEventListener('click', () => {{ window.__clicked = true; }}, \
+                 {{once: true, capture: true}}); const r = e.getBoundingClientRect(); \
+                 return [r.left + r.width / 2, r.top + r.height / 2]; }})()"
+            ));
+            let (x, y) = match rect.as_array() {
+                Some(xy) => (xy[0].as_f64().unwrap(), xy[1].as_f64().unwrap()),
+                None => panic!("nothing matches {selector}"),
+            };
+            for kind in ["mousePressed", "mouseReleased"] {
+                self.command(
+                    "Input.dispatchMouseEvent",
+                    json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 }),
+                );
+            }
+            if self.eval("window.__clicked") == Value::Bool(true) {
+                return;
+            }
         }
+        panic!("clicks never reached {selector}");
     }
 
     /// Clicks the input `selector` finds and types `text` into it.
