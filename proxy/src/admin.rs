@@ -27,10 +27,8 @@ pub struct AdminApp {
     token: Option<[u8; 32]>,
     protect_reads: bool,
     readiness: Arc<crate::server::Readiness>,
-    /// The proxy listeners opened at start (a reload does not change them).
-    listeners: Vec<serde_json::Value>,
-    /// The TLS state, for the certificates being served.
-    tls: Option<crate::tls::Tls>,
+    /// Listeners and certificates, for `/api/overview`.
+    server: crate::dashboard::ServerInfo,
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
@@ -72,46 +70,14 @@ impl AdminApp {
             token: token.map(|t| digest(t.as_bytes())),
             protect_reads,
             readiness,
-            listeners: Vec::new(),
-            tls: None,
+            server: crate::dashboard::ServerInfo::default(),
         }
     }
 
-    /// Shows `listeners` and the certificates of `tls` in `/api/overview`.
-    pub fn with_listeners(
-        mut self,
-        listeners: &[crate::listener::Listener],
-        tls: Option<crate::tls::Tls>,
-    ) -> AdminApp {
-        self.listeners = listeners.iter().map(listener_json).collect();
-        self.tls = tls;
+    /// Shows the listeners and certificates of `server` in `/api/overview`.
+    pub fn with_server_info(mut self, server: crate::dashboard::ServerInfo) -> AdminApp {
+        self.server = server;
         self
-    }
-
-    /// What the dashboard needs besides the pools: whether this proxy is in a cluster (so it
-    /// asks for `/api/cluster` only then), listeners, certificates and routes.
-    fn overview_json(&self) -> serde_json::Value {
-        let cfg = self.runtime.config();
-        let certificates = self
-            .tls
-            .as_ref()
-            .map(crate::tls::Tls::certificates)
-            .unwrap_or_default();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "clustered": self.runtime.cluster.get().is_some(),
-            "zone": cfg.server.zone,
-            "token_required": self.token.is_some(),
-            "protect_reads": self.protect_reads,
-            "reloadable": self.runtime.config_path().is_some(),
-            "listeners": self.listeners,
-            "certificates": certificates,
-            "routes": cfg.route.iter().map(|r| route_json(r.get_ref())).collect::<Vec<_>>(),
-            "history": {
-                "interval_ms": crate::history::SAMPLE_PERIOD.as_millis() as u64,
-                "points": crate::history::HISTORY_LEN - 1,
-            },
-        })
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -225,39 +191,6 @@ fn faults_json(totals: [(&str, u64); 5]) -> serde_json::Value {
         .map(|(reason, n)| (reason.to_string(), json!(n)))
         .collect::<serde_json::Map<_, _>>()
         .into()
-}
-
-fn listener_json(l: &crate::listener::Listener) -> serde_json::Value {
-    let client_auth = match &l.tls {
-        Some(Some(check)) if check.required => "required",
-        Some(Some(_)) => "optional",
-        _ => "none",
-    };
-    json!({
-        "address": l.addr.to_string(),
-        "tls": l.tls.is_some(),
-        "client_auth": client_auth,
-        "max_connections": l.limits.max_connections,
-    })
-}
-
-fn route_json(r: &crate::config::RouteConfig) -> serde_json::Value {
-    let action = if r.redirect.is_some() {
-        "redirect"
-    } else if r.respond.is_some() {
-        "respond"
-    } else {
-        "pool"
-    };
-    json!({
-        "host": r.host,
-        "path_prefix": r.path_prefix,
-        "path_regex": r.path_regex.as_ref().map(|s| s.get_ref()),
-        "methods": r.methods.as_ref().map(|m| m.get_ref()),
-        "scheme": r.scheme.as_ref().map(|s| s.get_ref()),
-        "pool": r.pool.as_ref().map(|p| p.get_ref()),
-        "action": action,
-    })
 }
 
 fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> serde_json::Value {
@@ -417,7 +350,11 @@ impl AdminApp {
                 Some(a) => asset_reply(a),
                 None => unreachable!("allowed_methods admits only known files"),
             },
-            ("GET", ["api", "overview"]) => json_reply(StatusCode::OK, self.overview_json()),
+            ("GET", ["api", "overview"]) => json_reply(
+                StatusCode::OK,
+                self.server
+                    .overview_json(&self.runtime, self.token.is_some(), self.protect_reads),
+            ),
             ("GET", ["api", "history"]) => {
                 match history_seconds(session.req_header().uri.query()) {
                     Ok(seconds) => {

@@ -310,7 +310,10 @@ pub fn run(
             config.admin.protect_reads,
             readiness.clone(),
         )
-        .with_listeners(config.listeners(), admin_tls),
+        .with_server_info(crate::dashboard::ServerInfo::new(
+            config.listeners(),
+            admin_tls,
+        )),
     );
     if config.admin.token.is_none()
         && config
