@@ -345,6 +345,9 @@ fn a_clustered_proxy_shows_its_members_and_map() {
         page.eval("document.querySelectorAll('#cluster-map svg line').length"),
         1
     );
+    let png = page.screenshot();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 20_000);
+    std::fs::write(dir.join("cluster.png"), png).unwrap();
 }
 
 #[test]

@@ -693,6 +693,29 @@ mod tests {
     }
 
     #[test]
+    fn the_swap_history_keeps_the_last_swaps_and_rejections() {
+        let rt = runtime(&[("a", "builtin:round-robin")]);
+        let a = rt.pool("a").unwrap();
+        let random = crate::builtin::get("random").unwrap();
+        for _ in 0..crate::plugin::SWAP_HISTORY {
+            rt.swap_strategy("a", random, None).unwrap();
+        }
+        assert!(rt.swap_strategy("a", b"junk", None).is_err());
+        let h = a.strategy.swap_history();
+        assert_eq!(h.len(), crate::plugin::SWAP_HISTORY, "bounded");
+        assert_eq!(h[0].result, "swapped", "the first load went first: {h:?}");
+        let last = h.last().unwrap();
+        assert_eq!(last.result, "rejected");
+        assert!(last.error.as_deref().unwrap().contains("magic"), "{last:?}");
+        let before = &h[h.len() - 2];
+        assert_eq!(before.generation, Some(a.strategy.current().generation));
+        assert_eq!(
+            before.sha256.as_deref(),
+            Some(&*a.strategy.current().sha256)
+        );
+    }
+
+    #[test]
     fn a_rejected_config_changes_nothing() {
         let rt = runtime(&[("a", "builtin:round-robin")]);
         let before = String::from_utf8(rt.metrics.render()).unwrap();
