@@ -397,3 +397,36 @@ fn tls_listeners_and_certificate_expiry_are_shown() {
         "{dom}"
     );
 }
+
+#[test]
+fn health_states_and_timers_are_shown() {
+    let b = backends(1);
+    let down = unique_addr(); // nothing listens there
+    let body = format!(
+        "[[pool]]\nname = \"web\"\nbackends = [{}, \"{down}\"]\n\
+         health = {{ plugin = \"builtin:tcp\", interval = \"200ms\", jitter = \"10ms\", timeout = \"300ms\", rise = 1, fall = 1 }}\n\
+         [[route]]\npool = \"web\"\n",
+        backend_list(&b)
+    );
+    let proxy = Proxy::start("dashboard-health", &body);
+    let down = down.to_string();
+    assert!(wait_for(Duration::from_secs(10), || backend_field(
+        &proxy, &down, "state"
+    ) == "unhealthy"));
+    let dom = rendered(&format!("http://{}/", proxy.admin), "chromium-health");
+    assert!(
+        dom.contains(&format!(
+            "<td>{down}</td><td class=\"state state-unhealthy\">unhealthy</td><td>unhealthy · "
+        )),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(&format!(
+            "<td>{}</td><td class=\"state state-routable\">routable</td><td>healthy · ",
+            b[0].0
+        )),
+        "{dom}"
+    );
+    assert!(dom.contains("next check in"), "{dom}");
+    assert!(dom.contains("health: <code>builtin:tcp</code>"), "{dom}");
+}
