@@ -166,6 +166,17 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(limiter) = &self.runtime.rate_limiter {
+            let client_ip = self
+                .forwarding
+                .client_ip(&self.hop(session), &session.req_header().headers);
+            if let Some(Err(wait)) = client_ip.map(|ip| limiter.check(ip)) {
+                let secs = crate::rate_limit::retry_after_secs(wait);
+                let body = format!("too many requests from this client; retry in {secs} s\n");
+                respond_with(session, 429, Some(secs), &body).await?;
+                return Ok(true);
+            }
+        }
         let route = {
             let router = self.runtime.router();
             let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -790,12 +801,25 @@ async fn answer(session: &mut Session, route: &Route) -> Result<()> {
 
 /// Sends a short plain-text response, unless a response is already under way.
 async fn respond(session: &mut Session, code: u16, body: &str) -> Result<()> {
+    respond_with(session, code, None, body).await
+}
+
+/// [`respond`], with a `Retry-After` of `retry_after` seconds when given.
+async fn respond_with(
+    session: &mut Session,
+    code: u16,
+    retry_after: Option<u64>,
+    body: &str,
+) -> Result<()> {
     if head_sent(session) {
         return Ok(());
     }
-    let mut resp = ResponseHeader::build(code, Some(3))?;
+    let mut resp = ResponseHeader::build(code, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(secs) = retry_after {
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
     session

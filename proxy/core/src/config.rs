@@ -141,6 +141,9 @@ pub struct ClientLimits {
     /// Client connections open at once; one more is closed as soon as it is accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: u64,
+    /// Per-client-IP token bucket (429 with Retry-After when empty); off when absent.
+    #[serde(default)]
+    pub rate_limit: Option<crate::rate_limit::RateLimitConfig>,
 }
 
 impl Default for ClientLimits {
@@ -152,6 +155,7 @@ impl Default for ClientLimits {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
+            rate_limit: None,
         }
     }
 }
@@ -181,6 +185,9 @@ impl ClientLimits {
             ("max_connections", self.max_connections, 1..=1_000_000),
         ] {
             in_range(v, range, what).map_err(|m| format!("{section} {m}"))?;
+        }
+        if let Some(r) = &self.rate_limit {
+            r.validate()?;
         }
         Ok(())
     }

@@ -232,6 +232,9 @@ impl Config {
                 None => server.limits,
             };
             if let Some(t) = &lc.limits {
+                if t.get_ref().contains_key("rate_limit") {
+                    return Err(self.error_at(t.span(), format!("{what} limits: rate_limit is one table for the whole server (clients are counted across listeners); set it in [server.limits]")));
+                }
                 limits
                     .check(&format!("{what} limits"))
                     .map_err(|m| self.error_at(t.span(), m))?;
