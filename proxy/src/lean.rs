@@ -1428,8 +1428,6 @@ impl<'r> Conn<'r> {
     /// refused), for a moment and up to a bound, before closing. Closing with unread data makes
     /// the kernel send a reset, which can destroy the answer before the client reads it.
     async fn linger(&mut self) {
-        const LINGER_TIME: Duration = Duration::from_secs(2);
-        const LINGER_BYTES: usize = 1 << 20;
         let deadline = tokio::time::Instant::now() + LINGER_TIME;
         let mut drained = 0;
         let mut sink = [0u8; 8192];
@@ -1441,6 +1439,11 @@ impl<'r> Conn<'r> {
         }
     }
 }
+
+/// How long, and how much, a refused request's body is read and dropped before the connection
+/// (or HTTP/2 stream) is closed.
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+pub(crate) const LINGER_BYTES: usize = 1 << 20;
 
 async fn upstream_write(
     up: &mut UpstreamConn,

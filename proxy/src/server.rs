@@ -18,7 +18,7 @@ use pingora::services::listening::Service;
 
 use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{ClientLimits, Config};
 use crate::lean::LeanApp;
 use crate::metrics::Metrics;
 use crate::plugin::PluginEngine;
@@ -233,11 +233,12 @@ pub fn run(
     let runtime_ = runtime.clone();
     let conf = server.configuration.clone();
     let h2c = config.server.h2c;
-    // pingora-proxy for listeners with this access log and idle timeout.
-    let pingora_app = move |log: AccessLog, idle: Duration| {
+    // pingora-proxy for listeners with this access log and these limits.
+    let pingora_app = move |log: AccessLog, limits: ClientLimits| {
+        let idle = limits.keepalive_timeout;
         let mut app = pingora::proxy::http_proxy(
             &conf,
-            SluiceProxy::new(runtime_.clone(), forwarding_.clone(), log),
+            SluiceProxy::new(runtime_.clone(), forwarding_.clone(), log, limits),
         );
         let mut opts = HttpServerOptions::default();
         opts.h2c = h2c;
@@ -250,7 +251,7 @@ pub fn run(
     // itself or hands the connection to pingora-proxy.
     let mut lean = LeanApp::new(
         runtime.clone(),
-        pingora_app(access_log.clone(), config.server.limits.keepalive_timeout),
+        pingora_app(access_log.clone(), config.server.limits),
         config.server.h2c,
         config.server.http1,
         config.server.limits,
@@ -258,18 +259,18 @@ pub fn run(
         access_log,
     );
     // Listeners with settings of their own; the others take the defaults above. Listeners with
-    // the same log and idle timeout share one pingora-proxy.
+    // the same log and limits share one pingora-proxy.
     let mut fallbacks = Vec::new();
     for l in config.listeners() {
         if l.limits == config.server.limits && l.access_log == config.server.access_log {
             continue;
         }
         let log = logs.get(&l.access_log, &config)?;
-        let key = (l.access_log.clone(), l.limits.keepalive_timeout);
+        let key = (l.access_log.clone(), l.limits);
         let fallback = match fallbacks.iter().find(|(k, _)| *k == key) {
             Some((_, f)) => Arc::clone(f),
             None => {
-                let f = Arc::new(pingora_app(log.clone(), l.limits.keepalive_timeout));
+                let f = Arc::new(pingora_app(log.clone(), l.limits));
                 fallbacks.push((key, f.clone()));
                 f
             }

@@ -470,6 +470,20 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_limit_is_per_server_not_per_listener() {
+        let e = err("[[server.listener]]\naddress = \"127.0.0.1:3\"\nlimits = { rate_limit = { requests_per_second = 5 } }\n");
+        assert!(e.contains("set it in [server.limits]"), "{e}");
+        let c = parse("[server.limits]\nrate_limit = { requests_per_second = 5 }\n").unwrap();
+        assert_eq!(c.server.limits.rate_limit.unwrap().burst(), 5);
+        let e = err("[server.limits]\nrate_limit = { requests_per_second = 0 }\n");
+        assert!(
+            e.contains("requests_per_second is 0; allowed: 1 to 1000000"),
+            "{e}"
+        );
+        assert!(!e.contains("[server.limits] [server.limits]"), "{e}");
+    }
+
+    #[test]
     fn listener_tables_replace_the_default_and_override_limits_and_log() {
         let c = parse(
             "[server]\n[server.limits]\nmax_body_bytes = 1000\nheader_timeout = \"5s\"\n[server.access_log]\nformat = \"json\"\npath = \"a.log\"\n\
