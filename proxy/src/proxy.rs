@@ -223,9 +223,12 @@ impl ProxyHttp for SluiceProxy {
         // HTTP/1 (pingora engine): the wait between two reads of the body. A no-op on HTTP/2,
         // whose streams share the connection's idle timeout.
         session.set_read_timeout(Some(limits.body_timeout));
-        // HTTP/1 (pingora engine): how long the connection may then wait idle for its next
-        // request (whole seconds; `Connection: close` still closes).
-        session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
+        // HTTP/1 (pingora engine): how long a kept-alive connection may then wait idle for its
+        // next request (whole seconds). One the request does not keep alive (`Connection: close`,
+        // HTTP/1.0 without keep-alive) stays off.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
+        }
         let route = {
             let router = self.runtime.router();
             let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
