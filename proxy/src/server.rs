@@ -120,6 +120,28 @@ impl Readiness {
     }
 }
 
+/// Tells systemd (`Type=notify`) what the service is doing: `READY=1` once every listener accepts
+/// connections, `STOPPING=1` when a graceful stop begins. Does nothing outside systemd (no
+/// `NOTIFY_SOCKET`). Written here rather than taken from a crate: the protocol is one datagram
+/// of text to the socket systemd names, abstract (`@name`) or a path.
+pub fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.as_bytes();
+    let addr = match target.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(target)),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, state, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
 /// Watches the start: until every listener accepts connections, a panic in any thread (pingora
 /// panics when a listener or its TLS setup fails) ends the process with status 1, and so does a
 /// listener still down after [`STARTUP_DEADLINE`]. Once all are up, `ready` turns true and panics
@@ -153,6 +175,7 @@ fn watch_startup(addrs: Vec<String>, ready: Arc<Readiness>) {
             starting.store(false, Ordering::Release);
             ready.0.store(true, Ordering::Release);
             tracing::info!(listeners = addrs.len(), "all listeners are up");
+            notify_service_manager("READY=1");
         })
         .expect("a thread can be spawned at start");
 }
@@ -415,6 +438,7 @@ impl BackgroundService for Drain {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
         let _ = shutdown.changed().await;
+        notify_service_manager("STOPPING=1");
         let open = self
             .runtime
             .metrics
