@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod outlier;
 pub mod plugin;
 pub mod pool;
+pub mod rate_limit;
 pub mod route;
 pub mod route_rules;
 pub mod runtime;

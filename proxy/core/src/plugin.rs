@@ -114,7 +114,21 @@ pub enum PluginError {
     /// The plugin source could not be found.
     #[error("{0}")]
     Source(String),
+    /// More code than a plugin may have (compiling it would take too long and too much memory).
+    #[error("plugin has {what}; the limit is {limit} (a strategy or health check built with sluice-sdk is typically well under 1 MiB of code); build it with opt-level = \"s\" and LTO, and leave out what it does not use")]
+    TooLarge {
+        /// What was found, e.g. "12 MiB of code".
+        what: String,
+        /// The limit, in the same words.
+        limit: String,
+    },
 }
+
+/// Most code a plugin may have: the compiler's time and memory grow with the code, so this bounds
+/// them (docs/security.md has figures) before anything runs.
+pub const MAX_CODE_BYTES: u32 = 4 << 20;
+/// Most functions a plugin may define.
+pub const MAX_FUNCTIONS: u32 = 50_000;
 
 /// One loaded plugin version: compiled, validated, ready to instantiate on any thread.
 pub struct PluginVersion {
@@ -477,6 +491,53 @@ impl PluginEngine {
         &self.engine
     }
 
+    /// What can be refused before compiling, read from the module's sections: an import the
+    /// host does not provide (the sandbox: a plugin gets the `sluice` host calls of ABI.md and
+    /// nothing else, no WASI, files, sockets or clocks of its own), and more code than [`MAX_CODE_BYTES`] or [`MAX_FUNCTIONS`].
+    /// Compiling is the expensive part (time and memory grow with the code), so a module that
+    /// would be refused anyway, or would take too long, never reaches the compiler.
+    fn precheck(&self, bytes: &[u8]) -> Result<(), PluginError> {
+        use wasmparser::{Parser, Payload};
+        let malformed = |e: wasmparser::BinaryReaderError| PluginError::Compile(e.to_string());
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.map_err(malformed)? {
+                Payload::ImportSection(imports) => {
+                    for import in imports.into_imports() {
+                        let import = import.map_err(malformed)?;
+                        let provided = self
+                            .host_imports
+                            .iter()
+                            .any(|(m, n)| m == import.module && n == import.name);
+                        if !provided {
+                            return Err(PluginError::Import {
+                                module: import.module.to_string(),
+                                name: import.name.to_string(),
+                            });
+                        }
+                    }
+                }
+                Payload::CodeSectionStart { count, size, .. } => {
+                    if size > MAX_CODE_BYTES {
+                        return Err(PluginError::TooLarge {
+                            what: format!("{} KiB of code", size >> 10),
+                            limit: format!("{} KiB", MAX_CODE_BYTES >> 10),
+                        });
+                    }
+                    if count > MAX_FUNCTIONS {
+                        return Err(PluginError::TooLarge {
+                            what: format!("{count} functions"),
+                            limit: format!("{MAX_FUNCTIONS} functions"),
+                        });
+                    }
+                    // Nothing after the code section needs reading.
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Compiles `bytes` and checks exports, ABI version and kind. Does not run `init`.
     pub fn compile(
         &self,
@@ -491,21 +552,9 @@ impl PluginEngine {
                 "the upload does not start with the wasm magic bytes (\\0asm); only binary modules are accepted (text .wat must be compiled first, e.g. with wasm-tools parse)".into(),
             ));
         }
+        self.precheck(bytes)?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         let module = self.module(&digest, bytes)?;
-        // The sandbox: a plugin gets the `sluice` host calls of ABI.md and nothing else (no WASI,
-        // files, sockets or clocks of its own).
-        if let Some(import) = module.imports().find(|i| {
-            !self
-                .host_imports
-                .iter()
-                .any(|(m, n)| m == i.module() && n == i.name())
-        }) {
-            return Err(PluginError::Import {
-                module: import.module().to_string(),
-                name: import.name().to_string(),
-            });
-        }
         for (export, params, results) in required_exports(kind) {
             check_export(&module, export, params, results)?;
         }

@@ -99,6 +99,9 @@ pub struct Runtime {
     resolver: ArcSwap<Resolver>,
     /// What else a reload updates (set once by the server).
     reload_hook: std::sync::OnceLock<Box<dyn ReloadHook>>,
+    /// The per-client-IP rate limit of both request paths (`[server.limits] rate_limit`), set
+    /// at start.
+    pub rate_limiter: Option<crate::rate_limit::RateLimiter>,
 }
 
 impl Runtime {
@@ -109,6 +112,10 @@ impl Runtime {
         engine: PluginEngine,
         metrics: Metrics,
     ) -> Result<Runtime, ApplyError> {
+        let rate_limiter = config.server.limits.rate_limit.map(|c| {
+            let rejected = metrics.limit_rejections.with_label_values(&["rate_limit"]);
+            crate::rate_limit::RateLimiter::new(&c, rejected)
+        });
         let rt = Runtime {
             engine,
             metrics,
@@ -122,6 +129,7 @@ impl Runtime {
             cluster: std::sync::OnceLock::new(),
             resolver: ArcSwap::from_pointee(Resolver::default()),
             reload_hook: std::sync::OnceLock::new(),
+            rate_limiter,
         };
         rt.apply(config)?;
         Ok(rt)
@@ -575,6 +583,9 @@ fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.admin.metrics_per_backend != new.admin.metrics_per_backend {
         warnings.push("[admin] metrics_per_backend changed; restart sluice to apply it".into());
+    }
+    if old.server.limits.rate_limit != new.server.limits.rate_limit {
+        warnings.push("[server.limits] rate_limit changed; restart sluice to apply it".into());
     }
     warnings
 }
