@@ -27,6 +27,8 @@ pub struct AdminApp {
     token: Option<[u8; 32]>,
     protect_reads: bool,
     readiness: Arc<crate::server::Readiness>,
+    /// Listeners and certificates, for `/api/overview`.
+    server: crate::dashboard::ServerInfo,
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
@@ -37,9 +39,15 @@ fn digest(token: &[u8]) -> [u8; 32] {
 /// The methods each admin route answers (`HEAD` goes with `GET`); `None` for no such route.
 fn allowed_methods(segments: &[&str]) -> Option<&'static [&'static str]> {
     Some(match segments {
-        [""] | ["metrics"] | ["healthz"] | ["readyz"] | ["api", "pools"] | ["api", "cluster"] => {
-            &["GET", "HEAD"]
-        }
+        [""]
+        | ["metrics"]
+        | ["healthz"]
+        | ["readyz"]
+        | ["api", "pools"]
+        | ["api", "cluster"]
+        | ["api", "overview"]
+        | ["api", "history"] => &["GET", "HEAD"],
+        ["dashboard", file] if crate::dashboard::asset(file).is_some() => &["GET", "HEAD"],
         ["api", "pools", _, "strategy" | "health"] => &["PUT"],
         ["api", "pools", _, "backends", _, "drain" | "undrain" | "disable" | "enable"] => &["POST"],
         ["api", "pools", _, "backends", _, "weight"] => &["PUT", "DELETE"],
@@ -62,7 +70,14 @@ impl AdminApp {
             token: token.map(|t| digest(t.as_bytes())),
             protect_reads,
             readiness,
+            server: crate::dashboard::ServerInfo::default(),
         }
+    }
+
+    /// Shows the listeners and certificates of `server` in `/api/overview`.
+    pub fn with_server_info(mut self, server: crate::dashboard::ServerInfo) -> AdminApp {
+        self.server = server;
+        self
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -141,12 +156,20 @@ impl AdminApp {
                     .collect();
                 let health = p.health().map(|h| {
                     let v = h.current();
-                    json!({ "name": v.name, "sha256": v.sha256, "generation": v.generation })
+                    json!({
+                        "name": v.name, "sha256": v.sha256, "generation": v.generation,
+                        "faults": faults_json(h.fault_totals()),
+                        "swaps": h.swap_history(),
+                    })
                 });
                 json!({
                     "name": p.name,
                     "health_check": health,
-                    "strategy": { "name": v.name, "sha256": v.sha256, "generation": v.generation },
+                    "strategy": {
+                        "name": v.name, "sha256": v.sha256, "generation": v.generation,
+                        "faults": faults_json(p.strategy.fault_totals()),
+                        "swaps": p.strategy.swap_history(),
+                    },
                     "retries": s.retries,
                     "connect_timeout_ms": s.connect_timeout.as_millis() as u64,
                     "table_generation": table.generation,
@@ -170,6 +193,15 @@ impl AdminApp {
     }
 }
 
+/// Fault counts by reason, as an object.
+fn faults_json(totals: [(&str, u64); 5]) -> serde_json::Value {
+    totals
+        .iter()
+        .map(|(reason, n)| (reason.to_string(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> serde_json::Value {
     if !checked_pool {
         return serde_json::Value::Null;
@@ -183,6 +215,7 @@ fn health_json(b: &crate::backend::Backend, now: u64, checked_pool: bool) -> ser
         "last_change_ms_ago": (rec.last_change_ms > 0).then(|| now.saturating_sub(rec.last_change_ms)),
         "consecutive_passes": rec.passes,
         "consecutive_fails": rec.fails,
+        "next_check_in_ms": (rec.next_due_ms > 0).then(|| rec.next_due_ms.saturating_sub(now)),
     })
 }
 
@@ -193,6 +226,45 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
         .header(http::header::CONTENT_LENGTH, body.len())
         .body(body)
         .expect("static header names and values are valid")
+}
+
+/// A dashboard file. `no-cache`: a new binary's page is picked up at once. The policy keeps
+/// the page to its own origin (no script, style or image from elsewhere).
+fn asset_reply(a: &crate::dashboard::Asset) -> Response<Vec<u8>> {
+    let mut resp = reply(StatusCode::OK, a.content_type, a.body.to_vec());
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+/// `?seconds=N` of `/api/history` (default: all that is kept).
+fn history_seconds(query: Option<&str>) -> Result<usize, String> {
+    let raw = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("seconds="));
+    match raw {
+        None => Ok(crate::history::HISTORY_LEN),
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            format!(
+                "seconds must be a whole number of seconds (at most {} are kept), not \"{v}\"",
+                crate::history::HISTORY_LEN - 1
+            )
+        }),
+    }
 }
 
 fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
@@ -269,7 +341,11 @@ impl AdminApp {
             }
             return resp;
         }
-        let open_read = matches!(segments.as_slice(), [""] | ["healthz"] | ["readyz"]);
+        // The dashboard's own files are open like the page; its data follows protect_reads.
+        let open_read = matches!(
+            segments.as_slice(),
+            [""] | ["healthz"] | ["readyz"] | ["dashboard", _]
+        );
         let needs_token = method != Method::GET || (self.protect_reads && !open_read);
         if needs_token && !self.authorized(session) {
             return error_reply(
@@ -278,11 +354,24 @@ impl AdminApp {
             );
         }
         match (method.as_str(), segments.as_slice()) {
-            ("GET", [""]) => reply(
+            ("GET", [""]) => asset_reply(crate::dashboard::INDEX),
+            ("GET", ["dashboard", file]) => match crate::dashboard::asset(file) {
+                Some(a) => asset_reply(a),
+                None => unreachable!("allowed_methods admits only known files"),
+            },
+            ("GET", ["api", "overview"]) => json_reply(
                 StatusCode::OK,
-                "text/html; charset=utf-8",
-                crate::dashboard::PAGE.as_bytes().to_vec(),
+                self.server
+                    .overview_json(&self.runtime, self.token.is_some(), self.protect_reads),
             ),
+            ("GET", ["api", "history"]) => {
+                match history_seconds(session.req_header().uri.query()) {
+                    Ok(seconds) => {
+                        json_reply(StatusCode::OK, self.runtime.history.to_json(seconds))
+                    }
+                    Err(msg) => error_reply(StatusCode::BAD_REQUEST, msg),
+                }
+            }
             ("GET", ["metrics"]) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

@@ -1,54 +1,140 @@
-//! The dashboard page served at `GET /` of the admin listener: a single self-contained HTML page
-//! that polls `/api/pools` and renders pools, strategies and backends.
+//! The dashboard served by the admin listener: plain HTML, CSS and JavaScript kept as files in
+//! `proxy/dashboard/` and embedded in the binary at build time, so it works with no file beside
+//! the binary and no network (nothing is loaded from elsewhere).
+//!
+//! `GET /` is the page, `GET /dashboard/{file}` its script and style. The page reads the admin
+//! API (`/api/overview`, `/api/pools`, `/api/history`, and `/api/cluster` when the overview says
+//! the proxy is clustered) and calls its mutating routes with the token the operator enters once.
+//! `/api/overview` is made here; the history behind `/api/history` is [`crate::history`].
 
-/// The page.
-pub const PAGE: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sluice</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:2em;color:#222}
-h1{font-size:20px} h2{font-size:16px;margin-top:1.5em}
-table{border-collapse:collapse;min-width:40em} td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}
-code{background:#f4f4f4;padding:1px 4px}
-</style></head>
-<body><h1>sluice</h1><div id="pools">loading…</div><div id="cluster"></div>
-<script>
-async function refresh(){
-  const r = await fetch('/api/pools'); const data = await r.json();
-  const el = document.getElementById('pools'); el.innerHTML = '';
-  for (const p of data.pools) {
-    const h = document.createElement('h2');
-    h.textContent = `pool ${p.name} — strategy ${p.strategy.name} (generation ${p.strategy.generation})`;
-    h.title = 'sha256 ' + p.strategy.sha256; el.appendChild(h);
-    const t = document.createElement('table'); t.className = 'backends';
-    t.innerHTML = '<tr><th>backend</th><th>state</th><th>health</th><th>weight</th><th>zone</th><th>in flight</th><th>latency (µs)</th><th>2xx</th><th>5xx</th><th>errors</th></tr>';
-    for (const b of p.backends) {
-      const tr = document.createElement('tr'); tr.className = 'backend ' + b.state;
-      const health = b.health ? b.health.state + (b.health.weight_percent < 100 ? ' (' + b.health.weight_percent + '%)' : '') : '–';
-      for (const v of [b.addr, b.state, health, b.weight, b.zone, b.inflight, b.latency_ewma_us, b.requests['2xx'], b.requests['5xx'], b.requests.error]) {
-        const td = document.createElement('td'); td.textContent = v; tr.appendChild(td);
-      }
-      t.appendChild(tr);
-    }
-    el.appendChild(t);
-  }
-  const c = await fetch('/api/cluster');
-  const cl = document.getElementById('cluster'); cl.innerHTML = '';
-  if (c.ok) {
-    const data = await c.json();
-    const h = document.createElement('h2'); h.textContent = 'cluster'; cl.appendChild(h);
-    const t = document.createElement('table'); t.className = 'members';
-    t.innerHTML = '<tr><th>name</th><th>role</th><th>zone</th><th>address</th><th>state</th><th>services</th></tr>';
-    for (const m of data.members) {
-      const tr = document.createElement('tr');
-      const services = m.services.map(s => s.pool + '=' + s.addr).join(' ');
-      for (const v of [m.name, m.role, m.zone, m.address, m.state, services]) {
-        const td = document.createElement('td'); td.textContent = v; tr.appendChild(td);
-      }
-      t.appendChild(tr);
-    }
-    cl.appendChild(t);
-  }
+use serde_json::json;
+
+use crate::runtime::Runtime;
+
+/// One embedded file.
+#[derive(Debug)]
+pub struct Asset {
+    /// The file name under `/dashboard/`.
+    pub name: &'static str,
+    /// Its `Content-Type`.
+    pub content_type: &'static str,
+    /// Its bytes.
+    pub body: &'static [u8],
 }
-refresh(); setInterval(refresh, 2000);
-</script></body></html>
-"#;
+
+/// The page itself, served at `/`.
+pub const INDEX: &Asset = &Asset {
+    name: "index.html",
+    content_type: "text/html; charset=utf-8",
+    body: include_bytes!("../dashboard/index.html"),
+};
+
+/// Every file under `/dashboard/`.
+const ASSETS: &[Asset] = &[
+    Asset {
+        name: "app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../dashboard/app.js"),
+    },
+    Asset {
+        name: "charts.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../dashboard/charts.js"),
+    },
+    Asset {
+        name: "style.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_bytes!("../dashboard/style.css"),
+    },
+];
+
+/// The file `name` under `/dashboard/`.
+pub fn asset(name: &str) -> Option<&'static Asset> {
+    ASSETS.iter().find(|a| a.name == name)
+}
+
+/// What `/api/overview` shows beyond the runtime: the listeners opened at start (a reload does
+/// not change them) and the TLS state, whose certificates a reload does change.
+#[derive(Default)]
+pub struct ServerInfo {
+    listeners: Vec<serde_json::Value>,
+    tls: Option<crate::tls::Tls>,
+}
+
+impl ServerInfo {
+    /// The listeners the proxy opened and its TLS state (`None` without TLS listeners).
+    pub fn new(
+        listeners: &[crate::listener::Listener],
+        tls: Option<crate::tls::Tls>,
+    ) -> ServerInfo {
+        ServerInfo {
+            listeners: listeners.iter().map(listener_json).collect(),
+            tls,
+        }
+    }
+
+    /// What the page needs besides the pools: whether this proxy is in a cluster (so it asks
+    /// for `/api/cluster` only then), whether the admin API wants a token, listeners,
+    /// certificates and routes.
+    pub fn overview_json(
+        &self,
+        runtime: &Runtime,
+        token_required: bool,
+        protect_reads: bool,
+    ) -> serde_json::Value {
+        let cfg = runtime.config();
+        let certificates = self
+            .tls
+            .as_ref()
+            .map(crate::tls::Tls::certificates)
+            .unwrap_or_default();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "clustered": runtime.cluster.get().is_some(),
+            "zone": cfg.server.zone,
+            "token_required": token_required,
+            "protect_reads": protect_reads,
+            "reloadable": runtime.config_path().is_some(),
+            "listeners": self.listeners,
+            "certificates": certificates,
+            "routes": cfg.route.iter().map(|r| route_json(r.get_ref())).collect::<Vec<_>>(),
+            "history": {
+                "interval_ms": crate::history::SAMPLE_PERIOD.as_millis() as u64,
+                "points": crate::history::HISTORY_LEN - 1,
+            },
+        })
+    }
+}
+
+fn listener_json(l: &crate::listener::Listener) -> serde_json::Value {
+    let client_auth = match &l.tls {
+        Some(Some(check)) if check.required => "required",
+        Some(Some(_)) => "optional",
+        _ => "none",
+    };
+    json!({
+        "address": l.addr.to_string(),
+        "tls": l.tls.is_some(),
+        "client_auth": client_auth,
+        "max_connections": l.limits.max_connections,
+    })
+}
+
+fn route_json(r: &crate::config::RouteConfig) -> serde_json::Value {
+    let action = if r.redirect.is_some() {
+        "redirect"
+    } else if r.respond.is_some() {
+        "respond"
+    } else {
+        "pool"
+    };
+    json!({
+        "host": r.host,
+        "path_prefix": r.path_prefix,
+        "path_regex": r.path_regex.as_ref().map(|s| s.get_ref()),
+        "methods": r.methods.as_ref().map(|m| m.get_ref()),
+        "scheme": r.scheme.as_ref().map(|s| s.get_ref()),
+        "pool": r.pool.as_ref().map(|p| p.get_ref()),
+        "action": action,
+    })
+}

@@ -475,6 +475,19 @@ impl<'r> Conn<'r> {
         }
     }
 
+    /// The client's address: the forwarded client's when the peer is a trusted proxy.
+    fn client_ip_of(&self, head: &RequestHead) -> Option<IpAddr> {
+        if !self.trusted_peer {
+            return self.client_ip;
+        }
+        let parsed = ParsedRequest {
+            buf: &self.buf,
+            head,
+            headers: &self.spans,
+        };
+        self.forwarding.client_ip(&self.hop(head), &parsed)
+    }
+
     /// This hop, as the forwarding headers describe it.
     fn hop<'h>(&'h self, head: &RequestHead) -> Hop<'h> {
         Hop {
@@ -704,6 +717,14 @@ impl<'r> Conn<'r> {
         route: Option<&Route>,
         shutdown: &ShutdownWatch,
     ) -> Next {
+        let client_ip = self.client_ip_of(head);
+        if let (Some(limiter), Some(ip)) = (&self.runtime.rate_limiter, client_ip) {
+            if let Err(wait) = limiter.check(ip) {
+                let secs = crate::rate_limit::retry_after_secs(wait);
+                let body = format!("too many requests from this client; retry in {secs} s\n");
+                return self.send_answer(429, Some(secs), &body, head.is_head).await;
+            }
+        }
         let Some(route) = route else {
             return self
                 .send_error(404, "no route matches this request\n", head.is_head)
@@ -769,16 +790,11 @@ impl<'r> Conn<'r> {
         self.rec.body_in = body_here as u64;
 
         // Who the client is, and the request id, once for every attempt.
-        let (client_ip, request_id) = {
+        let request_id = {
             let parsed = ParsedRequest {
                 buf: &self.buf,
                 head,
                 headers: &self.spans,
-            };
-            let client_ip = if self.trusted_peer {
-                self.forwarding.client_ip(&self.hop(head), &parsed)
-            } else {
-                self.client_ip
             };
             let request_id = self
                 .forwarding
@@ -795,7 +811,7 @@ impl<'r> Conn<'r> {
                     own
                 });
             }
-            (client_ip, request_id)
+            request_id
         };
 
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -1359,18 +1375,33 @@ impl<'r> Conn<'r> {
     /// Answers with a short plain-text error and closes (the request's body, if any, is not
     /// read). Returns [`Next::Close`].
     async fn send_error(&mut self, status: u16, body: &str, head_request: bool) -> Next {
+        self.send_answer(status, None, body, head_request).await
+    }
+
+    /// [`Conn::send_error`], with a `Retry-After` of `retry_after` seconds when given.
+    async fn send_answer(
+        &mut self,
+        status: u16,
+        retry_after: Option<u64>,
+        body: &str,
+        head_request: bool,
+    ) -> Next {
         use std::io::Write;
         self.rec.status = status;
         self.out.clear();
         let _ = write!(
             self.out,
-            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n",
             http::StatusCode::from_u16(status)
                 .ok()
                 .and_then(|s| s.canonical_reason())
                 .unwrap_or(""),
             body.len()
         );
+        if let Some(secs) = retry_after {
+            let _ = write!(self.out, "retry-after: {secs}\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
         self.rec.heads_out += self.out.len() as u64;
         if !head_request {
             self.out.extend_from_slice(body.as_bytes());
@@ -1397,8 +1428,6 @@ impl<'r> Conn<'r> {
     /// refused), for a moment and up to a bound, before closing. Closing with unread data makes
     /// the kernel send a reset, which can destroy the answer before the client reads it.
     async fn linger(&mut self) {
-        const LINGER_TIME: Duration = Duration::from_secs(2);
-        const LINGER_BYTES: usize = 1 << 20;
         let deadline = tokio::time::Instant::now() + LINGER_TIME;
         let mut drained = 0;
         let mut sink = [0u8; 8192];
@@ -1410,6 +1439,11 @@ impl<'r> Conn<'r> {
         }
     }
 }
+
+/// How long, and how much, a refused request's body is read and dropped before the connection
+/// (or HTTP/2 stream) is closed.
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+pub(crate) const LINGER_BYTES: usize = 1 << 20;
 
 async fn upstream_write(
     up: &mut UpstreamConn,

@@ -12,6 +12,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::{AccessLog, RequestFields, ResponseFields};
+use crate::config::ClientLimits;
 use crate::forwarding::{Forwarding, HeaderSink, Hop, RequestId};
 use crate::lease::{Lease, Outcome};
 use crate::metrics::Timings;
@@ -32,16 +33,34 @@ pub struct SluiceProxy {
     runtime: Arc<Runtime>,
     forwarding: Forwarding,
     log: AccessLog,
+    /// The client limits of the listeners this proxy serves: the head and body sizes and the
+    /// body timeout are checked here for HTTP/2 and for `http1 = "pingora"`.
+    limits: ClientLimits,
 }
 
 impl SluiceProxy {
-    /// A proxy serving `runtime`'s routes, with `forwarding`'s headers.
-    pub fn new(runtime: Arc<Runtime>, forwarding: Forwarding, log: AccessLog) -> SluiceProxy {
+    /// A proxy serving `runtime`'s routes, with `forwarding`'s headers, under `limits`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        forwarding: Forwarding,
+        log: AccessLog,
+        limits: ClientLimits,
+    ) -> SluiceProxy {
         SluiceProxy {
             runtime,
             forwarding,
             log,
+            limits,
         }
+    }
+
+    /// Counts a request cut off by a client limit.
+    fn rejected(&self, reason: &str) {
+        self.runtime
+            .metrics
+            .limit_rejections
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// This hop as the forwarding headers describe it.
@@ -100,6 +119,8 @@ pub struct RequestCtx {
     connect: Option<Duration>,
     sent_at: Option<Instant>,
     response: Option<Duration>,
+    /// Request body bytes seen so far (for `max_body_bytes`).
+    body_bytes: u64,
 }
 
 impl RequestCtx {
@@ -162,10 +183,52 @@ impl ProxyHttp for SluiceProxy {
             connect: None,
             sent_at: None,
             response: None,
+            body_bytes: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(limiter) = &self.runtime.rate_limiter {
+            let client_ip = self
+                .forwarding
+                .client_ip(&self.hop(session), &session.req_header().headers);
+            if let Some(Err(wait)) = client_ip.map(|ip| limiter.check(ip)) {
+                let secs = crate::rate_limit::retry_after_secs(wait);
+                let body = format!("too many requests from this client; retry in {secs} s\n");
+                respond_with(session, 429, Some(secs), &body).await?;
+                return Ok(true);
+            }
+        }
+        // The lean path enforces these while reading; pingora has read the head already (its own
+        // cap is larger), so a head over the limit is refused here, as is a declared body.
+        let limits = &self.limits;
+        if head_bytes(session.req_header()) > limits.max_header_bytes {
+            self.rejected("header_size");
+            respond(session, 431, "request header fields too large\n").await?;
+            return Ok(true);
+        }
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let max_body = limits.max_body_bytes;
+        if let Some(n) = declared.filter(|n| max_body > 0 && *n > max_body) {
+            self.rejected("body_size");
+            let reason = format!("request body of {n} bytes is over the limit of {max_body}\n");
+            respond(session, 413, &reason).await?;
+            linger(session).await;
+            return Ok(true);
+        }
+        // HTTP/1 (pingora engine): the wait between two reads of the body. A no-op on HTTP/2,
+        // whose streams share the connection's idle timeout.
+        session.set_read_timeout(Some(limits.body_timeout));
+        // HTTP/1 (pingora engine): how long a kept-alive connection may then wait idle for its
+        // next request (whole seconds). One the request does not keep alive (`Connection: close`,
+        // HTTP/1.0 without keep-alive) stays off.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
+        }
         let route = {
             let router = self.runtime.router();
             let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -281,11 +344,24 @@ impl ProxyHttp for SluiceProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A chunked (or HTTP/2) body is counted as it streams and cut off at the limit: the
+        // client gets 413 if no response has started, and the backend a broken request.
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        let max = self.limits.max_body_bytes;
+        if max > 0 && ctx.body_bytes > max {
+            self.rejected("body_size");
+            ctx.reason = Some(format!("request body is over the limit of {max} bytes\n"));
+            session.set_keepalive(None);
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                format!("request body over max_body_bytes ({max})"),
+            );
+        }
         // The whole request is sent once its last body bytes are (the head was sent before).
         if end_of_stream && ctx.sent_at.is_some() {
             ctx.sent_at = Some(Instant::now());
@@ -327,6 +403,12 @@ impl ProxyHttp for SluiceProxy {
         // pingora's own rule: a failure on a reused upstream connection (the backend had closed
         // it) may be retried when the request can be replayed.
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.etype() == &ErrorType::HTTPStatus(413) {
+            // The client's body passed the limit: not the backend's fault, and not to retry.
+            e.set_retry(false);
+            ctx.end_attempt(Outcome::Unknown, false);
+            return e;
+        }
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
         {
             e.set_retry(false);
@@ -561,6 +643,9 @@ impl ProxyHttp for SluiceProxy {
             if let Err(err) = respond(session, code, &reason).await {
                 tracing::debug!(error = %err, "could not send the error response downstream");
             }
+            if code == 413 {
+                linger(session).await;
+            }
         }
         FailToProxy {
             error_code: code,
@@ -788,14 +873,58 @@ async fn answer(session: &mut Session, route: &Route) -> Result<()> {
     Ok(())
 }
 
+/// The size of a request head as it would be on the HTTP/1 wire (request line and header
+/// lines), the measure `max_header_bytes` limits on every path.
+fn head_bytes(head: &http::request::Parts) -> u64 {
+    let line = head.method.as_str().len()
+        + head.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n".len()
+        + 1;
+    let fields: usize = head
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    (line + fields + 2) as u64
+}
+
+/// After refusing a request, reads and drops what the client still sends of its body, for a
+/// moment and up to a bound (as the lean path does). Ending an HTTP/2 stream whose body is still
+/// arriving resets it, and the reset discards the answer still queued; on HTTP/1, closing with
+/// unread data makes the kernel reset the connection.
+async fn linger(session: &mut Session) {
+    use crate::lean::{LINGER_BYTES, LINGER_TIME};
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut drained = 0;
+    while drained < LINGER_BYTES && !session.is_body_done() {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(b))) => drained += b.len(),
+            _ => return,
+        }
+    }
+}
+
 /// Sends a short plain-text response, unless a response is already under way.
 async fn respond(session: &mut Session, code: u16, body: &str) -> Result<()> {
+    respond_with(session, code, None, body).await
+}
+
+/// [`respond`], with a `Retry-After` of `retry_after` seconds when given.
+async fn respond_with(
+    session: &mut Session,
+    code: u16,
+    retry_after: Option<u64>,
+    body: &str,
+) -> Result<()> {
     if head_sent(session) {
         return Ok(());
     }
-    let mut resp = ResponseHeader::build(code, Some(3))?;
+    let mut resp = ResponseHeader::build(code, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(secs) = retry_after {
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
     session

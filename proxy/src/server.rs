@@ -18,7 +18,7 @@ use pingora::services::listening::Service;
 
 use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{ClientLimits, Config};
 use crate::lean::LeanApp;
 use crate::metrics::Metrics;
 use crate::plugin::PluginEngine;
@@ -139,6 +139,28 @@ impl Readiness {
     }
 }
 
+/// Tells systemd (`Type=notify`) what the service is doing: `READY=1` once every listener accepts
+/// connections, `STOPPING=1` when a graceful stop begins. Does nothing outside systemd (no
+/// `NOTIFY_SOCKET`). Written here rather than taken from a crate: the protocol is one datagram
+/// of text to the socket systemd names, abstract (`@name`) or a path.
+pub fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.as_bytes();
+    let addr = match target.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(target)),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, state, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
 /// Watches the start: until every listener accepts connections, a panic in any thread (pingora
 /// panics when a listener or its TLS setup fails) ends the process with status 1, and so does a
 /// listener still down after [`STARTUP_DEADLINE`]. Once all are up, `ready` turns true and panics
@@ -172,6 +194,7 @@ fn watch_startup(addrs: Vec<String>, ready: Arc<Readiness>) {
             starting.store(false, Ordering::Release);
             ready.0.store(true, Ordering::Release);
             tracing::info!(listeners = addrs.len(), "all listeners are up");
+            notify_service_manager("READY=1");
         })
         .expect("a thread can be spawned at start");
 }
@@ -256,11 +279,12 @@ pub fn run(
     let runtime_ = runtime.clone();
     let conf = server.configuration.clone();
     let h2c = config.server.h2c;
-    // pingora-proxy for listeners with this access log and idle timeout.
-    let pingora_app = move |log: AccessLog, idle: Duration| {
+    // pingora-proxy for listeners with this access log and these limits.
+    let pingora_app = move |log: AccessLog, limits: ClientLimits| {
+        let idle = limits.keepalive_timeout;
         let mut app = pingora::proxy::http_proxy(
             &conf,
-            SluiceProxy::new(runtime_.clone(), forwarding_.clone(), log),
+            SluiceProxy::new(runtime_.clone(), forwarding_.clone(), log, limits),
         );
         let mut opts = HttpServerOptions::default();
         opts.h2c = h2c;
@@ -273,7 +297,7 @@ pub fn run(
     // itself or hands the connection to pingora-proxy.
     let mut lean = LeanApp::new(
         runtime.clone(),
-        pingora_app(access_log.clone(), config.server.limits.keepalive_timeout),
+        pingora_app(access_log.clone(), config.server.limits),
         config.server.h2c,
         config.server.http1,
         config.server.limits,
@@ -281,18 +305,18 @@ pub fn run(
         access_log,
     );
     // Listeners with settings of their own; the others take the defaults above. Listeners with
-    // the same log and idle timeout share one pingora-proxy.
+    // the same log and limits share one pingora-proxy.
     let mut fallbacks = Vec::new();
     for l in config.listeners() {
         if l.limits == config.server.limits && l.access_log == config.server.access_log {
             continue;
         }
         let log = logs.get(&l.access_log, &config)?;
-        let key = (l.access_log.clone(), l.limits.keepalive_timeout);
+        let key = (l.access_log.clone(), l.limits);
         let fallback = match fallbacks.iter().find(|(k, _)| *k == key) {
             Some((_, f)) => Arc::clone(f),
             None => {
-                let f = Arc::new(pingora_app(log.clone(), l.limits.keepalive_timeout));
+                let f = Arc::new(pingora_app(log.clone(), l.limits));
                 fallbacks.push((key, f.clone()));
                 f
             }
@@ -318,6 +342,7 @@ pub fn run(
     }
     // A reload swaps certificates and client CAs in place (or, without TLS listeners, only
     // checks them, for the restart that would open one).
+    let admin_tls = tls.clone();
     match tls {
         Some(tls) => runtime.set_reload_hook(Box::new(tls)),
         None => runtime.set_reload_hook(Box::new(crate::tls::CheckOnly)),
@@ -331,7 +356,11 @@ pub fn run(
             config.admin.token.as_deref(),
             config.admin.protect_reads,
             readiness.clone(),
-        ),
+        )
+        .with_server_info(crate::dashboard::ServerInfo::new(
+            config.listeners(),
+            admin_tls,
+        )),
     );
     if config.admin.token.is_none()
         && config
@@ -372,6 +401,12 @@ pub fn run(
     server.add_service(background_service(
         "pool-upkeep",
         PoolUpkeep {
+            runtime: runtime.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "dashboard-history",
+        HistorySampler {
             runtime: runtime.clone(),
         },
     ));
@@ -460,6 +495,7 @@ impl BackgroundService for Drain {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
         let _ = shutdown.changed().await;
+        notify_service_manager("STOPPING=1");
         let open = self
             .runtime
             .metrics
@@ -567,6 +603,26 @@ impl BackgroundService for PoolUpkeep {
         loop {
             tokio::select! {
                 _ = tick.tick() => self.runtime.maintain(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Samples the dashboard's history of every pool and backend once a second.
+struct HistorySampler {
+    runtime: Arc<Runtime>,
+}
+
+#[async_trait]
+impl BackgroundService for HistorySampler {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(crate::history::SAMPLE_PERIOD);
+        // After a stall, go on a second from now: no burst of samples one after another.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.runtime.history.sample(&self.runtime.pools()),
                 _ = shutdown.changed() => return,
             }
         }

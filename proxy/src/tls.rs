@@ -61,6 +61,23 @@ struct CertSet {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
     default_name: String,
+    /// What each configured certificate is, for the admin API.
+    info: Vec<CertInfo>,
+}
+
+/// A certificate being served, as the admin API and dashboard show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertInfo {
+    /// Where the config declares it.
+    pub origin: String,
+    /// The certificate file.
+    pub cert: String,
+    /// The SNI names it is served for.
+    pub names: Vec<String>,
+    /// Served for an absent or unknown SNI name.
+    pub default: bool,
+    /// The leaf's notAfter, Unix milliseconds.
+    pub not_after_unix_ms: i64,
 }
 
 impl CertSet {
@@ -103,6 +120,7 @@ impl CertSet {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         let mut owner: HashMap<String, &str> = HashMap::new();
+        let mut info = Vec::new();
         for c in certs {
             let origin = c.origin.as_str();
             check_size(&c.cert, "cert", origin)?;
@@ -126,6 +144,15 @@ impl CertSet {
             } else {
                 c.names.clone()
             };
+            let not_after = not_after(&chain[0])
+                .map_err(|e| anyhow::anyhow!("{origin}: cannot read {}: {e}", c.cert.display()))?;
+            info.push(CertInfo {
+                origin: origin.to_string(),
+                cert: c.cert.display().to_string(),
+                names: names.clone(),
+                default: c.default,
+                not_after_unix_ms: not_after.saturating_mul(1000),
+            });
             let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
                 anyhow::anyhow!(
                     "{origin}: the key {} does not fit the certificate {}: {e}",
@@ -156,12 +183,14 @@ impl CertSet {
                     wildcard: HashMap::new(),
                     default: key,
                     default_name: names.first().cloned().unwrap_or_else(|| origin.to_string()),
+                    info: Vec::new(),
                 });
             }
         }
         Ok(set.map(|s| CertSet {
             exact,
             wildcard,
+            info,
             ..s
         }))
     }
@@ -189,6 +218,13 @@ fn names_in(leaf: &CertificateDer<'_>) -> Result<Vec<String>, String> {
         names.extend(cn.map(str::to_ascii_lowercase));
     }
     Ok(names)
+}
+
+/// The end of a leaf certificate's validity, Unix seconds.
+fn not_after(leaf: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("not an X.509 certificate ({e})"))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 /// The certificate resolver of every TLS listener: picks by SNI from the current set.
@@ -376,6 +412,11 @@ impl Tls {
                 })
                 .collect(),
         }))
+    }
+
+    /// The certificates served now (after the last reload), in config order.
+    pub fn certificates(&self) -> Vec<CertInfo> {
+        self.certs.0.load().info.clone()
     }
 
     /// pingora's settings for the TLS listener on `addr` (HTTP/2 and HTTP/1.1 by ALPN).

@@ -204,6 +204,28 @@ fn admin_routes_answer_404_405_and_head_and_can_protect_reads() {
     assert_eq!(proxy.admin_req("GET", "/api/pools", b"").status, 401);
     assert_eq!(proxy.admin_req("GET", "/metrics", b"").status, 401);
     assert_eq!(authed(&proxy, "GET", "/api/pools", b"").status, 200);
+    // The dashboard's data follows protect_reads; the page and its files stay open.
+    for path in ["/api/history", "/api/overview"] {
+        assert_eq!(proxy.admin_req("GET", path, b"").status, 401, "{path}");
+        assert_eq!(authed(&proxy, "GET", path, b"").status, 200, "{path}");
+    }
+    for (path, kind) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/dashboard/app.js", "text/javascript; charset=utf-8"),
+        ("/dashboard/style.css", "text/css; charset=utf-8"),
+    ] {
+        let r = proxy.admin_req("GET", path, b"");
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("content-type"), Some(kind), "{path}");
+        assert!(!r.body.is_empty(), "{path}");
+    }
+    assert_eq!(
+        proxy.admin_req("GET", "/dashboard/nothing.js", b"").status,
+        404
+    );
+    let r = authed(&proxy, "GET", "/api/history?seconds=soon", b"");
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("whole number of seconds"), "{}", r.text());
     // Unknown route: 404 (before any token check); wrong method: 405 with Allow.
     assert_eq!(proxy.admin_req("GET", "/api/nothing", b"").status, 404);
     assert_eq!(proxy.admin_req("GET", "/nothing", b"").status, 404);

@@ -150,6 +150,11 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
             "only binary modules are accepted",
         ),
         ("empty body", Vec::new(), "empty body"),
+        (
+            "more code than a plugin may have",
+            huge_code_module(5 << 20),
+            "KiB of code; the limit is 4096 KiB",
+        ),
     ];
     for (name, wasm, expect) in cases {
         let resp = proxy.put_strategy("web", &wasm);
@@ -188,7 +193,7 @@ fn bad_plugins_are_refused_and_the_old_one_keeps_serving() {
         proxy.metric(
             "sluice_plugin_swaps_total{kind=\"strategy\",pool=\"web\",result=\"rejected\"}"
         ),
-        9.0
+        10.0
     );
 }
 
@@ -241,4 +246,36 @@ fn endless_loop_trap_memory_blowup_and_bad_index_never_fail_a_request() {
         proxy.log().contains("strategy plugin fault"),
         "faults are logged"
     );
+}
+
+/// A valid module with one function of `body_bytes` `nop`s: more code than a plugin may have,
+/// written as binary directly (the text form would be several times larger to parse).
+fn huge_code_module(body_bytes: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, content: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(content.len(), out);
+        out.extend_from_slice(content);
+    }
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut m); // one type: [] -> []
+    section(3, &[1, 0], &mut m); // one function of type 0
+    let mut body = vec![0]; // no locals
+    body.extend(std::iter::repeat_n(0x01u8, body_bytes)); // nop
+    body.push(0x0b); // end
+    let mut code = vec![1];
+    leb(body.len(), &mut code);
+    code.extend_from_slice(&body);
+    section(10, &code, &mut m);
+    m
 }

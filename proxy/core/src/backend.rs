@@ -52,6 +52,8 @@ pub struct BackendStats {
     pub health: ColdLock<HealthRecord>,
     /// This backend's own request-path histograms (`[admin] metrics_per_backend`).
     pub timings: Option<Timings>,
+    /// Attempts by latency, for the dashboard's percentiles.
+    latency: crate::latency::LatencyHistogram,
     _series: SeriesScope,
 }
 
@@ -99,6 +101,7 @@ impl BackendStats {
             timings: metrics
                 .per_backend()
                 .then(|| series.timings(&metrics.backend_timings)),
+            latency: Default::default(),
             _series: series,
         }
     }
@@ -175,6 +178,7 @@ impl BackendStats {
             _ => 5,
         };
         self.by_class[class].inc();
+        self.latency.record(latency);
         if status.is_some_and(|s| s < 500) {
             // Read first: a store on every request would bounce the line between cores even
             // while it stays 0.
@@ -199,6 +203,11 @@ impl BackendStats {
     /// Requests finished with this status class index (see [`STATUS_CLASSES`]).
     pub fn requests_in_class(&self, class: usize) -> u64 {
         self.by_class[class].get()
+    }
+
+    /// Attempts with a known outcome so far, by latency bucket.
+    pub fn latency_counts(&self) -> [u64; crate::latency::BUCKETS] {
+        self.latency.counts()
     }
 
     // Writers below are for the owning pool only (pool.rs), under its rebuild lock.

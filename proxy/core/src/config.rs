@@ -141,6 +141,9 @@ pub struct ClientLimits {
     /// Client connections open at once; one more is closed as soon as it is accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: u64,
+    /// Per-client-IP token bucket (429 with Retry-After when empty); off when absent.
+    #[serde(default)]
+    pub rate_limit: Option<crate::rate_limit::RateLimitConfig>,
 }
 
 impl Default for ClientLimits {
@@ -152,6 +155,7 @@ impl Default for ClientLimits {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
+            rate_limit: None,
         }
     }
 }
@@ -181,6 +185,9 @@ impl ClientLimits {
             ("max_connections", self.max_connections, 1..=1_000_000),
         ] {
             in_range(v, range, what).map_err(|m| format!("{section} {m}"))?;
+        }
+        if let Some(r) = &self.rate_limit {
+            r.validate()?;
         }
         Ok(())
     }
@@ -281,6 +288,10 @@ pub struct AdminConfig {
     /// Bearer token required by mutating routes; none means open (bind to loopback then).
     #[serde(default)]
     pub token: Option<String>,
+    /// A file holding the token (its first line, trimmed), so the config itself can be
+    /// world-readable; read when the config is loaded.
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
     /// Require the token on read routes too (`/api/...`, `/metrics`); `/healthz`, `/readyz`
     /// and the dashboard page itself stay open for probes.
     #[serde(default)]
@@ -300,6 +311,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: Spanned::new(0..0, default_admin_listen()),
             token: None,
+            token_file: None,
             protect_reads: false,
             allow_unauthenticated: false,
             metrics_per_backend: false,
@@ -810,6 +822,7 @@ impl Config {
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source_name = name.to_string();
         cfg.source_text = text.to_string();
+        cfg.read_token_file()?;
         cfg.listeners = cfg.validate()?;
         Ok(cfg)
     }
@@ -848,6 +861,35 @@ impl Config {
             column,
             message: message.into(),
         }
+    }
+
+    /// Reads `[admin] token_file` into `[admin] token`.
+    fn read_token_file(&mut self) -> Result<(), ConfigError> {
+        use std::io::Read;
+        let Some(file) = self.admin.token_file.clone() else {
+            return Ok(());
+        };
+        let at = |m: String| self.error_at(file.span(), m);
+        if self.admin.token.is_some() {
+            return Err(at("[admin] has both token and token_file; keep one".into()));
+        }
+        let path = self.resolve_path(file.get_ref());
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(4096).read_to_string(&mut text))
+            .map_err(|e| {
+                at(format!(
+                    "[admin] token_file {}: {e}; create it with e.g. `openssl rand -hex 32 > {}` (readable by sluice only)",
+                    path.display(),
+                    path.display()
+                ))
+            })?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.is_empty() {
+            return Err(at(format!("[admin] token_file {} has no token on its first line; put a long random string there (e.g. `openssl rand -hex 32`)", path.display())));
+        }
+        self.admin.token = Some(token.to_string());
+        Ok(())
     }
 
     /// Checks the whole file; returns the resolved listeners.

@@ -164,6 +164,16 @@ impl HealthHost {
         self.versions.version()
     }
 
+    /// The last loads, swaps and rejected swaps, oldest first.
+    pub fn swap_history(&self) -> Vec<crate::plugin::SwapRecord> {
+        self.versions.swap_history()
+    }
+
+    /// Faults counted so far, by reason.
+    pub fn fault_totals(&self) -> [(&'static str, u64); 5] {
+        self.faults.totals()
+    }
+
     /// Validates a candidate without installing it. `config_json: None` keeps the current config.
     pub fn prepare(
         &self,

@@ -232,6 +232,9 @@ impl Config {
                 None => server.limits,
             };
             if let Some(t) = &lc.limits {
+                if t.get_ref().contains_key("rate_limit") {
+                    return Err(self.error_at(t.span(), format!("{what} limits: rate_limit is one table for the whole server (clients are counted across listeners); set it in [server.limits]")));
+                }
                 limits
                     .check(&format!("{what} limits"))
                     .map_err(|m| self.error_at(t.span(), m))?;
@@ -464,6 +467,20 @@ mod tests {
         // No [server] at all: the default plain listener.
         let c = parse("").unwrap();
         assert_eq!(c.listeners()[0].addr.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn the_rate_limit_is_per_server_not_per_listener() {
+        let e = err("[[server.listener]]\naddress = \"127.0.0.1:3\"\nlimits = { rate_limit = { requests_per_second = 5 } }\n");
+        assert!(e.contains("set it in [server.limits]"), "{e}");
+        let c = parse("[server.limits]\nrate_limit = { requests_per_second = 5 }\n").unwrap();
+        assert_eq!(c.server.limits.rate_limit.unwrap().burst(), 5);
+        let e = err("[server.limits]\nrate_limit = { requests_per_second = 0 }\n");
+        assert!(
+            e.contains("requests_per_second is 0; allowed: 1 to 1000000"),
+            "{e}"
+        );
+        assert!(!e.contains("[server.limits] [server.limits]"), "{e}");
     }
 
     #[test]

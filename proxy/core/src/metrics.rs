@@ -74,7 +74,7 @@ pub struct Metrics {
     /// failed to start or to accept connections).
     pub spawn_restarts: IntCounterVec,
     /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
-    /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`).
+    /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`, `rate_limit`).
     pub limit_rejections: IntCounterVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,

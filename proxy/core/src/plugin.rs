@@ -114,7 +114,21 @@ pub enum PluginError {
     /// The plugin source could not be found.
     #[error("{0}")]
     Source(String),
+    /// More code than a plugin may have (compiling it would take too long and too much memory).
+    #[error("plugin has {what}; the limit is {limit} (a strategy or health check built with sluice-sdk is typically well under 1 MiB of code); build it with opt-level = \"s\" and LTO, and leave out what it does not use")]
+    TooLarge {
+        /// What was found, e.g. "12 MiB of code".
+        what: String,
+        /// The limit, in the same words.
+        limit: String,
+    },
 }
+
+/// Most code a plugin may have: the compiler's time and memory grow with the code, so this bounds
+/// them (docs/security.md has figures) before anything runs.
+pub const MAX_CODE_BYTES: u32 = 4 << 20;
+/// Most functions a plugin may define.
+pub const MAX_FUNCTIONS: u32 = 50_000;
 
 /// One loaded plugin version: compiled, validated, ready to instantiate on any thread.
 pub struct PluginVersion {
@@ -477,6 +491,53 @@ impl PluginEngine {
         &self.engine
     }
 
+    /// What can be refused before compiling, read from the module's sections: an import the
+    /// host does not provide (the sandbox: a plugin gets the `sluice` host calls of ABI.md and
+    /// nothing else, no WASI, files, sockets or clocks of its own), and more code than [`MAX_CODE_BYTES`] or [`MAX_FUNCTIONS`].
+    /// Compiling is the expensive part (time and memory grow with the code), so a module that
+    /// would be refused anyway, or would take too long, never reaches the compiler.
+    fn precheck(&self, bytes: &[u8]) -> Result<(), PluginError> {
+        use wasmparser::{Parser, Payload};
+        let malformed = |e: wasmparser::BinaryReaderError| PluginError::Compile(e.to_string());
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.map_err(malformed)? {
+                Payload::ImportSection(imports) => {
+                    for import in imports.into_imports() {
+                        let import = import.map_err(malformed)?;
+                        let provided = self
+                            .host_imports
+                            .iter()
+                            .any(|(m, n)| m == import.module && n == import.name);
+                        if !provided {
+                            return Err(PluginError::Import {
+                                module: import.module.to_string(),
+                                name: import.name.to_string(),
+                            });
+                        }
+                    }
+                }
+                Payload::CodeSectionStart { count, size, .. } => {
+                    if size > MAX_CODE_BYTES {
+                        return Err(PluginError::TooLarge {
+                            what: format!("{} KiB of code", size >> 10),
+                            limit: format!("{} KiB", MAX_CODE_BYTES >> 10),
+                        });
+                    }
+                    if count > MAX_FUNCTIONS {
+                        return Err(PluginError::TooLarge {
+                            what: format!("{count} functions"),
+                            limit: format!("{MAX_FUNCTIONS} functions"),
+                        });
+                    }
+                    // Nothing after the code section needs reading.
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Compiles `bytes` and checks exports, ABI version and kind. Does not run `init`.
     pub fn compile(
         &self,
@@ -491,21 +552,9 @@ impl PluginEngine {
                 "the upload does not start with the wasm magic bytes (\\0asm); only binary modules are accepted (text .wat must be compiled first, e.g. with wasm-tools parse)".into(),
             ));
         }
+        self.precheck(bytes)?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         let module = self.module(&digest, bytes)?;
-        // The sandbox: a plugin gets the `sluice` host calls of ABI.md and nothing else (no WASI,
-        // files, sockets or clocks of its own).
-        if let Some(import) = module.imports().find(|i| {
-            !self
-                .host_imports
-                .iter()
-                .any(|(m, n)| m == i.module() && n == i.name())
-        }) {
-            return Err(PluginError::Import {
-                module: import.module().to_string(),
-                name: import.name().to_string(),
-            });
-        }
         for (export, params, results) in required_exports(kind) {
             check_export(&module, export, params, results)?;
         }
@@ -690,6 +739,39 @@ impl Prepared {
     }
 }
 
+/// How many loads and swaps of one pool's plugin of one kind are remembered (the oldest go).
+pub const SWAP_HISTORY: usize = 16;
+
+/// One entry of a plugin's swap history, for the admin API and dashboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwapRecord {
+    /// Wall-clock time, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// `loaded` (the pool's first version), `swapped` or `rejected` (the old version stayed).
+    pub result: &'static str,
+    /// The version's name (`builtin:...`, a file name, or `uploaded`); empty for a rejection.
+    pub name: String,
+    /// The version's sha256 (not for a rejection).
+    pub sha256: Option<String>,
+    /// The version's generation (not for a rejection).
+    pub generation: Option<u64>,
+    /// Why a rejected version was refused.
+    pub error: Option<String>,
+}
+
+impl SwapRecord {
+    fn of(result: &'static str, v: &PluginVersion) -> SwapRecord {
+        SwapRecord {
+            at_unix_ms: crate::history::unix_ms(),
+            result,
+            name: v.name.clone(),
+            sha256: Some(v.sha256.clone()),
+            generation: Some(v.generation),
+            error: None,
+        }
+    }
+}
+
 /// The serving version of one pool's plugin of one kind, and how a new one replaces it. Shared by
 /// the strategy and health hosts: prepare (everything that can fail), then publish (cannot fail).
 pub struct VersionSlot<T> {
@@ -699,6 +781,8 @@ pub struct VersionSlot<T> {
     next_generation: AtomicU64,
     swaps_ok: IntCounter,
     swaps_rejected: IntCounter,
+    /// The last [`SWAP_HISTORY`] loads, swaps and rejections, oldest first.
+    history: ColdLock<std::collections::VecDeque<SwapRecord>>,
 }
 
 impl<T: Default> VersionSlot<T> {
@@ -711,6 +795,7 @@ impl<T: Default> VersionSlot<T> {
         metrics: &crate::metrics::Metrics,
     ) -> VersionSlot<T> {
         let next = first.0.generation + 1;
+        let loaded = SwapRecord::of("loaded", &first.0);
         VersionSlot {
             pool: pool.to_string(),
             kind,
@@ -721,7 +806,21 @@ impl<T: Default> VersionSlot<T> {
             next_generation: AtomicU64::new(next),
             swaps_ok: series.counter(&metrics.plugin_swaps, &[kind.as_str(), "ok"]),
             swaps_rejected: series.counter(&metrics.plugin_swaps, &[kind.as_str(), "rejected"]),
+            history: ColdLock::new([loaded].into()),
         }
+    }
+
+    /// The last loads, swaps and rejections, oldest first.
+    pub fn swap_history(&self) -> Vec<SwapRecord> {
+        self.history.lock().iter().cloned().collect()
+    }
+
+    fn remember(&self, record: SwapRecord) {
+        let mut h = self.history.lock();
+        if h.len() == SWAP_HISTORY {
+            h.pop_front();
+        }
+        h.push_back(record);
     }
 
     /// The version serving now, with its state; lock-free.
@@ -754,6 +853,7 @@ impl<T: Default> VersionSlot<T> {
             state: T::default(),
         }));
         self.swaps_ok.inc();
+        self.remember(SwapRecord::of("swapped", &version));
         tracing::info!(pool = %self.pool, kind = self.kind.as_str(), plugin = %version.name, sha256 = %version.sha256, generation = version.generation, "plugin swapped");
         version
     }
@@ -769,6 +869,14 @@ impl<T: Default> VersionSlot<T> {
             Ok(p) => Ok(self.publish(p)),
             Err(e) => {
                 self.swaps_rejected.inc();
+                self.remember(SwapRecord {
+                    at_unix_ms: crate::history::unix_ms(),
+                    result: "rejected",
+                    name: String::new(),
+                    sha256: None,
+                    generation: None,
+                    error: Some(e.to_string()),
+                });
                 Err(e)
             }
         }
@@ -857,6 +965,17 @@ impl FaultCounters {
             bad_answer: c("bad_answer"),
             instantiate: c("instantiate"),
         }
+    }
+
+    /// The count of each reason so far.
+    pub fn totals(&self) -> [(&'static str, u64); 5] {
+        [
+            ("trap", self.trap.get()),
+            ("deadline", self.deadline.get()),
+            ("bad_index", self.bad_index.get()),
+            ("bad_answer", self.bad_answer.get()),
+            ("instantiate", self.instantiate.get()),
+        ]
     }
 
     /// Counts `fault`; a backoff is not a new fault and is not counted.

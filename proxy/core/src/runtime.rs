@@ -83,6 +83,8 @@ pub struct Runtime {
     pub engine: PluginEngine,
     /// Metrics.
     pub metrics: Metrics,
+    /// The last minutes of traffic per pool and backend (sampled by a background task).
+    pub history: crate::history::History,
     pools: ArcSwap<HashMap<String, Arc<Pool>>>,
     router: ArcSwap<Router>,
     /// The strategy entry of the config each pool was last loaded from (to tell whether a reload
@@ -101,6 +103,9 @@ pub struct Runtime {
     /// Spawned instances run (set by the server once it starts the spawner): a reload then
     /// checks that the ports of instances it adds are free.
     spawning: std::sync::atomic::AtomicBool,
+    /// The per-client-IP rate limit of both request paths (`[server.limits] rate_limit`), set
+    /// at start.
+    pub rate_limiter: Option<crate::rate_limit::RateLimiter>,
 }
 
 impl Runtime {
@@ -111,9 +116,14 @@ impl Runtime {
         engine: PluginEngine,
         metrics: Metrics,
     ) -> Result<Runtime, ApplyError> {
+        let rate_limiter = config.server.limits.rate_limit.map(|c| {
+            let rejected = metrics.limit_rejections.with_label_values(&["rate_limit"]);
+            crate::rate_limit::RateLimiter::new(&c, rejected)
+        });
         let rt = Runtime {
             engine,
             metrics,
+            history: crate::history::History::default(),
             pools: ArcSwap::from_pointee(HashMap::new()),
             router: ArcSwap::from_pointee(Router::new(Vec::new())),
             pool_sources: ColdLock::new(HashMap::new()),
@@ -124,6 +134,7 @@ impl Runtime {
             resolver: ArcSwap::from_pointee(Resolver::default()),
             reload_hook: std::sync::OnceLock::new(),
             spawning: std::sync::atomic::AtomicBool::new(false),
+            rate_limiter,
         };
         rt.apply(config)?;
         Ok(rt)
@@ -206,6 +217,11 @@ impl Runtime {
     /// The config currently applied.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// The config file reloads read (`None`: started without one, as the demo is).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
     }
 
     /// Re-reads the config file and applies it.
@@ -616,6 +632,9 @@ fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
     if old.admin.metrics_per_backend != new.admin.metrics_per_backend {
         warnings.push("[admin] metrics_per_backend changed; restart sluice to apply it".into());
     }
+    if old.server.limits.rate_limit != new.server.limits.rate_limit {
+        warnings.push("[server.limits] rate_limit changed; restart sluice to apply it".into());
+    }
     warnings
 }
 
@@ -749,6 +768,29 @@ mod tests {
             a.members().len(),
             0,
             "instances join only once they accept connections"
+        );
+    }
+
+    #[test]
+    fn the_swap_history_keeps_the_last_swaps_and_rejections() {
+        let rt = runtime(&[("a", "builtin:round-robin")]);
+        let a = rt.pool("a").unwrap();
+        let random = crate::builtin::get("random").unwrap();
+        for _ in 0..crate::plugin::SWAP_HISTORY {
+            rt.swap_strategy("a", random, None).unwrap();
+        }
+        assert!(rt.swap_strategy("a", b"junk", None).is_err());
+        let h = a.strategy.swap_history();
+        assert_eq!(h.len(), crate::plugin::SWAP_HISTORY, "bounded");
+        assert_eq!(h[0].result, "swapped", "the first load went first: {h:?}");
+        let last = h.last().unwrap();
+        assert_eq!(last.result, "rejected");
+        assert!(last.error.as_deref().unwrap().contains("magic"), "{last:?}");
+        let before = &h[h.len() - 2];
+        assert_eq!(before.generation, Some(a.strategy.current().generation));
+        assert_eq!(
+            before.sha256.as_deref(),
+            Some(&*a.strategy.current().sha256)
         );
     }
 

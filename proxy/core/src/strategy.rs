@@ -173,6 +173,16 @@ impl StrategyHost {
         self.versions.version()
     }
 
+    /// The last loads, swaps and rejected swaps, oldest first.
+    pub fn swap_history(&self) -> Vec<crate::plugin::SwapRecord> {
+        self.versions.swap_history()
+    }
+
+    /// Faults counted so far, by reason.
+    pub fn fault_totals(&self) -> [(&'static str, u64); 5] {
+        self.faults.totals()
+    }
+
     /// Validates `bytes` (compile, ABI version, instantiate, init with `config_json`, one trial pick
     /// against `table`) and makes it the serving version. On error the old version keeps serving.
     /// `config_json: None` keeps the current version's config.
