@@ -22,6 +22,6 @@ pub mod tls_name;
 pub use sluice_core::{
     access_log, backend, builtin, clock, cluster, cluster_config, cold_lock, config, dns,
     forwarding, head, health, health_probe, health_scheduler, http1, lease, listener, membership,
-    metrics, outlier, plugin, pool, route, route_rules, runtime, simulate, strategy, upstream,
-    upstream_tls,
+    metrics, outlier, plugin, pool, rollout, route, route_rules, runtime, simulate, strategy,
+    upstream, upstream_tls,
 };

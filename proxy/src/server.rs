@@ -183,17 +183,22 @@ pub fn run(
                 crate::cluster::NodeMeta::new(section.node_name(), crate::cluster::Role::Proxy);
             meta.zone = config.server.zone.clone().unwrap_or_default();
             meta.admin = Some(config.admin.listen.get_ref().clone());
-            let node = crate::membership::ClusterNode::start(cfg, meta)?;
+            let node = crate::membership::ClusterNode::start(cfg, meta.clone())?;
             let _ = runtime.cluster.set(node.handle.clone());
             node.spawn(crate::membership::watch(
                 runtime.clone(),
                 node.handle.clone(),
             ));
+            // Test hook (see `Rollout::new`): never set outside the rollout tests.
+            let corrupt = std::env::var_os("SLUICE_TEST_CORRUPT_ROLLOUT").is_some();
+            let rollout = crate::rollout::Rollout::new(node.handle.clone(), meta, corrupt);
+            node.spawn(rollout.clone().run(runtime.clone()));
             tracing::info!(gossip = %node.handle.gossip_addr(), "joined the cluster");
-            Some(node)
+            Some((node, rollout))
         }
         None => None,
     };
+    let rollout = cluster.as_ref().map(|(_, r)| r.clone());
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -308,7 +313,8 @@ pub fn run(
             config.admin.token.as_deref(),
             config.admin.protect_reads,
             readiness.clone(),
-        ),
+        )
+        .with_rollout(rollout),
     );
     if config.admin.token.is_none()
         && config

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod outlier;
 pub mod plugin;
 pub mod pool;
+pub mod rollout;
 pub mod route;
 pub mod route_rules;
 pub mod runtime;
