@@ -189,9 +189,12 @@ pub fn run(
                 runtime.clone(),
                 node.handle.clone(),
             ));
-            // Test hook (see `Rollout::new`): never set outside the rollout tests.
-            let corrupt = std::env::var_os("SLUICE_TEST_CORRUPT_ROLLOUT").is_some();
-            let rollout = crate::rollout::Rollout::new(node.handle.clone(), meta, corrupt);
+            let options = crate::rollout::RolloutOptions {
+                accept: section.plugin_rollout,
+                // A test hook (see `RolloutOptions`), never set outside the rollout tests.
+                corrupt_announced: std::env::var_os("SLUICE_TEST_CORRUPT_ROLLOUT").is_some(),
+            };
+            let rollout = crate::rollout::Rollout::new(node.handle.clone(), meta, options);
             node.spawn(rollout.clone().run(runtime.clone()));
             tracing::info!(gossip = %node.handle.gossip_addr(), "joined the cluster");
             Some((node, rollout))

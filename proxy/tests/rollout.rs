@@ -168,3 +168,105 @@ fn cluster_rollout_reaches_every_proxy_late_joiners_and_refuses_bad_hashes() {
         assert_eq!(reached(p).len(), 1);
     }
 }
+
+#[test]
+fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
+    let b = backends(2);
+    let dir = scratch_dir("rollout-refusals");
+    let pool = |name: &str| {
+        format!(
+            "[[pool]]\nname = \"{name}\"\nstrategy = \"builtin:round-robin\"\nbackends = [{}]\n[[route]]\npool = \"{name}\"\n",
+            backend_list(&b)
+        )
+    };
+    let gossip: Vec<_> = (0..3).map(|i| gossip_addr(51 + i)).collect();
+    let start = |i: usize, body: String| {
+        let d = dir.join(format!("p{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        Proxy::start_in(d, &body)
+    };
+    let peers = |i: usize| if i == 0 { vec![] } else { vec![gossip[0]] };
+    let section = |i: usize| {
+        cluster_section(
+            &format!("proxy-{}", i + 1),
+            gossip[i],
+            CLUSTER_KEY,
+            &peers(i),
+        )
+    };
+    // proxy-1 has the pool and an admin token, proxy-2 has no pool "web", proxy-3 opts out.
+    let p1 = start(
+        0,
+        format!("token = \"s3cret\"\n{}{}", pool("web"), section(0)),
+    );
+    let p2 = start(1, format!("{}{}", pool("api"), section(1)));
+    let p3 = start(
+        2,
+        format!("{}{}plugin_rollout = false\n", pool("web"), section(2)),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || proxies_alive(&p1) == 3),
+        "{}",
+        p1.admin_req("GET", "/api/cluster", b"").text()
+    );
+    let before = strategy_sha(&p3);
+    let file = dir.join("first.wasm");
+    std::fs::write(&file, first_only()).unwrap();
+    let load = |token: &[&str]| {
+        let admin = p1.admin.to_string();
+        let args = [
+            &[
+                "plugin",
+                "load",
+                "--pool",
+                "web",
+                "--cluster",
+                "--admin",
+                admin.as_str(),
+                file.to_str().unwrap(),
+            ][..],
+            token,
+        ]
+        .concat();
+        sluice_cli(&args)
+    };
+
+    // The rollout route is a mutating admin route: no token, no rollout.
+    let out = load(&[]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("(401)"), "{}", out.stderr);
+
+    let out = load(&["--token", "s3cret"]);
+    assert!(!out.ok, "{}", out.stdout);
+    let row = |name: &str| -> String {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {}", out.stdout))
+            .to_string()
+    };
+    assert!(row("proxy-1").contains("  ok"), "{}", out.stdout);
+    assert!(
+        row("proxy-2").contains("rejected") && row("proxy-2").contains("no pool named \"web\""),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        row("proxy-3").contains("rejected") && row("proxy-3").contains("plugin_rollout = false"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("2 of 3 proxies do not run the plugin"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(reached(&p1).len(), 1);
+    assert_eq!(reached(&p2).len(), 2, "proxy-2's own pool is untouched");
+    assert_eq!(
+        strategy_sha(&p3),
+        before,
+        "the opted-out proxy keeps its plugin"
+    );
+    assert_eq!(reached(&p3).len(), 2);
+}

@@ -208,7 +208,18 @@ pub struct Rollout {
     base: NodeMeta,
     local: ColdLock<Local>,
     wake: tokio::sync::Notify,
-    corrupt_announced: bool,
+    options: RolloutOptions,
+}
+
+/// How a proxy takes part in rollouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutOptions {
+    /// Apply the cluster's announcements (`[cluster] plugin_rollout`); when false every one
+    /// is answered with a rejection that says why.
+    pub accept: bool,
+    /// Test hook: keep a damaged copy of every plugin this proxy announces, so that every
+    /// proxy, this one included, must refuse it by its sha256.
+    pub corrupt_announced: bool,
 }
 
 impl std::fmt::Debug for Rollout {
@@ -221,15 +232,13 @@ impl std::fmt::Debug for Rollout {
 
 impl Rollout {
     /// The rollout of the member `handle`, whose metadata otherwise stays `base`.
-    /// `corrupt_announced` is a test hook: this proxy keeps a damaged copy of every plugin it
-    /// announces (so every proxy, itself included, must refuse it by its sha256).
-    pub fn new(handle: ClusterHandle, base: NodeMeta, corrupt_announced: bool) -> Arc<Rollout> {
+    pub fn new(handle: ClusterHandle, base: NodeMeta, options: RolloutOptions) -> Arc<Rollout> {
         Arc::new(Rollout {
             handle,
             base,
             local: ColdLock::new(Local::default()),
             wake: tokio::sync::Notify::new(),
-            corrupt_announced,
+            options,
         })
     }
 
@@ -265,7 +274,7 @@ impl Rollout {
         let sha256 = sha256_hex(bytes);
         let key = parse_sha256(&sha256).expect("a sha256 is 32 bytes");
         let mut kept = bytes.to_vec();
-        if self.corrupt_announced {
+        if self.options.corrupt_announced {
             if let Some(b) = kept.last_mut() {
                 *b ^= 0xff;
             }
@@ -473,6 +482,13 @@ impl Rollout {
         a: &Announcement,
         members: &[MemberInfo],
     ) -> Result<(), (String, bool)> {
+        if !self.options.accept {
+            return Err((
+                "this proxy takes no plugins from the cluster ([cluster] plugin_rollout = false)"
+                    .into(),
+                false,
+            ));
+        }
         let bytes = self.fetch(a, members).await?;
         let (rt, pool, kind) = (runtime.clone(), a.pool.clone(), a.kind);
         let config = a.config.clone().map(|c| Arc::from(c.into_bytes()));
