@@ -68,7 +68,7 @@ fn cluster_rollout_reaches_every_proxy_late_joiners_and_refuses_bad_hashes() {
         Proxy::start_env(d, "", &body, None, env)
     };
     let p1 = start(0, &[], &[]);
-    let p2 = start(1, &[gossip[0]], &[]);
+    let mut p2 = start(1, &[gossip[0]], &[]);
     // proxy-3 keeps a damaged copy of what it announces (a test-only hook).
     let p3 = start(2, &[gossip[0]], &[("SLUICE_TEST_CORRUPT_ROLLOUT", "1")]);
     for p in [&p1, &p2, &p3] {
@@ -130,6 +130,15 @@ fn cluster_rollout_reaches_every_proxy_late_joiners_and_refuses_bad_hashes() {
         p4.log()
     );
     assert_eq!(reached(&p4).len(), 1);
+    // So does one that restarts (back on its config's round-robin at first).
+    p2.restart();
+    assert!(
+        wait_for(Duration::from_secs(30), || strategy_sha(&p2) == want),
+        "the restarted proxy never caught up: {}\n{}",
+        pools_json(&p2),
+        p2.log()
+    );
+    assert_eq!(reached(&p2).len(), 1);
     assert!(wait_for(Duration::from_secs(30), || proxies_alive(&p3) == 4));
 
     // proxy-3 announces a plugin but keeps damaged bytes: every proxy, proxy-3 included,
@@ -235,6 +244,17 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
     let out = load(&[]);
     assert!(!out.ok);
     assert!(out.stderr.contains("(401)"), "{}", out.stderr);
+    let auth = [("authorization", "Bearer s3cret")];
+    let bad_wait = request(
+        p1.admin,
+        "POST",
+        "/api/cluster/plugins/web/strategy?wait=forever",
+        &auth,
+        &first_only(),
+    )
+    .unwrap();
+    assert_eq!(bad_wait.status, 400);
+    assert!(bad_wait.text().contains("wait=forever is not a duration"));
 
     let out = load(&["--token", "s3cret"]);
     assert!(!out.ok, "{}", out.stdout);
