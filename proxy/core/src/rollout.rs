@@ -87,7 +87,6 @@ pub struct Announcement {
     /// Hex sha256 of the wasm bytes.
     pub sha256: String,
     /// The plugin's config (a JSON object); `None` keeps each pool's current config.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
     /// Gossip address of the member that announced it and holds the bytes.
     pub holder: SocketAddr,
@@ -117,7 +116,6 @@ pub struct Outcome {
     /// The announcement's sha256.
     pub sha256: String,
     /// Why it was refused (the proxy kept its running version); `None` when it runs it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -131,24 +129,51 @@ impl Outcome {
 }
 
 /// What a proxy publishes under [`EXTENSION`].
+///
+/// On the wire: a format byte ([`FORMAT`]) then the postcard encoding of this struct (fields
+/// by position, so any change to these types bumps [`FORMAT`]; a proxy ignores state in a
+/// format it does not know). Compact on purpose: metadata above ~600 bytes no longer fits a
+/// gossip datagram and every member then pulls it over TCP.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     /// The winning announcement of every pool and kind this proxy knows of.
-    #[serde(default)]
     pub desired: Vec<Announcement>,
     /// Its result for the last announcement it acted on, per pool and kind.
-    #[serde(default)]
     pub results: Vec<Outcome>,
 }
 
+/// Version of the encoding of [`Published`].
+pub const FORMAT: u8 = 1;
+/// Longest error text a proxy publishes (the rest is in its log).
+const MAX_ERROR: usize = 240;
+
 impl Published {
-    /// The state a member published (empty if none or unreadable).
+    /// The state a member published (empty if none, or in another format).
     pub fn of(meta: &NodeMeta) -> Published {
-        meta.extensions
-            .get(EXTENSION)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or_default()
+        match meta.extensions.get(EXTENSION).map(Vec::as_slice) {
+            Some([FORMAT, rest @ ..]) => postcard::from_bytes(rest).unwrap_or_default(),
+            _ => Published::default(),
+        }
     }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FORMAT];
+        out.extend(postcard::to_allocvec(self).expect("plain data serializes"));
+        out
+    }
+}
+
+// Cuts an error text to what gossip carries, at a character boundary.
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_ERROR {
+        let mut end = MAX_ERROR - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 /// The winner per pool and kind among `all`, sorted by pool and kind.
@@ -195,8 +220,8 @@ struct Retry {
 #[derive(Default)]
 struct Local {
     published: Published,
-    // The JSON last handed to gossip, to skip identical updates.
-    sent: String,
+    // The encoding last handed to gossip, to skip identical updates.
+    sent: Vec<u8>,
     // Announcements whose fetch found no holder, by (pool, kind, version, sha256).
     retries: HashMap<(String, PluginKind, u64, String), Retry>,
 }
@@ -332,7 +357,10 @@ impl Rollout {
             }
             // Our own result is not a membership change: look again at least every 100 ms.
             let next = deadline.min(Instant::now() + Duration::from_millis(100));
-            let _ = tokio::time::timeout_at(next, changes.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout_at(next, changes.changed()).await {
+                // The member has stopped (shutdown): nothing more will arrive.
+                return self.reports(ann, &mut expected);
+            }
         }
     }
 
@@ -394,7 +422,9 @@ impl Rollout {
             self.step(&runtime).await;
             // Also look again every second: retries are due by time, not by a change.
             tokio::select! {
-                _ = changes.changed() => {}
+                changed = changes.changed() => if changed.is_err() {
+                    return; // the member has stopped (shutdown)
+                },
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
@@ -463,7 +493,7 @@ impl Rollout {
                 kind: a.kind,
                 version: a.version,
                 sha256: a.sha256.clone(),
-                error,
+                error: error.map(clip),
             });
             local
                 .published
@@ -581,14 +611,15 @@ impl Rollout {
     // Hands our desired state and results to gossip when they changed.
     fn publish(&self) {
         let mut local = self.local.lock();
-        let json = serde_json::to_string(&local.published).expect("plain data serializes");
-        if json == local.sent {
+        let encoded = local.published.encode();
+        if encoded == local.sent {
             return;
         }
         let mut meta = self.base.clone();
-        meta.extensions.insert(EXTENSION.to_string(), json.clone());
+        meta.extensions
+            .insert(EXTENSION.to_string(), encoded.clone());
         if self.handle.set_meta(meta).is_ok() {
-            local.sent = json;
+            local.sent = encoded;
         }
     }
 }
@@ -650,9 +681,16 @@ mod tests {
                 error: Some("no pool named \"web\"".into()),
             }],
         };
-        meta.extensions
-            .insert(EXTENSION.into(), serde_json::to_string(&p).unwrap());
+        meta.extensions.insert(EXTENSION.into(), p.encode());
         assert_eq!(Published::of(&meta), p);
+        // One pool's announcement and result stay well within a datagram's metadata budget.
+        assert!(p.encode().len() < 200, "{} bytes", p.encode().len());
+        // Another format is ignored, not misread.
+        let mut other = p.encode();
+        other[0] = FORMAT + 1;
+        meta.extensions.insert(EXTENSION.into(), other);
+        assert_eq!(Published::of(&meta), Published::default());
+        assert_eq!(clip("é".repeat(200)).len(), MAX_ERROR - 1);
         assert!(p.results[0].answers(&p.desired[0]));
         assert!(!p.results[0].answers(&ann("web", PluginKind::Strategy, 2, "aa")));
         assert_eq!(parse_sha256("zz"), None);

@@ -90,7 +90,7 @@ pub struct NodeMeta {
     /// State of higher-level features that rides along with the metadata, by feature name
     /// (the proxy's plugin rollout keeps its announcements and results under `"rollout"`).
     /// Opaque to gossip; it counts towards the metadata size like everything else.
-    pub extensions: std::collections::BTreeMap<String, String>,
+    pub extensions: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl NodeMeta {
