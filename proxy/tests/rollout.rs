@@ -182,9 +182,9 @@ fn cluster_rollout_reaches_every_proxy_late_joiners_and_refuses_bad_hashes() {
 fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
     let b = backends(2);
     let dir = scratch_dir("rollout-refusals");
-    let pool = |name: &str| {
+    let pool = |name: &str, extra: &str| {
         format!(
-            "[[pool]]\nname = \"{name}\"\nstrategy = \"builtin:round-robin\"\nbackends = [{}]\n[[route]]\npool = \"{name}\"\n",
+            "[[pool]]\nname = \"{name}\"\nstrategy = \"builtin:round-robin\"\nbackends = [{}]\n{extra}[[route]]\npool = \"{name}\"\n",
             backend_list(&b)
         )
     };
@@ -204,14 +204,16 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
         )
     };
     // proxy-1 has the pool and an admin token, proxy-2 has no pool "web", proxy-3 opts out.
+    let checked =
+        "health = { plugin = \"builtin:tcp\", interval = \"200ms\", initial = \"healthy\" }\n";
     let p1 = start(
         0,
-        format!("token = \"s3cret\"\n{}{}", pool("web"), section(0)),
+        format!("token = \"s3cret\"\n{}{}", pool("web", checked), section(0)),
     );
-    let p2 = start(1, format!("{}{}", pool("api"), section(1)));
+    let p2 = start(1, format!("{}{}", pool("api", ""), section(1)));
     let p3 = start(
         2,
-        format!("{}{}plugin_rollout = false\n", pool("web"), section(2)),
+        format!("{}{}plugin_rollout = false\n", pool("web", ""), section(2)),
     );
     assert!(
         wait_for(Duration::from_secs(30), || proxies_alive(&p1) == 3),
@@ -221,7 +223,7 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
     let before = strategy_sha(&p3);
     let file = dir.join("first.wasm");
     std::fs::write(&file, first_only()).unwrap();
-    let load = |token: &[&str]| {
+    let load = |file: &std::path::Path, extra: &[&str]| {
         let admin = p1.admin.to_string();
         let args = [
             &[
@@ -234,14 +236,14 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
                 admin.as_str(),
                 file.to_str().unwrap(),
             ][..],
-            token,
+            extra,
         ]
         .concat();
         sluice_cli(&args)
     };
 
     // The rollout route is a mutating admin route: no token, no rollout.
-    let out = load(&[]);
+    let out = load(&file, &[]);
     assert!(!out.ok);
     assert!(out.stderr.contains("(401)"), "{}", out.stderr);
     let auth = [("authorization", "Bearer s3cret")];
@@ -256,7 +258,7 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
     assert_eq!(bad_wait.status, 400);
     assert!(bad_wait.text().contains("wait=forever is not a duration"));
 
-    let out = load(&["--token", "s3cret"]);
+    let out = load(&file, &["--token", "s3cret"]);
     assert!(!out.ok, "{}", out.stdout);
     let row = |name: &str| -> String {
         out.stdout
@@ -289,4 +291,54 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
         "the opted-out proxy keeps its plugin"
     );
     assert_eq!(reached(&p3).len(), 2);
+
+    // Health checks roll out the same way, with their config.
+    let http = sluice::builtin::get("http").unwrap();
+    let http_sha = hex::encode(sha2::Sha256::digest(http));
+    let file = dir.join("http.wasm");
+    std::fs::write(&file, http).unwrap();
+    let out = load(
+        &file,
+        &[
+            "--token",
+            "s3cret",
+            "--kind",
+            "health",
+            "--config",
+            r#"{"path": "/"}"#,
+        ],
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("proxy-1") && l.contains("  ok")),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("proxy-3") && l.contains("plugin_rollout = false")),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        pools_json(&p1)["pools"][0]["health_check"]["sha256"],
+        http_sha.as_str()
+    );
+    // The HTTP check now probes both backends, and they pass it.
+    let http_passes = || {
+        b.iter().all(|(addr, _)| {
+            let h = backend_field(&p1, &addr.to_string(), "health");
+            let last = h["last_result"].as_str().unwrap_or_default();
+            last.starts_with("pass") && last.contains("HTTP 200")
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), http_passes),
+        "{}",
+        pools_json(&p1)
+    );
+    assert_eq!(routable(&p1), 2);
 }

@@ -85,7 +85,7 @@ pub struct NodeMeta {
     pub services: Vec<Service>,
     /// The member asks for no new requests (e.g. before maintenance) but is still alive.
     pub draining: bool,
-    /// A proxy's admin API address, so `sluice plugin load --cluster` can reach every proxy.
+    /// A proxy's admin API address (shown by `sluice cluster info` and `GET /api/cluster`).
     pub admin: Option<String>,
     /// State of higher-level features that rides along with the metadata, by feature name
     /// (the proxy's plugin rollout keeps its announcements and results under `"rollout"`).
