@@ -147,7 +147,7 @@ enum PluginCommand {
         #[arg(long)]
         cluster: bool,
         /// With --cluster: how long to wait for every proxy's result.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "cluster")]
         wait: Duration,
         /// The plugin's config as a JSON object (replaces the pool's); without it the pool's
         /// current config is kept.
