@@ -130,6 +130,24 @@ fn cluster_rollout_reaches_every_proxy_late_joiners_and_refuses_bad_hashes() {
         p4.log()
     );
     assert_eq!(reached(&p4).len(), 1);
+    // GET /api/cluster shows what each proxy follows and its result.
+    let cluster: serde_json::Value =
+        serde_json::from_str(&p4.admin_req("GET", "/api/cluster", b"").text()).unwrap();
+    let me = cluster["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["self"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(me["rollout"]["desired"][0]["sha256"], want.as_str(), "{me}");
+    assert_eq!(me["rollout"]["desired"][0]["by"], "proxy-1", "{me}");
+    assert_eq!(me["rollout"]["results"][0]["sha256"], want.as_str(), "{me}");
+    assert_eq!(
+        me["rollout"]["results"][0]["error"],
+        serde_json::Value::Null,
+        "{me}"
+    );
     // So does one that restarts (back on its config's round-robin at first).
     p2.restart();
     assert!(
