@@ -29,6 +29,7 @@ pub struct AdminApp {
     readiness: Arc<crate::server::Readiness>,
     /// Listeners and certificates, for `/api/overview`.
     server: crate::dashboard::ServerInfo,
+    rollout: Option<Arc<crate::rollout::Rollout>>,
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
@@ -52,6 +53,7 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static [&'static str]> {
         ["api", "pools", _, "backends", _, "drain" | "undrain" | "disable" | "enable"] => &["POST"],
         ["api", "pools", _, "backends", _, "weight"] => &["PUT", "DELETE"],
         ["api", "cluster", "keys"] | ["api", "reload"] => &["POST"],
+        ["api", "cluster", "plugins", _, "strategy" | "health"] => &["POST"],
         _ => return None,
     })
 }
@@ -71,12 +73,19 @@ impl AdminApp {
             protect_reads,
             readiness,
             server: crate::dashboard::ServerInfo::default(),
+            rollout: None,
         }
     }
 
     /// Shows the listeners and certificates of `server` in `/api/overview`.
     pub fn with_server_info(mut self, server: crate::dashboard::ServerInfo) -> AdminApp {
         self.server = server;
+        self
+    }
+
+    /// Serves cluster rollouts (`POST /api/cluster/plugins/...`) through `rollout`.
+    pub fn with_rollout(mut self, rollout: Option<Arc<crate::rollout::Rollout>>) -> AdminApp {
+        self.rollout = rollout;
         self
     }
 
@@ -469,6 +478,10 @@ impl AdminApp {
                     },
                 }
             }
+            ("POST", ["api", "cluster", "plugins", pool, kind]) => {
+                let (pool, kind) = (pool.to_string(), kind.to_string());
+                self.cluster_rollout(session, &pool, &kind).await
+            }
             ("POST", ["api", "reload"]) => {
                 let rt = self.runtime.clone();
                 let reload = move || {
@@ -514,6 +527,49 @@ impl AdminApp {
             }
             _ => unreachable!("allowed_methods lists every route matched here"),
         }
+    }
+
+    /// Announces a plugin to every proxy of the cluster and answers with each one's result
+    /// once all have answered or the wait (`?wait=30s` by default) is over.
+    async fn cluster_rollout(
+        &self,
+        session: &mut ServerSession,
+        pool: &str,
+        kind: &str,
+    ) -> Response<Vec<u8>> {
+        let Some(rollout) = self.rollout.clone() else {
+            return error_reply(
+                StatusCode::NOT_FOUND,
+                "this proxy is not in a cluster; add a [cluster] section to the config, or load into this proxy alone with PUT /api/pools/{pool}/{kind}",
+            );
+        };
+        let kind = crate::rollout::PluginKind::parse(kind).expect("routed on strategy|health");
+        let query = session.req_header().uri.query().map(String::from);
+        let config = match plugin_config(query.as_deref()) {
+            Ok(c) => c.map(|c| String::from_utf8_lossy(&c).into_owned()),
+            Err(msg) => return error_reply(StatusCode::BAD_REQUEST, msg),
+        };
+        let wait = match rollout_wait(query.as_deref()) {
+            Ok(w) => w,
+            Err(msg) => return error_reply(StatusCode::BAD_REQUEST, msg),
+        };
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let ann = match rollout.announce(pool, kind, &body, config) {
+            Ok(a) => a,
+            Err(e) => return error_reply(StatusCode::BAD_REQUEST, e),
+        };
+        let nodes = rollout.wait(&ann, wait).await;
+        let ok = nodes.iter().all(|n| n.result == "ok");
+        json_reply(
+            StatusCode::OK,
+            json!({
+                "pool": pool, "kind": kind.as_str(), "sha256": ann.sha256, "version": ann.version,
+                "announced_by": ann.by, "ok": ok, "nodes": nodes,
+            }),
+        )
     }
 
     /// Applies an operator's change to one backend of a pool, logs it, and answers with the
@@ -579,6 +635,26 @@ fn plugin_config(query: Option<&str>) -> Result<Option<Arc<[u8]>>, String> {
         Ok(v) if v.is_object() => Ok(Some(Arc::from(text.into_bytes()))),
         Ok(_) => Err("the config parameter must be a JSON object, like {\"zones\": 2}".into()),
         Err(e) => Err(format!("the config parameter is not JSON: {e}")),
+    }
+}
+
+/// How long a cluster rollout waits for every proxy: the `wait` query parameter ("30s" when
+/// absent), at most [`crate::rollout::MAX_WAIT`].
+fn rollout_wait(query: Option<&str>) -> Result<std::time::Duration, String> {
+    let Some(raw) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("wait="))
+    else {
+        return Ok(std::time::Duration::from_secs(30));
+    };
+    match humantime::parse_duration(raw) {
+        Ok(d) if d <= crate::rollout::MAX_WAIT => Ok(d),
+        Ok(_) => Err(format!(
+            "wait={raw} is longer than the {}s limit",
+            crate::rollout::MAX_WAIT.as_secs()
+        )),
+        Err(e) => Err(format!("wait={raw} is not a duration like \"30s\": {e}")),
     }
 }
 

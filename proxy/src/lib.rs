@@ -22,6 +22,6 @@ pub mod tls_name;
 pub use sluice_core::{
     access_log, backend, builtin, clock, cluster, cluster_config, cold_lock, config, dns,
     forwarding, head, health, health_probe, health_scheduler, history, http1, latency, lease,
-    listener, membership, metrics, outlier, plugin, pool, rate_limit, route, route_rules, runtime,
-    simulate, spawn, strategy, upstream, upstream_tls,
+    listener, membership, metrics, outlier, plugin, pool, rate_limit, rollout, route, route_rules,
+    runtime, simulate, spawn, strategy, upstream, upstream_tls,
 };

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -141,9 +142,13 @@ enum PluginCommand {
         /// Bearer token, if the admin API has one.
         #[arg(long, env = "SLUICE_ADMIN_TOKEN")]
         token: Option<String>,
-        /// Load it into every proxy of the cluster (found through `--admin`'s cluster view).
+        /// Roll it out to every proxy of the cluster: `--admin`'s proxy announces it over
+        /// gossip, each proxy fetches, checks and swaps it, and each one's result is printed.
         #[arg(long)]
         cluster: bool,
+        /// With --cluster: how long to wait for every proxy's result.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "cluster")]
+        wait: Duration,
         /// The plugin's config as a JSON object (replaces the pool's); without it the pool's
         /// current config is kept.
         #[arg(long)]
@@ -292,6 +297,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     admin,
                     token,
                     cluster,
+                    wait,
                     config,
                 },
         } => {
@@ -313,44 +319,96 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     format!("?config={enc}")
                 }
             };
-            let targets: Vec<String> = if cluster {
-                let v = admin_call(&admin, token.clone(), "GET", "/api/cluster", b"")?;
-                v["members"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|m| m["role"] == "proxy" && m["state"] == "alive")
-                    .filter_map(|m| m["admin"].as_str().map(String::from))
-                    .collect()
-            } else {
-                vec![admin.clone()]
-            };
-            anyhow::ensure!(
-                !targets.is_empty(),
-                "no live proxy with an admin address found in the cluster"
-            );
-            let mut failed = 0;
-            for target in &targets {
-                match put_plugin(target, token.clone(), &pool, &kind, &query, &bytes) {
-                    Ok(v) => println!(
-                        "{target}: {kind} loaded into pool {pool}: sha256 {} generation {}",
-                        v["sha256"].as_str().unwrap_or("?"),
-                        v["generation"]
-                    ),
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("{target}: {e:#}");
-                    }
-                }
+            if cluster {
+                return rollout(&admin, token, &pool, &kind, &query, wait, &bytes);
             }
-            anyhow::ensure!(
-                failed == 0,
-                "{failed} of {} proxies refused the plugin; the others run it",
-                targets.len()
+            let v = put_plugin(&admin, token, &pool, &kind, &query, &bytes)?;
+            println!(
+                "{admin}: {kind} loaded into pool {pool}: sha256 {} generation {}",
+                v["sha256"].as_str().unwrap_or("?"),
+                v["generation"]
             );
             Ok(())
         }
     }
+}
+
+/// Rolls a plugin out to the cluster through one proxy and prints each proxy's result.
+fn rollout(
+    admin: &str,
+    token: Option<String>,
+    pool: &str,
+    kind: &str,
+    query: &str,
+    wait: Duration,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        wait <= sluice::rollout::MAX_WAIT,
+        "--wait must be at most {}s",
+        sluice::rollout::MAX_WAIT.as_secs()
+    );
+    let addr: std::net::SocketAddr = admin
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
+    let sep = if query.is_empty() { '?' } else { '&' };
+    let path = format!(
+        "/api/cluster/plugins/{pool}/{kind}{query}{sep}wait={}ms",
+        wait.as_millis()
+    );
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    // The proxy answers once every proxy did, or after `wait`.
+    let resp = sluice::client::HttpConn::connect(addr, wait + Duration::from_secs(15))
+        .and_then(|mut c| c.request("POST", &path, &headers, bytes))
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?")
+        })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
+    if resp.status != 200 {
+        anyhow::bail!(
+            "the proxy refused the rollout ({}): {}",
+            resp.status,
+            v["error"].as_str().unwrap_or(&resp.text())
+        );
+    }
+    println!(
+        "{kind} for pool {pool}: sha256 {} version {} announced by {}",
+        v["sha256"].as_str().unwrap_or("?"),
+        v["version"],
+        v["announced_by"].as_str().unwrap_or("?")
+    );
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    let width = nodes
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    println!("{:<width$}  {:<9}  DETAIL", "NODE", "RESULT");
+    let mut failed = 0;
+    for n in &nodes {
+        let result = n["result"].as_str().unwrap_or("?");
+        if result != "ok" {
+            failed += 1;
+        }
+        let detail = match result {
+            "no answer" => format!("no result within {}", humantime::format_duration(wait)),
+            _ => n["error"].as_str().unwrap_or("").to_string(),
+        };
+        println!(
+            "{:<width$}  {result:<9}  {detail}",
+            n["name"].as_str().unwrap_or("?")
+        );
+    }
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} proxies do not run the plugin (they keep their previous version)",
+        nodes.len()
+    );
+    Ok(())
 }
 
 /// PUTs a plugin to one proxy's admin API.

@@ -229,17 +229,25 @@ pub fn run(
                 crate::cluster::NodeMeta::new(section.node_name(), crate::cluster::Role::Proxy);
             meta.zone = config.server.zone.clone().unwrap_or_default();
             meta.admin = Some(config.admin.listen.get_ref().clone());
-            let node = crate::membership::ClusterNode::start(cfg, meta)?;
+            let node = crate::membership::ClusterNode::start(cfg, meta.clone())?;
             let _ = runtime.cluster.set(node.handle.clone());
             node.spawn(crate::membership::watch(
                 runtime.clone(),
                 node.handle.clone(),
             ));
+            let options = crate::rollout::RolloutOptions {
+                accept: section.plugin_rollout,
+                // A test hook (see `RolloutOptions`), never set outside the rollout tests.
+                corrupt_announced: std::env::var_os("SLUICE_TEST_CORRUPT_ROLLOUT").is_some(),
+            };
+            let rollout = crate::rollout::Rollout::new(node.handle.clone(), meta, options);
+            node.spawn(rollout.clone().run(runtime.clone()));
             tracing::info!(gossip = %node.handle.gossip_addr(), "joined the cluster");
-            Some(node)
+            Some((node, rollout))
         }
         None => None,
     };
+    let rollout = cluster.as_ref().map(|(_, r)| r.clone());
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -360,7 +368,8 @@ pub fn run(
         .with_server_info(crate::dashboard::ServerInfo::new(
             config.listeners(),
             admin_tls,
-        )),
+        ))
+        .with_rollout(rollout),
     );
     if config.admin.token.is_none()
         && config

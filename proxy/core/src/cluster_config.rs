@@ -43,6 +43,13 @@ pub struct ClusterSection {
     /// Expected cluster size (tunes dissemination and suspicion).
     #[serde(default = "default_expected_size")]
     pub expected_size: u32,
+    /// A proxy applies plugins rolled out to the cluster (`sluice plugin load --cluster`).
+    #[serde(default = "default_plugin_rollout")]
+    pub plugin_rollout: bool,
+}
+
+fn default_plugin_rollout() -> bool {
+    true
 }
 
 fn default_profile() -> Profile {

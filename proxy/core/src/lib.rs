@@ -35,6 +35,7 @@ pub mod outlier;
 pub mod plugin;
 pub mod pool;
 pub mod rate_limit;
+pub mod rollout;
 pub mod route;
 pub mod route_rules;
 pub mod runtime;

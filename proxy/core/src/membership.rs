@@ -119,6 +119,7 @@ pub fn cluster_json(handle: &ClusterHandle) -> serde_json::Value {
                 "last_change_ms_ago": now.saturating_sub(m.last_change_ms),
                 "self": m.is_self,
                 "admin": m.meta.admin,
+                "rollout": (m.meta.role == Role::Proxy).then(|| crate::rollout::Published::of(&m.meta)),
             })
         })
         .collect();

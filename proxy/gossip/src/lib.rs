@@ -11,6 +11,8 @@
 //!   code runs on real sockets and in the virtual-time simulator.
 //! - [`runtime`]: the tokio driver ([`Cluster::start`] → [`ClusterHandle`]) with the UDP and
 //!   TCP transports, seed retries and the membership snapshot the proxy reads.
+//! - [`blobs`]: content addressed by the caller's digest, kept by a member and fetched by
+//!   others over the same authenticated TCP transport (the proxy's plugin rollout).
 //! - [`sim`]: many nodes in one process on virtual time over a seeded lossy network, for tests
 //!   and the `gossip_sim` benchmark.
 //!
@@ -25,6 +27,7 @@
 //! repairs anything the broadcast missed. Metadata too large for a datagram is announced as a
 //! small stub and fetched over TCP.
 
+pub mod blobs;
 pub mod clock;
 pub mod keyring;
 pub mod node;
@@ -82,8 +85,12 @@ pub struct NodeMeta {
     pub services: Vec<Service>,
     /// The member asks for no new requests (e.g. before maintenance) but is still alive.
     pub draining: bool,
-    /// A proxy's admin API address, so `sluice plugin load --cluster` can reach every proxy.
+    /// A proxy's admin API address (shown by `sluice cluster info` and `GET /api/cluster`).
     pub admin: Option<String>,
+    /// State of higher-level features that rides along with the metadata, by feature name
+    /// (the proxy's plugin rollout keeps its announcements and results under `"rollout"`).
+    /// Opaque to gossip; it counts towards the metadata size like everything else.
+    pub extensions: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl NodeMeta {
@@ -97,6 +104,7 @@ impl NodeMeta {
             services: Vec::new(),
             draining: false,
             admin: None,
+            extensions: std::collections::BTreeMap::new(),
         }
     }
 }

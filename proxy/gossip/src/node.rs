@@ -555,6 +555,8 @@ impl Node {
                     None
                 }
             },
+            // Served by the driver from its blob store; never the node's business.
+            Kind::BlobGet | Kind::Blob => None,
         };
         self.after_call();
         reply

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
+use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
 use super::wire::{self, Kind, OpenError};
@@ -75,6 +76,7 @@ struct Shared {
     members: ArcSwap<Vec<MemberInfo>>,
     counters: Counters,
     gossip_addr: SocketAddr,
+    blobs: BlobStore,
 }
 
 impl Shared {
@@ -133,6 +135,38 @@ impl Shared {
             _ => {
                 add(&self.counters.malformed, 1);
                 None
+            }
+        }
+    }
+
+    // Asks `from` for a blob (see the blobs module for the exchange).
+    async fn fetch_blob(&self, from: SocketAddr, key: &BlobKey) -> Result<Vec<u8>, BlobError> {
+        let sealed = self.seal(Kind::BlobGet, key);
+        let run = async {
+            let mut stream = TcpStream::connect(from).await.ok()?;
+            wire::write_frame(&mut stream, &sealed).await.ok()?;
+            add(&self.counters.tcp_sent, 1);
+            add(&self.counters.bytes_sent, sealed.len() + 4);
+            let reply = wire::read_frame(&mut stream).await.ok()?;
+            add(&self.counters.tcp_received, 1);
+            add(&self.counters.bytes_received, reply.len() + 4);
+            Some(reply)
+        };
+        let reply = timeout(STREAM_TIMEOUT, run)
+            .await
+            .ok()
+            .flatten()
+            .ok_or(BlobError::Unreachable(from))?;
+        let parsed = match self.open(&reply) {
+            Some((Kind::Blob, body)) => blobs::parse_reply(&body),
+            _ => None,
+        };
+        match parsed {
+            Some(Some(bytes)) => Ok(bytes),
+            Some(None) => Err(BlobError::NotFound(from)),
+            None => {
+                add(&self.counters.malformed, 1);
+                Err(BlobError::Unreachable(from))
             }
         }
     }
@@ -263,6 +297,25 @@ impl ClusterHandle {
         self.shared.gossip_addr
     }
 
+    /// The blobs this member serves to the others (see [`crate::blobs`]).
+    pub fn blobs(&self) -> &BlobStore {
+        &self.shared.blobs
+    }
+
+    /// Fetches the blob under `key` from the member at `from` (its gossip address). The bytes
+    /// are whatever that member holds under the key: check them before use.
+    pub async fn fetch_blob(&self, from: SocketAddr, key: &BlobKey) -> Result<Vec<u8>, BlobError> {
+        if from == self.shared.gossip_addr {
+            return self
+                .shared
+                .blobs
+                .get(key)
+                .map(|b| b.to_vec())
+                .ok_or(BlobError::NotFound(from));
+        }
+        self.shared.fetch_blob(from, key).await
+    }
+
     /// Whether the member is still running (false after `leave` or a crash of its task).
     pub fn is_running(&self) -> bool {
         !self.commands.is_closed()
@@ -351,6 +404,7 @@ impl Cluster {
             members: ArcSwap::from_pointee(Vec::new()),
             counters: Counters::default(),
             gossip_addr,
+            blobs: BlobStore::default(),
         });
 
         let (foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
@@ -511,7 +565,18 @@ async fn serve_stream(shared: Arc<Shared>, mut stream: TcpStream, tx: mpsc::Send
                 add(&shared.counters.bytes_sent, sealed.len() + 4);
                 Some(())
             }
-            Kind::PushPullReply => {
+            Kind::BlobGet => {
+                let Some(reply) = shared.blobs.answer(&body) else {
+                    add(&shared.counters.malformed, 1);
+                    return None;
+                };
+                let sealed = shared.seal(Kind::Blob, &reply);
+                wire::write_frame(&mut stream, &sealed).await.ok()?;
+                add(&shared.counters.tcp_sent, 1);
+                add(&shared.counters.bytes_sent, sealed.len() + 4);
+                Some(())
+            }
+            Kind::PushPullReply | Kind::Blob => {
                 add(&shared.counters.malformed, 1);
                 None
             }
@@ -828,6 +893,42 @@ mod tests {
             s.udp_sent > 0 && s.udp_received > 0 && s.tcp_received > 0 && s.bytes_sent > 0,
             "{s:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn blobs_are_fetched_over_the_authenticated_transport() {
+        let key = generate_key();
+        let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy))
+            .await
+            .expect("a starts");
+        let b = Cluster::start(
+            config(&key, &[a.gossip_addr()]),
+            NodeMeta::new("b", Role::Proxy),
+        )
+        .await
+        .expect("b starts");
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        a.blobs()
+            .insert([7; 32], Arc::from(bytes.clone()))
+            .expect("fits");
+        assert_eq!(b.fetch_blob(a.gossip_addr(), &[7; 32]).await, Ok(bytes));
+        assert_eq!(
+            b.fetch_blob(a.gossip_addr(), &[8; 32]).await,
+            Err(BlobError::NotFound(a.gossip_addr()))
+        );
+        // A member with another key gets no answer it can open.
+        let stranger = Cluster::start(
+            config(&generate_key(), &[]),
+            NodeMeta::new("x", Role::Proxy),
+        )
+        .await
+        .expect("starts alone");
+        let rejected = a.stats().rejected_decrypt;
+        assert_eq!(
+            stranger.fetch_blob(a.gossip_addr(), &[7; 32]).await,
+            Err(BlobError::Unreachable(a.gossip_addr()))
+        );
+        assert!(a.stats().rejected_decrypt > rejected);
     }
 
     #[tokio::test]

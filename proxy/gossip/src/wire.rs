@@ -25,7 +25,7 @@ const COMPRESSED: u8 = 1;
 /// metadata and state), kept in the high nibble of the flags byte. postcard encodes fields by
 /// position, so any change to `NodeMeta`/`Service` must bump this: a node then drops (and
 /// counts as malformed) messages of another version instead of misreading them.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 const VERSION_SHIFT: u8 = 4;
 // Bodies shorter than this are never worth deflating.
 const COMPRESS_MIN: usize = 128;
@@ -39,6 +39,10 @@ pub enum Kind {
     PushPull = 2,
     /// The reply to a push-pull: the receiver's full state.
     PushPullReply = 3,
+    /// A request for a stored blob (TCP only), see [`crate::blobs`].
+    BlobGet = 4,
+    /// The reply to a [`Kind::BlobGet`].
+    Blob = 5,
 }
 
 impl Kind {
@@ -47,6 +51,8 @@ impl Kind {
             1 => Some(Kind::Foca),
             2 => Some(Kind::PushPull),
             3 => Some(Kind::PushPullReply),
+            4 => Some(Kind::BlobGet),
+            5 => Some(Kind::Blob),
             _ => None,
         }
     }

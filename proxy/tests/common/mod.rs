@@ -92,6 +92,17 @@ impl Proxy {
         body: &str,
         address_space_kib: Option<u64>,
     ) -> Proxy {
+        Proxy::start_env(dir, server_extra, body, address_space_kib, &[])
+    }
+
+    /// [`Proxy::start_limited`] with extra environment variables for the process.
+    pub fn start_env(
+        dir: PathBuf,
+        server_extra: &str,
+        body: &str,
+        address_space_kib: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let listen = unique_addr();
         let admin = unique_addr();
         // The request-path tests run on both HTTP/1 engines: `SLUICE_TEST_HTTP1=pingora` picks
@@ -103,7 +114,7 @@ impl Proxy {
         let text = format!("[server]\nlisten = [\"{listen}\"]\nthreads = 2\n{engine}{server_extra}\n[admin]\nlisten = \"{admin}\"\n{body}");
         let config_path = dir.join("sluice.toml");
         std::fs::write(&config_path, text).unwrap();
-        let child = Proxy::spawn(&dir, &config_path, address_space_kib, &[]);
+        let child = Proxy::spawn(&dir, &config_path, address_space_kib, &[], env);
         let mut p = Proxy {
             child,
             listen,
@@ -120,6 +131,7 @@ impl Proxy {
         config_path: &std::path::Path,
         address_space_kib: Option<u64>,
         extra_args: &[&str],
+        env: &[(&str, &str)],
     ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -143,6 +155,7 @@ impl Proxy {
             .arg(config_path)
             .args(extra_args)
             .env("SLUICE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -174,7 +187,7 @@ impl Proxy {
     /// Starts the process again with the same config and addresses, and waits until it is ready.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Proxy::spawn(&self.dir, &self.config_path, None, &[]);
+        self.child = Proxy::spawn(&self.dir, &self.config_path, None, &[], &[]);
         self.wait_ready();
     }
 
@@ -250,7 +263,7 @@ impl Proxy {
     /// this one's listeners (send this one SIGQUIT). Not waited for.
     pub fn start_upgrade(&self) -> Proxy {
         Proxy {
-            child: Proxy::spawn(&self.dir, &self.config_path, None, &["--upgrade"]),
+            child: Proxy::spawn(&self.dir, &self.config_path, None, &["--upgrade"], &[]),
             listen: self.listen,
             admin: self.admin,
             config_path: self.config_path.clone(),
