@@ -188,6 +188,7 @@ pub fn run(
             node.spawn(crate::membership::watch(
                 runtime.clone(),
                 node.handle.clone(),
+                section.routing(),
             ));
             tracing::info!(gossip = %node.handle.gossip_addr(), "joined the cluster");
             Some(node)
