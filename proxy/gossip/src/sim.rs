@@ -242,6 +242,12 @@ pub fn sim_meta(i: usize) -> NodeMeta {
         format!("rack:r{:03}", i % 200),
         "build:2026.11.30-1".into(),
         "team:payments".into(),
+        "region:eu-west-1".into(),
+        "kernel:6.8.0-45-generic".into(),
+        "owner:checkout-platform".into(),
+        "instance:m6i.2xlarge".into(),
+        "az:eu-west-1b".into(),
+        "sla:gold".into(),
     ];
     let ip = sim_addr(i).ip();
     meta.services.push(Service {

@@ -319,3 +319,13 @@ fn members_of(sim: &mut Sim, i: usize, now: u64) -> Vec<sluice_gossip::MemberInf
     sim.refresh(i, now);
     sim.node(i).members()
 }
+
+#[test]
+fn simulated_metadata_is_the_size_of_a_real_agents() {
+    // Two services, a zone, eleven tags and a long host name: about 300 bytes, as the
+    // benchmark's traffic figures assume.
+    let len = postcard::to_allocvec(&sluice_gossip::sim::sim_meta(123))
+        .expect("encodes")
+        .len();
+    assert!((270..=330).contains(&len), "{len} bytes");
+}
