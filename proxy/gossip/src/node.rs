@@ -756,6 +756,11 @@ impl Node {
             return;
         };
         let key = (member_id.addr, member_id.generation, *incarnation);
+        if self.suspicions.contains_key(&key) {
+            // foca asks again when our next probe of a member we already suspect fails too:
+            // the suspicion we run already started, and our vote is already counted.
+            return;
+        }
         self.outbox.events.push(Event::Suspected(member_id.addr));
         // memberlist: with fewer members than confirmations + 2, confirmations cannot come.
         let members = self.foca.num_members() as u32 + 1;
