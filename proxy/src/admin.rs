@@ -443,7 +443,10 @@ impl AdminApp {
                 }
             }
             ("GET", ["api", "cluster"]) => match self.runtime.cluster.get() {
-                Some(h) => json_reply(StatusCode::OK, crate::membership::cluster_json(h)),
+                Some(h) => json_reply(
+                    StatusCode::OK,
+                    crate::membership::cluster_json(&self.runtime, h),
+                ),
                 None => error_reply(
                     StatusCode::NOT_FOUND,
                     "this proxy is not in a cluster; add a [cluster] section to the config",

@@ -234,6 +234,7 @@ pub fn run(
             node.spawn(crate::membership::watch(
                 runtime.clone(),
                 node.handle.clone(),
+                section.routing(),
             ));
             let options = crate::rollout::RolloutOptions {
                 accept: section.plugin_rollout,

@@ -379,3 +379,96 @@ fn keys_rotate_without_a_restart() {
         "{v}"
     );
 }
+
+#[test]
+fn a_cut_off_proxy_keeps_its_last_known_good_pools_and_shows_its_tuning() {
+    let dir = scratch_dir("cluster-lkg");
+    let b = backends(2);
+    let g1 = gossip_addr(51);
+    let pool =
+        "[[pool]]\nname = \"web\"\nstrategy = \"builtin:round-robin\"\n[[route]]\npool = \"web\"\n";
+    let p = Proxy::start_in(
+        dir.clone(),
+        &format!("{pool}{}", cluster_section("proxy-lkg", g1, KEY, &[])),
+    );
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            Agent::start(
+                &dir,
+                &format!("lkg-{i}"),
+                &cluster_section(&format!("lkg-{i}"), gossip_addr(52 + i as u8), KEY, &[g1]),
+                b[i].0,
+            )
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(30), || routable(&p) == 2),
+        "pool never reached 2 backends: {:?}",
+        pool_addrs(&p)
+    );
+    let cluster = || -> serde_json::Value {
+        serde_json::from_str(&p.admin_req("GET", "/api/cluster", b"").text()).unwrap()
+    };
+    // The timings follow the 3 live members, not the default expected_size of 32.
+    assert!(
+        wait_for(Duration::from_secs(10), || cluster()["tuning"]["members"]
+            == 3),
+        "{}",
+        cluster()["tuning"]
+    );
+    let metrics = || p.admin_req("GET", "/metrics", b"").text();
+    assert!(
+        wait_for(Duration::from_secs(5), || metrics()
+            .contains("sluice_cluster_tuning{setting=\"members\"} 3")),
+        "{}",
+        metrics()
+    );
+    assert!(
+        cluster()["tuning"]["suspicion_timeout_ms"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(cluster()["routing"]["last_known_good"], false);
+
+    // One of two backends dies: an ordinary failure, the pool drops it.
+    agents[0].signal("-KILL");
+    let first = b[0].0.to_string();
+    assert!(
+        wait_for(Duration::from_secs(30), || !pool_addrs(&p).contains(&first)),
+        "killed agent still in {:?}",
+        pool_addrs(&p)
+    );
+    assert_eq!(cluster()["routing"]["last_known_good"], false);
+
+    // The last one goes too: from here the proxy cannot tell whether it or the cluster is cut
+    // off, so it keeps what it had and says so.
+    agents[1].signal("-KILL");
+    assert!(
+        wait_for(Duration::from_secs(30), || cluster()["routing"]
+            ["last_known_good"]
+            == true),
+        "{}",
+        cluster()["routing"]
+    );
+    let reason = cluster()["routing"]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("no other cluster member is reachable"),
+        "{reason}"
+    );
+    assert!(metrics().contains("sluice_cluster_last_known_good 1"));
+    // Still there well after the cluster declared it down everywhere it could.
+    let last = b[1].0.to_string();
+    let v = cluster();
+    let members = v["members"].as_array().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || cluster()["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "lkg-1" && m["state"] == "down")),
+        "{members:?}"
+    );
+    assert!(pool_addrs(&p).contains(&last), "{:?}", pool_addrs(&p));
+    drop(agents);
+}

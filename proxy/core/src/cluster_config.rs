@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -40,9 +41,30 @@ pub struct ClusterSection {
     /// Timing profile: "lan" (default), "wan" or "local" (fast, for one machine).
     #[serde(default = "default_profile")]
     pub profile: Profile,
-    /// Expected cluster size (tunes dissemination and suspicion).
+    /// Expected cluster size: the starting point of the timings until the node has joined;
+    /// then they follow the live member count.
     #[serde(default = "default_expected_size")]
     pub expected_size: u32,
+    /// Proxies: hold a suspect member's services once this many members independently
+    /// suspect it...
+    #[serde(default = "default_hold_suspectors")]
+    pub hold_suspectors: u32,
+    /// ...or once it has been suspect this long.
+    #[serde(
+        default = "default_hold_after",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    pub hold_after: Duration,
+    /// Proxies: keep the last-known-good pools when more than this share of the members fail
+    /// within `mass_failure_window` (or when no other member is alive).
+    #[serde(default = "default_mass_failure_share")]
+    pub mass_failure_share: f64,
+    /// See `mass_failure_share`.
+    #[serde(
+        default = "default_mass_failure_window",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    pub mass_failure_window: Duration,
     /// A proxy applies plugins rolled out to the cluster (`sluice plugin load --cluster`).
     #[serde(default = "default_plugin_rollout")]
     pub plugin_rollout: bool,
@@ -56,7 +78,21 @@ fn default_profile() -> Profile {
     Profile::Lan
 }
 fn default_expected_size() -> u32 {
-    32
+    crate::cluster::DEFAULT_EXPECTED_SIZE
+}
+fn default_hold_suspectors() -> u32 {
+    crate::membership::RoutingSettings::default()
+        .hold
+        .suspectors
+}
+fn default_hold_after() -> Duration {
+    crate::membership::RoutingSettings::default().hold.after
+}
+fn default_mass_failure_share() -> f64 {
+    crate::membership::RoutingSettings::default().mass_failure_share
+}
+fn default_mass_failure_window() -> Duration {
+    crate::membership::RoutingSettings::default().mass_failure_window
 }
 
 impl ClusterSection {
@@ -106,6 +142,23 @@ impl ClusterSection {
         if self.name.is_empty() {
             return Err("[cluster] name must not be empty".into());
         }
+        if !(1..=16).contains(&self.hold_suspectors) {
+            return Err(format!(
+                "[cluster] hold_suspectors = {} is out of range; use 1 to 16 (default 2)",
+                self.hold_suspectors
+            ));
+        }
+        if !(self.mass_failure_share > 0.0 && self.mass_failure_share <= 1.0) {
+            return Err(format!(
+                "[cluster] mass_failure_share = {} is out of range; use a share above 0 and at most 1 (default 0.5; 1 turns the mass-failure guard off)",
+                self.mass_failure_share
+            ));
+        }
+        if self.mass_failure_window.is_zero() {
+            return Err(
+                "[cluster] mass_failure_window must be longer than 0; write it like \"30s\"".into(),
+            );
+        }
         Ok(ClusterConfig {
             cluster_name: self.name.clone(),
             bind_addr: bind,
@@ -116,6 +169,19 @@ impl ClusterSection {
             compression: self.compression,
             expected_size: self.expected_size.max(1),
         })
+    }
+
+    /// How a proxy turns the membership view into pools (call after [`Self::to_config`]
+    /// validated the section).
+    pub fn routing(&self) -> crate::membership::RoutingSettings {
+        crate::membership::RoutingSettings {
+            hold: crate::cluster::HoldPolicy {
+                suspectors: self.hold_suspectors,
+                after: self.hold_after,
+            },
+            mass_failure_share: self.mass_failure_share,
+            mass_failure_window: self.mass_failure_window,
+        }
     }
 
     /// The node name: configured, or host name plus gossip port.
@@ -164,5 +230,39 @@ mod tests {
             .to_config(Path::new("."))
             .unwrap();
         assert_eq!(cfg.peers, vec!["127.0.0.1:7947".to_string()]);
+
+        // Hold and mass-failure settings: defaults, parsing and range checks.
+        let s = section(&format!("key = \"{key}\""));
+        assert_eq!(s.routing(), crate::membership::RoutingSettings::default());
+        let s = section(&format!(
+            "key = \"{key}\"\nhold_suspectors = 3\nhold_after = \"500ms\"\nmass_failure_share = 0.25\nmass_failure_window = \"1m\""
+        ));
+        s.to_config(Path::new(".")).unwrap();
+        let r = s.routing();
+        assert_eq!(
+            (
+                r.hold.suspectors,
+                r.hold.after,
+                r.mass_failure_share,
+                r.mass_failure_window
+            ),
+            (3, Duration::from_millis(500), 0.25, Duration::from_secs(60))
+        );
+        for (bad, what) in [
+            ("hold_suspectors = 0", "hold_suspectors = 0 is out of range"),
+            (
+                "mass_failure_share = 1.5",
+                "mass_failure_share = 1.5 is out of range",
+            ),
+            (
+                "mass_failure_window = \"0s\"",
+                "mass_failure_window must be longer than 0",
+            ),
+        ] {
+            let err = section(&format!("key = \"{key}\"\n{bad}"))
+                .to_config(Path::new("."))
+                .unwrap_err();
+            assert!(err.contains(what), "{err}");
+        }
     }
 }

@@ -2,17 +2,53 @@
 //! process's cluster member, and keeping every pool's backends equal to its static entries plus
 //! the services cluster members announce for it.
 //!
-//! A *suspect* or *draining* member stays in the pool but receives no new requests at once; a
-//! *down* or *left* member leaves the pool.
+//! A *draining* member stays in the pool but receives no new requests at once; a *suspect*
+//! one too, once the suspicion is corroborated ([`HoldPolicy`]); a *down* or *left* member
+//! leaves the pool. When this proxy sees every other member fail, or a large share of them at
+//! once ([`LastKnownGood`]), it keeps the pools as they were and says so.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::{Cluster, ClusterConfig, ClusterHandle, MemberState, NodeMeta, Role};
+use crate::cluster::routing::Freeze;
+use crate::cluster::{
+    Cluster, ClusterConfig, ClusterHandle, HoldPolicy, LastKnownGood, MemberState, NodeMeta, Role,
+};
 use crate::config::BackendSpec;
 use crate::runtime::Runtime;
 
 pub use crate::cluster_config::ClusterSection;
+
+/// How a proxy turns the membership view into pool contents (`[cluster]` hold and mass-failure
+/// settings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingSettings {
+    /// When a suspect member's services are held.
+    pub hold: HoldPolicy,
+    /// Keep the last-known-good pools when more than this share of the members fail...
+    pub mass_failure_share: f64,
+    /// ...within this window.
+    pub mass_failure_window: Duration,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        RoutingSettings {
+            hold: HoldPolicy::default(),
+            mass_failure_share: 0.5,
+            mass_failure_window: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the membership watcher last decided, for `GET /api/cluster`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingStatus {
+    /// Why the pools keep their last-known-good contents, when they do.
+    pub last_known_good: Option<String>,
+    /// Members whose services are held because they are suspect.
+    pub held_suspects: usize,
+}
 
 /// A cluster member running on its own small tokio runtime (the proxy's runtimes belong to
 /// pingora's services), so it can be started and checked before any listener opens.
@@ -45,18 +81,20 @@ impl ClusterNode {
     }
 }
 
-/// The gossip-announced backends of `pool` in `members`, with their hold state
-/// (true = in the pool but no new requests: suspect or draining).
+/// The gossip-announced backends of `pool` in `members` at `now_ms`, with their hold state
+/// (true = in the pool but no new requests: draining, or suspect as `policy` decides).
 pub fn gossip_backends(
     members: &[crate::cluster::MemberInfo],
     pool: &str,
+    policy: &HoldPolicy,
+    now_ms: u64,
 ) -> Vec<(BackendSpec, bool)> {
     let mut out: Vec<(BackendSpec, bool)> = Vec::new();
     for m in members.iter().filter(|m| m.meta.role == Role::Backend) {
         if matches!(m.state, MemberState::Down | MemberState::Left) {
             continue;
         }
-        let hold = m.state == MemberState::Suspect || m.meta.draining;
+        let hold = policy.holds(m, now_ms) || m.meta.draining;
         for s in m.meta.services.iter().filter(|s| s.pool == pool) {
             if out.iter().any(|(b, _)| b.addr == s.addr) {
                 continue; // the same address announced twice: first one wins
@@ -74,27 +112,92 @@ pub fn gossip_backends(
     out
 }
 
-/// Applies the cluster's current members to every pool.
-pub fn sync_pools(runtime: &Runtime, handle: &ClusterHandle) {
+/// Applies the cluster's current members to every pool, unless `guard` decides to keep the
+/// last-known-good pools; publishes the status and the tuning metrics. Returns when a suspect
+/// member will become held if nothing changes (clock of [`crate::clock::now_ms`]).
+pub fn sync_pools(
+    runtime: &Runtime,
+    handle: &ClusterHandle,
+    settings: &RoutingSettings,
+    guard: &mut LastKnownGood,
+) -> Option<u64> {
     let members = handle.members_snapshot();
-    for pool in runtime.pools() {
-        pool.set_gossip_backends(&gossip_backends(&members, &pool.name));
+    let now = crate::clock::now_ms();
+    publish_tuning(runtime, handle);
+    let before = guard.frozen();
+    let frozen = guard.update(&members, now);
+    match (before, frozen) {
+        (None, Some(why)) => {
+            tracing::warn!(reason = %why, "keeping the last-known-good pools instead of following the cluster view")
+        }
+        (Some(_), None) => tracing::info!("the cluster view is healthy again; pools follow it"),
+        _ => {}
     }
+    let held_suspects = members
+        .iter()
+        .filter(|m| settings.hold.holds(m, now))
+        .count();
+    let status = RoutingStatus {
+        last_known_good: frozen.map(|f: Freeze| f.to_string()),
+        held_suspects,
+    };
+    if **runtime.cluster_status.load() != status {
+        runtime.cluster_status.store(Arc::new(status));
+    }
+    runtime
+        .metrics
+        .cluster_last_known_good
+        .with_label_values::<&str>(&[])
+        .set(i64::from(frozen.is_some()));
+    if frozen.is_some() {
+        return None;
+    }
+    for pool in runtime.pools() {
+        pool.set_gossip_backends(&gossip_backends(&members, &pool.name, &settings.hold, now));
+    }
+    members
+        .iter()
+        .filter_map(|m| settings.hold.held_at(m, now))
+        .min()
+}
+
+fn publish_tuning(runtime: &Runtime, handle: &ClusterHandle) {
+    let t = handle.tuning();
+    let g = &runtime.metrics.cluster_tuning;
+    let ms = |d: Duration| d.as_millis() as i64;
+    g.with_label_values(&["members"]).set(i64::from(t.members));
+    g.with_label_values(&["probe_interval_ms"])
+        .set(ms(t.probe_interval));
+    g.with_label_values(&["suspicion_timeout_ms"])
+        .set(ms(t.suspicion_timeout));
+    g.with_label_values(&["suspicion_max_timeout_ms"])
+        .set(ms(t.suspicion_max_timeout));
+    g.with_label_values(&["retransmissions"])
+        .set(i64::from(t.retransmissions));
+    g.with_label_values(&["push_pull_interval_ms"])
+        .set(ms(t.push_pull_interval));
+    g.with_label_values(&["local_health"])
+        .set(i64::from(t.local_health));
 }
 
 /// Keeps pools in step with the cluster until the process ends.
-pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle) {
+pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle, settings: RoutingSettings) {
     let mut changes = handle.changes();
-    sync_pools(&runtime, &handle);
+    let mut guard = LastKnownGood::new(settings.mass_failure_share, settings.mass_failure_window);
     loop {
-        // Also re-sync periodically: a reload may have added pools that members announce for.
-        let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
-        sync_pools(&runtime, &handle);
+        let next_hold = sync_pools(&runtime, &handle, &settings, &mut guard);
+        // Re-sync on every change, when a suspect's hold delay runs out, and at least every
+        // second: a reload may have added pools that members announce for.
+        let wait = next_hold.map_or(Duration::from_secs(1), |at| {
+            Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
+                .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
+        let _ = tokio::time::timeout(wait, changes.changed()).await;
     }
 }
 
 /// The cluster as the admin API shows it (`GET /api/cluster`).
-pub fn cluster_json(handle: &ClusterHandle) -> serde_json::Value {
+pub fn cluster_json(runtime: &Runtime, handle: &ClusterHandle) -> serde_json::Value {
     let now = crate::clock::now_ms();
     let members: Vec<serde_json::Value> = handle
         .members()
@@ -117,6 +220,7 @@ pub fn cluster_json(handle: &ClusterHandle) -> serde_json::Value {
                 "generation": m.generation,
                 "services": m.meta.services.iter().map(|s| serde_json::json!({ "pool": s.pool, "addr": s.addr.to_string(), "weight": s.weight })).collect::<Vec<_>>(),
                 "last_change_ms_ago": now.saturating_sub(m.last_change_ms),
+                "suspectors": m.suspectors,
                 "self": m.is_self,
                 "admin": m.meta.admin,
                 "rollout": (m.meta.role == Role::Proxy).then(|| crate::rollout::Published::of(&m.meta)),
@@ -124,12 +228,30 @@ pub fn cluster_json(handle: &ClusterHandle) -> serde_json::Value {
         })
         .collect();
     let st = handle.stats();
+    let t = handle.tuning();
+    let status = runtime.cluster_status.load();
     serde_json::json!({
         "members": members,
+        "tuning": {
+            "members": t.members,
+            "probe_interval_ms": t.probe_interval.as_millis() as u64,
+            "suspicion_timeout_ms": t.suspicion_timeout.as_millis() as u64,
+            "suspicion_max_timeout_ms": t.suspicion_max_timeout.as_millis() as u64,
+            "confirmations": t.confirmations,
+            "retransmissions": t.retransmissions,
+            "push_pull_interval_ms": t.push_pull_interval.as_millis() as u64,
+            "local_health": t.local_health,
+        },
+        "routing": {
+            "last_known_good": status.last_known_good.is_some(),
+            "reason": status.last_known_good,
+            "held_suspects": status.held_suspects,
+        },
         "transport": {
             "udp_sent": st.udp_sent, "udp_received": st.udp_received, "tcp_sent": st.tcp_sent, "tcp_received": st.tcp_received,
             "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
             "rejected_decrypt": st.rejected_decrypt, "malformed": st.malformed,
+            "inbound_dropped": st.inbound_dropped,
         },
         "keys": handle.keys().len(),
     })
@@ -222,6 +344,7 @@ mod tests {
             meta_version: 0,
             last_change_ms: 0,
             is_self: false,
+            suspectors: 0,
         }
     }
 
@@ -259,17 +382,29 @@ mod tests {
             member("down", MemberState::Down, false, vec![svc("web", 5, None)]),
             member("left", MemberState::Left, false, vec![svc("web", 6, None)]),
         ];
-        let web = gossip_backends(&members, "web");
-        let got: Vec<(u16, bool, &str)> = web
-            .iter()
-            .map(|(b, hold)| (b.addr.port(), *hold, b.zone.as_str()))
-            .collect();
-        // Down and left members are gone; suspect and draining ones stay, held from new requests.
+        let policy = HoldPolicy::default();
+        let at = |now: u64| -> Vec<(u16, bool, String)> {
+            gossip_backends(&members, "web", &policy, now)
+                .iter()
+                .map(|(b, hold)| (b.addr.port(), *hold, b.zone.clone()))
+                .collect()
+        };
+        // Down and left members are gone; suspect and draining ones stay. A draining one is
+        // held at once; a suspect one with a single suspector only after the hold delay.
+        let row = |p: u16, h: bool, z: &str| (p, h, z.to_string());
         assert_eq!(
-            got,
-            vec![(1, false, "eu"), (3, true, "eu"), (4, true, "us")]
+            at(1000),
+            vec![row(1, false, "eu"), row(3, false, "eu"), row(4, true, "us")]
         );
-        assert_eq!(gossip_backends(&members, "api").len(), 1);
-        assert!(gossip_backends(&members, "none").is_empty());
+        assert_eq!(
+            at(3000),
+            vec![row(1, false, "eu"), row(3, true, "eu"), row(4, true, "us")]
+        );
+        // A second independent suspector holds it at once.
+        let mut corroborated = members.clone();
+        corroborated[1].suspectors = 2;
+        assert!(gossip_backends(&corroborated, "web", &policy, 0)[1].1);
+        assert_eq!(gossip_backends(&members, "api", &policy, 0).len(), 1);
+        assert!(gossip_backends(&members, "none", &policy, 0).is_empty());
     }
 }

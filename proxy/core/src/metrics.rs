@@ -76,6 +76,11 @@ pub struct Metrics {
     /// `sluice_limit_rejections_total{reason}`: clients cut off by a `[server.limits]` setting
     /// (`connections`, `header_timeout`, `body_timeout`, `header_size`, `body_size`, `rate_limit`).
     pub limit_rejections: IntCounterVec,
+    /// `sluice_cluster_tuning{setting}`: the gossip timings in use now (they follow the live
+    /// member count and local health).
+    pub cluster_tuning: IntGaugeVec,
+    /// `sluice_cluster_last_known_good`: 1 while pools keep their last-known-good cluster members.
+    pub cluster_last_known_good: IntGaugeVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,
     /// Request-path histograms per backend (`{pool,backend}`); series exist only when
@@ -296,6 +301,16 @@ impl Metrics {
                 "sluice_spawn_restarts_total",
                 "Spawned instances restarted after they exited, failed to start or to accept connections.",
                 &["pool"],
+            ),
+            cluster_tuning: gauge(
+                "sluice_cluster_tuning",
+                "Gossip timings in use now, by setting: members, probe_interval_ms, suspicion_timeout_ms, suspicion_max_timeout_ms, retransmissions, push_pull_interval_ms, local_health.",
+                &["setting"],
+            ),
+            cluster_last_known_good: gauge(
+                "sluice_cluster_last_known_good",
+                "1 while this proxy keeps its last-known-good pools because it sees itself cut off or a mass failure.",
+                &[],
             ),
             limit_rejections: counter(
                 "sluice_limit_rejections_total",

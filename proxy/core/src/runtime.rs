@@ -96,6 +96,8 @@ pub struct Runtime {
     admin_lock: ColdLock<()>,
     /// This proxy's cluster member, when `[cluster]` is configured.
     pub cluster: std::sync::OnceLock<crate::cluster::ClusterHandle>,
+    /// What the membership watcher last decided (held suspects, last-known-good pools).
+    pub cluster_status: ArcSwap<crate::membership::RoutingStatus>,
     /// How backend host names are resolved (`[dns]`).
     resolver: ArcSwap<Resolver>,
     /// What else a reload updates (set once by the server).
@@ -131,6 +133,7 @@ impl Runtime {
             config_path,
             admin_lock: ColdLock::new(()),
             cluster: std::sync::OnceLock::new(),
+            cluster_status: ArcSwap::from_pointee(Default::default()),
             resolver: ArcSwap::from_pointee(Resolver::default()),
             reload_hook: std::sync::OnceLock::new(),
             spawning: std::sync::atomic::AtomicBool::new(false),

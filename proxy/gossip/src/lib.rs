@@ -13,8 +13,19 @@
 //!   TCP transports, seed retries and the membership snapshot the proxy reads.
 //! - [`blobs`]: content addressed by the caller's digest, kept by a member and fetched by
 //!   others over the same authenticated TCP transport (the proxy's plugin rollout).
-//! - [`sim`]: many nodes in one process on virtual time over a seeded lossy network, for tests
-//!   and the `gossip_sim` benchmark.
+//! - [`routing`]: what a proxy does with what it sees — when a suspect member's services are
+//!   held, and when to keep the last-known-good pools instead of following the view.
+//! - [`sim`]: many nodes in one process on virtual time over a seeded network (bursty and
+//!   asymmetric loss, slow nodes, partitions, churn), for tests and the `gossip_sim` benchmark.
+//!
+//! # Self-tuning and Lifeguard
+//! Timings follow the live member count, not a configured size: [`ClusterConfig::expected_size`]
+//! is only the starting point until the node has joined. Failure detection follows Lifeguard
+//! (as memberlist implements it): a node that sees itself late — its own probes failing, its
+//! timers firing late, its inbound queue overflowing — raises a local-health score that
+//! stretches its probe interval and timeout, so a busy node stops accusing healthy ones; and a
+//! suspicion starts long and shrinks as other members independently confirm it (each node whose
+//! own probe fails broadcasts a vote). [`Tuning`] shows the current values.
 //!
 //! # Why metadata travels in custom broadcasts, not in the identity
 //! foca puts the sender's and the receiver's identity in the header of *every* packet. A
@@ -31,6 +42,7 @@ pub mod blobs;
 pub mod clock;
 pub mod keyring;
 pub mod node;
+pub mod routing;
 pub mod runtime;
 pub mod sim;
 pub mod wire;
@@ -41,6 +53,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use keyring::{generate_key, KeyError, Keyring};
+pub use routing::{HoldPolicy, LastKnownGood, ViewHealth};
 pub use runtime::{Cluster, ClusterHandle, Stats};
 
 /// What a member is.
@@ -150,6 +163,33 @@ pub struct MemberInfo {
     pub last_change_ms: u64,
     /// This entry is the local node.
     pub is_self: bool,
+    /// For a Suspect member: how many members independently failed to reach it, as far as this
+    /// node has heard (at least 1); 0 otherwise. See [`HoldPolicy`].
+    #[serde(default)]
+    pub suspectors: u32,
+}
+
+/// The timings a node uses now, derived from the live member count and its local health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tuning {
+    /// Cluster size the timings are computed for: active members, this node included, once
+    /// joined; `expected_size` before that.
+    pub members: u32,
+    /// Probe interval including the local-health multiplier.
+    pub probe_interval: Duration,
+    /// How long a suspicion lasts once enough members confirmed it.
+    pub suspicion_timeout: Duration,
+    /// How long an unconfirmed suspicion lasts (Lifeguard starts here and shrinks).
+    pub suspicion_max_timeout: Duration,
+    /// Independent confirmations that bring a suspicion down to `suspicion_timeout`.
+    pub confirmations: u32,
+    /// How many times each update is gossiped.
+    pub retransmissions: u8,
+    /// Interval of the full state exchange with a random member.
+    pub push_pull_interval: Duration,
+    /// Local-health score, 0 (healthy) to [`node::MAX_LOCAL_HEALTH`]: probes wait (1 + score)
+    /// times longer.
+    pub local_health: u32,
 }
 
 /// Timing profile: foca's settings plus how often to push-pull. Written `"lan"`, `"wan"` or
@@ -162,9 +202,13 @@ pub enum Profile {
     Lan,
     /// foca's `Config::new_wan`: 5 s probe period, push-pull every 60 s (scaled).
     Wan,
-    /// Fast timings for tests on one machine: 200 ms probes, ~1 s suspicion, 2 s push-pull.
+    /// Fast timings for tests on one machine: 200 ms probes, ~1 s suspicion (times log10 of
+    /// the size above 10 members), 2 s push-pull.
     Local,
 }
+
+/// `expected_size` when none is configured.
+pub const DEFAULT_EXPECTED_SIZE: u32 = 32;
 
 /// Everything [`Cluster::start`] needs besides the node's metadata.
 #[derive(Debug, Clone)]
@@ -184,7 +228,9 @@ pub struct ClusterConfig {
     pub profile: Profile,
     /// Deflate large messages (push-pull, big metadata) before encrypting.
     pub compression: bool,
-    /// Expected cluster size: scales foca's retransmissions and suspicion timeout.
+    /// Expected cluster size: the starting point for retransmissions, suspicion timeout and
+    /// push-pull interval until the node has joined; after that they follow the live member
+    /// count.
     pub expected_size: u32,
 }
 
@@ -203,7 +249,7 @@ impl ClusterConfig {
             peers: Vec::new(),
             profile: Profile::Lan,
             compression: false,
-            expected_size: 32,
+            expected_size: DEFAULT_EXPECTED_SIZE,
         }
     }
 }
@@ -248,7 +294,7 @@ pub fn profile_settings(profile: Profile, size: u32) -> (foca::Config, Duration)
             let mut c = foca::Config::new_lan(n);
             c.probe_period = Duration::from_millis(200);
             c.probe_rtt = Duration::from_millis(60);
-            c.suspect_to_down_after = Duration::from_millis(1000);
+            c.suspect_to_down_after = Duration::from_millis(1000).mul_f64(suspicion_scale(size));
             c.periodic_gossip = Some(foca::PeriodicParams {
                 frequency: Duration::from_millis(50),
                 num_members: std::num::NonZeroUsize::new(3).expect("3 is non-zero"),
@@ -264,25 +310,41 @@ pub fn profile_settings(profile: Profile, size: u32) -> (foca::Config, Duration)
             (c, Duration::from_secs(2))
         }
     };
-    // foca sends each update log10(n+1)*4 times (memberlist's default), which leaves each node
-    // a ~e^-(that) chance of missing a given update: in simulation a few nodes per hundred-node
-    // crash only learned of it from their own probe, tens of seconds later. Half as many
-    // transmissions again cost little (updates are rare) and make such misses negligible.
-    cfg.max_transmissions =
-        std::num::NonZeroU8::new(cfg.max_transmissions.get().saturating_mul(3) / 2)
-            .unwrap_or(cfg.max_transmissions);
+    cfg.max_transmissions = retransmissions(size);
     // foca's packets are sealed afterwards: leave room for the header and the seal so that
     // every SWIM packet still fits one datagram.
     cfg.max_packet_size = std::num::NonZeroUsize::new(
         wire::MAX_UDP_PACKET - wire::HEADER_LEN - keyring::SEAL_OVERHEAD,
     )
     .expect("positive");
-    // A full state exchange costs O(members) bytes, so like memberlist we exchange less often as
-    // the cluster grows beyond 32 members, which keeps the per-node bandwidth roughly flat.
-    let scale = if size > 32 {
+    (cfg, push_pull * push_pull_scale(size))
+}
+
+/// How many times each update is gossiped in a cluster of `size`.
+///
+/// foca sends each update log10(n+1)*4 times (memberlist's default), which leaves each node a
+/// ~e^-(that) chance of missing a given update: in simulation a few nodes per hundred-node crash
+/// only learned of it from their own probe, tens of seconds later. Half as many transmissions
+/// again cost little (updates are rare) and make such misses negligible.
+pub fn retransmissions(size: u32) -> std::num::NonZeroU8 {
+    let foca = (f64::from(size.saturating_add(1)).log10() * 4.0).clamp(1.0, 170.0) as u8;
+    std::num::NonZeroU8::new(foca.max(1).saturating_mul(3) / 2).unwrap_or(std::num::NonZeroU8::MIN)
+}
+
+/// The push-pull interval of a cluster of `size` as a multiple of the profile's base interval.
+///
+/// A full state exchange costs O(members) bytes, so like memberlist we exchange less often as
+/// the cluster grows beyond 32 members, which keeps the per-node bandwidth roughly flat.
+pub fn push_pull_scale(size: u32) -> u32 {
+    if size > 32 {
         (f64::from(size).log2() - 5.0).ceil() as u32 + 1
     } else {
         1
-    };
-    (cfg, push_pull * scale)
+    }
+}
+
+/// The suspicion timeout of a cluster of `size` as a multiple of its value for one member:
+/// max(1, log10(size)), as in foca and memberlist.
+pub fn suspicion_scale(size: u32) -> f64 {
+    f64::from(size.max(1)).log10().max(1.0)
 }

@@ -20,11 +20,31 @@ use rand_foca::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::wire::Kind;
-use super::{MemberInfo, MemberState, NodeMeta};
+use super::{
+    push_pull_scale, retransmissions, suspicion_scale, MemberInfo, MemberState, NodeMeta, Tuning,
+};
 
 /// Encoded metadata above this size is broadcast as a stub and fetched over TCP, so that a
 /// custom broadcast always fits a datagram next to the SWIM header and some member updates.
 pub const MAX_BROADCAST_META: usize = 600;
+
+/// Highest local-health score (memberlist's default): a node that keeps failing its probes or
+/// running late probes at most 9 times slower.
+pub const MAX_LOCAL_HEALTH: u32 = 8;
+
+/// An unconfirmed suspicion lasts this many times the base suspicion timeout (Lifeguard's α;
+/// memberlist uses 6). Confirmations bring it down to the base timeout.
+pub const SUSPICION_MAX_MULT: u32 = 4;
+
+/// Independent confirmations (votes beyond the first suspector's) that bring a suspicion down
+/// to the base timeout (memberlist: SuspicionMult − 2).
+pub const SUSPICION_CONFIRMATIONS: u32 = 2;
+
+// Voters remembered per suspicion: enough for any hold threshold an operator may set.
+const MAX_VOTERS: usize = 16;
+
+// Votes for a suspicion this node never started are forgotten after this many probe periods.
+const VOTE_TTL_PROBES: u64 = 300;
 
 /// foca identity: the gossip address plus a generation.
 ///
@@ -68,7 +88,18 @@ pub enum NodeTimer {
     PushPull,
     /// A member came up a while ago; pull its state if its metadata has still not arrived.
     FetchMeta(SocketAddr),
+    /// A step of a Lifeguard suspicion: the deadline that applies once `step` independent
+    /// confirmations have been heard has passed.
+    Suspicion {
+        /// The suspected member.
+        target: SuspicionKey,
+        /// Confirmations needed for this deadline.
+        step: u32,
+    },
 }
+
+/// A suspicion: the member's address, generation and the incarnation it was suspected at.
+pub type SuspicionKey = (SocketAddr, u64, u16);
 
 /// Something the driver must do for the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +143,39 @@ pub enum Event {
     Idle,
     /// We were declared down and rejoined with a new generation.
     Rejoined,
+    /// Our own probe of this member failed (directly and indirectly): we suspect it, vote,
+    /// and run a suspicion timer.
+    Suspected(SocketAddr),
+}
+
+/// "My probe of `target` failed": the independent confirmation Lifeguard's suspicion counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SuspectVote {
+    /// The suspected member.
+    pub target: SocketAddr,
+    /// Its generation.
+    pub generation: u64,
+    /// The incarnation it was suspected at (a refutation raises it and voids the votes).
+    pub incarnation: u16,
+    /// Who failed to reach it.
+    pub voter: SocketAddr,
+}
+
+impl SuspectVote {
+    fn key(&self) -> SuspicionKey {
+        (self.target, self.generation, self.incarnation)
+    }
+}
+
+// What travels as a foca custom broadcast.
+#[derive(Debug, Serialize, Deserialize)]
+enum Broadcast {
+    Meta(MetaUpdate),
+    Suspect(SuspectVote),
+}
+
+fn encode_broadcast(b: &Broadcast) -> Vec<u8> {
+    postcard::to_allocvec(b).expect("serializing plain data into a Vec cannot fail")
 }
 
 /// A metadata broadcast, also the per-member record inside a push-pull state.
@@ -186,6 +250,12 @@ struct MetaStore {
     changed: Vec<SocketAddr>,
     // Addresses that announced metadata too large to broadcast: pull their state.
     fetch: Vec<SocketAddr>,
+    // Who voted for each suspicion, and the probe tick it was first heard of.
+    votes: HashMap<SuspicionKey, (Vec<SocketAddr>, u64)>,
+    // Suspicions that got a new voter since the node last looked.
+    voted: Vec<SuspicionKey>,
+    // The node's probe counter, for vote expiry.
+    tick: u64,
 }
 
 impl MetaStore {
@@ -222,19 +292,50 @@ impl MetaStore {
             }
         }
     }
+
+    /// Records a vote; returns whether it was new.
+    fn vote(&mut self, v: SuspectVote) -> bool {
+        let tick = self.tick;
+        let (voters, _) = self
+            .votes
+            .entry(v.key())
+            .or_insert_with(|| (Vec::new(), tick));
+        if voters.contains(&v.voter) || voters.len() >= MAX_VOTERS {
+            return false;
+        }
+        voters.push(v.voter);
+        self.voted.push(v.key());
+        true
+    }
+
+    /// Distinct members that voted for this suspicion.
+    fn voters(&self, key: &SuspicionKey) -> u32 {
+        self.votes.get(key).map_or(0, |(v, _)| v.len() as u32)
+    }
 }
 
-/// Key of a metadata broadcast in foca's dissemination queue.
+/// Key of a custom broadcast in foca's dissemination queue.
 #[derive(Debug)]
-struct MetaKey {
-    addr: SocketAddr,
-    order: (u64, u64),
+enum BroadcastKey {
+    Meta { addr: SocketAddr, order: (u64, u64) },
+    Vote(SuspectVote),
 }
 
-impl Invalidates for MetaKey {
-    // A newer version of the same member's metadata replaces an older one still queued.
+impl Invalidates for BroadcastKey {
+    // A newer version of the same member's metadata replaces an older one still queued; votes
+    // replace nothing but themselves.
     fn invalidates(&self, other: &Self) -> bool {
-        self.addr == other.addr && self.order >= other.order
+        match (self, other) {
+            (
+                BroadcastKey::Meta { addr, order },
+                BroadcastKey::Meta {
+                    addr: a2,
+                    order: o2,
+                },
+            ) => addr == a2 && order >= o2,
+            (BroadcastKey::Vote(a), BroadcastKey::Vote(b)) => a == b,
+            _ => false,
+        }
     }
 }
 
@@ -247,25 +348,36 @@ struct MetaHandler {
 }
 
 impl BroadcastHandler<NodeId> for MetaHandler {
-    type Key = MetaKey;
+    type Key = BroadcastKey;
     type Error = MetaDecodeError;
 
     fn receive_item(
         &mut self,
         data: &[u8],
         sender: Option<&NodeId>,
-    ) -> Result<Option<MetaKey>, MetaDecodeError> {
-        let u: MetaUpdate =
+    ) -> Result<Option<BroadcastKey>, MetaDecodeError> {
+        let b: Broadcast =
             postcard::from_bytes(data).map_err(|e| MetaDecodeError(e.to_string()))?;
-        let key = MetaKey {
-            addr: u.addr,
-            order: (u.generation, u.version),
-        };
-        if sender.is_none() {
-            // Our own metadata (added by `Node::publish_meta`, which already stored it).
-            return Ok(Some(key));
+        match b {
+            Broadcast::Meta(u) => {
+                let key = BroadcastKey::Meta {
+                    addr: u.addr,
+                    order: (u.generation, u.version),
+                };
+                if sender.is_none() {
+                    // Our own metadata (added by `Node::publish_meta`, which already stored it).
+                    return Ok(Some(key));
+                }
+                Ok(lock(&self.store).accept(u).then_some(key))
+            }
+            Broadcast::Suspect(v) => {
+                if sender.is_none() {
+                    // Our own vote (added by `Node::vote`, which already stored it).
+                    return Ok(Some(BroadcastKey::Vote(v)));
+                }
+                Ok(lock(&self.store).vote(v).then_some(BroadcastKey::Vote(v)))
+            }
         }
-        Ok(lock(&self.store).accept(u).then_some(key))
     }
 }
 
@@ -276,10 +388,27 @@ fn lock(store: &Mutex<MetaStore>) -> MutexGuard<'_, MetaStore> {
 }
 
 // foca's side effects, collected during one call.
-#[derive(Default)]
 struct Outbox {
     outputs: Vec<Output>,
     events: Vec<Event>,
+    // Lifeguard: probe timers are stretched by this (1 + local-health score)...
+    probe_multiplier: u32,
+    // ...and suspicion timers are taken over by the node: (timer, foca's timeout).
+    suspicions: Vec<(Timer<NodeId>, Duration)>,
+    // Members whose probe by us failed during this call.
+    probe_failed: Vec<NodeId>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            outputs: Vec::new(),
+            events: Vec::new(),
+            probe_multiplier: 1,
+            suspicions: Vec::new(),
+            probe_failed: Vec::new(),
+        }
+    }
 }
 
 impl foca::Runtime<NodeId> for Outbox {
@@ -292,6 +421,11 @@ impl foca::Runtime<NodeId> for Outbox {
             Notification::Active => Event::Active,
             Notification::Idle | Notification::Defunct => Event::Idle,
             Notification::Rejoin(_) => Event::Rejoined,
+            Notification::ProbeFailed(_, id) => {
+                self.probe_failed.push(id.clone());
+                return;
+            }
+            Notification::DataReceived(_) | Notification::DataSent(_) => return,
         };
         self.events.push(event);
     }
@@ -304,11 +438,31 @@ impl foca::Runtime<NodeId> for Outbox {
     }
 
     fn submit_after(&mut self, event: Timer<NodeId>, after: Duration) {
+        let after = match event {
+            Timer::ChangeSuspectToDown { .. } => {
+                self.suspicions.push((event, after));
+                return;
+            }
+            Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => {
+                after * self.probe_multiplier
+            }
+            _ => after,
+        };
         self.outputs.push(Output::Timer {
             after,
             timer: NodeTimer::Foca(event),
         });
     }
+}
+
+// A suspicion this node runs (its own probe failed): foca's timer, held back until the
+// deadline for the confirmations heard so far has passed.
+struct Suspicion {
+    timer: Timer<NodeId>,
+    // Confirmations that lead to the base timeout for this suspicion (0 in tiny clusters).
+    wanted: u32,
+    // The lowest step whose deadline has passed.
+    passed: Option<u32>,
 }
 
 struct ViewEntry {
@@ -318,6 +472,7 @@ struct ViewEntry {
     meta_version: u64,
     has_meta: bool,
     last_change_ms: u64,
+    suspectors: u32,
     // Refresh pass in which foca last listed this member; older entries were forgotten by foca.
     seen: u64,
 }
@@ -349,6 +504,20 @@ pub struct Node {
     self_seen: (u64, u64, bool),
     self_change_ms: u64,
     errors: NodeErrors,
+    // Self-tuning: the config foca runs with, the size it was computed for, and the units the
+    // size-dependent values scale from.
+    config: foca::Config,
+    size_hint: u32,
+    suspicion_unit: Duration,
+    push_pull_unit: Duration,
+    tuning: Tuning,
+    tuning_changed: bool,
+    // Lifeguard.
+    health: u32,
+    probe_tick: u64,
+    // Probe tick of the last lateness or overload report (at most one point per period).
+    late_tick: u64,
+    suspicions: HashMap<SuspicionKey, Suspicion>,
 }
 
 impl std::fmt::Debug for Node {
@@ -362,12 +531,15 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node with identity `id` that has not joined anything yet. `seed` seeds its randomness
-    /// (member selection); give each node a different one.
+    /// (member selection); give each node a different one. `config` and `push_pull_every` are
+    /// those of `expected_size` ([`crate::profile_settings`]); once the node has joined, the
+    /// size-dependent values follow the live member count.
     pub fn new(
         id: NodeId,
         meta: NodeMeta,
         config: foca::Config,
         push_pull_every: Duration,
+        expected_size: u32,
         seed: u64,
         now_ms: u64,
     ) -> Node {
@@ -379,9 +551,14 @@ impl Node {
             store: store.clone(),
         };
         let meta_grace = config.probe_period * 2;
+        let size_hint = expected_size.max(1);
+        let suspicion_unit = config
+            .suspect_to_down_after
+            .div_f64(suspicion_scale(size_hint));
+        let push_pull_unit = push_pull_every / push_pull_scale(size_hint);
         let foca = Foca::with_custom_broadcast(
             id,
-            config,
+            config.clone(),
             SmallRng::seed_from_u64(seed),
             PostcardCodec,
             handler,
@@ -402,6 +579,25 @@ impl Node {
             self_seen: (0, 0, false),
             self_change_ms: now_ms,
             errors: NodeErrors::default(),
+            tuning: Tuning {
+                members: size_hint,
+                probe_interval: config.probe_period,
+                suspicion_timeout: config.suspect_to_down_after,
+                suspicion_max_timeout: config.suspect_to_down_after * SUSPICION_MAX_MULT,
+                confirmations: SUSPICION_CONFIRMATIONS,
+                retransmissions: config.max_transmissions.get(),
+                push_pull_interval: push_pull_every,
+                local_health: 0,
+            },
+            config,
+            size_hint,
+            suspicion_unit,
+            push_pull_unit,
+            tuning_changed: true,
+            health: 0,
+            probe_tick: 0,
+            late_tick: 0,
+            suspicions: HashMap::new(),
         };
         node.publish_meta();
         // A random first delay spreads the cluster's exchanges over the interval.
@@ -443,6 +639,194 @@ impl Node {
     /// Number of active members foca knows (ourselves excluded).
     pub fn num_active(&self) -> usize {
         self.foca.num_members()
+    }
+
+    /// The timings in use now (see [`Tuning`]).
+    pub fn tuning(&self) -> Tuning {
+        self.tuning
+    }
+
+    /// The timings, if they changed since the last call (for drivers that publish them).
+    pub fn take_tuning_change(&mut self) -> Option<Tuning> {
+        std::mem::take(&mut self.tuning_changed).then_some(self.tuning)
+    }
+
+    /// Suspicions this node is running now (its own probe failed and the member is not down
+    /// yet).
+    pub fn open_suspicions(&self) -> usize {
+        self.suspicions.len()
+    }
+
+    /// Tells the node one of its timers fired `late` after it was due (the driver or the
+    /// machine was busy). Lifeguard: lateness beyond half a probe timeout raises the
+    /// local-health score, at most once per probe period.
+    pub fn timer_lateness(&mut self, late: Duration) {
+        if late >= self.config.probe_rtt / 2 {
+            self.note_unwell();
+        }
+    }
+
+    /// Tells the node that inbound packets were dropped because it did not keep up. Raises the
+    /// local-health score, at most once per probe period.
+    pub fn inbound_dropped(&mut self) {
+        self.note_unwell();
+    }
+
+    fn note_unwell(&mut self) {
+        if self.late_tick != self.probe_tick || self.probe_tick == 0 {
+            self.late_tick = self.probe_tick;
+            self.set_health(self.health + 1);
+        }
+    }
+
+    fn set_health(&mut self, score: u32) {
+        let score = score.min(MAX_LOCAL_HEALTH);
+        if score != self.health {
+            self.health = score;
+            self.outbox.probe_multiplier = 1 + score;
+            self.tuning.local_health = score;
+            self.tuning.probe_interval = self.config.probe_period * (1 + score);
+            self.tuning_changed = true;
+        }
+    }
+
+    // Self-tuning: recomputes the size-dependent settings from the live member count.
+    fn retune(&mut self) {
+        let n = if self.connected {
+            self.foca.num_members() as u32 + 1
+        } else {
+            self.size_hint
+        };
+        if n == self.tuning.members {
+            return;
+        }
+        let mut cfg = self.config.clone();
+        cfg.max_transmissions = retransmissions(n);
+        cfg.suspect_to_down_after = self.suspicion_unit.mul_f64(suspicion_scale(n));
+        if self.foca.set_config(cfg.clone()).is_err() {
+            // Only probe timings and enabling periodic tasks are refused; we change neither.
+            self.errors.foca += 1;
+            return;
+        }
+        self.config = cfg;
+        self.push_pull_every = self.push_pull_unit * push_pull_scale(n);
+        self.tuning.members = n;
+        self.tuning.suspicion_timeout = self.config.suspect_to_down_after;
+        self.tuning.suspicion_max_timeout = self.config.suspect_to_down_after * SUSPICION_MAX_MULT;
+        self.tuning.retransmissions = self.config.max_transmissions.get();
+        self.tuning.push_pull_interval = self.push_pull_every;
+        self.tuning_changed = true;
+    }
+
+    // Our probe of `id` failed: vote, so that others' suspicions of it count us.
+    fn vote(&mut self, id: &NodeId) {
+        let Some(m) = self
+            .foca
+            .iter_membership_state()
+            .find(|m| m.id() == id && m.state() == State::Suspect)
+        else {
+            return; // refuted or down meanwhile: nothing to confirm
+        };
+        let v = SuspectVote {
+            target: id.addr,
+            generation: id.generation,
+            incarnation: m.incarnation(),
+            voter: self.id().addr,
+        };
+        if lock(&self.store).vote(v)
+            && self
+                .foca
+                .add_broadcast(&encode_broadcast(&Broadcast::Suspect(v)))
+                .is_err()
+        {
+            self.errors.foca += 1;
+        }
+    }
+
+    // foca asked for its suspect-to-down timer: run it Lifeguard's way instead. The deadline
+    // starts at SUSPICION_MAX_MULT times foca's timeout and falls, logarithmically, to foca's
+    // timeout as independent confirmations arrive; one timer per step checks it.
+    fn start_suspicion(&mut self, timer: Timer<NodeId>, base: Duration) {
+        let Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = &timer
+        else {
+            return;
+        };
+        let key = (member_id.addr, member_id.generation, *incarnation);
+        if self.suspicions.contains_key(&key) {
+            // foca asks again when our next probe of a member we already suspect fails too:
+            // the suspicion we run already started, and our vote is already counted.
+            return;
+        }
+        self.outbox.events.push(Event::Suspected(member_id.addr));
+        // memberlist: with fewer members than confirmations + 2, confirmations cannot come.
+        let members = self.foca.num_members() as u32 + 1;
+        let wanted = if members < SUSPICION_CONFIRMATIONS + 2 {
+            0
+        } else {
+            SUSPICION_CONFIRMATIONS
+        };
+        let max = if wanted == 0 {
+            base
+        } else {
+            base * SUSPICION_MAX_MULT
+        };
+        for step in 0..=wanted {
+            let frac = if wanted == 0 {
+                1.0
+            } else {
+                f64::from(step + 1).ln() / f64::from(wanted + 1).ln()
+            };
+            let after = max.saturating_sub((max - base).mul_f64(frac)).max(base);
+            self.outbox.outputs.push(Output::Timer {
+                after,
+                timer: NodeTimer::Suspicion { target: key, step },
+            });
+        }
+        self.suspicions.insert(
+            key,
+            Suspicion {
+                timer,
+                wanted,
+                passed: None,
+            },
+        );
+    }
+
+    // Declares the member down if the deadline for the confirmations heard so far has passed.
+    fn check_suspicion(&mut self, key: SuspicionKey) {
+        let Some(s) = self.suspicions.get(&key) else {
+            return;
+        };
+        let Some(passed) = s.passed else { return };
+        let confirmations = lock(&self.store)
+            .voters(&key)
+            .saturating_sub(1)
+            .min(s.wanted);
+        if confirmations < passed {
+            return;
+        }
+        let s = self.suspicions.remove(&key).expect("present");
+        lock(&self.store).votes.remove(&key);
+        if self.foca.handle_timer(s.timer, &mut self.outbox).is_err() {
+            self.errors.foca += 1;
+        }
+    }
+
+    // Forgets votes for suspicions this node does not run, once they are old.
+    fn expire_votes(&mut self) {
+        let tick = self.probe_tick;
+        let mut store = lock(&self.store);
+        store.tick = tick;
+        if tick % 16 == 0 {
+            let running = &self.suspicions;
+            store
+                .votes
+                .retain(|k, (_, born)| running.contains_key(k) || *born + VOTE_TTL_PROBES > tick);
+        }
     }
 
     /// Asks `seeds` to let us in: a SWIM announce to each and a push-pull of the full state
@@ -496,8 +880,30 @@ impl Node {
         }
         match timer {
             NodeTimer::Foca(t) => {
+                let probe = matches!(t, Timer::ProbeRandomMember(_));
+                let failed_before = self.outbox.probe_failed.len();
                 if self.foca.handle_timer(t, &mut self.outbox).is_err() {
                     self.errors.foca += 1;
+                }
+                if probe {
+                    // A new probe cycle: the previous probe either failed (foca reported it) or
+                    // was answered. Lifeguard: failures raise the local-health score, answers
+                    // lower it.
+                    let failed = self.outbox.probe_failed.len() > failed_before;
+                    self.probe_tick += 1;
+                    self.set_health(if failed {
+                        self.health + 1
+                    } else {
+                        self.health.saturating_sub(1)
+                    });
+                    self.retune();
+                    self.expire_votes();
+                }
+            }
+            NodeTimer::Suspicion { target, step } => {
+                if let Some(s) = self.suspicions.get_mut(&target) {
+                    s.passed = Some(s.passed.map_or(step, |p| p.min(step)));
+                    self.check_suspicion(target);
                 }
             }
             NodeTimer::PushPull => {
@@ -577,9 +983,7 @@ impl Node {
             let mut store = lock(&self.store);
             for m in state.metas {
                 let bytes = broadcast && m.meta.is_some() && m.addr != self.id().addr;
-                let bytes = bytes.then(|| {
-                    postcard::to_allocvec(&m).expect("serializing into a Vec cannot fail")
-                });
+                let bytes = bytes.then(|| encode_broadcast(&Broadcast::Meta(m.clone())));
                 if store.accept(m) {
                     fresh.extend(bytes.filter(|b| b.len() <= MAX_BROADCAST_META));
                 }
@@ -685,6 +1089,13 @@ impl Node {
             };
             let meta_version = rec.map_or(0, |r| r.version);
             let has_meta = rec.is_some_and(|r| r.meta.is_some());
+            let suspectors = if state == MemberState::Suspect {
+                store
+                    .voters(&(id.addr, id.generation, m.incarnation()))
+                    .max(1)
+            } else {
+                0
+            };
             let entry = self.view.entry(id.addr).or_insert_with(|| {
                 changed = true;
                 ViewEntry {
@@ -694,10 +1105,17 @@ impl Node {
                     meta_version,
                     has_meta,
                     last_change_ms: now_ms,
+                    suspectors,
                     seen: pass,
                 }
             });
             entry.seen = pass;
+            // A new suspector changes what proxies hold, but not since when the member is
+            // suspect (the hold delay counts from last_change_ms).
+            if entry.suspectors != suspectors {
+                entry.suspectors = suspectors;
+                changed = true;
+            }
             let now = (
                 id.generation,
                 m.incarnation(),
@@ -758,6 +1176,7 @@ impl Node {
             meta_version: self.version,
             last_change_ms: self.self_change_ms,
             is_self: true,
+            suspectors: 0,
         });
         let mut others: Vec<MemberInfo> = self
             .view
@@ -773,6 +1192,7 @@ impl Node {
                     meta_version: e.meta_version,
                     last_change_ms: e.last_change_ms,
                     is_self: false,
+                    suspectors: e.suspectors,
                 })
             })
             .collect();
@@ -784,6 +1204,16 @@ impl Node {
         });
         out.extend(others);
         out
+    }
+
+    /// The members seen Suspect at the last [`Node::refresh`]: address, since when (the
+    /// `now_ms` of the refresh that first saw the suspicion) and how many independent
+    /// suspectors this node has heard of.
+    pub fn suspects(&self) -> impl Iterator<Item = (SocketAddr, u64, u32)> + '_ {
+        self.view
+            .iter()
+            .filter(|(_, e)| e.state == MemberState::Suspect)
+            .map(|(a, e)| (*a, e.last_change_ms, e.suspectors))
     }
 
     /// How foca sees `addr` right now (O(members), for tests and the simulator), with Left
@@ -853,10 +1283,10 @@ impl Node {
                 },
             );
         }
-        let mut bytes = postcard::to_allocvec(&full).expect("serializing into a Vec cannot fail");
+        let mut bytes = encode_broadcast(&Broadcast::Meta(full.clone()));
         if bytes.len() > MAX_BROADCAST_META {
             let stub = MetaUpdate { meta: None, ..full };
-            bytes = postcard::to_allocvec(&stub).expect("serializing into a Vec cannot fail");
+            bytes = encode_broadcast(&Broadcast::Meta(stub));
         }
         if self.foca.add_broadcast(&bytes).is_err() {
             self.errors.foca += 1;
@@ -865,6 +1295,17 @@ impl Node {
 
     // Work common to every input: react to foca's notifications and to stubs needing a pull.
     fn after_call(&mut self) {
+        // Lifeguard first: it may declare members down, which the event loop below must see.
+        for id in std::mem::take(&mut self.outbox.probe_failed) {
+            self.vote(&id);
+        }
+        for (timer, base) in std::mem::take(&mut self.outbox.suspicions) {
+            self.start_suspicion(timer, base);
+        }
+        let voted = std::mem::take(&mut lock(&self.store).voted);
+        for key in voted {
+            self.check_suspicion(key);
+        }
         let mut rejoined = false;
         for e in &self.outbox.events {
             match e {
@@ -924,6 +1365,7 @@ mod tests {
             NodeMeta::new(name, Role::Backend),
             cfg,
             pp,
+            8,
             u64::from(port),
             0,
         )

@@ -23,7 +23,7 @@ use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
 use super::wire::{self, Kind, OpenError};
-use super::{profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile};
+use super::{profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile, Tuning};
 use crate::clock::now_ms;
 
 // One stream exchange (connect, write, read) must finish within this.
@@ -48,6 +48,8 @@ pub struct Stats {
     pub rejected_decrypt: u64,
     /// Authenticated messages that were malformed or refused by the protocol.
     pub malformed: u64,
+    /// Authenticated datagrams dropped because the member's task did not keep up.
+    pub inbound_dropped: u64,
 }
 
 #[derive(Default)]
@@ -60,6 +62,7 @@ struct Counters {
     bytes_received: AtomicU64,
     rejected_decrypt: AtomicU64,
     malformed: AtomicU64,
+    inbound_dropped: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -74,6 +77,7 @@ struct Shared {
     // Serializes keyring edits (load-modify-store); readers never take it.
     keyring_edit: Mutex<()>,
     members: ArcSwap<Vec<MemberInfo>>,
+    tuning: ArcSwap<Tuning>,
     counters: Counters,
     gossip_addr: SocketAddr,
     blobs: BlobStore,
@@ -289,7 +293,13 @@ impl ClusterHandle {
             bytes_received: get(&c.bytes_received),
             rejected_decrypt: get(&c.rejected_decrypt),
             malformed: get(&c.malformed),
+            inbound_dropped: get(&c.inbound_dropped),
         }
+    }
+
+    /// The timings in use now: they follow the live member count and local health.
+    pub fn tuning(&self) -> Tuning {
+        **self.shared.tuning.load()
     }
 
     /// The address other members reach this one at.
@@ -402,6 +412,7 @@ impl Cluster {
             keyring: ArcSwap::from_pointee(keyring),
             keyring_edit: Mutex::new(()),
             members: ArcSwap::from_pointee(Vec::new()),
+            tuning: ArcSwap::from_pointee(Tuning::default()),
             counters: Counters::default(),
             gossip_addr,
             blobs: BlobStore::default(),
@@ -421,6 +432,7 @@ impl Cluster {
             meta.clone(),
             foca_cfg,
             push_pull,
+            config.expected_size,
             rand::random(),
             now_ms(),
         );
@@ -430,6 +442,7 @@ impl Cluster {
         // Publish before returning so that members() is never empty, even before the first turn.
         node.refresh(now_ms());
         shared.members.store(Arc::new(node.members()));
+        shared.tuning.store(Arc::new(node.tuning()));
 
         let (in_tx, in_rx) = mpsc::channel(1024);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -451,6 +464,7 @@ impl Cluster {
             next_seed_try: Instant::now() + seed_backoff(config.profile).0,
             seed_delay: seed_backoff(config.profile).0,
             changes: changes_tx,
+            dropped_seen: 0,
         };
         tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
         Ok(ClusterHandle {
@@ -518,10 +532,12 @@ async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender
         match shared.open(&buf[..n]) {
             Some((Kind::Foca, body)) => {
                 // Under overload drop rather than queue without bound: SWIM tolerates loss.
-                if let Err(mpsc::error::TrySendError::Closed(_)) =
-                    tx.try_send(Inbound::Packet(body))
-                {
-                    return;
+                match tx.try_send(Inbound::Packet(body)) {
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        add(&shared.counters.inbound_dropped, 1)
+                    }
+                    Ok(()) => {}
                 }
             }
             Some(_) => add(&shared.counters.malformed, 1),
@@ -621,6 +637,8 @@ struct Driver {
     next_seed_try: Instant,
     seed_delay: Duration,
     changes: watch::Sender<u64>,
+    // inbound_dropped as last reported to the node's local health.
+    dropped_seen: u64,
 }
 
 impl Driver {
@@ -658,6 +676,7 @@ impl Driver {
                     let now = Instant::now();
                     while self.timers.peek().is_some_and(|t| t.at <= now) {
                         let t = self.timers.pop().expect("peeked");
+                        self.node.timer_lateness(now.saturating_duration_since(t.at));
                         self.node.handle_timer(t.timer);
                     }
                 }
@@ -721,6 +740,14 @@ impl Driver {
                 Event::Active => self.seed_delay = self.backoff.0,
                 _ => {}
             }
+        }
+        let dropped = self.shared.counters.inbound_dropped.load(Ordering::Relaxed);
+        if dropped != self.dropped_seen {
+            self.dropped_seen = dropped;
+            self.node.inbound_dropped();
+        }
+        if let Some(t) = self.node.take_tuning_change() {
+            self.shared.tuning.store(Arc::new(t));
         }
         if self.node.refresh(now_ms()) {
             self.shared.members.store(Arc::new(self.node.members()));

@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 
 use sluice_gossip::node::Event;
+use sluice_gossip::routing::Freeze;
 use sluice_gossip::sim::{sim_addr, Sim, SimConfig};
-use sluice_gossip::MemberState;
+use sluice_gossip::{profile_settings, HoldPolicy, LastKnownGood, MemberState, Profile};
 
 const N: usize = 100;
 const SECOND: u64 = 1000;
@@ -145,4 +146,186 @@ fn metadata_changes_and_leaves_spread() {
             "node {i}"
         );
     }
+}
+
+// A settled cluster of `n` nodes on the shipped defaults over a bursty, lossy network.
+fn realistic_cluster(n: usize, loss: f64, seed: u64) -> Sim {
+    let mut sim = Sim::new(SimConfig::realistic(loss, seed));
+    sim.add_converged(n);
+    sim.run_until(10 * SECOND, |_, _, _| {});
+    sim
+}
+
+#[test]
+fn timings_follow_the_live_member_count_not_the_hint() {
+    let mut sim = realistic_cluster(N, 0.01, 4);
+    let want = |size: u32| {
+        let (cfg, pp) = profile_settings(Profile::Lan, size);
+        (
+            size,
+            cfg.suspect_to_down_after,
+            cfg.max_transmissions.get(),
+            pp,
+        )
+    };
+    let got = |sim: &Sim, i: usize| {
+        let t = sim.node(i).tuning();
+        (
+            t.members,
+            t.suspicion_timeout,
+            t.retransmissions,
+            t.push_pull_interval,
+        )
+    };
+    // Started with expected_size = 32; 100 members are live.
+    assert_eq!(SimConfig::realistic(0.01, 4).expected_size, 32);
+    for i in [0, 50, 99] {
+        assert_eq!(got(&sim, i), want(N as u32), "node {i}");
+        assert_eq!(
+            sim.node(i).tuning().suspicion_max_timeout,
+            want(N as u32).1 * sluice_gossip::node::SUSPICION_MAX_MULT
+        );
+    }
+    // Half the cluster leaves: the rest retune to 50.
+    for i in 50..N {
+        sim.leave(i);
+    }
+    let t = sim.now_ms() + 30 * SECOND;
+    sim.run_until(t, |_, _, _| {});
+    assert_eq!(got(&sim, 0), want(50));
+}
+
+#[test]
+fn slow_nodes_do_not_get_healthy_members_held() {
+    // No loss, so that whatever healthy member gets suspected was suspected by a slow node.
+    let run = |policy: HoldPolicy| {
+        let mut sim = realistic_cluster(N, 0.0, 5);
+        // Two nodes handle everything up to 5 s late; five others act as proxies.
+        sim.set_slow(10, 5 * SECOND);
+        sim.set_slow(20, 5 * SECOND);
+        sim.observe(vec![1, 2, 3, 4, 5], policy);
+        let t = sim.now_ms() + 1200 * SECOND;
+        sim.run_until(t, |_, _, _| {});
+        sim
+    };
+    let sim = run(HoldPolicy::default());
+    let c = sim.counts();
+    eprintln!(
+        "20 minutes, 2 slow nodes of {N}: {c:?}; their local health {:?}",
+        [sim.node(10).tuning(), sim.node(20).tuning()]
+    );
+    assert_eq!(c.false_deaths, 0, "{c:?}");
+    assert!(
+        c.false_suspicions > c.false_suspicions_of_slow,
+        "the slow nodes did suspect healthy members: {c:?}"
+    );
+    // The slow nodes themselves may be held (they do stop answering); the healthy members
+    // they failed to reach in time must not lose traffic anywhere.
+    assert_eq!(c.held_healthy_ms - c.held_slow_ms, 0, "{c:?}");
+    // Lifeguard: the slow nodes saw themselves late and slowed their probing down.
+    assert!(
+        sim.node(10).tuning().local_health > 0 || sim.node(20).tuning().local_health > 0,
+        "local health rose on a slow node"
+    );
+    // The same run holding every suspect at once does hold healthy members.
+    let naive = run(HoldPolicy {
+        suspectors: 1,
+        after: std::time::Duration::ZERO,
+    })
+    .counts();
+    eprintln!("the same, holding every suspect at once: {naive:?}");
+    assert!(naive.held_healthy_ms > naive.held_slow_ms, "{naive:?}");
+}
+
+#[test]
+fn a_crash_is_held_fast_and_detected_on_a_bursty_network() {
+    let mut sim = realistic_cluster(N, 0.05, 6);
+    let observers: Vec<usize> = (1..6).collect();
+    sim.observe(observers.clone(), HoldPolicy::default());
+    let victim = 77;
+    sim.crash(victim);
+    let start = sim.now_ms();
+    let mut down = HashSet::new();
+    let t = start + 120 * SECOND;
+    sim.run_until(t, |_, node, e| {
+        if *e == Event::MemberDown(sim_addr(victim)) {
+            down.insert(node);
+        }
+    });
+    assert_eq!(
+        down.len(),
+        N - 1,
+        "every live node marks the crashed node down"
+    );
+    let held: Vec<u64> = observers
+        .iter()
+        .map(|o| sim.first_held(*o, victim).expect("held by every observer") - start)
+        .collect();
+    eprintln!("crash held by the observers after {held:?} ms");
+    assert!(held.iter().all(|ms| *ms <= 15 * SECOND), "{held:?}");
+    assert_eq!(sim.counts().false_deaths, 0, "{:?}", sim.counts());
+}
+
+#[test]
+fn a_partition_heals_and_the_cut_off_side_keeps_its_pools() {
+    let mut sim = realistic_cluster(60, 0.01, 7);
+    let small: Vec<usize> = (0..10).collect();
+    let mut guard = LastKnownGood::new(0.5, std::time::Duration::from_secs(30));
+    let mut frozen_seen = false;
+    sim.partition(&small, 90 * SECOND);
+    let heal = sim.now_ms() + 90 * SECOND;
+    while sim.now_ms() < heal {
+        let t = sim.now_ms() + SECOND;
+        sim.run_until(t, |_, _, _| {});
+        let now = sim.now_ms();
+        // Node 0 is on the small side: it sees 50 of 59 members fail within seconds.
+        let members = members_of(&mut sim, 0, now);
+        if let Some(f) = guard.update(&members, now) {
+            assert!(matches!(f, Freeze::MassFailure { .. }), "{f:?}");
+            frozen_seen = true;
+        }
+    }
+    assert!(
+        frozen_seen,
+        "the cut-off side kept its last-known-good pools"
+    );
+    // Healed: every node sees every other alive again, and the guard lets go.
+    let took = run_until_converged(&mut sim, 120 * SECOND);
+    eprintln!("partition healed, converged {took} ms later");
+    let now = sim.now_ms();
+    let members = members_of(&mut sim, 0, now);
+    assert_eq!(guard.update(&members, now), None);
+}
+
+#[test]
+fn churn_restarts_rejoin_and_nobody_else_dies() {
+    let mut sim = realistic_cluster(N, 0.01, 8);
+    // Every 20 s a node crashes and its replacement restarts 5 s later at the same address.
+    for round in 0..10 {
+        let victim = 30 + round * 3;
+        sim.crash(victim);
+        let t = sim.now_ms() + 5 * SECOND;
+        sim.run_until(t, |_, _, _| {});
+        sim.restart(victim, &[0]);
+        let t = sim.now_ms() + 15 * SECOND;
+        sim.run_until(t, |_, _, _| {});
+    }
+    run_until_converged(&mut sim, 60 * SECOND);
+    assert_eq!(sim.counts().false_deaths, 0, "{:?}", sim.counts());
+}
+
+// Node `i`'s member list as a proxy sees it at `now`.
+fn members_of(sim: &mut Sim, i: usize, now: u64) -> Vec<sluice_gossip::MemberInfo> {
+    sim.refresh(i, now);
+    sim.node(i).members()
+}
+
+#[test]
+fn simulated_metadata_is_the_size_of_a_real_agents() {
+    // Two services, a zone, eleven tags and a long host name: about 300 bytes, as the
+    // benchmark's traffic figures assume.
+    let len = postcard::to_allocvec(&sluice_gossip::sim::sim_meta(123))
+        .expect("encodes")
+        .len();
+    assert!((270..=330).contains(&len), "{len} bytes");
 }
