@@ -159,7 +159,11 @@ function uploadForm(pool) {
     el('option', { value: 'strategy' }, 'strategy'), el('option', { value: 'health' }, 'health check'));
   const file = el('input', { type: 'file', accept: '.wasm,application/wasm', name: 'wasm' });
   const config = el('textarea', { name: 'config', placeholder: 'config (JSON object; empty keeps the current one)' });
-  const form = el('form', { class: 'upload' }, 'upload plugin: ', kind, file, config,
+  // On a clustered proxy the plugin can go to every proxy of the cluster (gossip rollout).
+  const everywhere = el('input', { type: 'checkbox', name: 'cluster' });
+  const scope = el('label', { class: 'cluster-only' }, everywhere, ' to every proxy of the cluster');
+  scope.hidden = !(app.overview && app.overview.clustered);
+  const form = el('form', { class: 'upload' }, 'upload plugin: ', kind, file, config, scope,
     el('button', { type: 'submit' }, 'upload'));
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
@@ -184,6 +188,12 @@ function uploadForm(pool) {
       query = '?config=' + encodeURIComponent(JSON.stringify(parsed));
     }
     const bytes = await file.files[0].arrayBuffer();
+    if (everywhere.checked && !scope.hidden) {
+      await rollOut(pool, kind.value, query, bytes);
+      file.value = '';
+      refresh(true);
+      return;
+    }
     const path = `/api/pools/${encodeURIComponent(pool)}/${kind.value}${query}`;
     try {
       const r = await api('PUT', path, { body: bytes, contentType: 'application/wasm' });
@@ -195,6 +205,19 @@ function uploadForm(pool) {
     refresh(true);
   });
   return form;
+}
+
+/** Rolls a plugin out to every proxy of the cluster and shows each proxy's result. */
+async function rollOut(pool, kind, query, bytes) {
+  const path = `/api/cluster/plugins/${encodeURIComponent(pool)}/${kind}${query}`;
+  showMessage(`rolling the ${kind} of pool ${pool} out to the cluster…`, 'ok');
+  try {
+    const r = await api('POST', path, { body: bytes, contentType: 'application/wasm' });
+    const nodes = r.nodes.map((n) => `${n.name}: ${n.result}${n.error ? ` (${n.error})` : ''}`).join('; ');
+    showMessage(`cluster rollout of sha256 ${r.sha256.slice(0, 12)}…: ${nodes}`, r.ok ? 'ok' : 'error');
+  } catch (e) {
+    showMessage(e.message, 'error');
+  }
 }
 
 /** The action buttons of one backend row (made once; `update` sets their labels). */

@@ -287,7 +287,8 @@ fn a_partitioned_node_is_evicted_and_rejoins_after_healing() {
 
     // Requests kept flowing while it was cut off.
     assert!(
-        wait_for(Duration::from_secs(30), || during.load(Ordering::SeqCst) >= 100),
+        wait_for(Duration::from_secs(30), || during.load(Ordering::SeqCst)
+            >= 100),
         "no load overlapped the partition"
     );
 

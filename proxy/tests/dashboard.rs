@@ -348,6 +348,32 @@ fn a_clustered_proxy_shows_its_members_and_map() {
     let png = page.screenshot();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 20_000);
     std::fs::write(dir.join("cluster.png"), png).unwrap();
+
+    // On a clustered proxy a plugin can be rolled out to every proxy from the page: the page
+    // shows each proxy's result, and the proxy runs the plugin.
+    let wasm = dir.join("first-only.wasm");
+    std::fs::write(&wasm, first_only()).unwrap();
+    page.choose_file(".pool[data-pool=\"web\"] input[type=file]", &wasm);
+    page.click(".pool[data-pool=\"web\"] form.upload input[name=cluster]");
+    page.click(".pool[data-pool=\"web\"] form.upload button");
+    assert!(
+        page.wait_until(
+            "document.getElementById('message').textContent.includes('proxy-1: ok')",
+            PAGE_LIMIT
+        ),
+        "the cluster rollout never showed: {}",
+        page.eval("document.getElementById('message').textContent")
+    );
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(first_only()))
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || pools_json(&proxy)["pools"][0]
+            ["strategy"]["sha256"]
+            == sha.as_str()),
+        "the rolled-out plugin is not running"
+    );
 }
 
 #[test]

@@ -192,7 +192,11 @@ pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle, settings: Routi
             Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
                 .clamp(Duration::from_millis(10), Duration::from_secs(1))
         });
-        let _ = tokio::time::timeout(wait, changes.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout(wait, changes.changed()).await {
+            // The cluster member has stopped (shutdown): nothing will change any more, and
+            // `changed()` would now return at once, turning this loop into a busy one.
+            return;
+        }
     }
 }
 
