@@ -515,7 +515,8 @@ pub struct Node {
     // Lifeguard.
     health: u32,
     probe_tick: u64,
-    // Probe tick of the last lateness or overload report (at most one point per period).
+    // Probe tick of the last lateness or overload report (at most one point per period;
+    // u64::MAX before the first).
     late_tick: u64,
     suspicions: HashMap<SuspicionKey, Suspicion>,
 }
@@ -596,7 +597,7 @@ impl Node {
             tuning_changed: true,
             health: 0,
             probe_tick: 0,
-            late_tick: 0,
+            late_tick: u64::MAX,
             suspicions: HashMap::new(),
         };
         node.publish_meta();
@@ -673,7 +674,7 @@ impl Node {
     }
 
     fn note_unwell(&mut self) {
-        if self.late_tick != self.probe_tick || self.probe_tick == 0 {
+        if self.late_tick != self.probe_tick {
             self.late_tick = self.probe_tick;
             self.set_health(self.health + 1);
         }
@@ -1476,6 +1477,37 @@ mod tests {
             "a restart at the same address is not a conflict"
         );
         assert_eq!(state.name_taken("other", ([127, 0, 0, 1], 3).into()), None);
+    }
+
+    #[test]
+    fn lateness_raises_local_health_once_per_probe_period_and_stretches_probes() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let base = a.tuning().probe_interval;
+        assert_eq!(a.tuning().local_health, 0);
+        // Slightly late timers are normal; half a probe timeout late is not.
+        a.timer_lateness(Duration::from_millis(1));
+        assert_eq!(a.tuning().local_health, 0);
+        a.timer_lateness(Duration::from_secs(1));
+        a.timer_lateness(Duration::from_secs(1));
+        assert_eq!(a.tuning().local_health, 1, "at most one point per period");
+        assert_eq!(a.tuning().probe_interval, base * 2);
+        assert_eq!(a.take_tuning_change().map(|t| t.local_health), Some(1));
+        // The next probe timer foca asks for is stretched by the multiplier.
+        a.take_outputs();
+        let probe = Timer::ProbeRandomMember(0);
+        foca::Runtime::submit_after(&mut a.outbox, probe.clone(), base);
+        let stretched = a.take_outputs().into_iter().find_map(|o| match o {
+            Output::Timer {
+                after,
+                timer: NodeTimer::Foca(t),
+            } if t == probe => Some(after),
+            _ => None,
+        });
+        assert_eq!(stretched, Some(base * 2));
+        a.inbound_dropped();
+        assert_eq!(a.tuning().local_health, 1, "same period: no second point");
     }
 
     #[test]
