@@ -9,7 +9,8 @@
 # The default config (packaging/container.toml) proxies to a placeholder backend: mount your own
 # file over /etc/sluice/sluice.toml. The image runs `sluice check` on it before starting.
 
-FROM rust:1.85-bookworm AS build
+# wasmtime 48 needs Rust 1.95 or newer.
+FROM rust:1.95-bookworm AS build
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake \
  && rm -rf /var/lib/apt/lists/* \
