@@ -120,12 +120,12 @@ impl Shared {
         Ok(())
     }
 
-    // One push-pull exchange over TCP; `None` on any failure (unreachable, timeout, bad reply).
-    async fn exchange(&self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
-        let sealed = self.seal(Kind::PushPull, body);
+    // One sealed request and its sealed reply over a fresh TCP connection, counted; `None` on
+    // any failure (unreachable, timeout, closed early).
+    async fn round_trip(&self, to: SocketAddr, sealed: &[u8]) -> Option<Vec<u8>> {
         let run = async {
             let mut stream = TcpStream::connect(to).await.ok()?;
-            wire::write_frame(&mut stream, &sealed).await.ok()?;
+            wire::write_frame(&mut stream, sealed).await.ok()?;
             add(&self.counters.tcp_sent, 1);
             add(&self.counters.bytes_sent, sealed.len() + 4);
             let reply = wire::read_frame(&mut stream).await.ok()?;
@@ -133,7 +133,13 @@ impl Shared {
             add(&self.counters.bytes_received, reply.len() + 4);
             Some(reply)
         };
-        let reply = timeout(STREAM_TIMEOUT, run).await.ok()??;
+        timeout(STREAM_TIMEOUT, run).await.ok().flatten()
+    }
+
+    // One push-pull exchange over TCP; `None` on any failure (unreachable, timeout, bad reply).
+    async fn exchange(&self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
+        let sealed = self.seal(Kind::PushPull, body);
+        let reply = self.round_trip(to, &sealed).await?;
         match self.open(&reply)? {
             (Kind::PushPullReply, body) => Some(body),
             _ => {
@@ -146,20 +152,9 @@ impl Shared {
     // Asks `from` for a blob (see the blobs module for the exchange).
     async fn fetch_blob(&self, from: SocketAddr, key: &BlobKey) -> Result<Vec<u8>, BlobError> {
         let sealed = self.seal(Kind::BlobGet, key);
-        let run = async {
-            let mut stream = TcpStream::connect(from).await.ok()?;
-            wire::write_frame(&mut stream, &sealed).await.ok()?;
-            add(&self.counters.tcp_sent, 1);
-            add(&self.counters.bytes_sent, sealed.len() + 4);
-            let reply = wire::read_frame(&mut stream).await.ok()?;
-            add(&self.counters.tcp_received, 1);
-            add(&self.counters.bytes_received, reply.len() + 4);
-            Some(reply)
-        };
-        let reply = timeout(STREAM_TIMEOUT, run)
+        let reply = self
+            .round_trip(from, &sealed)
             .await
-            .ok()
-            .flatten()
             .ok_or(BlobError::Unreachable(from))?;
         let parsed = match self.open(&reply) {
             Some((Kind::Blob, body)) => blobs::parse_reply(&body),
