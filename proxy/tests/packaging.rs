@@ -137,11 +137,7 @@ fn run_notifies_systemd_when_ready_and_when_stopping() {
     // Ready means serving: the listener answers right away.
     let resp = sluice::client::request(listen, "GET", "/", &[], b"");
     assert_eq!(resp.map(|r| r.status).ok(), Some(200));
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(child.id(), "-TERM");
     let n = manager.recv(&mut buf).expect("no STOPPING=1 within 60 s");
     assert_eq!(&buf[..n], b"STOPPING=1");
     let exited = wait_for(Duration::from_secs(30), || {

@@ -238,11 +238,7 @@ impl Proxy {
 
     /// Sends a signal (`-TERM`, `-QUIT`, `-HUP`).
     pub fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
+        send_signal(self.child.id(), sig);
     }
 
     /// The exit status, once the process has exited within `limit`.
@@ -474,11 +470,7 @@ impl Agent {
 
     /// Sends a signal (`-TERM`, `-KILL`, `-HUP`).
     pub fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
+        send_signal(self.child.id(), sig);
     }
 
     /// The agent's log so far.
@@ -636,4 +628,13 @@ pub fn openssl(dir: &std::path::Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Sends `sig` (`-TERM`, `-KILL`, ...) to process `pid`, as an operator would with `kill`.
+pub fn send_signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
 }
