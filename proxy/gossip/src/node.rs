@@ -822,7 +822,7 @@ impl Node {
         let tick = self.probe_tick;
         let mut store = lock(&self.store);
         store.tick = tick;
-        if tick % 16 == 0 {
+        if tick.is_multiple_of(16) {
             let running = &self.suspicions;
             store
                 .votes
