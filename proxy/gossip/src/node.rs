@@ -964,6 +964,7 @@ impl Node {
             },
             // Served by the driver from its blob store; never the node's business.
             Kind::BlobGet | Kind::Blob => None,
+            Kind::Probe | Kind::ProbeAck => None,
         };
         self.after_call();
         reply
