@@ -88,6 +88,11 @@ pub struct Stats {
     pub tcp_frames_refused: u64,
     /// Outbound stream exchanges not started because the outbound limit was reached.
     pub outbound_skipped: u64,
+    /// Fallback probes sent over TCP because a direct ping got no ack in time.
+    pub probe_fallbacks: u64,
+    /// Of those, answered by an ack over TCP: probes that UDP alone would have failed. Many
+    /// of them mean datagrams are being lost (a firewall dropping UDP, an MTU problem).
+    pub probe_fallback_acks: u64,
     /// Bytes TCP frame buffers hold now (rounded up to KiB per frame); at most
     /// [`INBOUND_BUFFER_BUDGET`]. A gauge, not a counter.
     pub tcp_buffer_bytes: u64,
@@ -110,6 +115,8 @@ struct Counters {
     tcp_timeouts: AtomicU64,
     tcp_frames_refused: AtomicU64,
     outbound_skipped: AtomicU64,
+    probe_fallbacks: AtomicU64,
+    probe_fallback_acks: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -386,6 +393,27 @@ impl Shared {
         }
     }
 
+    // Sends foca's ping over TCP and returns the ack it gets back within `within`.
+    async fn probe(&self, to: SocketAddr, ping: &[u8], within: Duration) -> Option<Vec<u8>> {
+        let _slot = self.outbound_slot()?;
+        add(&self.counters.probe_fallbacks, 1);
+        let sealed = self.seal(Kind::Probe, ping);
+        match self.round_trip(to, &sealed, within).await? {
+            Message {
+                kind: Kind::ProbeAck,
+                body,
+                ..
+            } => {
+                add(&self.counters.probe_fallback_acks, 1);
+                Some(body)
+            }
+            _ => {
+                add(&self.counters.malformed, 1);
+                None
+            }
+        }
+    }
+
     // Sends a message too large for a datagram as a one-way frame.
     async fn send_frame(&self, to: SocketAddr, sealed: Vec<u8>) {
         let Some(_slot) = self.outbound_slot() else {
@@ -514,6 +542,8 @@ impl ClusterHandle {
             tcp_timeouts: get(&c.tcp_timeouts),
             tcp_frames_refused: get(&c.tcp_frames_refused),
             outbound_skipped: get(&c.outbound_skipped),
+            probe_fallbacks: get(&c.probe_fallbacks),
+            probe_fallback_acks: get(&c.probe_fallback_acks),
             tcp_buffer_bytes: (INBOUND_BUFFER_BUDGET / 1024)
                 .saturating_sub(self.shared.buffers.available_permits())
                 as u64
@@ -839,7 +869,7 @@ async fn serve_stream(
         drop((frame, grant));
         match kind {
             Kind::Foca => tx.send(Inbound::Packet(body)).await.ok(),
-            Kind::PushPull => {
+            Kind::PushPull | Kind::Probe => {
                 let (reply_tx, reply_rx) = oneshot::channel();
                 tx.send(Inbound::Stream {
                     kind,
@@ -849,7 +879,12 @@ async fn serve_stream(
                 .await
                 .ok()?;
                 let reply = reply_rx.await.ok()??;
-                let sealed = shared.seal(Kind::PushPullReply, &reply);
+                let reply_kind = if kind == Kind::Probe {
+                    Kind::ProbeAck
+                } else {
+                    Kind::PushPullReply
+                };
+                let sealed = shared.seal(reply_kind, &reply);
                 wire::write_frame(&mut stream, &sealed).await.ok()?;
                 add(&shared.counters.tcp_sent, 1);
                 add(&shared.counters.bytes_sent, sealed.len() + 4);
@@ -866,7 +901,7 @@ async fn serve_stream(
                 add(&shared.counters.bytes_sent, sealed.len() + 4);
                 Some(())
             }
-            Kind::PushPullReply | Kind::Blob | Kind::Probe | Kind::ProbeAck => {
+            Kind::PushPullReply | Kind::Blob | Kind::ProbeAck => {
                 add(&shared.counters.malformed, 1);
                 None
             }
@@ -994,6 +1029,14 @@ impl Driver {
                         }
                     });
                 }
+                Output::ProbeStream { to, body, within } => {
+                    let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(ack) = shared.probe(to, &body, within).await {
+                            let _ = tx.send(Inbound::Packet(ack)).await;
+                        }
+                    });
+                }
                 Output::Timer { after, timer } => {
                     self.timer_seq += 1;
                     self.timers.push(Scheduled {
@@ -1037,7 +1080,7 @@ impl Driver {
                 Output::PushPull { to, body } => {
                     let _ = self.shared.exchange(to, &body).await;
                 }
-                Output::Timer { .. } => {}
+                Output::Timer { .. } | Output::ProbeStream { .. } => {}
             }
         }
         self.node.refresh(now_ms());

@@ -238,3 +238,63 @@ async fn inbound_connections_are_capped_in_all_and_per_address() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_ping_sent_over_tcp_is_answered_with_foca_s_ack_and_nothing_else_is() {
+    use foca::{Codec, Header, Message, PostcardCodec};
+    use sluice_gossip::node::NodeId;
+
+    let key = generate_key();
+    let h = member(&key, TransportConfig::default()).await;
+    let ring = Keyring::from_base64(&[key]).unwrap();
+    let me = h.members().into_iter().find(|m| m.is_self).unwrap();
+    let target = NodeId {
+        addr: h.gossip_addr(),
+        generation: me.generation,
+    };
+    let prober = NodeId {
+        addr: "127.0.0.1:9".parse().unwrap(),
+        generation: 1,
+    };
+    let packet = |message: Message<NodeId>| {
+        let mut out = Vec::new();
+        let header = Header {
+            src: prober.clone(),
+            src_incarnation: 0,
+            dst: target.clone(),
+            message,
+        };
+        PostcardCodec.encode_header(&header, &mut out).unwrap();
+        out
+    };
+    let session = rand::random();
+    let addr = h.gossip_addr();
+    let exchange = |counter: u64, body: Vec<u8>| {
+        let ring = ring.clone();
+        async move {
+            let stamp = Stamp {
+                session,
+                counter,
+                sent_at_s: now_s(),
+            };
+            let sealed = wire::seal(&ring, "transport-test", Kind::Probe, stamp, &body, false);
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            wire::write_frame(&mut s, &sealed).await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut s))
+                .await
+                .expect("answered or closed in time");
+            reply
+                .ok()
+                .map(|r| wire::open(&ring, "transport-test", &r, |_| true).unwrap())
+        }
+    };
+
+    let reply = exchange(1, packet(Message::Ping(7))).await.expect("an ack");
+    assert_eq!(reply.kind, Kind::ProbeAck);
+    let ack: Header<NodeId> = PostcardCodec.decode_header(&reply.body[..]).unwrap();
+    assert_eq!((ack.src, ack.message), (target.clone(), Message::Ack(7)));
+
+    // The probe path answers pings only: any other foca message gets no reply.
+    assert_eq!(exchange(2, packet(Message::Ack(7))).await, None);
+    assert_eq!(exchange(3, b"not foca".to_vec()).await, None);
+}
