@@ -98,6 +98,30 @@ pub struct Stats {
     pub tcp_buffer_bytes: u64,
 }
 
+impl Stats {
+    /// Every counter but the byte counts, by name (the field names): what the proxy exports
+    /// as `sluice_cluster_transport_total{event}`.
+    pub fn events(&self) -> [(&'static str, u64); 15] {
+        [
+            ("udp_sent", self.udp_sent),
+            ("udp_received", self.udp_received),
+            ("tcp_sent", self.tcp_sent),
+            ("tcp_received", self.tcp_received),
+            ("rejected_decrypt", self.rejected_decrypt),
+            ("rejected_replay", self.rejected_replay),
+            ("malformed", self.malformed),
+            ("inbound_dropped", self.inbound_dropped),
+            ("udp_oversized", self.udp_oversized),
+            ("tcp_refused", self.tcp_refused),
+            ("tcp_timeouts", self.tcp_timeouts),
+            ("tcp_frames_refused", self.tcp_frames_refused),
+            ("outbound_skipped", self.outbound_skipped),
+            ("probe_fallbacks", self.probe_fallbacks),
+            ("probe_fallback_acks", self.probe_fallback_acks),
+        ]
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     udp_sent: AtomicU64,
