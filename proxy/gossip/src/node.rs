@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use foca::{
-    BroadcastHandler, Foca, Identity, Invalidates, Member, Notification, PostcardCodec, State,
-    Timer,
+    BroadcastHandler, Codec, Foca, Header, Identity, Invalidates, Member, Message as FocaMessage,
+    Notification, PostcardCodec, State, Timer,
 };
 use rand_foca::rngs::SmallRng;
 use rand_foca::{RngExt, SeedableRng};
@@ -118,6 +118,21 @@ pub enum Output {
         to: SocketAddr,
         /// Our state (or an empty state for a pure pull).
         body: Vec<u8>,
+    },
+    /// Our direct ping of `to` got no ack within the probe timeout (Lifeguard's TCP fallback
+    /// probe, as memberlist does it): open a stream to `to`, send `body` — the same foca ping —
+    /// as a [`Kind::Probe`], and feed the reply (a [`Kind::ProbeAck`] holding foca's ack) to
+    /// [`Node::handle_packet`] as if it had come by datagram. Give up after `within`: the probe
+    /// cycle is over by then and foca would ignore the ack. So datagram loss alone, which the
+    /// indirect probes share when it is the target's link that drops, does not make a member
+    /// suspect while its TCP still answers.
+    ProbeStream {
+        /// The probed member's gossip address.
+        to: SocketAddr,
+        /// foca's ping.
+        body: Vec<u8>,
+        /// How long the answer is still useful.
+        within: Duration,
     },
     /// Call [`Node::handle_timer`] with `timer` after `after`.
     Timer {
@@ -519,6 +534,21 @@ pub struct Node {
     // u64::MAX before the first).
     late_tick: u64,
     suspicions: HashMap<SuspicionKey, Suspicion>,
+    // The direct ping of the current probe cycle, for the TCP fallback.
+    probe: Option<DirectProbe>,
+}
+
+// The ping foca sent at the start of a probe cycle, and whether its ack has come back.
+struct DirectProbe {
+    target: NodeId,
+    number: foca::ProbeNumber,
+    ping: Vec<u8>,
+    acked: bool,
+}
+
+// The header of a foca packet (its updates and broadcasts are left unread).
+fn foca_header(body: &[u8]) -> Option<Header<NodeId>> {
+    PostcardCodec.decode_header(body).ok()
 }
 
 impl std::fmt::Debug for Node {
@@ -599,6 +629,7 @@ impl Node {
             probe_tick: 0,
             late_tick: u64::MAX,
             suspicions: HashMap::new(),
+            probe: None,
         };
         node.publish_meta();
         // A random first delay spreads the cluster's exchanges over the interval.
@@ -868,10 +899,97 @@ impl Node {
             // and foca would rejoin it under a renewed identity.
             return;
         }
+        self.note_ack(body);
         if self.foca.handle_data(body, &mut self.outbox).is_err() {
             self.errors.foca += 1;
         }
         self.after_call();
+    }
+
+    // Whether `body` answers the direct ping of the current probe cycle (then no fallback is
+    // needed). Only packets arriving while that ping is unanswered are looked at.
+    fn note_ack(&mut self, body: &[u8]) {
+        let Some(p) = self.probe.as_mut().filter(|p| !p.acked) else {
+            return;
+        };
+        if let Some(h) = foca_header(body) {
+            p.acked = h.src == p.target && h.message == FocaMessage::Ack(p.number);
+        }
+    }
+
+    // After foca started a probe cycle (between `from` and the end of the outputs): remember
+    // the ping it sent, for the fallback.
+    fn remember_ping(&mut self, from: usize) {
+        self.probe = None;
+        let outputs = &self.outbox.outputs[from..];
+        let Some(target) = outputs.iter().find_map(|o| match o {
+            Output::Timer {
+                timer: NodeTimer::Foca(Timer::SendIndirectProbe { probed_id, .. }),
+                ..
+            } => Some(probed_id.clone()),
+            _ => None,
+        }) else {
+            return;
+        };
+        self.probe = outputs.iter().find_map(|o| match o {
+            Output::Packet { to, body } if *to == target.addr => match foca_header(body) {
+                Some(Header {
+                    message: FocaMessage::Ping(number),
+                    ..
+                }) => Some(DirectProbe {
+                    target: target.clone(),
+                    number,
+                    ping: body.clone(),
+                    acked: false,
+                }),
+                _ => None,
+            },
+            _ => None,
+        });
+    }
+
+    // foca moved the probe of `target` to its indirect stage: unless the ping was answered,
+    // also send it over a stream.
+    fn fallback_probe(&mut self, target: &NodeId) {
+        let Some(p) = self
+            .probe
+            .as_ref()
+            .filter(|p| !p.acked && p.target == *target)
+        else {
+            return;
+        };
+        if !self.foca.iter_members().any(|m| m.id() == target) {
+            return;
+        }
+        let m = self.outbox.probe_multiplier;
+        let within = (self.config.probe_period * m).saturating_sub(self.config.probe_rtt * m);
+        self.outbox.outputs.push(Output::ProbeStream {
+            to: target.addr,
+            body: p.ping.clone(),
+            within,
+        });
+    }
+
+    // A ping that came over a stream ([`Output::ProbeStream`]): foca's ack to it, taken out
+    // of the outputs to travel back on the same stream. Anything but a ping is refused.
+    fn answer_probe(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        let header = foca_header(body)?;
+        if !matches!(header.message, FocaMessage::Ping(_)) {
+            self.errors.foca += 1;
+            return None;
+        }
+        let from = self.outbox.outputs.len();
+        if self.foca.handle_data(body, &mut self.outbox).is_err() {
+            self.errors.foca += 1;
+            return None;
+        }
+        let at = self.outbox.outputs[from..]
+            .iter()
+            .position(|o| matches!(o, Output::Packet { to, .. } if *to == header.src.addr))?;
+        match self.outbox.outputs.remove(from + at) {
+            Output::Packet { body, .. } => Some(body),
+            _ => None,
+        }
     }
 
     /// Hands back a timer requested through [`Output::Timer`].
@@ -882,11 +1000,20 @@ impl Node {
         match timer {
             NodeTimer::Foca(t) => {
                 let probe = matches!(t, Timer::ProbeRandomMember(_));
+                let indirect = match &t {
+                    Timer::SendIndirectProbe { probed_id, .. } => Some(probed_id.clone()),
+                    _ => None,
+                };
                 let failed_before = self.outbox.probe_failed.len();
+                let outputs_before = self.outbox.outputs.len();
                 if self.foca.handle_timer(t, &mut self.outbox).is_err() {
                     self.errors.foca += 1;
                 }
+                if let Some(target) = indirect {
+                    self.fallback_probe(&target);
+                }
                 if probe {
+                    self.remember_ping(outputs_before);
                     // A new probe cycle: the previous probe either failed (foca reported it) or
                     // was answered. Lifeguard: failures raise the local-health score, answers
                     // lower it.
@@ -936,7 +1063,8 @@ impl Node {
     }
 
     /// Feeds a decrypted stream message. A push-pull request returns the body of the reply
-    /// ([`Kind::PushPullReply`]) to write back on the same stream.
+    /// ([`Kind::PushPullReply`]) to write back on the same stream; a [`Kind::Probe`] returns
+    /// foca's ack to it ([`Kind::ProbeAck`]).
     pub fn handle_stream(&mut self, kind: Kind, body: &[u8]) -> Option<Vec<u8>> {
         if self.left {
             return None;
@@ -962,8 +1090,11 @@ impl Node {
                     None
                 }
             },
+            Kind::Probe => self.answer_probe(body),
             // Served by the driver from its blob store; never the node's business.
             Kind::BlobGet | Kind::Blob => None,
+            // The driver feeds an ack to handle_packet; it is no request.
+            Kind::ProbeAck => None,
         };
         self.after_call();
         reply
@@ -1384,6 +1515,12 @@ mod tests {
                 Output::PushPull { body, .. } => {
                     if let Some(reply) = to.handle_stream(Kind::PushPull, &body) {
                         from.handle_stream(Kind::PushPullReply, &reply);
+                    }
+                    moved = true;
+                }
+                Output::ProbeStream { body, .. } => {
+                    if let Some(ack) = to.handle_stream(Kind::Probe, &body) {
+                        from.handle_packet(&ack);
                     }
                     moved = true;
                 }
