@@ -17,7 +17,7 @@
 //!   seal, so a forger cannot choose them.
 //!
 //! UDP carries one sealed message per datagram, at most the configured UDP payload size
-//! ([`crate::ClusterConfig::udp_payload_size`]); anything larger goes over TCP. TCP frames are
+//! ([`crate::TransportConfig::udp_payload_size`]); anything larger goes over TCP. TCP frames are
 //! read in chunks as bytes arrive ([`read_frame_body`]): a declared length is a promise, never
 //! an allocation.
 
