@@ -44,6 +44,7 @@
 pub mod blobs;
 pub mod clock;
 pub mod keyring;
+mod limits;
 pub mod node;
 pub mod replay;
 pub mod routing;
@@ -436,4 +437,49 @@ pub fn push_pull_scale(size: u32) -> u32 {
 /// max(1, log10(size)), as in foca and memberlist.
 pub fn suspicion_scale(size: u32) -> f64 {
     f64::from(size.max(1)).log10().max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_foca_packet_fills_the_datagram_size_exactly() {
+        for size in [
+            wire::MIN_UDP_PAYLOAD,
+            1392,
+            wire::DEFAULT_UDP_PAYLOAD,
+            wire::MAX_UDP_PAYLOAD,
+        ] {
+            let foca = foca_packet_size(size).get();
+            assert_eq!(foca + wire::HEADER_LEN + keyring::SEAL_OVERHEAD, size);
+            // Room for a metadata broadcast next to foca's header and a few member updates.
+            assert!(foca >= node::MAX_BROADCAST_META + 300, "{size}: {foca}");
+        }
+        let (cfg, _) = profile_settings(Profile::Lan, 32);
+        assert_eq!(
+            cfg.max_packet_size,
+            foca_packet_size(wire::DEFAULT_UDP_PAYLOAD)
+        );
+    }
+
+    #[test]
+    fn transport_settings_are_range_checked_with_the_fix_in_the_message() {
+        assert_eq!(TransportConfig::default().validate(), Ok(()));
+        let bad = |f: fn(&mut TransportConfig)| {
+            let mut t = TransportConfig::default();
+            f(&mut t);
+            t.validate().unwrap_err()
+        };
+        assert!(bad(|t| t.udp_payload_size = 1023).starts_with(
+            "udp_payload_size = 1023 is out of range; use 1024 to 9000 bytes (default 1400"
+        ));
+        assert!(bad(|t| t.udp_payload_size = 9001).contains("use 1024 to 9000"));
+        assert!(bad(|t| t.tcp_max_connections = 0)
+            .starts_with("tcp_max_connections = 0 is out of range; use 1 to 65536 (default 128)"));
+        assert!(bad(|t| t.tcp_max_connections_per_addr = 0)
+            .contains("tcp_max_connections_per_addr = 0 is out of range"));
+        assert!(bad(|t| t.max_outbound_streams = 100_000)
+            .contains("max_outbound_streams = 100000 is out of range"));
+    }
 }

@@ -1541,6 +1541,91 @@ mod tests {
         }
     }
 
+    // Starts a probe cycle of `a`: its outputs (the ping, the indirect-stage timer, ...).
+    fn probe_cycle(a: &mut Node) -> Vec<Output> {
+        // Token 0: the node never changed identity here.
+        a.handle_timer(NodeTimer::Foca(Timer::ProbeRandomMember(0)));
+        a.take_outputs()
+    }
+
+    fn ping_and_indirect_timer(outputs: &[Output], to: SocketAddr) -> (Vec<u8>, NodeTimer) {
+        let ping = outputs.iter().find_map(|o| match o {
+            Output::Packet { to: t, body } if *t == to => Some(body.clone()),
+            _ => None,
+        });
+        let timer = outputs.iter().find_map(|o| match o {
+            Output::Timer {
+                timer: t @ NodeTimer::Foca(Timer::SendIndirectProbe { .. }),
+                ..
+            } => Some(t.clone()),
+            _ => None,
+        });
+        (
+            ping.expect("a ping"),
+            timer.expect("an indirect-stage timer"),
+        )
+    }
+
+    fn probe_stream(outputs: &[Output]) -> Option<(SocketAddr, Vec<u8>)> {
+        outputs.iter().find_map(|o| match o {
+            Output::ProbeStream { to, body, within } => {
+                assert!(!within.is_zero());
+                Some((*to, body.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_ping_lost_over_udp_is_sent_over_a_stream_whose_ack_keeps_the_member_alive() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let b_addr = b.id().addr;
+        a.take_events();
+
+        // The ping is lost; at the indirect stage the same ping goes over a stream, and the
+        // ack that comes back answers the probe.
+        let (ping, indirect) = ping_and_indirect_timer(&probe_cycle(&mut a), b_addr);
+        a.handle_timer(indirect);
+        let (to, body) = probe_stream(&a.take_outputs()).expect("a fallback probe");
+        assert_eq!((to, &body), (b_addr, &ping));
+        let ack = b.handle_stream(Kind::Probe, &body).expect("b acks a ping");
+        assert!(
+            b.take_outputs()
+                .iter()
+                .all(|o| !matches!(o, Output::Packet { to, .. } if *to == a.id().addr)),
+            "the ack travels on the stream, not also as a datagram"
+        );
+        a.handle_packet(&ack);
+        // The next cycle finds the probe answered. This time its ping is answered over UDP,
+        // so no stream is needed.
+        let (ping, indirect) = ping_and_indirect_timer(&probe_cycle(&mut a), b_addr);
+        assert!(!a.take_events().contains(&Event::Suspected(b_addr)));
+        b.handle_packet(&ping);
+        for o in b.take_outputs() {
+            if let Output::Packet { to, body } = o {
+                if to == a.id().addr {
+                    a.handle_packet(&body);
+                }
+            }
+        }
+        a.handle_timer(indirect);
+        assert_eq!(probe_stream(&a.take_outputs()), None);
+
+        // Control: a ping lost and its stream failing too makes the member suspect.
+        let (_, indirect) = ping_and_indirect_timer(&probe_cycle(&mut a), b_addr);
+        assert!(!a.take_events().contains(&Event::Suspected(b_addr)));
+        a.handle_timer(indirect);
+        assert!(probe_stream(&a.take_outputs()).is_some());
+        probe_cycle(&mut a);
+        assert!(a.take_events().contains(&Event::Suspected(b_addr)));
+
+        // Over a stream, only pings are answered.
+        assert_eq!(b.handle_stream(Kind::Probe, &ack), None);
+        assert_eq!(b.handle_stream(Kind::Probe, b"junk"), None);
+    }
+
     #[test]
     fn join_exchanges_metadata_and_updates_spread() {
         let (mut a, mut b) = (node(1, "a"), node(2, "b"));

@@ -18,8 +18,8 @@
 //! - A replayed authenticated message: one decryption, then the [`crate::replay`] window
 //!   refuses it.
 
-use std::collections::{BinaryHeap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,6 +32,7 @@ use tokio::time::{timeout, Instant};
 
 use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
+use super::limits::{BufferGrant, InboundSlot, InboundSlots};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
 use super::replay::{Refusal, ReplayGuard};
 use super::wire::{self, Kind, Message, OpenError, Stamp};
@@ -43,14 +44,7 @@ use crate::clock::now_ms;
 
 // One stream exchange (connect, write, read) must finish within this.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
-/// An inbound TCP connection must deliver its frame's length prefix within this, or it is
-/// closed (and counted in [`Stats::tcp_timeouts`]). Members write the whole frame at
-/// once, so a second is plenty even across continents.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Bytes all TCP frames being read at once may hold (inbound requests and the replies to our
-/// own requests): four of the largest frames. A frame that would need more is dropped and
-/// counted ([`Stats::tcp_frames_refused`]).
-pub const INBOUND_BUFFER_BUDGET: usize = 4 * wire::MAX_FRAME;
+pub use super::limits::{HEADER_TIMEOUT, INBOUND_BUFFER_BUDGET};
 
 /// Transport counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -174,78 +168,6 @@ fn wall_clock_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-// Inbound TCP connections being served, in all and per IP address.
-struct InboundSlots {
-    total: Arc<Semaphore>,
-    per_addr: Mutex<HashMap<IpAddr, usize>>,
-    max_per_addr: usize,
-}
-
-// One inbound connection's place; given back when dropped.
-struct InboundSlot {
-    slots: Arc<InboundSlots>,
-    ip: IpAddr,
-    _total: OwnedSemaphorePermit,
-}
-
-impl InboundSlots {
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<InboundSlot> {
-        let total = self.total.clone().try_acquire_owned().ok()?;
-        let mut per = self.per_addr.lock().unwrap_or_else(|e| e.into_inner());
-        let n = per.entry(ip).or_insert(0);
-        if *n >= self.max_per_addr {
-            return None;
-        }
-        *n += 1;
-        Some(InboundSlot {
-            slots: self.clone(),
-            ip,
-            _total: total,
-        })
-    }
-}
-
-impl Drop for InboundSlot {
-    fn drop(&mut self) {
-        let mut per = self
-            .slots
-            .per_addr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-    }
-}
-
-// The share of INBOUND_BUFFER_BUDGET one frame's buffer holds; given back when dropped.
-#[derive(Default)]
-struct BufferGrant {
-    permit: Option<OwnedSemaphorePermit>,
-    kib: u32,
-}
-
-impl BufferGrant {
-    fn grow(&mut self, budget: &Arc<Semaphore>, bytes: usize) -> bool {
-        let want = bytes.div_ceil(1024) as u32;
-        if want <= self.kib {
-            return true;
-        }
-        let Ok(more) = budget.clone().try_acquire_many_owned(want - self.kib) else {
-            return false;
-        };
-        match &mut self.permit {
-            Some(p) => p.merge(more),
-            None => self.permit = Some(more),
-        }
-        self.kib = want;
-        true
-    }
 }
 
 impl Shared {
@@ -699,11 +621,10 @@ impl Cluster {
             session: rand::random(),
             sealed: AtomicU64::new(0),
             replay: Mutex::new(ReplayGuard::default()),
-            inbound: Arc::new(InboundSlots {
-                total: Arc::new(Semaphore::new(config.transport.tcp_max_connections)),
-                per_addr: Mutex::new(HashMap::new()),
-                max_per_addr: config.transport.tcp_max_connections_per_addr,
-            }),
+            inbound: InboundSlots::new(
+                config.transport.tcp_max_connections,
+                config.transport.tcp_max_connections_per_addr,
+            ),
             buffers: Arc::new(Semaphore::new(INBOUND_BUFFER_BUDGET / 1024)),
             outbound: Arc::new(Semaphore::new(config.transport.max_outbound_streams)),
         });

@@ -8,8 +8,9 @@
 //!
 //! - The key id and the seal are the [`Keyring`]'s (see [`super::keyring`]): a receiver tries
 //!   only the key the id names, and nothing is parsed before it authenticates.
-//! - `flags`: the [`WIRE_VERSION`] in the high nibble, [`COMPRESSED`](encode_plain) in bit 0
-//!   (the body is deflated; only when it saves bytes, so small probes never pay for it).
+//! - `flags`: the [`WIRE_VERSION`] in the high nibble; bit 0 set when the body is deflated
+//!   ([`encode_plain`] does it before sealing — ciphertext does not compress — and only when it
+//!   saves bytes, so small probes never pay for it).
 //! - `session`, `counter`, `sent at` form the [`Stamp`]: a random id per process start, a
 //!   counter the sender increments for every message it seals, and the sender's wall clock in
 //!   seconds. The receiver's [`crate::replay`] window refuses a stamp it has seen, or one from
@@ -17,7 +18,7 @@
 //!   seal, so a forger cannot choose them.
 //!
 //! UDP carries one sealed message per datagram, at most the configured UDP payload size
-//! ([`crate::ClusterConfig::udp_payload_size`]); anything larger goes over TCP. TCP frames are
+//! ([`crate::TransportConfig::udp_payload_size`]); anything larger goes over TCP. TCP frames are
 //! read in chunks as bytes arrive ([`read_frame_body`]): a declared length is a promise, never
 //! an allocation.
 

@@ -298,3 +298,76 @@ async fn a_ping_sent_over_tcp_is_answered_with_foca_s_ack_and_nothing_else_is() 
     assert_eq!(exchange(2, packet(Message::Ack(7))).await, None);
     assert_eq!(exchange(3, b"not foca".to_vec()).await, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_datagrams_are_lost_stays_alive_through_the_tcp_fallback_probe() {
+    use sluice_gossip::MemberState;
+    use tokio::net::TcpListener;
+
+    // B advertises 127.0.0.1:P, where TCP is forwarded to B (bound at 127.0.0.2:P) and UDP
+    // goes into a socket nobody reads: every datagram to B is lost, its TCP answers.
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let advertised = front.local_addr().unwrap();
+    let _black_hole = UdpSocket::bind(advertised).await.unwrap();
+    let real: SocketAddr = format!("127.0.0.2:{}", advertised.port()).parse().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = front.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut to_b) = TcpStream::connect(real).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut to_b).await;
+                }
+            });
+        }
+    });
+
+    let key = generate_key();
+    let a = member(&key, TransportConfig::default()).await;
+    let mut cb = ClusterConfig::new("transport-test", real, &key);
+    cb.profile = Profile::Local;
+    cb.advertise_addr = Some(advertised);
+    cb.peers = vec![a.gossip_addr().to_string()];
+    let b = Cluster::start(cb, NodeMeta::new("b", Role::Backend))
+        .await
+        .expect("b starts");
+    let state_of_b = || {
+        a.members()
+            .into_iter()
+            .find(|m| m.meta.name == "b")
+            .map(|m| m.state)
+    };
+    let mut alive = false;
+    for _ in 0..500 {
+        alive = state_of_b() == Some(MemberState::Alive);
+        if alive {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alive, "a sees b: {:?}", a.members());
+
+    // A probes B every 200 ms; each UDP ping is lost and answered over TCP. Over twenty such
+    // probes B stays alive at A. (Without the fallback every probe of B fails: it is suspect
+    // from the first and down within seconds. A loaded machine may miss the odd answer's
+    // 140 ms deadline, so a brief suspicion is tolerated; death is not.)
+    let start = a.stats().probe_fallback_acks;
+    let mut seen = Vec::new();
+    for _ in 0..1000 {
+        seen.push(state_of_b());
+        if a.stats().probe_fallback_acks >= start + 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let alive = seen
+        .iter()
+        .filter(|st| **st == Some(MemberState::Alive))
+        .count();
+    assert!(
+        alive * 10 >= seen.len() * 9 && seen.iter().all(|st| st.is_some_and(|s| s.is_active())),
+        "b was alive at a in only {alive} of {} looks (or went down)",
+        seen.len()
+    );
+    let s = a.stats();
+    assert!(s.probe_fallback_acks >= start + 20, "{s:?}");
+    drop(b);
+}
