@@ -234,8 +234,17 @@ pub fn run(
             node.spawn(crate::membership::watch(
                 runtime.clone(),
                 node.handle.clone(),
-                section.routing(),
             ));
+            // A name clash found while running: this proxy is the newcomer and has left the
+            // cluster; it stops rather than route from a view it no longer follows.
+            let handle = node.handle.clone();
+            node.spawn(async move {
+                if let Some(why) = handle.stopped().await {
+                    tracing::error!(error = %why, "left the cluster; exiting");
+                    eprintln!("error: {why}");
+                    std::process::exit(1);
+                }
+            });
             let options = crate::rollout::RolloutOptions {
                 accept: section.plugin_rollout,
                 // A test hook (see `RolloutOptions`), never set outside the rollout tests.

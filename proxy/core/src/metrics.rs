@@ -81,6 +81,12 @@ pub struct Metrics {
     pub cluster_tuning: IntGaugeVec,
     /// `sluice_cluster_last_known_good`: 1 while pools keep their last-known-good cluster members.
     pub cluster_last_known_good: IntGaugeVec,
+    /// `sluice_cluster_duplicate_names_total`: clashes of two live members with one name this
+    /// node saw (the newcomer leaves).
+    pub cluster_duplicate_names: IntCounterVec,
+    /// `sluice_cluster_key_file_errors_total`: keyring changes that could not be written back
+    /// to `[cluster] key_file`.
+    pub cluster_key_file_errors: IntCounterVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,
     /// Request-path histograms per backend (`{pool,backend}`); series exist only when
@@ -310,6 +316,16 @@ impl Metrics {
             cluster_last_known_good: gauge(
                 "sluice_cluster_last_known_good",
                 "1 while this proxy keeps its last-known-good pools because it sees itself cut off or a mass failure.",
+                &[],
+            ),
+            cluster_duplicate_names: counter(
+                "sluice_cluster_duplicate_names_total",
+                "Clashes of two live cluster members with one node name seen by this node; the later one leaves.",
+                &[],
+            ),
+            cluster_key_file_errors: counter(
+                "sluice_cluster_key_file_errors_total",
+                "Keyring changes (a key rotation) that could not be written back to [cluster] key_file.",
                 &[],
             ),
             limit_rejections: counter(

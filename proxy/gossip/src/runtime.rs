@@ -9,8 +9,9 @@
 
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -21,7 +22,10 @@ use tokio::time::{timeout, Instant};
 
 use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
+use super::names::{self, Clash};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
+use super::persist;
+use super::rotation::{self, KeyringState, Phase, Rotation};
 use super::wire::{self, Kind, OpenError};
 use super::{profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile, Tuning};
 use crate::clock::now_ms;
@@ -50,6 +54,27 @@ pub struct Stats {
     pub malformed: u64,
     /// Authenticated datagrams dropped because the member's task did not keep up.
     pub inbound_dropped: u64,
+    /// Clashes of two alive members with one name seen by this member (each counted once).
+    pub duplicate_names: u64,
+    /// Keyring changes that could not be written to the key file.
+    pub key_file_errors: u64,
+}
+
+/// A completed cluster-wide key rotation ([`ClusterHandle::rotate_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RotationReport {
+    /// The rotation's id.
+    pub id: u64,
+    /// Fingerprint of the new key (16 hex digits).
+    pub fingerprint: String,
+    /// Name and gossip address of every member that confirmed the last phase, this one included.
+    pub members: Vec<(String, SocketAddr)>,
+}
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Default)]
@@ -63,6 +88,8 @@ struct Counters {
     rejected_decrypt: AtomicU64,
     malformed: AtomicU64,
     inbound_dropped: AtomicU64,
+    duplicate_names: AtomicU64,
+    key_file_errors: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -81,6 +108,10 @@ struct Shared {
     counters: Counters,
     gossip_addr: SocketAddr,
     blobs: BlobStore,
+    // Why this member stopped on its own: (name, the member that keeps it). Set once.
+    refusal: OnceLock<(String, SocketAddr)>,
+    // Where the keyring is written back, if anywhere.
+    key_file: Option<PathBuf>,
 }
 
 impl Shared {
@@ -186,6 +217,11 @@ impl Shared {
 enum Command {
     SetMeta(NodeMeta),
     Leave(oneshot::Sender<()>),
+    // The keyring was edited through the handle: publish and persist it.
+    KeyringChanged,
+    // The rotation this member coordinates (None: none any more).
+    Rotate(Option<Rotation>),
+    SetPeers(Vec<String>),
 }
 
 enum Inbound {
@@ -255,19 +291,158 @@ impl ClusterHandle {
         rx.await.map_err(|_| ClusterError::Stopped)
     }
 
-    /// Adds a decryption key (base64).
+    /// Adds a decryption key (base64) on this member only (see [`ClusterHandle::rotate_key`]
+    /// for the whole cluster). Written back to the key file, if any.
     pub fn keyring_install(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.install(key))
+        self.shared.edit_keyring(|r| r.install(key))?;
+        self.keyring_changed()
     }
 
-    /// Makes an installed key the one that encrypts.
+    /// Makes an installed key the one that encrypts, on this member only.
     pub fn keyring_use(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.use_key(key))
+        self.shared.edit_keyring(|r| r.use_key(key))?;
+        self.keyring_changed()
     }
 
-    /// Removes a key; the primary key cannot be removed.
+    /// Removes a key on this member only; the primary key cannot be removed.
     pub fn keyring_remove(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.remove(key))
+        self.shared.edit_keyring(|r| r.remove(key))?;
+        self.keyring_changed()
+    }
+
+    fn keyring_changed(&self) -> Result<(), ClusterError> {
+        self.commands
+            .send(Command::KeyringChanged)
+            .map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Whether keyring changes are written back to a key file.
+    pub fn keys_persisted(&self) -> bool {
+        self.shared.key_file.is_some()
+    }
+
+    /// Replaces the seeds retried while no member is reachable (a reload of `peers`).
+    pub fn set_peers(&self, peers: Vec<String>) -> Result<(), ClusterError> {
+        self.commands
+            .send(Command::SetPeers(peers))
+            .map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Rotates the whole cluster to `key` (base64): every active member installs it, then
+    /// makes it primary, then removes every other key, each phase starting once every member
+    /// reported the previous one done (see [`crate::rotation`]). Returns the members that took
+    /// part, or an error naming the members that did not confirm a phase within `limit`; the
+    /// cluster keeps working at whatever phase it stopped.
+    pub async fn rotate_key(
+        &self,
+        key: &str,
+        limit: Duration,
+    ) -> Result<RotationReport, ClusterError> {
+        let fp = rotation::fingerprint(key)?;
+        let deadline = Instant::now() + limit;
+        let seen = self
+            .members_snapshot()
+            .iter()
+            .filter_map(|m| KeyringState::of(&m.meta))
+            .map(|k| k.applied.max(k.rotation.map_or(0, |r| r.id)))
+            .max()
+            .unwrap_or(0);
+        let id = wall_clock_ms().max(seen + 1);
+        let mut changes = self.changes();
+        let mut confirmed = Vec::new();
+        for phase in [Phase::Install, Phase::Use, Phase::Retire] {
+            let r = Rotation {
+                id,
+                key: key.to_string(),
+                phase,
+            };
+            self.commands
+                .send(Command::Rotate(Some(r)))
+                .map_err(|_| ClusterError::Stopped)?;
+            tracing::info!(
+                rotation = id,
+                phase = phase.as_str(),
+                "key rotation: phase announced"
+            );
+            loop {
+                let members = self.members_snapshot();
+                if let Some((other, by)) = rotation::winning(&members) {
+                    if other.id > id {
+                        let _ = self.commands.send(Command::Rotate(None));
+                        return Err(ClusterError::Rotation(format!(
+                            "a later rotation started by {} ({}) replaced this one; it finishes the job, or run this one again after it",
+                            by.meta.name, by.gossip_addr
+                        )));
+                    }
+                }
+                let own_done = phase.done_by(&self.shared.keyring.load().fingerprints(), &fp);
+                let pending: Vec<String> = members
+                    .iter()
+                    .filter(|m| !m.is_self && m.state.is_active())
+                    .filter(|m| {
+                        !KeyringState::of(&m.meta).is_some_and(|k| phase.done_by(&k.keys, &fp))
+                    })
+                    .map(|m| format!("{} ({})", m.meta.name, m.gossip_addr))
+                    .collect();
+                if own_done && pending.is_empty() {
+                    confirmed = members
+                        .iter()
+                        .filter(|m| m.is_self || m.state.is_active())
+                        .map(|m| (m.meta.name.clone(), m.gossip_addr))
+                        .collect();
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = self.commands.send(Command::Rotate(None));
+                    let earlier = match phase {
+                        Phase::Install => "no member uses the new key yet".to_string(),
+                        _ => {
+                            "every member has done the earlier phases, so the cluster keeps working"
+                                .to_string()
+                        }
+                    };
+                    return Err(ClusterError::Rotation(format!(
+                        "phase {} was not confirmed within {limit:?} by {}; {earlier}. Check that they run a sluice that rotates keys and are reachable, then run the rotation again",
+                        phase.as_str(),
+                        if pending.is_empty() { "this member".to_string() } else { pending.join(", ") },
+                    )));
+                }
+                let next = deadline.min(Instant::now() + Duration::from_millis(100));
+                if let Ok(Err(_)) = tokio::time::timeout_at(next, changes.changed()).await {
+                    return Err(ClusterError::Stopped);
+                }
+            }
+        }
+        let _ = self.commands.send(Command::Rotate(None));
+        tracing::info!(
+            rotation = id,
+            members = confirmed.len(),
+            "key rotation complete: every member uses the new key alone"
+        );
+        Ok(RotationReport {
+            id,
+            fingerprint: rotation::fingerprint_hex(&fp),
+            members: confirmed,
+        })
+    }
+
+    /// Waits until the member stops. Returns why when it stopped on its own: it gave its name
+    /// up to an older member ([`ClusterError::NameConflict`], see [`crate::names`]).
+    pub async fn stopped(&self) -> Option<ClusterError> {
+        self.commands.closed().await;
+        self.refusal()
+    }
+
+    /// Why the member stopped on its own, if it did.
+    pub fn refusal(&self) -> Option<ClusterError> {
+        self.shared
+            .refusal
+            .get()
+            .map(|(name, other)| ClusterError::NameConflict {
+                name: name.clone(),
+                this: self.shared.gossip_addr,
+                other: *other,
+            })
     }
 
     /// Installed keys (base64), primary first.
@@ -289,6 +464,8 @@ impl ClusterHandle {
             rejected_decrypt: get(&c.rejected_decrypt),
             malformed: get(&c.malformed),
             inbound_dropped: get(&c.inbound_dropped),
+            duplicate_names: get(&c.duplicate_names),
+            key_file_errors: get(&c.key_file_errors),
         }
     }
 
@@ -411,17 +588,30 @@ impl Cluster {
             counters: Counters::default(),
             gossip_addr,
             blobs: BlobStore::default(),
+            refusal: OnceLock::new(),
+            key_file: config.key_file.clone(),
         });
 
         let (foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
-        // Wall-clock milliseconds: a restarted node outranks its previous identity.
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        // A restarted node must outrank its previous identity, whatever the clock did.
+        let persisted = match &config.state_file {
+            Some(path) => persist::read_generation(path)?,
+            None => None,
+        };
+        let generation = persist::next_generation(wall_clock_ms(), persisted);
+        if let Some(path) = &config.state_file {
+            persist::write_generation(path, generation)?;
+        }
         let id = NodeId {
             addr: gossip_addr,
             generation,
         };
+        let base_meta = meta.clone();
+        let mut meta = meta;
+        meta.extensions.insert(
+            rotation::EXTENSION.to_string(),
+            KeyringState::of_ring(&shared.keyring.load(), None, 0).encode(),
+        );
         let mut node = Node::new(
             id,
             meta.clone(),
@@ -460,6 +650,12 @@ impl Cluster {
             seed_delay: seed_backoff(config.profile).0,
             changes: changes_tx,
             dropped_seen: 0,
+            base_meta,
+            rotation: None,
+            applied: (0, Phase::Install),
+            state_file: config.state_file.clone(),
+            clashes_seen: std::collections::HashSet::new(),
+            refuse: false,
         };
         tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
         Ok(ClusterHandle {
@@ -502,6 +698,7 @@ async fn join_check(
             if let Some(other) = state.name_taken(&meta.name, shared.gossip_addr) {
                 return Err(ClusterError::NameConflict {
                     name: meta.name.clone(),
+                    this: shared.gossip_addr,
                     other,
                 });
             }
@@ -634,6 +831,17 @@ struct Driver {
     changes: watch::Sender<u64>,
     // inbound_dropped as last reported to the node's local health.
     dropped_seen: u64,
+    // The metadata the owner set; the keyring extension is added on publishing.
+    base_meta: NodeMeta,
+    // The rotation this member coordinates.
+    rotation: Option<Rotation>,
+    // The highest rotation step applied to the keyring.
+    applied: (u64, Phase),
+    state_file: Option<PathBuf>,
+    // Name clashes already counted and logged.
+    clashes_seen: std::collections::HashSet<Clash>,
+    // This member gave its name up: leave and stop.
+    refuse: bool,
 }
 
 impl Driver {
@@ -654,8 +862,25 @@ impl Driver {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break,
-                    Some(Command::SetMeta(meta)) => self.node.set_meta(meta),
+                    Some(Command::SetMeta(meta)) => {
+                        self.base_meta = meta;
+                        self.publish_meta();
+                    }
                     Some(Command::Leave(done)) => leaving = Some(done),
+                    Some(Command::KeyringChanged) => {
+                        self.persist_keys();
+                        self.publish_meta();
+                    }
+                    Some(Command::Rotate(r)) => {
+                        self.rotation = r;
+                        self.follow_rotation();
+                        self.publish_meta();
+                    }
+                    Some(Command::SetPeers(peers)) => {
+                        self.peers = peers;
+                        self.seed_delay = self.backoff.0;
+                        self.next_seed_try = Instant::now();
+                    }
                 },
                 Some(msg) = inbound.recv() => match msg {
                     Inbound::Packet(body) => self.node.handle_packet(&body),
@@ -696,6 +921,13 @@ impl Driver {
                 break;
             }
             self.flush().await;
+            if self.refuse {
+                // Another member keeps our name: leave, so the others see us go at once.
+                self.node.leave();
+                self.flush_leaving().await;
+                commands.close();
+                break;
+            }
         }
         for t in io_tasks {
             t.abort();
@@ -704,6 +936,17 @@ impl Driver {
 
     // Carries out the node's outputs and publishes membership changes.
     async fn flush(&mut self) {
+        // A second round only when following a rotation changed our keyring state: that
+        // state is news for the others at once.
+        for _ in 0..2 {
+            if !self.flush_once().await {
+                break;
+            }
+        }
+    }
+
+    // One round of flush; returns whether our metadata changed meanwhile.
+    async fn flush_once(&mut self) -> bool {
         for out in self.node.take_outputs() {
             match out {
                 Output::Packet { to, body } => self.send_packet(to, &body).await,
@@ -733,6 +976,7 @@ impl Driver {
                     self.next_seed_try = Instant::now() + self.backoff.0;
                 }
                 Event::Active => self.seed_delay = self.backoff.0,
+                Event::Rejoined => self.persist_generation(),
                 _ => {}
             }
         }
@@ -744,9 +988,118 @@ impl Driver {
         if let Some(t) = self.node.take_tuning_change() {
             self.shared.tuning.store(Arc::new(t));
         }
-        if self.node.refresh(now_ms()) {
-            self.shared.members.store(Arc::new(self.node.members()));
-            self.changes.send_modify(|v| *v += 1);
+        if !self.node.refresh(now_ms()) {
+            return false;
+        }
+        self.shared.members.store(Arc::new(self.node.members()));
+        self.changes.send_modify(|v| *v += 1);
+        self.check_names();
+        if self.follow_rotation() {
+            self.publish_meta();
+            return true;
+        }
+        false
+    }
+
+    // The owner's metadata plus this member's keyring state, to the node (which ignores an
+    // unchanged one).
+    fn publish_meta(&mut self) {
+        let mut meta = self.base_meta.clone();
+        let state = KeyringState::of_ring(
+            &self.shared.keyring.load(),
+            self.rotation.clone(),
+            self.applied.0,
+        );
+        meta.extensions
+            .insert(rotation::EXTENSION.to_string(), state.encode());
+        self.node.set_meta(meta);
+    }
+
+    // Applies the rotation step the cluster asks for now (ours or the highest an alive member
+    // announces), once per step. Returns whether the keyring changed.
+    fn follow_rotation(&mut self) -> bool {
+        let members = self.shared.members.load();
+        let theirs = rotation::winning(&members).map(|(r, _)| r);
+        let Some(r) = self
+            .rotation
+            .iter()
+            .cloned()
+            .chain(theirs)
+            .max_by_key(|r| (r.id, r.phase))
+        else {
+            return false;
+        };
+        if (r.id, r.phase) <= self.applied {
+            return false;
+        }
+        self.applied = (r.id, r.phase);
+        let mut changed = false;
+        let result = self.shared.edit_keyring(|ring| {
+            changed = rotation::apply(ring, &r)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    rotation = r.id,
+                    phase = r.phase.as_str(),
+                    changed,
+                    "key rotation: step applied"
+                );
+                if changed {
+                    self.persist_keys();
+                }
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(rotation = r.id, error = %e, "key rotation: the announced key is unusable; ignoring this rotation");
+                false
+            }
+        }
+    }
+
+    // Counts and logs name clashes once each; gives our name up when we are the newcomer.
+    fn check_names(&mut self) {
+        let members = self.shared.members.load();
+        let clashes = names::clashes(&members);
+        for c in &clashes {
+            if !self.clashes_seen.insert(c.clone()) {
+                continue;
+            }
+            add(&self.shared.counters.duplicate_names, 1);
+            if c.newcomer == self.shared.gossip_addr {
+                tracing::error!(name = %c.name, this = %c.newcomer, other = %c.incumbent, "another live member has this node's name and was there first; leaving the cluster. Give this node a unique [cluster] node_name");
+                let _ = self.shared.refusal.set((c.name.clone(), c.incumbent));
+                self.refuse = true;
+            } else {
+                tracing::warn!(name = %c.name, keeps = %c.incumbent, newcomer = %c.newcomer, "two live members have the same name; the newcomer should leave. Give each node a unique [cluster] node_name");
+            }
+        }
+        // Forget clashes that ended, so a recurrence counts again.
+        self.clashes_seen.retain(|c| clashes.contains(c));
+    }
+
+    fn persist_keys(&self) {
+        let Some(path) = &self.shared.key_file else {
+            return;
+        };
+        let keys = self.shared.keyring.load().keys_base64();
+        match persist::write_key_file(path, &keys) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), keys = keys.len(), "keyring written to the key file")
+            }
+            Err(e) => {
+                add(&self.shared.counters.key_file_errors, 1);
+                tracing::error!(error = %e, "the keyring changed but the key file could not be written; this node restarts with its old keys unless you fix the file");
+            }
+        }
+    }
+
+    fn persist_generation(&self) {
+        if let Some(path) = &self.state_file {
+            if let Err(e) = persist::write_generation(path, self.node.id().generation) {
+                tracing::warn!(error = %e, "could not record the new identity generation after a rejoin");
+            }
         }
     }
 
@@ -843,11 +1196,17 @@ mod tests {
             })
             .await;
         }
-        let seen = a
+        let mut seen = a
             .members()
             .into_iter()
             .find(|m| m.meta.name == "b")
             .expect("b known");
+        // The runtime adds the keyring state it publishes (see crate::rotation).
+        assert!(seen
+            .meta
+            .extensions
+            .remove(crate::rotation::EXTENSION)
+            .is_some());
         assert_eq!(
             (seen.meta, seen.gossip_addr),
             (b_meta.clone(), b.gossip_addr())
@@ -868,7 +1227,7 @@ mod tests {
 
         // The same name at another address is refused at start.
         match Cluster::start(config(&key, &seed), NodeMeta::new("b", Role::Backend)).await {
-            Err(ClusterError::NameConflict { name, other }) => {
+            Err(ClusterError::NameConflict { name, other, .. }) => {
                 assert_eq!((name.as_str(), other), ("b", b.gossip_addr()));
             }
             other => panic!("expected a name conflict, got {other:?}"),
@@ -970,6 +1329,140 @@ mod tests {
         assert_eq!(h.keys(), [k2]);
         assert!(matches!(
             h.keyring_install("nope"),
+            Err(ClusterError::Key(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
+        let key = generate_key();
+        let a = Cluster::start(config(&key, &[]), NodeMeta::new("same", Role::Backend))
+            .await
+            .expect("a starts");
+        let b = Cluster::start(
+            config(&key, &[a.gossip_addr()]),
+            NodeMeta::new("b", Role::Proxy),
+        )
+        .await
+        .expect("b starts");
+        // The newcomer starts alone (so the start-up check cannot see the clash), then is
+        // given a seed, as when a partition heals.
+        let c = Cluster::start(config(&key, &[]), NodeMeta::new("same", Role::Backend))
+            .await
+            .expect("c starts alone");
+        c.set_peers(vec![a.gossip_addr().to_string()])
+            .expect("running");
+        let why = tokio::time::timeout(Duration::from_secs(20), c.stopped())
+            .await
+            .expect("the newcomer stops");
+        match why {
+            Some(ClusterError::NameConflict { name, this, other }) => {
+                assert_eq!(
+                    (name.as_str(), this, other),
+                    ("same", c.gossip_addr(), a.gossip_addr())
+                );
+            }
+            other => panic!("expected a name conflict, got {other:?}"),
+        }
+        assert!(!c.is_running());
+        let msg = c.refusal().expect("a refusal").to_string();
+        assert!(
+            msg.contains(&a.gossip_addr().to_string())
+                && msg.contains(&c.gossip_addr().to_string())
+                && msg.contains("node_name"),
+            "{msg}"
+        );
+        // The incumbent keeps serving and counted the clash (the newcomer joined through it);
+        // everyone sees the newcomer gone.
+        assert!(a.is_running());
+        eventually(10, "the clash is counted", || {
+            a.stats().duplicate_names >= 1
+        })
+        .await;
+        for h in [&a, &b] {
+            eventually(10, "the newcomer left", || {
+                h.members()
+                    .iter()
+                    .any(|m| m.gossip_addr == c.gossip_addr() && m.state == MemberState::Left)
+            })
+            .await;
+        }
+        assert!(b
+            .members()
+            .iter()
+            .any(|m| m.gossip_addr == a.gossip_addr() && m.state == MemberState::Alive));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_rotation_reaches_every_member_and_their_key_files() {
+        let dir = std::env::temp_dir().join(format!("sluice-gossip-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let (old, new) = (generate_key(), generate_key());
+        let mut handles: Vec<ClusterHandle> = Vec::new();
+        for name in ["a", "b", "c"] {
+            let seeds: Vec<SocketAddr> = handles
+                .first()
+                .map(|h| h.gossip_addr())
+                .into_iter()
+                .collect();
+            let mut cfg = config(&old, &seeds);
+            cfg.key_file = Some(dir.join(format!("{name}.key")));
+            cfg.state_file = Some(dir.join(format!("{name}.state")));
+            handles.push(
+                Cluster::start(cfg, NodeMeta::new(name, Role::Backend))
+                    .await
+                    .expect("starts"),
+            );
+        }
+        for h in &handles {
+            eventually(10, "all three alive everywhere", || {
+                ["a", "b", "c"]
+                    .iter()
+                    .all(|n| state_of(h, n) == Some(MemberState::Alive))
+            })
+            .await;
+        }
+        let generation = handles[0].members()[0].generation;
+        assert_eq!(
+            persist::read_generation(&dir.join("a.state")).expect("readable"),
+            Some(generation)
+        );
+        let report = handles[1]
+            .rotate_key(&new, Duration::from_secs(20))
+            .await
+            .expect("the rotation completes");
+        assert_eq!(report.members.len(), 3, "{report:?}");
+        for (h, name) in handles.iter().zip(["a", "b", "c"]) {
+            eventually(5, "every keyring holds the new key alone", || {
+                h.keys() == [new.clone()]
+            })
+            .await;
+            let text = std::fs::read_to_string(dir.join(format!("{name}.key"))).expect("written");
+            let keys: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+            assert_eq!(keys, [new.as_str()], "{name}");
+        }
+        // Still one cluster: a metadata change travels under the new key.
+        let rejected = handles[0].stats().rejected_decrypt;
+        handles[2]
+            .set_meta(NodeMeta::new("c", Role::Proxy))
+            .expect("running");
+        eventually(10, "a sees c's new role", || {
+            handles[0]
+                .members()
+                .iter()
+                .any(|m| m.meta.name == "c" && m.meta.role == Role::Proxy)
+        })
+        .await;
+        assert_eq!(handles[0].stats().rejected_decrypt, rejected);
+        for h in &handles {
+            assert!(["a", "b", "c"]
+                .iter()
+                .all(|n| state_of(h, n) == Some(MemberState::Alive)));
+        }
+        // A node with only the old key cannot join any more.
+        assert!(matches!(
+            handles[0].rotate_key("nope", Duration::from_secs(1)).await,
             Err(ClusterError::Key(_))
         ));
     }
