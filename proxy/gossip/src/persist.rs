@@ -11,7 +11,8 @@
 //!
 //! Both files are written atomically: a temporary file in the same directory, flushed to disk,
 //! then renamed over the old one, so a crash leaves either the old or the new content, never a
-//! torn file. Key files are created with mode 0600 (an existing file keeps its mode).
+//! torn file. Both get mode 0600 whatever the old file had: a key file holds the cluster's
+//! secret, and a copy readable by others (a 0644 file written by hand) is not carried over.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -83,8 +84,8 @@ pub fn write_key_file(path: &Path, keys: &[String]) -> Result<(), PersistError> 
     write_atomic(path, text.as_bytes(), 0o600)
 }
 
-/// Replaces `path` with `bytes`: writes a temporary file beside it, syncs it and renames it
-/// over `path`. A new file gets `mode`; an existing one keeps its permissions.
+/// Replaces `path` with `bytes`: writes a temporary file with permissions `mode` beside it,
+/// syncs it and renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |what: String| PersistError {
@@ -104,9 +105,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistE
         name.to_string_lossy(),
         std::process::id()
     ));
-    let keep = std::fs::metadata(path)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o7777);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -114,7 +112,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistE
             .truncate(true)
             .mode(mode)
             .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(keep.unwrap_or(mode)))?;
+        // `mode` above only applies to a new file; a stale temporary one may have others.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -184,18 +183,22 @@ mod tests {
     }
 
     #[test]
-    fn key_files_are_replaced_whole_and_keep_their_mode() {
+    fn key_files_are_replaced_whole_and_readable_by_their_owner_only() {
         let dir = scratch("keys");
         let path = dir.join("cluster.key");
         write_key_file(&path, &["a".into(), "b".into()]).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         write_key_file(&path, &["c".into()]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let keys: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(keys, ["c"]);
-        assert_eq!(mode(&path), 0o640);
+        assert_eq!(
+            mode(&path),
+            0o600,
+            "a world-readable key file is not carried over"
+        );
         // Nothing left beside it.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         let e = write_key_file(&dir.join("missing/cluster.key"), &[]).unwrap_err();
