@@ -1047,6 +1047,9 @@ impl Driver {
                     "key rotation: step applied"
                 );
                 if changed {
+                    if self.shared.key_file.is_none() {
+                        tracing::warn!(rotation = r.id, "key rotation: this node has no [cluster] key_file, so its new keys are kept in memory only; update the keys in its config before it restarts, or it comes back with the old key");
+                    }
                     self.persist_keys();
                 }
                 changed
