@@ -110,7 +110,7 @@ impl AgentConfig {
         let cfg: AgentConfig = crate::config::parse_toml(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.cluster
-            .to_config(base)
+            .check_files(base)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if cfg.service.is_empty() {
             anyhow::bail!(

@@ -191,6 +191,28 @@ impl ClusterSection {
         })
     }
 
+    /// Checks that the directories of the files the node writes (the key file after a
+    /// rotation, the state file at start) exist, so that `check` finds what `run` would stop on.
+    pub fn check_files(&self, base: &Path) -> Result<(), String> {
+        let cfg = self.to_config(base)?;
+        let files = [("key_file", cfg.key_file), ("state_file", cfg.state_file)];
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(format!(
+                    "[cluster] {key}: the directory {} of {} does not exist; create it (sluice writes this file) or give another path",
+                    dir.display(),
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `key_file` resolved against `base`.
     pub fn key_file_path(&self, base: &Path) -> Option<PathBuf> {
         self.key_file.as_deref().map(|f| resolve(base, f))
