@@ -366,4 +366,55 @@ fn a_reload_applies_cluster_keys_peers_and_holds_and_refuses_the_rest() {
     assert_eq!(cluster(&p)["keys"], 2);
     let members = cluster(&p)["members"].clone();
     assert_eq!(members[0]["address"], g.to_string(), "{members}");
+
+    // The agent's SIGHUP follows the same rules.
+    let ga = gossip_addr(94);
+    let mut agent = Agent::start(
+        &dir,
+        "reload-agent",
+        &cluster_section("reload-agent", ga, KEY, &[g]),
+        b[0].0,
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || state_at(&p, ga).as_deref()
+            == Some("alive")),
+        "{}\n{}",
+        cluster(&p),
+        agent.log()
+    );
+    let agent_cfg = agent.dir.join("agent.toml");
+    let text = std::fs::read_to_string(&agent_cfg).unwrap();
+    std::fs::write(
+        &agent_cfg,
+        text.replace("node_name = \"reload-agent\"", "node_name = \"renamed\""),
+    )
+    .unwrap();
+    agent.signal("-HUP");
+    assert!(
+        wait_for(Duration::from_secs(10), || agent
+            .log()
+            .contains("reload rejected; the running config stays")),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("[cluster] node_name changed") && log.contains("restart sluice"),
+        "{log}"
+    );
+    std::fs::write(
+        &agent_cfg,
+        text.replace("peers = [", &format!("peers = [\"{}\", ", gossip_addr(95))),
+    )
+    .unwrap();
+    agent.signal("-HUP");
+    assert!(
+        wait_for(Duration::from_secs(10), || agent
+            .log()
+            .contains("cluster keys reloaded")),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.child.try_wait().unwrap().is_none());
+    assert_eq!(state_at(&p, ga).as_deref(), Some("alive"));
 }
