@@ -235,6 +235,16 @@ enum Inbound {
     Seeds(Vec<SocketAddr>),
 }
 
+// The rotation a coordinator announces, withdrawn from its metadata when dropped.
+struct Announced<'a>(&'a mpsc::UnboundedSender<Command>);
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        // A stopped member publishes nothing any more: nothing to withdraw.
+        let _ = self.0.send(Command::Rotate(None));
+    }
+}
+
 /// Entry point of the gossip runtime.
 #[derive(Debug)]
 pub struct Cluster;
@@ -350,6 +360,8 @@ impl ClusterHandle {
         let id = wall_clock_ms().max(seen + 1);
         let mut changes = self.changes();
         let mut confirmed = Vec::new();
+        // However this ends (done, refused, or the caller gone), the key stops travelling.
+        let _announced = Announced(&self.commands);
         for phase in [Phase::Install, Phase::Use, Phase::Retire] {
             let r = Rotation {
                 id,
@@ -368,7 +380,6 @@ impl ClusterHandle {
                 let members = self.members_snapshot();
                 if let Some((other, by)) = rotation::winning(&members) {
                     if other.id > id {
-                        let _ = self.commands.send(Command::Rotate(None));
                         return Err(ClusterError::Rotation(format!(
                             "a later rotation started by {} ({}) replaced this one; it finishes the job, or run this one again after it",
                             by.meta.name, by.gossip_addr
@@ -393,7 +404,6 @@ impl ClusterHandle {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    let _ = self.commands.send(Command::Rotate(None));
                     let earlier = match phase {
                         Phase::Install => "no member uses the new key yet".to_string(),
                         _ => {
@@ -413,7 +423,6 @@ impl ClusterHandle {
                 }
             }
         }
-        let _ = self.commands.send(Command::Rotate(None));
         tracing::info!(
             rotation = id,
             members = confirmed.len(),
@@ -1472,5 +1481,62 @@ mod tests {
             handles[0].rotate_key("nope", Duration::from_secs(1)).await,
             Err(ClusterError::Key(_))
         ));
+    }
+
+    // Current-thread runtime: no member task runs between the announcement and the first
+    // check, so a rotation given no time at all stops at its first phase, every time.
+    #[tokio::test]
+    async fn an_unconfirmed_rotation_fails_naming_the_members_and_is_withdrawn() {
+        let (old, new) = (generate_key(), generate_key());
+        let a = Cluster::start(config(&old, &[]), NodeMeta::new("a", Role::Proxy))
+            .await
+            .expect("a starts");
+        let b = Cluster::start(
+            config(&old, &[a.gossip_addr()]),
+            NodeMeta::new("b", Role::Backend),
+        )
+        .await
+        .expect("b starts");
+        eventually(10, "a sees b", || {
+            state_of(&a, "b") == Some(MemberState::Alive)
+        })
+        .await;
+        let err = a
+            .rotate_key(&new, Duration::ZERO)
+            .await
+            .expect_err("no time to confirm")
+            .to_string();
+        assert!(
+            err.contains("phase install was not confirmed")
+                && err.contains(&format!("b ({})", b.gossip_addr()))
+                && err.contains("run the rotation again"),
+            "{err}"
+        );
+        // The announcement is withdrawn: b's view of a carries no rotation (and so no key).
+        eventually(10, "the rotation is withdrawn", || {
+            b.members().iter().any(|m| {
+                m.meta.name == "a"
+                    && KeyringState::of(&m.meta)
+                        .is_some_and(|k| k.rotation.is_none() && k.applied > 0)
+            })
+        })
+        .await;
+        // Only the install phase was ever announced: both still encrypt with the old key and
+        // read each other.
+        assert_eq!(
+            (a.keys()[0].clone(), b.keys()[0].clone()),
+            (old.clone(), old)
+        );
+        let rejected = a.stats().rejected_decrypt;
+        let mut meta = NodeMeta::new("b", Role::Backend);
+        meta.draining = true;
+        b.set_meta(meta).expect("running");
+        eventually(10, "a sees b draining", || {
+            a.members()
+                .iter()
+                .any(|m| m.meta.name == "b" && m.meta.draining)
+        })
+        .await;
+        assert_eq!(a.stats().rejected_decrypt, rejected);
     }
 }
