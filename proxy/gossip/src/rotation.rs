@@ -24,10 +24,15 @@
 //! it. When two rotations overlap, the one with the higher id wins everywhere and the other
 //! coordinator gives up with an error.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use crate::keyring::{parse_key, KeyError, Keyring, KEY_LEN};
-use crate::{MemberInfo, MemberState, NodeMeta};
+use crate::runtime::{wall_clock_ms, Command};
+use crate::{ClusterError, ClusterHandle, MemberInfo, MemberState, NodeMeta};
 
 /// The metadata extension holding a member's [`KeyringState`]. Owned by the gossip runtime:
 /// whatever a caller of `set_meta` puts under this name is replaced.
@@ -177,6 +182,128 @@ pub fn apply(ring: &mut Keyring, rotation: &Rotation) -> Result<bool, KeyError> 
     }
     debug_assert!(rotation.phase.done_by(&ring.fingerprints(), &new));
     Ok(ring.fingerprints() != before)
+}
+
+// The coordinator's side: announcing each phase and waiting for every member's confirmation.
+
+/// A completed cluster-wide key rotation ([`ClusterHandle::rotate_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RotationReport {
+    /// The rotation's id.
+    pub id: u64,
+    /// Fingerprint of the new key (16 hex digits).
+    pub fingerprint: String,
+    /// Name and gossip address of every member that confirmed the last phase, this one included.
+    pub members: Vec<(String, SocketAddr)>,
+}
+
+// The rotation a coordinator announces, withdrawn from its metadata when dropped.
+struct Announced<'a>(&'a tokio::sync::mpsc::UnboundedSender<Command>);
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        // A stopped member publishes nothing any more: nothing to withdraw.
+        let _ = self.0.send(Command::Rotate(None));
+    }
+}
+
+impl ClusterHandle {
+    /// Rotates the whole cluster to `key` (base64): every active member installs it, then
+    /// makes it primary, then removes every other key, each phase starting once every member
+    /// reported the previous one done (see [`crate::rotation`]). Returns the members that took
+    /// part, or an error naming the members that did not confirm a phase within `limit`; the
+    /// cluster keeps working at whatever phase it stopped.
+    pub async fn rotate_key(
+        &self,
+        key: &str,
+        limit: Duration,
+    ) -> Result<RotationReport, ClusterError> {
+        let fp = fingerprint(key)?;
+        let deadline = Instant::now() + limit;
+        let seen = self
+            .members_snapshot()
+            .iter()
+            .filter_map(|m| KeyringState::of(&m.meta))
+            .map(|k| k.applied.max(k.rotation.map_or(0, |r| r.id)))
+            .max()
+            .unwrap_or(0);
+        let id = wall_clock_ms().max(seen + 1);
+        let mut changes = self.changes();
+        let mut confirmed = Vec::new();
+        // However this ends (done, refused, or the caller gone), the key stops travelling.
+        let _announced = Announced(&self.commands);
+        for phase in [Phase::Install, Phase::Use, Phase::Retire] {
+            let r = Rotation {
+                id,
+                key: key.to_string(),
+                phase,
+            };
+            self.commands
+                .send(Command::Rotate(Some(r)))
+                .map_err(|_| ClusterError::Stopped)?;
+            tracing::info!(
+                rotation = id,
+                phase = phase.as_str(),
+                "key rotation: phase announced"
+            );
+            loop {
+                let members = self.members_snapshot();
+                if let Some((other, by)) = winning(&members) {
+                    if other.id > id {
+                        return Err(ClusterError::Rotation(format!(
+                            "a later rotation started by {} ({}) replaced this one; it finishes the job, or run this one again after it",
+                            by.meta.name, by.gossip_addr
+                        )));
+                    }
+                }
+                let own_done = phase.done_by(&self.shared.keyring.load().fingerprints(), &fp);
+                let pending: Vec<String> = members
+                    .iter()
+                    .filter(|m| !m.is_self && m.state.is_active())
+                    .filter(|m| {
+                        !KeyringState::of(&m.meta).is_some_and(|k| phase.done_by(&k.keys, &fp))
+                    })
+                    .map(|m| format!("{} ({})", m.meta.name, m.gossip_addr))
+                    .collect();
+                if own_done && pending.is_empty() {
+                    confirmed = members
+                        .iter()
+                        .filter(|m| m.is_self || m.state.is_active())
+                        .map(|m| (m.meta.name.clone(), m.gossip_addr))
+                        .collect();
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let earlier = match phase {
+                        Phase::Install => "no member uses the new key yet".to_string(),
+                        _ => {
+                            "every member has done the earlier phases, so the cluster keeps working"
+                                .to_string()
+                        }
+                    };
+                    return Err(ClusterError::Rotation(format!(
+                        "phase {} was not confirmed within {limit:?} by {}; {earlier}. Check that they run a sluice that rotates keys and are reachable, then run the rotation again",
+                        phase.as_str(),
+                        if pending.is_empty() { "this member".to_string() } else { pending.join(", ") },
+                    )));
+                }
+                let next = deadline.min(Instant::now() + Duration::from_millis(100));
+                if let Ok(Err(_)) = tokio::time::timeout_at(next, changes.changed()).await {
+                    return Err(ClusterError::Stopped);
+                }
+            }
+        }
+        tracing::info!(
+            rotation = id,
+            members = confirmed.len(),
+            "key rotation complete: every member uses the new key alone"
+        );
+        Ok(RotationReport {
+            id,
+            fingerprint: fingerprint_hex(&fp),
+            members: confirmed,
+        })
+    }
 }
 
 #[cfg(test)]

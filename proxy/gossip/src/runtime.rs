@@ -25,6 +25,7 @@ use super::keyring::Keyring;
 use super::names::{self, Clash};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
 use super::persist;
+pub use super::rotation::RotationReport;
 use super::rotation::{self, KeyringState, Phase, Rotation};
 use super::wire::{self, Kind, OpenError};
 use super::{profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile, Tuning};
@@ -60,18 +61,7 @@ pub struct Stats {
     pub key_file_errors: u64,
 }
 
-/// A completed cluster-wide key rotation ([`ClusterHandle::rotate_key`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RotationReport {
-    /// The rotation's id.
-    pub id: u64,
-    /// Fingerprint of the new key (16 hex digits).
-    pub fingerprint: String,
-    /// Name and gossip address of every member that confirmed the last phase, this one included.
-    pub members: Vec<(String, SocketAddr)>,
-}
-
-fn wall_clock_ms() -> u64 {
+pub(crate) fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -97,10 +87,10 @@ fn add(c: &AtomicU64, n: usize) {
 }
 
 // State shared by the handle, the driver and the I/O tasks.
-struct Shared {
+pub(crate) struct Shared {
     cluster_name: String,
     compression: bool,
-    keyring: ArcSwap<Keyring>,
+    pub(crate) keyring: ArcSwap<Keyring>,
     // Serializes keyring edits (load-modify-store); readers never take it.
     keyring_edit: Mutex<()>,
     members: ArcSwap<Vec<MemberInfo>>,
@@ -214,7 +204,7 @@ impl Shared {
     }
 }
 
-enum Command {
+pub(crate) enum Command {
     SetMeta(NodeMeta),
     Leave(oneshot::Sender<()>),
     // The keyring was edited through the handle: publish and persist it.
@@ -235,16 +225,6 @@ enum Inbound {
     Seeds(Vec<SocketAddr>),
 }
 
-// The rotation a coordinator announces, withdrawn from its metadata when dropped.
-struct Announced<'a>(&'a mpsc::UnboundedSender<Command>);
-
-impl Drop for Announced<'_> {
-    fn drop(&mut self) {
-        // A stopped member publishes nothing any more: nothing to withdraw.
-        let _ = self.0.send(Command::Rotate(None));
-    }
-}
-
 /// Entry point of the gossip runtime.
 #[derive(Debug)]
 pub struct Cluster;
@@ -254,8 +234,8 @@ pub struct Cluster;
 /// down) when the last one is dropped. Call [`ClusterHandle::leave`] for a graceful exit.
 #[derive(Clone)]
 pub struct ClusterHandle {
-    shared: Arc<Shared>,
-    commands: mpsc::UnboundedSender<Command>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
     changes: watch::Receiver<u64>,
 }
 
@@ -336,103 +316,6 @@ impl ClusterHandle {
         self.commands
             .send(Command::SetPeers(peers))
             .map_err(|_| ClusterError::Stopped)
-    }
-
-    /// Rotates the whole cluster to `key` (base64): every active member installs it, then
-    /// makes it primary, then removes every other key, each phase starting once every member
-    /// reported the previous one done (see [`crate::rotation`]). Returns the members that took
-    /// part, or an error naming the members that did not confirm a phase within `limit`; the
-    /// cluster keeps working at whatever phase it stopped.
-    pub async fn rotate_key(
-        &self,
-        key: &str,
-        limit: Duration,
-    ) -> Result<RotationReport, ClusterError> {
-        let fp = rotation::fingerprint(key)?;
-        let deadline = Instant::now() + limit;
-        let seen = self
-            .members_snapshot()
-            .iter()
-            .filter_map(|m| KeyringState::of(&m.meta))
-            .map(|k| k.applied.max(k.rotation.map_or(0, |r| r.id)))
-            .max()
-            .unwrap_or(0);
-        let id = wall_clock_ms().max(seen + 1);
-        let mut changes = self.changes();
-        let mut confirmed = Vec::new();
-        // However this ends (done, refused, or the caller gone), the key stops travelling.
-        let _announced = Announced(&self.commands);
-        for phase in [Phase::Install, Phase::Use, Phase::Retire] {
-            let r = Rotation {
-                id,
-                key: key.to_string(),
-                phase,
-            };
-            self.commands
-                .send(Command::Rotate(Some(r)))
-                .map_err(|_| ClusterError::Stopped)?;
-            tracing::info!(
-                rotation = id,
-                phase = phase.as_str(),
-                "key rotation: phase announced"
-            );
-            loop {
-                let members = self.members_snapshot();
-                if let Some((other, by)) = rotation::winning(&members) {
-                    if other.id > id {
-                        return Err(ClusterError::Rotation(format!(
-                            "a later rotation started by {} ({}) replaced this one; it finishes the job, or run this one again after it",
-                            by.meta.name, by.gossip_addr
-                        )));
-                    }
-                }
-                let own_done = phase.done_by(&self.shared.keyring.load().fingerprints(), &fp);
-                let pending: Vec<String> = members
-                    .iter()
-                    .filter(|m| !m.is_self && m.state.is_active())
-                    .filter(|m| {
-                        !KeyringState::of(&m.meta).is_some_and(|k| phase.done_by(&k.keys, &fp))
-                    })
-                    .map(|m| format!("{} ({})", m.meta.name, m.gossip_addr))
-                    .collect();
-                if own_done && pending.is_empty() {
-                    confirmed = members
-                        .iter()
-                        .filter(|m| m.is_self || m.state.is_active())
-                        .map(|m| (m.meta.name.clone(), m.gossip_addr))
-                        .collect();
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let earlier = match phase {
-                        Phase::Install => "no member uses the new key yet".to_string(),
-                        _ => {
-                            "every member has done the earlier phases, so the cluster keeps working"
-                                .to_string()
-                        }
-                    };
-                    return Err(ClusterError::Rotation(format!(
-                        "phase {} was not confirmed within {limit:?} by {}; {earlier}. Check that they run a sluice that rotates keys and are reachable, then run the rotation again",
-                        phase.as_str(),
-                        if pending.is_empty() { "this member".to_string() } else { pending.join(", ") },
-                    )));
-                }
-                let next = deadline.min(Instant::now() + Duration::from_millis(100));
-                if let Ok(Err(_)) = tokio::time::timeout_at(next, changes.changed()).await {
-                    return Err(ClusterError::Stopped);
-                }
-            }
-        }
-        tracing::info!(
-            rotation = id,
-            members = confirmed.len(),
-            "key rotation complete: every member uses the new key alone"
-        );
-        Ok(RotationReport {
-            id,
-            fingerprint: rotation::fingerprint_hex(&fp),
-            members: confirmed,
-        })
     }
 
     /// Waits until the member stops. Returns why when it stopped on its own: it gave its name
@@ -1343,200 +1226,5 @@ mod tests {
             h.keyring_install("nope"),
             Err(ClusterError::Key(_))
         ));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
-        let key = generate_key();
-        let a = Cluster::start(config(&key, &[]), NodeMeta::new("same", Role::Backend))
-            .await
-            .expect("a starts");
-        let b = Cluster::start(
-            config(&key, &[a.gossip_addr()]),
-            NodeMeta::new("b", Role::Proxy),
-        )
-        .await
-        .expect("b starts");
-        // The newcomer starts alone (so the start-up check cannot see the clash), then is
-        // given a seed, as when a partition heals.
-        // Its generation is surely above a's (two starts within one millisecond would tie).
-        let state =
-            std::env::temp_dir().join(format!("sluice-gossip-clash-{}.state", std::process::id()));
-        persist::write_generation(&state, wall_clock_ms() + 1_000_000).expect("writable");
-        let mut c_config = config(&key, &[]);
-        c_config.state_file = Some(state);
-        let c = Cluster::start(c_config, NodeMeta::new("same", Role::Backend))
-            .await
-            .expect("c starts alone");
-        c.set_peers(vec![a.gossip_addr().to_string()])
-            .expect("running");
-        let why = tokio::time::timeout(Duration::from_secs(20), c.stopped())
-            .await
-            .expect("the newcomer stops");
-        match why {
-            Some(ClusterError::NameConflict { name, this, other }) => {
-                assert_eq!(
-                    (name.as_str(), this, other),
-                    ("same", c.gossip_addr(), a.gossip_addr())
-                );
-            }
-            other => panic!("expected a name conflict, got {other:?}"),
-        }
-        assert!(!c.is_running());
-        let msg = c.refusal().expect("a refusal").to_string();
-        assert!(
-            msg.contains(&a.gossip_addr().to_string())
-                && msg.contains(&c.gossip_addr().to_string())
-                && msg.contains("node_name"),
-            "{msg}"
-        );
-        // The newcomer counted the clash. (The others count it too when they see both alive,
-        // which they may not: the newcomer may learn of the clash and leave first.) The
-        // incumbent keeps serving; everyone sees the newcomer gone.
-        assert_eq!(c.stats().duplicate_names, 1);
-        assert!(a.is_running());
-        for h in [&a, &b] {
-            eventually(10, "the newcomer left", || {
-                h.members()
-                    .iter()
-                    .any(|m| m.gossip_addr == c.gossip_addr() && m.state == MemberState::Left)
-            })
-            .await;
-        }
-        assert!(b
-            .members()
-            .iter()
-            .any(|m| m.gossip_addr == a.gossip_addr() && m.state == MemberState::Alive));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_key_rotation_reaches_every_member_and_their_key_files() {
-        let dir = std::env::temp_dir().join(format!("sluice-gossip-rotate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let (old, new) = (generate_key(), generate_key());
-        let mut handles: Vec<ClusterHandle> = Vec::new();
-        for name in ["a", "b", "c"] {
-            let seeds: Vec<SocketAddr> = handles
-                .first()
-                .map(|h| h.gossip_addr())
-                .into_iter()
-                .collect();
-            let mut cfg = config(&old, &seeds);
-            cfg.key_file = Some(dir.join(format!("{name}.key")));
-            cfg.state_file = Some(dir.join(format!("{name}.state")));
-            handles.push(
-                Cluster::start(cfg, NodeMeta::new(name, Role::Backend))
-                    .await
-                    .expect("starts"),
-            );
-        }
-        for h in &handles {
-            eventually(10, "all three alive everywhere", || {
-                ["a", "b", "c"]
-                    .iter()
-                    .all(|n| state_of(h, n) == Some(MemberState::Alive))
-            })
-            .await;
-        }
-        let generation = handles[0].members()[0].generation;
-        assert_eq!(
-            persist::read_generation(&dir.join("a.state")).expect("readable"),
-            Some(generation)
-        );
-        let report = handles[1]
-            .rotate_key(&new, Duration::from_secs(20))
-            .await
-            .expect("the rotation completes");
-        assert_eq!(report.members.len(), 3, "{report:?}");
-        for (h, name) in handles.iter().zip(["a", "b", "c"]) {
-            eventually(5, "every keyring holds the new key alone", || {
-                h.keys() == [new.clone()]
-            })
-            .await;
-            let text = std::fs::read_to_string(dir.join(format!("{name}.key"))).expect("written");
-            let keys: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-            assert_eq!(keys, [new.as_str()], "{name}");
-        }
-        // Still one cluster: a metadata change travels under the new key.
-        let rejected = handles[0].stats().rejected_decrypt;
-        handles[2]
-            .set_meta(NodeMeta::new("c", Role::Proxy))
-            .expect("running");
-        eventually(10, "a sees c's new role", || {
-            handles[0]
-                .members()
-                .iter()
-                .any(|m| m.meta.name == "c" && m.meta.role == Role::Proxy)
-        })
-        .await;
-        assert_eq!(handles[0].stats().rejected_decrypt, rejected);
-        for h in &handles {
-            assert!(["a", "b", "c"]
-                .iter()
-                .all(|n| state_of(h, n) == Some(MemberState::Alive)));
-        }
-        // A node with only the old key cannot join any more.
-        assert!(matches!(
-            handles[0].rotate_key("nope", Duration::from_secs(1)).await,
-            Err(ClusterError::Key(_))
-        ));
-    }
-
-    // Current-thread runtime: no member task runs between the announcement and the first
-    // check, so a rotation given no time at all stops at its first phase, every time.
-    #[tokio::test]
-    async fn an_unconfirmed_rotation_fails_naming_the_members_and_is_withdrawn() {
-        let (old, new) = (generate_key(), generate_key());
-        let a = Cluster::start(config(&old, &[]), NodeMeta::new("a", Role::Proxy))
-            .await
-            .expect("a starts");
-        let b = Cluster::start(
-            config(&old, &[a.gossip_addr()]),
-            NodeMeta::new("b", Role::Backend),
-        )
-        .await
-        .expect("b starts");
-        eventually(10, "a sees b", || {
-            state_of(&a, "b") == Some(MemberState::Alive)
-        })
-        .await;
-        let err = a
-            .rotate_key(&new, Duration::ZERO)
-            .await
-            .expect_err("no time to confirm")
-            .to_string();
-        assert!(
-            err.contains("phase install was not confirmed")
-                && err.contains(&format!("b ({})", b.gossip_addr()))
-                && err.contains("run the rotation again"),
-            "{err}"
-        );
-        // The announcement is withdrawn: b's view of a carries no rotation (and so no key).
-        eventually(10, "the rotation is withdrawn", || {
-            b.members().iter().any(|m| {
-                m.meta.name == "a"
-                    && KeyringState::of(&m.meta)
-                        .is_some_and(|k| k.rotation.is_none() && k.applied > 0)
-            })
-        })
-        .await;
-        // Only the install phase was ever announced: both still encrypt with the old key and
-        // read each other.
-        assert_eq!(
-            (a.keys()[0].clone(), b.keys()[0].clone()),
-            (old.clone(), old)
-        );
-        let rejected = a.stats().rejected_decrypt;
-        let mut meta = NodeMeta::new("b", Role::Backend);
-        meta.draining = true;
-        b.set_meta(meta).expect("running");
-        eventually(10, "a sees b draining", || {
-            a.members()
-                .iter()
-                .any(|m| m.meta.name == "b" && m.meta.draining)
-        })
-        .await;
-        assert_eq!(a.stats().rejected_decrypt, rejected);
     }
 }
