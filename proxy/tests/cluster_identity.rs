@@ -138,6 +138,40 @@ fn a_duplicate_name_found_while_both_run_stops_the_newcomer() {
 }
 
 #[test]
+fn a_proxy_that_finds_its_name_taken_while_running_exits_non_zero() {
+    let dir = scratch_dir("identity-dup-proxy");
+    let b = backends(1);
+    // As above, with the seed an agent and the newcomer a proxy.
+    let (gs, ga, gp) = (gossip_addr(65), gossip_addr(66), gossip_addr(67));
+    let first = Agent::start(&dir, "a", &cluster_section("taken", ga, KEY, &[gs]), b[0].0);
+    assert!(
+        wait_for(Duration::from_secs(20), || first
+            .log()
+            .contains("agent joined the cluster")),
+        "{}",
+        first.log()
+    );
+    let mut p = Proxy::start_in(
+        made(dir.join("p")),
+        &format!("{POOL}{}", cluster_section("taken", gp, KEY, &[gs])),
+    );
+    let _seed = Agent::start(&dir, "seed", &cluster_section("seed", gs, KEY, &[]), b[0].0);
+    let status = p.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        p.log()
+    );
+    let log = p.log();
+    assert!(
+        log.contains(&format!(
+            "({gp}) is already used by the live member at {ga}"
+        )) && log.contains("node_name"),
+        "{log}"
+    );
+}
+
+#[test]
 fn one_command_rotates_every_members_key_and_key_file() {
     let dir = scratch_dir("identity-rotate");
     let b = backends(2);
