@@ -88,6 +88,12 @@ pub struct Metrics {
     pub cluster_transport_bytes: IntCounterVec,
     /// `sluice_cluster_tcp_buffer_bytes`: bytes gossip TCP frame buffers hold now.
     pub cluster_tcp_buffer: IntGaugeVec,
+    /// `sluice_cluster_duplicate_names_total`: clashes of two live members with one name this
+    /// node saw (the newcomer leaves).
+    pub cluster_duplicate_names: IntCounterVec,
+    /// `sluice_cluster_key_file_errors_total`: keyring changes that could not be written back
+    /// to `[cluster] key_file`.
+    pub cluster_key_file_errors: IntCounterVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,
     /// Request-path histograms per backend (`{pool,backend}`); series exist only when
@@ -332,6 +338,16 @@ impl Metrics {
             cluster_tcp_buffer: gauge(
                 "sluice_cluster_tcp_buffer_bytes",
                 "Bytes gossip TCP frame buffers hold now (bounded by the inbound buffer budget).",
+                &[],
+            ),
+            cluster_duplicate_names: counter(
+                "sluice_cluster_duplicate_names_total",
+                "Clashes of two live cluster members with one node name seen by this node; the later one leaves.",
+                &[],
+            ),
+            cluster_key_file_errors: counter(
+                "sluice_cluster_key_file_errors_total",
+                "Keyring changes (a key rotation) that could not be written back to [cluster] key_file.",
                 &[],
             ),
             limit_rejections: counter(

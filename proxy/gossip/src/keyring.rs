@@ -134,6 +134,19 @@ impl Keyring {
             .collect()
     }
 
+    /// Fingerprints of the installed keys, primary first (see [`crate::rotation::fingerprint`]).
+    pub fn fingerprints(&self) -> Vec<crate::rotation::Fingerprint> {
+        self.keys
+            .iter()
+            .map(|k| crate::rotation::fingerprint_raw(&k.key))
+            .collect()
+    }
+
+    /// Removes every key but the primary (the last step of a rotation).
+    pub fn retain_primary(&mut self) {
+        self.keys.truncate(1);
+    }
+
     /// Adds a key for decryption (it does not become primary). Installing a present key is a no-op.
     pub fn install(&mut self, key: &str) -> Result<(), KeyError> {
         self.install_raw(parse_key(key)?);

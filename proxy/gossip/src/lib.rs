@@ -16,6 +16,9 @@
 //!   snapshot the proxy reads.
 //! - [`blobs`]: content addressed by the caller's digest, kept by a member and fetched by
 //!   others over the same authenticated TCP transport (the proxy's plugin rollout).
+//! - [`persist`]: the identity generation and the keyring kept on disk across restarts.
+//! - [`rotation`]: cluster-wide key rotation carried by gossip ([`ClusterHandle::rotate_key`]).
+//! - [`names`]: duplicate node names found while running; the newcomer gives its name up.
 //! - [`routing`]: what a proxy does with what it sees — when a suspect member's services are
 //!   held, and when to keep the last-known-good pools instead of following the view.
 //! - [`sim`]: many nodes in one process on virtual time over a seeded network (bursty and
@@ -45,8 +48,11 @@ pub mod blobs;
 pub mod clock;
 pub mod keyring;
 mod limits;
+pub mod names;
 pub mod node;
+pub mod persist;
 pub mod replay;
+pub mod rotation;
 pub mod routing;
 pub mod runtime;
 pub mod sim;
@@ -91,7 +97,8 @@ pub struct Service {
 /// [`ClusterHandle::set_meta`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeMeta {
-    /// Unique name in the cluster; a node whose name is alive elsewhere refuses to start.
+    /// Unique name in the cluster; a node whose name is alive elsewhere refuses to start, and
+    /// a clash found while running makes the newcomer leave (see [`names`]).
     pub name: String,
     /// Proxy or backend.
     pub role: Role,
@@ -237,6 +244,12 @@ pub struct ClusterConfig {
     /// push-pull interval until the node has joined; after that they follow the live member
     /// count.
     pub expected_size: u32,
+    /// Where the keyring is written back after every change (a rotation, a key operation),
+    /// atomically and with mode 0600; `None` keeps changes in memory only.
+    pub key_file: Option<std::path::PathBuf>,
+    /// Where the identity generation is kept across restarts ([`persist`]); `None` takes the
+    /// wall clock alone.
+    pub state_file: Option<std::path::PathBuf>,
     /// Datagram size and connection limits.
     pub transport: TransportConfig,
 }
@@ -342,6 +355,8 @@ impl ClusterConfig {
             compression: false,
             expected_size: DEFAULT_EXPECTED_SIZE,
             transport: TransportConfig::default(),
+            key_file: None,
+            state_file: None,
         }
     }
 }
@@ -364,13 +379,21 @@ pub enum ClusterError {
     #[error("cluster config: {0}")]
     Config(String),
     /// Another live member already uses this node's name.
-    #[error("the name {name:?} is already used by the live member at {other}; give this node a unique name")]
+    #[error("the name {name:?} of this node ({this}) is already used by the live member at {other}; give this node a unique [cluster] node_name (or stop the other member first)")]
     NameConflict {
         /// The contested name.
         name: String,
+        /// This node's gossip address.
+        this: SocketAddr,
         /// Gossip address of the member that has it.
         other: SocketAddr,
     },
+    /// A cluster-wide key rotation did not complete.
+    #[error("key rotation: {0}")]
+    Rotation(String),
+    /// A state or key file could not be read or written.
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     /// The cluster task has stopped (after `leave`, or it panicked).
     #[error("the cluster task has stopped")]
     Stopped,

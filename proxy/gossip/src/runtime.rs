@@ -20,8 +20,9 @@
 
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -33,8 +34,12 @@ use tokio::time::{timeout, Instant};
 use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
 use super::limits::{BufferGrant, InboundSlot, InboundSlots};
+use super::names::{self, Clash};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
+use super::persist;
 use super::replay::{Refusal, ReplayGuard};
+pub use super::rotation::RotationReport;
+use super::rotation::{self, KeyringState, Phase, Rotation};
 use super::wire::{self, Kind, Message, OpenError, Stamp};
 use super::{
     foca_packet_size, profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile,
@@ -90,6 +95,10 @@ pub struct Stats {
     /// Bytes TCP frame buffers hold now (rounded up to KiB per frame); at most
     /// [`INBOUND_BUFFER_BUDGET`]. A gauge, not a counter.
     pub tcp_buffer_bytes: u64,
+    /// Clashes of two alive members with one name seen by this member (each counted once).
+    pub duplicate_names: u64,
+    /// Keyring changes that could not be written to the key file.
+    pub key_file_errors: u64,
 }
 
 impl Stats {
@@ -116,6 +125,12 @@ impl Stats {
     }
 }
 
+pub(crate) fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[derive(Default)]
 struct Counters {
     udp_sent: AtomicU64,
@@ -135,6 +150,8 @@ struct Counters {
     outbound_skipped: AtomicU64,
     probe_fallbacks: AtomicU64,
     probe_fallback_acks: AtomicU64,
+    duplicate_names: AtomicU64,
+    key_file_errors: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -142,10 +159,10 @@ fn add(c: &AtomicU64, n: usize) {
 }
 
 // State shared by the handle, the driver and the I/O tasks.
-struct Shared {
+pub(crate) struct Shared {
     cluster_name: String,
     compression: bool,
-    keyring: ArcSwap<Keyring>,
+    pub(crate) keyring: ArcSwap<Keyring>,
     // Serializes keyring edits (load-modify-store); readers never take it.
     keyring_edit: Mutex<()>,
     members: ArcSwap<Vec<MemberInfo>>,
@@ -162,6 +179,10 @@ struct Shared {
     // Bytes of TCP frame buffers, in KiB: see INBOUND_BUFFER_BUDGET.
     buffers: Arc<Semaphore>,
     outbound: Arc<Semaphore>,
+    // Why this member stopped on its own: (name, the member that keeps it). Set once.
+    refusal: OnceLock<(String, SocketAddr)>,
+    // Where the keyring is written back, if anywhere.
+    key_file: Option<PathBuf>,
 }
 
 fn wall_clock_s() -> u64 {
@@ -376,9 +397,14 @@ impl Shared {
     }
 }
 
-enum Command {
+pub(crate) enum Command {
     SetMeta(NodeMeta),
     Leave(oneshot::Sender<()>),
+    // The keyring was edited through the handle: publish and persist it.
+    KeyringChanged,
+    // The rotation this member coordinates (None: none any more).
+    Rotate(Option<Rotation>),
+    SetPeers(Vec<String>),
 }
 
 enum Inbound {
@@ -401,8 +427,8 @@ pub struct Cluster;
 /// down) when the last one is dropped. Call [`ClusterHandle::leave`] for a graceful exit.
 #[derive(Clone)]
 pub struct ClusterHandle {
-    shared: Arc<Shared>,
-    commands: mpsc::UnboundedSender<Command>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
     changes: watch::Receiver<u64>,
 }
 
@@ -448,19 +474,60 @@ impl ClusterHandle {
         rx.await.map_err(|_| ClusterError::Stopped)
     }
 
-    /// Adds a decryption key (base64).
+    /// Adds a decryption key (base64) on this member only (see [`ClusterHandle::rotate_key`]
+    /// for the whole cluster). Written back to the key file, if any.
     pub fn keyring_install(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.install(key))
+        self.shared.edit_keyring(|r| r.install(key))?;
+        self.keyring_changed()
     }
 
-    /// Makes an installed key the one that encrypts.
+    /// Makes an installed key the one that encrypts, on this member only.
     pub fn keyring_use(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.use_key(key))
+        self.shared.edit_keyring(|r| r.use_key(key))?;
+        self.keyring_changed()
     }
 
-    /// Removes a key; the primary key cannot be removed.
+    /// Removes a key on this member only; the primary key cannot be removed.
     pub fn keyring_remove(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.remove(key))
+        self.shared.edit_keyring(|r| r.remove(key))?;
+        self.keyring_changed()
+    }
+
+    fn keyring_changed(&self) -> Result<(), ClusterError> {
+        self.commands
+            .send(Command::KeyringChanged)
+            .map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Whether keyring changes are written back to a key file.
+    pub fn keys_persisted(&self) -> bool {
+        self.shared.key_file.is_some()
+    }
+
+    /// Replaces the seeds retried while no member is reachable (a reload of `peers`).
+    pub fn set_peers(&self, peers: Vec<String>) -> Result<(), ClusterError> {
+        self.commands
+            .send(Command::SetPeers(peers))
+            .map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Waits until the member stops. Returns why when it stopped on its own: it gave its name
+    /// up to an older member ([`ClusterError::NameConflict`], see [`crate::names`]).
+    pub async fn stopped(&self) -> Option<ClusterError> {
+        self.commands.closed().await;
+        self.refusal()
+    }
+
+    /// Why the member stopped on its own, if it did.
+    pub fn refusal(&self) -> Option<ClusterError> {
+        self.shared
+            .refusal
+            .get()
+            .map(|(name, other)| ClusterError::NameConflict {
+                name: name.clone(),
+                this: self.shared.gossip_addr,
+                other: *other,
+            })
     }
 
     /// Installed keys (base64), primary first.
@@ -494,6 +561,8 @@ impl ClusterHandle {
                 .saturating_sub(self.shared.buffers.available_permits())
                 as u64
                 * 1024,
+            duplicate_names: get(&c.duplicate_names),
+            key_file_errors: get(&c.key_file_errors),
         }
     }
 
@@ -627,18 +696,31 @@ impl Cluster {
             ),
             buffers: Arc::new(Semaphore::new(INBOUND_BUFFER_BUDGET / 1024)),
             outbound: Arc::new(Semaphore::new(config.transport.max_outbound_streams)),
+            refusal: OnceLock::new(),
+            key_file: config.key_file.clone(),
         });
 
         let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
         foca_cfg.max_packet_size = foca_packet_size(config.transport.udp_payload_size);
-        // Wall-clock milliseconds: a restarted node outranks its previous identity.
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        // A restarted node must outrank its previous identity, whatever the clock did.
+        let persisted = match &config.state_file {
+            Some(path) => persist::read_generation(path)?,
+            None => None,
+        };
+        let generation = persist::next_generation(wall_clock_ms(), persisted);
+        if let Some(path) = &config.state_file {
+            persist::write_generation(path, generation)?;
+        }
         let id = NodeId {
             addr: gossip_addr,
             generation,
         };
+        let base_meta = meta.clone();
+        let mut meta = meta;
+        meta.extensions.insert(
+            rotation::EXTENSION.to_string(),
+            KeyringState::of_ring(&shared.keyring.load(), None, 0).encode(),
+        );
         let mut node = Node::new(
             id,
             meta.clone(),
@@ -677,6 +759,12 @@ impl Cluster {
             seed_delay: seed_backoff(config.profile).0,
             changes: changes_tx,
             dropped_seen: 0,
+            base_meta,
+            rotation: None,
+            applied: (0, Phase::Install),
+            state_file: config.state_file.clone(),
+            clashes_seen: std::collections::HashSet::new(),
+            refuse: false,
         };
         tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
         Ok(ClusterHandle {
@@ -719,6 +807,7 @@ async fn join_check(
             if let Some(other) = state.name_taken(&meta.name, shared.gossip_addr) {
                 return Err(ClusterError::NameConflict {
                     name: meta.name.clone(),
+                    this: shared.gossip_addr,
                     other,
                 });
             }
@@ -893,6 +982,17 @@ struct Driver {
     changes: watch::Sender<u64>,
     // inbound_dropped as last reported to the node's local health.
     dropped_seen: u64,
+    // The metadata the owner set; the keyring extension is added on publishing.
+    base_meta: NodeMeta,
+    // The rotation this member coordinates.
+    rotation: Option<Rotation>,
+    // The highest rotation step applied to the keyring.
+    applied: (u64, Phase),
+    state_file: Option<PathBuf>,
+    // Name clashes already counted and logged.
+    clashes_seen: std::collections::HashSet<Clash>,
+    // This member gave its name up: leave and stop.
+    refuse: bool,
 }
 
 impl Driver {
@@ -913,8 +1013,25 @@ impl Driver {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break,
-                    Some(Command::SetMeta(meta)) => self.node.set_meta(meta),
+                    Some(Command::SetMeta(meta)) => {
+                        self.base_meta = meta;
+                        self.publish_meta();
+                    }
                     Some(Command::Leave(done)) => leaving = Some(done),
+                    Some(Command::KeyringChanged) => {
+                        self.persist_keys();
+                        self.publish_meta();
+                    }
+                    Some(Command::Rotate(r)) => {
+                        self.rotation = r;
+                        self.follow_rotation();
+                        self.publish_meta();
+                    }
+                    Some(Command::SetPeers(peers)) => {
+                        self.peers = peers;
+                        self.seed_delay = self.backoff.0;
+                        self.next_seed_try = Instant::now();
+                    }
                 },
                 Some(msg) = inbound.recv() => match msg {
                     Inbound::Packet(body) => self.node.handle_packet(&body),
@@ -955,6 +1072,13 @@ impl Driver {
                 break;
             }
             self.flush().await;
+            if self.refuse {
+                // Another member keeps our name: leave, so the others see us go at once.
+                self.node.leave();
+                self.flush_leaving().await;
+                commands.close();
+                break;
+            }
         }
         for t in io_tasks {
             t.abort();
@@ -963,6 +1087,17 @@ impl Driver {
 
     // Carries out the node's outputs and publishes membership changes.
     async fn flush(&mut self) {
+        // A second round only when following a rotation changed our keyring state: that
+        // state is news for the others at once.
+        for _ in 0..2 {
+            if !self.flush_once().await {
+                break;
+            }
+        }
+    }
+
+    // One round of flush; returns whether our metadata changed meanwhile.
+    async fn flush_once(&mut self) -> bool {
         for out in self.node.take_outputs() {
             match out {
                 Output::Packet { to, body } => self.send_packet(to, &body).await,
@@ -1000,6 +1135,7 @@ impl Driver {
                     self.next_seed_try = Instant::now() + self.backoff.0;
                 }
                 Event::Active => self.seed_delay = self.backoff.0,
+                Event::Rejoined => self.persist_generation(),
                 _ => {}
             }
         }
@@ -1011,9 +1147,121 @@ impl Driver {
         if let Some(t) = self.node.take_tuning_change() {
             self.shared.tuning.store(Arc::new(t));
         }
-        if self.node.refresh(now_ms()) {
-            self.shared.members.store(Arc::new(self.node.members()));
-            self.changes.send_modify(|v| *v += 1);
+        if !self.node.refresh(now_ms()) {
+            return false;
+        }
+        self.shared.members.store(Arc::new(self.node.members()));
+        self.changes.send_modify(|v| *v += 1);
+        self.check_names();
+        if self.follow_rotation() {
+            self.publish_meta();
+            return true;
+        }
+        false
+    }
+
+    // The owner's metadata plus this member's keyring state, to the node (which ignores an
+    // unchanged one).
+    fn publish_meta(&mut self) {
+        let mut meta = self.base_meta.clone();
+        let state = KeyringState::of_ring(
+            &self.shared.keyring.load(),
+            self.rotation.clone(),
+            self.applied.0,
+        );
+        meta.extensions
+            .insert(rotation::EXTENSION.to_string(), state.encode());
+        self.node.set_meta(meta);
+    }
+
+    // Applies the rotation step the cluster asks for now (ours or the highest an alive member
+    // announces), once per step. Returns whether the keyring changed.
+    fn follow_rotation(&mut self) -> bool {
+        let members = self.shared.members.load();
+        let theirs = rotation::winning(&members).map(|(r, _)| r);
+        let Some(r) = self
+            .rotation
+            .iter()
+            .cloned()
+            .chain(theirs)
+            .max_by_key(|r| (r.id, r.phase))
+        else {
+            return false;
+        };
+        if (r.id, r.phase) <= self.applied {
+            return false;
+        }
+        self.applied = (r.id, r.phase);
+        let mut changed = false;
+        let result = self.shared.edit_keyring(|ring| {
+            changed = rotation::apply(ring, &r)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    rotation = r.id,
+                    phase = r.phase.as_str(),
+                    changed,
+                    "key rotation: step applied"
+                );
+                if changed {
+                    if self.shared.key_file.is_none() {
+                        tracing::warn!(rotation = r.id, "key rotation: this node has no [cluster] key_file, so its new keys are kept in memory only; update the keys in its config before it restarts, or it comes back with the old key");
+                    }
+                    self.persist_keys();
+                }
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(rotation = r.id, error = %e, "key rotation: the announced key is unusable; ignoring this rotation");
+                false
+            }
+        }
+    }
+
+    // Counts and logs name clashes once each; gives our name up when we are the newcomer.
+    fn check_names(&mut self) {
+        let members = self.shared.members.load();
+        let clashes = names::clashes(&members);
+        for c in &clashes {
+            if !self.clashes_seen.insert(c.clone()) {
+                continue;
+            }
+            add(&self.shared.counters.duplicate_names, 1);
+            if c.newcomer == self.shared.gossip_addr {
+                tracing::error!(name = %c.name, this = %c.newcomer, other = %c.incumbent, "another live member has this node's name and was there first; leaving the cluster. Give this node a unique [cluster] node_name");
+                let _ = self.shared.refusal.set((c.name.clone(), c.incumbent));
+                self.refuse = true;
+            } else {
+                tracing::warn!(name = %c.name, keeps = %c.incumbent, newcomer = %c.newcomer, "two live members have the same name; the newcomer should leave. Give each node a unique [cluster] node_name");
+            }
+        }
+        // Forget clashes that ended, so a recurrence counts again.
+        self.clashes_seen.retain(|c| clashes.contains(c));
+    }
+
+    fn persist_keys(&self) {
+        let Some(path) = &self.shared.key_file else {
+            return;
+        };
+        let keys = self.shared.keyring.load().keys_base64();
+        match persist::write_key_file(path, &keys) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), keys = keys.len(), "keyring written to the key file")
+            }
+            Err(e) => {
+                add(&self.shared.counters.key_file_errors, 1);
+                tracing::error!(error = %e, "the keyring changed but the key file could not be written; this node restarts with its old keys unless you fix the file");
+            }
+        }
+    }
+
+    fn persist_generation(&self) {
+        if let Some(path) = &self.state_file {
+            if let Err(e) = persist::write_generation(path, self.node.id().generation) {
+                tracing::warn!(error = %e, "could not record the new identity generation after a rejoin");
+            }
         }
     }
 
@@ -1110,11 +1358,17 @@ mod tests {
             })
             .await;
         }
-        let seen = a
+        let mut seen = a
             .members()
             .into_iter()
             .find(|m| m.meta.name == "b")
             .expect("b known");
+        // The runtime adds the keyring state it publishes (see crate::rotation).
+        assert!(seen
+            .meta
+            .extensions
+            .remove(crate::rotation::EXTENSION)
+            .is_some());
         assert_eq!(
             (seen.meta, seen.gossip_addr),
             (b_meta.clone(), b.gossip_addr())
@@ -1135,7 +1389,7 @@ mod tests {
 
         // The same name at another address is refused at start.
         match Cluster::start(config(&key, &seed), NodeMeta::new("b", Role::Backend)).await {
-            Err(ClusterError::NameConflict { name, other }) => {
+            Err(ClusterError::NameConflict { name, other, .. }) => {
                 assert_eq!((name.as_str(), other), ("b", b.gossip_addr()));
             }
             other => panic!("expected a name conflict, got {other:?}"),
