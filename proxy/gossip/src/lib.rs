@@ -253,7 +253,8 @@ pub struct TransportConfig {
     pub udp_payload_size: usize,
     /// Inbound TCP connections served at once; more are closed on accept and counted.
     pub tcp_max_connections: usize,
-    /// Inbound TCP connections served at once from one IP address.
+    /// Inbound TCP connections served at once from one source address: an IPv4 address, or an
+    /// IPv6 /64 (an IPv4-mapped IPv6 address counts as its IPv4 address).
     pub tcp_max_connections_per_addr: usize,
     /// Outbound stream exchanges (push-pulls, blob fetches, large packets, fallback probes) in
     /// flight at once; more are skipped and counted (gossip retries on its own).
