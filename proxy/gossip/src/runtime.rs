@@ -1337,6 +1337,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_probe_reply_longer_than_a_datagram_is_refused_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let h = Cluster::start(
+            config(&generate_key(), &[]),
+            NodeMeta::new("p", Role::Proxy),
+        )
+        .await
+        .expect("starts");
+        // A "member" that answers any frame with a 100 kB one.
+        let fake = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let to = fake.local_addr().expect("bound");
+        tokio::spawn(async move {
+            let (mut s, _) = fake.accept().await.expect("dialled");
+            let _ = wire::read_frame(&mut s).await;
+            let _ = s.write_all(&100_000u32.to_be_bytes()).await;
+            let _ = s.write_all(&[0u8; 1024]).await;
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        let before = h.stats();
+        let ack = h.shared.probe(to, b"ping", STREAM_TIMEOUT).await;
+        let after = h.stats();
+        assert_eq!(ack, None);
+        assert_eq!(
+            (
+                after.tcp_frames_refused - before.tcp_frames_refused,
+                after.tcp_received - before.tcp_received,
+                after.tcp_buffer_bytes
+            ),
+            (1, 0, 0),
+            "{after:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn keyring_operations_through_the_handle() {
         let (k1, k2) = (generate_key(), generate_key());
         let h = Cluster::start(config(&k1, &[]), NodeMeta::new("k", Role::Proxy))
