@@ -258,13 +258,16 @@ pub struct ClusterConfig {
 /// bounded by these (see `docs/security.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportConfig {
-    /// Largest datagram sent, and received: longer ones are dropped before any decryption.
-    /// [`wire::MIN_UDP_PAYLOAD`]..=[`wire::MAX_UDP_PAYLOAD`], default
+    /// Largest datagram sent: the path MTU minus the IP and UDP headers (28 bytes over IPv4,
+    /// 48 over IPv6). [`wire::MIN_UDP_PAYLOAD`]..=[`wire::MAX_UDP_PAYLOAD`], default
     /// [`wire::DEFAULT_UDP_PAYLOAD`]. foca's packets are sized to fit it once sealed.
+    /// Datagrams are received up to [`wire::MAX_UDP_PAYLOAD`] whatever this says (longer ones
+    /// are dropped before any decryption), so the setting can be changed one member at a time.
     pub udp_payload_size: usize,
     /// Inbound TCP connections served at once; more are closed on accept and counted.
     pub tcp_max_connections: usize,
-    /// Inbound TCP connections served at once from one IP address.
+    /// Inbound TCP connections served at once from one source address: an IPv4 address, or an
+    /// IPv6 /64 (an IPv4-mapped IPv6 address counts as its IPv4 address).
     pub tcp_max_connections_per_addr: usize,
     /// Outbound stream exchanges (push-pulls, blob fetches, large packets, fallback probes) in
     /// flight at once; more are skipped and counted (gossip retries on its own).
@@ -295,7 +298,7 @@ impl TransportConfig {
         let (min, max) = (wire::MIN_UDP_PAYLOAD, wire::MAX_UDP_PAYLOAD);
         if !(min..=max).contains(&self.udp_payload_size) {
             return Err(format!(
-                "udp_payload_size = {} is out of range; use {min} to {max} bytes (default {}; the path MTU minus 28 bytes of IPv4/UDP headers, e.g. 1392 under WireGuard)",
+                "udp_payload_size = {} is out of range; use {min} to {max} bytes (default {}; the path MTU minus 28 bytes of IPv4/UDP headers or 48 of IPv6/UDP, e.g. 1392 under WireGuard over IPv4)",
                 self.udp_payload_size,
                 wire::DEFAULT_UDP_PAYLOAD
             ));
@@ -483,6 +486,14 @@ mod tests {
         assert_eq!(
             cfg.max_packet_size,
             foca_packet_size(wire::DEFAULT_UDP_PAYLOAD)
+        );
+    }
+
+    #[test]
+    fn the_largest_foca_body_accepted_is_the_largest_datagram_s_packet() {
+        assert_eq!(
+            wire::MAX_FOCA_BODY,
+            foca_packet_size(wire::MAX_UDP_PAYLOAD).get()
         );
     }
 

@@ -8,15 +8,24 @@
 //! turning Suspect reaches the proxy within the same event-loop turn foca decided it.
 //!
 //! # What an unauthenticated sender can cost
-//! - A datagram: one `recv` and, if it is no longer than the UDP payload size and names an
-//!   installed key id, one AES-GCM decryption of at most that size (no key id match: none).
+//! - A datagram: one `recv` and, if it is no longer than [`wire::MAX_UDP_PAYLOAD`] (whatever
+//!   this node sends: see [`TransportConfig::udp_payload_size`]) and names an installed key id,
+//!   one AES-GCM decryption of at most that size (no key id match: none).
 //! - A TCP connection: a slot among [`TransportConfig::tcp_max_connections`] (and
-//!   [`TransportConfig::tcp_max_connections_per_addr`] for its IP) for at most
-//!   [`HEADER_TIMEOUT`] unless it sends a length prefix, then for at most the stream timeout;
-//!   the frame's buffer grows only as bytes arrive and all inbound frames together hold at most
-//!   [`INBOUND_BUFFER_BUDGET`] bytes. Refusals are counted in [`Stats`].
+//!   [`TransportConfig::tcp_max_connections_per_addr`] for its IPv4 address or IPv6 /64) for at
+//!   most [`HEADER_TIMEOUT`] unless it sends a length prefix, then for at most the stream
+//!   timeout; the frame's buffer grows only as bytes arrive, all inbound frames together hold
+//!   at most [`INBOUND_BUFFER_BUDGET`] bytes and those from one address at most
+//!   [`INBOUND_BUFFER_PER_SOURCE`]. Refusals are counted in [`Stats`].
 //! - A replayed authenticated message: one decryption, then the [`crate::replay`] window
 //!   refuses it.
+//!
+//! A key holder can do more: its frames are decrypted (those over 64 KiB on a blocking
+//! thread, two at a time, so the member's task keeps running) and inflated, each body to at
+//! most its kind's limit ([`Kind::max_body`]: a foca packet, a blob key, a frame), an inbound
+//! frame's inflated body counted in the inbound budget until the member's task has consumed
+//! it; and it can hold a connection for the stream timeout to send its frame and again while
+//! the reply is written (about 10 s).
 
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
@@ -33,7 +42,7 @@ use tokio::time::{timeout, Instant};
 
 use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
-use super::limits::{BufferGrant, InboundSlot, InboundSlots};
+use super::limits::{BufferBudget, BufferGrant, InboundSlot, InboundSlots};
 use super::names::{self, Clash};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
 use super::persist;
@@ -49,7 +58,13 @@ use crate::clock::now_ms;
 
 // One stream exchange (connect, write, read) must finish within this.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
-pub use super::limits::{HEADER_TIMEOUT, INBOUND_BUFFER_BUDGET};
+pub use super::limits::{
+    HEADER_TIMEOUT, INBOUND_BUFFER_BUDGET, INBOUND_BUFFER_PER_SOURCE, REPLY_BUFFER_BUDGET,
+};
+// Frames larger than this are opened (decrypted, inflated) on a blocking thread, at most
+// OPENERS at a time, so that a few large frames never stall the member's task.
+const BLOCKING_OPEN_MIN: usize = 64 * 1024;
+const OPENERS: usize = 2;
 
 /// Transport counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -70,9 +85,13 @@ pub struct Stats {
     pub rejected_decrypt: u64,
     /// Authenticated messages that were malformed or refused by the protocol.
     pub malformed: u64,
+    /// Authenticated messages whose body, inflated, is larger than its kind allows (a foca
+    /// packet, a blob key, a frame): refused as soon as the inflated bytes pass the limit.
+    pub oversized_bodies: u64,
     /// Authenticated datagrams dropped because the member's task did not keep up.
     pub inbound_dropped: u64,
-    /// Datagrams longer than the UDP payload size, dropped before any decryption.
+    /// Datagrams longer than the largest allowed UDP payload size ([`wire::MAX_UDP_PAYLOAD`],
+    /// whatever this member sends), dropped before any decryption.
     pub udp_oversized: u64,
     /// Authenticated messages refused by the replay window: seen before, older than the
     /// window, or sent further than the allowed clock skew from now.
@@ -82,8 +101,9 @@ pub struct Stats {
     /// Inbound TCP connections closed because their frame did not arrive in time: no length
     /// prefix within [`HEADER_TIMEOUT`], or not the whole frame within the stream timeout.
     pub tcp_timeouts: u64,
-    /// TCP frames refused unparsed: a declared length above the frame limit, or more buffer
-    /// than the inbound budget had left.
+    /// TCP frames refused: a declared length above the frame limit (or, for a reply, above
+    /// what its kind needs), or more buffer (the frame, or its inflated body) than its budget
+    /// or its source address's share had left.
     pub tcp_frames_refused: u64,
     /// Outbound stream exchanges not started because the outbound limit was reached.
     pub outbound_skipped: u64,
@@ -92,8 +112,8 @@ pub struct Stats {
     /// Of those, answered by an ack over TCP: probes that UDP alone would have failed. Many
     /// of them mean datagrams are being lost (a firewall dropping UDP, an MTU problem).
     pub probe_fallback_acks: u64,
-    /// Bytes TCP frame buffers hold now (rounded up to KiB per frame); at most
-    /// [`INBOUND_BUFFER_BUDGET`]. A gauge, not a counter.
+    /// Bytes TCP frame buffers and inflated bodies hold now (rounded up to KiB per frame); at
+    /// most [`INBOUND_BUFFER_BUDGET`] plus [`REPLY_BUFFER_BUDGET`]. A gauge, not a counter.
     pub tcp_buffer_bytes: u64,
     /// Clashes of two alive members with one name seen by this member (each counted once).
     pub duplicate_names: u64,
@@ -104,7 +124,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter but the byte counts, by name (the field names): what the proxy exports
     /// as `sluice_cluster_transport_total{event}`.
-    pub fn events(&self) -> [(&'static str, u64); 15] {
+    pub fn events(&self) -> [(&'static str, u64); 16] {
         [
             ("udp_sent", self.udp_sent),
             ("udp_received", self.udp_received),
@@ -113,6 +133,7 @@ impl Stats {
             ("rejected_decrypt", self.rejected_decrypt),
             ("rejected_replay", self.rejected_replay),
             ("malformed", self.malformed),
+            ("oversized_bodies", self.oversized_bodies),
             ("inbound_dropped", self.inbound_dropped),
             ("udp_oversized", self.udp_oversized),
             ("tcp_refused", self.tcp_refused),
@@ -141,6 +162,7 @@ struct Counters {
     bytes_received: AtomicU64,
     rejected_decrypt: AtomicU64,
     malformed: AtomicU64,
+    oversized_bodies: AtomicU64,
     inbound_dropped: AtomicU64,
     udp_oversized: AtomicU64,
     rejected_replay: AtomicU64,
@@ -176,8 +198,12 @@ pub(crate) struct Shared {
     sealed: AtomicU64,
     replay: Mutex<ReplayGuard>,
     inbound: Arc<InboundSlots>,
-    // Bytes of TCP frame buffers, in KiB: see INBOUND_BUFFER_BUDGET.
-    buffers: Arc<Semaphore>,
+    // Inbound frames and their inflated bodies (INBOUND_BUFFER_BUDGET), and the replies to our
+    // own requests (REPLY_BUFFER_BUDGET).
+    buffers: Arc<BufferBudget>,
+    replies: Arc<BufferBudget>,
+    // Places on a blocking thread for opening large frames (BLOCKING_OPEN_MIN).
+    openers: Arc<Semaphore>,
     outbound: Arc<Semaphore>,
     // Why this member stopped on its own: (name, the member that keeps it). Set once.
     refusal: OnceLock<(String, SocketAddr)>,
@@ -211,8 +237,9 @@ impl Shared {
         )
     }
 
-    // Opens a received message, counting what is dropped.
-    fn open(&self, sealed: &[u8]) -> Option<Message> {
+    // Opens a received message, counting what is dropped; `grow` is asked before an inflated
+    // body's buffer grows.
+    fn open(&self, sealed: Vec<u8>, grow: impl FnMut(usize) -> bool) -> Option<Message> {
         let fresh = |stamp: &Stamp| {
             let mut guard = self.replay.lock().unwrap_or_else(|e| e.into_inner());
             match guard.accept(stamp, wall_clock_s()) {
@@ -225,10 +252,19 @@ impl Shared {
                 }
             }
         };
-        match wire::open(&self.keyring.load(), &self.cluster_name, sealed, fresh) {
+        let ring = self.keyring.load();
+        match wire::open_owned(&ring, &self.cluster_name, sealed, fresh, grow) {
             Ok(m) => Some(m),
             Err(OpenError::Decrypt) => {
                 add(&self.counters.rejected_decrypt, 1);
+                None
+            }
+            Err(OpenError::Wire(wire::WireError::TooLarge)) => {
+                add(&self.counters.oversized_bodies, 1);
+                None
+            }
+            Err(OpenError::Wire(wire::WireError::OverBudget)) => {
+                add(&self.counters.tcp_frames_refused, 1);
                 None
             }
             Err(OpenError::Wire(_)) => {
@@ -251,16 +287,41 @@ impl Shared {
         slot
     }
 
-    // Reads one frame within the buffer budget: the frame and the share it holds, or None
+    // Opens a TCP frame whose buffer `grant` holds; the grant grows to hold the inflated body
+    // too and is returned with the message, to be dropped once the body is consumed. Large
+    // frames are opened on a blocking thread.
+    async fn open_frame(
+        self: &Arc<Self>,
+        frame: Vec<u8>,
+        mut grant: BufferGrant,
+    ) -> Option<(Message, BufferGrant)> {
+        let held = frame.capacity();
+        let open = move |shared: &Shared| {
+            let m = shared.open(frame, |cap| grant.grow(held + cap))?;
+            Some((m, grant))
+        };
+        if held <= BLOCKING_OPEN_MIN {
+            return open(self);
+        }
+        // Waiting here is bounded: every waiter holds a connection place and buffer budget.
+        let _place = self.openers.clone().acquire_owned().await.ok()?;
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || open(&shared))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    // Reads one frame within `grant`'s budget: the frame and the share it holds, or None
     // (a refused length or budget is counted; I/O errors are the caller's timeout or the
     // peer's business).
     async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
         &self,
         r: &mut R,
         len: usize,
+        mut grant: BufferGrant,
     ) -> Option<(Vec<u8>, BufferGrant)> {
-        let mut grant = BufferGrant::default();
-        match wire::read_frame_body(r, len, |cap| grant.grow(&self.buffers, cap)).await {
+        match wire::read_frame_body(r, len, |cap| grant.grow(cap)).await {
             Ok(frame) => Some((frame, grant)),
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::OutOfMemory {
@@ -271,8 +332,12 @@ impl Shared {
         }
     }
 
-    async fn read_frame_len<R: tokio::io::AsyncRead + Unpin>(&self, r: &mut R) -> Option<usize> {
-        match wire::read_frame_len(r, wire::MAX_FRAME).await {
+    async fn read_frame_len<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        max: usize,
+    ) -> Option<usize> {
+        match wire::read_frame_len(r, max).await {
             Ok(len) => Some(len),
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::InvalidData {
@@ -294,34 +359,52 @@ impl Shared {
         Ok(())
     }
 
-    // One sealed request and its opened reply over a fresh TCP connection, counted, within
+    // One sealed request and its opened reply (a frame of at most `max_reply` bytes, held in
+    // the replies' budget by the returned grant) over a fresh TCP connection, counted, within
     // `limit`; `None` on any failure (unreachable, timeout, closed early, refused reply).
-    async fn round_trip(&self, to: SocketAddr, sealed: &[u8], limit: Duration) -> Option<Message> {
+    async fn round_trip(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        sealed: &[u8],
+        limit: Duration,
+        max_reply: usize,
+    ) -> Option<(Message, BufferGrant)> {
         let run = async {
             let mut stream = TcpStream::connect(to).await.ok()?;
             wire::write_frame(&mut stream, sealed).await.ok()?;
             add(&self.counters.tcp_sent, 1);
             add(&self.counters.bytes_sent, sealed.len() + 4);
-            let len = self.read_frame_len(&mut stream).await?;
-            let (reply, _grant) = self.read_frame(&mut stream, len).await?;
+            let len = self.read_frame_len(&mut stream, max_reply).await?;
+            let grant = self.replies.grant(None);
+            let (reply, grant) = self.read_frame(&mut stream, len, grant).await?;
             add(&self.counters.tcp_received, 1);
             add(&self.counters.bytes_received, reply.len() + 4);
-            self.open(&reply)
+            self.open_frame(reply, grant).await
         };
         timeout(limit, run).await.ok().flatten()
     }
 
-    // One push-pull exchange over TCP; `None` on any failure (no outbound slot, unreachable,
-    // timeout, bad reply).
-    async fn exchange(&self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
+    // One push-pull exchange over TCP: the reply's body and the budget it holds; `None` on any
+    // failure (no outbound slot, unreachable, timeout, bad reply).
+    async fn exchange(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        body: &[u8],
+    ) -> Option<(Vec<u8>, BufferGrant)> {
         let _slot = self.outbound_slot()?;
         let sealed = self.seal(Kind::PushPull, body);
-        match self.round_trip(to, &sealed, STREAM_TIMEOUT).await? {
-            Message {
-                kind: Kind::PushPullReply,
-                body,
-                ..
-            } => Some(body),
+        match self
+            .round_trip(to, &sealed, STREAM_TIMEOUT, wire::MAX_FRAME)
+            .await?
+        {
+            (
+                Message {
+                    kind: Kind::PushPullReply,
+                    body,
+                    ..
+                },
+                held,
+            ) => Some((body, held)),
             _ => {
                 add(&self.counters.malformed, 1);
                 None
@@ -331,15 +414,19 @@ impl Shared {
 
     // Asks `from` for a blob (see the blobs module for the exchange). Unlike gossip, a fetch
     // waits (within the stream timeout) for an outbound slot.
-    async fn fetch_blob(&self, from: SocketAddr, key: &BlobKey) -> Result<Vec<u8>, BlobError> {
+    async fn fetch_blob(
+        self: &Arc<Self>,
+        from: SocketAddr,
+        key: &BlobKey,
+    ) -> Result<Vec<u8>, BlobError> {
         let _slot = timeout(STREAM_TIMEOUT, self.outbound.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
             .ok_or(BlobError::Unreachable(from))?;
         let sealed = self.seal(Kind::BlobGet, key);
-        let reply = self
-            .round_trip(from, &sealed, STREAM_TIMEOUT)
+        let (reply, _held) = self
+            .round_trip(from, &sealed, STREAM_TIMEOUT, wire::MAX_FRAME)
             .await
             .ok_or(BlobError::Unreachable(from))?;
         let parsed = match reply {
@@ -361,11 +448,20 @@ impl Shared {
     }
 
     // Sends foca's ping over TCP and returns the ack it gets back within `within`.
-    async fn probe(&self, to: SocketAddr, ping: &[u8], within: Duration) -> Option<Vec<u8>> {
+    async fn probe(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        ping: &[u8],
+        within: Duration,
+    ) -> Option<Vec<u8>> {
         let _slot = self.outbound_slot()?;
         add(&self.counters.probe_fallbacks, 1);
         let sealed = self.seal(Kind::Probe, ping);
-        match self.round_trip(to, &sealed, within).await? {
+        // An ack is a foca packet: it fits the largest datagram once sealed.
+        let (reply, _held) = self
+            .round_trip(to, &sealed, within, wire::MAX_UDP_PAYLOAD)
+            .await?;
+        match reply {
             Message {
                 kind: Kind::ProbeAck,
                 body,
@@ -407,14 +503,17 @@ pub(crate) enum Command {
     SetPeers(Vec<String>),
 }
 
+// What reaches the driver. A body that came over TCP travels with the buffer budget it
+// holds, given back once the driver has handled it.
 enum Inbound {
-    Packet(Vec<u8>),
+    Packet(Vec<u8>, BufferGrant),
     Stream {
         kind: Kind,
         body: Vec<u8>,
+        held: BufferGrant,
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
-    StreamReply(Vec<u8>),
+    StreamReply(Vec<u8>, BufferGrant),
     Seeds(Vec<SocketAddr>),
 }
 
@@ -548,6 +647,7 @@ impl ClusterHandle {
             bytes_received: get(&c.bytes_received),
             rejected_decrypt: get(&c.rejected_decrypt),
             malformed: get(&c.malformed),
+            oversized_bodies: get(&c.oversized_bodies),
             inbound_dropped: get(&c.inbound_dropped),
             udp_oversized: get(&c.udp_oversized),
             rejected_replay: get(&c.rejected_replay),
@@ -557,10 +657,7 @@ impl ClusterHandle {
             outbound_skipped: get(&c.outbound_skipped),
             probe_fallbacks: get(&c.probe_fallbacks),
             probe_fallback_acks: get(&c.probe_fallback_acks),
-            tcp_buffer_bytes: (INBOUND_BUFFER_BUDGET / 1024)
-                .saturating_sub(self.shared.buffers.available_permits())
-                as u64
-                * 1024,
+            tcp_buffer_bytes: (self.shared.buffers.held() + self.shared.replies.held()) as u64,
             duplicate_names: get(&c.duplicate_names),
             key_file_errors: get(&c.key_file_errors),
         }
@@ -694,7 +791,9 @@ impl Cluster {
                 config.transport.tcp_max_connections,
                 config.transport.tcp_max_connections_per_addr,
             ),
-            buffers: Arc::new(Semaphore::new(INBOUND_BUFFER_BUDGET / 1024)),
+            buffers: BufferBudget::new(INBOUND_BUFFER_BUDGET, INBOUND_BUFFER_PER_SOURCE),
+            replies: BufferBudget::new(REPLY_BUFFER_BUDGET, REPLY_BUFFER_BUDGET),
+            openers: Arc::new(Semaphore::new(OPENERS)),
             outbound: Arc::new(Semaphore::new(config.transport.max_outbound_streams)),
             refusal: OnceLock::new(),
             key_file: config.key_file.clone(),
@@ -777,7 +876,7 @@ impl Cluster {
 
 // Pulls the state from a seed and checks the name; returns the resolved seeds.
 async fn join_check(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     config: &ClusterConfig,
     meta: &NodeMeta,
     node: &mut Node,
@@ -798,7 +897,8 @@ async fn join_check(
         seeds = resolve(&config.peers, shared.gossip_addr).await;
         for seed in &seeds {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some(reply)) = timeout(left, shared.exchange(*seed, &empty)).await else {
+            let Ok(Some((reply, _held))) = timeout(left, shared.exchange(*seed, &empty)).await
+            else {
                 continue;
             };
             let Some(state) = PushPullState::decode(&reply) else {
@@ -822,9 +922,11 @@ async fn join_check(
 }
 
 async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender<Inbound>) {
-    // One byte more than the largest valid datagram: a longer one is truncated to this, which
-    // is how we tell it was too long.
-    let max = shared.transport.udp_payload_size;
+    // Datagrams up to the largest allowed size are accepted whatever this node sends
+    // (udp_payload_size applies to sending), so the setting can change one node at a time.
+    // One byte more: a longer datagram is truncated to this, which is how we tell it was too
+    // long.
+    let max = wire::MAX_UDP_PAYLOAD;
     let mut buf = vec![0u8; max + 1];
     loop {
         let Ok((n, _from)) = udp.recv_from(&mut buf).await else {
@@ -837,14 +939,14 @@ async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender
             add(&shared.counters.udp_oversized, 1);
             continue;
         }
-        match shared.open(&buf[..n]) {
+        match shared.open(buf[..n].to_vec(), |_| true) {
             Some(Message {
                 kind: Kind::Foca,
                 body,
                 ..
             }) => {
                 // Under overload drop rather than queue without bound: SWIM tolerates loss.
-                match tx.try_send(Inbound::Packet(body)) {
+                match tx.try_send(Inbound::Packet(body, BufferGrant::default())) {
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         add(&shared.counters.inbound_dropped, 1)
@@ -870,7 +972,14 @@ async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener, tx: mpsc::Send
             add(&shared.counters.tcp_refused, 1);
             continue;
         };
-        tokio::spawn(serve_stream(shared.clone(), stream, tx.clone(), slot));
+        let grant = shared.buffers.grant(Some(from.ip()));
+        tokio::spawn(serve_stream(
+            shared.clone(),
+            stream,
+            tx.clone(),
+            slot,
+            grant,
+        ));
     }
 }
 
@@ -879,14 +988,20 @@ async fn serve_stream(
     mut stream: TcpStream,
     tx: mpsc::Sender<Inbound>,
     _slot: InboundSlot,
+    grant: BufferGrant,
 ) {
     let started = Instant::now();
-    let Ok(len) = timeout(HEADER_TIMEOUT, shared.read_frame_len(&mut stream)).await else {
+    let Ok(len) = timeout(
+        HEADER_TIMEOUT,
+        shared.read_frame_len(&mut stream, wire::MAX_FRAME),
+    )
+    .await
+    else {
         add(&shared.counters.tcp_timeouts, 1);
         return;
     };
     let Some(len) = len else { return };
-    let read = shared.read_frame(&mut stream, len);
+    let read = shared.read_frame(&mut stream, len, grant);
     let (frame, grant) = match timeout(STREAM_TIMEOUT.saturating_sub(started.elapsed()), read).await
     {
         Ok(Some(read)) => read,
@@ -899,15 +1014,15 @@ async fn serve_stream(
     let run = async {
         add(&shared.counters.tcp_received, 1);
         add(&shared.counters.bytes_received, frame.len() + 4);
-        let Message { kind, body, .. } = shared.open(&frame)?;
-        drop((frame, grant));
+        let (Message { kind, body, .. }, held) = shared.open_frame(frame, grant).await?;
         match kind {
-            Kind::Foca => tx.send(Inbound::Packet(body)).await.ok(),
+            Kind::Foca => tx.send(Inbound::Packet(body, held)).await.ok(),
             Kind::PushPull | Kind::Probe => {
                 let (reply_tx, reply_rx) = oneshot::channel();
                 tx.send(Inbound::Stream {
                     kind,
                     body,
+                    held,
                     reply: reply_tx,
                 })
                 .await
@@ -1034,11 +1149,12 @@ impl Driver {
                     }
                 },
                 Some(msg) = inbound.recv() => match msg {
-                    Inbound::Packet(body) => self.node.handle_packet(&body),
-                    Inbound::Stream { kind, body, reply } => {
+                    // Each body's budget (`_held`) is given back at the end of its arm.
+                    Inbound::Packet(body, _held) => self.node.handle_packet(&body),
+                    Inbound::Stream { kind, body, held: _held, reply } => {
                         let _ = reply.send(self.node.handle_stream(kind, &body));
                     }
-                    Inbound::StreamReply(body) => {
+                    Inbound::StreamReply(body, _held) => {
                         self.node.handle_stream(Kind::PushPullReply, &body);
                     }
                     Inbound::Seeds(seeds) => self.node.join(&seeds),
@@ -1104,8 +1220,8 @@ impl Driver {
                 Output::PushPull { to, body } => {
                     let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
                     tokio::spawn(async move {
-                        if let Some(reply) = shared.exchange(to, &body).await {
-                            let _ = tx.send(Inbound::StreamReply(reply)).await;
+                        if let Some((reply, held)) = shared.exchange(to, &body).await {
+                            let _ = tx.send(Inbound::StreamReply(reply, held)).await;
                         }
                     });
                 }
@@ -1113,7 +1229,7 @@ impl Driver {
                     let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
                     tokio::spawn(async move {
                         if let Some(ack) = shared.probe(to, &body, within).await {
-                            let _ = tx.send(Inbound::Packet(ack)).await;
+                            let _ = tx.send(Inbound::Packet(ack, BufferGrant::default())).await;
                         }
                     });
                 }
@@ -1472,6 +1588,40 @@ mod tests {
             Err(BlobError::Unreachable(a.gossip_addr()))
         );
         assert!(a.stats().rejected_decrypt > rejected);
+    }
+
+    #[tokio::test]
+    async fn a_probe_reply_longer_than_a_datagram_is_refused_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let h = Cluster::start(
+            config(&generate_key(), &[]),
+            NodeMeta::new("p", Role::Proxy),
+        )
+        .await
+        .expect("starts");
+        // A "member" that answers any frame with a 100 kB one.
+        let fake = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let to = fake.local_addr().expect("bound");
+        tokio::spawn(async move {
+            let (mut s, _) = fake.accept().await.expect("dialled");
+            let _ = wire::read_frame(&mut s).await;
+            let _ = s.write_all(&100_000u32.to_be_bytes()).await;
+            let _ = s.write_all(&[0u8; 1024]).await;
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        let before = h.stats();
+        let ack = h.shared.probe(to, b"ping", STREAM_TIMEOUT).await;
+        let after = h.stats();
+        assert_eq!(ack, None);
+        assert_eq!(
+            (
+                after.tcp_frames_refused - before.tcp_frames_refused,
+                after.tcp_received - before.tcp_received,
+                after.tcp_buffer_bytes
+            ),
+            (1, 0, 0),
+            "{after:?}"
+        );
     }
 
     #[tokio::test]
