@@ -259,6 +259,9 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
     }
 }
 
+/// Replays of one request after pooled connections the backend had closed (see the retry loop).
+const MAX_STALE_REPLAYS: u32 = 4;
+
 /// How many client connections must have closed on a worker thread since its heap was last
 /// trimmed before the next trim.
 const TRIM_AFTER_CLOSED: u32 = 64;
@@ -825,6 +828,9 @@ impl<'r> Conn<'r> {
 
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0u32;
+        // Replays after a pooled connection turned out closed by the backend: they say nothing
+        // about the backend, so they use none of the retry budget, but are bounded on their own.
+        let mut stale_replays = 0u32;
         loop {
             let picked = {
                 let table = pool.table();
@@ -914,9 +920,11 @@ impl<'r> Conn<'r> {
                 Err((AttemptError::NoResponse { timed_out }, reused)) => {
                     // pingora's rule: only an idempotent request is replayed after it was sent.
                     let replay = replayable && head.idempotent;
-                    if reused && replay {
+                    if reused && replay && stale_replays < MAX_STALE_REPLAYS {
                         // A pooled connection the backend had closed says nothing about the
                         // backend: release the slot, record nothing, pick again.
+                        stale_replays += 1;
+                        attempt -= 1;
                         drop(lease);
                         pool.counters.retry_reused.inc();
                         continue;
