@@ -123,9 +123,11 @@ pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>
     }
     crate::tls::check(config)?;
     if let Some(c) = &config.cluster {
-        c.get_ref()
-            .check_files(&config.base_dir)
-            .map_err(anyhow::Error::msg)?;
+        warnings.extend(
+            c.get_ref()
+                .check_files(&config.base_dir)
+                .map_err(anyhow::Error::msg)?,
+        );
     }
     Ok(warnings)
 }

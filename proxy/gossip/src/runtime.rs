@@ -802,14 +802,11 @@ impl Cluster {
         let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
         foca_cfg.max_packet_size = foca_packet_size(config.transport.udp_payload_size);
         // A restarted node must outrank its previous identity, whatever the clock did.
-        let persisted = match &config.state_file {
-            Some(path) => persist::read_generation(path)?,
-            None => None,
-        };
-        let generation = persist::next_generation(wall_clock_ms(), persisted);
-        if let Some(path) = &config.state_file {
-            persist::write_generation(path, generation)?;
-        }
+        let (generation, state_usable) = persist::start_generation(
+            config.state_file.as_deref(),
+            config.state_file_optional,
+            wall_clock_ms(),
+        )?;
         let id = NodeId {
             addr: gossip_addr,
             generation,
@@ -861,7 +858,7 @@ impl Cluster {
             base_meta,
             rotation: None,
             applied: (0, Phase::Install),
-            state_file: config.state_file.clone(),
+            state_file: config.state_file.clone().filter(|_| state_usable),
             clashes_seen: std::collections::HashSet::new(),
             refuse: false,
         };
