@@ -399,6 +399,10 @@ pub enum ClusterError {
     /// A cluster-wide key rotation did not complete.
     #[error("key rotation: {0}")]
     Rotation(String),
+    /// Refused because a key rotation is running on this node (another rotation, or a key
+    /// change by hand that would race it).
+    #[error("a key rotation is running: {0}")]
+    Busy(String),
     /// A state or key file could not be read or written.
     #[error(transparent)]
     Persist(#[from] persist::PersistError),
