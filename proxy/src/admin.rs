@@ -478,6 +478,10 @@ impl AdminApp {
                             "expected {{\"op\": \"install|use|remove\", \"key\": \"BASE64\"}}: {e}"
                         ),
                     ),
+                    Ok(_) if h.rotation_running() => error_reply(
+                        StatusCode::CONFLICT,
+                        "a key rotation is running on this node; keys cannot be changed by hand meanwhile. Wait for it to end (GET /api/cluster), then try again",
+                    ),
                     Ok(k) => match crate::membership::keyring_op(&h, &k.op, &k.key) {
                         Ok(()) => json_reply(
                             StatusCode::OK,
@@ -582,7 +586,8 @@ impl AdminApp {
         )
     }
 
-    /// Rotates the whole cluster to a new key (`{"key": "BASE64", "wait": "60s"}`), answering
+    /// Rotates the whole cluster to a new key (`{"key": "BASE64", "wait": "60s", "exclude":
+    /// ["NAME"]}`; `exclude` names Down members not to wait for), answering
     /// once every member uses it alone, or with the members that did not confirm a phase.
     async fn rotate_key(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let Some(h) = self.runtime.cluster.get().cloned() else {
@@ -601,13 +606,16 @@ impl AdminApp {
             key: String,
             #[serde(default)]
             wait: Option<String>,
+            /// Names of Down members not to wait for.
+            #[serde(default)]
+            exclude: Vec<String>,
         }
         let req = match serde_json::from_slice::<Rotate>(&body) {
             Ok(r) => r,
             Err(e) => {
                 return error_reply(
                     StatusCode::BAD_REQUEST,
-                    format!("expected {{\"key\": \"BASE64\", \"wait\": \"60s\"}} (a new key from `sluice genkey`; wait is optional): {e}"),
+                    format!("expected {{\"key\": \"BASE64\", \"wait\": \"60s\", \"exclude\": [\"NAME\"]}} (a new key from `sluice genkey`; wait and exclude are optional): {e}"),
                 )
             }
         };
@@ -621,7 +629,7 @@ impl AdminApp {
                 )
             }
         };
-        match h.rotate_key(&req.key, wait).await {
+        match h.rotate_key_excluding(&req.key, wait, &req.exclude).await {
             Ok(report) => json_reply(
                 StatusCode::OK,
                 json!({
@@ -632,6 +640,7 @@ impl AdminApp {
             Err(e @ crate::cluster::ClusterError::Key(_)) => {
                 error_reply(StatusCode::BAD_REQUEST, e)
             }
+            Err(e @ crate::cluster::ClusterError::Busy(_)) => error_reply(StatusCode::CONFLICT, e),
             Err(e) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
         }
     }

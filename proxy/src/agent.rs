@@ -109,9 +109,13 @@ impl AgentConfig {
         })?;
         let cfg: AgentConfig = crate::config::parse_toml(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
-        cfg.cluster
+        for w in cfg
+            .cluster
             .check_files(base)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        {
+            tracing::warn!("{}: {w}", path.display());
+        }
         if cfg.service.is_empty() {
             anyhow::bail!(
                 "{}: no [[service]] entries; an agent announces at least one service (pool, addr)",

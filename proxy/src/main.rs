@@ -96,6 +96,10 @@ enum ClusterCommand {
         /// How long to wait for every member to confirm each phase.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         wait: Duration,
+        /// A member seen as Down not to wait for (repeatable). It keeps the old key: give it
+        /// the new one before it comes back.
+        #[arg(long, value_name = "NAME")]
+        exclude: Vec<String>,
     },
     /// Change this proxy's keyring alone: install a key, use it to encrypt, remove an old one
     /// (see rotate-key for the whole cluster).
@@ -449,14 +453,43 @@ fn admin_call(
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<serde_json::Value> {
+    admin_call_within(admin, token, method, path, body, ADMIN_TIMEOUT)
+}
+
+/// How long an ordinary admin call may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the rotate-key call may take: the proxy answers within `wait` (the whole
+/// rotation's limit), plus a margin as for a plugin rollout.
+fn rotation_call_timeout(wait: Duration) -> Duration {
+    wait.saturating_add(Duration::from_secs(15))
+}
+
+/// Whether `--admin` points at another host (not a loopback address).
+fn admin_is_remote(admin: &str) -> bool {
+    admin
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| !a.ip().is_loopback())
+}
+
+fn admin_call_within(
+    admin: &str,
+    token: Option<String>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    within: Duration,
+) -> anyhow::Result<serde_json::Value> {
     let addr = admin
         .parse()
         .map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
-    let resp = sluice::client::request(addr, method, path, &headers, body).map_err(|e| {
-        anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?")
-    })?;
+    let resp = sluice::client::HttpConn::connect(addr, within)
+        .and_then(|mut c| c.request(method, path, &headers, body))
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?")
+        })?;
     let v: serde_json::Value =
         serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
     if resp.status != 200 {
@@ -476,20 +509,30 @@ fn cluster_command(
     token: Option<String>,
 ) -> anyhow::Result<()> {
     match command {
-        ClusterCommand::RotateKey { key, wait } => {
+        ClusterCommand::RotateKey { key, wait, exclude } => {
             let generated = key.is_none();
             let key = key.unwrap_or_else(sluice::cluster::generate_key);
+            if admin_is_remote(admin) {
+                eprintln!("warning: --admin {admin} is not a loopback address: the new key travels to it over plain HTTP; run this on the proxy's host or over a trusted network");
+            }
+            if generated {
+                // Before the call: whatever happens to it, the key is not lost.
+                eprintln!("new key (keep it: members without a key_file need it in their config, and a failed rotation may have installed it already):\n{key}");
+            }
             let body = serde_json::json!({
                 "key": key,
                 "wait": humantime::format_duration(wait).to_string(),
+                "exclude": exclude,
             })
             .to_string();
-            let v = admin_call(
+            // The proxy answers once the rotation ended, or once `wait` is over.
+            let v = admin_call_within(
                 admin,
                 token,
                 "POST",
                 "/api/cluster/rotate-key",
                 body.as_bytes(),
+                rotation_call_timeout(wait),
             )?;
             let members = v["members"].as_array().cloned().unwrap_or_default();
             println!(
@@ -505,7 +548,7 @@ fn cluster_command(
                 );
             }
             if generated {
-                println!("new key (members with a key_file have it written there; give it to the others' configs):\n{key}");
+                println!("the new key (printed above) is written to the members' key files; give it to the configs of members without one");
             }
             Ok(())
         }
@@ -607,4 +650,25 @@ pool = "demo"
         println!("  dashboard:                http://127.0.0.1:9900/");
         println!("  hot-swap the strategy:    curl -X PUT --data-binary @my_strategy.wasm http://127.0.0.1:9900/api/pools/demo/strategy");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotate_key_waits_longer_than_the_rotation_and_warns_off_loopback() {
+        assert_eq!(
+            rotation_call_timeout(Duration::from_secs(60)),
+            Duration::from_secs(75)
+        );
+        assert!(rotation_call_timeout(Duration::MAX) >= Duration::from_secs(15));
+        assert!(!admin_is_remote("127.0.0.1:9901"));
+        assert!(!admin_is_remote("[::1]:9901"));
+        assert!(admin_is_remote("10.0.0.5:9901"));
+        assert!(
+            !admin_is_remote("not an address"),
+            "refused later, with its own error"
+        );
+    }
 }

@@ -123,9 +123,11 @@ pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>
     }
     crate::tls::check(config)?;
     if let Some(c) = &config.cluster {
-        c.get_ref()
-            .check_files(&config.base_dir)
-            .map_err(anyhow::Error::msg)?;
+        warnings.extend(
+            c.get_ref()
+                .check_files(&config.base_dir)
+                .map_err(anyhow::Error::msg)?,
+        );
     }
     Ok(warnings)
 }
@@ -245,9 +247,9 @@ pub fn run(
             let handle = node.handle.clone();
             node.spawn(async move {
                 if let Some(why) = handle.stopped().await {
-                    tracing::error!(error = %why, "left the cluster; exiting");
+                    tracing::error!(error = %why, "left the cluster; shutting down");
                     eprintln!("error: {why}");
-                    std::process::exit(1);
+                    stop_with_failure();
                 }
             });
             let options = crate::rollout::RolloutOptions {
@@ -462,13 +464,30 @@ pub fn run(
     {
         rt.block_on(spawner.stop(false, limit));
     }
-    std::process::exit(0)
+    std::process::exit(exit_status())
 }
 
 /// SIGTERM and SIGINT shut down gracefully (pingora's SIGINT is immediate; operators and
 /// orchestrators expect both to drain, as nginx's SIGQUIT and Envoy's drain do); SIGQUIT hands
 /// the listeners over for an upgrade first. A second SIGTERM/SIGINT exits at once ([`Drain`]).
 struct Signals;
+
+// A stop sluice decides on itself (a name clash found while running): the graceful shutdown
+// runs as on SIGTERM, and the process then exits with status 1.
+static FAILED: AtomicBool = AtomicBool::new(false);
+static STOP: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Shuts down gracefully as on SIGTERM, then exits with status 1.
+fn stop_with_failure() {
+    FAILED.store(true, Ordering::Release);
+    // Kept as a permit if the shutdown watch does not wait yet.
+    STOP.notify_one();
+}
+
+/// The exit status once the shutdown is done.
+fn exit_status() -> i32 {
+    i32::from(FAILED.load(Ordering::Acquire))
+}
 
 #[async_trait::async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -484,6 +503,7 @@ impl ShutdownSignalWatch for Signals {
             }
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::GracefulTerminate,
+            _ = STOP.notified() => ShutdownSignal::GracefulTerminate,
         }
     }
 }
@@ -608,7 +628,7 @@ impl BackgroundService for Drain {
             tracing::warn!("access log lines still queued at exit were lost");
         }
         tracing::info!("sluice exits");
-        std::process::exit(0);
+        std::process::exit(exit_status());
     }
 }
 

@@ -169,6 +169,8 @@ fn a_proxy_that_finds_its_name_taken_while_running_exits_non_zero() {
         )) && log.contains("node_name"),
         "{log}"
     );
+    // Through the graceful shutdown, not an exit from the middle of a task.
+    assert!(log.contains("sluice exits"), "{log}");
 }
 
 #[test]

@@ -99,6 +99,23 @@ fn default_tcp_max_connections_per_addr() -> usize {
     crate::cluster::DEFAULT_TCP_MAX_CONNECTIONS_PER_ADDR
 }
 
+/// Whether this process can create files in `dir` (tried for real: permission bits alone miss
+/// read-only mounts).
+fn dir_writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".sluice-check.{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            true
+        }
+        Err(e) => e.kind() == std::io::ErrorKind::AlreadyExists,
+    }
+}
+
 // Reads a key file of at most MAX_KEY_FILE bytes.
 fn read_key_file(p: &Path) -> Result<String, String> {
     use std::io::Read;
@@ -241,15 +258,20 @@ impl ClusterSection {
             expected_size: self.expected_size.max(1),
             transport,
             key_file,
+            state_file_optional: self.state_file.is_none(),
             state_file,
         })
     }
 
     /// Checks that the directories of the files the node writes (the key file after a
     /// rotation, the state file at start) exist, so that `check` finds what `run` would stop on.
-    pub fn check_files(&self, base: &Path) -> Result<(), String> {
+    /// Returns warnings for directories sluice cannot write in (a read-only `/etc`, a secret
+    /// mount): a rotation could not persist the new keys, or the identity generation would
+    /// follow the wall clock alone.
+    pub fn check_files(&self, base: &Path) -> Result<Vec<String>, String> {
         let cfg = self.to_config(base)?;
         let files = [("key_file", cfg.key_file), ("state_file", cfg.state_file)];
+        let mut warnings = Vec::new();
         for (key, path) in files {
             let Some(path) = path else { continue };
             let dir = path
@@ -263,8 +285,22 @@ impl ClusterSection {
                     path.display()
                 ));
             }
+            if !dir_writable(dir) {
+                let effect = if key == "key_file" {
+                    "a key rotation cannot write the new keys there (it stops at the install phase)"
+                } else if self.state_file.is_none() {
+                    "this default state file is skipped and the identity generation follows the wall clock alone"
+                } else {
+                    "the node refuses to start"
+                };
+                warnings.push(format!(
+                    "[cluster] {key}: sluice cannot write in {} (read-only or not its own), so {effect}; make it writable, or set {} to a path in a writable directory such as /var/lib/sluice",
+                    dir.display(),
+                    if key == "key_file" { "key_file" } else { "state_file" },
+                ));
+            }
         }
-        Ok(())
+        Ok(warnings)
     }
 
     /// `key_file` resolved against `base`.
@@ -601,6 +637,15 @@ mod tests {
             Some(dir.join("cluster.key.state")),
             "beside the key file"
         );
+        assert!(
+            cfg.state_file_optional,
+            "a default: unwritable is a warning"
+        );
+        assert_eq!(
+            section("key_file = \"cluster.key\"").check_files(&dir),
+            Ok(vec![]),
+            "a writable directory: no warning"
+        );
         let cfg =
             section("key_file = \"cluster.key\"\nstate_file = \"/var/lib/sluice/node.state\"")
                 .to_config(&dir)
@@ -609,6 +654,7 @@ mod tests {
             cfg.state_file,
             Some(PathBuf::from("/var/lib/sluice/node.state"))
         );
+        assert!(!cfg.state_file_optional, "configured: a failure is fatal");
         let cfg = section(&format!("key = \"{key}\""))
             .to_config(&dir)
             .unwrap();

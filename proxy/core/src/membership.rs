@@ -332,6 +332,7 @@ pub fn apply_keys(handle: &ClusterHandle, keys: &[String]) -> Result<(), String>
     if have == keys {
         return Ok(());
     }
+    check_key_change(handle, keys)?;
     for k in keys.iter().filter(|k| !have.contains(k)) {
         handle.keyring_install(k).map_err(|e| e.to_string())?;
     }
@@ -340,6 +341,16 @@ pub fn apply_keys(handle: &ClusterHandle, keys: &[String]) -> Result<(), String>
     }
     for k in have.iter().filter(|k| !keys.contains(k)) {
         handle.keyring_remove(k).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Refuses a reload that changes the keys while a key rotation runs on this node (the reload
+/// and the rotation would undo each other's steps). Keys equal to the keyring in memory — a key
+/// file the rotation itself rewrote — are no change and pass.
+pub fn check_key_change(handle: &ClusterHandle, keys: &[String]) -> Result<(), String> {
+    if handle.keys() != keys && handle.rotation_running() {
+        return Err("[cluster] keys: a key rotation is running on this node, so the keys cannot change by a reload now; wait for it to end (the key file then holds the new keys), or undo the key change, then reload again".into());
     }
     Ok(())
 }

@@ -307,6 +307,9 @@ impl Runtime {
             )
             .map_err(ApplyError::Cluster)?
         };
+        if let (Some(keys), Some(handle)) = (&cluster.keys, self.cluster.get()) {
+            crate::membership::check_key_change(handle, keys).map_err(ApplyError::Cluster)?;
+        }
         let commit = match self.reload_hook.get() {
             Some(hook) => Some(hook.prepare(&cfg).map_err(ApplyError::Listeners)?),
             None => None,

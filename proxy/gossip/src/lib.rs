@@ -250,6 +250,10 @@ pub struct ClusterConfig {
     /// Where the identity generation is kept across restarts ([`persist`]); `None` takes the
     /// wall clock alone.
     pub state_file: Option<std::path::PathBuf>,
+    /// Whether `state_file` is only a default the operator did not ask for: then a state file
+    /// that cannot be read or written is logged and the wall clock used instead of failing the
+    /// start. A corrupt state file is never fatal.
+    pub state_file_optional: bool,
     /// Datagram size and connection limits.
     pub transport: TransportConfig,
 }
@@ -360,6 +364,7 @@ impl ClusterConfig {
             transport: TransportConfig::default(),
             key_file: None,
             state_file: None,
+            state_file_optional: false,
         }
     }
 }
@@ -394,6 +399,10 @@ pub enum ClusterError {
     /// A cluster-wide key rotation did not complete.
     #[error("key rotation: {0}")]
     Rotation(String),
+    /// Refused because a key rotation is running on this node (another rotation, or a key
+    /// change by hand that would race it).
+    #[error("a key rotation is running: {0}")]
+    Busy(String),
     /// A state or key file could not be read or written.
     #[error(transparent)]
     Persist(#[from] persist::PersistError),

@@ -64,9 +64,10 @@ impl Identity for NodeId {
     type Addr = SocketAddr;
 
     fn renew(&self) -> Option<Self> {
+        // At the largest generation there is no higher one to rejoin with.
         Some(NodeId {
             addr: self.addr,
-            generation: self.generation + 1,
+            generation: self.generation.checked_add(1)?,
         })
     }
 

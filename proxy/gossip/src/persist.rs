@@ -24,6 +24,40 @@ pub fn next_generation(now_ms: u64, persisted: Option<u64>) -> u64 {
     now_ms.max(after)
 }
 
+/// The generation a starting member takes ([`next_generation`]) with the state file at `path`,
+/// which is read and then rewritten with the result. Returns it and whether the state file is
+/// usable for later writes (after a rejoin).
+///
+/// A corrupt state file is logged and overwritten: the wall clock is as good as it gets then.
+/// When `optional` (the file is a default the operator did not configure), a file that cannot
+/// be read or written is logged too and the wall clock used; otherwise that fails the start.
+pub fn start_generation(
+    path: Option<&Path>,
+    optional: bool,
+    now_ms: u64,
+) -> Result<(u64, bool), PersistError> {
+    let Some(path) = path else {
+        return Ok((next_generation(now_ms, None), false));
+    };
+    let persisted = match read_generation(path) {
+        Ok(g) => g,
+        Err(e) if e.corrupt || optional => {
+            tracing::warn!(error = %e, "the identity generation falls back to the wall clock");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let generation = next_generation(now_ms, persisted);
+    match write_generation(path, generation) {
+        Ok(()) => Ok((generation, true)),
+        Err(e) if optional => {
+            tracing::warn!(error = %e, "the default [cluster] state_file cannot be written, so this node's identity generation follows the wall clock alone (a clock stepped back can lock it out after a restart); set state_file to a writable path, such as /var/lib/sluice/cluster.state");
+            Ok((generation, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Why a state or key file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {what}")]
@@ -32,6 +66,8 @@ pub struct PersistError {
     pub path: PathBuf,
     /// What went wrong and what to do.
     pub what: String,
+    /// The file was read but holds no valid content (as opposed to an I/O failure).
+    pub corrupt: bool,
 }
 
 const STATE_HEADER: &str =
@@ -46,6 +82,7 @@ pub fn read_generation(path: &Path) -> Result<Option<u64>, PersistError> {
             return Err(PersistError {
                 path: path.to_path_buf(),
                 what: format!("cannot read the cluster state file: {e}"),
+                corrupt: false,
             })
         }
     };
@@ -61,6 +98,7 @@ pub fn read_generation(path: &Path) -> Result<Option<u64>, PersistError> {
         None => Err(PersistError {
             path: path.to_path_buf(),
             what: "the cluster state file has no valid `generation = N` line; fix it, or delete it to start from the wall clock".into(),
+            corrupt: true,
         }),
     }
 }
@@ -91,6 +129,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistE
     let err = |what: String| PersistError {
         path: path.to_path_buf(),
         what,
+        corrupt: false,
     };
     let dir = path
         .parent()
@@ -180,6 +219,40 @@ mod tests {
         std::fs::write(&path, "generation = soon\n").unwrap();
         let e = read_generation(&path).unwrap_err().to_string();
         assert!(e.contains("no valid `generation = N` line"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_or_unwritable_default_state_file_falls_back_to_the_wall_clock() {
+        let dir = scratch("fallback");
+        let path = dir.join("node.state");
+        std::fs::write(&path, "generation = soon\n").unwrap();
+        // Corrupt: never fatal; the file is rewritten with the clock.
+        for optional in [false, true] {
+            std::fs::write(&path, "generation = soon\n").unwrap();
+            assert_eq!(
+                start_generation(Some(&path), optional, 7_000).unwrap(),
+                (7_000, true)
+            );
+            assert_eq!(read_generation(&path).unwrap(), Some(7_000));
+        }
+        // The largest generation does not overflow.
+        write_generation(&path, u64::MAX).unwrap();
+        assert_eq!(
+            start_generation(Some(&path), false, 7_000).unwrap(),
+            (u64::MAX, true)
+        );
+        // A directory that does not exist (like a read-only one): fatal only when configured.
+        let missing = dir.join("missing/node.state");
+        assert_eq!(
+            start_generation(Some(&missing), true, 7_000).unwrap(),
+            (7_000, false)
+        );
+        let e = start_generation(Some(&missing), false, 7_000).unwrap_err();
+        assert!(e.to_string().contains("cannot write it"), "{e}");
+        assert_eq!(
+            start_generation(None, false, 7_000).unwrap(),
+            (7_000, false)
+        );
     }
 
     #[test]

@@ -127,16 +127,34 @@ pub struct KeyringState {
     /// The highest rotation id this member has followed, so that a later rotation started on
     /// a member whose clock is behind still gets a higher id.
     pub applied: u64,
+    /// Why this member's last keyring change could not be written to its key file, while that
+    /// lasts: a rotation does not go past [`Phase::Install`] then (the member would restart
+    /// with a key nobody accepts any more).
+    pub persist_error: Option<String>,
+}
+
+// The state as the first rotating sluice published it, without `persist_error`.
+#[derive(Deserialize)]
+struct KeyringStateV1 {
+    keys: Vec<Fingerprint>,
+    rotation: Option<Rotation>,
+    applied: u64,
 }
 
 impl KeyringState {
     /// The state of `ring`, with the rotation this member coordinates and the highest one it
     /// followed.
-    pub fn of_ring(ring: &Keyring, rotation: Option<Rotation>, applied: u64) -> KeyringState {
+    pub fn of_ring(
+        ring: &Keyring,
+        rotation: Option<Rotation>,
+        applied: u64,
+        persist_error: Option<String>,
+    ) -> KeyringState {
         KeyringState {
             keys: ring.fingerprints(),
             rotation,
             applied,
+            persist_error,
         }
     }
 
@@ -145,9 +163,18 @@ impl KeyringState {
     pub fn of(meta: &NodeMeta) -> Option<KeyringState> {
         let bytes = meta.extensions.get(EXTENSION)?;
         let (format, body) = bytes.split_first()?;
-        (*format == FORMAT)
-            .then(|| postcard::from_bytes(body).ok())
-            .flatten()
+        if *format != FORMAT {
+            return None;
+        }
+        postcard::from_bytes(body).ok().or_else(|| {
+            let v1: KeyringStateV1 = postcard::from_bytes(body).ok()?;
+            Some(KeyringState {
+                keys: v1.keys,
+                rotation: v1.rotation,
+                applied: v1.applied,
+                persist_error: None,
+            })
+        })
     }
 
     /// The bytes to publish.
@@ -160,12 +187,88 @@ impl KeyringState {
 
 /// The rotation other members ask for now: the one with the highest id among those published
 /// by alive members other than this one.
+///
+/// Rotation ids are wall-clock milliseconds; one more than [`MAX_ID_AHEAD`] ahead of this
+/// node's clock is ignored, so that a bogus id (near `u64::MAX`) cannot win every later
+/// rotation or leave no id above it.
 pub fn winning(members: &[MemberInfo]) -> Option<(Rotation, &MemberInfo)> {
+    winning_at(members, wall_clock_ms())
+}
+
+/// How far ahead of this node's wall clock a rotation id may be: a day, far more than any
+/// clock skew a cluster runs with.
+pub const MAX_ID_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
+fn plausible_id(id: u64, now_ms: u64) -> bool {
+    id <= now_ms.saturating_add(MAX_ID_AHEAD.as_millis() as u64)
+}
+
+fn winning_at(members: &[MemberInfo], now_ms: u64) -> Option<(Rotation, &MemberInfo)> {
     members
         .iter()
         .filter(|m| !m.is_self && m.state == MemberState::Alive)
         .filter_map(|m| Some((KeyringState::of(&m.meta)?.rotation?, m)))
+        .filter(|(r, _)| plausible_id(r.id, now_ms))
         .max_by_key(|(r, m)| (r.id, r.phase, m.gossip_addr))
+}
+
+/// The id for a new rotation started at `now_ms`: above every plausible id any member
+/// published (see [`winning`]).
+pub fn next_id(members: &[MemberInfo], now_ms: u64) -> Result<u64, ClusterError> {
+    let seen = members
+        .iter()
+        .filter_map(|m| KeyringState::of(&m.meta))
+        .flat_map(|k| [k.applied, k.rotation.map_or(0, |r| r.id)])
+        .filter(|id| plausible_id(*id, now_ms))
+        .max()
+        .unwrap_or(0);
+    let after = seen.checked_add(1).ok_or_else(|| {
+        ClusterError::Rotation("rotation ids are exhausted (an id at the largest value was published); restart the members with a correct clock".into())
+    })?;
+    Ok(now_ms.max(after))
+}
+
+/// Members whose confirmation a phase waits for, as `name (address)`: every member other than
+/// this one that is active or Down (a Down member may come back; it must not miss the rotation,
+/// or it keeps a key nobody accepts any more), except the Down members named in `exclude`.
+/// Members that left are not waited for.
+pub fn pending(
+    members: &[MemberInfo],
+    phase: Phase,
+    new: &Fingerprint,
+    exclude: &[String],
+) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| !m.is_self)
+        .filter(|m| match m.state {
+            MemberState::Alive | MemberState::Suspect => true,
+            MemberState::Down => !exclude.contains(&m.meta.name),
+            MemberState::Left => false,
+        })
+        .filter(|m| !KeyringState::of(&m.meta).is_some_and(|k| phase.done_by(&k.keys, new)))
+        .map(|m| {
+            let down = if m.state == MemberState::Down {
+                ", down"
+            } else {
+                ""
+            };
+            format!("{} ({}{down})", m.meta.name, m.gossip_addr)
+        })
+        .collect()
+}
+
+/// Members (this one included) that report a key file they could not write, as
+/// `name (address): problem`.
+pub fn persist_failures(members: &[MemberInfo]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.is_self || m.state != MemberState::Left)
+        .filter_map(|m| {
+            let e = KeyringState::of(&m.meta)?.persist_error?;
+            Some(format!("{} ({}): {e}", m.meta.name, m.gossip_addr))
+        })
+        .collect()
 }
 
 /// Brings `ring` to where `rotation`'s phase wants it (doing the earlier phases too, for a
@@ -207,6 +310,24 @@ impl Drop for Announced<'_> {
     }
 }
 
+// This node's one rotation at a time: taken by `rotate_key`, given back when dropped.
+struct Coordinating<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Coordinating<'a> {
+    fn take(flag: &'a std::sync::atomic::AtomicBool) -> Option<Coordinating<'a>> {
+        use std::sync::atomic::Ordering;
+        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then_some(Coordinating(flag))
+    }
+}
+
+impl Drop for Coordinating<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 impl ClusterHandle {
     /// Rotates the whole cluster to `key` (base64): every active member installs it, then
     /// makes it primary, then removes every other key, each phase starting once every member
@@ -218,16 +339,29 @@ impl ClusterHandle {
         key: &str,
         limit: Duration,
     ) -> Result<RotationReport, ClusterError> {
+        self.rotate_key_excluding(key, limit, &[]).await
+    }
+
+    /// [`Self::rotate_key`], not waiting for the Down members named in `exclude` (members seen
+    /// as Down are waited for otherwise: they may only be cut off and come back). An excluded
+    /// member keeps the old key: give it the new one out of band before it rejoins.
+    ///
+    /// One rotation at a time per node: a second call while one runs fails with
+    /// [`ClusterError::Busy`].
+    pub async fn rotate_key_excluding(
+        &self,
+        key: &str,
+        limit: Duration,
+        exclude: &[String],
+    ) -> Result<RotationReport, ClusterError> {
         let fp = fingerprint(key)?;
+        let Some(_coordinating) = Coordinating::take(&self.shared.coordinating) else {
+            return Err(ClusterError::Busy(
+                "this node already coordinates a key rotation; wait for it to end (its caller gets the result), then run this one again if it is still needed".into(),
+            ));
+        };
         let deadline = Instant::now() + limit;
-        let seen = self
-            .members_snapshot()
-            .iter()
-            .filter_map(|m| KeyringState::of(&m.meta))
-            .map(|k| k.applied.max(k.rotation.map_or(0, |r| r.id)))
-            .max()
-            .unwrap_or(0);
-        let id = wall_clock_ms().max(seen + 1);
+        let id = next_id(&self.members_snapshot(), wall_clock_ms())?;
         let mut changes = self.changes();
         let mut confirmed = Vec::new();
         // However this ends (done, refused, or the caller gone), the key stops travelling.
@@ -257,18 +391,25 @@ impl ClusterHandle {
                     }
                 }
                 let own_done = phase.done_by(&self.shared.keyring.load().fingerprints(), &fp);
-                let pending: Vec<String> = members
-                    .iter()
-                    .filter(|m| !m.is_self && m.state.is_active())
-                    .filter(|m| {
-                        !KeyringState::of(&m.meta).is_some_and(|k| phase.done_by(&k.keys, &fp))
-                    })
-                    .map(|m| format!("{} ({})", m.meta.name, m.gossip_addr))
-                    .collect();
+                let pending = pending(&members, phase, &fp, exclude);
+                // Past Install a member that cannot write its key file would restart with a
+                // key nobody accepts any more.
+                let failures = persist_failures(&members);
+                if own_done && pending.is_empty() && phase == Phase::Install && !failures.is_empty()
+                {
+                    return Err(ClusterError::Rotation(format!(
+                        "stopped after the install phase (no member uses the new key yet): the key file could not be written on {}; fix that (the path must be writable by sluice, or set [cluster] key_file elsewhere), then run the rotation again",
+                        failures.join("; ")
+                    )));
+                }
                 if own_done && pending.is_empty() {
                     confirmed = members
                         .iter()
-                        .filter(|m| m.is_self || m.state.is_active())
+                        .filter(|m| {
+                            m.is_self
+                                || m.state.is_active()
+                                || (m.state == MemberState::Down && !exclude.contains(&m.meta.name))
+                        })
                         .map(|m| (m.meta.name.clone(), m.gossip_addr))
                         .collect();
                     break;
@@ -282,7 +423,7 @@ impl ClusterHandle {
                         }
                     };
                     return Err(ClusterError::Rotation(format!(
-                        "phase {} was not confirmed within {limit:?} by {}; {earlier}. Check that they run a sluice that rotates keys and are reachable, then run the rotation again",
+                        "phase {} was not confirmed within {limit:?} by {}; {earlier}. Check that they run a sluice that rotates keys and are reachable, then run the rotation again; a member that is down for good can be left out with --exclude NAME (give it the new key before it comes back)",
                         phase.as_str(),
                         if pending.is_empty() { "this member".to_string() } else { pending.join(", ") },
                     )));
@@ -377,6 +518,7 @@ mod tests {
                 phase,
             }),
             applied: 0,
+            persist_error: None,
         };
         let members = vec![
             member("a", 1, MemberState::Alive, Some(ks(5, Phase::Use))),
@@ -402,5 +544,145 @@ mod tests {
             fingerprint_hex(&[0, 1, 2, 3, 4, 5, 6, 0xff]),
             "00010203040506ff"
         );
+    }
+
+    fn ks_with(keys: &[&str], rotation: Option<Rotation>, applied: u64) -> KeyringState {
+        KeyringState {
+            keys: keys.iter().map(|k| fingerprint(k).unwrap()).collect(),
+            rotation,
+            applied,
+            persist_error: None,
+        }
+    }
+
+    #[test]
+    fn down_members_are_waited_for_unless_excluded_and_left_ones_never() {
+        let (old, new) = (generate_key(), generate_key());
+        let fp = fingerprint(&new).unwrap();
+        let members = vec![
+            member(
+                "up",
+                1,
+                MemberState::Alive,
+                Some(ks_with(&[&old, &new], None, 0)),
+            ),
+            member(
+                "cut-off",
+                2,
+                MemberState::Down,
+                Some(ks_with(&[&old], None, 0)),
+            ),
+            member(
+                "gone",
+                3,
+                MemberState::Left,
+                Some(ks_with(&[&old], None, 0)),
+            ),
+            member(
+                "slow",
+                4,
+                MemberState::Suspect,
+                Some(ks_with(&[&old], None, 0)),
+            ),
+        ];
+        assert_eq!(
+            pending(&members, Phase::Install, &fp, &[]),
+            ["cut-off (127.0.0.1:2, down)", "slow (127.0.0.1:4)"]
+        );
+        assert_eq!(
+            pending(
+                &members,
+                Phase::Install,
+                &fp,
+                &["cut-off".into(), "slow".into()]
+            ),
+            ["slow (127.0.0.1:4)"],
+            "only Down members can be excluded"
+        );
+    }
+
+    #[test]
+    fn a_member_that_cannot_write_its_key_file_is_named() {
+        let key = generate_key();
+        let mut broken = ks_with(&[&key], None, 0);
+        broken.persist_error = Some("/etc/sluice/cluster.key: read-only".into());
+        let mut me = member("me", 1, MemberState::Alive, Some(broken.clone()));
+        me.is_self = true;
+        let members = vec![
+            me,
+            member("ok", 2, MemberState::Alive, Some(ks_with(&[&key], None, 0))),
+            member("gone", 3, MemberState::Left, Some(broken)),
+        ];
+        assert_eq!(
+            persist_failures(&members),
+            ["me (127.0.0.1:1): /etc/sluice/cluster.key: read-only"]
+        );
+        // The state round-trips with the error, and a state without it (the first format)
+        // still reads.
+        let st = KeyringState::of(&members[0].meta).unwrap();
+        assert!(st.persist_error.is_some());
+        #[derive(Serialize)]
+        struct V1 {
+            keys: Vec<Fingerprint>,
+            rotation: Option<Rotation>,
+            applied: u64,
+        }
+        let mut bytes = vec![FORMAT];
+        bytes.extend(
+            postcard::to_allocvec(&V1 {
+                keys: st.keys.clone(),
+                rotation: None,
+                applied: 3,
+            })
+            .unwrap(),
+        );
+        let mut meta = NodeMeta::new("v1", Role::Backend);
+        meta.extensions.insert(EXTENSION.into(), bytes);
+        let v1 = KeyringState::of(&meta).unwrap();
+        assert_eq!((v1.keys, v1.applied, v1.persist_error), (st.keys, 3, None));
+    }
+
+    #[test]
+    fn rotation_ids_never_overflow_and_ids_far_ahead_are_ignored() {
+        let key = generate_key();
+        let now = 1_000_000;
+        let rot = |id| {
+            Some(Rotation {
+                id,
+                key: key.clone(),
+                phase: Phase::Install,
+            })
+        };
+        let bogus = vec![
+            member(
+                "a",
+                1,
+                MemberState::Alive,
+                Some(ks_with(&[&key], rot(u64::MAX), u64::MAX)),
+            ),
+            member(
+                "b",
+                2,
+                MemberState::Alive,
+                Some(ks_with(&[&key], rot(now + 5), 0)),
+            ),
+        ];
+        let (r, by) = winning_at(&bogus, now).unwrap();
+        assert_eq!((r.id, by.meta.name.as_str()), (now + 5, "b"));
+        assert_eq!(next_id(&bogus, now).unwrap(), now + 6);
+        // Only bogus ids: the clock.
+        assert_eq!(next_id(&bogus[..1], now).unwrap(), now);
+        assert!(winning_at(&bogus[..1], now).is_none());
+        // Within a day ahead counts (clock skew); the largest id plausible at a clock near the
+        // end of time leaves no id above it, which is an error rather than a wrap to 0.
+        let day = MAX_ID_AHEAD.as_millis() as u64;
+        let ahead = vec![member(
+            "c",
+            3,
+            MemberState::Alive,
+            Some(ks_with(&[&key], rot(now + day), 0)),
+        )];
+        assert_eq!(next_id(&ahead, now).unwrap(), now + day + 1);
+        assert!(next_id(&bogus[..1], u64::MAX - 1).is_err());
     }
 }

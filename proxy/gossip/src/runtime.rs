@@ -30,7 +30,7 @@
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -209,6 +209,8 @@ pub(crate) struct Shared {
     refusal: OnceLock<(String, SocketAddr)>,
     // Where the keyring is written back, if anywhere.
     key_file: Option<PathBuf>,
+    // This node coordinates a key rotation (one at a time).
+    pub(crate) coordinating: AtomicBool,
 }
 
 fn wall_clock_s() -> u64 {
@@ -576,20 +578,40 @@ impl ClusterHandle {
     /// Adds a decryption key (base64) on this member only (see [`ClusterHandle::rotate_key`]
     /// for the whole cluster). Written back to the key file, if any.
     pub fn keyring_install(&self, key: &str) -> Result<(), ClusterError> {
+        self.refuse_during_rotation()?;
         self.shared.edit_keyring(|r| r.install(key))?;
         self.keyring_changed()
     }
 
     /// Makes an installed key the one that encrypts, on this member only.
     pub fn keyring_use(&self, key: &str) -> Result<(), ClusterError> {
+        self.refuse_during_rotation()?;
         self.shared.edit_keyring(|r| r.use_key(key))?;
         self.keyring_changed()
     }
 
     /// Removes a key on this member only; the primary key cannot be removed.
     pub fn keyring_remove(&self, key: &str) -> Result<(), ClusterError> {
+        self.refuse_during_rotation()?;
         self.shared.edit_keyring(|r| r.remove(key))?;
         self.keyring_changed()
+    }
+
+    /// Whether a key rotation runs on this node: it coordinates one, or follows one another
+    /// member announces.
+    pub fn rotation_running(&self) -> bool {
+        self.shared.coordinating.load(Ordering::Acquire)
+            || rotation::winning(&self.members_snapshot()).is_some()
+    }
+
+    // A key change by hand (API, reload) in the middle of a rotation would undo its steps.
+    fn refuse_during_rotation(&self) -> Result<(), ClusterError> {
+        if self.rotation_running() {
+            return Err(ClusterError::Busy(
+                "keys cannot be changed by hand meanwhile (the rotation would undo it, or it the rotation); wait for the rotation to end (GET /api/cluster shows the keys), then try again".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn keyring_changed(&self) -> Result<(), ClusterError> {
@@ -797,19 +819,17 @@ impl Cluster {
             outbound: Arc::new(Semaphore::new(config.transport.max_outbound_streams)),
             refusal: OnceLock::new(),
             key_file: config.key_file.clone(),
+            coordinating: AtomicBool::new(false),
         });
 
         let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
         foca_cfg.max_packet_size = foca_packet_size(config.transport.udp_payload_size);
         // A restarted node must outrank its previous identity, whatever the clock did.
-        let persisted = match &config.state_file {
-            Some(path) => persist::read_generation(path)?,
-            None => None,
-        };
-        let generation = persist::next_generation(wall_clock_ms(), persisted);
-        if let Some(path) = &config.state_file {
-            persist::write_generation(path, generation)?;
-        }
+        let (generation, state_usable) = persist::start_generation(
+            config.state_file.as_deref(),
+            config.state_file_optional,
+            wall_clock_ms(),
+        )?;
         let id = NodeId {
             addr: gossip_addr,
             generation,
@@ -818,7 +838,7 @@ impl Cluster {
         let mut meta = meta;
         meta.extensions.insert(
             rotation::EXTENSION.to_string(),
-            KeyringState::of_ring(&shared.keyring.load(), None, 0).encode(),
+            KeyringState::of_ring(&shared.keyring.load(), None, 0, None).encode(),
         );
         let mut node = Node::new(
             id,
@@ -861,7 +881,8 @@ impl Cluster {
             base_meta,
             rotation: None,
             applied: (0, Phase::Install),
-            state_file: config.state_file.clone(),
+            state_file: config.state_file.clone().filter(|_| state_usable),
+            persist_error: None,
             clashes_seen: std::collections::HashSet::new(),
             refuse: false,
         };
@@ -1104,6 +1125,9 @@ struct Driver {
     // The highest rotation step applied to the keyring.
     applied: (u64, Phase),
     state_file: Option<PathBuf>,
+    // Why the key file could not be written after the last keyring change, published in the
+    // keyring state (a rotation does not go past its install phase meanwhile).
+    persist_error: Option<String>,
     // Name clashes already counted and logged.
     clashes_seen: std::collections::HashSet<Clash>,
     // This member gave its name up: leave and stop.
@@ -1284,6 +1308,7 @@ impl Driver {
             &self.shared.keyring.load(),
             self.rotation.clone(),
             self.applied.0,
+            self.persist_error.clone(),
         );
         meta.extensions
             .insert(rotation::EXTENSION.to_string(), state.encode());
@@ -1357,16 +1382,18 @@ impl Driver {
         self.clashes_seen.retain(|c| clashes.contains(c));
     }
 
-    fn persist_keys(&self) {
+    fn persist_keys(&mut self) {
         let Some(path) = &self.shared.key_file else {
             return;
         };
         let keys = self.shared.keyring.load().keys_base64();
         match persist::write_key_file(path, &keys) {
             Ok(()) => {
+                self.persist_error = None;
                 tracing::info!(path = %path.display(), keys = keys.len(), "keyring written to the key file")
             }
             Err(e) => {
+                self.persist_error = Some(e.to_string());
                 add(&self.shared.counters.key_file_errors, 1);
                 tracing::error!(error = %e, "the keyring changed but the key file could not be written; this node restarts with its old keys unless you fix the file");
             }
