@@ -65,6 +65,13 @@ pub struct ClusterSection {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub mass_failure_window: Duration,
+    /// How long a member that went down (or left) is remembered before every node forgets it
+    /// and drops its metadata.
+    #[serde(
+        default = "default_forget_after",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    pub forget_after: Duration,
     /// A proxy applies plugins rolled out to the cluster (`sluice plugin load --cluster`).
     #[serde(default = "default_plugin_rollout")]
     pub plugin_rollout: bool,
@@ -72,6 +79,10 @@ pub struct ClusterSection {
 
 fn default_plugin_rollout() -> bool {
     true
+}
+
+fn default_forget_after() -> Duration {
+    crate::cluster::DEFAULT_FORGET_AFTER
 }
 
 fn default_profile() -> Profile {
@@ -159,6 +170,12 @@ impl ClusterSection {
                 "[cluster] mass_failure_window must be longer than 0; write it like \"30s\"".into(),
             );
         }
+        if self.forget_after < Duration::from_secs(1) {
+            return Err(format!(
+                "[cluster] forget_after = {:?} is too short; use at least \"1s\" (default \"1h\")",
+                self.forget_after
+            ));
+        }
         Ok(ClusterConfig {
             cluster_name: self.name.clone(),
             bind_addr: bind,
@@ -168,6 +185,7 @@ impl ClusterSection {
             profile,
             compression: self.compression,
             expected_size: self.expected_size.max(1),
+            forget_after: self.forget_after,
         })
     }
 
@@ -258,6 +276,7 @@ mod tests {
                 "mass_failure_window = \"0s\"",
                 "mass_failure_window must be longer than 0",
             ),
+            ("forget_after = \"10ms\"", "forget_after = 10ms is too short"),
         ] {
             let err = section(&format!("key = \"{key}\"\n{bad}"))
                 .to_config(Path::new("."))

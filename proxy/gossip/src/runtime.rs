@@ -413,7 +413,8 @@ impl Cluster {
             blobs: BlobStore::default(),
         });
 
-        let (foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
+        let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
+        foca_cfg.remove_down_after = Some(config.forget_after);
         // Wall-clock milliseconds: a restarted node outranks its previous identity.
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
