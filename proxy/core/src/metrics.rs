@@ -81,6 +81,9 @@ pub struct Metrics {
     pub cluster_tuning: IntGaugeVec,
     /// `sluice_cluster_last_known_good`: 1 while pools keep their last-known-good cluster members.
     pub cluster_last_known_good: IntGaugeVec,
+    /// `sluice_cluster_refused_announcements_total{pool}`: services cluster members announced
+    /// into the pool that `[[cluster.allow]]` refused, each counted once.
+    pub cluster_refused: IntCounterVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,
     /// Request-path histograms per backend (`{pool,backend}`); series exist only when
@@ -311,6 +314,11 @@ impl Metrics {
                 "sluice_cluster_last_known_good",
                 "1 while this proxy keeps its last-known-good pools because it sees itself cut off or a mass failure.",
                 &[],
+            ),
+            cluster_refused: counter(
+                "sluice_cluster_refused_announcements_total",
+                "Services cluster members announced into the pool that [[cluster.allow]] refused, each counted once.",
+                &["pool"],
             ),
             limit_rejections: counter(
                 "sluice_limit_rejections_total",
