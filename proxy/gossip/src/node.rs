@@ -682,6 +682,11 @@ impl Node {
             late_tick: u64::MAX,
             suspicions: HashMap::new(),
         };
+        if node.next_version {
+            tracing::warn!(
+                "{EMULATE_NEXT_VERSION_ENV} is set: this node emulates the next gossip body version (tests only)"
+            );
+        }
         node.publish_meta();
         // A random first delay spreads the cluster's exchanges over the interval.
         let first = node
@@ -1115,28 +1120,47 @@ impl Node {
                 return;
             }
         };
-        if let Some(state) = state {
-            self.apply_state(state, true);
-        }
-        let Some((to, _, freed)) = self.requests.remove(&id) else {
-            if !records.is_empty() {
-                lock(&self.store).refused += 1;
+        // Members first (so that foca knows the responder's generation), then its own record,
+        // then the digests: a digest of the record just taken is no news.
+        let digests = state.map(|s| {
+            self.merge_members(s.members, true);
+            s.digests
+        });
+        match self.requests.remove(&id) {
+            Some((to, _, freed)) => {
+                if !freed {
+                    self.in_flight -= 1;
+                    self.fetching.remove(&to);
+                }
+                let generation = self.foca_generation(to);
+                let mut store = lock(&self.store);
+                for r in records {
+                    if r.addr != to || Some(r.generation) != generation {
+                        // Not the owner's own record, or of a generation foca does not know.
+                        store.refused += 1;
+                        continue;
+                    }
+                    store.accept_from_owner(r);
+                }
             }
-            return;
-        };
-        if !freed {
-            self.in_flight -= 1;
-            self.fetching.remove(&to);
+            None if !records.is_empty() => lock(&self.store).refused += 1,
+            None => {}
         }
-        let generation = self.foca_generation(to);
         let mut store = lock(&self.store);
-        for r in records {
-            if r.addr != to || Some(r.generation) != generation {
-                // Not the owner's own record, or of a generation foca does not know (yet).
-                store.refused += 1;
-                continue;
-            }
-            store.accept_from_owner(r);
+        for d in digests.into_iter().flatten() {
+            store.hint(d);
+        }
+    }
+
+    // Applies foca members from a push-pull state (see `apply_state` for `broadcast`).
+    fn merge_members(&mut self, members: Vec<Member<NodeId>>, broadcast: bool) {
+        let broadcast = broadcast && self.foca.num_members() > 0;
+        if self
+            .foca
+            .apply_many(members.into_iter(), broadcast, &mut self.outbox)
+            .is_err()
+        {
+            self.errors.state += 1;
         }
     }
 
@@ -1145,14 +1169,7 @@ impl Node {
     /// re-disseminate what was new; a node that knows no member yet (it is joining) never does,
     /// since the cluster already knows all of it.
     pub fn apply_state(&mut self, state: PushPullState, broadcast: bool) {
-        let broadcast = broadcast && self.foca.num_members() > 0;
-        if self
-            .foca
-            .apply_many(state.members.into_iter(), broadcast, &mut self.outbox)
-            .is_err()
-        {
-            self.errors.state += 1;
-        }
+        self.merge_members(state.members, broadcast);
         {
             let mut store = lock(&self.store);
             for d in state.digests {
@@ -1505,6 +1522,9 @@ impl Node {
             .find(|m| m.id().addr == addr)
             .map(|m| m.id().generation)
         else {
+            // Not an active member: nothing to fetch, and a hint about it is not kept (a
+            // flood of hints about made-up members costs no memory).
+            lock(&self.store).hints.remove(&addr);
             return;
         };
         if lock(&self.store).wants(&addr, generation) {
