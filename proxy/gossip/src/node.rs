@@ -25,7 +25,7 @@
 //!   pinned; the owner's own reply is authoritative (a fetched record older than the hint ends
 //!   the hint);
 //! - at most [`MAX_FETCHES_IN_FLIGHT`] fetches run at once, one per member, each retried after
-//!   a probe period while the member is active and its record still missing or stale;
+//!   foca's probe timeout while the member is active and its record still missing or stale;
 //! - records and hints of a member are dropped once foca forgets it (`remove_down_after`,
 //!   `[cluster] forget_after`), so state is bounded by the membership.
 //!
@@ -627,7 +627,9 @@ impl Node {
         let handler = MetaHandler {
             store: store.clone(),
         };
-        let fetch_timeout = config.probe_period;
+        // A metadata fetch is one small round trip: retry after foca's probe timeout (500 ms
+        // on a LAN), not a whole stream timeout; a late reply is still taken.
+        let fetch_timeout = config.probe_rtt;
         let size_hint = expected_size.max(1);
         let suspicion_unit = config
             .suspect_to_down_after
