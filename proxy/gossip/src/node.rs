@@ -20,10 +20,10 @@
 //! Bounds that keep forged or broken hints from pinning anything:
 //! - a record is stored only for the generation foca currently knows for that address, so
 //!   metadata never outruns membership (a higher generation must first win foca's own rules);
-//! - a hint may be at most [`MAX_VERSION_STEP`] versions ahead of the record held (or of 0),
-//!   and no version may exceed [`MAX_VERSION`]: `u64::MAX` can never be reached, let alone
-//!   pinned; the owner's own reply is authoritative (a fetched record older than the hint ends
-//!   the hint);
+//! - a hint counts only for the generation of the record held, and may be at most
+//!   [`MAX_VERSION_STEP`] versions ahead of it; no version may exceed [`MAX_VERSION`]:
+//!   `u64::MAX` can never be reached, let alone pinned; the owner's own reply is authoritative
+//!   (a fetched record older than the hint ends the hint);
 //! - at most [`MAX_FETCHES_IN_FLIGHT`] fetches run at once, one per member, each retried after
 //!   foca's probe timeout while the member is active and its record still missing or stale;
 //! - records and hints of a member are dropped once foca forgets it (`remove_down_after`,
@@ -258,8 +258,18 @@ impl MetaStore {
     }
 
     /// Notes a hint; returns whether it was news (and so should be relayed).
+    ///
+    /// Only hints about the generation of the record held count: a member with no record here
+    /// is fetched anyway once foca reports it up, and a new generation once foca reports the
+    /// restart, so a hint naming any other generation (a made-up one above all) changes
+    /// nothing and cannot block the real hints that follow.
     fn hint(&mut self, d: Digest) -> bool {
-        if Some(d.addr) == self.self_addr {
+        if Some(d.addr) == self.self_addr
+            || self
+                .records
+                .get(&d.addr)
+                .is_none_or(|r| r.generation != d.generation)
+        {
             return false;
         }
         if let Err(Refusal::VersionJump) = self.check_hint(&d) {
@@ -1839,6 +1849,21 @@ mod tests {
             );
         }
         assert_eq!(a.errors().refused, refused + 2);
+        // 6. Nor does a made-up generation pin anything: b's next real change still arrives.
+        let d = Digest {
+            generation: u64::MAX,
+            ..forged.digest()
+        };
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(d),
+        ));
+        let mut meta = b.meta().clone();
+        meta.draining = true;
+        b.set_meta(meta.clone());
+        pump(&mut a, &mut b);
+        assert_eq!(a.meta_of(b_addr), Some((2, meta)));
     }
 
     // A foca packet from `from` to `to` carrying one custom broadcast.
