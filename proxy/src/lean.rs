@@ -216,9 +216,6 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         let listener = self.listener_of(&stream);
         // Over the cap the connection is closed at once, before anything is read or allocated.
         let _slot = self.admit(listener)?;
-        if self.engine == Http1Engine::Pingora {
-            return listener.fallback.process_new(stream, shutdown).await;
-        }
         let tls = stream.get_ssl_digest().is_some();
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let h2c = !tls && self.h2c && {
@@ -229,12 +226,24 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for LeanApp<F> {
         if h2 || h2c {
             return listener.fallback.process_new(stream, shutdown).await;
         }
-        let _here = ThreadConn::open();
-        let (stream, read) = Conn::new(self, listener, stream, tls)
-            .serve(shutdown.clone())
-            .await?;
-        // A request for an HTTP/2 pool: pingora-proxy serves the connection from this request on.
-        let stream: Stream = Box::new(crate::rewind::Rewound::new(read, stream));
+        let (stream, read) = if self.engine == Http1Engine::Pingora {
+            (stream, BytesMut::new())
+        } else {
+            let _here = ThreadConn::open();
+            // `Some` when a request is for an HTTP/2 pool: pingora-proxy serves the connection
+            // from this request on.
+            Conn::new(self, listener, stream, tls)
+                .serve(shutdown.clone())
+                .await?
+        };
+        // pingora's HTTP/1 engine times each read of a head; the lean path's whole-head
+        // deadline goes with the connection.
+        let stream: Stream = Box::new(
+            crate::rewind::Rewound::new(read, stream).with_head_deadline(
+                listener.limits.header_timeout,
+                self.counters.header_timeout.clone(),
+            ),
+        );
         listener.fallback.process_new(stream, shutdown).await
     }
 

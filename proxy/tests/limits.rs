@@ -52,10 +52,6 @@ fn closed_within(c: &mut TcpStream, limit: Duration) -> bool {
 /// header timeout, while a normal client and the admin API are served throughout.
 #[test]
 fn slow_and_silent_clients_are_closed_by_the_header_timeout() {
-    if std::env::var("SLUICE_TEST_HTTP1").as_deref() == Ok("pingora") {
-        // pingora-proxy's engine times each read of a head, not the whole head (documented).
-        return;
-    }
     let (p, _b) = limited(
         "limits-slow",
         "header_timeout = \"1s\", keepalive_timeout = \"1s\"",

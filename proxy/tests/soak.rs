@@ -113,9 +113,9 @@ fn nothing_accumulates_under_load_and_churn() {
         if rss_after_warmup == 0 && started.elapsed() >= total / 5 {
             rss_after_warmup = proc_status_kib(pid, "VmRSS:");
         }
-        let list = if tick % 2 == 0 { &two } else { &all };
-        proxy.reload_with(&config(list, tick % 2 == 0));
-        if tick % 3 == 0 {
+        let list = if tick.is_multiple_of(2) { &two } else { &all };
+        proxy.reload_with(&config(list, tick.is_multiple_of(2)));
+        if tick.is_multiple_of(3) {
             let wasm = sluice::builtin::get(plugins[(tick / 3) % plugins.len()]).unwrap();
             assert_eq!(proxy.put_strategy("web", wasm).status, 200);
         }

@@ -3,7 +3,8 @@
 //!
 //! `cargo run --profile quick -p sluice-benches --bin gossip_sim [-- --nodes N --runs R --hour-secs S]`
 //! (`--runs 0` or `--hour-secs 0` skips that part; `--hold-after-ms MS` and
-//! `--hold-suspectors K` change the proxies' hold policy from its defaults)
+//! `--hold-suspectors K` change the proxies' hold policy from its defaults; `--probe-fallback 0`
+//! drops the nodes' TCP fallback probes, to compare)
 //!
 //! Network: 1–5 ms latency, loss in bursts (Gilbert–Elliott per receiving node: half the
 //! datagrams lost during bad periods of 200 ms on average, the average loss as given), the same
@@ -32,6 +33,7 @@ struct Args {
     runs: u64,
     hour_secs: u64,
     hold: HoldPolicy,
+    probe_fallback: bool,
 }
 
 fn args() -> Args {
@@ -40,6 +42,7 @@ fn args() -> Args {
         runs: 100,
         hour_secs: 3600,
         hold: HoldPolicy::default(),
+        probe_fallback: true,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -54,6 +57,7 @@ fn args() -> Args {
             "--hour-secs" => a.hour_secs = value(),
             "--hold-after-ms" => a.hold.after = std::time::Duration::from_millis(value()),
             "--hold-suspectors" => a.hold.suspectors = value() as u32,
+            "--probe-fallback" => a.probe_fallback = value() != 0,
             other => panic!("unknown argument {other}; use --nodes N --runs R --hour-secs S"),
         }
     }
@@ -67,8 +71,10 @@ fn observers(n: usize) -> Vec<usize> {
 }
 
 // A settled cluster of `n` nodes on defaults.
-fn cluster(n: usize, loss: f64, seed: u64, hold: HoldPolicy) -> Sim {
-    let mut sim = Sim::new(SimConfig::realistic(loss, seed));
+fn cluster(n: usize, loss: f64, seed: u64, hold: HoldPolicy, probe_fallback: bool) -> Sim {
+    let mut cfg = SimConfig::realistic(loss, seed);
+    cfg.probe_fallback = probe_fallback;
+    let mut sim = Sim::new(cfg);
     sim.add_converged(n);
     sim.observe(observers(n), hold);
     sim.run_until(10 * SECOND, |_, _, _| {});
@@ -134,8 +140,8 @@ struct Hour {
 
 // `secs` simulated seconds with 1 % slow nodes, after a minute in which every node makes its
 // first push-pull (scheduled from expected_size before the node retuned itself).
-fn idle_hour(n: usize, loss: f64, secs: u64, seed: u64, hold: HoldPolicy) -> Hour {
-    let mut sim = cluster(n, loss, seed, hold);
+fn idle_hour(n: usize, loss: f64, secs: u64, seed: u64, a: &Args) -> Hour {
+    let mut sim = cluster(n, loss, seed, a.hold, a.probe_fallback);
     sim.run_until(60 * SECOND, |_, _, _| {});
     let obs = observers(n);
     let slow = (n / 100).max(1);
@@ -191,13 +197,13 @@ fn main() {
     let a = args();
     let n = a.nodes;
     println!(
-        "gossip simulation: {n} nodes, defaults (LAN, expected_size 32), bursty loss, {} runs, proxies hold after {} suspectors or {:?}",
-        a.runs, a.hold.suspectors, a.hold.after
+        "gossip simulation: {n} nodes, defaults (LAN, expected_size 32), bursty loss, {} runs, proxies hold after {} suspectors or {:?}, TCP fallback probe {}",
+        a.runs, a.hold.suspectors, a.hold.after, if a.probe_fallback { "on" } else { "off" }
     );
     let (mut joins, mut downs, mut holds) = (Vec::new(), Vec::new(), Vec::new());
     let wall = Instant::now();
     for run in 0..a.runs {
-        let mut sim = cluster(n, 0.01, 100 + run, a.hold);
+        let mut sim = cluster(n, 0.01, 100 + run, a.hold, a.probe_fallback);
         let (j, fetches) = join_time(&mut sim, n);
         let (d, h) = detect_time(&mut sim, n, (run as usize * 97 + 13) % n);
         println!(
@@ -234,7 +240,7 @@ fn main() {
 
     for loss in [0.01, 0.05].into_iter().filter(|_| a.hour_secs > 0) {
         let wall = Instant::now();
-        let h = idle_hour(n, loss, a.hour_secs, 7, a.hold);
+        let h = idle_hour(n, loss, a.hour_secs, 7, &a);
         println!(
             "{:.0} % loss, 1 % slow nodes, {} simulated s: false suspicions {:.2} per node-hour ({} of healthy members, {} of slow ones; goal <= 1), healthy services held {:.1} observer-s ({:.1} of them slow members', longest hold {:.1} s), false deaths {} (goal 0), traffic {:.0} B/node/s (goal <= 5000) ({:.0} s wall)",
             loss * 100.0,

@@ -79,6 +79,53 @@ pub struct ClusterSection {
     /// A proxy applies plugins rolled out to the cluster (`sluice plugin load --cluster`).
     #[serde(default = "default_plugin_rollout")]
     pub plugin_rollout: bool,
+    /// Largest gossip datagram, sent and accepted (smaller for low-MTU overlays).
+    #[serde(default = "default_udp_payload_size")]
+    pub udp_payload_size: usize,
+    /// Inbound gossip TCP connections served at once.
+    #[serde(default = "default_tcp_max_connections")]
+    pub tcp_max_connections: usize,
+    /// Inbound gossip TCP connections served at once from one IP address.
+    #[serde(default = "default_tcp_max_connections_per_addr")]
+    pub tcp_max_connections_per_addr: usize,
+}
+
+/// Largest `key_file` read: far more than any keyring needs (a key is 44 bytes of base64), and
+/// small enough that pointing it at the wrong file (a log, a device) fails at once.
+pub const MAX_KEY_FILE: u64 = 64 * 1024;
+
+fn default_udp_payload_size() -> usize {
+    crate::cluster::wire::DEFAULT_UDP_PAYLOAD
+}
+fn default_tcp_max_connections() -> usize {
+    crate::cluster::DEFAULT_TCP_MAX_CONNECTIONS
+}
+fn default_tcp_max_connections_per_addr() -> usize {
+    crate::cluster::DEFAULT_TCP_MAX_CONNECTIONS_PER_ADDR
+}
+
+// Reads a key file of at most MAX_KEY_FILE bytes.
+fn read_key_file(p: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(p).map_err(|e| format!("[cluster] key_file {}: {e}", p.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("[cluster] key_file {}: {e}", p.display()))?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
+        return Err(format!(
+            "[cluster] key_file {} is larger than {} KiB; it should hold only base64 keys, one per line (from `sluice genkey`): check the path",
+            p.display(),
+            MAX_KEY_FILE / 1024
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        format!(
+            "[cluster] key_file {} is not text; it should hold base64 keys, one per line (from `sluice genkey`)",
+            p.display()
+        )
+    })
 }
 
 fn default_plugin_rollout() -> bool {
@@ -160,8 +207,7 @@ impl ClusterSection {
             } else {
                 base.join(f)
             };
-            let text = std::fs::read_to_string(&p)
-                .map_err(|e| format!("[cluster] key_file {}: {e}", p.display()))?;
+            let text = read_key_file(&p)?;
             keys.extend(
                 text.lines()
                     .map(str::trim)
@@ -210,6 +256,13 @@ impl ClusterSection {
                 self.forget_after
             ));
         }
+        let transport = crate::cluster::TransportConfig {
+            udp_payload_size: self.udp_payload_size,
+            tcp_max_connections: self.tcp_max_connections,
+            tcp_max_connections_per_addr: self.tcp_max_connections_per_addr,
+            ..crate::cluster::TransportConfig::default()
+        };
+        transport.validate().map_err(|e| format!("[cluster] {e}"))?;
         Ok(ClusterConfig {
             cluster_name: self.name.clone(),
             bind_addr: bind,
@@ -220,6 +273,7 @@ impl ClusterSection {
             compression: self.compression,
             expected_size: self.expected_size.max(1),
             forget_after: self.forget_after,
+            transport,
         })
     }
 
@@ -358,5 +412,97 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains(what), "{err}");
         }
+    }
+
+    #[test]
+    fn transport_settings_have_defaults_and_ranges() {
+        let key = crate::cluster::keyring::generate_key();
+        let parse = |extra: &str| {
+            toml::from_str::<ClusterSection>(&format!(
+                "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\nkey = \"{key}\"\n{extra}"
+            ))
+            .unwrap()
+            .to_config(Path::new("."))
+        };
+        assert_eq!(
+            parse("").unwrap().transport,
+            crate::cluster::TransportConfig::default()
+        );
+        let t = parse(
+            "udp_payload_size = 1200\ntcp_max_connections = 10\ntcp_max_connections_per_addr = 2",
+        )
+        .unwrap()
+        .transport;
+        assert_eq!(
+            (
+                t.udp_payload_size,
+                t.tcp_max_connections,
+                t.tcp_max_connections_per_addr
+            ),
+            (1200, 10, 2)
+        );
+        for (bad, what) in [
+            (
+                "udp_payload_size = 576",
+                "[cluster] udp_payload_size = 576 is out of range; use 1024 to 9000 bytes",
+            ),
+            (
+                "udp_payload_size = 65507",
+                "udp_payload_size = 65507 is out of range",
+            ),
+            (
+                "tcp_max_connections = 0",
+                "[cluster] tcp_max_connections = 0 is out of range; use 1 to 65536",
+            ),
+            (
+                "tcp_max_connections_per_addr = 0",
+                "tcp_max_connections_per_addr = 0 is out of range",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains(what), "{err}");
+        }
+    }
+
+    #[test]
+    fn key_files_are_read_with_a_size_limit() {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-key-file-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = crate::cluster::keyring::generate_key();
+        let section = |file: &str| -> ClusterSection {
+            toml::from_str(&format!(
+                "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\nkey_file = \"{file}\""
+            ))
+            .unwrap()
+        };
+        // Keys, comments and blank lines, relative to the config's directory.
+        std::fs::write(dir.join("keys"), format!("# cluster keys\n\n{key}\n")).unwrap();
+        let cfg = section("keys").to_config(&dir).unwrap();
+        assert_eq!(cfg.keys, vec![key.clone()]);
+        // A file beyond the limit (here 1 MiB: the wrong file, say a log) is refused by name.
+        let big = dir.join("big");
+        let mut text = format!("{key}\n");
+        while text.len() < 1 << 20 {
+            text.push_str("# padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&big, text).unwrap();
+        let err = section("big").to_config(&dir).unwrap_err();
+        assert!(
+            err.contains(&format!("key_file {} is larger than 64 KiB", big.display())),
+            "{err}"
+        );
+        std::fs::write(dir.join("binary"), [0xffu8, 0xfe, 0, 1]).unwrap();
+        let err = section("binary").to_config(&dir).unwrap_err();
+        assert!(err.contains("is not text"), "{err}");
+        // An endless device is refused after reading just past the limit, not read forever.
+        if Path::new("/dev/zero").exists() {
+            let err = section("/dev/zero").to_config(&dir).unwrap_err();
+            assert!(err.contains("is larger than 64 KiB"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

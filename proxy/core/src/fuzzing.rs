@@ -69,19 +69,24 @@ pub fn gossip_packet(data: &[u8]) {
         Keyring::from_base64(&["c2x1aWNlLWZ1enota2V5LTMyLWJ5dGVzLWxvbmchISE="])
             .expect("a valid fixed key")
     });
-    let _ = wire::open(ring, "fuzz", data);
+    let _ = wire::open(ring, "fuzz", data, |_| true);
     let _ = wire::decode_plain(data);
-    // What is sealed opens to the same message.
+    // What is sealed opens to the same message, stamp included.
     if let Some((&kind, body)) = data.split_first() {
         let kind = match kind % 3 {
             0 => wire::Kind::Foca,
             1 => wire::Kind::PushPull,
             _ => wire::Kind::PushPullReply,
         };
-        let sealed = wire::seal(ring, "fuzz", kind, body, kind != wire::Kind::Foca);
-        let (k, b) = wire::open(ring, "fuzz", &sealed).expect("own seal opens");
+        let stamp = wire::Stamp {
+            session: body.len() as u64,
+            counter: u64::from(kind as u8),
+            sent_at_s: 1_800_000_000,
+        };
+        let sealed = wire::seal(ring, "fuzz", kind, stamp, body, kind != wire::Kind::Foca);
+        let m = wire::open(ring, "fuzz", &sealed, |s| *s == stamp).expect("own seal opens");
         assert!(
-            k == kind && b == body,
+            m.kind == kind && m.body == body && m.stamp == stamp,
             "seal/open round trip changed the message"
         );
     }

@@ -188,6 +188,7 @@ pub fn sync_pools(
     let members = handle.members_snapshot();
     let now = crate::clock::now_ms();
     publish_tuning(runtime, handle);
+    publish_transport(runtime, handle);
     let before = guard.frozen();
     let frozen = guard.update(&members, now);
     match (before, frozen) {
@@ -256,6 +257,33 @@ fn publish_tuning(runtime: &Runtime, handle: &ClusterHandle) {
         .set(ms(t.push_pull_interval));
     g.with_label_values(&["local_health"])
         .set(i64::from(t.local_health));
+}
+
+// Brings the transport counters up to the member's: the metric is only ever increased, by
+// what the member counted since the last publication.
+fn publish_transport(runtime: &Runtime, handle: &ClusterHandle) {
+    let st = handle.stats();
+    let m = &runtime.metrics;
+    let catch_up = |c: prometheus::IntCounter, total: u64| {
+        let delta = total.saturating_sub(c.get());
+        if delta > 0 {
+            c.inc_by(delta);
+        }
+    };
+    for (event, total) in st.events() {
+        catch_up(m.cluster_transport.with_label_values(&[event]), total);
+    }
+    catch_up(
+        m.cluster_transport_bytes.with_label_values(&["sent"]),
+        st.bytes_sent,
+    );
+    catch_up(
+        m.cluster_transport_bytes.with_label_values(&["received"]),
+        st.bytes_received,
+    );
+    m.cluster_tcp_buffer
+        .with_label_values::<&str>(&[])
+        .set(st.tcp_buffer_bytes as i64);
 }
 
 /// Keeps pools in step with the cluster until the process ends.
@@ -330,12 +358,8 @@ pub fn cluster_json(runtime: &Runtime, handle: &ClusterHandle) -> serde_json::Va
             "reason": status.last_known_good,
             "held_suspects": status.held_suspects,
         },
-        "transport": {
-            "udp_sent": st.udp_sent, "udp_received": st.udp_received, "tcp_sent": st.tcp_sent, "tcp_received": st.tcp_received,
-            "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
-            "rejected_decrypt": st.rejected_decrypt, "malformed": st.malformed,
-            "inbound_dropped": st.inbound_dropped,
-        },
+        // Every counter of sluice_gossip::Stats, by its field name.
+        "transport": st,
         "keys": handle.keys().len(),
     })
 }
@@ -407,6 +431,53 @@ mod tests {
     use super::*;
     use crate::cluster::{MemberInfo, Service};
     use std::net::SocketAddr;
+
+    #[tokio::test]
+    async fn transport_counters_are_exported_once_as_metrics_and_json() {
+        let text = "[server]\nlisten = [\"127.0.0.1:1\"]\n[[pool]]\nname = \"web\"\nbackends = [\"127.0.0.1:9001\"]\n[[route]]\npool = \"web\"\n";
+        let cfg = crate::config::Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
+        let rt = Runtime::new(
+            cfg,
+            None,
+            crate::plugin::PluginEngine::new().unwrap(),
+            crate::metrics::Metrics::new(),
+        )
+        .unwrap();
+        let mut c = crate::cluster::ClusterConfig::new(
+            "m",
+            "127.0.0.1:0".parse().unwrap(),
+            crate::cluster::generate_key(),
+        );
+        c.profile = crate::cluster::Profile::Local;
+        let h = crate::cluster::Cluster::start(c, NodeMeta::new("p", Role::Proxy))
+            .await
+            .unwrap();
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        udp.send_to(&[0u8; 2000], h.gossip_addr()).await.unwrap();
+        for _ in 0..500 {
+            if h.stats().udp_oversized == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(h.stats().udp_oversized, 1);
+        // Published twice: counted once.
+        publish_transport(&rt, &h);
+        publish_transport(&rt, &h);
+        let metrics = String::from_utf8(rt.metrics.render()).unwrap();
+        for line in [
+            "sluice_cluster_transport_total{event=\"udp_oversized\"} 1",
+            "sluice_cluster_transport_total{event=\"rejected_replay\"} 0",
+            // (a datagram is counted up to one byte over the payload size: what recv saw)
+            "sluice_cluster_transport_bytes_total{direction=\"received\"} 1401",
+            "sluice_cluster_tcp_buffer_bytes 0",
+        ] {
+            assert!(metrics.contains(line), "{line} in\n{metrics}");
+        }
+        let json = cluster_json(&rt, &h);
+        assert_eq!(json["transport"]["udp_oversized"], 1);
+        assert_eq!(json["transport"]["probe_fallbacks"], 0);
+    }
 
     fn member(
         name: &str,

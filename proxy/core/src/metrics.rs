@@ -84,6 +84,13 @@ pub struct Metrics {
     /// `sluice_cluster_refused_announcements_total{pool}`: services cluster members announced
     /// into the pool that `[[cluster.allow]]` refused, each counted once.
     pub cluster_refused: IntCounterVec,
+    /// `sluice_cluster_transport_total{event}`: the gossip transport's counters
+    /// (`sluice_gossip::Stats::events`): datagrams and frames, refusals, fallback probes.
+    pub cluster_transport: IntCounterVec,
+    /// `sluice_cluster_transport_bytes_total{direction}`: gossip bytes `sent` and `received`.
+    pub cluster_transport_bytes: IntCounterVec,
+    /// `sluice_cluster_tcp_buffer_bytes`: bytes gossip TCP frame buffers hold now.
+    pub cluster_tcp_buffer: IntGaugeVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,
     /// Request-path histograms per backend (`{pool,backend}`); series exist only when
@@ -319,6 +326,21 @@ impl Metrics {
                 "sluice_cluster_refused_announcements_total",
                 "Services cluster members announced into the pool that [[cluster.allow]] refused, each counted once.",
                 &["pool"],
+            ),
+            cluster_transport: counter(
+                "sluice_cluster_transport_total",
+                "Gossip transport events since this member started, by event: udp_sent, udp_received, tcp_sent, tcp_received, rejected_decrypt, rejected_replay, malformed, inbound_dropped, udp_oversized, tcp_refused, tcp_timeouts, tcp_frames_refused, outbound_skipped, probe_fallbacks, probe_fallback_acks.",
+                &["event"],
+            ),
+            cluster_transport_bytes: counter(
+                "sluice_cluster_transport_bytes_total",
+                "Gossip bytes sent and received over UDP and TCP (sealed, with frame headers), by direction.",
+                &["direction"],
+            ),
+            cluster_tcp_buffer: gauge(
+                "sluice_cluster_tcp_buffer_bytes",
+                "Bytes gossip TCP frame buffers hold now (bounded by the inbound buffer budget).",
+                &[],
             ),
             limit_rejections: counter(
                 "sluice_limit_rejections_total",

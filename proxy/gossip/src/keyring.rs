@@ -1,23 +1,37 @@
 //! The cluster keyring: AES-256-GCM keys that seal every gossip packet and stream frame.
 //!
-//! The first key (the *primary*) encrypts; every installed key is tried when decrypting. That
-//! order is what makes a rolling key change possible without a partition: install the new key
-//! everywhere, then make it primary everywhere, then remove the old one everywhere.
+//! The first key (the *primary*) encrypts; every installed key can decrypt. That order is what
+//! makes a rolling key change possible without a partition: install the new key everywhere,
+//! then make it primary everywhere, then remove the old one everywhere.
 //!
-//! A sealed message is `nonce (12 bytes) || ciphertext || tag (16 bytes)`. The nonce is random
-//! per message: with 96 random bits the birthday bound is ~2^48 messages per key, far beyond
-//! what a gossip cluster sends before its operators rotate keys. The cluster name is the
-//! associated data, so a packet from another cluster that happens to share a key is rejected
-//! just like a forged one.
+//! A sealed message is `key id (1 byte) || nonce (12 bytes) || ciphertext || tag (16 bytes)`.
+//!
+//! **Key id.** The first byte of SHA-256(`"sluice gossip key id"` || key) names the key that
+//! sealed the message, so a receiver tries only the installed keys with that id — normally
+//! one, a few on a 1-in-256 collision — instead of trial-decrypting with every key. A message
+//! whose id matches no installed key costs no decryption at all. One byte of a hash says
+//! nothing useful about the key.
+//!
+//! **Nonces.** The nonce is 96 random bits per message. GCM's security needs a nonce never to
+//! repeat under one key; with random nonces NIST SP 800-38D caps a key at 2^32 messages, which
+//! keeps the chance of any repeat below 2^-32. A node sends tens to a few hundred messages a
+//! second, so a cluster of 100 nodes at 100 messages/s each reaches 2^32 messages in about 5
+//! days: rotate the key (install, use, remove; see `docs/security.md`) well before that —
+//! monthly for small clusters, weekly for large or busy ones.
+//!
+//! The cluster name is the associated data, so a packet from another cluster that happens to
+//! share a key is rejected just like a forged one.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
+use sha2::{Digest, Sha256};
 
 /// Length of a key in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
-/// Bytes a sealed message adds to its plaintext: the nonce and the GCM tag.
-pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+/// Bytes a sealed message adds to its plaintext: the key id, the nonce and the GCM tag.
+pub const SEAL_OVERHEAD: usize = KEY_ID_LEN + NONCE_LEN + TAG_LEN;
+const KEY_ID_LEN: usize = 1;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 
@@ -45,7 +59,22 @@ pub enum KeyError {
 pub struct Keyring {
     // Cipher instances are built once per key: the AES key schedule is not free and is needed
     // for every packet.
-    keys: Vec<([u8; KEY_LEN], Aes256Gcm)>,
+    keys: Vec<InstalledKey>,
+}
+
+#[derive(Clone)]
+struct InstalledKey {
+    key: [u8; KEY_LEN],
+    id: u8,
+    cipher: Aes256Gcm,
+}
+
+/// The key id of `key`: the byte a sealed message starts with (see the module docs).
+pub fn key_id(key: &[u8; KEY_LEN]) -> u8 {
+    let mut h = Sha256::new();
+    h.update(b"sluice gossip key id");
+    h.update(key);
+    h.finalize()[0]
 }
 
 impl std::fmt::Debug for Keyring {
@@ -101,7 +130,7 @@ impl Keyring {
     pub fn keys_base64(&self) -> Vec<String> {
         self.keys
             .iter()
-            .map(|(k, _)| base64::engine::general_purpose::STANDARD.encode(k))
+            .map(|k| base64::engine::general_purpose::STANDARD.encode(k.key))
             .collect()
     }
 
@@ -112,9 +141,12 @@ impl Keyring {
     }
 
     fn install_raw(&mut self, key: [u8; KEY_LEN]) {
-        if !self.keys.iter().any(|(k, _)| *k == key) {
-            let cipher = Aes256Gcm::new(&key.into());
-            self.keys.push((key, cipher));
+        if !self.keys.iter().any(|k| k.key == key) {
+            self.keys.push(InstalledKey {
+                key,
+                id: key_id(&key),
+                cipher: Aes256Gcm::new(&key.into()),
+            });
         }
     }
 
@@ -124,7 +156,7 @@ impl Keyring {
         let pos = self
             .keys
             .iter()
-            .position(|(k, _)| *k == key)
+            .position(|k| k.key == key)
             .ok_or(KeyError::NotInstalled)?;
         let entry = self.keys.remove(pos);
         self.keys.insert(0, entry);
@@ -137,7 +169,7 @@ impl Keyring {
         let pos = self
             .keys
             .iter()
-            .position(|(k, _)| *k == key)
+            .position(|k| k.key == key)
             .ok_or(KeyError::NotInstalled)?;
         if pos == 0 {
             return Err(KeyError::RemovePrimary);
@@ -146,31 +178,42 @@ impl Keyring {
         Ok(())
     }
 
-    /// Encrypts `plain` with the primary key and `aad` as associated data.
+    /// Encrypts `plain` with the primary key and `aad` as associated data, prefixed with the
+    /// key's id.
     pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
-        let cipher = &self.keys[0].1;
-        let sealed = cipher
+        let primary = &self.keys[0];
+        let sealed = primary
+            .cipher
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
             // aes-gcm only fails for plaintexts beyond 64 GiB, which nothing here produces.
             .expect("AES-GCM encryption of a bounded message");
-        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
+        out.push(primary.id);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         out
     }
 
-    /// Decrypts a sealed message with any installed key. `None` when no key authenticates it
-    /// (wrong key, wrong cluster name, truncated or tampered): the caller drops it unparsed.
+    /// Decrypts a sealed message with the installed keys whose id it names. `None` when none
+    /// authenticates it (unknown key id, wrong key, wrong cluster name, truncated or tampered):
+    /// the caller drops it unparsed.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
         if sealed.len() < SEAL_OVERHEAD {
             return None;
         }
-        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let (id, rest) = (sealed[0], &sealed[KEY_ID_LEN..]);
+        let (nonce, body) = rest.split_at(NONCE_LEN);
         let nonce = Nonce::from_slice(nonce);
         self.keys
             .iter()
-            .find_map(|(_, cipher)| cipher.decrypt(nonce, Payload { msg: body, aad }).ok())
+            .filter(|k| k.id == id)
+            .find_map(|k| k.cipher.decrypt(nonce, Payload { msg: body, aad }).ok())
+    }
+
+    /// How many installed keys a message sealed under key id `id` would be tried with.
+    pub fn candidates(&self, id: u8) -> usize {
+        self.keys.iter().filter(|k| k.id == id).count()
     }
 }
 
@@ -235,6 +278,27 @@ mod tests {
         let old_only = Keyring::from_base64(&[old]).unwrap();
         assert_eq!(a.open(&old_only.seal(b"3", b"c"), b"c"), None);
         assert_eq!(a.use_key(&generate_key()), Err(KeyError::NotInstalled));
+    }
+
+    #[test]
+    fn a_message_names_its_key_and_only_that_key_is_tried() {
+        let (k1, k2) = (generate_key(), generate_key());
+        let ring = Keyring::from_base64(&[k1.clone(), k2.clone()]).unwrap();
+        let sealed = ring.seal(b"x", b"c");
+        assert_eq!(sealed[0], key_id(&parse_key(&k1).unwrap()));
+        // A known id finds its key (collisions among installed keys are tried in turn).
+        assert!(ring.candidates(sealed[0]) >= 1);
+        // The id is authenticated in effect: naming another key makes the message fail.
+        let mut renamed = sealed.clone();
+        renamed[0] = key_id(&parse_key(&k2).unwrap());
+        if renamed[0] != sealed[0] {
+            assert_eq!(ring.open(&renamed, b"c"), None);
+        }
+        // An id no installed key has is refused without trying any key.
+        let unknown = (0..=255u8).find(|id| ring.candidates(*id) == 0).unwrap();
+        let mut stray = sealed;
+        stray[0] = unknown;
+        assert_eq!(ring.open(&stray, b"c"), None);
     }
 
     #[test]

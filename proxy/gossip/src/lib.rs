@@ -4,13 +4,16 @@
 //! Layers, bottom up:
 //! - [`keyring`]: AES-256-GCM keys; every packet and frame is sealed, the cluster name is the
 //!   associated data, and anything that does not authenticate is dropped unparsed.
-//! - [`wire`]: the plaintext header, optional deflate, TCP framing.
+//! - [`wire`]: the envelope — key id, plaintext header with the sender's [`wire::Stamp`],
+//!   optional deflate, TCP framing read as bytes arrive.
+//! - [`replay`]: the window that accepts each authenticated stamp once.
 //! - [`node`]: a sans-IO state machine around [foca](https://docs.rs/foca) (SWIM with indirect
 //!   probes and suspicion) plus metadata dissemination and push-pull anti-entropy. It takes
 //!   packets, timer events and "now", and returns packets to send and timers to set, so the same
 //!   code runs on real sockets and in the virtual-time simulator.
 //! - [`runtime`]: the tokio driver ([`Cluster::start`] → [`ClusterHandle`]) with the UDP and
-//!   TCP transports, seed retries and the membership snapshot the proxy reads.
+//!   TCP transports and their limits ([`TransportConfig`]), seed retries and the membership
+//!   snapshot the proxy reads.
 //! - [`blobs`]: content addressed by the caller's digest, kept by a member and fetched by
 //!   others over the same authenticated TCP transport (the proxy's plugin rollout).
 //! - [`routing`]: what a proxy does with what it sees — when a suspect member's services are
@@ -44,8 +47,10 @@
 pub mod blobs;
 pub mod clock;
 pub mod keyring;
+mod limits;
 pub mod message;
 pub mod node;
+pub mod replay;
 pub mod routing;
 pub mod runtime;
 pub mod sim;
@@ -245,6 +250,92 @@ pub struct ClusterConfig {
     /// node drops its metadata record, so the state each node holds is bounded by the members
     /// alive or gone within this time.
     pub forget_after: Duration,
+    /// Datagram size and connection limits.
+    pub transport: TransportConfig,
+}
+
+/// Sizes and limits of the transports. What an unauthenticated sender can make a node spend is
+/// bounded by these (see `docs/security.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Largest datagram sent, and received: longer ones are dropped before any decryption.
+    /// [`wire::MIN_UDP_PAYLOAD`]..=[`wire::MAX_UDP_PAYLOAD`], default
+    /// [`wire::DEFAULT_UDP_PAYLOAD`]. foca's packets are sized to fit it once sealed.
+    pub udp_payload_size: usize,
+    /// Inbound TCP connections served at once; more are closed on accept and counted.
+    pub tcp_max_connections: usize,
+    /// Inbound TCP connections served at once from one IP address.
+    pub tcp_max_connections_per_addr: usize,
+    /// Outbound stream exchanges (push-pulls, blob fetches, large packets, fallback probes) in
+    /// flight at once; more are skipped and counted (gossip retries on its own).
+    pub max_outbound_streams: usize,
+}
+
+/// [`TransportConfig::tcp_max_connections`] by default.
+pub const DEFAULT_TCP_MAX_CONNECTIONS: usize = 128;
+/// [`TransportConfig::tcp_max_connections_per_addr`] by default.
+pub const DEFAULT_TCP_MAX_CONNECTIONS_PER_ADDR: usize = 16;
+/// [`TransportConfig::max_outbound_streams`] by default.
+pub const DEFAULT_MAX_OUTBOUND_STREAMS: usize = 32;
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            udp_payload_size: wire::DEFAULT_UDP_PAYLOAD,
+            tcp_max_connections: DEFAULT_TCP_MAX_CONNECTIONS,
+            tcp_max_connections_per_addr: DEFAULT_TCP_MAX_CONNECTIONS_PER_ADDR,
+            max_outbound_streams: DEFAULT_MAX_OUTBOUND_STREAMS,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Checks the ranges; the error names the setting and what to write instead.
+    pub fn validate(&self) -> Result<(), String> {
+        let (min, max) = (wire::MIN_UDP_PAYLOAD, wire::MAX_UDP_PAYLOAD);
+        if !(min..=max).contains(&self.udp_payload_size) {
+            return Err(format!(
+                "udp_payload_size = {} is out of range; use {min} to {max} bytes (default {}; the path MTU minus 28 bytes of IPv4/UDP headers, e.g. 1392 under WireGuard)",
+                self.udp_payload_size,
+                wire::DEFAULT_UDP_PAYLOAD
+            ));
+        }
+        for (name, v, default) in [
+            (
+                "tcp_max_connections",
+                self.tcp_max_connections,
+                DEFAULT_TCP_MAX_CONNECTIONS,
+            ),
+            (
+                "tcp_max_connections_per_addr",
+                self.tcp_max_connections_per_addr,
+                DEFAULT_TCP_MAX_CONNECTIONS_PER_ADDR,
+            ),
+            (
+                "max_outbound_streams",
+                self.max_outbound_streams,
+                DEFAULT_MAX_OUTBOUND_STREAMS,
+            ),
+        ] {
+            if !(1..=65_536).contains(&v) {
+                return Err(format!(
+                    "{name} = {v} is out of range; use 1 to 65536 (default {default})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// foca's largest packet for datagrams of `udp_payload_size` bytes: what is left once the
+/// plaintext header and the seal are added, so every SWIM packet fits one datagram.
+pub fn foca_packet_size(udp_payload_size: usize) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(
+        udp_payload_size
+            .max(wire::MIN_UDP_PAYLOAD)
+            .saturating_sub(wire::HEADER_LEN + keyring::SEAL_OVERHEAD),
+    )
+    .expect("MIN_UDP_PAYLOAD is larger than the overhead")
 }
 
 impl ClusterConfig {
@@ -264,6 +355,7 @@ impl ClusterConfig {
             compression: false,
             expected_size: DEFAULT_EXPECTED_SIZE,
             forget_after: DEFAULT_FORGET_AFTER,
+            transport: TransportConfig::default(),
         }
     }
 }
@@ -326,11 +418,9 @@ pub fn profile_settings(profile: Profile, size: u32) -> (foca::Config, Duration)
     };
     cfg.max_transmissions = retransmissions(size);
     // foca's packets are sealed afterwards: leave room for the header and the seal so that
-    // every SWIM packet still fits one datagram.
-    cfg.max_packet_size = std::num::NonZeroUsize::new(
-        wire::MAX_UDP_PACKET - wire::HEADER_LEN - keyring::SEAL_OVERHEAD,
-    )
-    .expect("positive");
+    // every SWIM packet still fits one datagram (of the default size; the runtime applies
+    // the configured one).
+    cfg.max_packet_size = foca_packet_size(wire::DEFAULT_UDP_PAYLOAD);
     (cfg, push_pull * push_pull_scale(size))
 }
 
@@ -361,4 +451,50 @@ pub fn push_pull_scale(size: u32) -> u32 {
 /// max(1, log10(size)), as in foca and memberlist.
 pub fn suspicion_scale(size: u32) -> f64 {
     f64::from(size.max(1)).log10().max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_foca_packet_fills_the_datagram_size_exactly() {
+        for size in [
+            wire::MIN_UDP_PAYLOAD,
+            1392,
+            wire::DEFAULT_UDP_PAYLOAD,
+            wire::MAX_UDP_PAYLOAD,
+        ] {
+            let foca = foca_packet_size(size).get();
+            assert_eq!(foca + wire::HEADER_LEN + keyring::SEAL_OVERHEAD, size);
+            // Room for several metadata hints and votes (each under 64 bytes) next to foca's
+            // header and a few member updates.
+            assert!(foca >= 4 * 64 + 300, "{size}: {foca}");
+        }
+        let (cfg, _) = profile_settings(Profile::Lan, 32);
+        assert_eq!(
+            cfg.max_packet_size,
+            foca_packet_size(wire::DEFAULT_UDP_PAYLOAD)
+        );
+    }
+
+    #[test]
+    fn transport_settings_are_range_checked_with_the_fix_in_the_message() {
+        assert_eq!(TransportConfig::default().validate(), Ok(()));
+        let bad = |f: fn(&mut TransportConfig)| {
+            let mut t = TransportConfig::default();
+            f(&mut t);
+            t.validate().unwrap_err()
+        };
+        assert!(bad(|t| t.udp_payload_size = 1023).starts_with(
+            "udp_payload_size = 1023 is out of range; use 1024 to 9000 bytes (default 1400"
+        ));
+        assert!(bad(|t| t.udp_payload_size = 9001).contains("use 1024 to 9000"));
+        assert!(bad(|t| t.tcp_max_connections = 0)
+            .starts_with("tcp_max_connections = 0 is out of range; use 1 to 65536 (default 128)"));
+        assert!(bad(|t| t.tcp_max_connections_per_addr = 0)
+            .contains("tcp_max_connections_per_addr = 0 is out of range"));
+        assert!(bad(|t| t.max_outbound_streams = 100_000)
+            .contains("max_outbound_streams = 100000 is out of range"));
+    }
 }

@@ -41,8 +41,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use foca::{
-    BroadcastHandler, Foca, Identity, Invalidates, Member, Notification, PostcardCodec, State,
-    Timer,
+    BroadcastHandler, Codec, Foca, Header, Identity, Invalidates, Member, Message as FocaMessage,
+    Notification, PostcardCodec, State, Timer,
 };
 use rand_foca::rngs::SmallRng;
 use rand_foca::{RngExt, SeedableRng};
@@ -161,6 +161,21 @@ pub enum Output {
         to: SocketAddr,
         /// The request.
         body: Vec<u8>,
+    },
+    /// Our direct ping of `to` got no ack within the probe timeout (Lifeguard's TCP fallback
+    /// probe, as memberlist does it): open a stream to `to`, send `body` — the same foca ping —
+    /// as a [`Kind::Probe`], and feed the reply (a [`Kind::ProbeAck`] holding foca's ack) to
+    /// [`Node::handle_packet`] as if it had come by datagram. Give up after `within`: the probe
+    /// cycle is over by then and foca would ignore the ack. So datagram loss alone, which the
+    /// indirect probes share when it is the target's link that drops, does not make a member
+    /// suspect while its TCP still answers.
+    ProbeStream {
+        /// The probed member's gossip address.
+        to: SocketAddr,
+        /// foca's ping.
+        body: Vec<u8>,
+        /// How long the answer is still useful.
+        within: Duration,
     },
     /// Call [`Node::handle_timer`] with `timer` after `after`.
     Timer {
@@ -605,6 +620,21 @@ pub struct Node {
     // u64::MAX before the first).
     late_tick: u64,
     suspicions: HashMap<SuspicionKey, Suspicion>,
+    // The direct ping of the current probe cycle, for the TCP fallback.
+    probe: Option<DirectProbe>,
+}
+
+// The ping foca sent at the start of a probe cycle, and whether its ack has come back.
+struct DirectProbe {
+    target: NodeId,
+    number: foca::ProbeNumber,
+    ping: Vec<u8>,
+    acked: bool,
+}
+
+// The header of a foca packet (its updates and broadcasts are left unread).
+fn foca_header(body: &[u8]) -> Option<Header<NodeId>> {
+    PostcardCodec.decode_header(body).ok()
 }
 
 impl std::fmt::Debug for Node {
@@ -693,6 +723,7 @@ impl Node {
             probe_tick: 0,
             late_tick: u64::MAX,
             suspicions: HashMap::new(),
+            probe: None,
         };
         if node.next_version {
             tracing::warn!(
@@ -926,7 +957,7 @@ impl Node {
         let tick = self.probe_tick;
         let mut store = lock(&self.store);
         store.tick = tick;
-        if tick % 16 == 0 {
+        if tick.is_multiple_of(16) {
             let running = &self.suspicions;
             store
                 .votes
@@ -970,10 +1001,97 @@ impl Node {
             // and foca would rejoin it under a renewed identity.
             return;
         }
+        self.note_ack(body);
         if self.foca.handle_data(body, &mut self.outbox).is_err() {
             self.errors.foca += 1;
         }
         self.after_call();
+    }
+
+    // Whether `body` answers the direct ping of the current probe cycle (then no fallback is
+    // needed). Only packets arriving while that ping is unanswered are looked at.
+    fn note_ack(&mut self, body: &[u8]) {
+        let Some(p) = self.probe.as_mut().filter(|p| !p.acked) else {
+            return;
+        };
+        if let Some(h) = foca_header(body) {
+            p.acked = h.src == p.target && h.message == FocaMessage::Ack(p.number);
+        }
+    }
+
+    // After foca started a probe cycle (between `from` and the end of the outputs): remember
+    // the ping it sent, for the fallback.
+    fn remember_ping(&mut self, from: usize) {
+        self.probe = None;
+        let outputs = &self.outbox.outputs[from..];
+        let Some(target) = outputs.iter().find_map(|o| match o {
+            Output::Timer {
+                timer: NodeTimer::Foca(Timer::SendIndirectProbe { probed_id, .. }),
+                ..
+            } => Some(probed_id.clone()),
+            _ => None,
+        }) else {
+            return;
+        };
+        self.probe = outputs.iter().find_map(|o| match o {
+            Output::Packet { to, body } if *to == target.addr => match foca_header(body) {
+                Some(Header {
+                    message: FocaMessage::Ping(number),
+                    ..
+                }) => Some(DirectProbe {
+                    target: target.clone(),
+                    number,
+                    ping: body.clone(),
+                    acked: false,
+                }),
+                _ => None,
+            },
+            _ => None,
+        });
+    }
+
+    // foca moved the probe of `target` to its indirect stage: unless the ping was answered,
+    // also send it over a stream.
+    fn fallback_probe(&mut self, target: &NodeId) {
+        let Some(p) = self
+            .probe
+            .as_ref()
+            .filter(|p| !p.acked && p.target == *target)
+        else {
+            return;
+        };
+        if !self.foca.iter_members().any(|m| m.id() == target) {
+            return;
+        }
+        let m = self.outbox.probe_multiplier;
+        let within = (self.config.probe_period * m).saturating_sub(self.config.probe_rtt * m);
+        self.outbox.outputs.push(Output::ProbeStream {
+            to: target.addr,
+            body: p.ping.clone(),
+            within,
+        });
+    }
+
+    // A ping that came over a stream ([`Output::ProbeStream`]): foca's ack to it, taken out
+    // of the outputs to travel back on the same stream. Anything but a ping is refused.
+    fn answer_probe(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        let header = foca_header(body)?;
+        if !matches!(header.message, FocaMessage::Ping(_)) {
+            self.errors.foca += 1;
+            return None;
+        }
+        let from = self.outbox.outputs.len();
+        if self.foca.handle_data(body, &mut self.outbox).is_err() {
+            self.errors.foca += 1;
+            return None;
+        }
+        let at = self.outbox.outputs[from..]
+            .iter()
+            .position(|o| matches!(o, Output::Packet { to, .. } if *to == header.src.addr))?;
+        match self.outbox.outputs.remove(from + at) {
+            Output::Packet { body, .. } => Some(body),
+            _ => None,
+        }
     }
 
     /// Hands back a timer requested through [`Output::Timer`].
@@ -984,11 +1102,20 @@ impl Node {
         match timer {
             NodeTimer::Foca(t) => {
                 let probe = matches!(t, Timer::ProbeRandomMember(_));
+                let indirect = match &t {
+                    Timer::SendIndirectProbe { probed_id, .. } => Some(probed_id.clone()),
+                    _ => None,
+                };
                 let failed_before = self.outbox.probe_failed.len();
+                let outputs_before = self.outbox.outputs.len();
                 if self.foca.handle_timer(t, &mut self.outbox).is_err() {
                     self.errors.foca += 1;
                 }
+                if let Some(target) = indirect {
+                    self.fallback_probe(&target);
+                }
                 if probe {
+                    self.remember_ping(outputs_before);
                     // A new probe cycle: the previous probe either failed (foca reported it) or
                     // was answered. Lifeguard: failures raise the local-health score, answers
                     // lower it.
@@ -1001,7 +1128,7 @@ impl Node {
                     });
                     self.retune();
                     self.expire_votes();
-                    if self.probe_tick % 8 == 0 {
+                    if self.probe_tick.is_multiple_of(8) {
                         self.prune();
                     }
                 }
@@ -1048,7 +1175,8 @@ impl Node {
     }
 
     /// Feeds a decrypted stream message. A request ([`Kind::PushPull`]) returns the body of
-    /// the reply ([`Kind::PushPullReply`]) to write back on the same stream.
+    /// the reply ([`Kind::PushPullReply`]) to write back on the same stream; a [`Kind::Probe`]
+    /// returns foca's ack to it ([`Kind::ProbeAck`]).
     pub fn handle_stream(&mut self, kind: Kind, body: &[u8]) -> Option<Vec<u8>> {
         if self.left {
             return None;
@@ -1076,8 +1204,11 @@ impl Node {
                 }
                 None
             }
+            Kind::Probe => self.answer_probe(body),
             // Served by the driver from its blob store; never the node's business.
             Kind::BlobGet | Kind::Blob => None,
+            // The driver feeds an ack to handle_packet; it is no request.
+            Kind::ProbeAck => None,
         };
         self.after_call();
         reply
@@ -1697,6 +1828,12 @@ mod tests {
                     }
                     moved = true;
                 }
+                Output::ProbeStream { body, .. } => {
+                    if let Some(ack) = to.handle_stream(Kind::Probe, &body) {
+                        from.handle_packet(&ack);
+                    }
+                    moved = true;
+                }
                 Output::Timer { .. } => {}
             }
         }
@@ -1712,6 +1849,91 @@ mod tests {
                 return;
             }
         }
+    }
+
+    // Starts a probe cycle of `a`: its outputs (the ping, the indirect-stage timer, ...).
+    fn probe_cycle(a: &mut Node) -> Vec<Output> {
+        // Token 0: the node never changed identity here.
+        a.handle_timer(NodeTimer::Foca(Timer::ProbeRandomMember(0)));
+        a.take_outputs()
+    }
+
+    fn ping_and_indirect_timer(outputs: &[Output], to: SocketAddr) -> (Vec<u8>, NodeTimer) {
+        let ping = outputs.iter().find_map(|o| match o {
+            Output::Packet { to: t, body } if *t == to => Some(body.clone()),
+            _ => None,
+        });
+        let timer = outputs.iter().find_map(|o| match o {
+            Output::Timer {
+                timer: t @ NodeTimer::Foca(Timer::SendIndirectProbe { .. }),
+                ..
+            } => Some(t.clone()),
+            _ => None,
+        });
+        (
+            ping.expect("a ping"),
+            timer.expect("an indirect-stage timer"),
+        )
+    }
+
+    fn probe_stream(outputs: &[Output]) -> Option<(SocketAddr, Vec<u8>)> {
+        outputs.iter().find_map(|o| match o {
+            Output::ProbeStream { to, body, within } => {
+                assert!(!within.is_zero());
+                Some((*to, body.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_ping_lost_over_udp_is_sent_over_a_stream_whose_ack_keeps_the_member_alive() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let b_addr = b.id().addr;
+        a.take_events();
+
+        // The ping is lost; at the indirect stage the same ping goes over a stream, and the
+        // ack that comes back answers the probe.
+        let (ping, indirect) = ping_and_indirect_timer(&probe_cycle(&mut a), b_addr);
+        a.handle_timer(indirect);
+        let (to, body) = probe_stream(&a.take_outputs()).expect("a fallback probe");
+        assert_eq!((to, &body), (b_addr, &ping));
+        let ack = b.handle_stream(Kind::Probe, &body).expect("b acks a ping");
+        assert!(
+            b.take_outputs()
+                .iter()
+                .all(|o| !matches!(o, Output::Packet { to, .. } if *to == a.id().addr)),
+            "the ack travels on the stream, not also as a datagram"
+        );
+        a.handle_packet(&ack);
+        // The next cycle finds the probe answered. This time its ping is answered over UDP,
+        // so no stream is needed.
+        let (ping, indirect) = ping_and_indirect_timer(&probe_cycle(&mut a), b_addr);
+        assert!(!a.take_events().contains(&Event::Suspected(b_addr)));
+        b.handle_packet(&ping);
+        for o in b.take_outputs() {
+            if let Output::Packet { to, body } = o {
+                if to == a.id().addr {
+                    a.handle_packet(&body);
+                }
+            }
+        }
+        a.handle_timer(indirect);
+        assert_eq!(probe_stream(&a.take_outputs()), None);
+
+        // Control: a ping lost and its stream failing too makes the member suspect.
+        let (_, indirect) = ping_and_indirect_timer(&probe_cycle(&mut a), b_addr);
+        assert!(!a.take_events().contains(&Event::Suspected(b_addr)));
+        a.handle_timer(indirect);
+        assert!(probe_stream(&a.take_outputs()).is_some());
+        probe_cycle(&mut a);
+        assert!(a.take_events().contains(&Event::Suspected(b_addr)));
+
+        // Over a stream, only pings are answered.
+        assert_eq!(b.handle_stream(Kind::Probe, &ack), None);
+        assert_eq!(b.handle_stream(Kind::Probe, b"junk"), None);
     }
 
     #[test]

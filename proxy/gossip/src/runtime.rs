@@ -6,6 +6,17 @@
 //! driver. After every batch of inputs the driver refreshes the member view and, when it
 //! changed, publishes a new snapshot and bumps the `changes()` counter — that is how a member
 //! turning Suspect reaches the proxy within the same event-loop turn foca decided it.
+//!
+//! # What an unauthenticated sender can cost
+//! - A datagram: one `recv` and, if it is no longer than the UDP payload size and names an
+//!   installed key id, one AES-GCM decryption of at most that size (no key id match: none).
+//! - A TCP connection: a slot among [`TransportConfig::tcp_max_connections`] (and
+//!   [`TransportConfig::tcp_max_connections_per_addr`] for its IP) for at most
+//!   [`HEADER_TIMEOUT`] unless it sends a length prefix, then for at most the stream timeout;
+//!   the frame's buffer grows only as bytes arrive and all inbound frames together hold at most
+//!   [`INBOUND_BUFFER_BUDGET`] bytes. Refusals are counted in [`Stats`].
+//! - A replayed authenticated message: one decryption, then the [`crate::replay`] window
+//!   refuses it.
 
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
@@ -15,19 +26,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
 use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
+use super::limits::{BufferGrant, InboundSlot, InboundSlots};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
-use super::wire::{self, Kind, OpenError};
-use super::{profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile, Tuning};
+use super::replay::{Refusal, ReplayGuard};
+use super::wire::{self, Kind, Message, OpenError, Stamp};
+use super::{
+    foca_packet_size, profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile,
+    TransportConfig, Tuning,
+};
 use crate::clock::now_ms;
 
 // One stream exchange (connect, write, read) must finish within this.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+pub use super::limits::{HEADER_TIMEOUT, INBOUND_BUFFER_BUDGET};
 
 /// Transport counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -50,6 +67,53 @@ pub struct Stats {
     pub malformed: u64,
     /// Authenticated datagrams dropped because the member's task did not keep up.
     pub inbound_dropped: u64,
+    /// Datagrams longer than the UDP payload size, dropped before any decryption.
+    pub udp_oversized: u64,
+    /// Authenticated messages refused by the replay window: seen before, older than the
+    /// window, or sent further than the allowed clock skew from now.
+    pub rejected_replay: u64,
+    /// Inbound TCP connections closed on accept: too many open in all or from that address.
+    pub tcp_refused: u64,
+    /// Inbound TCP connections closed because their frame did not arrive in time: no length
+    /// prefix within [`HEADER_TIMEOUT`], or not the whole frame within the stream timeout.
+    pub tcp_timeouts: u64,
+    /// TCP frames refused unparsed: a declared length above the frame limit, or more buffer
+    /// than the inbound budget had left.
+    pub tcp_frames_refused: u64,
+    /// Outbound stream exchanges not started because the outbound limit was reached.
+    pub outbound_skipped: u64,
+    /// Fallback probes sent over TCP because a direct ping got no ack in time.
+    pub probe_fallbacks: u64,
+    /// Of those, answered by an ack over TCP: probes that UDP alone would have failed. Many
+    /// of them mean datagrams are being lost (a firewall dropping UDP, an MTU problem).
+    pub probe_fallback_acks: u64,
+    /// Bytes TCP frame buffers hold now (rounded up to KiB per frame); at most
+    /// [`INBOUND_BUFFER_BUDGET`]. A gauge, not a counter.
+    pub tcp_buffer_bytes: u64,
+}
+
+impl Stats {
+    /// Every counter but the byte counts, by name (the field names): what the proxy exports
+    /// as `sluice_cluster_transport_total{event}`.
+    pub fn events(&self) -> [(&'static str, u64); 15] {
+        [
+            ("udp_sent", self.udp_sent),
+            ("udp_received", self.udp_received),
+            ("tcp_sent", self.tcp_sent),
+            ("tcp_received", self.tcp_received),
+            ("rejected_decrypt", self.rejected_decrypt),
+            ("rejected_replay", self.rejected_replay),
+            ("malformed", self.malformed),
+            ("inbound_dropped", self.inbound_dropped),
+            ("udp_oversized", self.udp_oversized),
+            ("tcp_refused", self.tcp_refused),
+            ("tcp_timeouts", self.tcp_timeouts),
+            ("tcp_frames_refused", self.tcp_frames_refused),
+            ("outbound_skipped", self.outbound_skipped),
+            ("probe_fallbacks", self.probe_fallbacks),
+            ("probe_fallback_acks", self.probe_fallback_acks),
+        ]
+    }
 }
 
 #[derive(Default)]
@@ -63,6 +127,14 @@ struct Counters {
     rejected_decrypt: AtomicU64,
     malformed: AtomicU64,
     inbound_dropped: AtomicU64,
+    udp_oversized: AtomicU64,
+    rejected_replay: AtomicU64,
+    tcp_refused: AtomicU64,
+    tcp_timeouts: AtomicU64,
+    tcp_frames_refused: AtomicU64,
+    outbound_skipped: AtomicU64,
+    probe_fallbacks: AtomicU64,
+    probe_fallback_acks: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -81,22 +153,58 @@ struct Shared {
     counters: Counters,
     gossip_addr: SocketAddr,
     blobs: BlobStore,
+    transport: TransportConfig,
+    // Our stamp: a random session per start and a counter per sealed message.
+    session: u64,
+    sealed: AtomicU64,
+    replay: Mutex<ReplayGuard>,
+    inbound: Arc<InboundSlots>,
+    // Bytes of TCP frame buffers, in KiB: see INBOUND_BUFFER_BUDGET.
+    buffers: Arc<Semaphore>,
+    outbound: Arc<Semaphore>,
+}
+
+fn wall_clock_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Shared {
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            session: self.session,
+            counter: self.sealed.fetch_add(1, Ordering::Relaxed) + 1,
+            sent_at_s: wall_clock_s() as u32,
+        }
+    }
+
     fn seal(&self, kind: Kind, body: &[u8]) -> Vec<u8> {
         wire::seal(
             &self.keyring.load(),
             &self.cluster_name,
             kind,
+            self.stamp(),
             body,
             self.compression,
         )
     }
 
     // Opens a received message, counting what is dropped.
-    fn open(&self, sealed: &[u8]) -> Option<(Kind, Vec<u8>)> {
-        match wire::open(&self.keyring.load(), &self.cluster_name, sealed) {
+    fn open(&self, sealed: &[u8]) -> Option<Message> {
+        let fresh = |stamp: &Stamp| {
+            let mut guard = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.accept(stamp, wall_clock_s()) {
+                Ok(()) => true,
+                Err(why) => {
+                    if why == Refusal::Skew {
+                        tracing::debug!(sent_at_s = stamp.sent_at_s, "gossip message outside the clock skew; are the members' clocks synchronised?");
+                    }
+                    false
+                }
+            }
+        };
+        match wire::open(&self.keyring.load(), &self.cluster_name, sealed, fresh) {
             Ok(m) => Some(m),
             Err(OpenError::Decrypt) => {
                 add(&self.counters.rejected_decrypt, 1);
@@ -104,6 +212,51 @@ impl Shared {
             }
             Err(OpenError::Wire(_)) => {
                 add(&self.counters.malformed, 1);
+                None
+            }
+            Err(OpenError::Replay) => {
+                add(&self.counters.rejected_replay, 1);
+                None
+            }
+        }
+    }
+
+    // A place for an outbound exchange, or None (counted) when all are taken.
+    fn outbound_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.outbound.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            add(&self.counters.outbound_skipped, 1);
+        }
+        slot
+    }
+
+    // Reads one frame within the buffer budget: the frame and the share it holds, or None
+    // (a refused length or budget is counted; I/O errors are the caller's timeout or the
+    // peer's business).
+    async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        len: usize,
+    ) -> Option<(Vec<u8>, BufferGrant)> {
+        let mut grant = BufferGrant::default();
+        match wire::read_frame_body(r, len, |cap| grant.grow(&self.buffers, cap)).await {
+            Ok(frame) => Some((frame, grant)),
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::OutOfMemory {
+                    add(&self.counters.tcp_frames_refused, 1);
+                }
+                None
+            }
+        }
+    }
+
+    async fn read_frame_len<R: tokio::io::AsyncRead + Unpin>(&self, r: &mut R) -> Option<usize> {
+        match wire::read_frame_len(r, wire::MAX_FRAME).await {
+            Ok(len) => Some(len),
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    add(&self.counters.tcp_frames_refused, 1);
+                }
                 None
             }
         }
@@ -120,28 +273,34 @@ impl Shared {
         Ok(())
     }
 
-    // One sealed request and its sealed reply over a fresh TCP connection, counted; `None` on
-    // any failure (unreachable, timeout, closed early).
-    async fn round_trip(&self, to: SocketAddr, sealed: &[u8]) -> Option<Vec<u8>> {
+    // One sealed request and its opened reply over a fresh TCP connection, counted, within
+    // `limit`; `None` on any failure (unreachable, timeout, closed early, refused reply).
+    async fn round_trip(&self, to: SocketAddr, sealed: &[u8], limit: Duration) -> Option<Message> {
         let run = async {
             let mut stream = TcpStream::connect(to).await.ok()?;
             wire::write_frame(&mut stream, sealed).await.ok()?;
             add(&self.counters.tcp_sent, 1);
             add(&self.counters.bytes_sent, sealed.len() + 4);
-            let reply = wire::read_frame(&mut stream).await.ok()?;
+            let len = self.read_frame_len(&mut stream).await?;
+            let (reply, _grant) = self.read_frame(&mut stream, len).await?;
             add(&self.counters.tcp_received, 1);
             add(&self.counters.bytes_received, reply.len() + 4);
-            Some(reply)
+            self.open(&reply)
         };
-        timeout(STREAM_TIMEOUT, run).await.ok().flatten()
+        timeout(limit, run).await.ok().flatten()
     }
 
-    // One push-pull exchange over TCP; `None` on any failure (unreachable, timeout, bad reply).
+    // One push-pull exchange over TCP; `None` on any failure (no outbound slot, unreachable,
+    // timeout, bad reply).
     async fn exchange(&self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
+        let _slot = self.outbound_slot()?;
         let sealed = self.seal(Kind::PushPull, body);
-        let reply = self.round_trip(to, &sealed).await?;
-        match self.open(&reply)? {
-            (Kind::PushPullReply, body) => Some(body),
+        match self.round_trip(to, &sealed, STREAM_TIMEOUT).await? {
+            Message {
+                kind: Kind::PushPullReply,
+                body,
+                ..
+            } => Some(body),
             _ => {
                 add(&self.counters.malformed, 1);
                 None
@@ -149,15 +308,25 @@ impl Shared {
         }
     }
 
-    // Asks `from` for a blob (see the blobs module for the exchange).
+    // Asks `from` for a blob (see the blobs module for the exchange). Unlike gossip, a fetch
+    // waits (within the stream timeout) for an outbound slot.
     async fn fetch_blob(&self, from: SocketAddr, key: &BlobKey) -> Result<Vec<u8>, BlobError> {
+        let _slot = timeout(STREAM_TIMEOUT, self.outbound.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(BlobError::Unreachable(from))?;
         let sealed = self.seal(Kind::BlobGet, key);
         let reply = self
-            .round_trip(from, &sealed)
+            .round_trip(from, &sealed, STREAM_TIMEOUT)
             .await
             .ok_or(BlobError::Unreachable(from))?;
-        let parsed = match self.open(&reply) {
-            Some((Kind::Blob, body)) => blobs::parse_reply(&body),
+        let parsed = match reply {
+            Message {
+                kind: Kind::Blob,
+                body,
+                ..
+            } => blobs::parse_reply(&body),
             _ => None,
         };
         match parsed {
@@ -170,8 +339,32 @@ impl Shared {
         }
     }
 
+    // Sends foca's ping over TCP and returns the ack it gets back within `within`.
+    async fn probe(&self, to: SocketAddr, ping: &[u8], within: Duration) -> Option<Vec<u8>> {
+        let _slot = self.outbound_slot()?;
+        add(&self.counters.probe_fallbacks, 1);
+        let sealed = self.seal(Kind::Probe, ping);
+        match self.round_trip(to, &sealed, within).await? {
+            Message {
+                kind: Kind::ProbeAck,
+                body,
+                ..
+            } => {
+                add(&self.counters.probe_fallback_acks, 1);
+                Some(body)
+            }
+            _ => {
+                add(&self.counters.malformed, 1);
+                None
+            }
+        }
+    }
+
     // Sends a message too large for a datagram as a one-way frame.
     async fn send_frame(&self, to: SocketAddr, sealed: Vec<u8>) {
+        let Some(_slot) = self.outbound_slot() else {
+            return;
+        };
         let run = async {
             let mut stream = TcpStream::connect(to).await.ok()?;
             wire::write_frame(&mut stream, &sealed).await.ok()
@@ -289,6 +482,18 @@ impl ClusterHandle {
             rejected_decrypt: get(&c.rejected_decrypt),
             malformed: get(&c.malformed),
             inbound_dropped: get(&c.inbound_dropped),
+            udp_oversized: get(&c.udp_oversized),
+            rejected_replay: get(&c.rejected_replay),
+            tcp_refused: get(&c.tcp_refused),
+            tcp_timeouts: get(&c.tcp_timeouts),
+            tcp_frames_refused: get(&c.tcp_frames_refused),
+            outbound_skipped: get(&c.outbound_skipped),
+            probe_fallbacks: get(&c.probe_fallbacks),
+            probe_fallback_acks: get(&c.probe_fallback_acks),
+            tcp_buffer_bytes: (INBOUND_BUFFER_BUDGET / 1024)
+                .saturating_sub(self.shared.buffers.available_permits())
+                as u64
+                * 1024,
         }
     }
 
@@ -390,6 +595,7 @@ impl Cluster {
                 "the node name must not be empty".into(),
             ));
         }
+        config.transport.validate().map_err(ClusterError::Config)?;
         let (tcp, udp) = bind(config.bind_addr).await?;
         let bound = udp.local_addr().map_err(|source| ClusterError::Io {
             addr: config.bind_addr,
@@ -411,10 +617,21 @@ impl Cluster {
             counters: Counters::default(),
             gossip_addr,
             blobs: BlobStore::default(),
+            transport: config.transport,
+            session: rand::random(),
+            sealed: AtomicU64::new(0),
+            replay: Mutex::new(ReplayGuard::default()),
+            inbound: InboundSlots::new(
+                config.transport.tcp_max_connections,
+                config.transport.tcp_max_connections_per_addr,
+            ),
+            buffers: Arc::new(Semaphore::new(INBOUND_BUFFER_BUDGET / 1024)),
+            outbound: Arc::new(Semaphore::new(config.transport.max_outbound_streams)),
         });
 
         let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
         foca_cfg.remove_down_after = Some(config.forget_after);
+        foca_cfg.max_packet_size = foca_packet_size(config.transport.udp_payload_size);
         // Wall-clock milliseconds: a restarted node outranks its previous identity.
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -517,7 +734,10 @@ async fn join_check(
 }
 
 async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender<Inbound>) {
-    let mut buf = vec![0u8; 65536];
+    // One byte more than the largest valid datagram: a longer one is truncated to this, which
+    // is how we tell it was too long.
+    let max = shared.transport.udp_payload_size;
+    let mut buf = vec![0u8; max + 1];
     loop {
         let Ok((n, _from)) = udp.recv_from(&mut buf).await else {
             // ICMP errors surface here on some platforms; they say nothing about the socket.
@@ -525,8 +745,16 @@ async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender
         };
         add(&shared.counters.udp_received, 1);
         add(&shared.counters.bytes_received, n);
+        if n > max {
+            add(&shared.counters.udp_oversized, 1);
+            continue;
+        }
         match shared.open(&buf[..n]) {
-            Some((Kind::Foca, body)) => {
+            Some(Message {
+                kind: Kind::Foca,
+                body,
+                ..
+            }) => {
                 // Under overload drop rather than queue without bound: SWIM tolerates loss.
                 match tx.try_send(Inbound::Packet(body)) {
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -544,24 +772,50 @@ async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender
 
 async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener, tx: mpsc::Sender<Inbound>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, from)) = listener.accept().await else {
             // Out of file descriptors and the like: back off instead of spinning.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        tokio::spawn(serve_stream(shared.clone(), stream, tx.clone()));
+        // Refused connections are closed at once (dropped here), before any task or buffer.
+        let Some(slot) = shared.inbound.take(from.ip()) else {
+            add(&shared.counters.tcp_refused, 1);
+            continue;
+        };
+        tokio::spawn(serve_stream(shared.clone(), stream, tx.clone(), slot));
     }
 }
 
-async fn serve_stream(shared: Arc<Shared>, mut stream: TcpStream, tx: mpsc::Sender<Inbound>) {
+async fn serve_stream(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    tx: mpsc::Sender<Inbound>,
+    _slot: InboundSlot,
+) {
+    let started = Instant::now();
+    let Ok(len) = timeout(HEADER_TIMEOUT, shared.read_frame_len(&mut stream)).await else {
+        add(&shared.counters.tcp_timeouts, 1);
+        return;
+    };
+    let Some(len) = len else { return };
+    let read = shared.read_frame(&mut stream, len);
+    let (frame, grant) = match timeout(STREAM_TIMEOUT.saturating_sub(started.elapsed()), read).await
+    {
+        Ok(Some(read)) => read,
+        Ok(None) => return,
+        Err(_) => {
+            add(&shared.counters.tcp_timeouts, 1);
+            return;
+        }
+    };
     let run = async {
-        let frame = wire::read_frame(&mut stream).await.ok()?;
         add(&shared.counters.tcp_received, 1);
         add(&shared.counters.bytes_received, frame.len() + 4);
-        let (kind, body) = shared.open(&frame)?;
+        let Message { kind, body, .. } = shared.open(&frame)?;
+        drop((frame, grant));
         match kind {
             Kind::Foca => tx.send(Inbound::Packet(body)).await.ok(),
-            Kind::PushPull => {
+            Kind::PushPull | Kind::Probe => {
                 let (reply_tx, reply_rx) = oneshot::channel();
                 tx.send(Inbound::Stream {
                     kind,
@@ -571,7 +825,12 @@ async fn serve_stream(shared: Arc<Shared>, mut stream: TcpStream, tx: mpsc::Send
                 .await
                 .ok()?;
                 let reply = reply_rx.await.ok()??;
-                let sealed = shared.seal(Kind::PushPullReply, &reply);
+                let reply_kind = if kind == Kind::Probe {
+                    Kind::ProbeAck
+                } else {
+                    Kind::PushPullReply
+                };
+                let sealed = shared.seal(reply_kind, &reply);
                 wire::write_frame(&mut stream, &sealed).await.ok()?;
                 add(&shared.counters.tcp_sent, 1);
                 add(&shared.counters.bytes_sent, sealed.len() + 4);
@@ -588,7 +847,7 @@ async fn serve_stream(shared: Arc<Shared>, mut stream: TcpStream, tx: mpsc::Send
                 add(&shared.counters.bytes_sent, sealed.len() + 4);
                 Some(())
             }
-            Kind::PushPullReply | Kind::Blob => {
+            Kind::PushPullReply | Kind::Blob | Kind::ProbeAck => {
                 add(&shared.counters.malformed, 1);
                 None
             }
@@ -716,6 +975,14 @@ impl Driver {
                         }
                     });
                 }
+                Output::ProbeStream { to, body, within } => {
+                    let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(ack) = shared.probe(to, &body, within).await {
+                            let _ = tx.send(Inbound::Packet(ack)).await;
+                        }
+                    });
+                }
                 Output::Timer { after, timer } => {
                     self.timer_seq += 1;
                     self.timers.push(Scheduled {
@@ -759,7 +1026,7 @@ impl Driver {
                 Output::PushPull { to, body } => {
                     let _ = self.shared.exchange(to, &body).await;
                 }
-                Output::Timer { .. } => {}
+                Output::Timer { .. } | Output::ProbeStream { .. } => {}
             }
         }
         self.node.refresh(now_ms());
@@ -769,7 +1036,7 @@ impl Driver {
 
     async fn send_packet(&self, to: SocketAddr, body: &[u8]) {
         let sealed = self.shared.seal(Kind::Foca, body);
-        if sealed.len() <= wire::MAX_UDP_PACKET {
+        if sealed.len() <= self.shared.transport.udp_payload_size {
             if self.udp.send_to(&sealed, to).await.is_ok() {
                 add(&self.shared.counters.udp_sent, 1);
                 add(&self.shared.counters.bytes_sent, sealed.len());

@@ -6,8 +6,8 @@
 //! - datagram loss, i.i.d. ([`LossModel::Uniform`]) or in bursts ([`LossModel::Bursty`], a
 //!   Gilbert–Elliott channel per receiving node), plus extra per-node send or receive loss
 //!   for asymmetric links ([`Sim::set_link_loss`]);
-//! - push-pull streams (TCP) that fail ([`SimConfig::tcp_loss`]) or are slow
-//!   ([`SimConfig::tcp_extra_delay_ms`]);
+//! - push-pull and fallback-probe streams (TCP) that fail ([`SimConfig::tcp_loss`]) or are
+//!   slow ([`SimConfig::tcp_extra_delay_ms`]);
 //! - slow nodes ([`Sim::set_slow`]): the node handles every input late by a random delay, in
 //!   no particular order (a starved gossip thread), timers included — the node is told how
 //!   late, as the real runtime tells it;
@@ -76,6 +76,10 @@ pub struct SimConfig {
     pub expected_size: u32,
     /// How long nodes remember a down member ([`crate::ClusterConfig::forget_after`]).
     pub forget_after: std::time::Duration,
+    /// Carry the nodes' TCP fallback probes ([`crate::node::Output::ProbeStream`]); `false`
+    /// drops them, as a network that blocks the gossip port's TCP (or a node without the
+    /// fallback) would. On by default.
+    pub probe_fallback: bool,
 }
 
 impl SimConfig {
@@ -92,6 +96,7 @@ impl SimConfig {
             profile: Profile::Lan,
             expected_size,
             forget_after: crate::DEFAULT_FORGET_AFTER,
+            probe_fallback: true,
         }
     }
 
@@ -113,6 +118,7 @@ impl SimConfig {
             profile: Profile::Lan,
             expected_size: crate::DEFAULT_EXPECTED_SIZE,
             forget_after: crate::DEFAULT_FORGET_AFTER,
+            probe_fallback: true,
         }
     }
 }
@@ -128,6 +134,10 @@ pub struct SimStats {
     pub push_pulls: u64,
     /// Push-pull exchanges the network failed.
     pub push_pulls_failed: u64,
+    /// TCP fallback probes started.
+    pub probe_streams: u64,
+    /// Of those, acks that came back in time.
+    pub probe_stream_acks: u64,
     /// Bytes on the wire (see the module docs for what is counted).
     pub bytes: u64,
     /// Of the push-pull exchanges, those that fetched one member's record from it (GetMeta).
@@ -156,8 +166,17 @@ pub struct SimCounts {
 enum Delivery {
     Timer(NodeTimer),
     Packet(Vec<u8>),
-    PushPull { from: usize, body: Vec<u8> },
+    PushPull {
+        from: usize,
+        body: Vec<u8>,
+    },
     PushPullReply(Vec<u8>),
+    // A fallback probe; its ack is useless after `expires_ms`.
+    Probe {
+        from: usize,
+        body: Vec<u8>,
+        expires_ms: u64,
+    },
 }
 
 struct Pending {
@@ -569,6 +588,21 @@ impl Sim {
                         self.schedule(delay, from, Delivery::PushPullReply(reply));
                     }
                 }
+                Delivery::Probe {
+                    from,
+                    body,
+                    expires_ms,
+                } => {
+                    if let Some(ack) = node.handle_stream(Kind::Probe, &body) {
+                        self.stats.bytes += stream_bytes(ack.len());
+                        let delay = self.delay() + self.cfg.tcp_extra_delay_ms;
+                        // The prober's stream timeout: a late ack is never read.
+                        if self.now_ms + delay <= expires_ms {
+                            self.stats.probe_stream_acks += 1;
+                            self.schedule(delay, from, Delivery::Packet(ack));
+                        }
+                    }
+                }
             }
             self.dispatch(to, 0, &mut on_event);
         }
@@ -756,6 +790,31 @@ impl Sim {
                     }
                     let delay = self.delay();
                     self.schedule(delay, dst, Delivery::Packet(body));
+                }
+                Output::ProbeStream { to, body, within } => {
+                    if !self.cfg.probe_fallback {
+                        continue;
+                    }
+                    self.stats.probe_streams += 1;
+                    self.stats.bytes +=
+                        stream_bytes(body.len()) + TCP_CONNECTION_SEGMENTS * TCP_SEGMENT_OVERHEAD;
+                    let Some(&dst) = self.by_addr.get(&to) else {
+                        continue;
+                    };
+                    if self.partitioned(i, dst) || self.rng.random_bool(self.cfg.tcp_loss) {
+                        continue;
+                    }
+                    let expires_ms = self.now_ms + within.as_millis() as u64;
+                    let delay = self.delay() + self.cfg.tcp_extra_delay_ms;
+                    self.schedule(
+                        delay,
+                        dst,
+                        Delivery::Probe {
+                            from: i,
+                            body,
+                            expires_ms,
+                        },
+                    );
                 }
                 Output::PushPull { to, body } => {
                     self.stats.push_pulls += 1;

@@ -196,6 +196,37 @@ fn timings_follow_the_live_member_count_not_the_hint() {
 }
 
 #[test]
+fn the_tcp_fallback_probe_keeps_udp_loss_from_making_members_suspect() {
+    // 5 % bursty datagram loss (and 5 % of TCP exchanges failing): the same cluster, the same
+    // seed, with and without the fallback probe.
+    let run = |fallback: bool| {
+        let mut cfg = SimConfig::realistic(0.05, 8);
+        cfg.probe_fallback = fallback;
+        let mut sim = Sim::new(cfg);
+        sim.add_converged(N);
+        sim.run_until(10 * SECOND, |_, _, _| {});
+        let c0 = sim.counts();
+        sim.run_until(310 * SECOND, |_, _, _| {});
+        let c = sim.counts();
+        (c.false_suspicions - c0.false_suspicions, c, sim.stats())
+    };
+    let (without, c_without, _) = run(false);
+    let (with, c_with, stats) = run(true);
+    eprintln!(
+        "{N} nodes, 300 s at 5 % bursty loss: false suspicions {without} without the fallback, {with} with it ({stats:?})"
+    );
+    assert_eq!((c_without.false_deaths, c_with.false_deaths), (0, 0));
+    assert!(
+        stats.probe_streams > 0 && stats.probe_stream_acks > 0,
+        "{stats:?}"
+    );
+    assert!(
+        with * 3 <= without,
+        "the fallback should remove most false suspicions: {with} with it, {without} without"
+    );
+}
+
+#[test]
 fn slow_nodes_do_not_get_healthy_members_held() {
     // No loss, so that whatever healthy member gets suspected was suspected by a slow node.
     let run = |policy: HoldPolicy| {
