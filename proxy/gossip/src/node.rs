@@ -63,8 +63,10 @@ pub const MAX_VERSION_STEP: u64 = 1 << 16;
 /// thousand times a second would need ~9 000 years to reach it).
 pub const MAX_VERSION: u64 = 1 << 48;
 
-/// Metadata fetches a node runs at once (a joining node fetches every member's record).
-pub const MAX_FETCHES_IN_FLIGHT: usize = 32;
+/// Metadata fetches a node runs at once (a joining node fetches every member's record). Half
+/// of the transport's default outbound streams ([`crate::DEFAULT_MAX_OUTBOUND_STREAMS`]), so
+/// that a joining node's fetches leave room for its push-pulls and fallback probes.
+pub const MAX_FETCHES_IN_FLIGHT: usize = crate::DEFAULT_MAX_OUTBOUND_STREAMS / 2;
 
 /// Highest local-health score (memberlist's default): a node that keeps failing its probes or
 /// running late probes at most 9 times slower.
