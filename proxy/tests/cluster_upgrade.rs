@@ -94,5 +94,22 @@ fn proxies_and_agents_one_version_apart_route_to_every_backend() {
             assert!(alive.contains(&name), "{name} missing from {alive:?}");
         }
     }
+    // The old proxy met the next version's message kinds and skipped them; it refused no
+    // metadata (everything the next version added to it was skipped field by field).
+    let transport = |p: &Proxy| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&p.admin_req("GET", "/api/cluster", b"").text())
+            .unwrap()["transport"]
+            .clone()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || transport(&old_proxy)
+            ["unknown_skipped"]
+            .as_u64()
+            .unwrap()
+            > 0),
+        "{}",
+        transport(&old_proxy)
+    );
+    assert_eq!(transport(&old_proxy)["metadata_refused"], 0);
     drop(agents);
 }
