@@ -52,7 +52,9 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static [&'static str]> {
         ["api", "pools", _, "strategy" | "health"] => &["PUT"],
         ["api", "pools", _, "backends", _, "drain" | "undrain" | "disable" | "enable"] => &["POST"],
         ["api", "pools", _, "backends", _, "weight"] => &["PUT", "DELETE"],
-        ["api", "cluster", "keys"] | ["api", "reload"] => &["POST"],
+        ["api", "cluster", "keys"] | ["api", "cluster", "rotate-key"] | ["api", "reload"] => {
+            &["POST"]
+        }
         ["api", "cluster", "plugins", _, "strategy" | "health"] => &["POST"],
         _ => return None,
     })
@@ -276,6 +278,10 @@ fn history_seconds(query: Option<&str>) -> Result<usize, String> {
     }
 }
 
+/// How long a key rotation waits for every member by default (each phase needs one round of
+/// gossip through the cluster).
+const DEFAULT_ROTATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
     let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
     body.push(b'\n');
@@ -481,6 +487,7 @@ impl AdminApp {
                     },
                 }
             }
+            ("POST", ["api", "cluster", "rotate-key"]) => self.rotate_key(session).await,
             ("POST", ["api", "cluster", "plugins", pool, kind]) => {
                 let (pool, kind) = (pool.to_string(), kind.to_string());
                 self.cluster_rollout(session, &pool, &kind).await
@@ -573,6 +580,60 @@ impl AdminApp {
                 "announced_by": ann.by, "ok": ok, "nodes": nodes,
             }),
         )
+    }
+
+    /// Rotates the whole cluster to a new key (`{"key": "BASE64", "wait": "60s"}`), answering
+    /// once every member uses it alone, or with the members that did not confirm a phase.
+    async fn rotate_key(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let Some(h) = self.runtime.cluster.get().cloned() else {
+            return error_reply(
+                StatusCode::NOT_FOUND,
+                "this proxy is not in a cluster; add a [cluster] section to the config",
+            );
+        };
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Rotate {
+            key: String,
+            #[serde(default)]
+            wait: Option<String>,
+        }
+        let req = match serde_json::from_slice::<Rotate>(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error_reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected {{\"key\": \"BASE64\", \"wait\": \"60s\"}} (a new key from `sluice genkey`; wait is optional): {e}"),
+                )
+            }
+        };
+        let wait = match req.wait.as_deref().map(humantime::parse_duration) {
+            None => DEFAULT_ROTATION_WAIT,
+            Some(Ok(w)) if !w.is_zero() && w <= crate::rollout::MAX_WAIT => w,
+            Some(_) => {
+                return error_reply(
+                    StatusCode::BAD_REQUEST,
+                    "wait must be a duration between 1ms and 5m, like \"60s\"",
+                )
+            }
+        };
+        match h.rotate_key(&req.key, wait).await {
+            Ok(report) => json_reply(
+                StatusCode::OK,
+                json!({
+                    "ok": true, "id": report.id, "fingerprint": report.fingerprint,
+                    "members": report.members.iter().map(|(name, addr)| json!({ "name": name, "address": addr.to_string() })).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e @ crate::cluster::ClusterError::Key(_)) => {
+                error_reply(StatusCode::BAD_REQUEST, e)
+            }
+            Err(e) => error_reply(StatusCode::UNPROCESSABLE_ENTITY, e),
+        }
     }
 
     /// Applies an operator's change to one backend of a pool, logs it, and answers with the

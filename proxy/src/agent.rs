@@ -110,7 +110,7 @@ impl AgentConfig {
         let cfg: AgentConfig = crate::config::parse_toml(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.cluster
-            .to_config(base)
+            .check_files(base)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if cfg.service.is_empty() {
             anyhow::bail!(
@@ -184,24 +184,49 @@ async fn passing(services: &[LocalService]) -> Vec<Service> {
     out
 }
 
-/// Makes the keyring equal to `keys` (the first one encrypting) without a restart: new keys are
-/// installed first, the primary switched, old keys removed last.
-fn apply_keys(handle: &crate::cluster::ClusterHandle, keys: &[String]) -> Result<(), String> {
-    let have = handle.keys();
-    for k in keys.iter().filter(|k| !have.contains(k)) {
-        handle.keyring_install(k).map_err(|e| e.to_string())?;
+/// The `[cluster]` section and keys in force, for SIGHUP reloads.
+struct Applied {
+    section: ClusterSection,
+    keys: Vec<String>,
+}
+
+impl Applied {
+    /// Re-reads the file and applies what may change live in `[cluster]` (keys, peers); a
+    /// change that needs a restart, or an invalid file, changes nothing.
+    fn reload(
+        &mut self,
+        path: &Path,
+        handle: &crate::cluster::ClusterHandle,
+    ) -> anyhow::Result<usize> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let cfg = AgentConfig::load(path)?;
+        let keys = cfg
+            .cluster
+            .to_config(base)
+            .map_err(anyhow::Error::msg)?
+            .keys;
+        let plan = crate::cluster_config::reload_plan(
+            Some(&self.section),
+            Some(&cfg.cluster),
+            &self.keys,
+            &keys,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if let Some(k) = &plan.keys {
+            crate::membership::apply_keys(handle, k).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(peers) = plan.peers {
+            handle.set_peers(peers)?;
+        }
+        self.section = cfg.cluster;
+        self.keys = keys;
+        Ok(handle.keys().len())
     }
-    if let Some(first) = keys.first() {
-        handle.keyring_use(first).map_err(|e| e.to_string())?;
-    }
-    for k in have.iter().filter(|k| !keys.contains(k)) {
-        handle.keyring_remove(k).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and leaves. SIGHUP re-reads the file's
-/// cluster keys (key rotation without a restart).
+/// `[cluster]` keys and peers (key rotation without a restart). Ends with an error when the
+/// member gave its name up to an older member with the same name.
 pub fn run(cfg: AgentConfig, path: &Path) -> anyhow::Result<()> {
     let base = path.parent().unwrap_or(Path::new("."));
     let cluster_cfg = cfg.cluster.to_config(base).map_err(anyhow::Error::msg)?;
@@ -215,9 +240,14 @@ pub fn run(cfg: AgentConfig, path: &Path) -> anyhow::Result<()> {
     for s in services.iter().filter(|s| !first.contains(&s.service)) {
         tracing::warn!(addr = %s.service.addr, pool = %s.service.pool, "local check failed; not announced until it passes");
     }
+    let start_keys = cluster_cfg.keys.clone();
     let node = ClusterNode::start(cluster_cfg, cfg.meta(first.clone()))?;
     tracing::info!(name = %cfg.cluster.node_name(), gossip = %node.handle.gossip_addr(), services = first.len(), "agent joined the cluster");
     let handle = node.handle.clone();
+    let mut applied = Applied {
+        section: cfg.cluster.clone(),
+        keys: start_keys,
+    };
     node.block_on(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -228,11 +258,15 @@ pub fn run(cfg: AgentConfig, path: &Path) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                why = handle.stopped() => {
+                    // Gave its name up (the only way the member stops on its own).
+                    let why = why.map_or_else(|| anyhow::anyhow!("the cluster member stopped"), anyhow::Error::from);
+                    return Err(why);
+                }
                 _ = hup.recv() => {
-                    let keys = AgentConfig::load(path).and_then(|c| c.cluster.to_config(base).map_err(anyhow::Error::msg));
-                    match keys.map(|c| c.keys).map_err(|e| e.to_string()).and_then(|k| apply_keys(&handle, &k).map(|()| k.len())) {
+                    match applied.reload(path, &handle) {
                         Ok(n) => tracing::info!(keys = n, "cluster keys reloaded"),
-                        Err(e) => tracing::error!(error = %e, "key reload stopped; check the keys in the file and send SIGHUP again"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload rejected; the running config stays"),
                     }
                 }
                 _ = tick.tick() => {

@@ -86,7 +86,19 @@ enum ClusterCommand {
         #[arg(long)]
         svg: bool,
     },
-    /// Rotate keys without a restart: install a key, use it to encrypt, remove an old one.
+    /// Rotate the whole cluster to a new key in one go: every member installs it, then
+    /// encrypts with it, then drops every other key, and writes its keyring back to its
+    /// key_file. Prints the members that took part.
+    RotateKey {
+        /// The new base64 key (default: a new random one, printed once).
+        #[arg(long)]
+        key: Option<String>,
+        /// How long to wait for every member to confirm each phase.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Change this proxy's keyring alone: install a key, use it to encrypt, remove an old one
+    /// (see rotate-key for the whole cluster).
     Keys {
         /// install, use or remove.
         #[arg(value_parser = ["install", "use", "remove"])]
@@ -464,6 +476,39 @@ fn cluster_command(
     token: Option<String>,
 ) -> anyhow::Result<()> {
     match command {
+        ClusterCommand::RotateKey { key, wait } => {
+            let generated = key.is_none();
+            let key = key.unwrap_or_else(sluice::cluster::generate_key);
+            let body = serde_json::json!({
+                "key": key,
+                "wait": humantime::format_duration(wait).to_string(),
+            })
+            .to_string();
+            let v = admin_call(
+                admin,
+                token,
+                "POST",
+                "/api/cluster/rotate-key",
+                body.as_bytes(),
+            )?;
+            let members = v["members"].as_array().cloned().unwrap_or_default();
+            println!(
+                "every member now uses key {} alone ({} members):",
+                v["fingerprint"].as_str().unwrap_or("?"),
+                members.len()
+            );
+            for m in &members {
+                println!(
+                    "  {:<20} {}",
+                    m["name"].as_str().unwrap_or(""),
+                    m["address"].as_str().unwrap_or("")
+                );
+            }
+            if generated {
+                println!("new key (members with a key_file have it written there; give it to the others' configs):\n{key}");
+            }
+            Ok(())
+        }
         ClusterCommand::Keys { op, key } => {
             let body = serde_json::json!({ "op": op, "key": key }).to_string();
             admin_call(admin, token, "POST", "/api/cluster/keys", body.as_bytes())?;

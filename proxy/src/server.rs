@@ -122,6 +122,11 @@ pub fn preflight(config: &Config, in_use_ok: bool) -> anyhow::Result<Vec<String>
         }
     }
     crate::tls::check(config)?;
+    if let Some(c) = &config.cluster {
+        c.get_ref()
+            .check_files(&config.base_dir)
+            .map_err(anyhow::Error::msg)?;
+    }
     Ok(warnings)
 }
 
@@ -234,8 +239,17 @@ pub fn run(
             node.spawn(crate::membership::watch(
                 runtime.clone(),
                 node.handle.clone(),
-                section.routing(),
             ));
+            // A name clash found while running: this proxy is the newcomer and has left the
+            // cluster; it stops rather than route from a view it no longer follows.
+            let handle = node.handle.clone();
+            node.spawn(async move {
+                if let Some(why) = handle.stopped().await {
+                    tracing::error!(error = %why, "left the cluster; exiting");
+                    eprintln!("error: {why}");
+                    std::process::exit(1);
+                }
+            });
             let options = crate::rollout::RolloutOptions {
                 accept: section.plugin_rollout,
                 // A test hook (see `RolloutOptions`), never set outside the rollout tests.

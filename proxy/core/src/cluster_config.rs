@@ -2,7 +2,7 @@
 //! configuration (see [`crate::membership`] for what the node then does to pools).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,7 +15,8 @@ use crate::cluster::{ClusterConfig, Profile};
 pub struct ClusterSection {
     /// Cluster name; also authenticated in every packet, so clusters sharing a key stay apart.
     pub name: String,
-    /// This node's unique name (default: host name and gossip port).
+    /// This node's unique name (default: host name and advertise address, see
+    /// [`ClusterSection::node_name`]).
     #[serde(default)]
     pub node_name: Option<String>,
     /// Address to bind UDP and TCP gossip on.
@@ -29,9 +30,14 @@ pub struct ClusterSection {
     /// Several keys: the first encrypts, all decrypt (key rotation).
     #[serde(default)]
     pub keys: Vec<String>,
-    /// A file holding the key(s), one per line.
+    /// A file holding the key(s), one per line, primary first. sluice writes the keyring back
+    /// to it after a key rotation, so it may not be combined with `key`/`keys`.
     #[serde(default)]
     pub key_file: Option<String>,
+    /// Where the node keeps its identity generation across restarts (default: the key file's
+    /// path with `.state` appended; none without a key file).
+    #[serde(default)]
+    pub state_file: Option<String>,
     /// Seeds; may be empty for the first node.
     #[serde(default)]
     pub peers: Vec<String>,
@@ -201,13 +207,12 @@ impl ClusterSection {
             .cloned()
             .chain(self.keys.iter().cloned())
             .collect();
-        if let Some(f) = &self.key_file {
-            let p = if Path::new(f).is_absolute() {
-                Path::new(f).to_path_buf()
-            } else {
-                base.join(f)
-            };
-            let text = read_key_file(&p)?;
+        if self.key_file.is_some() && !keys.is_empty() {
+            return Err("[cluster] has both key/keys and key_file; keep only key_file (sluice writes rotated keys back to it, and a key left in the config would come back at the next start)".into());
+        }
+        let key_file = self.key_file_path(base);
+        if let Some(p) = &key_file {
+            let text = read_key_file(p)?;
             keys.extend(
                 text.lines()
                     .map(str::trim)
@@ -263,6 +268,19 @@ impl ClusterSection {
             ..crate::cluster::TransportConfig::default()
         };
         transport.validate().map_err(|e| format!("[cluster] {e}"))?;
+        let state_file = match &self.state_file {
+            Some(f) if f.is_empty() => {
+                return Err(
+                    "[cluster] state_file must not be empty; give a path or remove the key".into(),
+                )
+            }
+            Some(f) => Some(resolve(base, f)),
+            None => key_file.as_ref().map(|k| {
+                let mut name = k.clone().into_os_string();
+                name.push(".state");
+                name.into()
+            }),
+        };
         Ok(ClusterConfig {
             cluster_name: self.name.clone(),
             bind_addr: bind,
@@ -274,7 +292,36 @@ impl ClusterSection {
             expected_size: self.expected_size.max(1),
             forget_after: self.forget_after,
             transport,
+            key_file,
+            state_file,
         })
+    }
+
+    /// Checks that the directories of the files the node writes (the key file after a
+    /// rotation, the state file at start) exist, so that `check` finds what `run` would stop on.
+    pub fn check_files(&self, base: &Path) -> Result<(), String> {
+        let cfg = self.to_config(base)?;
+        let files = [("key_file", cfg.key_file), ("state_file", cfg.state_file)];
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(format!(
+                    "[cluster] {key}: the directory {} of {} does not exist; create it (sluice writes this file) or give another path",
+                    dir.display(),
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `key_file` resolved against `base`.
+    pub fn key_file_path(&self, base: &Path) -> Option<PathBuf> {
+        self.key_file.as_deref().map(|f| resolve(base, f))
     }
 
     /// How a proxy turns the membership view into pools (call after [`Self::to_config`]
@@ -299,15 +346,118 @@ impl ClusterSection {
         }
     }
 
-    /// The node name: configured, or host name plus gossip port.
+    /// The node name: configured, or `HOST@ADDR` with the host name and the address other
+    /// members reach this node at (`advertise_addr`, else `bind_addr`), so that nodes on one
+    /// host differ by address and nodes on different hosts by host name.
     pub fn node_name(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "node".into());
-            let port = self.bind_addr.rsplit(':').next().unwrap_or("0");
-            format!("{host}-{port}")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".into());
+            default_node_name(
+                &host,
+                self.advertise_addr.as_deref().unwrap_or(&self.bind_addr),
+            )
         })
+    }
+}
+
+/// What a reload may change in a running member's `[cluster]` section.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterReload {
+    /// The keys the new file gives, when they differ from what the old file gave: the keyring
+    /// is brought to them (install, use, remove). Compared with the old file rather than the
+    /// running keyring, so that a reload does not undo a cluster-wide rotation on a node whose
+    /// keys are written in its config.
+    pub keys: Option<Vec<String>>,
+    /// New seeds.
+    pub peers: Option<Vec<String>>,
+    /// New hold and mass-failure settings (proxies).
+    pub routing: Option<crate::membership::RoutingSettings>,
+}
+
+impl ClusterReload {
+    /// Whether the reload changes nothing in the cluster member.
+    pub fn is_empty(&self) -> bool {
+        *self == ClusterReload::default()
+    }
+}
+
+/// Compares the `[cluster]` sections of the running file (`old`, whose keys were `old_keys`)
+/// and of the new one (`new`, already validated; `new_keys` from its `to_config`). Keys, peers
+/// and the hold and mass-failure settings apply live; anything else that changed refuses the
+/// whole reload, naming the key and saying that it needs a restart.
+pub fn reload_plan(
+    old: Option<&ClusterSection>,
+    new: Option<&ClusterSection>,
+    old_keys: &[String],
+    new_keys: &[String],
+) -> Result<ClusterReload, String> {
+    let (old, new) = match (old, new) {
+        (None, None) => return Ok(ClusterReload::default()),
+        (None, Some(_)) => return Err("[cluster] was added; joining a cluster needs a restart of sluice (the running config stays)".into()),
+        (Some(_), None) => return Err("[cluster] was removed; leaving the cluster needs a restart of sluice (the running config stays); to stop routing to cluster members, give the pools static backends instead".into()),
+        (Some(o), Some(n)) => (o, n),
+    };
+    fn show<T: std::fmt::Debug>(v: &T) -> String {
+        format!("{v:?}")
+    }
+    let fixed: [(&str, String, String); 11] = [
+        ("name", show(&old.name), show(&new.name)),
+        ("node_name", show(&old.node_name()), show(&new.node_name())),
+        ("bind_addr", show(&old.bind_addr), show(&new.bind_addr)),
+        (
+            "advertise_addr",
+            show(&old.advertise_addr),
+            show(&new.advertise_addr),
+        ),
+        ("key_file", show(&old.key_file), show(&new.key_file)),
+        ("state_file", show(&old.state_file), show(&new.state_file)),
+        ("profile", show(&old.profile), show(&new.profile)),
+        (
+            "compression",
+            show(&old.compression),
+            show(&new.compression),
+        ),
+        (
+            "expected_size",
+            show(&old.expected_size),
+            show(&new.expected_size),
+        ),
+        (
+            "plugin_rollout",
+            show(&old.plugin_rollout),
+            show(&new.plugin_rollout),
+        ),
+        (
+            "forget_after",
+            show(&old.forget_after),
+            show(&new.forget_after),
+        ),
+    ];
+    for (key, was, now) in fixed {
+        if was != now {
+            return Err(format!("[cluster] {key} changed from {was} to {now}; it cannot change while the node runs: restart sluice to apply it (the running config stays)"));
+        }
+    }
+    Ok(ClusterReload {
+        keys: (old_keys != new_keys).then(|| new_keys.to_vec()),
+        peers: (old.peers != new.peers).then(|| new.peers.clone()),
+        routing: (old.routing() != new.routing()).then(|| new.routing()),
+    })
+}
+
+fn default_node_name(host: &str, addr: &str) -> String {
+    format!("{host}@{addr}")
+}
+
+fn resolve(base: &Path, file: &str) -> PathBuf {
+    if Path::new(file).is_absolute() {
+        PathBuf::from(file)
+    } else {
+        base.join(file)
     }
 }
 
@@ -504,5 +654,134 @@ mod tests {
             assert!(err.contains("is larger than 64 KiB"), "{err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn default_names_differ_per_advertise_address() {
+        let section = |extra: &str| -> ClusterSection {
+            toml::from_str(&format!(
+                "name = \"c\"\nbind_addr = \"0.0.0.0:7946\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        // Same host, same port, different addresses: different names.
+        let a = section("advertise_addr = \"10.0.0.1:7946\"").node_name();
+        let b = section("advertise_addr = \"10.0.0.2:7946\"").node_name();
+        assert_ne!(a, b);
+        assert!(a.ends_with("@10.0.0.1:7946"), "{a}");
+        assert!(section("").node_name().ends_with("@0.0.0.0:7946"));
+        assert_eq!(
+            default_node_name("web1", "10.0.0.1:7946"),
+            "web1@10.0.0.1:7946"
+        );
+        assert_eq!(section("node_name = \"n1\"").node_name(), "n1");
+    }
+
+    #[test]
+    fn key_files_and_state_files() {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-cluster-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = crate::cluster::keyring::generate_key();
+        std::fs::write(dir.join("cluster.key"), format!("# comment\n{key}\n")).unwrap();
+        let section = |extra: &str| -> ClusterSection {
+            toml::from_str(&format!(
+                "name = \"c\"\nbind_addr = \"127.0.0.1:7946\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        let cfg = section("key_file = \"cluster.key\"")
+            .to_config(&dir)
+            .unwrap();
+        assert_eq!(cfg.keys, std::slice::from_ref(&key));
+        assert_eq!(cfg.key_file, Some(dir.join("cluster.key")));
+        assert_eq!(
+            cfg.state_file,
+            Some(dir.join("cluster.key.state")),
+            "beside the key file"
+        );
+        let cfg =
+            section("key_file = \"cluster.key\"\nstate_file = \"/var/lib/sluice/node.state\"")
+                .to_config(&dir)
+                .unwrap();
+        assert_eq!(
+            cfg.state_file,
+            Some(PathBuf::from("/var/lib/sluice/node.state"))
+        );
+        let cfg = section(&format!("key = \"{key}\""))
+            .to_config(&dir)
+            .unwrap();
+        assert_eq!((cfg.key_file, cfg.state_file), (None, None));
+        let err = section(&format!("key = \"{key}\"\nkey_file = \"cluster.key\""))
+            .to_config(&dir)
+            .unwrap_err();
+        assert!(
+            err.contains("both key/keys and key_file; keep only key_file"),
+            "{err}"
+        );
+        let err = section("key_file = \"missing.key\"")
+            .to_config(&dir)
+            .unwrap_err();
+        assert!(err.contains("[cluster] key_file"), "{err}");
+    }
+
+    #[test]
+    fn reloads_apply_keys_peers_and_hold_settings_and_refuse_the_rest() {
+        let k1 = crate::cluster::keyring::generate_key();
+        let k2 = crate::cluster::keyring::generate_key();
+        let section = |lines: &[&str]| -> ClusterSection {
+            let mut text = format!("name = \"c\"\nkey = \"{k1}\"\n");
+            for key in ["node_name", "bind_addr", "peers"] {
+                if !lines.iter().any(|l| l.starts_with(key)) {
+                    text.push_str(match key {
+                        "node_name" => "node_name = \"n\"\n",
+                        "bind_addr" => "bind_addr = \"127.0.0.1:7946\"\n",
+                        _ => "peers = [\"127.0.0.1:7947\"]\n",
+                    });
+                }
+            }
+            for l in lines {
+                text.push_str(l);
+                text.push('\n');
+            }
+            toml::from_str(&text).unwrap()
+        };
+        let same_keys = [k1.clone()];
+        let plan = |old: &ClusterSection, new: &ClusterSection| {
+            reload_plan(Some(old), Some(new), &same_keys, &same_keys)
+        };
+        let old = section(&[]);
+        assert!(plan(&old, &old).unwrap().is_empty());
+        let p = plan(&old, &section(&["peers = []", "hold_after = \"1s\""])).unwrap();
+        assert_eq!(p.peers, Some(vec![]));
+        assert_eq!(p.routing.unwrap().hold.after, Duration::from_secs(1));
+        assert_eq!(p.keys, None);
+        let two = [k2.clone(), k1.clone()];
+        let p = reload_plan(Some(&old), Some(&old), &same_keys, &two).unwrap();
+        assert_eq!(p.keys.as_deref(), Some(&two[..]));
+        for (line, want) in [
+            (
+                "bind_addr = \"127.0.0.1:7000\"",
+                "[cluster] bind_addr changed from \"127.0.0.1:7946\" to \"127.0.0.1:7000\"",
+            ),
+            (
+                "advertise_addr = \"10.0.0.1:7946\"",
+                "[cluster] advertise_addr changed",
+            ),
+            ("node_name = \"m\"", "[cluster] node_name changed"),
+            ("profile = \"wan\"", "[cluster] profile changed"),
+            ("state_file = \"x.state\"", "[cluster] state_file changed"),
+        ] {
+            let err = plan(&old, &section(&[line])).unwrap_err();
+            assert!(
+                err.contains(want) && err.contains("restart sluice to apply it"),
+                "{err}"
+            );
+        }
+        let added = reload_plan(None, Some(&old), &[], &same_keys).unwrap_err();
+        assert!(added.contains("[cluster] was added"), "{added}");
+        let removed = reload_plan(Some(&old), None, &same_keys, &[]).unwrap_err();
+        assert!(removed.contains("[cluster] was removed"), "{removed}");
+        assert!(reload_plan(None, None, &[], &[]).unwrap().is_empty());
     }
 }

@@ -241,6 +241,23 @@ pub fn sync_pools(
 }
 
 fn publish_tuning(runtime: &Runtime, handle: &ClusterHandle) {
+    let st = handle.stats();
+    // The gossip runtime counts; the metrics follow its totals.
+    let follow = |c: prometheus::IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+    follow(
+        runtime
+            .metrics
+            .cluster_duplicate_names
+            .with_label_values::<&str>(&[]),
+        st.duplicate_names,
+    );
+    follow(
+        runtime
+            .metrics
+            .cluster_key_file_errors
+            .with_label_values::<&str>(&[]),
+        st.key_file_errors,
+    );
     let t = handle.tuning();
     let g = &runtime.metrics.cluster_tuning;
     let ms = |d: Duration| d.as_millis() as i64;
@@ -286,12 +303,23 @@ fn publish_transport(runtime: &Runtime, handle: &ClusterHandle) {
         .set(st.tcp_buffer_bytes as i64);
 }
 
-/// Keeps pools in step with the cluster until the process ends.
-pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle, settings: RoutingSettings) {
+/// Keeps pools in step with the cluster until the process ends, with the routing settings of
+/// [`Runtime::cluster_routing`] (a reload may change them).
+pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle) {
     let mut changes = handle.changes();
+    let mut settings = RoutingSettings::clone(&runtime.cluster_routing.load());
     let mut guard = LastKnownGood::new(settings.mass_failure_share, settings.mass_failure_window);
     let mut refusals = RefusalLog::default();
     loop {
+        let now = RoutingSettings::clone(&runtime.cluster_routing.load());
+        if now != settings {
+            if (now.mass_failure_share, now.mass_failure_window)
+                != (settings.mass_failure_share, settings.mass_failure_window)
+            {
+                guard = LastKnownGood::new(now.mass_failure_share, now.mass_failure_window);
+            }
+            settings = now;
+        }
         let next_hold = sync_pools(&runtime, &handle, &settings, &mut guard, &mut refusals);
         // Re-sync on every change, when a suspect's hold delay runs out, and at least every
         // second: a reload may have added pools that members announce for.
@@ -334,6 +362,11 @@ pub fn cluster_json(runtime: &Runtime, handle: &ClusterHandle) -> serde_json::Va
                 "suspectors": m.suspectors,
                 "self": m.is_self,
                 "admin": m.meta.admin,
+                "keys": crate::cluster::rotation::KeyringState::of(&m.meta)
+                    .map(|k| k.keys.iter().map(crate::cluster::rotation::fingerprint_hex).collect::<Vec<_>>()),
+                "rotation": crate::cluster::rotation::KeyringState::of(&m.meta)
+                    .and_then(|k| k.rotation)
+                    .map(|r| serde_json::json!({ "id": r.id, "phase": r.phase.as_str() })),
                 "rollout": (m.meta.role == Role::Proxy).then(|| crate::rollout::Published::of(&m.meta)),
             })
         })
@@ -361,7 +394,33 @@ pub fn cluster_json(runtime: &Runtime, handle: &ClusterHandle) -> serde_json::Va
         // Every counter of sluice_gossip::Stats, by its field name.
         "transport": st,
         "keys": handle.keys().len(),
+        "keyring": {
+            "fingerprints": handle.keys().iter().filter_map(|k| crate::cluster::rotation::fingerprint(k).ok()).map(|f| crate::cluster::rotation::fingerprint_hex(&f)).collect::<Vec<_>>(),
+            "persisted": handle.keys_persisted(),
+            "key_file_errors": st.key_file_errors,
+        },
+        "duplicate_names": st.duplicate_names,
     })
+}
+
+/// Makes this member's keyring equal to `keys` (the first one encrypting) without a restart:
+/// new keys are installed first, the primary switched, old keys removed last. Every key must
+/// already have been validated (a `[cluster]` section that `to_config` accepted).
+pub fn apply_keys(handle: &ClusterHandle, keys: &[String]) -> Result<(), String> {
+    let have = handle.keys();
+    if have == keys {
+        return Ok(());
+    }
+    for k in keys.iter().filter(|k| !have.contains(k)) {
+        handle.keyring_install(k).map_err(|e| e.to_string())?;
+    }
+    if let Some(first) = keys.first() {
+        handle.keyring_use(first).map_err(|e| e.to_string())?;
+    }
+    for k in have.iter().filter(|k| !keys.contains(k)) {
+        handle.keyring_remove(k).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Applies a keyring operation: `install`, `use` or `remove`.
@@ -453,7 +512,7 @@ mod tests {
             .await
             .unwrap();
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        udp.send_to(&[0u8; 2000], h.gossip_addr()).await.unwrap();
+        udp.send_to(&[0u8; 10_000], h.gossip_addr()).await.unwrap();
         for _ in 0..500 {
             if h.stats().udp_oversized == 1 {
                 break;
@@ -468,8 +527,8 @@ mod tests {
         for line in [
             "sluice_cluster_transport_total{event=\"udp_oversized\"} 1",
             "sluice_cluster_transport_total{event=\"rejected_replay\"} 0",
-            // (a datagram is counted up to one byte over the payload size: what recv saw)
-            "sluice_cluster_transport_bytes_total{direction=\"received\"} 1401",
+            // (a datagram is counted up to one byte over the largest payload size: what recv saw)
+            "sluice_cluster_transport_bytes_total{direction=\"received\"} 9001",
             "sluice_cluster_tcp_buffer_bytes 0",
         ] {
             assert!(metrics.contains(line), "{line} in\n{metrics}");

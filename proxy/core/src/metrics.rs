@@ -91,6 +91,12 @@ pub struct Metrics {
     pub cluster_transport_bytes: IntCounterVec,
     /// `sluice_cluster_tcp_buffer_bytes`: bytes gossip TCP frame buffers hold now.
     pub cluster_tcp_buffer: IntGaugeVec,
+    /// `sluice_cluster_duplicate_names_total`: clashes of two live members with one name this
+    /// node saw (the newcomer leaves).
+    pub cluster_duplicate_names: IntCounterVec,
+    /// `sluice_cluster_key_file_errors_total`: keyring changes that could not be written back
+    /// to `[cluster] key_file`.
+    pub cluster_key_file_errors: IntCounterVec,
     /// Request-path histograms per pool (`{pool}`).
     pub pool_timings: TimingFamilies,
     /// Request-path histograms per backend (`{pool,backend}`); series exist only when
@@ -329,7 +335,7 @@ impl Metrics {
             ),
             cluster_transport: counter(
                 "sluice_cluster_transport_total",
-                "Gossip transport events since this member started, by event: udp_sent, udp_received, tcp_sent, tcp_received, rejected_decrypt, rejected_replay, malformed, inbound_dropped, udp_oversized, tcp_refused, tcp_timeouts, tcp_frames_refused, outbound_skipped, probe_fallbacks, probe_fallback_acks.",
+                "Gossip transport events since this member started, by event: udp_sent, udp_received, tcp_sent, tcp_received, rejected_decrypt, rejected_replay, malformed, oversized_bodies, inbound_dropped, udp_oversized, tcp_refused, tcp_timeouts, tcp_frames_refused, outbound_skipped, probe_fallbacks, probe_fallback_acks.",
                 &["event"],
             ),
             cluster_transport_bytes: counter(
@@ -340,6 +346,16 @@ impl Metrics {
             cluster_tcp_buffer: gauge(
                 "sluice_cluster_tcp_buffer_bytes",
                 "Bytes gossip TCP frame buffers hold now (bounded by the inbound buffer budget).",
+                &[],
+            ),
+            cluster_duplicate_names: counter(
+                "sluice_cluster_duplicate_names_total",
+                "Clashes of two live cluster members with one node name seen by this node; the later one leaves.",
+                &[],
+            ),
+            cluster_key_file_errors: counter(
+                "sluice_cluster_key_file_errors_total",
+                "Keyring changes (a key rotation) that could not be written back to [cluster] key_file.",
                 &[],
             ),
             limit_rejections: counter(

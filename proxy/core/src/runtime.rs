@@ -51,6 +51,9 @@ pub enum ApplyError {
     /// Reload without a file (demo mode).
     #[error("this proxy was not started from a config file, so there is nothing to reload")]
     NoConfigFile,
+    /// The `[cluster]` section changed in a way that needs a restart.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// What a successful reload did.
@@ -64,6 +67,8 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
     /// Things that need a restart to take effect.
     pub warnings: Vec<String>,
+    /// What changed in the cluster member (`keys`, `peers`, `hold and mass-failure settings`).
+    pub cluster: Vec<String>,
     /// What changed in the TLS certificates and client certificate checks.
     pub tls: Vec<String>,
 }
@@ -98,6 +103,11 @@ pub struct Runtime {
     pub cluster: std::sync::OnceLock<crate::cluster::ClusterHandle>,
     /// What the membership watcher last decided (held suspects, last-known-good pools).
     pub cluster_status: ArcSwap<crate::membership::RoutingStatus>,
+    /// The `[cluster]` hold and mass-failure settings in force (a reload may change them).
+    pub cluster_routing: ArcSwap<crate::membership::RoutingSettings>,
+    /// The keys the applied file's `[cluster]` section gave (to tell whether a reload changes
+    /// them; see [`crate::cluster_config::ClusterReload::keys`]).
+    cluster_keys: ColdLock<Vec<String>>,
     /// How backend host names are resolved (`[dns]`).
     resolver: ArcSwap<Resolver>,
     /// What else a reload updates (set once by the server).
@@ -134,6 +144,14 @@ impl Runtime {
             admin_lock: ColdLock::new(()),
             cluster: std::sync::OnceLock::new(),
             cluster_status: ArcSwap::from_pointee(Default::default()),
+            cluster_routing: ArcSwap::from_pointee(
+                config
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.get_ref().routing())
+                    .unwrap_or_default(),
+            ),
+            cluster_keys: ColdLock::new(cluster_keys(&config)),
             resolver: ArcSwap::from_pointee(Resolver::default()),
             reload_hook: std::sync::OnceLock::new(),
             spawning: std::sync::atomic::AtomicBool::new(false),
@@ -237,7 +255,7 @@ impl Runtime {
         self.metrics.reloads.with_label_values(&[label]).inc();
         match &result {
             Ok(r) => {
-                tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, tls = ?r.tls, "config reloaded");
+                tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, tls = ?r.tls, cluster = ?r.cluster, "config reloaded");
                 for w in &r.warnings {
                     tracing::warn!("reload: {w}");
                 }
@@ -278,6 +296,17 @@ impl Runtime {
                 Ok((host, r.path_prefix.clone(), rules))
             })
             .collect::<Result<Vec<_>, crate::config::ConfigError>>()?;
+        let new_keys = cluster_keys(&cfg);
+        let cluster = {
+            let old = self.config.load();
+            crate::cluster_config::reload_plan(
+                old.cluster.as_ref().map(|c| c.get_ref()),
+                cfg.cluster.as_ref().map(|c| c.get_ref()),
+                &self.cluster_keys.lock(),
+                &new_keys,
+            )
+            .map_err(ApplyError::Cluster)?
+        };
         let commit = match self.reload_hook.get() {
             Some(hook) => Some(hook.prepare(&cfg).map_err(ApplyError::Listeners)?),
             None => None,
@@ -333,7 +362,40 @@ impl Runtime {
         if let Some(commit) = commit {
             commit(&mut report);
         }
+        self.apply_cluster(cluster, new_keys, &mut report);
         Ok(report)
+    }
+
+    // Applies what a reload changes in the cluster member. The keys were validated with the
+    // config, so the keyring operations cannot be refused; a member that has stopped only
+    // logs.
+    fn apply_cluster(
+        &self,
+        plan: crate::cluster_config::ClusterReload,
+        keys: Vec<String>,
+        report: &mut ReloadReport,
+    ) {
+        *self.cluster_keys.lock() = keys;
+        if let Some(routing) = plan.routing {
+            self.cluster_routing.store(Arc::new(routing));
+            report.cluster.push("hold and mass-failure settings".into());
+        }
+        let Some(handle) = self.cluster.get() else {
+            return;
+        };
+        if let Some(keys) = &plan.keys {
+            match crate::membership::apply_keys(handle, keys) {
+                Ok(()) => report.cluster.push("keys".into()),
+                Err(e) => {
+                    tracing::error!(error = %e, "reload: the cluster keys could not be applied")
+                }
+            }
+        }
+        if let Some(peers) = plan.peers {
+            if handle.set_peers(peers).is_ok() {
+                report.cluster.push("peers".into());
+            }
+        }
     }
 
     /// The resolution state of `pc`'s host names. A name the running `pool` already has (with
@@ -627,6 +689,16 @@ fn plugin_error<'a>(pool: &'a str, plugin: &'a str) -> impl Fn(PluginError) -> A
 }
 
 /// Settings that only a restart applies.
+/// The keys a config's `[cluster]` section gives (empty without one or when unreadable: the
+/// config was validated, so only a key file changed since can make it unreadable).
+fn cluster_keys(cfg: &Config) -> Vec<String> {
+    cfg.cluster
+        .as_ref()
+        .and_then(|c| c.get_ref().to_config(&cfg.base_dir).ok())
+        .map(|c| c.keys)
+        .unwrap_or_default()
+}
+
 fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
     let mut warnings = crate::listener::restart_changes(old, new);
     if !old.access_log_writer_needed() && new.access_log_writer_needed() {

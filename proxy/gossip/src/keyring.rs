@@ -22,7 +22,7 @@
 //! The cluster name is the associated data, so a packet from another cluster that happens to
 //! share a key is rejected just like a forged one.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -134,6 +134,19 @@ impl Keyring {
             .collect()
     }
 
+    /// Fingerprints of the installed keys, primary first (see [`crate::rotation::fingerprint`]).
+    pub fn fingerprints(&self) -> Vec<crate::rotation::Fingerprint> {
+        self.keys
+            .iter()
+            .map(|k| crate::rotation::fingerprint_raw(&k.key))
+            .collect()
+    }
+
+    /// Removes every key but the primary (the last step of a rotation).
+    pub fn retain_primary(&mut self) {
+        self.keys.truncate(1);
+    }
+
     /// Adds a key for decryption (it does not become primary). Installing a present key is a no-op.
     pub fn install(&mut self, key: &str) -> Result<(), KeyError> {
         self.install_raw(parse_key(key)?);
@@ -211,6 +224,40 @@ impl Keyring {
             .find_map(|k| k.cipher.decrypt(nonce, Payload { msg: body, aad }).ok())
     }
 
+    /// [`Keyring::open`] on an owned buffer: the tag is checked on the ciphertext where it lies,
+    /// and only then is it decrypted in place, so a large frame is never copied before it
+    /// authenticates. Returns the buffer cut down to the plaintext.
+    pub fn open_in_place(&self, mut sealed: Vec<u8>, aad: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return None;
+        }
+        let id = sealed[0];
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&sealed[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN]);
+        let tag_at = sealed.len() - TAG_LEN;
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&sealed[tag_at..]);
+        let body = KEY_ID_LEN + NONCE_LEN..tag_at;
+        // aes-gcm checks the tag before it touches the buffer, so a key that fails leaves the
+        // ciphertext intact for the next candidate.
+        let opened = self.keys.iter().filter(|k| k.id == id).any(|k| {
+            k.cipher
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(&nonce),
+                    aad,
+                    &mut sealed[body.clone()],
+                    (&tag).into(),
+                )
+                .is_ok()
+        });
+        if !opened {
+            return None;
+        }
+        sealed.truncate(tag_at);
+        sealed.drain(..KEY_ID_LEN + NONCE_LEN);
+        Some(sealed)
+    }
+
     /// How many installed keys a message sealed under key id `id` would be tried with.
     pub fn candidates(&self, id: u8) -> usize {
         self.keys.iter().filter(|k| k.id == id).count()
@@ -227,6 +274,29 @@ mod tests {
         let sealed = ring.seal(b"hello", b"prod");
         assert_eq!(sealed.len(), 5 + SEAL_OVERHEAD);
         assert_eq!(ring.open(&sealed, b"prod").as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[test]
+    fn opening_in_place_matches_open_and_survives_a_failed_candidate() {
+        let (k1, k2) = (generate_key(), generate_key());
+        let ring = Keyring::from_base64(std::slice::from_ref(&k1)).unwrap();
+        let sealed = ring.seal(b"hello in place", b"prod");
+        assert_eq!(
+            ring.open_in_place(sealed.clone(), b"prod").as_deref(),
+            Some(&b"hello in place"[..])
+        );
+        assert_eq!(ring.open_in_place(sealed.clone(), b"dev"), None);
+        assert_eq!(ring.open_in_place(sealed[..10].to_vec(), b"prod"), None);
+        // Two installed keys under one id (forced): the wrong one is tried first and fails
+        // without damaging the buffer, the right one then opens it.
+        let mut both = Keyring::from_base64(&[k2, k1]).unwrap();
+        let id = both.keys[1].id;
+        both.keys[0].id = id;
+        assert_eq!(both.candidates(id), 2);
+        assert_eq!(
+            both.open_in_place(sealed, b"prod").as_deref(),
+            Some(&b"hello in place"[..])
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!   snapshot the proxy reads.
 //! - [`blobs`]: content addressed by the caller's digest, kept by a member and fetched by
 //!   others over the same authenticated TCP transport (the proxy's plugin rollout).
+//! - [`persist`]: the identity generation and the keyring kept on disk across restarts.
+//! - [`rotation`]: cluster-wide key rotation carried by gossip ([`ClusterHandle::rotate_key`]).
+//! - [`names`]: duplicate node names found while running; the newcomer gives its name up.
 //! - [`routing`]: what a proxy does with what it sees — when a suspect member's services are
 //!   held, and when to keep the last-known-good pools instead of following the view.
 //! - [`sim`]: many nodes in one process on virtual time over a seeded network (bursty and
@@ -49,8 +52,11 @@ pub mod clock;
 pub mod keyring;
 mod limits;
 pub mod message;
+pub mod names;
 pub mod node;
+pub mod persist;
 pub mod replay;
+pub mod rotation;
 pub mod routing;
 pub mod runtime;
 pub mod sim;
@@ -95,7 +101,8 @@ pub struct Service {
 /// [`ClusterHandle::set_meta`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeMeta {
-    /// Unique name in the cluster; a node whose name is alive elsewhere refuses to start.
+    /// Unique name in the cluster; a node whose name is alive elsewhere refuses to start, and
+    /// a clash found while running makes the newcomer leave (see [`names`]).
     pub name: String,
     /// Proxy or backend.
     pub role: Role,
@@ -250,6 +257,12 @@ pub struct ClusterConfig {
     /// node drops its metadata record, so the state each node holds is bounded by the members
     /// alive or gone within this time.
     pub forget_after: Duration,
+    /// Where the keyring is written back after every change (a rotation, a key operation),
+    /// atomically and with mode 0600; `None` keeps changes in memory only.
+    pub key_file: Option<std::path::PathBuf>,
+    /// Where the identity generation is kept across restarts ([`persist`]); `None` takes the
+    /// wall clock alone.
+    pub state_file: Option<std::path::PathBuf>,
     /// Datagram size and connection limits.
     pub transport: TransportConfig,
 }
@@ -258,13 +271,16 @@ pub struct ClusterConfig {
 /// bounded by these (see `docs/security.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportConfig {
-    /// Largest datagram sent, and received: longer ones are dropped before any decryption.
-    /// [`wire::MIN_UDP_PAYLOAD`]..=[`wire::MAX_UDP_PAYLOAD`], default
+    /// Largest datagram sent: the path MTU minus the IP and UDP headers (28 bytes over IPv4,
+    /// 48 over IPv6). [`wire::MIN_UDP_PAYLOAD`]..=[`wire::MAX_UDP_PAYLOAD`], default
     /// [`wire::DEFAULT_UDP_PAYLOAD`]. foca's packets are sized to fit it once sealed.
+    /// Datagrams are received up to [`wire::MAX_UDP_PAYLOAD`] whatever this says (longer ones
+    /// are dropped before any decryption), so the setting can be changed one member at a time.
     pub udp_payload_size: usize,
     /// Inbound TCP connections served at once; more are closed on accept and counted.
     pub tcp_max_connections: usize,
-    /// Inbound TCP connections served at once from one IP address.
+    /// Inbound TCP connections served at once from one source address: an IPv4 address, or an
+    /// IPv6 /64 (an IPv4-mapped IPv6 address counts as its IPv4 address).
     pub tcp_max_connections_per_addr: usize,
     /// Outbound stream exchanges (push-pulls, blob fetches, large packets, fallback probes) in
     /// flight at once; more are skipped and counted (gossip retries on its own).
@@ -295,7 +311,7 @@ impl TransportConfig {
         let (min, max) = (wire::MIN_UDP_PAYLOAD, wire::MAX_UDP_PAYLOAD);
         if !(min..=max).contains(&self.udp_payload_size) {
             return Err(format!(
-                "udp_payload_size = {} is out of range; use {min} to {max} bytes (default {}; the path MTU minus 28 bytes of IPv4/UDP headers, e.g. 1392 under WireGuard)",
+                "udp_payload_size = {} is out of range; use {min} to {max} bytes (default {}; the path MTU minus 28 bytes of IPv4/UDP headers or 48 of IPv6/UDP, e.g. 1392 under WireGuard over IPv4)",
                 self.udp_payload_size,
                 wire::DEFAULT_UDP_PAYLOAD
             ));
@@ -356,6 +372,8 @@ impl ClusterConfig {
             expected_size: DEFAULT_EXPECTED_SIZE,
             forget_after: DEFAULT_FORGET_AFTER,
             transport: TransportConfig::default(),
+            key_file: None,
+            state_file: None,
         }
     }
 }
@@ -378,13 +396,21 @@ pub enum ClusterError {
     #[error("cluster config: {0}")]
     Config(String),
     /// Another live member already uses this node's name.
-    #[error("the name {name:?} is already used by the live member at {other}; give this node a unique name")]
+    #[error("the name {name:?} of this node ({this}) is already used by the live member at {other}; give this node a unique [cluster] node_name (or stop the other member first)")]
     NameConflict {
         /// The contested name.
         name: String,
+        /// This node's gossip address.
+        this: SocketAddr,
         /// Gossip address of the member that has it.
         other: SocketAddr,
     },
+    /// A cluster-wide key rotation did not complete.
+    #[error("key rotation: {0}")]
+    Rotation(String),
+    /// A state or key file could not be read or written.
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     /// The cluster task has stopped (after `leave`, or it panicked).
     #[error("the cluster task has stopped")]
     Stopped,
@@ -475,6 +501,14 @@ mod tests {
         assert_eq!(
             cfg.max_packet_size,
             foca_packet_size(wire::DEFAULT_UDP_PAYLOAD)
+        );
+    }
+
+    #[test]
+    fn the_largest_foca_body_accepted_is_the_largest_datagram_s_packet() {
+        assert_eq!(
+            wire::MAX_FOCA_BODY,
+            foca_packet_size(wire::MAX_UDP_PAYLOAD).get()
         );
     }
 

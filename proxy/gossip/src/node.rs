@@ -1185,8 +1185,10 @@ impl Node {
         }
         let reply = match kind {
             Kind::Foca => {
-                // A foca packet that did not fit a datagram (not produced by this version, but
-                // accepted so the size limit can change without a flag day).
+                // A foca packet sent as a frame: this version never does (its packets fit its
+                // datagrams, and datagrams up to the largest allowed size are received whatever
+                // udp_payload_size says, which is what lets the setting change node by node).
+                // Accepted all the same, within the kind's limit (wire::Kind::max_body).
                 if self.foca.handle_data(body, &mut self.outbox).is_err() {
                     self.errors.foca += 1;
                 }

@@ -8,20 +8,30 @@
 //! turning Suspect reaches the proxy within the same event-loop turn foca decided it.
 //!
 //! # What an unauthenticated sender can cost
-//! - A datagram: one `recv` and, if it is no longer than the UDP payload size and names an
-//!   installed key id, one AES-GCM decryption of at most that size (no key id match: none).
+//! - A datagram: one `recv` and, if it is no longer than [`wire::MAX_UDP_PAYLOAD`] (whatever
+//!   this node sends: see [`TransportConfig::udp_payload_size`]) and names an installed key id,
+//!   one AES-GCM decryption of at most that size (no key id match: none).
 //! - A TCP connection: a slot among [`TransportConfig::tcp_max_connections`] (and
-//!   [`TransportConfig::tcp_max_connections_per_addr`] for its IP) for at most
-//!   [`HEADER_TIMEOUT`] unless it sends a length prefix, then for at most the stream timeout;
-//!   the frame's buffer grows only as bytes arrive and all inbound frames together hold at most
-//!   [`INBOUND_BUFFER_BUDGET`] bytes. Refusals are counted in [`Stats`].
+//!   [`TransportConfig::tcp_max_connections_per_addr`] for its IPv4 address or IPv6 /64) for at
+//!   most [`HEADER_TIMEOUT`] unless it sends a length prefix, then for at most the stream
+//!   timeout; the frame's buffer grows only as bytes arrive, all inbound frames together hold
+//!   at most [`INBOUND_BUFFER_BUDGET`] bytes and those from one address at most
+//!   [`INBOUND_BUFFER_PER_SOURCE`]. Refusals are counted in [`Stats`].
 //! - A replayed authenticated message: one decryption, then the [`crate::replay`] window
 //!   refuses it.
+//!
+//! A key holder can do more: its frames are decrypted (those over 64 KiB on a blocking
+//! thread, two at a time, so the member's task keeps running) and inflated, each body to at
+//! most its kind's limit ([`Kind::max_body`]: a foca packet, a blob key, a frame), an inbound
+//! frame's inflated body counted in the inbound budget until the member's task has consumed
+//! it; and it can hold a connection for the stream timeout to send its frame and again while
+//! the reply is written (about 10 s).
 
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -32,9 +42,13 @@ use tokio::time::{timeout, Instant};
 
 use super::blobs::{self, BlobError, BlobKey, BlobStore};
 use super::keyring::Keyring;
-use super::limits::{BufferGrant, InboundSlot, InboundSlots};
+use super::limits::{BufferBudget, BufferGrant, InboundSlot, InboundSlots};
+use super::names::{self, Clash};
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
+use super::persist;
 use super::replay::{Refusal, ReplayGuard};
+pub use super::rotation::RotationReport;
+use super::rotation::{self, KeyringState, Phase, Rotation};
 use super::wire::{self, Kind, Message, OpenError, Stamp};
 use super::{
     foca_packet_size, profile_settings, ClusterConfig, ClusterError, MemberInfo, NodeMeta, Profile,
@@ -44,7 +58,13 @@ use crate::clock::now_ms;
 
 // One stream exchange (connect, write, read) must finish within this.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
-pub use super::limits::{HEADER_TIMEOUT, INBOUND_BUFFER_BUDGET};
+pub use super::limits::{
+    HEADER_TIMEOUT, INBOUND_BUFFER_BUDGET, INBOUND_BUFFER_PER_SOURCE, REPLY_BUFFER_BUDGET,
+};
+// Frames larger than this are opened (decrypted, inflated) on a blocking thread, at most
+// OPENERS at a time, so that a few large frames never stall the member's task.
+const BLOCKING_OPEN_MIN: usize = 64 * 1024;
+const OPENERS: usize = 2;
 
 /// Transport counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -65,9 +85,13 @@ pub struct Stats {
     pub rejected_decrypt: u64,
     /// Authenticated messages that were malformed or refused by the protocol.
     pub malformed: u64,
+    /// Authenticated messages whose body, inflated, is larger than its kind allows (a foca
+    /// packet, a blob key, a frame): refused as soon as the inflated bytes pass the limit.
+    pub oversized_bodies: u64,
     /// Authenticated datagrams dropped because the member's task did not keep up.
     pub inbound_dropped: u64,
-    /// Datagrams longer than the UDP payload size, dropped before any decryption.
+    /// Datagrams longer than the largest allowed UDP payload size ([`wire::MAX_UDP_PAYLOAD`],
+    /// whatever this member sends), dropped before any decryption.
     pub udp_oversized: u64,
     /// Authenticated messages refused by the replay window: seen before, older than the
     /// window, or sent further than the allowed clock skew from now.
@@ -77,8 +101,9 @@ pub struct Stats {
     /// Inbound TCP connections closed because their frame did not arrive in time: no length
     /// prefix within [`HEADER_TIMEOUT`], or not the whole frame within the stream timeout.
     pub tcp_timeouts: u64,
-    /// TCP frames refused unparsed: a declared length above the frame limit, or more buffer
-    /// than the inbound budget had left.
+    /// TCP frames refused: a declared length above the frame limit (or, for a reply, above
+    /// what its kind needs), or more buffer (the frame, or its inflated body) than its budget
+    /// or its source address's share had left.
     pub tcp_frames_refused: u64,
     /// Outbound stream exchanges not started because the outbound limit was reached.
     pub outbound_skipped: u64,
@@ -93,15 +118,19 @@ pub struct Stats {
     /// Authenticated messages of a kind a newer version added, skipped (a mixed-version
     /// cluster during an upgrade; see [`crate::message`]).
     pub unknown_skipped: u64,
-    /// Bytes TCP frame buffers hold now (rounded up to KiB per frame); at most
-    /// [`INBOUND_BUFFER_BUDGET`]. A gauge, not a counter.
+    /// Bytes TCP frame buffers and inflated bodies hold now (rounded up to KiB per frame); at
+    /// most [`INBOUND_BUFFER_BUDGET`] plus [`REPLY_BUFFER_BUDGET`]. A gauge, not a counter.
     pub tcp_buffer_bytes: u64,
+    /// Clashes of two alive members with one name seen by this member (each counted once).
+    pub duplicate_names: u64,
+    /// Keyring changes that could not be written to the key file.
+    pub key_file_errors: u64,
 }
 
 impl Stats {
     /// Every counter but the byte counts, by name (the field names): what the proxy exports
     /// as `sluice_cluster_transport_total{event}`.
-    pub fn events(&self) -> [(&'static str, u64); 17] {
+    pub fn events(&self) -> [(&'static str, u64); 18] {
         [
             ("udp_sent", self.udp_sent),
             ("udp_received", self.udp_received),
@@ -110,6 +139,7 @@ impl Stats {
             ("rejected_decrypt", self.rejected_decrypt),
             ("rejected_replay", self.rejected_replay),
             ("malformed", self.malformed),
+            ("oversized_bodies", self.oversized_bodies),
             ("inbound_dropped", self.inbound_dropped),
             ("udp_oversized", self.udp_oversized),
             ("tcp_refused", self.tcp_refused),
@@ -124,6 +154,12 @@ impl Stats {
     }
 }
 
+pub(crate) fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[derive(Default)]
 struct Counters {
     udp_sent: AtomicU64,
@@ -134,6 +170,7 @@ struct Counters {
     bytes_received: AtomicU64,
     rejected_decrypt: AtomicU64,
     malformed: AtomicU64,
+    oversized_bodies: AtomicU64,
     inbound_dropped: AtomicU64,
     udp_oversized: AtomicU64,
     rejected_replay: AtomicU64,
@@ -146,6 +183,8 @@ struct Counters {
     // Copied from the node's own counters after every turn.
     metadata_refused: AtomicU64,
     unknown_skipped: AtomicU64,
+    duplicate_names: AtomicU64,
+    key_file_errors: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -153,10 +192,10 @@ fn add(c: &AtomicU64, n: usize) {
 }
 
 // State shared by the handle, the driver and the I/O tasks.
-struct Shared {
+pub(crate) struct Shared {
     cluster_name: String,
     compression: bool,
-    keyring: ArcSwap<Keyring>,
+    pub(crate) keyring: ArcSwap<Keyring>,
     // Serializes keyring edits (load-modify-store); readers never take it.
     keyring_edit: Mutex<()>,
     members: ArcSwap<Vec<MemberInfo>>,
@@ -170,9 +209,17 @@ struct Shared {
     sealed: AtomicU64,
     replay: Mutex<ReplayGuard>,
     inbound: Arc<InboundSlots>,
-    // Bytes of TCP frame buffers, in KiB: see INBOUND_BUFFER_BUDGET.
-    buffers: Arc<Semaphore>,
+    // Inbound frames and their inflated bodies (INBOUND_BUFFER_BUDGET), and the replies to our
+    // own requests (REPLY_BUFFER_BUDGET).
+    buffers: Arc<BufferBudget>,
+    replies: Arc<BufferBudget>,
+    // Places on a blocking thread for opening large frames (BLOCKING_OPEN_MIN).
+    openers: Arc<Semaphore>,
     outbound: Arc<Semaphore>,
+    // Why this member stopped on its own: (name, the member that keeps it). Set once.
+    refusal: OnceLock<(String, SocketAddr)>,
+    // Where the keyring is written back, if anywhere.
+    key_file: Option<PathBuf>,
 }
 
 fn wall_clock_s() -> u64 {
@@ -201,8 +248,9 @@ impl Shared {
         )
     }
 
-    // Opens a received message, counting what is dropped.
-    fn open(&self, sealed: &[u8]) -> Option<Message> {
+    // Opens a received message, counting what is dropped; `grow` is asked before an inflated
+    // body's buffer grows.
+    fn open(&self, sealed: Vec<u8>, grow: impl FnMut(usize) -> bool) -> Option<Message> {
         let fresh = |stamp: &Stamp| {
             let mut guard = self.replay.lock().unwrap_or_else(|e| e.into_inner());
             match guard.accept(stamp, wall_clock_s()) {
@@ -215,10 +263,19 @@ impl Shared {
                 }
             }
         };
-        match wire::open(&self.keyring.load(), &self.cluster_name, sealed, fresh) {
+        let ring = self.keyring.load();
+        match wire::open_owned(&ring, &self.cluster_name, sealed, fresh, grow) {
             Ok(m) => Some(m),
             Err(OpenError::Decrypt) => {
                 add(&self.counters.rejected_decrypt, 1);
+                None
+            }
+            Err(OpenError::Wire(wire::WireError::TooLarge)) => {
+                add(&self.counters.oversized_bodies, 1);
+                None
+            }
+            Err(OpenError::Wire(wire::WireError::OverBudget)) => {
+                add(&self.counters.tcp_frames_refused, 1);
                 None
             }
             Err(OpenError::Wire(_)) => {
@@ -241,16 +298,41 @@ impl Shared {
         slot
     }
 
-    // Reads one frame within the buffer budget: the frame and the share it holds, or None
+    // Opens a TCP frame whose buffer `grant` holds; the grant grows to hold the inflated body
+    // too and is returned with the message, to be dropped once the body is consumed. Large
+    // frames are opened on a blocking thread.
+    async fn open_frame(
+        self: &Arc<Self>,
+        frame: Vec<u8>,
+        mut grant: BufferGrant,
+    ) -> Option<(Message, BufferGrant)> {
+        let held = frame.capacity();
+        let open = move |shared: &Shared| {
+            let m = shared.open(frame, |cap| grant.grow(held + cap))?;
+            Some((m, grant))
+        };
+        if held <= BLOCKING_OPEN_MIN {
+            return open(self);
+        }
+        // Waiting here is bounded: every waiter holds a connection place and buffer budget.
+        let _place = self.openers.clone().acquire_owned().await.ok()?;
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || open(&shared))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    // Reads one frame within `grant`'s budget: the frame and the share it holds, or None
     // (a refused length or budget is counted; I/O errors are the caller's timeout or the
     // peer's business).
     async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
         &self,
         r: &mut R,
         len: usize,
+        mut grant: BufferGrant,
     ) -> Option<(Vec<u8>, BufferGrant)> {
-        let mut grant = BufferGrant::default();
-        match wire::read_frame_body(r, len, |cap| grant.grow(&self.buffers, cap)).await {
+        match wire::read_frame_body(r, len, |cap| grant.grow(cap)).await {
             Ok(frame) => Some((frame, grant)),
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::OutOfMemory {
@@ -261,8 +343,12 @@ impl Shared {
         }
     }
 
-    async fn read_frame_len<R: tokio::io::AsyncRead + Unpin>(&self, r: &mut R) -> Option<usize> {
-        match wire::read_frame_len(r, wire::MAX_FRAME).await {
+    async fn read_frame_len<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        max: usize,
+    ) -> Option<usize> {
+        match wire::read_frame_len(r, max).await {
             Ok(len) => Some(len),
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::InvalidData {
@@ -284,34 +370,52 @@ impl Shared {
         Ok(())
     }
 
-    // One sealed request and its opened reply over a fresh TCP connection, counted, within
+    // One sealed request and its opened reply (a frame of at most `max_reply` bytes, held in
+    // the replies' budget by the returned grant) over a fresh TCP connection, counted, within
     // `limit`; `None` on any failure (unreachable, timeout, closed early, refused reply).
-    async fn round_trip(&self, to: SocketAddr, sealed: &[u8], limit: Duration) -> Option<Message> {
+    async fn round_trip(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        sealed: &[u8],
+        limit: Duration,
+        max_reply: usize,
+    ) -> Option<(Message, BufferGrant)> {
         let run = async {
             let mut stream = TcpStream::connect(to).await.ok()?;
             wire::write_frame(&mut stream, sealed).await.ok()?;
             add(&self.counters.tcp_sent, 1);
             add(&self.counters.bytes_sent, sealed.len() + 4);
-            let len = self.read_frame_len(&mut stream).await?;
-            let (reply, _grant) = self.read_frame(&mut stream, len).await?;
+            let len = self.read_frame_len(&mut stream, max_reply).await?;
+            let grant = self.replies.grant(None);
+            let (reply, grant) = self.read_frame(&mut stream, len, grant).await?;
             add(&self.counters.tcp_received, 1);
             add(&self.counters.bytes_received, reply.len() + 4);
-            self.open(&reply)
+            self.open_frame(reply, grant).await
         };
         timeout(limit, run).await.ok().flatten()
     }
 
-    // One push-pull exchange over TCP; `None` on any failure (no outbound slot, unreachable,
-    // timeout, bad reply).
-    async fn exchange(&self, to: SocketAddr, body: &[u8]) -> Option<Vec<u8>> {
+    // One push-pull exchange over TCP: the reply's body and the budget it holds; `None` on any
+    // failure (no outbound slot, unreachable, timeout, bad reply).
+    async fn exchange(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        body: &[u8],
+    ) -> Option<(Vec<u8>, BufferGrant)> {
         let _slot = self.outbound_slot()?;
         let sealed = self.seal(Kind::PushPull, body);
-        match self.round_trip(to, &sealed, STREAM_TIMEOUT).await? {
-            Message {
-                kind: Kind::PushPullReply,
-                body,
-                ..
-            } => Some(body),
+        match self
+            .round_trip(to, &sealed, STREAM_TIMEOUT, wire::MAX_FRAME)
+            .await?
+        {
+            (
+                Message {
+                    kind: Kind::PushPullReply,
+                    body,
+                    ..
+                },
+                held,
+            ) => Some((body, held)),
             _ => {
                 add(&self.counters.malformed, 1);
                 None
@@ -321,15 +425,19 @@ impl Shared {
 
     // Asks `from` for a blob (see the blobs module for the exchange). Unlike gossip, a fetch
     // waits (within the stream timeout) for an outbound slot.
-    async fn fetch_blob(&self, from: SocketAddr, key: &BlobKey) -> Result<Vec<u8>, BlobError> {
+    async fn fetch_blob(
+        self: &Arc<Self>,
+        from: SocketAddr,
+        key: &BlobKey,
+    ) -> Result<Vec<u8>, BlobError> {
         let _slot = timeout(STREAM_TIMEOUT, self.outbound.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
             .ok_or(BlobError::Unreachable(from))?;
         let sealed = self.seal(Kind::BlobGet, key);
-        let reply = self
-            .round_trip(from, &sealed, STREAM_TIMEOUT)
+        let (reply, _held) = self
+            .round_trip(from, &sealed, STREAM_TIMEOUT, wire::MAX_FRAME)
             .await
             .ok_or(BlobError::Unreachable(from))?;
         let parsed = match reply {
@@ -351,11 +459,20 @@ impl Shared {
     }
 
     // Sends foca's ping over TCP and returns the ack it gets back within `within`.
-    async fn probe(&self, to: SocketAddr, ping: &[u8], within: Duration) -> Option<Vec<u8>> {
+    async fn probe(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        ping: &[u8],
+        within: Duration,
+    ) -> Option<Vec<u8>> {
         let _slot = self.outbound_slot()?;
         add(&self.counters.probe_fallbacks, 1);
         let sealed = self.seal(Kind::Probe, ping);
-        match self.round_trip(to, &sealed, within).await? {
+        // An ack is a foca packet: it fits the largest datagram once sealed.
+        let (reply, _held) = self
+            .round_trip(to, &sealed, within, wire::MAX_UDP_PAYLOAD)
+            .await?;
+        match reply {
             Message {
                 kind: Kind::ProbeAck,
                 body,
@@ -387,19 +504,27 @@ impl Shared {
     }
 }
 
-enum Command {
+pub(crate) enum Command {
     SetMeta(NodeMeta),
     Leave(oneshot::Sender<()>),
+    // The keyring was edited through the handle: publish and persist it.
+    KeyringChanged,
+    // The rotation this member coordinates (None: none any more).
+    Rotate(Option<Rotation>),
+    SetPeers(Vec<String>),
 }
 
+// What reaches the driver. A body that came over TCP travels with the buffer budget it
+// holds, given back once the driver has handled it.
 enum Inbound {
-    Packet(Vec<u8>),
+    Packet(Vec<u8>, BufferGrant),
     Stream {
         kind: Kind,
         body: Vec<u8>,
+        held: BufferGrant,
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
-    StreamReply(Vec<u8>),
+    StreamReply(Vec<u8>, BufferGrant),
     Seeds(Vec<SocketAddr>),
 }
 
@@ -412,8 +537,8 @@ pub struct Cluster;
 /// down) when the last one is dropped. Call [`ClusterHandle::leave`] for a graceful exit.
 #[derive(Clone)]
 pub struct ClusterHandle {
-    shared: Arc<Shared>,
-    commands: mpsc::UnboundedSender<Command>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
     changes: watch::Receiver<u64>,
 }
 
@@ -459,19 +584,60 @@ impl ClusterHandle {
         rx.await.map_err(|_| ClusterError::Stopped)
     }
 
-    /// Adds a decryption key (base64).
+    /// Adds a decryption key (base64) on this member only (see [`ClusterHandle::rotate_key`]
+    /// for the whole cluster). Written back to the key file, if any.
     pub fn keyring_install(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.install(key))
+        self.shared.edit_keyring(|r| r.install(key))?;
+        self.keyring_changed()
     }
 
-    /// Makes an installed key the one that encrypts.
+    /// Makes an installed key the one that encrypts, on this member only.
     pub fn keyring_use(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.use_key(key))
+        self.shared.edit_keyring(|r| r.use_key(key))?;
+        self.keyring_changed()
     }
 
-    /// Removes a key; the primary key cannot be removed.
+    /// Removes a key on this member only; the primary key cannot be removed.
     pub fn keyring_remove(&self, key: &str) -> Result<(), ClusterError> {
-        self.shared.edit_keyring(|r| r.remove(key))
+        self.shared.edit_keyring(|r| r.remove(key))?;
+        self.keyring_changed()
+    }
+
+    fn keyring_changed(&self) -> Result<(), ClusterError> {
+        self.commands
+            .send(Command::KeyringChanged)
+            .map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Whether keyring changes are written back to a key file.
+    pub fn keys_persisted(&self) -> bool {
+        self.shared.key_file.is_some()
+    }
+
+    /// Replaces the seeds retried while no member is reachable (a reload of `peers`).
+    pub fn set_peers(&self, peers: Vec<String>) -> Result<(), ClusterError> {
+        self.commands
+            .send(Command::SetPeers(peers))
+            .map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Waits until the member stops. Returns why when it stopped on its own: it gave its name
+    /// up to an older member ([`ClusterError::NameConflict`], see [`crate::names`]).
+    pub async fn stopped(&self) -> Option<ClusterError> {
+        self.commands.closed().await;
+        self.refusal()
+    }
+
+    /// Why the member stopped on its own, if it did.
+    pub fn refusal(&self) -> Option<ClusterError> {
+        self.shared
+            .refusal
+            .get()
+            .map(|(name, other)| ClusterError::NameConflict {
+                name: name.clone(),
+                this: self.shared.gossip_addr,
+                other: *other,
+            })
     }
 
     /// Installed keys (base64), primary first.
@@ -492,6 +658,7 @@ impl ClusterHandle {
             bytes_received: get(&c.bytes_received),
             rejected_decrypt: get(&c.rejected_decrypt),
             malformed: get(&c.malformed),
+            oversized_bodies: get(&c.oversized_bodies),
             inbound_dropped: get(&c.inbound_dropped),
             udp_oversized: get(&c.udp_oversized),
             rejected_replay: get(&c.rejected_replay),
@@ -503,10 +670,9 @@ impl ClusterHandle {
             probe_fallback_acks: get(&c.probe_fallback_acks),
             metadata_refused: get(&c.metadata_refused),
             unknown_skipped: get(&c.unknown_skipped),
-            tcp_buffer_bytes: (INBOUND_BUFFER_BUDGET / 1024)
-                .saturating_sub(self.shared.buffers.available_permits())
-                as u64
-                * 1024,
+            tcp_buffer_bytes: (self.shared.buffers.held() + self.shared.replies.held()) as u64,
+            duplicate_names: get(&c.duplicate_names),
+            key_file_errors: get(&c.key_file_errors),
         }
     }
 
@@ -638,21 +804,36 @@ impl Cluster {
                 config.transport.tcp_max_connections,
                 config.transport.tcp_max_connections_per_addr,
             ),
-            buffers: Arc::new(Semaphore::new(INBOUND_BUFFER_BUDGET / 1024)),
+            buffers: BufferBudget::new(INBOUND_BUFFER_BUDGET, INBOUND_BUFFER_PER_SOURCE),
+            replies: BufferBudget::new(REPLY_BUFFER_BUDGET, REPLY_BUFFER_BUDGET),
+            openers: Arc::new(Semaphore::new(OPENERS)),
             outbound: Arc::new(Semaphore::new(config.transport.max_outbound_streams)),
+            refusal: OnceLock::new(),
+            key_file: config.key_file.clone(),
         });
 
         let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
         foca_cfg.remove_down_after = Some(config.forget_after);
         foca_cfg.max_packet_size = foca_packet_size(config.transport.udp_payload_size);
-        // Wall-clock milliseconds: a restarted node outranks its previous identity.
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        // A restarted node must outrank its previous identity, whatever the clock did.
+        let persisted = match &config.state_file {
+            Some(path) => persist::read_generation(path)?,
+            None => None,
+        };
+        let generation = persist::next_generation(wall_clock_ms(), persisted);
+        if let Some(path) = &config.state_file {
+            persist::write_generation(path, generation)?;
+        }
         let id = NodeId {
             addr: gossip_addr,
             generation,
         };
+        let base_meta = meta.clone();
+        let mut meta = meta;
+        meta.extensions.insert(
+            rotation::EXTENSION.to_string(),
+            KeyringState::of_ring(&shared.keyring.load(), None, 0).encode(),
+        );
         let mut node = Node::new(
             id,
             meta.clone(),
@@ -691,6 +872,12 @@ impl Cluster {
             seed_delay: seed_backoff(config.profile).0,
             changes: changes_tx,
             dropped_seen: 0,
+            base_meta,
+            rotation: None,
+            applied: (0, Phase::Install),
+            state_file: config.state_file.clone(),
+            clashes_seen: std::collections::HashSet::new(),
+            refuse: false,
         };
         tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
         Ok(ClusterHandle {
@@ -703,7 +890,7 @@ impl Cluster {
 
 // Pulls the state from a seed and checks the name; returns the resolved seeds.
 async fn join_check(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     config: &ClusterConfig,
     meta: &NodeMeta,
     node: &mut Node,
@@ -724,7 +911,8 @@ async fn join_check(
         seeds = resolve(&config.peers, shared.gossip_addr).await;
         for seed in &seeds {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some(reply)) = timeout(left, shared.exchange(*seed, &empty)).await else {
+            let Ok(Some((reply, _held))) = timeout(left, shared.exchange(*seed, &empty)).await
+            else {
                 continue;
             };
             let Some(state) = PushPullState::decode(&reply) else {
@@ -733,6 +921,7 @@ async fn join_check(
             if let Some(other) = state.name_taken(&meta.name, shared.gossip_addr) {
                 return Err(ClusterError::NameConflict {
                     name: meta.name.clone(),
+                    this: shared.gossip_addr,
                     other,
                 });
             }
@@ -747,9 +936,11 @@ async fn join_check(
 }
 
 async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender<Inbound>) {
-    // One byte more than the largest valid datagram: a longer one is truncated to this, which
-    // is how we tell it was too long.
-    let max = shared.transport.udp_payload_size;
+    // Datagrams up to the largest allowed size are accepted whatever this node sends
+    // (udp_payload_size applies to sending), so the setting can change one node at a time.
+    // One byte more: a longer datagram is truncated to this, which is how we tell it was too
+    // long.
+    let max = wire::MAX_UDP_PAYLOAD;
     let mut buf = vec![0u8; max + 1];
     loop {
         let Ok((n, _from)) = udp.recv_from(&mut buf).await else {
@@ -762,14 +953,14 @@ async fn udp_receiver(shared: Arc<Shared>, udp: Arc<UdpSocket>, tx: mpsc::Sender
             add(&shared.counters.udp_oversized, 1);
             continue;
         }
-        match shared.open(&buf[..n]) {
+        match shared.open(buf[..n].to_vec(), |_| true) {
             Some(Message {
                 kind: Kind::Foca,
                 body,
                 ..
             }) => {
                 // Under overload drop rather than queue without bound: SWIM tolerates loss.
-                match tx.try_send(Inbound::Packet(body)) {
+                match tx.try_send(Inbound::Packet(body, BufferGrant::default())) {
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         add(&shared.counters.inbound_dropped, 1)
@@ -795,7 +986,14 @@ async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener, tx: mpsc::Send
             add(&shared.counters.tcp_refused, 1);
             continue;
         };
-        tokio::spawn(serve_stream(shared.clone(), stream, tx.clone(), slot));
+        let grant = shared.buffers.grant(Some(from.ip()));
+        tokio::spawn(serve_stream(
+            shared.clone(),
+            stream,
+            tx.clone(),
+            slot,
+            grant,
+        ));
     }
 }
 
@@ -804,14 +1002,20 @@ async fn serve_stream(
     mut stream: TcpStream,
     tx: mpsc::Sender<Inbound>,
     _slot: InboundSlot,
+    grant: BufferGrant,
 ) {
     let started = Instant::now();
-    let Ok(len) = timeout(HEADER_TIMEOUT, shared.read_frame_len(&mut stream)).await else {
+    let Ok(len) = timeout(
+        HEADER_TIMEOUT,
+        shared.read_frame_len(&mut stream, wire::MAX_FRAME),
+    )
+    .await
+    else {
         add(&shared.counters.tcp_timeouts, 1);
         return;
     };
     let Some(len) = len else { return };
-    let read = shared.read_frame(&mut stream, len);
+    let read = shared.read_frame(&mut stream, len, grant);
     let (frame, grant) = match timeout(STREAM_TIMEOUT.saturating_sub(started.elapsed()), read).await
     {
         Ok(Some(read)) => read,
@@ -824,15 +1028,15 @@ async fn serve_stream(
     let run = async {
         add(&shared.counters.tcp_received, 1);
         add(&shared.counters.bytes_received, frame.len() + 4);
-        let Message { kind, body, .. } = shared.open(&frame)?;
-        drop((frame, grant));
+        let (Message { kind, body, .. }, held) = shared.open_frame(frame, grant).await?;
         match kind {
-            Kind::Foca => tx.send(Inbound::Packet(body)).await.ok(),
+            Kind::Foca => tx.send(Inbound::Packet(body, held)).await.ok(),
             Kind::PushPull | Kind::Probe => {
                 let (reply_tx, reply_rx) = oneshot::channel();
                 tx.send(Inbound::Stream {
                     kind,
                     body,
+                    held,
                     reply: reply_tx,
                 })
                 .await
@@ -907,6 +1111,17 @@ struct Driver {
     changes: watch::Sender<u64>,
     // inbound_dropped as last reported to the node's local health.
     dropped_seen: u64,
+    // The metadata the owner set; the keyring extension is added on publishing.
+    base_meta: NodeMeta,
+    // The rotation this member coordinates.
+    rotation: Option<Rotation>,
+    // The highest rotation step applied to the keyring.
+    applied: (u64, Phase),
+    state_file: Option<PathBuf>,
+    // Name clashes already counted and logged.
+    clashes_seen: std::collections::HashSet<Clash>,
+    // This member gave its name up: leave and stop.
+    refuse: bool,
 }
 
 impl Driver {
@@ -927,15 +1142,33 @@ impl Driver {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break,
-                    Some(Command::SetMeta(meta)) => self.node.set_meta(meta),
+                    Some(Command::SetMeta(meta)) => {
+                        self.base_meta = meta;
+                        self.publish_meta();
+                    }
                     Some(Command::Leave(done)) => leaving = Some(done),
+                    Some(Command::KeyringChanged) => {
+                        self.persist_keys();
+                        self.publish_meta();
+                    }
+                    Some(Command::Rotate(r)) => {
+                        self.rotation = r;
+                        self.follow_rotation();
+                        self.publish_meta();
+                    }
+                    Some(Command::SetPeers(peers)) => {
+                        self.peers = peers;
+                        self.seed_delay = self.backoff.0;
+                        self.next_seed_try = Instant::now();
+                    }
                 },
                 Some(msg) = inbound.recv() => match msg {
-                    Inbound::Packet(body) => self.node.handle_packet(&body),
-                    Inbound::Stream { kind, body, reply } => {
+                    // Each body's budget (`_held`) is given back at the end of its arm.
+                    Inbound::Packet(body, _held) => self.node.handle_packet(&body),
+                    Inbound::Stream { kind, body, held: _held, reply } => {
                         let _ = reply.send(self.node.handle_stream(kind, &body));
                     }
-                    Inbound::StreamReply(body) => {
+                    Inbound::StreamReply(body, _held) => {
                         self.node.handle_stream(Kind::PushPullReply, &body);
                     }
                     Inbound::Seeds(seeds) => self.node.join(&seeds),
@@ -969,6 +1202,13 @@ impl Driver {
                 break;
             }
             self.flush().await;
+            if self.refuse {
+                // Another member keeps our name: leave, so the others see us go at once.
+                self.node.leave();
+                self.flush_leaving().await;
+                commands.close();
+                break;
+            }
         }
         for t in io_tasks {
             t.abort();
@@ -977,14 +1217,25 @@ impl Driver {
 
     // Carries out the node's outputs and publishes membership changes.
     async fn flush(&mut self) {
+        // A second round only when following a rotation changed our keyring state: that
+        // state is news for the others at once.
+        for _ in 0..2 {
+            if !self.flush_once().await {
+                break;
+            }
+        }
+    }
+
+    // One round of flush; returns whether our metadata changed meanwhile.
+    async fn flush_once(&mut self) -> bool {
         for out in self.node.take_outputs() {
             match out {
                 Output::Packet { to, body } => self.send_packet(to, &body).await,
                 Output::PushPull { to, body } => {
                     let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
                     tokio::spawn(async move {
-                        if let Some(reply) = shared.exchange(to, &body).await {
-                            let _ = tx.send(Inbound::StreamReply(reply)).await;
+                        if let Some((reply, held)) = shared.exchange(to, &body).await {
+                            let _ = tx.send(Inbound::StreamReply(reply, held)).await;
                         }
                     });
                 }
@@ -992,7 +1243,7 @@ impl Driver {
                     let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
                     tokio::spawn(async move {
                         if let Some(ack) = shared.probe(to, &body, within).await {
-                            let _ = tx.send(Inbound::Packet(ack)).await;
+                            let _ = tx.send(Inbound::Packet(ack, BufferGrant::default())).await;
                         }
                     });
                 }
@@ -1014,6 +1265,7 @@ impl Driver {
                     self.next_seed_try = Instant::now() + self.backoff.0;
                 }
                 Event::Active => self.seed_delay = self.backoff.0,
+                Event::Rejoined => self.persist_generation(),
                 _ => {}
             }
         }
@@ -1029,9 +1281,121 @@ impl Driver {
         if let Some(t) = self.node.take_tuning_change() {
             self.shared.tuning.store(Arc::new(t));
         }
-        if self.node.refresh(now_ms()) {
-            self.shared.members.store(Arc::new(self.node.members()));
-            self.changes.send_modify(|v| *v += 1);
+        if !self.node.refresh(now_ms()) {
+            return false;
+        }
+        self.shared.members.store(Arc::new(self.node.members()));
+        self.changes.send_modify(|v| *v += 1);
+        self.check_names();
+        if self.follow_rotation() {
+            self.publish_meta();
+            return true;
+        }
+        false
+    }
+
+    // The owner's metadata plus this member's keyring state, to the node (which ignores an
+    // unchanged one).
+    fn publish_meta(&mut self) {
+        let mut meta = self.base_meta.clone();
+        let state = KeyringState::of_ring(
+            &self.shared.keyring.load(),
+            self.rotation.clone(),
+            self.applied.0,
+        );
+        meta.extensions
+            .insert(rotation::EXTENSION.to_string(), state.encode());
+        self.node.set_meta(meta);
+    }
+
+    // Applies the rotation step the cluster asks for now (ours or the highest an alive member
+    // announces), once per step. Returns whether the keyring changed.
+    fn follow_rotation(&mut self) -> bool {
+        let members = self.shared.members.load();
+        let theirs = rotation::winning(&members).map(|(r, _)| r);
+        let Some(r) = self
+            .rotation
+            .iter()
+            .cloned()
+            .chain(theirs)
+            .max_by_key(|r| (r.id, r.phase))
+        else {
+            return false;
+        };
+        if (r.id, r.phase) <= self.applied {
+            return false;
+        }
+        self.applied = (r.id, r.phase);
+        let mut changed = false;
+        let result = self.shared.edit_keyring(|ring| {
+            changed = rotation::apply(ring, &r)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    rotation = r.id,
+                    phase = r.phase.as_str(),
+                    changed,
+                    "key rotation: step applied"
+                );
+                if changed {
+                    if self.shared.key_file.is_none() {
+                        tracing::warn!(rotation = r.id, "key rotation: this node has no [cluster] key_file, so its new keys are kept in memory only; update the keys in its config before it restarts, or it comes back with the old key");
+                    }
+                    self.persist_keys();
+                }
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(rotation = r.id, error = %e, "key rotation: the announced key is unusable; ignoring this rotation");
+                false
+            }
+        }
+    }
+
+    // Counts and logs name clashes once each; gives our name up when we are the newcomer.
+    fn check_names(&mut self) {
+        let members = self.shared.members.load();
+        let clashes = names::clashes(&members);
+        for c in &clashes {
+            if !self.clashes_seen.insert(c.clone()) {
+                continue;
+            }
+            add(&self.shared.counters.duplicate_names, 1);
+            if c.newcomer == self.shared.gossip_addr {
+                tracing::error!(name = %c.name, this = %c.newcomer, other = %c.incumbent, "another live member has this node's name and was there first; leaving the cluster. Give this node a unique [cluster] node_name");
+                let _ = self.shared.refusal.set((c.name.clone(), c.incumbent));
+                self.refuse = true;
+            } else {
+                tracing::warn!(name = %c.name, keeps = %c.incumbent, newcomer = %c.newcomer, "two live members have the same name; the newcomer should leave. Give each node a unique [cluster] node_name");
+            }
+        }
+        // Forget clashes that ended, so a recurrence counts again.
+        self.clashes_seen.retain(|c| clashes.contains(c));
+    }
+
+    fn persist_keys(&self) {
+        let Some(path) = &self.shared.key_file else {
+            return;
+        };
+        let keys = self.shared.keyring.load().keys_base64();
+        match persist::write_key_file(path, &keys) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), keys = keys.len(), "keyring written to the key file")
+            }
+            Err(e) => {
+                add(&self.shared.counters.key_file_errors, 1);
+                tracing::error!(error = %e, "the keyring changed but the key file could not be written; this node restarts with its old keys unless you fix the file");
+            }
+        }
+    }
+
+    fn persist_generation(&self) {
+        if let Some(path) = &self.state_file {
+            if let Err(e) = persist::write_generation(path, self.node.id().generation) {
+                tracing::warn!(error = %e, "could not record the new identity generation after a rejoin");
+            }
         }
     }
 
@@ -1128,11 +1492,17 @@ mod tests {
             })
             .await;
         }
-        let seen = a
+        let mut seen = a
             .members()
             .into_iter()
             .find(|m| m.meta.name == "b")
             .expect("b known");
+        // The runtime adds the keyring state it publishes (see crate::rotation).
+        assert!(seen
+            .meta
+            .extensions
+            .remove(crate::rotation::EXTENSION)
+            .is_some());
         assert_eq!(
             (seen.meta, seen.gossip_addr),
             (b_meta.clone(), b.gossip_addr())
@@ -1153,7 +1523,7 @@ mod tests {
 
         // The same name at another address is refused at start.
         match Cluster::start(config(&key, &seed), NodeMeta::new("b", Role::Backend)).await {
-            Err(ClusterError::NameConflict { name, other }) => {
+            Err(ClusterError::NameConflict { name, other, .. }) => {
                 assert_eq!((name.as_str(), other), ("b", b.gossip_addr()));
             }
             other => panic!("expected a name conflict, got {other:?}"),
@@ -1236,6 +1606,40 @@ mod tests {
             Err(BlobError::Unreachable(a.gossip_addr()))
         );
         assert!(a.stats().rejected_decrypt > rejected);
+    }
+
+    #[tokio::test]
+    async fn a_probe_reply_longer_than_a_datagram_is_refused_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let h = Cluster::start(
+            config(&generate_key(), &[]),
+            NodeMeta::new("p", Role::Proxy),
+        )
+        .await
+        .expect("starts");
+        // A "member" that answers any frame with a 100 kB one.
+        let fake = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let to = fake.local_addr().expect("bound");
+        tokio::spawn(async move {
+            let (mut s, _) = fake.accept().await.expect("dialled");
+            let _ = wire::read_frame(&mut s).await;
+            let _ = s.write_all(&100_000u32.to_be_bytes()).await;
+            let _ = s.write_all(&[0u8; 1024]).await;
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        let before = h.stats();
+        let ack = h.shared.probe(to, b"ping", STREAM_TIMEOUT).await;
+        let after = h.stats();
+        assert_eq!(ack, None);
+        assert_eq!(
+            (
+                after.tcp_frames_refused - before.tcp_frames_refused,
+                after.tcp_received - before.tcp_received,
+                after.tcp_buffer_bytes
+            ),
+            (1, 0, 0),
+            "{after:?}"
+        );
     }
 
     #[tokio::test]

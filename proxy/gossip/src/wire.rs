@@ -29,9 +29,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::keyring::Keyring;
 
 /// The default and largest datagram sizes the UDP transport sends, and the smallest allowed.
+/// Every member receives datagrams up to [`MAX_UDP_PAYLOAD`], whatever it sends.
 ///
-/// 1400 bytes fits an Ethernet MTU with IP/UDP headers and some tunnel overhead. Overlays with
-/// smaller MTUs (WireGuard: 1392-byte UDP payloads) need a smaller setting; below 1024 bytes a
+/// A datagram's payload is the path MTU minus 28 bytes of IPv4 and UDP headers, or 48 bytes
+/// over IPv6. 1400 bytes fits an Ethernet MTU with those headers and some tunnel overhead.
+/// Overlays with smaller MTUs (WireGuard, MTU 1420: 1392-byte payloads over IPv4, 1372 over
+/// IPv6) need a smaller setting; below 1024 bytes a
 /// SWIM packet could not carry a member's metadata broadcast next to its header, and above
 /// 9000 (jumbo frames) datagrams would be fragmented on any network.
 pub const DEFAULT_UDP_PAYLOAD: usize = 1400;
@@ -42,6 +45,13 @@ pub const MAX_UDP_PAYLOAD: usize = 9000;
 /// Largest TCP frame accepted. A full state of 10 000 members with metadata stays well below.
 /// It is never allocated up front: a frame's buffer grows as its bytes arrive.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Largest foca packet (a [`Kind::Foca`], [`Kind::Probe`] or [`Kind::ProbeAck`] body) a
+/// receiver accepts, inflated: what fits a datagram of [`MAX_UDP_PAYLOAD`] once sealed. The
+/// largest allowed size, not this node's setting, so a member with a larger
+/// `udp_payload_size` is still understood while the setting is changed one node at a time.
+pub const MAX_FOCA_BODY: usize = MAX_UDP_PAYLOAD - HEADER_LEN - crate::keyring::SEAL_OVERHEAD;
+/// Largest [`Kind::BlobGet`] body accepted: the request is a 32-byte key.
+pub const MAX_BLOB_GET_BODY: usize = 64;
 /// Bytes the plaintext header adds to a body: kind, flags and the [`Stamp`].
 pub const HEADER_LEN: usize = 2 + STAMP_LEN;
 const STAMP_LEN: usize = 8 + 8 + 4;
@@ -49,9 +59,12 @@ const COMPRESSED: u8 = 1;
 /// Version of everything inside the seal (this header, foca's packets, the postcard-encoded
 /// metadata and state), kept in the high nibble of the flags byte. postcard encodes fields by
 /// position, so any change to `NodeMeta`/`Service` must bump this: a node then drops (and
-/// counts as malformed) messages of another version instead of misreading them.
+/// counts as malformed) authenticated messages of another version instead of misreading them.
 ///
 /// 4: key id before the nonce, the [`Stamp`] in the header, [`Kind::Probe`]/[`Kind::ProbeAck`].
+/// Version 3 messages do not even authenticate here (their first byte is part of the nonce,
+/// not a key id), so a v4 member counts them as `rejected_decrypt`, not `malformed`: v3 and
+/// v4 members cannot talk to each other at all.
 pub const WIRE_VERSION: u8 = 4;
 const VERSION_SHIFT: u8 = 4;
 // Bodies shorter than this are never worth deflating.
@@ -80,6 +93,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The largest body of this kind a receiver accepts, after inflation: a small compressed
+    /// message must not make it hold more than the kind can legitimately carry.
+    pub fn max_body(self) -> usize {
+        match self {
+            Kind::Foca | Kind::Probe | Kind::ProbeAck => MAX_FOCA_BODY,
+            Kind::BlobGet => MAX_BLOB_GET_BODY,
+            Kind::PushPull | Kind::PushPullReply | Kind::Blob => MAX_FRAME,
+        }
+    }
+
     fn from_byte(b: u8) -> Option<Kind> {
         match b {
             1 => Some(Kind::Foca),
@@ -145,9 +168,15 @@ pub enum WireError {
     /// Shorter than the header, or an unknown kind / flag / version.
     #[error("malformed message")]
     Malformed,
-    /// The deflated body did not inflate, or inflated beyond [`MAX_FRAME`].
+    /// The deflated body did not inflate.
     #[error("bad compressed body")]
     BadCompression,
+    /// The body, inflated, is larger than its kind allows ([`Kind::max_body`]).
+    #[error("body larger than its kind allows")]
+    TooLarge,
+    /// The receiver's buffer budget could not hold the inflated body.
+    #[error("no buffer budget left for the inflated body")]
+    OverBudget,
 }
 
 /// Builds a plaintext message, deflating the body when `compress` is set and it pays off.
@@ -195,29 +224,65 @@ fn decode_header(plain: &[u8]) -> Result<(Kind, Stamp, bool), WireError> {
     Ok((kind, stamp, compressed))
 }
 
-fn decode_body(plain: &[u8], compressed: bool) -> Result<Vec<u8>, WireError> {
+// The body of a plaintext whose header was read: the buffer itself when it is raw, else
+// inflated into a buffer that grows as output comes, asking `grow(new capacity)` first.
+fn take_body(
+    mut plain: Vec<u8>,
+    kind: Kind,
+    compressed: bool,
+    grow: impl FnMut(usize) -> bool,
+) -> Result<Vec<u8>, WireError> {
+    let max = kind.max_body();
     if !compressed {
-        return Ok(plain[HEADER_LEN..].to_vec());
+        if plain.len() - HEADER_LEN > max {
+            return Err(WireError::TooLarge);
+        }
+        plain.drain(..HEADER_LEN);
+        return Ok(plain);
     }
-    let mut out = Vec::new();
-    // take() bounds the inflated size so a small "deflate bomb" cannot exhaust memory.
-    flate2::read::DeflateDecoder::new(&plain[HEADER_LEN..])
-        .take(MAX_FRAME as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|_| WireError::BadCompression)?;
-    if out.len() > MAX_FRAME {
-        return Err(WireError::BadCompression);
-    }
-    Ok(out)
+    inflate(&plain[HEADER_LEN..], max, grow)
 }
 
-/// Splits a plaintext message into its kind, stamp and (inflated) body.
+// Inflates at most `max` bytes: a small "deflate bomb" stops at its kind's limit, and the
+// buffer grows (like a frame's) only as output arrives, each growth asked of `grow` first.
+fn inflate(
+    deflated: &[u8],
+    max: usize,
+    mut grow: impl FnMut(usize) -> bool,
+) -> Result<Vec<u8>, WireError> {
+    let mut dec = flate2::read::DeflateDecoder::new(deflated);
+    let mut out: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = dec
+            .read(&mut chunk)
+            .map_err(|_| WireError::BadCompression)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let need = out.len() + n;
+        if need > max {
+            return Err(WireError::TooLarge);
+        }
+        if need > out.capacity() {
+            let cap = (out.capacity() * 2).max(READ_CHUNK).max(need).min(max);
+            if !grow(cap) {
+                return Err(WireError::OverBudget);
+            }
+            out.reserve_exact(cap - out.len());
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Splits a plaintext message into its kind, stamp and (inflated) body, within the kind's
+/// limit ([`Kind::max_body`]).
 pub fn decode_plain(plain: &[u8]) -> Result<Message, WireError> {
     let (kind, stamp, compressed) = decode_header(plain)?;
     Ok(Message {
         kind,
         stamp,
-        body: decode_body(plain, compressed)?,
+        body: take_body(plain.to_vec(), kind, compressed, |_| true)?,
     })
 }
 
@@ -248,21 +313,35 @@ pub enum OpenError {
 }
 
 /// Opens a sealed message. Nothing is parsed unless the keyring authenticates it, and the body
-/// is inflated only once `accept` took the stamp (the replay check).
+/// is inflated only once `accept` took the stamp (the replay check), and only up to its kind's
+/// limit ([`Kind::max_body`]).
 pub fn open(
     ring: &Keyring,
     cluster: &str,
     sealed: &[u8],
     accept: impl FnOnce(&Stamp) -> bool,
 ) -> Result<Message, OpenError> {
+    open_owned(ring, cluster, sealed.to_vec(), accept, |_| true)
+}
+
+/// [`open`] for a buffer the caller owns (a TCP frame): it is decrypted in place and a raw body
+/// is returned in it, so nothing is copied; an inflated body's buffer asks `grow(new capacity)`
+/// before each growth, so a budget can refuse it ([`WireError::OverBudget`]).
+pub fn open_owned(
+    ring: &Keyring,
+    cluster: &str,
+    sealed: Vec<u8>,
+    accept: impl FnOnce(&Stamp) -> bool,
+    grow: impl FnMut(usize) -> bool,
+) -> Result<Message, OpenError> {
     let plain = ring
-        .open(sealed, cluster.as_bytes())
+        .open_in_place(sealed, cluster.as_bytes())
         .ok_or(OpenError::Decrypt)?;
     let (kind, stamp, compressed) = decode_header(&plain).map_err(OpenError::Wire)?;
     if !accept(&stamp) {
         return Err(OpenError::Replay);
     }
-    let body = decode_body(&plain, compressed).map_err(OpenError::Wire)?;
+    let body = take_body(plain, kind, compressed, grow).map_err(OpenError::Wire)?;
     Ok(Message { kind, stamp, body })
 }
 
@@ -408,6 +487,86 @@ mod tests {
             assert_eq!(decode_plain(&with(1, old, b"x")), Err(WireError::Malformed));
         }
         assert_eq!(decode_plain(&with(1, v, b"x")), Ok(msg(Kind::Foca, b"x")));
+    }
+
+    #[test]
+    fn bodies_are_capped_by_kind_after_inflation() {
+        let ring = Keyring::from_base64(&[generate_key()]).unwrap();
+        let zeros = |n: usize| vec![0u8; n];
+        let open_it = |kind: Kind, body: &[u8], compress: bool| {
+            open(
+                &ring,
+                "c",
+                &seal(&ring, "c", kind, STAMP, body, compress),
+                |_| true,
+            )
+            .map(|m| m.body.len())
+        };
+        // What a key holder can craft: the best deflate of `n` zeros, sealed.
+        let bomb_of = |kind: Kind, n: usize| {
+            let mut enc =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+            enc.write_all(&zeros(n)).unwrap();
+            let mut plain = vec![kind as u8, COMPRESSED | (WIRE_VERSION << VERSION_SHIFT)];
+            STAMP.encode(&mut plain);
+            plain.extend_from_slice(&enc.finish().unwrap());
+            ring.seal(&plain, b"c")
+        };
+        let too_large = Err(OpenError::Wire(WireError::TooLarge));
+        for kind in [Kind::Foca, Kind::Probe, Kind::ProbeAck] {
+            // A datagram-sized sealed message inflating far beyond a foca packet is refused
+            // once the inflated bytes pass the limit; one at the limit is fine.
+            let bomb = bomb_of(kind, 1 << 20);
+            assert!(bomb.len() < DEFAULT_UDP_PAYLOAD, "{}", bomb.len());
+            assert_eq!(
+                open(&ring, "c", &bomb, |_| true).map(|m| m.body.len()),
+                too_large
+            );
+            assert_eq!(
+                open_it(kind, &zeros(MAX_FOCA_BODY), true),
+                Ok(MAX_FOCA_BODY)
+            );
+            assert_eq!(open_it(kind, &zeros(MAX_FOCA_BODY + 1), false), too_large);
+        }
+        assert_eq!(open_it(Kind::BlobGet, &[1; 32], true), Ok(32));
+        assert_eq!(open_it(Kind::BlobGet, &zeros(1000), true), too_large);
+        for kind in [Kind::PushPull, Kind::PushPullReply, Kind::Blob] {
+            assert_eq!(open_it(kind, &zeros(1 << 20), true), Ok(1 << 20));
+        }
+        let bomb = bomb_of(Kind::PushPull, MAX_FRAME + 1);
+        assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+        assert_eq!(
+            open(&ring, "c", &bomb, |_| true).map(|m| m.body.len()),
+            too_large
+        );
+    }
+
+    #[test]
+    fn an_inflated_body_grows_only_as_the_budget_allows() {
+        let ring = Keyring::from_base64(&[generate_key()]).unwrap();
+        let sealed = seal(&ring, "c", Kind::PushPull, STAMP, &[5u8; 1 << 20], true);
+        let mut asked = Vec::new();
+        let m = open_owned(
+            &ring,
+            "c",
+            sealed.clone(),
+            |_| true,
+            |cap| {
+                asked.push(cap);
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(m.body, vec![5u8; 1 << 20]);
+        assert_eq!(asked.first(), Some(&READ_CHUNK), "starts at one chunk");
+        assert!(asked.windows(2).all(|w| w[0] < w[1]), "{asked:?}");
+        // The budget refuses growth past 256 KiB: the body is refused, not allocated.
+        let refused = open_owned(&ring, "c", sealed, |_| true, |cap| cap <= 256 * 1024);
+        assert_eq!(refused, Err(OpenError::Wire(WireError::OverBudget)));
+        // A raw body is returned in the sealed buffer itself: no budget asked.
+        let raw = seal(&ring, "c", Kind::PushPull, STAMP, &[6u8; 200_000], false);
+        let m = open_owned(&ring, "c", raw, |_| true, |_| false).unwrap();
+        assert_eq!(m.body.len(), 200_000);
     }
 
     #[test]

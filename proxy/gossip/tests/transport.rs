@@ -67,14 +67,17 @@ async fn oversized_and_garbage_datagrams_are_dropped_before_parsing_and_counted(
     let h = member(&generate_key(), transport).await;
     let udp = udp_to(h.gossip_addr()).await;
 
-    // One byte over the configured size: dropped before any decryption.
-    udp.send(&vec![0u8; 1201]).await.unwrap();
+    // One byte over the largest allowed size: dropped before any decryption, whatever this
+    // member sends itself.
+    udp.send(&vec![0u8; wire::MAX_UDP_PAYLOAD + 1])
+        .await
+        .unwrap();
     udp.send(&vec![0u8; 60_000]).await.unwrap();
     let s = until(&h, 10, "two oversized datagrams", |s| s.udp_oversized == 2).await;
     assert_eq!(s.rejected_decrypt, 0, "{s:?}");
 
     // Random bytes of a valid size fail authentication; so does an empty datagram.
-    for len in [0, 1, 29, 500, 1200] {
+    for len in [0, 1, 29, 500, 1201] {
         let noise: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
         udp.send(&noise).await.unwrap();
     }
@@ -83,6 +86,40 @@ async fn oversized_and_garbage_datagrams_are_dropped_before_parsing_and_counted(
     })
     .await;
     assert_eq!((s.udp_oversized, s.malformed), (2, 0), "{s:?}");
+}
+
+#[tokio::test]
+async fn datagrams_larger_than_the_own_setting_are_accepted_so_it_can_change_node_by_node() {
+    let key = generate_key();
+    let transport = TransportConfig {
+        udp_payload_size: 1024,
+        ..TransportConfig::default()
+    };
+    let h = member(&key, transport).await;
+    let ring = Keyring::from_base64(&[key]).unwrap();
+    let udp = udp_to(h.gossip_addr()).await;
+    // A member still at a larger setting sends a datagram of up to the largest size: it is
+    // decrypted and accepted (its body is no foca packet, which is the node's business).
+    let stamp = Stamp {
+        session: rand::random(),
+        counter: 1,
+        sent_at_s: now_s(),
+    };
+    let body = vec![1u8; wire::MAX_FOCA_BODY];
+    let sealed = wire::seal(&ring, "transport-test", Kind::Foca, stamp, &body, false);
+    assert_eq!(sealed.len(), wire::MAX_UDP_PAYLOAD);
+    udp.send(&sealed).await.unwrap();
+    let s = until(&h, 10, "the large datagram", |s| s.udp_received >= 1).await;
+    assert_eq!(
+        (
+            s.udp_oversized,
+            s.rejected_decrypt,
+            s.malformed,
+            s.oversized_bodies
+        ),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
 }
 
 #[tokio::test]
@@ -370,4 +407,123 @@ async fn a_member_whose_datagrams_are_lost_stays_alive_through_the_tcp_fallback_
     let s = a.stats();
     assert!(s.probe_fallback_acks >= start + 20, "{s:?}");
     drop(b);
+}
+
+// A frame of `MAX_FRAME` bytes declared from `ip`, of which `sent` arrive: the member's buffer
+// for it grows to hold them (doubling), and the connection is held until the stream timeout.
+async fn liar(ip: &str, to: SocketAddr, sent: usize) -> TcpStream {
+    let mut s = connect_from(ip, to).await;
+    s.write_all(&(wire::MAX_FRAME as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(&vec![7u8; sent]).await.unwrap();
+    s
+}
+
+// What a key holder can craft: `n` zeros, deflated as well as deflate can, sealed as `kind`.
+fn bomb(ring: &Keyring, kind: Kind, counter: u64, n: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&vec![0u8; n]).unwrap();
+    let deflated = enc.finish().unwrap();
+    // The envelope's plaintext: kind, flags (version 4, deflated), stamp, body.
+    let mut plain = vec![kind as u8, (wire::WIRE_VERSION << 4) | 1];
+    plain.extend_from_slice(&SESSION.to_be_bytes());
+    plain.extend_from_slice(&counter.to_be_bytes());
+    plain.extend_from_slice(&now_s().to_be_bytes());
+    plain.extend_from_slice(&deflated);
+    ring.seal(&plain, b"transport-test")
+}
+const SESSION: u64 = 0x5eed;
+
+const MIB: u64 = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_the_frame_budget_and_replies_have_their_own() {
+    let key = generate_key();
+    let a = member(&key, TransportConfig::default()).await;
+    let b = member(&key, TransportConfig::default()).await;
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    b.blobs().insert([7; 32], blob.clone().into()).unwrap();
+    let to = a.gossip_addr();
+
+    // Two 16 MiB buffers from one address (8 MiB sent each, so each doubled to 16 MiB) are
+    // that address's whole share: a third frame from it is refused at its first chunk.
+    let _l1 = liar("127.0.0.1", to, 8 * MIB as usize).await;
+    let _l2 = liar("127.0.0.1", to, 8 * MIB as usize).await;
+    until(&a, 10, "32 MiB held for 127.0.0.1", |s| {
+        s.tcp_buffer_bytes == 32 * MIB
+    })
+    .await;
+    let mut l3 = liar("127.0.0.1", to, 1024).await;
+    assert!(closed_within(&mut l3, 10).await);
+    until(&a, 10, "the third frame refused", |s| {
+        s.tcp_frames_refused == 1
+    })
+    .await;
+
+    // Another address still gets its share; together they exhaust the inbound budget.
+    let _l4 = liar("127.0.0.2", to, 8 * MIB as usize).await;
+    let _l5 = liar("127.0.0.2", to, 8 * MIB as usize).await;
+    until(&a, 10, "the inbound budget spent", |s| {
+        s.tcp_buffer_bytes == 64 * MIB
+    })
+    .await;
+
+    // The reply to this member's own request is read within a budget of its own.
+    assert_eq!(
+        b.fetch_blob(b.gossip_addr(), &[7; 32]).await,
+        Ok(blob.clone())
+    );
+    assert_eq!(a.fetch_blob(b.gossip_addr(), &[7; 32]).await, Ok(blob));
+    let s = a.stats();
+    assert_eq!((s.tcp_frames_refused, s.tcp_timeouts), (1, 0), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_inflate_only_to_their_kind_s_limit_and_within_the_budget() {
+    let key = generate_key();
+    let h = member(&key, TransportConfig::default()).await;
+    let ring = Keyring::from_base64(&[key]).unwrap();
+    let to = h.gossip_addr();
+
+    // A datagram-sized foca packet inflating to 1 MiB, over UDP and over TCP, and a blob
+    // request inflating to 64 KiB: refused once past their kinds' limits, and counted.
+    let udp = udp_to(to).await;
+    let packet = bomb(&ring, Kind::Foca, 1, MIB as usize);
+    assert!(packet.len() <= 1400, "{}", packet.len());
+    udp.send(&packet).await.unwrap();
+    for (counter, kind, n) in [(2, Kind::Foca, MIB as usize), (3, Kind::BlobGet, 65_536)] {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        wire::write_frame(&mut s, &bomb(&ring, kind, counter, n))
+            .await
+            .unwrap();
+        assert!(closed_within(&mut s, 10).await);
+    }
+    let s = until(&h, 10, "three oversized bodies", |s| {
+        s.oversized_bodies == 3
+    })
+    .await;
+    assert_eq!((s.rejected_decrypt, s.malformed), (0, 0), "{s:?}");
+
+    // With 48 MiB of the inbound budget held, a 16 KiB push-pull frame inflating to 16 MiB
+    // is read and opened but refused while it inflates: its body counts in the budget.
+    let _l1 = liar("127.0.0.1", to, 8 * MIB as usize).await;
+    let _l2 = liar("127.0.0.1", to, 8 * MIB as usize).await;
+    let _l3 = liar("127.0.0.2", to, 8 * MIB as usize).await;
+    until(&h, 10, "48 MiB held", |s| s.tcp_buffer_bytes == 48 * MIB).await;
+    let frame = bomb(&ring, Kind::PushPull, 4, wire::MAX_FRAME);
+    assert!(frame.len() < 64 * 1024, "{}", frame.len());
+    let mut s = connect_from("127.0.0.3", to).await;
+    wire::write_frame(&mut s, &frame).await.unwrap();
+    assert!(closed_within(&mut s, 10).await);
+    let s = until(&h, 10, "the inflated body refused", |s| {
+        s.tcp_frames_refused == 1
+    })
+    .await;
+    assert_eq!(
+        (s.tcp_received, s.oversized_bodies, s.tcp_timeouts),
+        (3, 3, 0),
+        "{s:?}"
+    );
 }
