@@ -71,6 +71,17 @@ pub struct ClusterSection {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub mass_failure_window: Duration,
+    /// How long a member that went down (or left) is remembered before every node forgets it
+    /// and drops its metadata.
+    #[serde(
+        default = "default_forget_after",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    pub forget_after: Duration,
+    /// Proxies: which pools members may announce services into, and from which address
+    /// ranges (`[[cluster.allow]]`); none = every announcement is accepted.
+    #[serde(default)]
+    pub allow: Vec<AllowEntry>,
     /// A proxy applies plugins rolled out to the cluster (`sluice plugin load --cluster`).
     #[serde(default = "default_plugin_rollout")]
     pub plugin_rollout: bool,
@@ -142,6 +153,32 @@ fn read_key_file(p: &Path) -> Result<String, String> {
 
 fn default_plugin_rollout() -> bool {
     true
+}
+
+/// `[[cluster.allow]]`: members may announce services into `pool` ("*": any pool) at
+/// addresses in `addrs` (CIDR ranges or single IPs; empty: any address).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// A pool name, or "*".
+    pub pool: String,
+    /// Address ranges the services' addresses must be in.
+    #[serde(default)]
+    pub addrs: Vec<String>,
+}
+
+fn parse_range(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!(
+                "[[cluster.allow]] addrs: \"{s}\" is not an address range; write it like \"10.0.0.0/8\", \"fd00::/8\" or a single IP"
+            )
+        })
+}
+
+fn default_forget_after() -> Duration {
+    crate::cluster::DEFAULT_FORGET_AFTER
 }
 
 fn default_profile() -> Profile {
@@ -227,6 +264,20 @@ impl ClusterSection {
                 "[cluster] mass_failure_window must be longer than 0; write it like \"30s\"".into(),
             );
         }
+        for a in &self.allow {
+            if a.pool.is_empty() {
+                return Err("[[cluster.allow]] pool must not be empty; name a pool, or \"*\" for every pool".into());
+            }
+            for r in &a.addrs {
+                parse_range(r)?;
+            }
+        }
+        if self.forget_after < Duration::from_secs(1) {
+            return Err(format!(
+                "[cluster] forget_after = {:?} is too short; use at least \"1s\" (default \"1h\")",
+                self.forget_after
+            ));
+        }
         let transport = crate::cluster::TransportConfig {
             udp_payload_size: self.udp_payload_size,
             tcp_max_connections: self.tcp_max_connections,
@@ -256,6 +307,7 @@ impl ClusterSection {
             profile,
             compression: self.compression,
             expected_size: self.expected_size.max(1),
+            forget_after: self.forget_after,
             transport,
             key_file,
             state_file_optional: self.state_file.is_none(),
@@ -318,6 +370,15 @@ impl ClusterSection {
             },
             mass_failure_share: self.mass_failure_share,
             mass_failure_window: self.mass_failure_window,
+            allow: crate::membership::AllowList::new(
+                self.allow
+                    .iter()
+                    .map(|a| {
+                        let nets = a.addrs.iter().filter_map(|r| parse_range(r).ok());
+                        (a.pool.clone(), nets.collect())
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -379,7 +440,7 @@ pub fn reload_plan(
     fn show<T: std::fmt::Debug>(v: &T) -> String {
         format!("{v:?}")
     }
-    let fixed: [(&str, String, String); 10] = [
+    let fixed: [(&str, String, String); 11] = [
         ("name", show(&old.name), show(&new.name)),
         ("node_name", show(&old.node_name()), show(&new.node_name())),
         ("bind_addr", show(&old.bind_addr), show(&new.bind_addr)),
@@ -405,6 +466,11 @@ pub fn reload_plan(
             "plugin_rollout",
             show(&old.plugin_rollout),
             show(&new.plugin_rollout),
+        ),
+        (
+            "forget_after",
+            show(&old.forget_after),
+            show(&new.forget_after),
         ),
     ];
     for (key, was, now) in fixed {
@@ -483,6 +549,30 @@ mod tests {
             ),
             (3, Duration::from_millis(500), 0.25, Duration::from_secs(60))
         );
+        // Allow-lists: none accepts everything; otherwise pool and address must match a rule.
+        assert!(s
+            .routing()
+            .allow
+            .allows("any", "192.0.2.1:80".parse().unwrap()));
+        let s = section(&format!(
+            "key = \"{key}\"\n[[allow]]\npool = \"web\"\naddrs = [\"10.1.0.0/16\", \"fd00::1\"]\n[[allow]]\npool = \"*\"\naddrs = [\"192.168.0.0/24\"]"
+        ));
+        s.to_config(Path::new(".")).unwrap();
+        let allow = s.routing().allow;
+        for (pool, addr, ok) in [
+            ("web", "10.1.2.3:80", true),
+            ("web", "[fd00::1]:80", true),
+            ("web", "10.2.0.1:80", false),
+            ("api", "10.1.2.3:80", false),
+            ("api", "192.168.0.9:80", true),
+            ("web", "192.168.0.9:80", true),
+        ] {
+            assert_eq!(
+                allow.allows(pool, addr.parse().unwrap()),
+                ok,
+                "{pool} {addr}"
+            );
+        }
         for (bad, what) in [
             ("hold_suspectors = 0", "hold_suspectors = 0 is out of range"),
             (
@@ -493,6 +583,15 @@ mod tests {
                 "mass_failure_window = \"0s\"",
                 "mass_failure_window must be longer than 0",
             ),
+            (
+                "forget_after = \"10ms\"",
+                "forget_after = 10ms is too short",
+            ),
+            (
+                "[[allow]]\npool = \"web\"\naddrs = [\"10.0.0/8\"]",
+                "\"10.0.0/8\" is not an address range",
+            ),
+            ("[[allow]]\npool = \"\"", "pool must not be empty"),
         ] {
             let err = section(&format!("key = \"{key}\"\n{bad}"))
                 .to_config(Path::new("."))

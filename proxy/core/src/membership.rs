@@ -19,9 +19,62 @@ use crate::runtime::Runtime;
 
 pub use crate::cluster_config::ClusterSection;
 
-/// How a proxy turns the membership view into pool contents (`[cluster]` hold and mass-failure
-/// settings).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Which pools cluster members may announce services into, and from which address ranges
+/// (`[[cluster.allow]]`). Empty: every announcement is accepted (the default).
+///
+/// The gossip layer already makes sure a member announces only for itself (its record comes
+/// from it); this says what a member may announce at all, as this proxy's operator sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AllowList {
+    rules: Vec<(String, Vec<ipnet::IpNet>)>,
+}
+
+impl AllowList {
+    /// Rules of (pool or "*", address ranges; empty = any address).
+    pub fn new(rules: Vec<(String, Vec<ipnet::IpNet>)>) -> AllowList {
+        AllowList { rules }
+    }
+
+    /// Whether a member may announce a service at `addr` into `pool`.
+    pub fn allows(&self, pool: &str, addr: std::net::SocketAddr) -> bool {
+        self.rules.is_empty()
+            || self.rules.iter().any(|(p, nets)| {
+                (p == "*" || p == pool)
+                    && (nets.is_empty() || nets.iter().any(|n| n.contains(&addr.ip())))
+            })
+    }
+}
+
+/// A refused announcement: member name, pool, service address.
+pub type Refusal = (String, String, std::net::SocketAddr);
+
+/// Remembers refused announcements so each is logged and counted once (at most 4096 are
+/// remembered; past that the memory starts over, so a flood costs bounded memory and at worst
+/// repeats a log line).
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    seen: std::collections::HashSet<Refusal>,
+}
+
+impl RefusalLog {
+    const MAX: usize = 4096;
+
+    /// Whether `r` is new (and so should be logged and counted).
+    pub fn first(&mut self, r: &Refusal) -> bool {
+        if self.seen.contains(r) {
+            return false;
+        }
+        if self.seen.len() >= Self::MAX {
+            self.seen.clear();
+        }
+        self.seen.insert(r.clone());
+        true
+    }
+}
+
+/// How a proxy turns the membership view into pool contents (`[cluster]` hold, mass-failure
+/// and allow-list settings).
+#[derive(Debug, Clone, PartialEq)]
 pub struct RoutingSettings {
     /// When a suspect member's services are held.
     pub hold: HoldPolicy,
@@ -29,6 +82,8 @@ pub struct RoutingSettings {
     pub mass_failure_share: f64,
     /// ...within this window.
     pub mass_failure_window: Duration,
+    /// What members may announce.
+    pub allow: AllowList,
 }
 
 impl Default for RoutingSettings {
@@ -37,6 +92,7 @@ impl Default for RoutingSettings {
             hold: HoldPolicy::default(),
             mass_failure_share: 0.5,
             mass_failure_window: Duration::from_secs(30),
+            allow: AllowList::default(),
         }
     }
 }
@@ -83,11 +139,14 @@ impl ClusterNode {
 
 /// The gossip-announced backends of `pool` in `members` at `now_ms`, with their hold state
 /// (true = in the pool but no new requests: draining, or suspect as `policy` decides).
+/// Announcements `allow` refuses are left out and added to `refused`.
 pub fn gossip_backends(
     members: &[crate::cluster::MemberInfo],
     pool: &str,
     policy: &HoldPolicy,
+    allow: &AllowList,
     now_ms: u64,
+    refused: &mut Vec<Refusal>,
 ) -> Vec<(BackendSpec, bool)> {
     let mut out: Vec<(BackendSpec, bool)> = Vec::new();
     for m in members.iter().filter(|m| m.meta.role == Role::Backend) {
@@ -96,6 +155,10 @@ pub fn gossip_backends(
         }
         let hold = policy.holds(m, now_ms) || m.meta.draining;
         for s in m.meta.services.iter().filter(|s| s.pool == pool) {
+            if !allow.allows(pool, s.addr) {
+                refused.push((m.meta.name.clone(), pool.to_string(), s.addr));
+                continue;
+            }
             if out.iter().any(|(b, _)| b.addr == s.addr) {
                 continue; // the same address announced twice: first one wins
             }
@@ -120,6 +183,7 @@ pub fn sync_pools(
     handle: &ClusterHandle,
     settings: &RoutingSettings,
     guard: &mut LastKnownGood,
+    refusals: &mut RefusalLog,
 ) -> Option<u64> {
     let members = handle.members_snapshot();
     let now = crate::clock::now_ms();
@@ -153,8 +217,22 @@ pub fn sync_pools(
     if frozen.is_some() {
         return None;
     }
+    let mut refused = Vec::new();
     for pool in runtime.pools() {
-        pool.set_gossip_backends(&gossip_backends(&members, &pool.name, &settings.hold, now));
+        refused.clear();
+        let backends = gossip_backends(
+            &members,
+            &pool.name,
+            &settings.hold,
+            &settings.allow,
+            now,
+            &mut refused,
+        );
+        pool.set_gossip_backends(&backends);
+        for r in refused.iter().filter(|r| refusals.first(r)) {
+            pool.counters.cluster_refused.inc();
+            tracing::warn!(member = %r.0, pool = %r.1, addr = %r.2, "refused a cluster member's service: [[cluster.allow]] does not allow this pool or address; add a rule if it should be routed");
+        }
     }
     members
         .iter()
@@ -229,10 +307,11 @@ fn publish_transport(runtime: &Runtime, handle: &ClusterHandle) {
 /// [`Runtime::cluster_routing`] (a reload may change them).
 pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle) {
     let mut changes = handle.changes();
-    let mut settings = **runtime.cluster_routing.load();
+    let mut settings = RoutingSettings::clone(&runtime.cluster_routing.load());
     let mut guard = LastKnownGood::new(settings.mass_failure_share, settings.mass_failure_window);
+    let mut refusals = RefusalLog::default();
     loop {
-        let now = **runtime.cluster_routing.load();
+        let now = RoutingSettings::clone(&runtime.cluster_routing.load());
         if now != settings {
             if (now.mass_failure_share, now.mass_failure_window)
                 != (settings.mass_failure_share, settings.mass_failure_window)
@@ -241,7 +320,7 @@ pub async fn watch(runtime: Arc<Runtime>, handle: ClusterHandle) {
             }
             settings = now;
         }
-        let next_hold = sync_pools(&runtime, &handle, &settings, &mut guard);
+        let next_hold = sync_pools(&runtime, &handle, &settings, &mut guard, &mut refusals);
         // Re-sync on every change, when a suspect's hold delay runs out, and at least every
         // second: a reload may have added pools that members announce for.
         let wait = next_hold.map_or(Duration::from_secs(1), |at| {
@@ -528,8 +607,9 @@ mod tests {
             member("left", MemberState::Left, false, vec![svc("web", 6, None)]),
         ];
         let policy = HoldPolicy::default();
+        let all = AllowList::default();
         let at = |now: u64| -> Vec<(u16, bool, String)> {
-            gossip_backends(&members, "web", &policy, now)
+            gossip_backends(&members, "web", &policy, &all, now, &mut Vec::new())
                 .iter()
                 .map(|(b, hold)| (b.addr.port(), *hold, b.zone.clone()))
                 .collect()
@@ -548,8 +628,44 @@ mod tests {
         // A second independent suspector holds it at once.
         let mut corroborated = members.clone();
         corroborated[1].suspectors = 2;
-        assert!(gossip_backends(&corroborated, "web", &policy, 0)[1].1);
-        assert_eq!(gossip_backends(&members, "api", &policy, 0).len(), 1);
-        assert!(gossip_backends(&members, "none", &policy, 0).is_empty());
+        let web = |m: &[MemberInfo], pool: &str| {
+            gossip_backends(m, pool, &policy, &all, 0, &mut Vec::new())
+        };
+        assert!(web(&corroborated, "web")[1].1);
+        assert_eq!(web(&members, "api").len(), 1);
+        assert!(web(&members, "none").is_empty());
+
+        // An allow-list keeps out what it does not name, and reports it.
+        let only_port_1 =
+            AllowList::new(vec![("web".into(), vec!["127.0.0.1/32".parse().unwrap()])]);
+        let mut refused = Vec::new();
+        let kept = gossip_backends(&members, "web", &policy, &only_port_1, 0, &mut refused);
+        assert_eq!(kept.len(), 3, "all on 127.0.0.1");
+        let api_only = AllowList::new(vec![("api".into(), vec![])]);
+        let kept = gossip_backends(&members, "web", &policy, &api_only, 0, &mut refused);
+        assert!(kept.is_empty());
+        assert_eq!(
+            refused,
+            [
+                (
+                    "alive".to_string(),
+                    "web".to_string(),
+                    members[0].meta.services[0].addr
+                ),
+                (
+                    "suspect".into(),
+                    "web".into(),
+                    members[1].meta.services[0].addr
+                ),
+                (
+                    "draining".into(),
+                    "web".into(),
+                    members[2].meta.services[0].addr
+                ),
+            ]
+        );
+        let mut log = RefusalLog::default();
+        assert!(log.first(&refused[0]));
+        assert!(!log.first(&refused[0]), "logged and counted once");
     }
 }

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub cluster_tuning: IntGaugeVec,
     /// `sluice_cluster_last_known_good`: 1 while pools keep their last-known-good cluster members.
     pub cluster_last_known_good: IntGaugeVec,
+    /// `sluice_cluster_refused_announcements_total{pool}`: services cluster members announced
+    /// into the pool that `[[cluster.allow]]` refused, each counted once.
+    pub cluster_refused: IntCounterVec,
     /// `sluice_cluster_transport_total{event}`: the gossip transport's counters
     /// (`sluice_gossip::Stats::events`): datagrams and frames, refusals, fallback probes.
     pub cluster_transport: IntCounterVec,
@@ -324,6 +327,11 @@ impl Metrics {
                 "sluice_cluster_last_known_good",
                 "1 while this proxy keeps its last-known-good pools because it sees itself cut off or a mass failure.",
                 &[],
+            ),
+            cluster_refused: counter(
+                "sluice_cluster_refused_announcements_total",
+                "Services cluster members announced into the pool that [[cluster.allow]] refused, each counted once.",
+                &["pool"],
             ),
             cluster_transport: counter(
                 "sluice_cluster_transport_total",

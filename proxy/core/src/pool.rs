@@ -138,6 +138,8 @@ pub struct PoolCounters {
     dns_failures: IntCounter,
     /// Spawned instances restarted.
     pub spawn_restarts: IntCounter,
+    /// Cluster announcements into this pool refused by `[[cluster.allow]]`.
+    pub cluster_refused: IntCounter,
     _series: SeriesScope,
 }
 
@@ -161,6 +163,7 @@ impl PoolCounters {
             health_error: s.counter(&metrics.health_checks, &["error"]),
             dns_failures: s.counter(&metrics.dns_failures, &[]),
             spawn_restarts: s.counter(&metrics.spawn_restarts, &[]),
+            cluster_refused: s.counter(&metrics.cluster_refused, &[]),
             _series: s,
         }
     }

@@ -33,21 +33,25 @@
 //! suspicion starts long and shrinks as other members independently confirm it (each node whose
 //! own probe fails broadcasts a vote). [`Tuning`] shows the current values.
 //!
-//! # Why metadata travels in custom broadcasts, not in the identity
+//! # Why metadata travels beside the identity, and comes from its owner
 //! foca puts the sender's and the receiver's identity in the header of *every* packet. A
-//! backend with a few services has ~150 bytes of metadata, so carrying it in the identity would
+//! backend with a few services has ~300 bytes of metadata, so carrying it in the identity would
 //! multiply the probe traffic several times over and an identity change (e.g. `draining =
 //! true`) would make foca declare the old identity down, which the proxy would see as a death.
 //! So the identity is lean — gossip address + generation ([`node::NodeId`]) — and metadata is a
-//! foca custom broadcast keyed by gossip address and ordered by (generation, version): a newer
-//! version replaces older ones still queued for dissemination, and the periodic push-pull
-//! repairs anything the broadcast missed. Metadata too large for a datagram is announced as a
-//! small stub and fetched over TCP.
+//! record keyed by gossip address and ordered by (generation, version). A change is announced
+//! by a small foca custom broadcast (a hint: address, generation, version), and each node
+//! fetches the record itself from its owner over the authenticated TCP transport; the periodic
+//! push-pull exchanges digests of the records and repairs anything a broadcast missed. A record
+//! is accepted only from its owner, so a member can announce services only for itself (see
+//! [`node`], "Ownership"). Message bodies are versioned and extensible ([`message`]), so nodes
+//! one version apart run in one cluster during an upgrade.
 
 pub mod blobs;
 pub mod clock;
 pub mod keyring;
 mod limits;
+pub mod message;
 pub mod names;
 pub mod node;
 pub mod persist;
@@ -222,6 +226,11 @@ pub enum Profile {
 /// `expected_size` when none is configured.
 pub const DEFAULT_EXPECTED_SIZE: u32 = 32;
 
+/// `forget_after` when none is configured: an hour (foca's own default is a day). Long enough
+/// for `sluice cluster info` to show what went down and for any restart at the same address;
+/// short enough that a cluster with churn holds records of the last hour's members only.
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(3600);
+
 /// Everything [`Cluster::start`] needs besides the node's metadata.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -244,6 +253,10 @@ pub struct ClusterConfig {
     /// push-pull interval until the node has joined; after that they follow the live member
     /// count.
     pub expected_size: u32,
+    /// How long a member that is down (or left) is remembered: then foca forgets it and every
+    /// node drops its metadata record, so the state each node holds is bounded by the members
+    /// alive or gone within this time.
+    pub forget_after: Duration,
     /// Where the keyring is written back after every change (a rotation, a key operation),
     /// atomically and with mode 0600; `None` keeps changes in memory only.
     pub key_file: Option<std::path::PathBuf>,
@@ -361,6 +374,7 @@ impl ClusterConfig {
             profile: Profile::Lan,
             compression: false,
             expected_size: DEFAULT_EXPECTED_SIZE,
+            forget_after: DEFAULT_FORGET_AFTER,
             transport: TransportConfig::default(),
             key_file: None,
             state_file: None,
@@ -488,8 +502,9 @@ mod tests {
         ] {
             let foca = foca_packet_size(size).get();
             assert_eq!(foca + wire::HEADER_LEN + keyring::SEAL_OVERHEAD, size);
-            // Room for a metadata broadcast next to foca's header and a few member updates.
-            assert!(foca >= node::MAX_BROADCAST_META + 300, "{size}: {foca}");
+            // Room for several metadata hints and votes (each under 64 bytes) next to foca's
+            // header and a few member updates.
+            assert!(foca >= 4 * 64 + 300, "{size}: {foca}");
         }
         let (cfg, _) = profile_settings(Profile::Lan, 32);
         assert_eq!(

@@ -4,9 +4,38 @@
 //! metadata — each taking the current time in milliseconds. Every call may queue [`Output`]s
 //! (datagrams, stream requests, timers to set), which the driver collects with
 //! [`Node::take_outputs`], and [`Event`]s, collected with [`Node::take_events`]. The tokio
-//! runtime and the virtual-time simulator are two drivers of this same code.
+//! runtime and the virtual-time simulator are two drivers of this same code. Message bodies are
+//! versioned and extensible ([`crate::message`]).
+//!
+//! # Ownership: a member's metadata comes from that member
+//! Every member holds the same symmetric cluster key, so a signature-free rule has to rest on
+//! where a record comes from, not on who claims to have written it. A node stores member X's
+//! metadata record only from a reply on a stream it opened itself to X's gossip address: the
+//! reply to a [`GetMeta`](crate::message) request, or X's own record in the reply to a
+//! push-pull with X. Everything else about X — a broadcast relayed by others, a digest in a
+//! third member's push-pull — is a *hint* ("X has generation g, version v"): it makes the node
+//! fetch the record from X, and nothing else. So a key holder can announce services only in
+//! its own record, and a forged hint costs at most one small request to the member it names.
+//!
+//! Bounds that keep forged or broken hints from pinning anything:
+//! - a record is stored only for the generation foca currently knows for that address, so
+//!   metadata never outruns membership (a higher generation must first win foca's own rules);
+//! - a hint counts only for the generation of the record held, and may be at most
+//!   [`MAX_VERSION_STEP`] versions ahead of it; no version may exceed [`MAX_VERSION`]:
+//!   `u64::MAX` can never be reached, let alone pinned; the owner's own reply is authoritative
+//!   (a fetched record older than the hint ends the hint);
+//! - at most [`MAX_FETCHES_IN_FLIGHT`] fetches run at once, one per member, each retried after
+//!   foca's probe timeout while the member is active and its record still missing or stale;
+//! - records and hints of a member are dropped once foca forgets it (`remove_down_after`,
+//!   `[cluster] forget_after`), so state is bounded by the membership.
+//!
+//! # Push-pull exchanges digests, not records
+//! The periodic push-pull carries foca's members and a digest (address, generation, version,
+//! left) per record, ~20 bytes instead of the ~300 of a record; each side then fetches what it
+//! lacks from the owners. A node that knows no member yet (it is joining) applies the seed's
+//! state without re-broadcasting it: the cluster already knows all of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -19,14 +48,25 @@ use rand_foca::rngs::SmallRng;
 use rand_foca::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::message::{Broadcast, Digest, StreamMessage, EMULATE_NEXT_VERSION_ENV};
+pub use super::message::{PushPullState, Record};
 use super::wire::Kind;
 use super::{
     push_pull_scale, retransmissions, suspicion_scale, MemberInfo, MemberState, NodeMeta, Tuning,
 };
 
-/// Encoded metadata above this size is broadcast as a stub and fetched over TCP, so that a
-/// custom broadcast always fits a datagram next to the SWIM header and some member updates.
-pub const MAX_BROADCAST_META: usize = 600;
+/// A hint may announce a version at most this far ahead of the record this node holds for
+/// that member (or of 0 when it holds none).
+pub const MAX_VERSION_STEP: u64 = 1 << 16;
+
+/// No record or hint may carry a version above this (a member changing its metadata a
+/// thousand times a second would need ~9 000 years to reach it).
+pub const MAX_VERSION: u64 = 1 << 48;
+
+/// Metadata fetches a node runs at once (a joining node fetches every member's record). Half
+/// of the transport's default outbound streams ([`crate::DEFAULT_MAX_OUTBOUND_STREAMS`]), so
+/// that a joining node's fetches leave room for its push-pulls and fallback probes.
+pub const MAX_FETCHES_IN_FLIGHT: usize = crate::DEFAULT_MAX_OUTBOUND_STREAMS / 2;
 
 /// Highest local-health score (memberlist's default): a node that keeps failing its probes or
 /// running late probes at most 9 times slower.
@@ -45,6 +85,10 @@ const MAX_VOTERS: usize = 16;
 
 // Votes for a suspicion this node never started are forgotten after this many probe periods.
 const VOTE_TTL_PROBES: u64 = 300;
+
+// A stream request whose reply has not come is forgotten after this many probe periods (a late
+// reply within them is still used).
+const REQUEST_TTL_PROBES: u64 = 30;
 
 /// foca identity: the gossip address plus a generation.
 ///
@@ -87,8 +131,8 @@ pub enum NodeTimer {
     Foca(Timer<NodeId>),
     /// Time for a push-pull state exchange with a random member.
     PushPull,
-    /// A member came up a while ago; pull its state if its metadata has still not arrived.
-    FetchMeta(SocketAddr),
+    /// The stream request with this id got no reply in time: free its slot and retry.
+    FetchTimeout(u64),
     /// A step of a Lifeguard suspicion: the deadline that applies once `step` independent
     /// confirmations have been heard has passed.
     Suspicion {
@@ -113,11 +157,12 @@ pub enum Output {
         body: Vec<u8>,
     },
     /// Open a stream to `to`, send `body` as [`Kind::PushPull`], and feed the reply (a
-    /// [`Kind::PushPullReply`]) to [`Node::handle_stream`].
+    /// [`Kind::PushPullReply`]) to [`Node::handle_stream`]. The body is a push-pull state or a
+    /// metadata request ([`crate::message`]).
     PushPull {
         /// Destination gossip address.
         to: SocketAddr,
-        /// Our state (or an empty state for a pure pull).
+        /// The request.
         body: Vec<u8>,
     },
     /// Our direct ping of `to` got no ack within the probe timeout (Lifeguard's TCP fallback
@@ -183,71 +228,11 @@ impl SuspectVote {
     }
 }
 
-// What travels as a foca custom broadcast.
-#[derive(Debug, Serialize, Deserialize)]
-enum Broadcast {
-    Meta(MetaUpdate),
-    Suspect(SuspectVote),
-}
-
-fn encode_broadcast(b: &Broadcast) -> Vec<u8> {
-    postcard::to_allocvec(b).expect("serializing plain data into a Vec cannot fail")
-}
-
-/// A metadata broadcast, also the per-member record inside a push-pull state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetaUpdate {
-    /// Whose metadata.
-    pub addr: SocketAddr,
-    /// The owner's identity generation when it was published.
-    pub generation: u64,
-    /// Bumped by every change at the owner.
-    pub version: u64,
-    /// The owner left the cluster gracefully.
-    pub left: bool,
-    /// `None` in a stub: the metadata was too large to broadcast; pull it over TCP.
-    pub meta: Option<NodeMeta>,
-}
-
-/// A full state, exchanged by push-pull: foca's members (ourselves included) and all metadata.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PushPullState {
-    /// Every member foca knows, with incarnation and state.
-    pub members: Vec<Member<NodeId>>,
-    /// Every metadata record we hold.
-    pub metas: Vec<MetaUpdate>,
-}
-
-impl PushPullState {
-    /// Decodes a state received in a push-pull message.
-    pub fn decode(body: &[u8]) -> Option<PushPullState> {
-        postcard::from_bytes(body).ok()
-    }
-
-    /// Encodes this state for a push-pull message.
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("serializing plain data into a Vec cannot fail")
-    }
-
-    /// The address of a live member (other than `self_addr`) already using `name`, if any.
-    pub fn name_taken(&self, name: &str, self_addr: SocketAddr) -> Option<SocketAddr> {
-        self.metas.iter().find_map(|m| {
-            let same_name = m.meta.as_ref().is_some_and(|meta| meta.name == name);
-            let active = self.members.iter().any(|mem| {
-                mem.id().addr == m.addr
-                    && mem.id().generation == m.generation
-                    && mem.state() != State::Down
-            });
-            (same_name && !m.left && m.addr != self_addr && active).then_some(m.addr)
-        })
-    }
-}
-
 struct MetaRecord {
     generation: u64,
     version: u64,
     left: bool,
-    meta: Option<NodeMeta>,
+    meta: NodeMeta,
 }
 
 impl MetaRecord {
@@ -256,56 +241,128 @@ impl MetaRecord {
     }
 }
 
+/// Why a record or hint was refused (counted in [`NodeErrors::refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    // A version above MAX_VERSION, or a hint more than MAX_VERSION_STEP ahead.
+    VersionJump,
+}
+
 // Shared between the node and the broadcast handler that foca owns (foca offers no way back
 // to its handler). Only ever locked from the thread driving the node, so it is never contended.
 #[derive(Default)]
 struct MetaStore {
     self_addr: Option<SocketAddr>,
     records: HashMap<SocketAddr, MetaRecord>,
+    // The newest (generation, version) heard of per member, when newer than its record.
+    hints: HashMap<SocketAddr, (u64, u64)>,
     // Addresses whose record changed since the node last looked.
     changed: Vec<SocketAddr>,
-    // Addresses that announced metadata too large to broadcast: pull their state.
-    fetch: Vec<SocketAddr>,
+    // Addresses with a new hint: the node checks them against foca and fetches.
+    hinted: Vec<SocketAddr>,
     // Who voted for each suspicion, and the probe tick it was first heard of.
     votes: HashMap<SuspicionKey, (Vec<SocketAddr>, u64)>,
     // Suspicions that got a new voter since the node last looked.
     voted: Vec<SuspicionKey>,
     // The node's probe counter, for vote expiry.
     tick: u64,
+    refused: u64,
+    skipped: u64,
 }
 
 impl MetaStore {
-    /// Stores `u` if it is newer than what we have; returns whether it was new information
-    /// (and so should be disseminated further).
-    fn accept(&mut self, u: MetaUpdate) -> bool {
-        if Some(u.addr) == self.self_addr {
-            // Only we speak for ourselves; echoes of our own (older) records are ignored.
+    fn record_order(&self, addr: &SocketAddr) -> (u64, u64) {
+        self.records.get(addr).map_or((0, 0), MetaRecord::order)
+    }
+
+    /// Notes a hint; returns whether it was news (and so should be relayed).
+    ///
+    /// Only hints about the generation of the record held count: a member with no record here
+    /// is fetched anyway once foca reports it up, and a new generation once foca reports the
+    /// restart, so a hint naming any other generation (a made-up one above all) changes
+    /// nothing and cannot block the real hints that follow.
+    fn hint(&mut self, d: Digest) -> bool {
+        if Some(d.addr) == self.self_addr
+            || self
+                .records
+                .get(&d.addr)
+                .is_none_or(|r| r.generation != d.generation)
+        {
             return false;
         }
-        match self.records.get_mut(&u.addr) {
-            Some(r) if r.order() > (u.generation, u.version) => false,
-            Some(r) if r.order() == (u.generation, u.version) => {
-                // Same version: a full record may complete a stub we got earlier.
-                if r.meta.is_none() && u.meta.is_some() {
-                    r.meta = u.meta;
-                    self.changed.push(u.addr);
+        if let Err(Refusal::VersionJump) = self.check_hint(&d) {
+            self.refused += 1;
+            return false;
+        }
+        let mut news = false;
+        if d.left {
+            // A graceful leave: the owner is gone, so there is nothing to fetch; the flag only
+            // tells Left from Down once foca has it down.
+            if let Some(r) = self.records.get_mut(&d.addr) {
+                if r.generation == d.generation && !r.left {
+                    r.left = true;
+                    r.version = r.version.max(d.version);
+                    self.changed.push(d.addr);
+                    news = true;
                 }
-                false
             }
-            _ => {
-                if u.meta.is_none() {
-                    self.fetch.push(u.addr);
-                }
-                self.changed.push(u.addr);
-                let rec = MetaRecord {
-                    generation: u.generation,
-                    version: u.version,
-                    left: u.left,
-                    meta: u.meta,
-                };
-                self.records.insert(u.addr, rec);
-                true
-            }
+            return news;
+        }
+        let known = self
+            .record_order(&d.addr)
+            .max(self.hints.get(&d.addr).copied().unwrap_or((0, 0)));
+        if d.order() > known {
+            self.hints.insert(d.addr, d.order());
+            self.hinted.push(d.addr);
+            news = true;
+        }
+        news
+    }
+
+    fn check_hint(&self, d: &Digest) -> Result<(), Refusal> {
+        let base = self.records.get(&d.addr).map_or(0, |r| r.version);
+        if d.version > MAX_VERSION || d.version > base.saturating_add(MAX_VERSION_STEP) {
+            return Err(Refusal::VersionJump);
+        }
+        Ok(())
+    }
+
+    /// Stores a record received from its owner, if it is newer; the owner's word ends any
+    /// hint about it. Returns whether it was stored.
+    fn accept_from_owner(&mut self, r: Record) -> bool {
+        if Some(r.addr) == self.self_addr {
+            return false;
+        }
+        if r.version > MAX_VERSION {
+            self.refused += 1;
+            return false;
+        }
+        self.hints.remove(&r.addr);
+        if r.order() <= self.record_order(&r.addr) && self.records.contains_key(&r.addr) {
+            return false;
+        }
+        self.changed.push(r.addr);
+        self.records.insert(
+            r.addr,
+            MetaRecord {
+                generation: r.generation,
+                version: r.version,
+                left: r.left,
+                meta: r.meta,
+            },
+        );
+        true
+    }
+
+    /// Whether the record of `addr` at `generation` is missing or older than a hint.
+    fn wants(&self, addr: &SocketAddr, generation: u64) -> bool {
+        match self.records.get(addr) {
+            None => true,
+            Some(r) if r.generation < generation => true,
+            Some(r) => self
+                .hints
+                .get(addr)
+                .is_some_and(|h| *h > r.order() && h.0 == generation),
         }
     }
 
@@ -335,11 +392,13 @@ impl MetaStore {
 enum BroadcastKey {
     Meta { addr: SocketAddr, order: (u64, u64) },
     Vote(SuspectVote),
+    // What a node emulating the next version sends (a newer one replaces an older one).
+    NextVersion,
 }
 
 impl Invalidates for BroadcastKey {
-    // A newer version of the same member's metadata replaces an older one still queued; votes
-    // replace nothing but themselves.
+    // A newer hint about the same member replaces an older one still queued; votes replace
+    // nothing but themselves.
     fn invalidates(&self, other: &Self) -> bool {
         match (self, other) {
             (
@@ -350,14 +409,15 @@ impl Invalidates for BroadcastKey {
                 },
             ) => addr == a2 && order >= o2,
             (BroadcastKey::Vote(a), BroadcastKey::Vote(b)) => a == b,
+            (BroadcastKey::NextVersion, BroadcastKey::NextVersion) => true,
             _ => false,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("undecodable metadata broadcast: {0}")]
-struct MetaDecodeError(String);
+#[error("undecodable custom broadcast")]
+struct BroadcastDecodeError;
 
 struct MetaHandler {
     store: Arc<Mutex<MetaStore>>,
@@ -365,33 +425,41 @@ struct MetaHandler {
 
 impl BroadcastHandler<NodeId> for MetaHandler {
     type Key = BroadcastKey;
-    type Error = MetaDecodeError;
+    type Error = BroadcastDecodeError;
 
     fn receive_item(
         &mut self,
         data: &[u8],
         sender: Option<&NodeId>,
-    ) -> Result<Option<BroadcastKey>, MetaDecodeError> {
-        let b: Broadcast =
-            postcard::from_bytes(data).map_err(|e| MetaDecodeError(e.to_string()))?;
-        match b {
-            Broadcast::Meta(u) => {
+    ) -> Result<Option<BroadcastKey>, BroadcastDecodeError> {
+        match Broadcast::decode(data).ok_or(BroadcastDecodeError)? {
+            Broadcast::Hint(d) => {
                 let key = BroadcastKey::Meta {
-                    addr: u.addr,
-                    order: (u.generation, u.version),
+                    addr: d.addr,
+                    order: d.order(),
                 };
                 if sender.is_none() {
-                    // Our own metadata (added by `Node::publish_meta`, which already stored it).
+                    // Our own hint (added by `Node::publish_meta`).
                     return Ok(Some(key));
                 }
-                Ok(lock(&self.store).accept(u).then_some(key))
+                Ok(lock(&self.store).hint(d).then_some(key))
             }
-            Broadcast::Suspect(v) => {
+            Broadcast::Vote(v) => {
                 if sender.is_none() {
                     // Our own vote (added by `Node::vote`, which already stored it).
                     return Ok(Some(BroadcastKey::Vote(v)));
                 }
                 Ok(lock(&self.store).vote(v).then_some(BroadcastKey::Vote(v)))
+            }
+            Broadcast::Unknown if sender.is_none() => {
+                // Our own, as a node emulating the next version sends it.
+                Ok(Some(BroadcastKey::NextVersion))
+            }
+            Broadcast::Unknown => {
+                // A kind of a newer version: neither applied nor relayed (this version cannot
+                // tell which copy is newer).
+                lock(&self.store).skipped += 1;
+                Ok(None)
             }
         }
     }
@@ -413,6 +481,8 @@ struct Outbox {
     suspicions: Vec<(Timer<NodeId>, Duration)>,
     // Members whose probe by us failed during this call.
     probe_failed: Vec<NodeId>,
+    // Members that came back under a new generation (restarted) during this call.
+    renamed: Vec<SocketAddr>,
 }
 
 impl Default for Outbox {
@@ -423,6 +493,7 @@ impl Default for Outbox {
             probe_multiplier: 1,
             suspicions: Vec::new(),
             probe_failed: Vec::new(),
+            renamed: Vec::new(),
         }
     }
 }
@@ -433,7 +504,10 @@ impl foca::Runtime<NodeId> for Outbox {
             Notification::MemberUp(id) => Event::MemberUp(id.addr),
             Notification::MemberDown(id) => Event::MemberDown(id.addr),
             // Same address, new generation: a restart; the view refresh picks up the new id.
-            Notification::Rename(_, id) => Event::Meta(id.addr),
+            Notification::Rename(_, id) => {
+                self.renamed.push(id.addr);
+                Event::Meta(id.addr)
+            }
             Notification::Active => Event::Active,
             Notification::Idle | Notification::Defunct => Event::Idle,
             Notification::Rejoin(_) => Event::Rejoined,
@@ -498,8 +572,13 @@ struct ViewEntry {
 pub struct NodeErrors {
     /// foca packets it refused (malformed, from ourselves, too big...).
     pub foca: u64,
-    /// Push-pull states that did not decode.
+    /// Stream messages (push-pull states, metadata requests and replies) that did not decode.
     pub state: u64,
+    /// Records and hints refused by the ownership bounds (a version too far ahead, a record
+    /// for another generation than foca's, a record not from its owner).
+    pub refused: u64,
+    /// Messages of a kind this version does not know (from a newer version), skipped.
+    pub skipped: u64,
 }
 
 /// The membership state machine of one member. See the module docs.
@@ -512,8 +591,17 @@ pub struct Node {
     left: bool,
     connected: bool,
     push_pull_every: Duration,
-    // How long a new member's metadata broadcast gets before we ask the member directly.
-    meta_grace: Duration,
+    // Metadata fetches: stream requests in flight by id (destination, probe tick sent, whether
+    // its slot was already freed by a timeout), members queued for a fetch, members being
+    // fetched.
+    requests: HashMap<u64, (SocketAddr, u64, bool)>,
+    next_request: u64,
+    fetch_queue: VecDeque<SocketAddr>,
+    fetching: HashSet<SocketAddr>,
+    in_flight: usize,
+    fetch_timeout: Duration,
+    // Behave as the next body version (tests of a mixed-version cluster only).
+    next_version: bool,
     rng: SmallRng,
     view: HashMap<SocketAddr, ViewEntry>,
     refresh_pass: u64,
@@ -582,7 +670,9 @@ impl Node {
         let handler = MetaHandler {
             store: store.clone(),
         };
-        let meta_grace = config.probe_period * 2;
+        // A metadata fetch is one small round trip: retry after foca's probe timeout (500 ms
+        // on a LAN), not a whole stream timeout; a late reply is still taken.
+        let fetch_timeout = config.probe_rtt;
         let size_hint = expected_size.max(1);
         let suspicion_unit = config
             .suspect_to_down_after
@@ -604,7 +694,13 @@ impl Node {
             left: false,
             connected: false,
             push_pull_every,
-            meta_grace,
+            requests: HashMap::new(),
+            next_request: 0,
+            fetch_queue: VecDeque::new(),
+            fetching: HashSet::new(),
+            in_flight: 0,
+            fetch_timeout,
+            next_version: std::env::var_os(EMULATE_NEXT_VERSION_ENV).is_some(),
             rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             view: HashMap::new(),
             refresh_pass: 0,
@@ -632,6 +728,11 @@ impl Node {
             suspicions: HashMap::new(),
             probe: None,
         };
+        if node.next_version {
+            tracing::warn!(
+                "{EMULATE_NEXT_VERSION_ENV} is set: this node emulates the next gossip body version (tests only)"
+            );
+        }
         node.publish_meta();
         // A random first delay spreads the cluster's exchanges over the interval.
         let first = node
@@ -666,7 +767,12 @@ impl Node {
 
     /// What the node refused so far.
     pub fn errors(&self) -> NodeErrors {
-        self.errors
+        let store = lock(&self.store);
+        NodeErrors {
+            refused: store.refused,
+            skipped: store.skipped,
+            ..self.errors
+        }
     }
 
     /// Number of active members foca knows (ourselves excluded).
@@ -769,7 +875,7 @@ impl Node {
         if lock(&self.store).vote(v)
             && self
                 .foca
-                .add_broadcast(&encode_broadcast(&Broadcast::Suspect(v)))
+                .add_broadcast(&Broadcast::Vote(v).encode(self.next_version))
                 .is_err()
         {
             self.errors.foca += 1;
@@ -862,8 +968,9 @@ impl Node {
         }
     }
 
-    /// Asks `seeds` to let us in: a SWIM announce to each and a push-pull of the full state
-    /// with one of them, which brings us every member's metadata and gives it ours at once.
+    /// Asks `seeds` to let us in: a SWIM announce to each and a push-pull with one of them,
+    /// which brings us the members and the digests of their metadata (fetched from each member
+    /// next) and makes the seed fetch ours.
     pub fn join(&mut self, seeds: &[SocketAddr]) {
         let own = self.id().addr;
         let seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
@@ -885,10 +992,7 @@ impl Node {
         }
         if !seeds.is_empty() {
             let to = seeds[self.rng.random_range(0..seeds.len())];
-            self.outbox.outputs.push(Output::PushPull {
-                to,
-                body: self.state().encode(),
-            });
+            self.push_pull(to);
         }
         self.after_call();
     }
@@ -1027,6 +1131,9 @@ impl Node {
                     });
                     self.retune();
                     self.expire_votes();
+                    if self.probe_tick.is_multiple_of(8) {
+                        self.prune();
+                    }
                 }
             }
             NodeTimer::Suspicion { target, step } => {
@@ -1043,29 +1150,36 @@ impl Node {
                     after,
                     timer: NodeTimer::PushPull,
                 });
-                if !self.left {
-                    if let Some(to) = self.random_member() {
-                        let body = self.state().encode();
-                        self.outbox.outputs.push(Output::PushPull { to, body });
+                if let Some(to) = self.random_member() {
+                    self.push_pull(to);
+                    if self.next_version {
+                        // The next version's optional request: this version must skip it.
+                        self.outbox.outputs.push(Output::PushPull {
+                            to,
+                            body: StreamMessage::Unknown.encode(true),
+                        });
                     }
                 }
             }
-            NodeTimer::FetchMeta(addr) => {
-                let active = self.foca.iter_members().any(|m| m.id().addr == addr);
-                if active && !self.has_meta(addr) {
-                    let body = PushPullState::default().encode();
-                    self.outbox
-                        .outputs
-                        .push(Output::PushPull { to: addr, body });
+            NodeTimer::FetchTimeout(id) => {
+                if let Some((to, _, freed)) = self.requests.get_mut(&id) {
+                    if !*freed {
+                        // Keep the entry a while: a late reply is still welcome.
+                        *freed = true;
+                        let to = *to;
+                        self.in_flight -= 1;
+                        self.fetching.remove(&to);
+                        self.want(to);
+                    }
                 }
             }
         }
         self.after_call();
     }
 
-    /// Feeds a decrypted stream message. A push-pull request returns the body of the reply
-    /// ([`Kind::PushPullReply`]) to write back on the same stream; a [`Kind::Probe`] returns
-    /// foca's ack to it ([`Kind::ProbeAck`]).
+    /// Feeds a decrypted stream message. A request ([`Kind::PushPull`]) returns the body of
+    /// the reply ([`Kind::PushPullReply`]) to write back on the same stream; a [`Kind::Probe`]
+    /// returns foca's ack to it ([`Kind::ProbeAck`]).
     pub fn handle_stream(&mut self, kind: Kind, body: &[u8]) -> Option<Vec<u8>> {
         if self.left {
             return None;
@@ -1081,18 +1195,20 @@ impl Node {
                 }
                 None
             }
-            Kind::PushPull | Kind::PushPullReply => match PushPullState::decode(body) {
-                Some(state) => {
-                    // Reply with our state as it was before merging theirs: what they lack.
-                    let reply = (kind == Kind::PushPull).then(|| self.state().encode());
-                    self.apply_state(state, true);
-                    reply
-                }
+            Kind::PushPull => match StreamMessage::decode(body) {
+                Some(msg) => self.serve(msg),
                 None => {
                     self.errors.state += 1;
                     None
                 }
             },
+            Kind::PushPullReply => {
+                match StreamMessage::decode(body) {
+                    Some(msg) => self.take_reply(msg),
+                    None => self.errors.state += 1,
+                }
+                None
+            }
             Kind::Probe => self.answer_probe(body),
             // Served by the driver from its blob store; never the node's business.
             Kind::BlobGet | Kind::Blob => None,
@@ -1103,59 +1219,162 @@ impl Node {
         reply
     }
 
-    /// Merges a full state into ours (foca members and metadata). `broadcast` tells foca
-    /// whether to re-disseminate what was new; pass false only to preload known state.
-    pub fn apply_state(&mut self, state: PushPullState, broadcast: bool) {
+    // Answers a stream request.
+    fn serve(&mut self, msg: StreamMessage) -> Option<Vec<u8>> {
+        match msg {
+            StreamMessage::State { id, state } => {
+                // Reply with our state as it was before merging theirs: what they lack. A pure
+                // pull (a joining node, which has no members yet) also gets the names, so that
+                // it can refuse to start under a name already in use.
+                let mut reply = self.state();
+                if state.members.is_empty() {
+                    let store = lock(&self.store);
+                    reply.names = store
+                        .records
+                        .iter()
+                        .filter(|(_, r)| !r.left)
+                        .map(|(a, r)| (*a, r.meta.name.clone()))
+                        .collect();
+                    reply.names.sort_unstable();
+                }
+                self.apply_state(state, true);
+                Some(StreamMessage::State { id, state: reply }.encode(self.next_version))
+            }
+            StreamMessage::GetMeta { id } => {
+                let records = vec![self.own_record()];
+                Some(StreamMessage::Metas { id, records }.encode(self.next_version))
+            }
+            StreamMessage::Metas { .. } => {
+                self.errors.state += 1;
+                None
+            }
+            StreamMessage::Unknown => {
+                lock(&self.store).skipped += 1;
+                None
+            }
+        }
+    }
+
+    // Takes the reply to one of our stream requests: records are accepted only from the
+    // member the request went to, and only for their own address.
+    fn take_reply(&mut self, msg: StreamMessage) {
+        let (id, records, state) = match msg {
+            StreamMessage::State { id, mut state } => {
+                (id, std::mem::take(&mut state.records), Some(state))
+            }
+            StreamMessage::Metas { id, records } => (id, records, None),
+            StreamMessage::GetMeta { .. } | StreamMessage::Unknown => {
+                lock(&self.store).skipped += 1;
+                return;
+            }
+        };
+        // Members first (so that foca knows the responder's generation), then its own record,
+        // then the digests: a digest of the record just taken is no news.
+        let digests = state.map(|s| {
+            self.merge_members(s.members, true);
+            s.digests
+        });
+        match self.requests.remove(&id) {
+            Some((to, _, freed)) => {
+                if !freed {
+                    self.in_flight -= 1;
+                    self.fetching.remove(&to);
+                }
+                let generation = self.foca_generation(to);
+                let mut store = lock(&self.store);
+                for r in records {
+                    if r.addr != to || Some(r.generation) != generation {
+                        // Not the owner's own record, or of a generation foca does not know.
+                        store.refused += 1;
+                        continue;
+                    }
+                    store.accept_from_owner(r);
+                }
+            }
+            None if !records.is_empty() => lock(&self.store).refused += 1,
+            None => {}
+        }
+        let mut store = lock(&self.store);
+        for d in digests.into_iter().flatten() {
+            store.hint(d);
+        }
+    }
+
+    // Applies foca members from a push-pull state (see `apply_state` for `broadcast`).
+    fn merge_members(&mut self, members: Vec<Member<NodeId>>, broadcast: bool) {
+        let broadcast = broadcast && self.foca.num_members() > 0;
         if self
             .foca
-            .apply_many(state.members.into_iter(), broadcast, &mut self.outbox)
+            .apply_many(members.into_iter(), broadcast, &mut self.outbox)
             .is_err()
         {
             self.errors.state += 1;
         }
-        let mut fresh = Vec::new();
+    }
+
+    /// Merges a push-pull state into ours: foca's members, and the digests as hints (the
+    /// records themselves are fetched from their owners). `broadcast` tells foca whether to
+    /// re-disseminate what was new; a node that knows no member yet (it is joining) never does,
+    /// since the cluster already knows all of it.
+    pub fn apply_state(&mut self, state: PushPullState, broadcast: bool) {
+        self.merge_members(state.members, broadcast);
         {
             let mut store = lock(&self.store);
-            for m in state.metas {
-                let bytes = broadcast && m.meta.is_some() && m.addr != self.id().addr;
-                let bytes = bytes.then(|| encode_broadcast(&Broadcast::Meta(m.clone())));
-                if store.accept(m) {
-                    fresh.extend(bytes.filter(|b| b.len() <= MAX_BROADCAST_META));
-                }
-            }
-        }
-        // What was news to us is news to others: gossip it like a broadcast we received, so a
-        // joiner's metadata spreads from the seed it pushed to, not only from the joiner.
-        for b in fresh {
-            if self.foca.add_broadcast(&b).is_err() {
-                self.errors.foca += 1;
+            for d in state.digests {
+                store.hint(d);
             }
         }
         self.after_call();
     }
 
-    /// Our full state, as sent in a push-pull.
+    /// Loads a state including its records, trusting all of them: for simulations and tests
+    /// that start from a converged cluster. Nothing is re-broadcast.
+    pub fn preload_state(&mut self, state: PushPullState) {
+        let _ = self
+            .foca
+            .apply_many(state.members.into_iter(), false, &mut self.outbox);
+        {
+            let mut store = lock(&self.store);
+            for r in state.records {
+                store.accept_from_owner(r);
+            }
+        }
+        self.after_call();
+    }
+
+    /// Our state as sent in a push-pull: foca's members, digests of the live records we hold,
+    /// and our own record.
     pub fn state(&self) -> PushPullState {
         let mut members: Vec<Member<NodeId>> = self.foca.iter_membership_state().cloned().collect();
         if !self.left {
             // foca does not list itself; incarnation 0 never overrides fresher knowledge.
             members.push(Member::alive(self.id().clone()));
         }
+        // Digests of the live records only: active members', ours, and those of members that
+        // left (which tells Left from Down).
+        let active: HashSet<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        let own = self.id().addr;
         let store = lock(&self.store);
-        let mut metas: Vec<MetaUpdate> = store
+        let mut digests: Vec<Digest> = store
             .records
             .iter()
-            .map(|(addr, r)| MetaUpdate {
+            .filter(|(addr, r)| r.left || **addr == own || active.contains(*addr))
+            .map(|(addr, r)| Digest {
                 addr: *addr,
                 generation: r.generation,
                 version: r.version,
                 left: r.left,
-                meta: r.meta.clone(),
             })
             .collect();
+        drop(store);
         // HashMap order differs per process; a fixed order keeps simulations reproducible.
-        metas.sort_unstable_by_key(|m| m.addr);
-        PushPullState { members, metas }
+        digests.sort_unstable_by_key(|d| d.addr);
+        PushPullState {
+            members,
+            digests,
+            records: vec![self.own_record()],
+            names: Vec::new(),
+        }
     }
 
     /// Replaces our metadata and spreads it (e.g. `draining = true`).
@@ -1187,7 +1406,7 @@ impl Node {
             state.members.push(Member::down(self.id().clone()));
             self.outbox.outputs.push(Output::PushPull {
                 to,
-                body: state.encode(),
+                body: StreamMessage::State { id: 0, state }.encode(self.next_version),
             });
         }
         self.after_call();
@@ -1223,7 +1442,7 @@ impl Node {
                 State::Down => MemberState::Down,
             };
             let meta_version = rec.map_or(0, |r| r.version);
-            let has_meta = rec.is_some_and(|r| r.meta.is_some());
+            let has_meta = rec.is_some();
             let suspectors = if state == MemberState::Suspect {
                 store
                     .voters(&(id.addr, id.generation, m.incarnation()))
@@ -1317,7 +1536,7 @@ impl Node {
             .view
             .iter()
             .filter_map(|(addr, e)| {
-                let meta = store.records.get(addr)?.meta.clone()?;
+                let meta = store.records.get(addr)?.meta.clone();
                 Some(MemberInfo {
                     meta,
                     gossip_addr: *addr,
@@ -1374,17 +1593,21 @@ impl Node {
 
     /// Whether we hold metadata for `addr`.
     pub fn has_meta(&self, addr: SocketAddr) -> bool {
-        lock(&self.store)
-            .records
-            .get(&addr)
-            .is_some_and(|r| r.meta.is_some())
+        lock(&self.store).records.contains_key(&addr)
     }
 
     /// The metadata we hold for `addr`, with its version.
     pub fn meta_of(&self, addr: SocketAddr) -> Option<(u64, NodeMeta)> {
         let store = lock(&self.store);
         let r = store.records.get(&addr)?;
-        Some((r.version, r.meta.clone()?))
+        Some((r.version, r.meta.clone()))
+    }
+
+    /// How many metadata records and hints we hold (ours included): bounded by the members
+    /// foca knows.
+    pub fn held_records(&self) -> (usize, usize) {
+        let store = lock(&self.store);
+        (store.records.len(), store.hints.len())
     }
 
     fn random_member(&mut self) -> Option<SocketAddr> {
@@ -1396,39 +1619,137 @@ impl Node {
         self.foca.iter_members().nth(pick).map(|m| m.id().addr)
     }
 
-    // Stores our record and queues it for dissemination (a stub when it is too large).
-    fn publish_meta(&mut self) {
-        let id = self.id().clone();
-        let full = MetaUpdate {
-            addr: id.addr,
-            generation: id.generation,
+    // A push-pull of our state with `to`, as a request whose reply we will recognize.
+    fn push_pull(&mut self, to: SocketAddr) {
+        let id = self.new_request(to);
+        let body = StreamMessage::State {
+            id,
+            state: self.state(),
+        }
+        .encode(self.next_version);
+        self.outbox.outputs.push(Output::PushPull { to, body });
+    }
+
+    fn new_request(&mut self, to: SocketAddr) -> u64 {
+        self.next_request += 1;
+        // Freed at once: a push-pull takes no fetch slot.
+        self.requests
+            .insert(self.next_request, (to, self.probe_tick, true));
+        self.next_request
+    }
+
+    fn own_record(&self) -> Record {
+        Record {
+            addr: self.id().addr,
+            generation: self.id().generation,
             version: self.version,
             left: self.left,
-            meta: Some(self.meta.clone()),
-        };
+            meta: self.meta.clone(),
+        }
+    }
+
+    // The generation foca knows for `addr`, if it lists it.
+    fn foca_generation(&self, addr: SocketAddr) -> Option<u64> {
+        self.foca
+            .iter_membership_state()
+            .find(|m| m.id().addr == addr)
+            .map(|m| m.id().generation)
+    }
+
+    // Queues a fetch of `addr`'s record if it is active, missing or stale, and not queued yet.
+    fn want(&mut self, addr: SocketAddr) {
+        if addr == self.id().addr
+            || self.fetching.contains(&addr)
+            || self.fetch_queue.contains(&addr)
         {
-            let mut store = lock(&self.store);
-            store.records.insert(
-                id.addr,
-                MetaRecord {
-                    generation: id.generation,
-                    version: self.version,
-                    left: self.left,
-                    meta: full.meta.clone(),
-                },
-            );
+            return;
         }
-        let mut bytes = encode_broadcast(&Broadcast::Meta(full.clone()));
-        if bytes.len() > MAX_BROADCAST_META {
-            let stub = MetaUpdate { meta: None, ..full };
-            bytes = encode_broadcast(&Broadcast::Meta(stub));
+        let Some(generation) = self
+            .foca
+            .iter_members()
+            .find(|m| m.id().addr == addr)
+            .map(|m| m.id().generation)
+        else {
+            // Not an active member: nothing to fetch, and a hint about it is not kept (a
+            // flood of hints about made-up members costs no memory).
+            lock(&self.store).hints.remove(&addr);
+            return;
+        };
+        if lock(&self.store).wants(&addr, generation) {
+            self.fetch_queue.push_back(addr);
         }
-        if self.foca.add_broadcast(&bytes).is_err() {
+    }
+
+    // Starts queued fetches while slots are free.
+    fn pump_fetches(&mut self) {
+        while self.in_flight < MAX_FETCHES_IN_FLIGHT {
+            let Some(to) = self.fetch_queue.pop_front() else {
+                return;
+            };
+            self.next_request += 1;
+            let id = self.next_request;
+            self.requests.insert(id, (to, self.probe_tick, false));
+            self.in_flight += 1;
+            self.fetching.insert(to);
+            let body = StreamMessage::GetMeta { id }.encode(self.next_version);
+            self.outbox.outputs.push(Output::PushPull { to, body });
+            self.outbox.outputs.push(Output::Timer {
+                after: self.fetch_timeout,
+                timer: NodeTimer::FetchTimeout(id),
+            });
+        }
+    }
+
+    // Drops the records and hints of members foca no longer lists (it forgot them), and
+    // requests whose reply never came.
+    fn prune(&mut self) {
+        let listed: HashSet<SocketAddr> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| m.id().addr)
+            .collect();
+        let own = self.id().addr;
+        let mut store = lock(&self.store);
+        store.records.retain(|a, _| *a == own || listed.contains(a));
+        store.hints.retain(|a, _| listed.contains(a));
+        drop(store);
+        let tick = self.probe_tick;
+        // Entries whose slot is still taken wait for their timeout, which frees them.
+        self.requests
+            .retain(|_, (_, sent, freed)| !*freed || *sent + REQUEST_TTL_PROBES > tick);
+    }
+
+    // Stores our record and queues a hint for dissemination.
+    fn publish_meta(&mut self) {
+        let own = self.own_record();
+        let digest = own.digest();
+        lock(&self.store).records.insert(
+            own.addr,
+            MetaRecord {
+                generation: own.generation,
+                version: own.version,
+                left: own.left,
+                meta: own.meta,
+            },
+        );
+        if self
+            .foca
+            .add_broadcast(&Broadcast::Hint(digest).encode(self.next_version))
+            .is_err()
+        {
+            self.errors.foca += 1;
+        }
+        if self.next_version
+            && self
+                .foca
+                .add_broadcast(&Broadcast::Unknown.encode(true))
+                .is_err()
+        {
             self.errors.foca += 1;
         }
     }
 
-    // Work common to every input: react to foca's notifications and to stubs needing a pull.
+    // Work common to every input: react to foca's notifications, hints and fetches.
     fn after_call(&mut self) {
         // Lifeguard first: it may declare members down, which the event loop below must see.
         for id in std::mem::take(&mut self.outbox.probe_failed) {
@@ -1442,22 +1763,14 @@ impl Node {
             self.check_suspicion(key);
         }
         let mut rejoined = false;
+        let mut wanted = std::mem::take(&mut self.outbox.renamed);
         for e in &self.outbox.events {
             match e {
                 Event::Active => self.connected = true,
                 Event::Idle => self.connected = false,
                 Event::Rejoined => rejoined = true,
-                // Dissemination is probabilistic: with foca's retransmission count a node misses
-                // a given broadcast with probability ~e^-max_transmissions, i.e. a few pairs in a
-                // cluster of a hundred. SWIM repairs membership through probes, but nothing
-                // would repair metadata before the next push-pull, so ask the member itself.
-                Event::MemberUp(addr) => {
-                    let timer = NodeTimer::FetchMeta(*addr);
-                    self.outbox.outputs.push(Output::Timer {
-                        after: self.meta_grace,
-                        timer,
-                    });
-                }
+                // A new member: ask it for its record (it is the only source we trust).
+                Event::MemberUp(addr) => wanted.push(*addr),
                 _ => {}
             }
         }
@@ -1465,22 +1778,21 @@ impl Node {
             // Our generation changed: republish so our metadata is keyed by the new identity.
             self.publish_meta();
         }
-        let (changed, fetch) = {
+        let (changed, hinted) = {
             let mut store = lock(&self.store);
             (
                 std::mem::take(&mut store.changed),
-                std::mem::take(&mut store.fetch),
+                std::mem::take(&mut store.hinted),
             )
         };
+        wanted.extend(hinted);
+        for addr in wanted {
+            self.want(addr);
+        }
+        self.pump_fetches();
         self.outbox
             .events
             .extend(changed.into_iter().map(Event::Meta));
-        for to in fetch {
-            self.outbox.outputs.push(Output::PushPull {
-                to,
-                body: PushPullState::default().encode(),
-            });
-        }
     }
 }
 
@@ -1663,7 +1975,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_metadata_travels_as_a_stub_then_a_pull() {
+    fn large_metadata_is_fetched_from_its_owner() {
         let (mut a, mut b) = (node(1, "a"), node(2, "b"));
         b.join(&[a.id().addr]);
         pump(&mut a, &mut b);
@@ -1672,6 +1984,197 @@ mod tests {
         b.set_meta(meta.clone());
         pump(&mut a, &mut b);
         assert_eq!(a.meta_of(b.id().addr), Some((2, meta)));
+    }
+
+    fn web_service(port: u16) -> Service {
+        Service {
+            pool: "web".into(),
+            addr: ([10, 9, 9, 9], port).into(),
+            weight: 1,
+            zone: None,
+            tags: None,
+        }
+    }
+
+    #[test]
+    fn a_record_is_accepted_only_from_its_owner() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // c holds the key and forges b's record: a service of its choosing, in b's name.
+        let mut forged = b.own_record();
+        forged.version = 2;
+        forged.meta.services.push(web_service(80));
+        // 1. In a push-pull request c sends to a: records in a request are never taken.
+        let mut state = c.state();
+        state.records.push(forged.clone());
+        a.handle_stream(
+            Kind::PushPull,
+            &StreamMessage::State { id: 0, state }.encode(false),
+        );
+        // 2. In the reply to a's own push-pull with c: only c's record would be taken.
+        a.push_pull(c.id().addr);
+        let id = a.next_request;
+        a.take_outputs();
+        let mut state = c.state();
+        state.records = vec![forged.clone()];
+        a.handle_stream(
+            Kind::PushPullReply,
+            &StreamMessage::State { id, state }.encode(false),
+        );
+        // 3. As a reply to a request a never sent.
+        a.handle_stream(
+            Kind::PushPullReply,
+            &StreamMessage::Metas {
+                id: 999,
+                records: vec![forged.clone()],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1), "still b's own");
+        assert!(a.errors().refused >= 2, "{:?}", a.errors());
+
+        // 4. A hint relayed by c makes a ask b itself, which answers with what it really has.
+        let hint = Broadcast::Hint(forged.digest());
+        a.handle_packet(&foca_packet_with(&mut c, a.id().clone(), &hint));
+        let asked: Vec<SocketAddr> = a
+            .take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::PushPull { to, body } => {
+                    if let Some(reply) = b.handle_stream(Kind::PushPull, &body) {
+                        a.handle_stream(Kind::PushPullReply, &reply);
+                    }
+                    Some(to)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, [b_addr], "the hint was checked with its owner");
+        assert_eq!(a.meta_of(b_addr), Some((1, b.meta().clone())));
+        assert_eq!(a.held_records().1, 0, "the owner's answer ended the hint");
+
+        // 5. A version beyond the step, or u64::MAX, is refused outright: nothing is asked.
+        let refused = a.errors().refused;
+        for version in [1 + MAX_VERSION_STEP + 1, u64::MAX] {
+            let d = Digest {
+                version,
+                ..forged.digest()
+            };
+            let pkt = foca_packet_with(&mut c, a.id().clone(), &Broadcast::Hint(d));
+            a.handle_packet(&pkt);
+            assert!(
+                !a.take_outputs()
+                    .iter()
+                    .any(|o| matches!(o, Output::PushPull { .. })),
+                "version {version} made a ask"
+            );
+        }
+        assert_eq!(a.errors().refused, refused + 2);
+        // 6. Nor does a made-up generation pin anything: b's next real change still arrives.
+        let d = Digest {
+            generation: u64::MAX,
+            ..forged.digest()
+        };
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(d),
+        ));
+        let mut meta = b.meta().clone();
+        meta.draining = true;
+        b.set_meta(meta.clone());
+        pump(&mut a, &mut b);
+        assert_eq!(a.meta_of(b_addr), Some((2, meta)));
+    }
+
+    // A foca packet from `from` to `to` carrying one custom broadcast.
+    fn foca_packet_with(from: &mut Node, to: NodeId, b: &Broadcast) -> Vec<u8> {
+        let mut foca: Foca<NodeId, PostcardCodec, SmallRng, MetaHandler> =
+            Foca::with_custom_broadcast(
+                from.id().clone(),
+                from.config.clone(),
+                SmallRng::seed_from_u64(1),
+                PostcardCodec,
+                MetaHandler {
+                    store: Arc::new(Mutex::new(MetaStore::default())),
+                },
+            );
+        let mut out = Outbox::default();
+        foca.apply_many(std::iter::once(Member::alive(to)), false, &mut out)
+            .expect("applies");
+        foca.add_broadcast(&b.encode(false)).expect("fits");
+        out.outputs.clear();
+        foca.broadcast(&mut out).expect("broadcasts");
+        out.outputs
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Packet { body, .. } => Some(body),
+                _ => None,
+            })
+            .expect("a packet")
+    }
+
+    #[test]
+    fn the_next_versions_fields_and_kinds_are_skipped_not_refused() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        // b behaves as the next version: extra fields in its metadata and services, a body
+        // version one higher, a broadcast kind and a request kind a does not know.
+        b.next_version = true;
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let mut meta = b.meta().clone();
+        meta.services.push(web_service(8080));
+        b.set_meta(meta.clone());
+        pump(&mut a, &mut b);
+        b.handle_timer(NodeTimer::PushPull);
+        pump(&mut a, &mut b);
+        assert_eq!(a.meta_of(b.id().addr), Some((2, meta)));
+        assert_eq!(b.meta_of(a.id().addr), Some((1, a.meta().clone())));
+        let e = a.errors();
+        assert!(e.skipped >= 2, "{e:?}");
+        assert_eq!((e.foca, e.state, e.refused), (0, 0, 0), "{e:?}");
+    }
+
+    #[test]
+    fn a_joiner_applies_the_seed_state_without_rebroadcasting_it() {
+        let mut seed = node(1, "seed");
+        let mut others: Vec<Node> = (2..8).map(|p| node(p, &format!("n{p}"))).collect();
+        for o in &mut others {
+            o.join(&[seed.id().addr]);
+            pump(&mut seed, o);
+        }
+        let mut joiner = node(20, "joiner");
+        let reply = seed
+            .handle_stream(Kind::PushPull, &PushPullState::default().encode())
+            .expect("a reply");
+        let before = joiner.foca.updates_backlog();
+        joiner.apply_state(PushPullState::decode(&reply).expect("a state"), true);
+        assert_eq!(joiner.num_active(), 7, "it knows every member");
+        assert_eq!(
+            joiner.foca.updates_backlog(),
+            before,
+            "and gossips none of them"
+        );
+        // It asks each member for its own record, and nobody else.
+        let mut asked: Vec<SocketAddr> = joiner
+            .take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::PushPull { to, .. } => Some(to),
+                _ => None,
+            })
+            .collect();
+        asked.sort();
+        let mut members: Vec<SocketAddr> = others.iter().map(|o| o.id().addr).collect();
+        members.push(seed.id().addr);
+        members.sort();
+        assert_eq!(asked, members);
     }
 
     #[test]
@@ -1687,11 +2190,15 @@ mod tests {
     }
 
     #[test]
-    fn name_conflict_is_found_in_a_state() {
+    fn name_conflict_is_found_in_the_reply_to_a_pure_pull() {
         let (mut a, mut b) = (node(1, "same"), node(2, "b"));
         b.join(&[a.id().addr]);
         pump(&mut a, &mut b);
-        let state = a.state();
+        // What a starting node asks a seed before joining: the names come with the reply.
+        let reply = b
+            .handle_stream(Kind::PushPull, &PushPullState::default().encode())
+            .expect("a reply");
+        let state = PushPullState::decode(&reply).expect("a state");
         assert_eq!(
             state.name_taken("same", ([127, 0, 0, 1], 3).into()),
             Some(a.id().addr)
@@ -1740,6 +2247,13 @@ mod tests {
         let mut a = node(1, "a");
         a.handle_packet(b"\xff\xff\xff");
         assert_eq!(a.handle_stream(Kind::PushPull, b"\xff\xff\xff\xff"), None);
-        assert_eq!(a.errors(), NodeErrors { foca: 1, state: 1 });
+        assert_eq!(
+            a.errors(),
+            NodeErrors {
+                foca: 1,
+                state: 1,
+                ..NodeErrors::default()
+            }
+        );
     }
 }

@@ -122,7 +122,8 @@ impl std::fmt::Display for Freeze {
 /// Enters when no other member is alive, or when more than `share` of the members (and at
 /// least two) failed within `window`. Leaves when some member is alive again and the members
 /// failed now, whatever their age, are back to `share` or fewer (they returned, left, or were
-/// forgotten). Members that leave gracefully never count as failed.
+/// forgotten). Members that leave gracefully never count as failed. A node that saw nobody
+/// alive stays frozen after it forgot the failed members, until one is alive again.
 #[derive(Debug, Clone)]
 pub struct LastKnownGood {
     share: f64,
@@ -144,7 +145,14 @@ impl LastKnownGood {
     pub fn update(&mut self, members: &[MemberInfo], now_ms: u64) -> Option<Freeze> {
         let h = ViewHealth::of(members, now_ms, self.window);
         let limit = self.share * h.others as f64;
-        let isolated = h.others > 0 && h.alive == 0;
+        // Once isolated, a node stays so while nobody is alive, also after it has forgotten
+        // every failed member (`forget_after`): forgetting is not news from the cluster. Only
+        // members that left gracefully end it.
+        let left = members
+            .iter()
+            .any(|m| !m.is_self && m.state == MemberState::Left);
+        let forgotten = h.others == 0 && !left && self.frozen == Some(Freeze::Isolated);
+        let isolated = (h.others > 0 || forgotten) && h.alive == 0;
         // Entering takes a burst of recent failures; staying takes only that they persist.
         let stays = self.frozen.is_some() && h.failed as f64 > limit;
         let enters = h.failed_recently >= 2 && h.failed_recently as f64 > limit;
@@ -226,6 +234,9 @@ mod tests {
             v.state = MemberState::Down;
         }
         assert_eq!(g.update(&view, 600_000), Some(Freeze::Isolated));
+        // Still isolated once every failed member is forgotten.
+        let alone = vec![view[0].clone()];
+        assert_eq!(g.update(&alone, 9_000_000), Some(Freeze::Isolated));
         // Members that left do not count.
         for v in &mut view[1..] {
             v.state = MemberState::Left;

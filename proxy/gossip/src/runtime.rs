@@ -112,6 +112,12 @@ pub struct Stats {
     /// Of those, answered by an ack over TCP: probes that UDP alone would have failed. Many
     /// of them mean datagrams are being lost (a firewall dropping UDP, an MTU problem).
     pub probe_fallback_acks: u64,
+    /// Metadata records and hints the node refused: a record not from its owner, a hint too
+    /// far ahead (see [`crate::node`], "Ownership").
+    pub metadata_refused: u64,
+    /// Authenticated messages of a kind a newer version added, skipped (a mixed-version
+    /// cluster during an upgrade; see [`crate::message`]).
+    pub unknown_skipped: u64,
     /// Bytes TCP frame buffers and inflated bodies hold now (rounded up to KiB per frame); at
     /// most [`INBOUND_BUFFER_BUDGET`] plus [`REPLY_BUFFER_BUDGET`]. A gauge, not a counter.
     pub tcp_buffer_bytes: u64,
@@ -124,7 +130,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter but the byte counts, by name (the field names): what the proxy exports
     /// as `sluice_cluster_transport_total{event}`.
-    pub fn events(&self) -> [(&'static str, u64); 16] {
+    pub fn events(&self) -> [(&'static str, u64); 18] {
         [
             ("udp_sent", self.udp_sent),
             ("udp_received", self.udp_received),
@@ -142,6 +148,8 @@ impl Stats {
             ("outbound_skipped", self.outbound_skipped),
             ("probe_fallbacks", self.probe_fallbacks),
             ("probe_fallback_acks", self.probe_fallback_acks),
+            ("metadata_refused", self.metadata_refused),
+            ("unknown_skipped", self.unknown_skipped),
         ]
     }
 }
@@ -172,6 +180,9 @@ struct Counters {
     outbound_skipped: AtomicU64,
     probe_fallbacks: AtomicU64,
     probe_fallback_acks: AtomicU64,
+    // Copied from the node's own counters after every turn.
+    metadata_refused: AtomicU64,
+    unknown_skipped: AtomicU64,
     duplicate_names: AtomicU64,
     key_file_errors: AtomicU64,
 }
@@ -679,6 +690,8 @@ impl ClusterHandle {
             outbound_skipped: get(&c.outbound_skipped),
             probe_fallbacks: get(&c.probe_fallbacks),
             probe_fallback_acks: get(&c.probe_fallback_acks),
+            metadata_refused: get(&c.metadata_refused),
+            unknown_skipped: get(&c.unknown_skipped),
             tcp_buffer_bytes: (self.shared.buffers.held() + self.shared.replies.held()) as u64,
             duplicate_names: get(&c.duplicate_names),
             key_file_errors: get(&c.key_file_errors),
@@ -763,8 +776,8 @@ impl Cluster {
     /// Binds the transports, joins through `config.peers` and runs the member in the
     /// background.
     ///
-    /// Before announcing itself, the node pulls the full state from a seed (retrying for up to
-    /// 2 s with the Local profile, 5 s LAN, 10 s WAN) and fails with
+    /// Before announcing itself, the node pulls the members (with digests and names) from a
+    /// seed (retrying for up to 2 s with the Local profile, 5 s LAN, 10 s WAN) and fails with
     /// [`ClusterError::NameConflict`] if a live member at another address has the same name.
     /// When no seed answers in that time it starts anyway and keeps retrying the seeds with
     /// exponential backoff — also later, whenever it loses every peer.
@@ -823,6 +836,7 @@ impl Cluster {
         });
 
         let (mut foca_cfg, push_pull) = profile_settings(config.profile, config.expected_size);
+        foca_cfg.remove_down_after = Some(config.forget_after);
         foca_cfg.max_packet_size = foca_packet_size(config.transport.udp_payload_size);
         // A restarted node must outrank its previous identity, whatever the clock did.
         let (generation, state_usable) = persist::start_generation(
@@ -1284,6 +1298,10 @@ impl Driver {
             self.dropped_seen = dropped;
             self.node.inbound_dropped();
         }
+        let errors = self.node.errors();
+        let c = &self.shared.counters;
+        c.metadata_refused.store(errors.refused, Ordering::Relaxed);
+        c.unknown_skipped.store(errors.skipped, Ordering::Relaxed);
         if let Some(t) = self.node.take_tuning_change() {
             self.shared.tuning.store(Arc::new(t));
         }

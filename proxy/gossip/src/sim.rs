@@ -30,6 +30,7 @@ use rand_foca::rngs::SmallRng;
 use rand_foca::{RngExt, SeedableRng};
 
 use super::keyring::SEAL_OVERHEAD;
+use super::message::StreamMessage;
 use super::node::{Event, Node, NodeId, NodeTimer, Output, PushPullState};
 use super::routing::HoldPolicy;
 use super::wire::{Kind, HEADER_LEN};
@@ -73,6 +74,8 @@ pub struct SimConfig {
     /// Expected cluster size given to every node (a starting hint; nodes tune themselves to
     /// the live member count).
     pub expected_size: u32,
+    /// How long nodes remember a down member ([`crate::ClusterConfig::forget_after`]).
+    pub forget_after: std::time::Duration,
     /// Carry the nodes' TCP fallback probes ([`crate::node::Output::ProbeStream`]); `false`
     /// drops them, as a network that blocks the gossip port's TCP (or a node without the
     /// fallback) would. On by default.
@@ -92,6 +95,7 @@ impl SimConfig {
             seed,
             profile: Profile::Lan,
             expected_size,
+            forget_after: crate::DEFAULT_FORGET_AFTER,
             probe_fallback: true,
         }
     }
@@ -113,6 +117,7 @@ impl SimConfig {
             seed,
             profile: Profile::Lan,
             expected_size: crate::DEFAULT_EXPECTED_SIZE,
+            forget_after: crate::DEFAULT_FORGET_AFTER,
             probe_fallback: true,
         }
     }
@@ -135,6 +140,8 @@ pub struct SimStats {
     pub probe_stream_acks: u64,
     /// Bytes on the wire (see the module docs for what is counted).
     pub bytes: u64,
+    /// Of the push-pull exchanges, those that fetched one member's record from it (GetMeta).
+    pub meta_fetches: u64,
 }
 
 /// What went wrong, counted as it happened (see [`Sim::counts`]).
@@ -393,7 +400,8 @@ impl Sim {
     }
 
     fn new_node(&mut self, i: usize, generation: u64) -> Node {
-        let (foca_cfg, push_pull) = profile_settings(self.cfg.profile, self.cfg.expected_size);
+        let (mut foca_cfg, push_pull) = profile_settings(self.cfg.profile, self.cfg.expected_size);
+        foca_cfg.remove_down_after = Some(self.cfg.forget_after);
         let seed = self.rng.random::<u64>();
         let id = NodeId {
             addr: sim_addr(i),
@@ -447,12 +455,12 @@ impl Sim {
                 .members
                 .extend(s.members.into_iter().filter(|m| m.id().addr == sim_addr(i)));
             state
-                .metas
-                .extend(s.metas.into_iter().filter(|m| m.addr == sim_addr(i)));
+                .records
+                .extend(s.records.into_iter().filter(|r| r.addr == sim_addr(i)));
         }
         let period = self.nodes[first].node.tuning().probe_interval.as_millis() as u64;
         for i in first..first + n {
-            self.nodes[i].node.apply_state(state.clone(), false);
+            self.nodes[i].node.preload_state(state.clone());
             let phase = self.rng.random_range(0..period.max(1));
             self.dispatch(i, phase, &mut |_, _, _| {});
         }
@@ -810,6 +818,12 @@ impl Sim {
                 }
                 Output::PushPull { to, body } => {
                     self.stats.push_pulls += 1;
+                    if matches!(
+                        StreamMessage::decode(&body),
+                        Some(StreamMessage::GetMeta { .. })
+                    ) {
+                        self.stats.meta_fetches += 1;
+                    }
                     self.stats.bytes +=
                         stream_bytes(body.len()) + TCP_CONNECTION_SEGMENTS * TCP_SEGMENT_OVERHEAD;
                     let Some(&dst) = self.by_addr.get(&to) else {

@@ -360,3 +360,70 @@ fn simulated_metadata_is_the_size_of_a_real_agents() {
         .len();
     assert!((270..=330).contains(&len), "{len} bytes");
 }
+
+#[test]
+fn a_metadata_change_is_fetched_from_its_owner_once_per_node() {
+    let mut sim = realistic_cluster(N, 0.01, 9);
+    let mut meta = sim.node(7).meta().clone();
+    meta.draining = true;
+    let before = sim.stats();
+    sim.set_meta(7, meta.clone());
+    let t = sim.now_ms() + 5 * SECOND;
+    sim.run_until(t, |_, _, _| {});
+    for i in (0..N).filter(|i| *i != 7) {
+        assert_eq!(
+            sim.node(i).meta_of(sim_addr(7)),
+            Some((2, meta.clone())),
+            "node {i}"
+        );
+        assert_eq!(sim.node(i).errors().refused, 0, "node {i}");
+    }
+    // The change travelled as a small hint; every other node then asked node 7 for its record,
+    // about once each (a fetch lost on the network is retried), instead of pulling anyone's
+    // full state.
+    let fetches = sim.stats().meta_fetches - before.meta_fetches;
+    eprintln!("one metadata change: {fetches} fetches");
+    assert!(
+        (N as u64 - 1..=(N as u64 - 1) * 11 / 10).contains(&fetches),
+        "{fetches} fetches"
+    );
+}
+
+#[test]
+fn forgotten_members_records_are_pruned_everywhere() {
+    let mut cfg = SimConfig::realistic(0.01, 10);
+    cfg.forget_after = std::time::Duration::from_secs(30);
+    let mut sim = Sim::new(cfg);
+    sim.add_converged(N);
+    sim.run_until(10 * SECOND, |_, _, _| {});
+    let crashed = [11, 22, 33];
+    for v in crashed {
+        sim.crash(v);
+    }
+    sim.leave(44);
+    let gone: Vec<usize> = crashed.into_iter().chain([44]).collect();
+    let live: Vec<usize> = (0..N).filter(|i| !gone.contains(i)).collect();
+    // Detected within ~20 s; still listed (down or left), with their records, until forgotten.
+    let t = sim.now_ms() + 25 * SECOND;
+    sim.run_until(t, |_, _, _| {});
+    assert_eq!(
+        sim.node(0).member_state(sim_addr(44)),
+        Some(MemberState::Left)
+    );
+    // Forgotten 30 s after they went down; records pruned within 8 probe periods after that.
+    let t = sim.now_ms() + 60 * SECOND;
+    sim.run_until(t, |_, _, _| {});
+    for &i in &live {
+        for &g in &gone {
+            assert_eq!(sim.node(i).member_state(sim_addr(g)), None, "{i} sees {g}");
+            assert!(!sim.node(i).has_meta(sim_addr(g)), "{i} keeps {g}'s record");
+        }
+        assert_eq!(
+            sim.node(i).held_records(),
+            (live.len(), 0),
+            "node {i} holds exactly the live members' records"
+        );
+    }
+    // The survivors are all still there.
+    run_until_converged(&mut sim, 10 * SECOND);
+}

@@ -452,6 +452,17 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent in `dir/name` announcing `service` for pool "web".
     pub fn start(dir: &std::path::Path, name: &str, cluster: &str, service: SocketAddr) -> Agent {
+        Agent::start_env(dir, name, cluster, service, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables for the process.
+    pub fn start_env(
+        dir: &std::path::Path,
+        name: &str,
+        cluster: &str,
+        service: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = format!("{cluster}\n[agent]\ndrain_grace = \"1500ms\"\ncheck_interval = \"500ms\"\n[[service]]\npool = \"web\"\naddr = \"{service}\"\ncheck = \"tcp\"\n");
@@ -460,6 +471,7 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["agent", "--config"])
             .arg(dir.join("agent.toml"))
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
