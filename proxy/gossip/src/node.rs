@@ -156,11 +156,14 @@ pub enum Output {
         body: Vec<u8>,
     },
     /// Open a stream to `to`, send `body` as [`Kind::PushPull`], and feed the reply (a
-    /// [`Kind::PushPullReply`]) to [`Node::handle_stream`]. The body is a push-pull state or a
-    /// metadata request ([`crate::message`]).
+    /// [`Kind::PushPullReply`]) to [`Node::handle_stream_reply`] with `to` and `id`: the
+    /// transport, not the replier, says who answered which request. The body is a push-pull
+    /// state or a metadata request ([`crate::message`]).
     PushPull {
         /// Destination gossip address.
         to: SocketAddr,
+        /// The request's id (random; 0 when no reply is awaited).
+        id: u64,
         /// The request.
         body: Vec<u8>,
     },
@@ -332,7 +335,10 @@ impl MetaStore {
         if Some(r.addr) == self.self_addr {
             return false;
         }
-        if r.version > MAX_VERSION {
+        // Like a hint, an owner's record may not jump more than MAX_VERSION_STEP ahead of the
+        // one held: a version is never pinned out of the owner's own reach.
+        let base = self.records.get(&r.addr).map_or(0, |h| h.version);
+        if r.version > MAX_VERSION || r.version > base.saturating_add(MAX_VERSION_STEP) {
             self.refused += 1;
             return false;
         }
@@ -594,7 +600,6 @@ pub struct Node {
     // its slot was already freed by a timeout), members queued for a fetch, members being
     // fetched.
     requests: HashMap<u64, (SocketAddr, u64, bool)>,
-    next_request: u64,
     fetch_queue: VecDeque<SocketAddr>,
     fetching: HashSet<SocketAddr>,
     in_flight: usize,
@@ -694,7 +699,6 @@ impl Node {
             connected: false,
             push_pull_every,
             requests: HashMap::new(),
-            next_request: 0,
             fetch_queue: VecDeque::new(),
             fetching: HashSet::new(),
             in_flight: 0,
@@ -1155,6 +1159,7 @@ impl Node {
                         // The next version's optional request: this version must skip it.
                         self.outbox.outputs.push(Output::PushPull {
                             to,
+                            id: 0,
                             body: StreamMessage::Unknown.encode(true),
                         });
                     }
@@ -1201,11 +1206,10 @@ impl Node {
                     None
                 }
             },
+            // A reply is only taken with the transport's word on who sent it and to which
+            // request (handle_stream_reply); unsolicited, it is nobody's answer.
             Kind::PushPullReply => {
-                match StreamMessage::decode(body) {
-                    Some(msg) => self.take_reply(msg),
-                    None => self.errors.state += 1,
-                }
+                lock(&self.store).refused += 1;
                 None
             }
             Kind::Probe => self.answer_probe(body),
@@ -1216,6 +1220,38 @@ impl Node {
         };
         self.after_call();
         reply
+    }
+
+    /// Feeds the reply to our stream request `id` ([`Output::PushPull`]), read on the stream
+    /// the driver opened to `from`, the address the request was sent to.
+    pub fn handle_stream_reply(&mut self, from: SocketAddr, id: u64, body: &[u8]) {
+        if self.left {
+            return;
+        }
+        match StreamMessage::decode(body) {
+            Some(msg) => self.take_reply(from, id, msg),
+            None => {
+                self.errors.state += 1;
+                // The request is answered all the same: its slot is free.
+                self.end_request(from, id);
+            }
+        }
+        self.after_call();
+    }
+
+    // Ends request `id` sent to `from`: frees its fetch slot. Returns whether it was ours.
+    fn end_request(&mut self, from: SocketAddr, id: u64) -> bool {
+        match self.requests.get(&id) {
+            Some(&(to, _, freed)) if to == from => {
+                self.requests.remove(&id);
+                if !freed {
+                    self.in_flight -= 1;
+                    self.fetching.remove(&to);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     // Answers a stream request.
@@ -1254,9 +1290,9 @@ impl Node {
         }
     }
 
-    // Takes the reply to one of our stream requests: records are accepted only from the
-    // member the request went to, and only for their own address.
-    fn take_reply(&mut self, msg: StreamMessage) {
+    // Takes the reply to our stream request `req` read from `from`: only if `req` went to
+    // `from` and the reply names it; records are accepted only for `from`'s own address.
+    fn take_reply(&mut self, from: SocketAddr, req: u64, msg: StreamMessage) {
         let (id, records, state) = match msg {
             StreamMessage::State { id, mut state } => {
                 (id, std::mem::take(&mut state.records), Some(state))
@@ -1264,34 +1300,32 @@ impl Node {
             StreamMessage::Metas { id, records } => (id, records, None),
             StreamMessage::GetMeta { .. } | StreamMessage::Unknown => {
                 lock(&self.store).skipped += 1;
+                self.end_request(from, req);
                 return;
             }
         };
+        if !self.end_request(from, req) || id != req {
+            // Not the answer of the member we asked to the request we sent it.
+            lock(&self.store).refused += 1;
+            return;
+        }
         // Members first (so that foca knows the responder's generation), then its own record,
         // then the digests: a digest of the record just taken is no news.
         let digests = state.map(|s| {
             self.merge_members(s.members, true);
             s.digests
         });
-        match self.requests.remove(&id) {
-            Some((to, _, freed)) => {
-                if !freed {
-                    self.in_flight -= 1;
-                    self.fetching.remove(&to);
+        let generation = self.foca_generation(from);
+        {
+            let mut store = lock(&self.store);
+            for r in records {
+                if r.addr != from || Some(r.generation) != generation {
+                    // Not the owner's own record, or of a generation foca does not know.
+                    store.refused += 1;
+                    continue;
                 }
-                let generation = self.foca_generation(to);
-                let mut store = lock(&self.store);
-                for r in records {
-                    if r.addr != to || Some(r.generation) != generation {
-                        // Not the owner's own record, or of a generation foca does not know.
-                        store.refused += 1;
-                        continue;
-                    }
-                    store.accept_from_owner(r);
-                }
+                store.accept_from_owner(r);
             }
-            None if !records.is_empty() => lock(&self.store).refused += 1,
-            None => {}
         }
         let mut store = lock(&self.store);
         for d in digests.into_iter().flatten() {
@@ -1405,6 +1439,7 @@ impl Node {
             state.members.push(Member::down(self.id().clone()));
             self.outbox.outputs.push(Output::PushPull {
                 to,
+                id: 0,
                 body: StreamMessage::State { id: 0, state }.encode(self.next_version),
             });
         }
@@ -1626,15 +1661,25 @@ impl Node {
             state: self.state(),
         }
         .encode(self.next_version);
-        self.outbox.outputs.push(Output::PushPull { to, body });
+        self.outbox.outputs.push(Output::PushPull { to, id, body });
     }
 
     fn new_request(&mut self, to: SocketAddr) -> u64 {
-        self.next_request += 1;
+        let id = self.fresh_request_id();
         // Freed at once: a push-pull takes no fetch slot.
-        self.requests
-            .insert(self.next_request, (to, self.probe_tick, true));
-        self.next_request
+        self.requests.insert(id, (to, self.probe_tick, true));
+        id
+    }
+
+    // A random request id, not 0 and not in use: nobody can guess the id of a request we
+    // send to someone else.
+    fn fresh_request_id(&mut self) -> u64 {
+        loop {
+            let id: u64 = self.rng.random();
+            if id != 0 && !self.requests.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     fn own_record(&self) -> Record {
@@ -1685,13 +1730,12 @@ impl Node {
             let Some(to) = self.fetch_queue.pop_front() else {
                 return;
             };
-            self.next_request += 1;
-            let id = self.next_request;
+            let id = self.fresh_request_id();
             self.requests.insert(id, (to, self.probe_tick, false));
             self.in_flight += 1;
             self.fetching.insert(to);
             let body = StreamMessage::GetMeta { id }.encode(self.next_version);
-            self.outbox.outputs.push(Output::PushPull { to, body });
+            self.outbox.outputs.push(Output::PushPull { to, id, body });
             self.outbox.outputs.push(Output::Timer {
                 after: self.fetch_timeout,
                 timer: NodeTimer::FetchTimeout(id),
@@ -1826,9 +1870,9 @@ mod tests {
                     to.handle_packet(&body);
                     moved = true;
                 }
-                Output::PushPull { body, .. } => {
+                Output::PushPull { to: addr, id, body } => {
                     if let Some(reply) = to.handle_stream(Kind::PushPull, &body) {
-                        from.handle_stream(Kind::PushPullReply, &reply);
+                        from.handle_stream_reply(addr, id, &reply);
                     }
                     moved = true;
                 }
@@ -1995,6 +2039,87 @@ mod tests {
         }
     }
 
+    // The stream requests among `n`'s outputs: (destination, id).
+    fn request_ids(n: &mut Node) -> Vec<(SocketAddr, u64)> {
+        n.take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::PushPull { to, id, .. } => Some((to, id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reply_counts_only_from_the_member_the_request_went_to() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // b changes; a hears of it and asks b.
+        let mut real = b.own_record();
+        real.version = 2;
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(real.digest()),
+        ));
+        let asked = request_ids(&mut a);
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        let (to, id) = asked[0];
+        assert_eq!(to, b_addr);
+        // c, who somehow learnt the id, answers first in b's name on its own stream: a
+        // record of b's with a version that would pin it.
+        let mut forged = b.own_record();
+        forged.version = 1 << 48;
+        forged.meta.services.push(web_service(80));
+        let refused = a.errors().refused;
+        a.handle_stream_reply(
+            c.id().addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![forged.clone()],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1), "still b's own");
+        assert_eq!(a.errors().refused, refused + 1);
+        // b's own answer, even with the wrong id in its body, is not taken either.
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id: id ^ 1,
+                records: vec![b.own_record()],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.errors().refused, refused + 2);
+        // Even from b, a version more than MAX_VERSION_STEP ahead of the one held is refused.
+        a.want(b_addr);
+        a.pump_fetches();
+        let (_, id) = request_ids(&mut a)[0];
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![Record {
+                    version: 2 + MAX_VERSION_STEP,
+                    ..b.own_record()
+                }],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        assert_eq!(a.errors().refused, refused + 3);
+    }
+
     #[test]
     fn a_record_is_accepted_only_from_its_owner() {
         let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
@@ -2018,17 +2143,18 @@ mod tests {
         );
         // 2. In the reply to a's own push-pull with c: only c's record would be taken.
         a.push_pull(c.id().addr);
-        let id = a.next_request;
-        a.take_outputs();
+        let id = request_ids(&mut a)[0].1;
         let mut state = c.state();
         state.records = vec![forged.clone()];
-        a.handle_stream(
-            Kind::PushPullReply,
+        a.handle_stream_reply(
+            c.id().addr,
+            id,
             &StreamMessage::State { id, state }.encode(false),
         );
         // 3. As a reply to a request a never sent.
-        a.handle_stream(
-            Kind::PushPullReply,
+        a.handle_stream_reply(
+            c.id().addr,
+            999,
             &StreamMessage::Metas {
                 id: 999,
                 records: vec![forged.clone()],
@@ -2045,9 +2171,9 @@ mod tests {
             .take_outputs()
             .into_iter()
             .filter_map(|o| match o {
-                Output::PushPull { to, body } => {
+                Output::PushPull { to, id, body } => {
                     if let Some(reply) = b.handle_stream(Kind::PushPull, &body) {
-                        a.handle_stream(Kind::PushPullReply, &reply);
+                        a.handle_stream_reply(to, id, &reply);
                     }
                     Some(to)
                 }
