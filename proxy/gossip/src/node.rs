@@ -258,6 +258,9 @@ struct MetaStore {
     records: HashMap<SocketAddr, MetaRecord>,
     // The newest (generation, version) heard of per member, when newer than its record.
     hints: HashMap<SocketAddr, (u64, u64)>,
+    // "This member left" (generation, version) heard from others: a hint, so it never changes
+    // the record; see MetaStore::hint.
+    left_notes: HashMap<SocketAddr, (u64, u64)>,
     // Addresses whose record changed since the node last looked.
     changed: Vec<SocketAddr>,
     // Addresses with a new hint: the node checks them against foca and fetches.
@@ -298,15 +301,15 @@ impl MetaStore {
         }
         let mut news = false;
         if d.left {
-            // A graceful leave: the owner is gone, so there is nothing to fetch; the flag only
-            // tells Left from Down once foca has it down.
-            if let Some(r) = self.records.get_mut(&d.addr) {
-                if r.generation == d.generation && !r.left {
-                    r.left = true;
-                    r.version = r.version.max(d.version);
-                    self.changed.push(d.addr);
-                    news = true;
-                }
+            // A graceful leave: the owner is gone, so there is nothing to fetch. Noted beside
+            // its record, never in it: the note only tells Left from Down while foca has that
+            // generation down, and the owner's next record ends it.
+            let held = self.records.get(&d.addr).is_some_and(|r| r.left);
+            let known = self.left_notes.get(&d.addr).copied();
+            if !held && known.is_none_or(|k| d.order() > k) {
+                self.left_notes.insert(d.addr, d.order());
+                self.changed.push(d.addr);
+                news = known.is_none();
             }
             return news;
         }
@@ -343,6 +346,7 @@ impl MetaStore {
             return false;
         }
         self.hints.remove(&r.addr);
+        self.left_notes.remove(&r.addr);
         if r.order() <= self.record_order(&r.addr) && self.records.contains_key(&r.addr) {
             return false;
         }
@@ -357,6 +361,18 @@ impl MetaStore {
             },
         );
         true
+    }
+
+    /// Whether `addr` at `generation` left: its own record says so, or (to be used only while
+    /// foca has that generation down) another member said so.
+    fn left(&self, addr: &SocketAddr, generation: u64) -> bool {
+        self.records
+            .get(addr)
+            .is_some_and(|r| r.left && r.generation >= generation)
+            || self
+                .left_notes
+                .get(addr)
+                .is_some_and(|&(g, _)| g == generation)
     }
 
     /// Whether the record of `addr` at `generation` is missing or older than a hint.
@@ -1263,11 +1279,15 @@ impl Node {
                 // it can refuse to start under a name already in use.
                 let mut reply = self.state();
                 if state.members.is_empty() {
+                    let active: HashSet<SocketAddr> =
+                        self.foca.iter_members().map(|m| m.id().addr).collect();
                     let store = lock(&self.store);
                     reply.names = store
                         .records
                         .iter()
-                        .filter(|(_, r)| !r.left)
+                        .filter(|(a, r)| {
+                            !r.left && (active.contains(*a) || !store.left(a, r.generation))
+                        })
                         .map(|(a, r)| (*a, r.meta.name.clone()))
                         .collect();
                     reply.names.sort_unstable();
@@ -1470,9 +1490,7 @@ impl Node {
             let state = match m.state() {
                 State::Alive => MemberState::Alive,
                 State::Suspect => MemberState::Suspect,
-                State::Down if rec.is_some_and(|r| r.left && r.generation >= id.generation) => {
-                    MemberState::Left
-                }
+                State::Down if store.left(&id.addr, id.generation) => MemberState::Left,
                 State::Down => MemberState::Down,
             };
             let meta_version = rec.map_or(0, |r| r.version);
@@ -1615,7 +1633,7 @@ impl Node {
             State::Alive => MemberState::Alive,
             State::Suspect => MemberState::Suspect,
             State::Down => {
-                let left = lock(&self.store).records.get(&addr).is_some_and(|r| r.left);
+                let left = lock(&self.store).left(&addr, m.id().generation);
                 if left {
                     MemberState::Left
                 } else {
@@ -1755,6 +1773,7 @@ impl Node {
         let mut store = lock(&self.store);
         store.records.retain(|a, _| *a == own || listed.contains(a));
         store.hints.retain(|a, _| listed.contains(a));
+        store.left_notes.retain(|a, _| listed.contains(a));
         drop(store);
         let tick = self.probe_tick;
         // Entries whose slot is still taken wait for their timeout, which frees them.
@@ -2300,6 +2319,50 @@ mod tests {
         members.push(seed.id().addr);
         members.sort();
         assert_eq!(asked, members);
+    }
+
+    #[test]
+    fn a_left_hint_changes_no_record() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // c says b left, far ahead of b's real version.
+        let mut forged = b.own_record().digest();
+        forged.version = 1 + MAX_VERSION_STEP;
+        forged.left = true;
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(forged),
+        ));
+        a.take_outputs();
+        assert_eq!(
+            a.meta_of(b_addr).map(|(v, _)| v),
+            Some(1),
+            "record untouched"
+        );
+        assert_eq!(a.member_state(b_addr), Some(MemberState::Alive));
+        assert!(
+            !a.state().digests.iter().any(|d| d.addr == b_addr && d.left),
+            "not passed on in push-pulls"
+        );
+        // b's real next version still arrives, and ends the note.
+        b.set_meta(NodeMeta {
+            services: vec![web_service(80)],
+            ..b.meta().clone()
+        });
+        for _ in 0..20 {
+            if !(deliver(&mut b, &mut a) | deliver(&mut a, &mut b)) {
+                break;
+            }
+        }
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(2));
+        assert!(lock(&a.store).left_notes.is_empty());
     }
 
     #[test]
