@@ -37,8 +37,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut};
 
 use foca::{
     BroadcastHandler, Codec, Foca, Header, Identity, Invalidates, Member, Message as FocaMessage,
@@ -604,8 +607,11 @@ pub struct NodeErrors {
 
 /// The membership state machine of one member. See the module docs.
 pub struct Node {
-    foca: Foca<NodeId, PostcardCodec, SmallRng, MetaHandler>,
+    foca: Foca<NodeId, CheckedCodec, SmallRng, MetaHandler>,
     outbox: Outbox,
+    // Member identities refused for a generation too far ahead (see generation_allowed),
+    // counted by the codec foca owns and by push-pull merges.
+    generations_refused: Arc<AtomicU64>,
     store: Arc<Mutex<MetaStore>>,
     meta: NodeMeta,
     version: u64,
@@ -655,6 +661,82 @@ struct DirectProbe {
     acked: bool,
 }
 
+/// How far ahead of this node's wall clock a member's generation may be, in ms. Generations
+/// are wall-clock milliseconds at start (`persist::next_generation`: the clock, or one more
+/// than the last persisted generation, whichever is higher), plus one per rejoin. Members'
+/// clocks must already agree within 120 s (the transport refuses messages sent further from
+/// its clock); the 10 s beyond that are for rejoins. A higher generation would win every
+/// address conflict (`NodeId::win_addr_conflict`): a key holder gossiping a member under
+/// `u64::MAX` would rename it everywhere and lock it out until forgotten.
+pub const MAX_GENERATION_AHEAD_MS: u64 = 130_000;
+
+/// Whether a member identity's generation is believable now: at most
+/// [`MAX_GENERATION_AHEAD_MS`] ahead of this node's wall clock.
+pub fn generation_allowed(generation: u64) -> bool {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    generation <= now_ms.saturating_add(MAX_GENERATION_AHEAD_MS)
+}
+
+/// foca's codec, refusing identities whose generation is not believable
+/// ([`generation_allowed`]): a packet naming one is dropped before foca sees any of it.
+pub struct CheckedCodec {
+    refused: Arc<AtomicU64>,
+}
+
+impl CheckedCodec {
+    fn check(&self, ids: &[&NodeId]) -> Result<(), postcard::Error> {
+        if ids.iter().all(|id| generation_allowed(id.generation)) {
+            Ok(())
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(postcard::Error::DeserializeBadEncoding)
+        }
+    }
+}
+
+impl Codec<NodeId> for CheckedCodec {
+    type Error = postcard::Error;
+
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_header(header, buf)
+    }
+
+    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<NodeId>, Self::Error> {
+        let header = PostcardCodec.decode_header(buf)?;
+        let named = match &header.message {
+            FocaMessage::PingReq { target: id, .. }
+            | FocaMessage::IndirectPing { origin: id, .. }
+            | FocaMessage::IndirectAck { target: id, .. }
+            | FocaMessage::ForwardedAck { origin: id, .. } => Some(id),
+            _ => None,
+        };
+        let mut ids = vec![&header.src, &header.dst];
+        ids.extend(named);
+        self.check(&ids)?;
+        Ok(header)
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_member(member, buf)
+    }
+
+    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<NodeId>, Self::Error> {
+        let member = PostcardCodec.decode_member(buf)?;
+        self.check(&[member.id()])?;
+        Ok(member)
+    }
+}
+
 // The header of a foca packet (its updates and broadcasts are left unread).
 fn foca_header(body: &[u8]) -> Option<Header<NodeId>> {
     PostcardCodec.decode_header(body).ok()
@@ -690,6 +772,7 @@ impl Node {
         let handler = MetaHandler {
             store: store.clone(),
         };
+        let generations_refused = Arc::new(AtomicU64::new(0));
         // A metadata fetch is one small round trip: retry after foca's probe timeout (500 ms
         // on a LAN), not a whole stream timeout; a late reply is still taken.
         let fetch_timeout = config.probe_rtt;
@@ -702,12 +785,15 @@ impl Node {
             id,
             config.clone(),
             SmallRng::seed_from_u64(seed),
-            PostcardCodec,
+            CheckedCodec {
+                refused: generations_refused.clone(),
+            },
             handler,
         );
         let mut node = Node {
             foca,
             outbox: Outbox::default(),
+            generations_refused,
             store,
             meta,
             version: 1,
@@ -788,7 +874,7 @@ impl Node {
     pub fn errors(&self) -> NodeErrors {
         let store = lock(&self.store);
         NodeErrors {
-            refused: store.refused,
+            refused: store.refused + self.generations_refused.load(Ordering::Relaxed),
             skipped: store.skipped,
             ..self.errors
         }
@@ -1354,8 +1440,14 @@ impl Node {
     }
 
     // Applies foca members from a push-pull state (see `apply_state` for `broadcast`).
-    fn merge_members(&mut self, members: Vec<Member<NodeId>>, broadcast: bool) {
+    fn merge_members(&mut self, mut members: Vec<Member<NodeId>>, broadcast: bool) {
         let broadcast = broadcast && self.foca.num_members() > 0;
+        let before = members.len();
+        members.retain(|m| generation_allowed(m.id().generation));
+        if members.len() < before {
+            self.generations_refused
+                .fetch_add((before - members.len()) as u64, Ordering::Relaxed);
+        }
         if self
             .foca
             .apply_many(members.into_iter(), broadcast, &mut self.outbox)
@@ -2363,6 +2455,57 @@ mod tests {
         }
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(2));
         assert!(lock(&a.store).left_notes.is_empty());
+    }
+
+    #[test]
+    fn a_generation_ahead_of_the_clock_is_refused() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        let b_addr = b.id().addr;
+        let forged = NodeId {
+            addr: b_addr,
+            generation: u64::MAX,
+        };
+        assert!(!generation_allowed(forged.generation));
+        assert!(generation_allowed(crate::persist::next_generation(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as u64,
+            None
+        )));
+        let refused = a.errors().refused;
+        // 1. In a push-pull state.
+        let mut state = c.state();
+        state.members.push(Member::alive(forged.clone()));
+        a.handle_stream(
+            Kind::PushPull,
+            &StreamMessage::State { id: 0, state }.encode(false),
+        );
+        assert_eq!(a.foca_generation(b_addr), Some(1), "b is not renamed");
+        assert_eq!(a.errors().refused, refused + 1);
+        // 2. As the sender of a foca packet: dropped whole.
+        let mut foca: Foca<NodeId, PostcardCodec, SmallRng, MetaHandler> =
+            Foca::with_custom_broadcast(
+                forged.clone(),
+                c.config.clone(),
+                SmallRng::seed_from_u64(1),
+                PostcardCodec,
+                MetaHandler {
+                    store: Arc::new(Mutex::new(MetaStore::default())),
+                },
+            );
+        let mut out = Outbox::default();
+        foca.announce(a.id().clone(), &mut out).expect("announces");
+        let Some(Output::Packet { body, .. }) = out.outputs.pop() else {
+            panic!("no announce");
+        };
+        a.handle_packet(&body);
+        assert_eq!(a.foca_generation(b_addr), Some(1), "b is not renamed");
+        assert_eq!(a.errors().refused, refused + 2);
     }
 
     #[test]
