@@ -348,7 +348,10 @@ impl MetaStore {
             self.refused += 1;
             return false;
         }
-        self.hints.remove(&r.addr);
+        // A hint newer than this record (heard while it was on its way) stays, to be fetched.
+        if self.hints.get(&r.addr).is_some_and(|h| *h <= r.order()) {
+            self.hints.remove(&r.addr);
+        }
         self.left_notes.remove(&r.addr);
         if r.order() <= self.record_order(&r.addr) && self.records.contains_key(&r.addr) {
             return false;
@@ -622,6 +625,9 @@ pub struct Node {
     // its slot was already freed by a timeout), members queued for a fetch, members being
     // fetched.
     requests: HashMap<u64, (SocketAddr, u64, bool)>,
+    // The hint held about the destination when each request was sent: the owner's answer
+    // settles it (and any older one), not a newer one heard meanwhile.
+    asked: HashMap<u64, (u64, u64)>,
     fetch_queue: VecDeque<SocketAddr>,
     fetching: HashSet<SocketAddr>,
     in_flight: usize,
@@ -801,6 +807,7 @@ impl Node {
             connected: false,
             push_pull_every,
             requests: HashMap::new(),
+            asked: HashMap::new(),
             fetch_queue: VecDeque::new(),
             fetching: HashSet::new(),
             in_flight: 0,
@@ -1341,8 +1348,9 @@ impl Node {
         self.after_call();
     }
 
-    // Ends request `id` sent to `from`: frees its fetch slot. Returns whether it was ours.
-    fn end_request(&mut self, from: SocketAddr, id: u64) -> bool {
+    // Ends request `id` sent to `from`: frees its fetch slot. Returns the hint it was sent to
+    // settle if it was ours.
+    fn end_request(&mut self, from: SocketAddr, id: u64) -> Option<(u64, u64)> {
         match self.requests.get(&id) {
             Some(&(to, _, freed)) if to == from => {
                 self.requests.remove(&id);
@@ -1350,9 +1358,17 @@ impl Node {
                     self.in_flight -= 1;
                     self.fetching.remove(&to);
                 }
-                true
+                Some(self.asked.remove(&id).unwrap_or((0, 0)))
             }
-            _ => false,
+            _ => None,
+        }
+    }
+
+    // Registers request `id` to `to`, with the hint it is to settle.
+    fn register_request(&mut self, id: u64, to: SocketAddr, freed: bool) {
+        self.requests.insert(id, (to, self.probe_tick, freed));
+        if let Some(&h) = lock(&self.store).hints.get(&to) {
+            self.asked.insert(id, h);
         }
     }
 
@@ -1410,11 +1426,14 @@ impl Node {
                 return;
             }
         };
-        if !self.end_request(from, req) || id != req {
-            // Not the answer of the member we asked to the request we sent it.
-            lock(&self.store).refused += 1;
-            return;
-        }
+        let asked = match self.end_request(from, req) {
+            Some(asked) if id == req => asked,
+            _ => {
+                // Not the answer of the member we asked to the request we sent it.
+                lock(&self.store).refused += 1;
+                return;
+            }
+        };
         // Members first (so that foca knows the responder's generation), then its own record,
         // then the digests: a digest of the record just taken is no news.
         let digests = state.map(|s| {
@@ -1432,11 +1451,19 @@ impl Node {
                 }
                 store.accept_from_owner(r);
             }
+            // The owner answered: the hint the request was sent about is settled, whatever
+            // the answer (a made-up version is not asked about again). A newer one stays.
+            if store.hints.get(&from).is_some_and(|h| *h <= asked) {
+                store.hints.remove(&from);
+            }
         }
         let mut store = lock(&self.store);
         for d in digests.into_iter().flatten() {
             store.hint(d);
         }
+        drop(store);
+        // A newer hint may have come while this reply was on its way: asked again.
+        self.want(from);
     }
 
     // Applies foca members from a push-pull state (see `apply_state` for `broadcast`).
@@ -1777,7 +1804,7 @@ impl Node {
     fn new_request(&mut self, to: SocketAddr) -> u64 {
         let id = self.fresh_request_id();
         // Freed at once: a push-pull takes no fetch slot.
-        self.requests.insert(id, (to, self.probe_tick, true));
+        self.register_request(id, to, true);
         id
     }
 
@@ -1841,7 +1868,7 @@ impl Node {
                 return;
             };
             let id = self.fresh_request_id();
-            self.requests.insert(id, (to, self.probe_tick, false));
+            self.register_request(id, to, false);
             self.in_flight += 1;
             self.fetching.insert(to);
             let body = StreamMessage::GetMeta { id }.encode(self.next_version);
@@ -1871,6 +1898,8 @@ impl Node {
         // Entries whose slot is still taken wait for their timeout, which frees them.
         self.requests
             .retain(|_, (_, sent, freed)| !*freed || *sent + REQUEST_TTL_PROBES > tick);
+        let requests = &self.requests;
+        self.asked.retain(|id, _| requests.contains_key(id));
     }
 
     // Stores our record and queues a hint for dissemination.
@@ -2506,6 +2535,55 @@ mod tests {
         a.handle_packet(&body);
         assert_eq!(a.foca_generation(b_addr), Some(1), "b is not renamed");
         assert_eq!(a.errors().refused, refused + 2);
+    }
+
+    #[test]
+    fn a_late_reply_keeps_a_newer_hint() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        let hint = |version| Digest {
+            version,
+            ..b.own_record().digest()
+        };
+        // Hint v2: a asks b.
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(hint(2)),
+        ));
+        let (to, id) = request_ids(&mut a)[0];
+        assert_eq!(to, b_addr);
+        // Hint v3 while the fetch is under way.
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(hint(3)),
+        ));
+        a.take_outputs();
+        // b's reply with v2.
+        let v2 = Record {
+            version: 2,
+            ..b.own_record()
+        };
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![v2],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(2));
+        assert_eq!(a.held_records().1, 1, "the v3 hint is kept");
+        let asked = request_ids(&mut a);
+        assert_eq!(asked.len(), 1, "and b is asked again: {asked:?}");
+        assert_eq!(asked[0].0, b_addr);
     }
 
     #[test]
