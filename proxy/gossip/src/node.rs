@@ -261,6 +261,9 @@ struct MetaStore {
     records: HashMap<SocketAddr, MetaRecord>,
     // The newest (generation, version) heard of per member, when newer than its record.
     hints: HashMap<SocketAddr, (u64, u64)>,
+    // The generation foca reported for each member when it came up or restarted (Rename):
+    // hints about it count before its record is fetched.
+    current: HashMap<SocketAddr, u64>,
     // "This member left" (generation, version) heard from others: a hint, so it never changes
     // the record; see MetaStore::hint.
     left_notes: HashMap<SocketAddr, (u64, u64)>,
@@ -285,16 +288,17 @@ impl MetaStore {
 
     /// Notes a hint; returns whether it was news (and so should be relayed).
     ///
-    /// Only hints about the generation of the record held count: a member with no record here
-    /// is fetched anyway once foca reports it up, and a new generation once foca reports the
-    /// restart, so a hint naming any other generation (a made-up one above all) changes
-    /// nothing and cannot block the real hints that follow.
+    /// Only hints about the generation of the record held, or the one foca last reported the
+    /// member up or restarted under, count: a hint naming any other generation (a made-up one
+    /// above all) changes nothing and cannot block the real hints that follow. So a restarted
+    /// member's changes are heard before its new record is fetched.
     fn hint(&mut self, d: Digest) -> bool {
+        let held = self
+            .records
+            .get(&d.addr)
+            .is_some_and(|r| r.generation == d.generation);
         if Some(d.addr) == self.self_addr
-            || self
-                .records
-                .get(&d.addr)
-                .is_none_or(|r| r.generation != d.generation)
+            || !(held || self.current.get(&d.addr) == Some(&d.generation))
         {
             return false;
         }
@@ -1893,6 +1897,7 @@ impl Node {
         store.records.retain(|a, _| *a == own || listed.contains(a));
         store.hints.retain(|a, _| listed.contains(a));
         store.left_notes.retain(|a, _| listed.contains(a));
+        store.current.retain(|a, _| listed.contains(a));
         drop(store);
         let tick = self.probe_tick;
         // Entries whose slot is still taken wait for their timeout, which frees them.
@@ -1947,6 +1952,16 @@ impl Node {
         }
         let mut rejoined = false;
         let mut wanted = std::mem::take(&mut self.outbox.renamed);
+        let ups = self.outbox.events.iter().filter_map(|e| match e {
+            Event::MemberUp(addr) => Some(*addr),
+            _ => None,
+        });
+        let ups: Vec<SocketAddr> = wanted.iter().copied().chain(ups).collect();
+        for addr in ups {
+            if let Some(g) = self.foca_generation(addr) {
+                lock(&self.store).current.insert(addr, g);
+            }
+        }
         for e in &self.outbox.events {
             match e {
                 Event::Active => self.connected = true,
@@ -2584,6 +2599,43 @@ mod tests {
         let asked = request_ids(&mut a);
         assert_eq!(asked.len(), 1, "and b is asked again: {asked:?}");
         assert_eq!(asked[0].0, b_addr);
+    }
+
+    #[test]
+    fn a_hint_about_a_restarted_members_new_generation_counts() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // b restarts under generation 2; a hears of it (and asks b).
+        let b2 = NodeId {
+            addr: b_addr,
+            generation: 2,
+        };
+        let mut state = c.state();
+        state.members.push(Member::alive(b2));
+        a.handle_stream(
+            Kind::PushPull,
+            &StreamMessage::State { id: 0, state }.encode(false),
+        );
+        assert_eq!(a.foca_generation(b_addr), Some(2));
+        a.take_outputs();
+        // A change b makes under generation 2 before its record arrived is noted.
+        let d = Digest {
+            addr: b_addr,
+            generation: 2,
+            version: 2,
+            left: false,
+        };
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(d),
+        ));
+        assert_eq!(a.held_records().1, 1, "the hint is kept");
     }
 
     #[test]
