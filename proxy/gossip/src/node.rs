@@ -1453,6 +1453,16 @@ impl Node {
                     store.refused += 1;
                     continue;
                 }
+                // The owner's record of the generation foca knows replaces one of any other
+                // generation, a higher one too: a member restarted with its clock stepped
+                // back is not locked out by its old record.
+                if store
+                    .records
+                    .get(&from)
+                    .is_some_and(|h| h.generation != r.generation)
+                {
+                    store.records.remove(&from);
+                }
                 store.accept_from_owner(r);
             }
             // The owner answered: the hint the request was sent about is settled, whatever
@@ -1887,14 +1897,19 @@ impl Node {
     // Drops the records and hints of members foca no longer lists (it forgot them), and
     // requests whose reply never came.
     fn prune(&mut self) {
-        let listed: HashSet<SocketAddr> = self
+        let generations: HashMap<SocketAddr, u64> = self
             .foca
             .iter_membership_state()
-            .map(|m| m.id().addr)
+            .map(|m| (m.id().addr, m.id().generation))
             .collect();
+        let listed: HashSet<SocketAddr> = generations.keys().copied().collect();
         let own = self.id().addr;
         let mut store = lock(&self.store);
-        store.records.retain(|a, _| *a == own || listed.contains(a));
+        // A record of a generation above foca's is stale (the member restarted with its clock
+        // stepped back); one below is kept until the restarted member's record arrives.
+        store
+            .records
+            .retain(|a, r| *a == own || generations.get(a).is_some_and(|&g| r.generation <= g));
         store.hints.retain(|a, _| listed.contains(a));
         store.left_notes.retain(|a, _| listed.contains(a));
         store.current.retain(|a, _| listed.contains(a));
@@ -2636,6 +2651,31 @@ mod tests {
             &Broadcast::Hint(d),
         ));
         assert_eq!(a.held_records().1, 1, "the hint is kept");
+    }
+
+    #[test]
+    fn a_record_of_foca_s_generation_replaces_a_higher_one() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let b_addr = b.id().addr;
+        // a holds a record of b from a later generation than the one b now runs under (b
+        // restarted with its clock stepped back).
+        lock(&a.store)
+            .records
+            .get_mut(&b_addr)
+            .expect("b's record")
+            .generation = 1_000;
+        a.fetch_queue.push_back(b_addr);
+        a.pump_fetches();
+        let (to, id) = request_ids(&mut a)[0];
+        assert_eq!(to, b_addr);
+        let reply = b
+            .handle_stream(Kind::PushPull, &StreamMessage::GetMeta { id }.encode(false))
+            .expect("a reply");
+        a.handle_stream_reply(b_addr, id, &reply);
+        let store = lock(&a.store);
+        assert_eq!(store.records.get(&b_addr).map(|r| r.generation), Some(1));
     }
 
     #[test]
