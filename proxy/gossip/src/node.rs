@@ -37,8 +37,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut};
 
 use foca::{
     BroadcastHandler, Codec, Foca, Header, Identity, Invalidates, Member, Message as FocaMessage,
@@ -157,11 +160,14 @@ pub enum Output {
         body: Vec<u8>,
     },
     /// Open a stream to `to`, send `body` as [`Kind::PushPull`], and feed the reply (a
-    /// [`Kind::PushPullReply`]) to [`Node::handle_stream`]. The body is a push-pull state or a
-    /// metadata request ([`crate::message`]).
+    /// [`Kind::PushPullReply`]) to [`Node::handle_stream_reply`] with `to` and `id`: the
+    /// transport, not the replier, says who answered which request. The body is a push-pull
+    /// state or a metadata request ([`crate::message`]).
     PushPull {
         /// Destination gossip address.
         to: SocketAddr,
+        /// The request's id (random; 0 when no reply is awaited).
+        id: u64,
         /// The request.
         body: Vec<u8>,
     },
@@ -256,6 +262,12 @@ struct MetaStore {
     records: HashMap<SocketAddr, MetaRecord>,
     // The newest (generation, version) heard of per member, when newer than its record.
     hints: HashMap<SocketAddr, (u64, u64)>,
+    // The generation foca reported for each member when it came up or restarted (Rename):
+    // hints about it count before its record is fetched.
+    current: HashMap<SocketAddr, u64>,
+    // "This member left" (generation, version) heard from others: a hint, so it never changes
+    // the record; see MetaStore::hint.
+    left_notes: HashMap<SocketAddr, (u64, u64)>,
     // Addresses whose record changed since the node last looked.
     changed: Vec<SocketAddr>,
     // Addresses with a new hint: the node checks them against foca and fetches.
@@ -277,16 +289,17 @@ impl MetaStore {
 
     /// Notes a hint; returns whether it was news (and so should be relayed).
     ///
-    /// Only hints about the generation of the record held count: a member with no record here
-    /// is fetched anyway once foca reports it up, and a new generation once foca reports the
-    /// restart, so a hint naming any other generation (a made-up one above all) changes
-    /// nothing and cannot block the real hints that follow.
+    /// Only hints about the generation of the record held, or the one foca last reported the
+    /// member up or restarted under, count: a hint naming any other generation (a made-up one
+    /// above all) changes nothing and cannot block the real hints that follow. So a restarted
+    /// member's changes are heard before its new record is fetched.
     fn hint(&mut self, d: Digest) -> bool {
+        let held = self
+            .records
+            .get(&d.addr)
+            .is_some_and(|r| r.generation == d.generation);
         if Some(d.addr) == self.self_addr
-            || self
-                .records
-                .get(&d.addr)
-                .is_none_or(|r| r.generation != d.generation)
+            || !(held || self.current.get(&d.addr) == Some(&d.generation))
         {
             return false;
         }
@@ -296,15 +309,15 @@ impl MetaStore {
         }
         let mut news = false;
         if d.left {
-            // A graceful leave: the owner is gone, so there is nothing to fetch; the flag only
-            // tells Left from Down once foca has it down.
-            if let Some(r) = self.records.get_mut(&d.addr) {
-                if r.generation == d.generation && !r.left {
-                    r.left = true;
-                    r.version = r.version.max(d.version);
-                    self.changed.push(d.addr);
-                    news = true;
-                }
+            // A graceful leave: the owner is gone, so there is nothing to fetch. Noted beside
+            // its record, never in it: the note only tells Left from Down while foca has that
+            // generation down, and the owner's next record ends it.
+            let held = self.records.get(&d.addr).is_some_and(|r| r.left);
+            let known = self.left_notes.get(&d.addr).copied();
+            if !held && known.is_none_or(|k| d.order() > k) {
+                self.left_notes.insert(d.addr, d.order());
+                self.changed.push(d.addr);
+                news = known.is_none();
             }
             return news;
         }
@@ -333,11 +346,18 @@ impl MetaStore {
         if Some(r.addr) == self.self_addr {
             return false;
         }
-        if r.version > MAX_VERSION {
+        // Like a hint, an owner's record may not jump more than MAX_VERSION_STEP ahead of the
+        // one held: a version is never pinned out of the owner's own reach.
+        let base = self.records.get(&r.addr).map_or(0, |h| h.version);
+        if r.version > MAX_VERSION || r.version > base.saturating_add(MAX_VERSION_STEP) {
             self.refused += 1;
             return false;
         }
-        self.hints.remove(&r.addr);
+        // A hint newer than this record (heard while it was on its way) stays, to be fetched.
+        if self.hints.get(&r.addr).is_some_and(|h| *h <= r.order()) {
+            self.hints.remove(&r.addr);
+        }
+        self.left_notes.remove(&r.addr);
         if r.order() <= self.record_order(&r.addr) && self.records.contains_key(&r.addr) {
             return false;
         }
@@ -352,6 +372,18 @@ impl MetaStore {
             },
         );
         true
+    }
+
+    /// Whether `addr` at `generation` left: its own record says so, or (to be used only while
+    /// foca has that generation down) another member said so.
+    fn left(&self, addr: &SocketAddr, generation: u64) -> bool {
+        self.records
+            .get(addr)
+            .is_some_and(|r| r.left && r.generation >= generation)
+            || self
+                .left_notes
+                .get(addr)
+                .is_some_and(|&(g, _)| g == generation)
     }
 
     /// Whether the record of `addr` at `generation` is missing or older than a hint.
@@ -583,8 +615,11 @@ pub struct NodeErrors {
 
 /// The membership state machine of one member. See the module docs.
 pub struct Node {
-    foca: Foca<NodeId, PostcardCodec, SmallRng, MetaHandler>,
+    foca: Foca<NodeId, CheckedCodec, SmallRng, MetaHandler>,
     outbox: Outbox,
+    // Member identities refused for a generation too far ahead (see generation_allowed),
+    // counted by the codec foca owns and by push-pull merges.
+    generations_refused: Arc<AtomicU64>,
     store: Arc<Mutex<MetaStore>>,
     meta: NodeMeta,
     version: u64,
@@ -595,7 +630,9 @@ pub struct Node {
     // its slot was already freed by a timeout), members queued for a fetch, members being
     // fetched.
     requests: HashMap<u64, (SocketAddr, u64, bool)>,
-    next_request: u64,
+    // The hint held about the destination when each request was sent: the owner's answer
+    // settles it (and any older one), not a newer one heard meanwhile.
+    asked: HashMap<u64, (u64, u64)>,
     fetch_queue: VecDeque<SocketAddr>,
     fetching: HashSet<SocketAddr>,
     in_flight: usize,
@@ -635,6 +672,82 @@ struct DirectProbe {
     acked: bool,
 }
 
+/// How far ahead of this node's wall clock a member's generation may be, in ms. Generations
+/// are wall-clock milliseconds at start (`persist::next_generation`: the clock, or one more
+/// than the last persisted generation, whichever is higher), plus one per rejoin. Members'
+/// clocks must already agree within 120 s (the transport refuses messages sent further from
+/// its clock); the 10 s beyond that are for rejoins. A higher generation would win every
+/// address conflict (`NodeId::win_addr_conflict`): a key holder gossiping a member under
+/// `u64::MAX` would rename it everywhere and lock it out until forgotten.
+pub const MAX_GENERATION_AHEAD_MS: u64 = 130_000;
+
+/// Whether a member identity's generation is believable now: at most
+/// [`MAX_GENERATION_AHEAD_MS`] ahead of this node's wall clock.
+pub fn generation_allowed(generation: u64) -> bool {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    generation <= now_ms.saturating_add(MAX_GENERATION_AHEAD_MS)
+}
+
+/// foca's codec, refusing identities whose generation is not believable
+/// ([`generation_allowed`]): a packet naming one is dropped before foca sees any of it.
+pub struct CheckedCodec {
+    refused: Arc<AtomicU64>,
+}
+
+impl CheckedCodec {
+    fn check(&self, ids: &[&NodeId]) -> Result<(), postcard::Error> {
+        if ids.iter().all(|id| generation_allowed(id.generation)) {
+            Ok(())
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(postcard::Error::DeserializeBadEncoding)
+        }
+    }
+}
+
+impl Codec<NodeId> for CheckedCodec {
+    type Error = postcard::Error;
+
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_header(header, buf)
+    }
+
+    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<NodeId>, Self::Error> {
+        let header = PostcardCodec.decode_header(buf)?;
+        let named = match &header.message {
+            FocaMessage::PingReq { target: id, .. }
+            | FocaMessage::IndirectPing { origin: id, .. }
+            | FocaMessage::IndirectAck { target: id, .. }
+            | FocaMessage::ForwardedAck { origin: id, .. } => Some(id),
+            _ => None,
+        };
+        let mut ids = vec![&header.src, &header.dst];
+        ids.extend(named);
+        self.check(&ids)?;
+        Ok(header)
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_member(member, buf)
+    }
+
+    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<NodeId>, Self::Error> {
+        let member = PostcardCodec.decode_member(buf)?;
+        self.check(&[member.id()])?;
+        Ok(member)
+    }
+}
+
 // The header of a foca packet (its updates and broadcasts are left unread).
 fn foca_header(body: &[u8]) -> Option<Header<NodeId>> {
     PostcardCodec.decode_header(body).ok()
@@ -670,6 +783,7 @@ impl Node {
         let handler = MetaHandler {
             store: store.clone(),
         };
+        let generations_refused = Arc::new(AtomicU64::new(0));
         // A metadata fetch is one small round trip: retry after foca's probe timeout (500 ms
         // on a LAN), not a whole stream timeout; a late reply is still taken.
         let fetch_timeout = config.probe_rtt;
@@ -682,12 +796,15 @@ impl Node {
             id,
             config.clone(),
             SmallRng::seed_from_u64(seed),
-            PostcardCodec,
+            CheckedCodec {
+                refused: generations_refused.clone(),
+            },
             handler,
         );
         let mut node = Node {
             foca,
             outbox: Outbox::default(),
+            generations_refused,
             store,
             meta,
             version: 1,
@@ -695,7 +812,7 @@ impl Node {
             connected: false,
             push_pull_every,
             requests: HashMap::new(),
-            next_request: 0,
+            asked: HashMap::new(),
             fetch_queue: VecDeque::new(),
             fetching: HashSet::new(),
             in_flight: 0,
@@ -769,7 +886,7 @@ impl Node {
     pub fn errors(&self) -> NodeErrors {
         let store = lock(&self.store);
         NodeErrors {
-            refused: store.refused,
+            refused: store.refused + self.generations_refused.load(Ordering::Relaxed),
             skipped: store.skipped,
             ..self.errors
         }
@@ -1156,6 +1273,7 @@ impl Node {
                         // The next version's optional request: this version must skip it.
                         self.outbox.outputs.push(Output::PushPull {
                             to,
+                            id: 0,
                             body: StreamMessage::Unknown.encode(true),
                         });
                     }
@@ -1202,11 +1320,10 @@ impl Node {
                     None
                 }
             },
+            // A reply is only taken with the transport's word on who sent it and to which
+            // request (handle_stream_reply); unsolicited, it is nobody's answer.
             Kind::PushPullReply => {
-                match StreamMessage::decode(body) {
-                    Some(msg) => self.take_reply(msg),
-                    None => self.errors.state += 1,
-                }
+                lock(&self.store).refused += 1;
                 None
             }
             Kind::Probe => self.answer_probe(body),
@@ -1219,6 +1336,47 @@ impl Node {
         reply
     }
 
+    /// Feeds the reply to our stream request `id` ([`Output::PushPull`]), read on the stream
+    /// the driver opened to `from`, the address the request was sent to.
+    pub fn handle_stream_reply(&mut self, from: SocketAddr, id: u64, body: &[u8]) {
+        if self.left {
+            return;
+        }
+        match StreamMessage::decode(body) {
+            Some(msg) => self.take_reply(from, id, msg),
+            None => {
+                self.errors.state += 1;
+                // The request is answered all the same: its slot is free.
+                self.end_request(from, id);
+            }
+        }
+        self.after_call();
+    }
+
+    // Ends request `id` sent to `from`: frees its fetch slot. Returns the hint it was sent to
+    // settle if it was ours.
+    fn end_request(&mut self, from: SocketAddr, id: u64) -> Option<(u64, u64)> {
+        match self.requests.get(&id) {
+            Some(&(to, _, freed)) if to == from => {
+                self.requests.remove(&id);
+                if !freed {
+                    self.in_flight -= 1;
+                    self.fetching.remove(&to);
+                }
+                Some(self.asked.remove(&id).unwrap_or((0, 0)))
+            }
+            _ => None,
+        }
+    }
+
+    // Registers request `id` to `to`, with the hint it is to settle.
+    fn register_request(&mut self, id: u64, to: SocketAddr, freed: bool) {
+        self.requests.insert(id, (to, self.probe_tick, freed));
+        if let Some(&h) = lock(&self.store).hints.get(&to) {
+            self.asked.insert(id, h);
+        }
+    }
+
     // Answers a stream request.
     fn serve(&mut self, msg: StreamMessage) -> Option<Vec<u8>> {
         match msg {
@@ -1228,11 +1386,15 @@ impl Node {
                 // it can refuse to start under a name already in use.
                 let mut reply = self.state();
                 if state.members.is_empty() {
+                    let active: HashSet<SocketAddr> =
+                        self.foca.iter_members().map(|m| m.id().addr).collect();
                     let store = lock(&self.store);
                     reply.names = store
                         .records
                         .iter()
-                        .filter(|(_, r)| !r.left)
+                        .filter(|(a, r)| {
+                            !r.left && (active.contains(*a) || !store.left(a, r.generation))
+                        })
                         .map(|(a, r)| (*a, r.meta.name.clone()))
                         .collect();
                     reply.names.sort_unstable();
@@ -1255,9 +1417,9 @@ impl Node {
         }
     }
 
-    // Takes the reply to one of our stream requests: records are accepted only from the
-    // member the request went to, and only for their own address.
-    fn take_reply(&mut self, msg: StreamMessage) {
+    // Takes the reply to our stream request `req` read from `from`: only if `req` went to
+    // `from` and the reply names it; records are accepted only for `from`'s own address.
+    fn take_reply(&mut self, from: SocketAddr, req: u64, msg: StreamMessage) {
         let (id, records, state) = match msg {
             StreamMessage::State { id, mut state } => {
                 (id, std::mem::take(&mut state.records), Some(state))
@@ -1265,6 +1427,15 @@ impl Node {
             StreamMessage::Metas { id, records } => (id, records, None),
             StreamMessage::GetMeta { .. } | StreamMessage::Unknown => {
                 lock(&self.store).skipped += 1;
+                self.end_request(from, req);
+                return;
+            }
+        };
+        let asked = match self.end_request(from, req) {
+            Some(asked) if id == req => asked,
+            _ => {
+                // Not the answer of the member we asked to the request we sent it.
+                lock(&self.store).refused += 1;
                 return;
             }
         };
@@ -1274,35 +1445,51 @@ impl Node {
             self.merge_members(s.members, true);
             s.digests
         });
-        match self.requests.remove(&id) {
-            Some((to, _, freed)) => {
-                if !freed {
-                    self.in_flight -= 1;
-                    self.fetching.remove(&to);
+        let generation = self.foca_generation(from);
+        {
+            let mut store = lock(&self.store);
+            for r in records {
+                if r.addr != from || Some(r.generation) != generation {
+                    // Not the owner's own record, or of a generation foca does not know.
+                    store.refused += 1;
+                    continue;
                 }
-                let generation = self.foca_generation(to);
-                let mut store = lock(&self.store);
-                for r in records {
-                    if r.addr != to || Some(r.generation) != generation {
-                        // Not the owner's own record, or of a generation foca does not know.
-                        store.refused += 1;
-                        continue;
-                    }
-                    store.accept_from_owner(r);
+                // The owner's record of the generation foca knows replaces one of any other
+                // generation, a higher one too: a member restarted with its clock stepped
+                // back is not locked out by its old record.
+                if store
+                    .records
+                    .get(&from)
+                    .is_some_and(|h| h.generation != r.generation)
+                {
+                    store.records.remove(&from);
                 }
+                store.accept_from_owner(r);
             }
-            None if !records.is_empty() => lock(&self.store).refused += 1,
-            None => {}
+            // The owner answered: the hint the request was sent about is settled, whatever
+            // the answer (a made-up version is not asked about again). A newer one stays.
+            if store.hints.get(&from).is_some_and(|h| *h <= asked) {
+                store.hints.remove(&from);
+            }
         }
         let mut store = lock(&self.store);
         for d in digests.into_iter().flatten() {
             store.hint(d);
         }
+        drop(store);
+        // A newer hint may have come while this reply was on its way: asked again.
+        self.want(from);
     }
 
     // Applies foca members from a push-pull state (see `apply_state` for `broadcast`).
-    fn merge_members(&mut self, members: Vec<Member<NodeId>>, broadcast: bool) {
+    fn merge_members(&mut self, mut members: Vec<Member<NodeId>>, broadcast: bool) {
         let broadcast = broadcast && self.foca.num_members() > 0;
+        let before = members.len();
+        members.retain(|m| generation_allowed(m.id().generation));
+        if members.len() < before {
+            self.generations_refused
+                .fetch_add((before - members.len()) as u64, Ordering::Relaxed);
+        }
         if self
             .foca
             .apply_many(members.into_iter(), broadcast, &mut self.outbox)
@@ -1406,6 +1593,7 @@ impl Node {
             state.members.push(Member::down(self.id().clone()));
             self.outbox.outputs.push(Output::PushPull {
                 to,
+                id: 0,
                 body: StreamMessage::State { id: 0, state }.encode(self.next_version),
             });
         }
@@ -1436,9 +1624,7 @@ impl Node {
             let state = match m.state() {
                 State::Alive => MemberState::Alive,
                 State::Suspect => MemberState::Suspect,
-                State::Down if rec.is_some_and(|r| r.left && r.generation >= id.generation) => {
-                    MemberState::Left
-                }
+                State::Down if store.left(&id.addr, id.generation) => MemberState::Left,
                 State::Down => MemberState::Down,
             };
             let meta_version = rec.map_or(0, |r| r.version);
@@ -1581,7 +1767,7 @@ impl Node {
             State::Alive => MemberState::Alive,
             State::Suspect => MemberState::Suspect,
             State::Down => {
-                let left = lock(&self.store).records.get(&addr).is_some_and(|r| r.left);
+                let left = lock(&self.store).left(&addr, m.id().generation);
                 if left {
                     MemberState::Left
                 } else {
@@ -1627,15 +1813,25 @@ impl Node {
             state: self.state(),
         }
         .encode(self.next_version);
-        self.outbox.outputs.push(Output::PushPull { to, body });
+        self.outbox.outputs.push(Output::PushPull { to, id, body });
     }
 
     fn new_request(&mut self, to: SocketAddr) -> u64 {
-        self.next_request += 1;
+        let id = self.fresh_request_id();
         // Freed at once: a push-pull takes no fetch slot.
-        self.requests
-            .insert(self.next_request, (to, self.probe_tick, true));
-        self.next_request
+        self.register_request(id, to, true);
+        id
+    }
+
+    // A random request id, not 0 and not in use: nobody can guess the id of a request we
+    // send to someone else.
+    fn fresh_request_id(&mut self) -> u64 {
+        loop {
+            let id: u64 = self.rng.random();
+            if id != 0 && !self.requests.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     fn own_record(&self) -> Record {
@@ -1686,13 +1882,12 @@ impl Node {
             let Some(to) = self.fetch_queue.pop_front() else {
                 return;
             };
-            self.next_request += 1;
-            let id = self.next_request;
-            self.requests.insert(id, (to, self.probe_tick, false));
+            let id = self.fresh_request_id();
+            self.register_request(id, to, false);
             self.in_flight += 1;
             self.fetching.insert(to);
             let body = StreamMessage::GetMeta { id }.encode(self.next_version);
-            self.outbox.outputs.push(Output::PushPull { to, body });
+            self.outbox.outputs.push(Output::PushPull { to, id, body });
             self.outbox.outputs.push(Output::Timer {
                 after: self.fetch_timeout,
                 timer: NodeTimer::FetchTimeout(id),
@@ -1703,20 +1898,29 @@ impl Node {
     // Drops the records and hints of members foca no longer lists (it forgot them), and
     // requests whose reply never came.
     fn prune(&mut self) {
-        let listed: HashSet<SocketAddr> = self
+        let generations: HashMap<SocketAddr, u64> = self
             .foca
             .iter_membership_state()
-            .map(|m| m.id().addr)
+            .map(|m| (m.id().addr, m.id().generation))
             .collect();
+        let listed: HashSet<SocketAddr> = generations.keys().copied().collect();
         let own = self.id().addr;
         let mut store = lock(&self.store);
-        store.records.retain(|a, _| *a == own || listed.contains(a));
+        // A record of a generation above foca's is stale (the member restarted with its clock
+        // stepped back); one below is kept until the restarted member's record arrives.
+        store
+            .records
+            .retain(|a, r| *a == own || generations.get(a).is_some_and(|&g| r.generation <= g));
         store.hints.retain(|a, _| listed.contains(a));
+        store.left_notes.retain(|a, _| listed.contains(a));
+        store.current.retain(|a, _| listed.contains(a));
         drop(store);
         let tick = self.probe_tick;
         // Entries whose slot is still taken wait for their timeout, which frees them.
         self.requests
             .retain(|_, (_, sent, freed)| !*freed || *sent + REQUEST_TTL_PROBES > tick);
+        let requests = &self.requests;
+        self.asked.retain(|id, _| requests.contains_key(id));
     }
 
     // Stores our record and queues a hint for dissemination.
@@ -1764,6 +1968,16 @@ impl Node {
         }
         let mut rejoined = false;
         let mut wanted = std::mem::take(&mut self.outbox.renamed);
+        let ups = self.outbox.events.iter().filter_map(|e| match e {
+            Event::MemberUp(addr) => Some(*addr),
+            _ => None,
+        });
+        let ups: Vec<SocketAddr> = wanted.iter().copied().chain(ups).collect();
+        for addr in ups {
+            if let Some(g) = self.foca_generation(addr) {
+                lock(&self.store).current.insert(addr, g);
+            }
+        }
         for e in &self.outbox.events {
             match e {
                 Event::Active => self.connected = true,
@@ -1827,9 +2041,9 @@ mod tests {
                     to.handle_packet(&body);
                     moved = true;
                 }
-                Output::PushPull { body, .. } => {
+                Output::PushPull { to: addr, id, body } => {
                     if let Some(reply) = to.handle_stream(Kind::PushPull, &body) {
-                        from.handle_stream(Kind::PushPullReply, &reply);
+                        from.handle_stream_reply(addr, id, &reply);
                     }
                     moved = true;
                 }
@@ -1996,6 +2210,87 @@ mod tests {
         }
     }
 
+    // The stream requests among `n`'s outputs: (destination, id).
+    fn request_ids(n: &mut Node) -> Vec<(SocketAddr, u64)> {
+        n.take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::PushPull { to, id, .. } => Some((to, id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reply_counts_only_from_the_member_the_request_went_to() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // b changes; a hears of it and asks b.
+        let mut real = b.own_record();
+        real.version = 2;
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(real.digest()),
+        ));
+        let asked = request_ids(&mut a);
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        let (to, id) = asked[0];
+        assert_eq!(to, b_addr);
+        // c, who somehow learnt the id, answers first in b's name on its own stream: a
+        // record of b's with a version that would pin it.
+        let mut forged = b.own_record();
+        forged.version = 1 << 48;
+        forged.meta.services.push(web_service(80));
+        let refused = a.errors().refused;
+        a.handle_stream_reply(
+            c.id().addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![forged.clone()],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1), "still b's own");
+        assert_eq!(a.errors().refused, refused + 1);
+        // b's own answer, even with the wrong id in its body, is not taken either.
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id: id ^ 1,
+                records: vec![b.own_record()],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.errors().refused, refused + 2);
+        // Even from b, a version more than MAX_VERSION_STEP ahead of the one held is refused.
+        a.want(b_addr);
+        a.pump_fetches();
+        let (_, id) = request_ids(&mut a)[0];
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![Record {
+                    version: 2 + MAX_VERSION_STEP,
+                    ..b.own_record()
+                }],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        assert_eq!(a.errors().refused, refused + 3);
+    }
+
     #[test]
     fn a_record_is_accepted_only_from_its_owner() {
         let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
@@ -2019,17 +2314,18 @@ mod tests {
         );
         // 2. In the reply to a's own push-pull with c: only c's record would be taken.
         a.push_pull(c.id().addr);
-        let id = a.next_request;
-        a.take_outputs();
+        let id = request_ids(&mut a)[0].1;
         let mut state = c.state();
         state.records = vec![forged.clone()];
-        a.handle_stream(
-            Kind::PushPullReply,
+        a.handle_stream_reply(
+            c.id().addr,
+            id,
             &StreamMessage::State { id, state }.encode(false),
         );
         // 3. As a reply to a request a never sent.
-        a.handle_stream(
-            Kind::PushPullReply,
+        a.handle_stream_reply(
+            c.id().addr,
+            999,
             &StreamMessage::Metas {
                 id: 999,
                 records: vec![forged.clone()],
@@ -2046,9 +2342,9 @@ mod tests {
             .take_outputs()
             .into_iter()
             .filter_map(|o| match o {
-                Output::PushPull { to, body } => {
+                Output::PushPull { to, id, body } => {
                     if let Some(reply) = b.handle_stream(Kind::PushPull, &body) {
-                        a.handle_stream(Kind::PushPullReply, &reply);
+                        a.handle_stream_reply(to, id, &reply);
                     }
                     Some(to)
                 }
@@ -2175,6 +2471,212 @@ mod tests {
         members.push(seed.id().addr);
         members.sort();
         assert_eq!(asked, members);
+    }
+
+    #[test]
+    fn a_left_hint_changes_no_record() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // c says b left, far ahead of b's real version.
+        let mut forged = b.own_record().digest();
+        forged.version = 1 + MAX_VERSION_STEP;
+        forged.left = true;
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(forged),
+        ));
+        a.take_outputs();
+        assert_eq!(
+            a.meta_of(b_addr).map(|(v, _)| v),
+            Some(1),
+            "record untouched"
+        );
+        assert_eq!(a.member_state(b_addr), Some(MemberState::Alive));
+        assert!(
+            !a.state().digests.iter().any(|d| d.addr == b_addr && d.left),
+            "not passed on in push-pulls"
+        );
+        // b's real next version still arrives, and ends the note.
+        b.set_meta(NodeMeta {
+            services: vec![web_service(80)],
+            ..b.meta().clone()
+        });
+        for _ in 0..20 {
+            if !(deliver(&mut b, &mut a) | deliver(&mut a, &mut b)) {
+                break;
+            }
+        }
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(2));
+        assert!(lock(&a.store).left_notes.is_empty());
+    }
+
+    #[test]
+    fn a_generation_ahead_of_the_clock_is_refused() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        let b_addr = b.id().addr;
+        let forged = NodeId {
+            addr: b_addr,
+            generation: u64::MAX,
+        };
+        assert!(!generation_allowed(forged.generation));
+        assert!(generation_allowed(crate::persist::next_generation(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as u64,
+            None
+        )));
+        let refused = a.errors().refused;
+        // 1. In a push-pull state.
+        let mut state = c.state();
+        state.members.push(Member::alive(forged.clone()));
+        a.handle_stream(
+            Kind::PushPull,
+            &StreamMessage::State { id: 0, state }.encode(false),
+        );
+        assert_eq!(a.foca_generation(b_addr), Some(1), "b is not renamed");
+        assert_eq!(a.errors().refused, refused + 1);
+        // 2. As the sender of a foca packet: dropped whole.
+        let mut foca: Foca<NodeId, PostcardCodec, SmallRng, MetaHandler> =
+            Foca::with_custom_broadcast(
+                forged.clone(),
+                c.config.clone(),
+                SmallRng::seed_from_u64(1),
+                PostcardCodec,
+                MetaHandler {
+                    store: Arc::new(Mutex::new(MetaStore::default())),
+                },
+            );
+        let mut out = Outbox::default();
+        foca.announce(a.id().clone(), &mut out).expect("announces");
+        let Some(Output::Packet { body, .. }) = out.outputs.pop() else {
+            panic!("no announce");
+        };
+        a.handle_packet(&body);
+        assert_eq!(a.foca_generation(b_addr), Some(1), "b is not renamed");
+        assert_eq!(a.errors().refused, refused + 2);
+    }
+
+    #[test]
+    fn a_late_reply_keeps_a_newer_hint() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        let b_addr = b.id().addr;
+        let hint = |version| Digest {
+            version,
+            ..b.own_record().digest()
+        };
+        // Hint v2: a asks b.
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(hint(2)),
+        ));
+        let (to, id) = request_ids(&mut a)[0];
+        assert_eq!(to, b_addr);
+        // Hint v3 while the fetch is under way.
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(hint(3)),
+        ));
+        a.take_outputs();
+        // b's reply with v2.
+        let v2 = Record {
+            version: 2,
+            ..b.own_record()
+        };
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![v2],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(2));
+        assert_eq!(a.held_records().1, 1, "the v3 hint is kept");
+        let asked = request_ids(&mut a);
+        assert_eq!(asked.len(), 1, "and b is asked again: {asked:?}");
+        assert_eq!(asked[0].0, b_addr);
+    }
+
+    #[test]
+    fn a_hint_about_a_restarted_members_new_generation_counts() {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        let b_addr = b.id().addr;
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
+        // b restarts under generation 2; a hears of it (and asks b).
+        let b2 = NodeId {
+            addr: b_addr,
+            generation: 2,
+        };
+        let mut state = c.state();
+        state.members.push(Member::alive(b2));
+        a.handle_stream(
+            Kind::PushPull,
+            &StreamMessage::State { id: 0, state }.encode(false),
+        );
+        assert_eq!(a.foca_generation(b_addr), Some(2));
+        a.take_outputs();
+        // A change b makes under generation 2 before its record arrived is noted.
+        let d = Digest {
+            addr: b_addr,
+            generation: 2,
+            version: 2,
+            left: false,
+        };
+        a.handle_packet(&foca_packet_with(
+            &mut c,
+            a.id().clone(),
+            &Broadcast::Hint(d),
+        ));
+        assert_eq!(a.held_records().1, 1, "the hint is kept");
+    }
+
+    #[test]
+    fn a_record_of_foca_s_generation_replaces_a_higher_one() {
+        let (mut a, mut b) = (node(1, "a"), node(2, "b"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        let b_addr = b.id().addr;
+        // a holds a record of b from a later generation than the one b now runs under (b
+        // restarted with its clock stepped back).
+        lock(&a.store)
+            .records
+            .get_mut(&b_addr)
+            .expect("b's record")
+            .generation = 1_000;
+        a.fetch_queue.push_back(b_addr);
+        a.pump_fetches();
+        let (to, id) = request_ids(&mut a)[0];
+        assert_eq!(to, b_addr);
+        let reply = b
+            .handle_stream(Kind::PushPull, &StreamMessage::GetMeta { id }.encode(false))
+            .expect("a reply");
+        a.handle_stream_reply(b_addr, id, &reply);
+        let store = lock(&a.store);
+        assert_eq!(store.records.get(&b_addr).map(|r| r.generation), Some(1));
     }
 
     #[test]

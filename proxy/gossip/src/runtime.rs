@@ -526,7 +526,13 @@ enum Inbound {
         held: BufferGrant,
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
-    StreamReply(Vec<u8>, BufferGrant),
+    // The reply to our request `id`, read on the stream we opened to `from`.
+    StreamReply {
+        from: SocketAddr,
+        id: u64,
+        body: Vec<u8>,
+        held: BufferGrant,
+    },
     Seeds(Vec<SocketAddr>),
 }
 
@@ -1192,8 +1198,8 @@ impl Driver {
                     Inbound::Stream { kind, body, held: _held, reply } => {
                         let _ = reply.send(self.node.handle_stream(kind, &body));
                     }
-                    Inbound::StreamReply(body, _held) => {
-                        self.node.handle_stream(Kind::PushPullReply, &body);
+                    Inbound::StreamReply { from, id, body, held: _held } => {
+                        self.node.handle_stream_reply(from, id, &body);
                     }
                     Inbound::Seeds(seeds) => self.node.join(&seeds),
                 },
@@ -1255,11 +1261,17 @@ impl Driver {
         for out in self.node.take_outputs() {
             match out {
                 Output::Packet { to, body } => self.send_packet(to, &body).await,
-                Output::PushPull { to, body } => {
+                Output::PushPull { to, id, body } => {
                     let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
                     tokio::spawn(async move {
-                        if let Some((reply, held)) = shared.exchange(to, &body).await {
-                            let _ = tx.send(Inbound::StreamReply(reply, held)).await;
+                        if let Some((body, held)) = shared.exchange(to, &body).await {
+                            let reply = Inbound::StreamReply {
+                                from: to,
+                                id,
+                                body,
+                                held,
+                            };
+                            let _ = tx.send(reply).await;
                         }
                     });
                 }
@@ -1431,7 +1443,7 @@ impl Driver {
         for out in self.node.take_outputs() {
             match out {
                 Output::Packet { to, body } => self.send_packet(to, &body).await,
-                Output::PushPull { to, body } => {
+                Output::PushPull { to, body, .. } => {
                     let _ = self.shared.exchange(to, &body).await;
                 }
                 Output::Timer { .. } | Output::ProbeStream { .. } => {}

@@ -168,9 +168,15 @@ enum Delivery {
     Packet(Vec<u8>),
     PushPull {
         from: usize,
+        id: u64,
         body: Vec<u8>,
     },
-    PushPullReply(Vec<u8>),
+    // The reply from `from` (the address dialled) to request `id`.
+    PushPullReply {
+        from: SocketAddr,
+        id: u64,
+        body: Vec<u8>,
+    },
     // A fallback probe; its ack is useless after `expires_ms`.
     Probe {
         from: usize,
@@ -578,14 +584,20 @@ impl Sim {
                     node.handle_timer(t)
                 }
                 Delivery::Packet(body) => node.handle_packet(&body),
-                Delivery::PushPullReply(body) => {
-                    node.handle_stream(Kind::PushPullReply, &body);
+                Delivery::PushPullReply { from, id, body } => {
+                    node.handle_stream_reply(from, id, &body);
                 }
-                Delivery::PushPull { from, body } => {
+                Delivery::PushPull { from, id, body } => {
+                    let me = node.id().addr;
                     if let Some(reply) = node.handle_stream(Kind::PushPull, &body) {
                         self.stats.bytes += stream_bytes(reply.len());
                         let delay = self.delay() + self.cfg.tcp_extra_delay_ms;
-                        self.schedule(delay, from, Delivery::PushPullReply(reply));
+                        let reply = Delivery::PushPullReply {
+                            from: me,
+                            id,
+                            body: reply,
+                        };
+                        self.schedule(delay, from, reply);
                     }
                 }
                 Delivery::Probe {
@@ -816,7 +828,7 @@ impl Sim {
                         },
                     );
                 }
-                Output::PushPull { to, body } => {
+                Output::PushPull { to, id, body } => {
                     self.stats.push_pulls += 1;
                     if matches!(
                         StreamMessage::decode(&body),
@@ -834,7 +846,7 @@ impl Sim {
                         continue;
                     }
                     let delay = self.delay() + self.cfg.tcp_extra_delay_ms;
-                    self.schedule(delay, dst, Delivery::PushPull { from: i, body });
+                    self.schedule(delay, dst, Delivery::PushPull { from: i, id, body });
                 }
             }
         }
