@@ -35,12 +35,13 @@ impl AllowList {
         AllowList { rules }
     }
 
-    /// Whether a member may announce a service at `addr` into `pool`.
+    /// Whether a member may announce a service at `addr` into `pool`. An IPv4-mapped IPv6
+    /// address (`[::ffff:10.1.2.3]`) is judged as the IPv4 address it is.
     pub fn allows(&self, pool: &str, addr: std::net::SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
         self.rules.is_empty()
             || self.rules.iter().any(|(p, nets)| {
-                (p == "*" || p == pool)
-                    && (nets.is_empty() || nets.iter().any(|n| n.contains(&addr.ip())))
+                (p == "*" || p == pool) && (nets.is_empty() || nets.iter().any(|n| n.contains(&ip)))
             })
     }
 }
@@ -641,6 +642,16 @@ mod tests {
         let mut refused = Vec::new();
         let kept = gossip_backends(&members, "web", &policy, &only_port_1, 0, &mut refused);
         assert_eq!(kept.len(), 3, "all on 127.0.0.1");
+        let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:80".parse().unwrap();
+        assert!(
+            only_port_1.allows("web", mapped),
+            "an IPv4-mapped address is its IPv4 one"
+        );
+        let v6_any = AllowList::new(vec![("web".into(), vec!["::/0".parse().unwrap()])]);
+        assert!(
+            !v6_any.allows("web", mapped),
+            "::/0 does not admit IPv4 through mapping"
+        );
         let api_only = AllowList::new(vec![("api".into(), vec![])]);
         let kept = gossip_backends(&members, "web", &policy, &api_only, 0, &mut refused);
         assert!(kept.is_empty());
