@@ -60,6 +60,8 @@ pub mod rotation;
 pub mod routing;
 pub mod runtime;
 pub mod sim;
+#[doc(hidden)]
+pub mod testing;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -2059,6 +2059,17 @@ mod tests {
         moved
     }
 
+    // Nodes a, b and c, joined through a, with everyone's records exchanged.
+    fn three_joined() -> (Node, Node, Node) {
+        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
+        b.join(&[a.id().addr]);
+        pump(&mut a, &mut b);
+        c.join(&[a.id().addr]);
+        pump(&mut a, &mut c);
+        pump(&mut b, &mut c);
+        (a, b, c)
+    }
+
     // Delivers packets and stream exchanges between two nodes until both are quiet.
     fn pump(a: &mut Node, b: &mut Node) {
         for _ in 0..50 {
@@ -2223,12 +2234,7 @@ mod tests {
 
     #[test]
     fn a_reply_counts_only_from_the_member_the_request_went_to() {
-        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
-        b.join(&[a.id().addr]);
-        pump(&mut a, &mut b);
-        c.join(&[a.id().addr]);
-        pump(&mut a, &mut c);
-        pump(&mut b, &mut c);
+        let (mut a, b, mut c) = three_joined();
         let b_addr = b.id().addr;
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
         // b changes; a hears of it and asks b.
@@ -2293,12 +2299,7 @@ mod tests {
 
     #[test]
     fn a_record_is_accepted_only_from_its_owner() {
-        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
-        b.join(&[a.id().addr]);
-        pump(&mut a, &mut b);
-        c.join(&[a.id().addr]);
-        pump(&mut a, &mut c);
-        pump(&mut b, &mut c);
+        let (mut a, mut b, mut c) = three_joined();
         let b_addr = b.id().addr;
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
         // c holds the key and forges b's record: a service of its choosing, in b's name.
@@ -2475,12 +2476,7 @@ mod tests {
 
     #[test]
     fn a_left_hint_changes_no_record() {
-        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
-        b.join(&[a.id().addr]);
-        pump(&mut a, &mut b);
-        c.join(&[a.id().addr]);
-        pump(&mut a, &mut c);
-        pump(&mut b, &mut c);
+        let (mut a, mut b, mut c) = three_joined();
         let b_addr = b.id().addr;
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
         // c says b left, far ahead of b's real version.
@@ -2570,12 +2566,7 @@ mod tests {
 
     #[test]
     fn a_late_reply_keeps_a_newer_hint() {
-        let (mut a, mut b, mut c) = (node(1, "a"), node(2, "b"), node(3, "c"));
-        b.join(&[a.id().addr]);
-        pump(&mut a, &mut b);
-        c.join(&[a.id().addr]);
-        pump(&mut a, &mut c);
-        pump(&mut b, &mut c);
+        let (mut a, b, mut c) = three_joined();
         let b_addr = b.id().addr;
         let hint = |version| Digest {
             version,

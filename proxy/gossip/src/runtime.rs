@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -154,11 +154,7 @@ impl Stats {
     }
 }
 
-pub(crate) fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use crate::clock::wall_ms as wall_clock_ms;
 
 #[derive(Default)]
 struct Counters {
@@ -225,9 +221,7 @@ pub(crate) struct Shared {
 }
 
 fn wall_clock_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    wall_clock_ms() / 1000
 }
 
 impl Shared {
@@ -1473,32 +1467,7 @@ mod tests {
     use super::*;
     use crate::{generate_key, MemberState, Role, Service};
 
-    fn config(key: &str, peers: &[SocketAddr]) -> ClusterConfig {
-        let mut c = ClusterConfig::new("test", "127.0.0.1:0".parse().expect("valid"), key);
-        c.profile = Profile::Local;
-        c.expected_size = 4;
-        c.compression = true;
-        c.peers = peers.iter().map(|p| p.to_string()).collect();
-        c
-    }
-
-    // Polls `cond` every 50 ms for at most `secs` seconds.
-    async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-        for _ in 0..secs * 20 {
-            if cond() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out after {secs} s waiting for: {what}");
-    }
-
-    fn state_of(h: &ClusterHandle, name: &str) -> Option<MemberState> {
-        h.members()
-            .into_iter()
-            .find(|m| m.meta.name == name)
-            .map(|m| m.state)
-    }
+    use crate::testing::{config, eventually, state_of};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_nodes_on_loopback() {

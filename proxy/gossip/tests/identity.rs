@@ -2,46 +2,14 @@
 //! process: a name clash found while running, and cluster-wide key rotation with key files.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use sluice_gossip::clock::wall_ms as wall_clock_ms;
 use sluice_gossip::rotation::KeyringState;
+use sluice_gossip::testing::{config, eventually, state_of};
 use sluice_gossip::{
-    generate_key, persist, Cluster, ClusterConfig, ClusterError, ClusterHandle, MemberState,
-    NodeMeta, Profile, Role,
+    generate_key, persist, Cluster, ClusterError, ClusterHandle, MemberState, NodeMeta, Role,
 };
-
-fn config(key: &str, peers: &[SocketAddr]) -> ClusterConfig {
-    let mut c = ClusterConfig::new("test", "127.0.0.1:0".parse().expect("valid"), key);
-    c.profile = Profile::Local;
-    c.expected_size = 4;
-    c.compression = true;
-    c.peers = peers.iter().map(|p| p.to_string()).collect();
-    c
-}
-
-// Polls `cond` every 50 ms for at most `secs` seconds.
-async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..secs * 20 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {secs} s waiting for: {what}");
-}
-
-fn state_of(h: &ClusterHandle, name: &str) -> Option<MemberState> {
-    h.members()
-        .into_iter()
-        .find(|m| m.meta.name == name)
-        .map(|m| m.state)
-}
-
-fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
