@@ -364,31 +364,14 @@ fn rollout(
         "--wait must be at most {}s",
         sluice::rollout::MAX_WAIT.as_secs()
     );
-    let addr: std::net::SocketAddr = admin
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--admin {admin} is not an IP:port"))?;
     let sep = if query.is_empty() { '?' } else { '&' };
     let path = format!(
         "/api/cluster/plugins/{pool}/{kind}{query}{sep}wait={}ms",
         wait.as_millis()
     );
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
     // The proxy answers once every proxy did, or after `wait`.
-    let resp = sluice::client::HttpConn::connect(addr, wait + Duration::from_secs(15))
-        .and_then(|mut c| c.request("POST", &path, &headers, bytes))
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach the admin API at {admin}: {e}; is sluice running?")
-        })?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
-    if resp.status != 200 {
-        anyhow::bail!(
-            "the proxy refused the rollout ({}): {}",
-            resp.status,
-            v["error"].as_str().unwrap_or(&resp.text())
-        );
-    }
+    let v = admin_call_within(admin, token, "POST", &path, bytes, long_call_timeout(wait))
+        .map_err(|e| e.context("the proxy refused the rollout"))?;
     println!(
         "{kind} for pool {pool}: sha256 {} version {} announced by {}",
         v["sha256"].as_str().unwrap_or("?"),
@@ -459,9 +442,9 @@ fn admin_call(
 /// How long an ordinary admin call may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the rotate-key call may take: the proxy answers within `wait` (the whole
-/// rotation's limit), plus a margin as for a plugin rollout.
-fn rotation_call_timeout(wait: Duration) -> Duration {
+/// How long a call the proxy answers within `wait` may take (a key rotation, a cluster plugin
+/// rollout): `wait` plus a margin.
+fn long_call_timeout(wait: Duration) -> Duration {
     wait.saturating_add(Duration::from_secs(15))
 }
 
@@ -532,7 +515,7 @@ fn cluster_command(
                 "POST",
                 "/api/cluster/rotate-key",
                 body.as_bytes(),
-                rotation_call_timeout(wait),
+                long_call_timeout(wait),
             )?;
             let members = v["members"].as_array().cloned().unwrap_or_default();
             println!(
@@ -659,10 +642,10 @@ mod tests {
     #[test]
     fn rotate_key_waits_longer_than_the_rotation_and_warns_off_loopback() {
         assert_eq!(
-            rotation_call_timeout(Duration::from_secs(60)),
+            long_call_timeout(Duration::from_secs(60)),
             Duration::from_secs(75)
         );
-        assert!(rotation_call_timeout(Duration::MAX) >= Duration::from_secs(15));
+        assert!(long_call_timeout(Duration::MAX) >= Duration::from_secs(15));
         assert!(!admin_is_remote("127.0.0.1:9901"));
         assert!(!admin_is_remote("[::1]:9901"));
         assert!(admin_is_remote("10.0.0.5:9901"));
