@@ -372,8 +372,7 @@ fn a_proxy_of_three_killed_and_restarted_leaves_the_others_serving() {
     let seeds = [gossip_addr(61), gossip_addr(62), gossip_addr(63)];
     let mut proxies: Vec<Proxy> = (0..3)
         .map(|i| {
-            let d = dir.join(format!("p{i}"));
-            std::fs::create_dir_all(&d).unwrap();
+            let d = dir.sub(&format!("p{i}"));
             let peers: Vec<SocketAddr> = seeds[..i].to_vec();
             Proxy::start_in(
                 d,

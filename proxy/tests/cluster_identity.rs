@@ -17,12 +17,6 @@ const NEW_KEY: &str = "bmV3LXJvdGF0ZWQta2V5LTMyLWJ5dGVzLWxvbmchISE=";
 const POOL: &str =
     "[[pool]]\nname = \"web\"\nstrategy = \"builtin:round-robin\"\n[[route]]\npool = \"web\"\n";
 
-/// `dir`, created.
-fn made(dir: std::path::PathBuf) -> std::path::PathBuf {
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn cluster(p: &Proxy) -> serde_json::Value {
     serde_json::from_str(&p.admin_req("GET", "/api/cluster", b"").text()).unwrap()
 }
@@ -93,7 +87,7 @@ fn a_duplicate_name_found_while_both_run_stops_the_newcomer() {
         newcomer.log()
     );
     let p = Proxy::start_in(
-        made(dir.join("p")),
+        dir.sub("p"),
         &format!("{POOL}{}", cluster_section("proxy", gp, KEY, &[])),
     );
 
@@ -160,7 +154,7 @@ fn a_proxy_that_finds_its_name_taken_while_running_exits_non_zero() {
         first.log()
     );
     let mut p = Proxy::start_in(
-        made(dir.join("p")),
+        dir.sub("p"),
         &format!("{POOL}{}", cluster_section("taken", gp, KEY, &[gs])),
     );
     let _seed = Agent::start(&dir, "seed", &cluster_section("seed", gs, KEY, &[]), b[0].0);
@@ -188,7 +182,7 @@ fn one_command_rotates_every_members_key_and_key_file() {
     let gp = gossip_addr(71);
     write_key_file(&dir.join("p"));
     let p = Proxy::start_in(
-        made(dir.join("p")),
+        dir.sub("p"),
         &format!("{POOL}{}", key_file_section("rot-proxy", gp, &[])),
     );
     let gs = [gossip_addr(72), gossip_addr(73)];
@@ -312,11 +306,11 @@ fn a_proxy_that_stops_is_seen_as_left_not_suspect() {
     let b = backends(1);
     let (g1, g2) = (gossip_addr(81), gossip_addr(82));
     let p1 = Proxy::start_in(
-        made(dir.join("p1")),
+        dir.sub("p1"),
         &format!("{POOL}{}", cluster_section("leave-1", g1, KEY, &[])),
     );
     let mut p2 = Proxy::start_in(
-        made(dir.join("p2")),
+        dir.sub("p2"),
         &format!("{POOL}{}", cluster_section("leave-2", g2, KEY, &[g1])),
     );
     let _agent = Agent::start(

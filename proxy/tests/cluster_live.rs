@@ -30,19 +30,11 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
     let g1 = gossip_addr(11);
     let g2 = gossip_addr(12);
     let p1 = Proxy::start_in(
-        {
-            let d = dir.join("p1");
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        },
+        dir.sub("p1"),
         &format!("{pool}{}", cluster_section("proxy-1", g1, KEY, &[])),
     );
     let p2 = Proxy::start_in(
-        {
-            let d = dir.join("p2");
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        },
+        dir.sub("p2"),
         &format!("{pool}{}", cluster_section("proxy-2", g2, KEY, &[g1])),
     );
     let mut agents: Vec<Option<Agent>> = (0..4)
@@ -264,11 +256,7 @@ fn keys_rotate_without_a_restart() {
     let dir = scratch_dir("cluster-rotate");
     let g1 = gossip_addr(51);
     let p1 = Proxy::start_in(
-        {
-            let d = dir.join("p1");
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        },
+        dir.sub("p1"),
         &format!(
             "[[pool]]\nname = \"web\"\n[[route]]\npool = \"web\"\n{}",
             cluster_section("rot-proxy", g1, KEY, &[])

@@ -28,11 +28,7 @@ fn proxies_and_agents_one_version_apart_route_to_every_backend() {
     let pool =
         "[[pool]]\nname = \"web\"\nstrategy = \"builtin:round-robin\"\n[[route]]\npool = \"web\"\n";
     let (g1, g2) = (gossip_addr(61), gossip_addr(62));
-    let proxy_dir = |name: &str| {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
+    let proxy_dir = |name: &str| dir.sub(name);
     // The first proxy is of this version, the second of the next one.
     let old_proxy = Proxy::start_in(
         proxy_dir("old-proxy"),

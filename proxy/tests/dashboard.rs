@@ -301,8 +301,7 @@ fn a_clustered_proxy_shows_its_members_and_map() {
     let b = backends(1);
     let dir = scratch_dir("dashboard-cluster");
     let g1 = gossip_addr(41);
-    let proxy_dir = dir.join("proxy");
-    std::fs::create_dir_all(&proxy_dir).unwrap();
+    let proxy_dir = dir.sub("proxy");
     let proxy = Proxy::start_in(
         proxy_dir,
         &format!(

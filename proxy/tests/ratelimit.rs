@@ -61,7 +61,7 @@ fn get_from(from: Ipv4Addr, to: SocketAddr) -> (u16, Option<String>) {
     (status, retry_after)
 }
 
-fn limited_proxy(tag: &str, extra: &str) -> (Proxy, std::path::PathBuf) {
+fn limited_proxy(tag: &str, extra: &str) -> (Proxy, ScratchDir) {
     let b = backends(1);
     let dir = scratch_dir(tag);
     let body = format!(

@@ -58,8 +58,7 @@ fn cluster_rollout_reaches_every_proxy_late_joiners_and_refuses_bad_hashes() {
     );
     let gossip: Vec<_> = (0..4).map(|i| gossip_addr(41 + i)).collect();
     let start = |i: usize, peers: &[std::net::SocketAddr], env: &[(&str, &str)]| {
-        let d = dir.join(format!("p{i}"));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = dir.sub(&format!("p{i}"));
         let name = format!("proxy-{}", i + 1);
         let body = format!(
             "{pool}{}",
@@ -208,8 +207,7 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
     };
     let gossip: Vec<_> = (0..3).map(|i| gossip_addr(51 + i)).collect();
     let start = |i: usize, body: String| {
-        let d = dir.join(format!("p{i}"));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = dir.sub(&format!("p{i}"));
         Proxy::start_in(d, &body)
     };
     let peers = |i: usize| if i == 0 { vec![] } else { vec![gossip[0]] };

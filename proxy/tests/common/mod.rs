@@ -33,8 +33,8 @@ pub fn unique_port() -> u16 {
     20_000 + n as u16
 }
 
-/// A fresh scratch directory for one test.
-pub fn scratch_dir(tag: &str) -> PathBuf {
+/// A fresh scratch directory for one test (config, logs, certificates, plugin files).
+pub fn scratch_dir(tag: &str) -> ScratchDir {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "sluice-test-{}-{tag}-{}",
@@ -43,7 +43,57 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    ScratchDir {
+        path: dir.clone(),
+        root: Arc::new(ScratchRoot(dir)),
+    }
+}
+
+/// A test's scratch directory (or a directory in it), removed when the last handle is dropped (the
+/// test and each process started in it hold one) unless the test is failing: then it is kept, and
+/// its path printed, for the post-mortem (the proxies' logs are in it).
+#[derive(Clone, Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+    root: Arc<ScratchRoot>,
+}
+
+impl ScratchDir {
+    /// The directory `name` in this one, created; it lives as long as this one's root.
+    pub fn sub(&self, name: &str) -> ScratchDir {
+        let path = self.path.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        ScratchDir {
+            path,
+            root: self.root.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ScratchRoot(PathBuf);
+
+impl Drop for ScratchRoot {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the failed test's directory {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for ScratchDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
 }
 
 pub fn backends(n: usize) -> Vec<(SocketAddr, Arc<DemoBackend>)> {
@@ -65,7 +115,7 @@ pub struct Proxy {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
-    pub dir: PathBuf,
+    pub dir: ScratchDir,
 }
 
 impl Proxy {
@@ -75,19 +125,19 @@ impl Proxy {
         Proxy::start_in(dir, body)
     }
 
-    pub fn start_in(dir: PathBuf, body: &str) -> Proxy {
+    pub fn start_in(dir: ScratchDir, body: &str) -> Proxy {
         Proxy::start_full(dir, "", body)
     }
 
     /// `server_extra` goes into the `[server]` section (e.g. `h2c = true` or a `[server.tls]` table
     /// placed after `body` is not possible, so give TLS as an inline table: `tls = { ... }`).
-    pub fn start_full(dir: PathBuf, server_extra: &str, body: &str) -> Proxy {
+    pub fn start_full(dir: ScratchDir, server_extra: &str, body: &str) -> Proxy {
         Proxy::start_limited(dir, server_extra, body, None)
     }
 
     /// [`Proxy::start_full`] with the process's address space limited (`ulimit -v`, KiB).
     pub fn start_limited(
-        dir: PathBuf,
+        dir: ScratchDir,
         server_extra: &str,
         body: &str,
         address_space_kib: Option<u64>,
@@ -97,7 +147,7 @@ impl Proxy {
 
     /// [`Proxy::start_limited`] with extra environment variables for the process.
     pub fn start_env(
-        dir: PathBuf,
+        dir: ScratchDir,
         server_extra: &str,
         body: &str,
         address_space_kib: Option<u64>,
