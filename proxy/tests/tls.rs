@@ -410,12 +410,7 @@ fn client_certificates_are_checked_per_listener() {
         &pool(&b),
     );
     let get = |addr, client: Option<&str>| {
-        tls_get(
-            addr,
-            Some("site.test"),
-            client.map(|c| (dir.as_path(), c)),
-            "/",
-        )
+        tls_get(addr, Some("site.test"), client.map(|c| (&*dir, c)), "/")
     };
     // Required: only a certificate signed by the CA gets in.
     assert!(get(required, None).is_err(), "no certificate was let in");
