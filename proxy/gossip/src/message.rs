@@ -502,6 +502,10 @@ impl StreamMessage {
 
     pub(crate) fn decode(b: &[u8]) -> Option<StreamMessage> {
         let (_, k, fields) = parse_body(b)?;
+        // The kind first: another version's kind may use these tags for other things.
+        if ![kind::STATE, kind::GET_META, kind::METAS].contains(&k) {
+            return Some(StreamMessage::Unknown);
+        }
         let mut id = 0;
         let mut state = PushPullState::default();
         for (tag, v) in &fields {
@@ -510,7 +514,9 @@ impl StreamMessage {
                 2 => state.members = get(v)?,
                 3 => state.digests = get(v)?,
                 4 => state.names = get(v)?,
-                5 => state.records.push(Record::decode(v)?),
+                // A record this version cannot read is left out, not the whole reply with it:
+                // the others still count, and that member's digest still leads to a fetch.
+                5 => state.records.extend(Record::decode(v)),
                 _ => {}
             }
         }
@@ -609,12 +615,31 @@ mod tests {
         assert_eq!(StreamMessage::decode(&msg.encode(true)), Some(msg));
         let metas = StreamMessage::Metas {
             id: 3,
-            records: vec![record],
+            records: vec![record.clone()],
         };
         assert_eq!(StreamMessage::decode(&metas.encode(false)), Some(metas));
         assert_eq!(
             StreamMessage::decode(&StreamMessage::Unknown.encode(true)),
             Some(StreamMessage::Unknown)
+        );
+        // Another version's kind is not read as one of ours, whatever its fields hold.
+        let mut f = Fields::body(kind::NEXT_VERSION_PROBE, true);
+        f.put(1, &vec![9u8; 40]).put(5, "not a record");
+        assert_eq!(
+            StreamMessage::decode(&f.into_bytes()),
+            Some(StreamMessage::Unknown)
+        );
+        // One unreadable record costs only itself.
+        let mut f = Fields::body(kind::METAS, false);
+        f.put(1, &3u64)
+            .raw(5, &[0xff; 7])
+            .raw(5, &record.encode(false));
+        assert_eq!(
+            StreamMessage::decode(&f.into_bytes()),
+            Some(StreamMessage::Metas {
+                id: 3,
+                records: vec![record.clone()]
+            })
         );
         assert_eq!(StreamMessage::decode(&[0, kind::STATE]), None, "version 0");
         assert_eq!(StreamMessage::decode(&[1]), None);

@@ -25,7 +25,8 @@
 //!   `u64::MAX` can never be reached, let alone pinned; the owner's own reply is authoritative
 //!   (a fetched record older than the hint ends the hint);
 //! - at most [`MAX_FETCHES_IN_FLIGHT`] fetches run at once, one per member, each retried after
-//!   foca's probe timeout while the member is active and its record still missing or stale;
+//!   foca's probe timeout while the member is active and its record still missing or stale,
+//!   and after a doubling back-off once a member's fetches keep timing out;
 //! - records and hints of a member are dropped once foca forgets it (`remove_down_after`,
 //!   `[cluster] forget_after`), so state is bounded by the membership.
 //!
@@ -70,6 +71,12 @@ pub const MAX_VERSION: u64 = 1 << 48;
 /// of the transport's default outbound streams ([`crate::DEFAULT_MAX_OUTBOUND_STREAMS`]), so
 /// that a joining node's fetches leave room for its push-pulls and fallback probes.
 pub const MAX_FETCHES_IN_FLIGHT: usize = crate::DEFAULT_MAX_OUTBOUND_STREAMS / 2;
+
+/// A member whose fetches keep timing out (its gossip TCP port unreachable, say) is asked again
+/// at once after the first timeout, then after 1, 2, 4... fetch timeouts, at most this many:
+/// each unanswered fetch holds one of the transport's outbound streams until the transport's
+/// own timeout, so retrying every fetch timeout would let a few unreachable members hold them all.
+pub const MAX_FETCH_BACKOFF_TIMEOUTS: u32 = 64;
 
 /// Highest local-health score (memberlist's default): a node that keeps failing its probes or
 /// running late probes at most 9 times slower.
@@ -136,6 +143,8 @@ pub enum NodeTimer {
     PushPull,
     /// The stream request with this id got no reply in time: free its slot and retry.
     FetchTimeout(u64),
+    /// The back-off after fetches of this member timed out has passed: fetch again if needed.
+    FetchRetry(SocketAddr),
     /// A step of a Lifeguard suspicion: the deadline that applies once `step` independent
     /// confirmations have been heard has passed.
     Suspicion {
@@ -637,6 +646,10 @@ pub struct Node {
     fetching: HashSet<SocketAddr>,
     in_flight: usize,
     fetch_timeout: Duration,
+    // Members whose fetches timed out in a row (how many times), and those waiting out the
+    // back-off that follows (see [`MAX_FETCH_BACKOFF_TIMEOUTS`]).
+    fetch_failures: HashMap<SocketAddr, u32>,
+    backing_off: HashSet<SocketAddr>,
     // Behave as the next body version (tests of a mixed-version cluster only).
     next_version: bool,
     rng: SmallRng,
@@ -817,6 +830,8 @@ impl Node {
             fetching: HashSet::new(),
             in_flight: 0,
             fetch_timeout,
+            fetch_failures: HashMap::new(),
+            backing_off: HashSet::new(),
             next_version: std::env::var_os(EMULATE_NEXT_VERSION_ENV).is_some(),
             rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             view: HashMap::new(),
@@ -1287,9 +1302,13 @@ impl Node {
                         let to = *to;
                         self.in_flight -= 1;
                         self.fetching.remove(&to);
-                        self.want(to);
+                        self.fetch_timed_out(to);
                     }
                 }
+            }
+            NodeTimer::FetchRetry(addr) => {
+                self.backing_off.remove(&addr);
+                self.want(addr);
             }
         }
         self.after_call();
@@ -1359,6 +1378,8 @@ impl Node {
         match self.requests.get(&id) {
             Some(&(to, _, freed)) if to == from => {
                 self.requests.remove(&id);
+                // It answers (even late): the next fetch need not wait.
+                self.fetch_failures.remove(&to);
                 if !freed {
                     self.in_flight -= 1;
                     self.fetching.remove(&to);
@@ -1490,6 +1511,16 @@ impl Node {
             self.generations_refused
                 .fetch_add((before - members.len()) as u64, Ordering::Relaxed);
         }
+        // A Down member at an address this node does not know is left out, as memberlist does
+        // with dead nodes it does not know: nothing routes to it, and taking it in would start
+        // its `forget_after` over here, so a member every node but one had forgotten would come
+        // back from that one's push-pulls and circulate for ever.
+        let known: HashSet<SocketAddr> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| m.id().addr)
+            .collect();
+        members.retain(|m| m.state() != State::Down || known.contains(&m.id().addr));
         if self
             .foca
             .apply_many(members.into_iter(), broadcast, &mut self.outbox)
@@ -1852,11 +1883,33 @@ impl Node {
             .map(|m| m.id().generation)
     }
 
-    // Queues a fetch of `addr`'s record if it is active, missing or stale, and not queued yet.
+    // A fetch from `to` got no answer in time: asked again at once the first time, then after a
+    // back-off that doubles with every further timeout in a row.
+    fn fetch_timed_out(&mut self, to: SocketAddr) {
+        let failures = self.fetch_failures.entry(to).or_insert(0);
+        *failures = failures.saturating_add(1);
+        if *failures == 1 {
+            self.want(to);
+            return;
+        }
+        let factor = 1u32
+            .checked_shl(*failures - 2)
+            .unwrap_or(u32::MAX)
+            .min(MAX_FETCH_BACKOFF_TIMEOUTS);
+        self.backing_off.insert(to);
+        self.outbox.outputs.push(Output::Timer {
+            after: self.fetch_timeout * factor,
+            timer: NodeTimer::FetchRetry(to),
+        });
+    }
+
+    // Queues a fetch of `addr`'s record if it is active, missing or stale, and not queued or
+    // backing off yet.
     fn want(&mut self, addr: SocketAddr) {
         if addr == self.id().addr
             || self.fetching.contains(&addr)
             || self.fetch_queue.contains(&addr)
+            || self.backing_off.contains(&addr)
         {
             return;
         }
@@ -1915,6 +1968,8 @@ impl Node {
         store.left_notes.retain(|a, _| listed.contains(a));
         store.current.retain(|a, _| listed.contains(a));
         drop(store);
+        // (`backing_off` empties itself: each entry's retry timer is pending.)
+        self.fetch_failures.retain(|a, _| listed.contains(a));
         let tick = self.probe_tick;
         // Entries whose slot is still taken wait for their timeout, which frees them.
         self.requests
@@ -2606,6 +2661,108 @@ mod tests {
         let asked = request_ids(&mut a);
         assert_eq!(asked.len(), 1, "and b is asked again: {asked:?}");
         assert_eq!(asked[0].0, b_addr);
+    }
+
+    #[test]
+    fn fetches_from_a_member_that_never_answers_back_off_until_it_does() {
+        let (mut a, b, mut c) = three_joined();
+        let b_addr = b.id().addr;
+        let hint = |version| Digest {
+            version,
+            ..b.own_record().digest()
+        };
+        let mut hear = |a: &mut Node, version| {
+            let packet = foca_packet_with(&mut c, a.id().clone(), &Broadcast::Hint(hint(version)));
+            a.handle_packet(&packet);
+        };
+        // What a fetch timeout leads to: a new request at once, or a wait (in fetch timeouts)
+        // and then, when the retry timer fires, the request.
+        let time_out = |a: &mut Node, id| -> (u32, (SocketAddr, u64)) {
+            a.handle_timer(NodeTimer::FetchTimeout(id));
+            let mut wait = 0;
+            let mut asked = Vec::new();
+            for out in a.take_outputs() {
+                match out {
+                    Output::PushPull { to, id, .. } => asked.push((to, id)),
+                    Output::Timer {
+                        after,
+                        timer: NodeTimer::FetchRetry(addr),
+                    } => {
+                        assert_eq!(addr, b_addr);
+                        wait = (after.as_millis() / a.fetch_timeout.as_millis()) as u32;
+                    }
+                    _ => {}
+                }
+            }
+            if wait > 0 {
+                assert!(asked.is_empty(), "asked while backing off: {asked:?}");
+                a.handle_timer(NodeTimer::FetchRetry(b_addr));
+                asked = request_ids(a);
+            }
+            assert_eq!(asked.len(), 1, "{asked:?}");
+            (wait, asked[0])
+        };
+        hear(&mut a, 2);
+        let mut asked = request_ids(&mut a)[0];
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            assert_eq!(asked.0, b_addr);
+            let (wait, next) = time_out(&mut a, asked.1);
+            waits.push(wait);
+            asked = next;
+        }
+        assert_eq!(waits, [0, 1, 2, 4, 8, 16, 32, 64, 64]);
+        // A newer hint does not cut a back-off short.
+        a.handle_timer(NodeTimer::FetchTimeout(asked.1));
+        a.take_outputs();
+        hear(&mut a, 3);
+        assert!(request_ids(&mut a).is_empty());
+        a.handle_timer(NodeTimer::FetchRetry(b_addr));
+        let (_, id) = request_ids(&mut a)[0];
+        // b answers at last: the next fetch that times out is retried at once again.
+        let v3 = Record {
+            version: 3,
+            ..b.own_record()
+        };
+        a.handle_stream_reply(
+            b_addr,
+            id,
+            &StreamMessage::Metas {
+                id,
+                records: vec![v3],
+            }
+            .encode(false),
+        );
+        assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(3));
+        hear(&mut a, 4);
+        let (_, id) = request_ids(&mut a)[0];
+        assert_eq!(time_out(&mut a, id).0, 0);
+    }
+
+    #[test]
+    fn a_down_member_is_taken_from_a_push_pull_only_if_known() {
+        let (mut a, b, _c) = three_joined();
+        let state_of = |n: &Node, addr: SocketAddr| {
+            n.foca
+                .iter_membership_state()
+                .find(|m| m.id().addr == addr)
+                .map(|m| m.state())
+        };
+        // Forgotten here (or never heard of): a Down entry in a push-pull does not bring it back.
+        let gone = NodeId {
+            addr: ([127, 0, 0, 1], 9).into(),
+            generation: 1,
+        };
+        let down = |id: &NodeId| PushPullState {
+            members: vec![Member::down(id.clone())],
+            ..PushPullState::default()
+        };
+        a.apply_state(down(&gone), true);
+        assert_eq!(state_of(&a, gone.addr), None);
+        // Known: its death counts.
+        assert_eq!(state_of(&a, b.id().addr), Some(State::Alive));
+        a.apply_state(down(b.id()), true);
+        assert_eq!(state_of(&a, b.id().addr), Some(State::Down));
     }
 
     #[test]
