@@ -156,15 +156,16 @@ fn default_plugin_rollout() -> bool {
 }
 
 /// `[[cluster.allow]]`: members may announce services into `pool` ("*": any pool) at
-/// addresses in `addrs` (CIDR ranges or single IPs; empty: any address).
+/// addresses in `addrs` (CIDR ranges or single IPs; left out: any address).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntry {
     /// A pool name, or "*".
     pub pool: String,
-    /// Address ranges the services' addresses must be in.
+    /// Address ranges the services' addresses must be in; `None` (left out): any address. An
+    /// empty list is refused rather than read as "any", which it looks nothing like.
     #[serde(default)]
-    pub addrs: Vec<String>,
+    pub addrs: Option<Vec<String>>,
 }
 
 fn parse_range(s: &str) -> Result<ipnet::IpNet, String> {
@@ -268,8 +269,19 @@ impl ClusterSection {
             if a.pool.is_empty() {
                 return Err("[[cluster.allow]] pool must not be empty; name a pool, or \"*\" for every pool".into());
             }
-            for r in &a.addrs {
-                parse_range(r)?;
+            match &a.addrs {
+                Some(ranges) if ranges.is_empty() => {
+                    return Err(format!(
+                        "[[cluster.allow]] pool = \"{}\" has addrs = [], which would allow no address; list the ranges its services may use, or leave addrs out to allow any address",
+                        a.pool
+                    ));
+                }
+                Some(ranges) => {
+                    for r in ranges {
+                        parse_range(r)?;
+                    }
+                }
+                None => {}
             }
         }
         if self.forget_after < Duration::from_secs(1) {
@@ -374,7 +386,8 @@ impl ClusterSection {
                 self.allow
                     .iter()
                     .map(|a| {
-                        let nets = a.addrs.iter().filter_map(|r| parse_range(r).ok());
+                        let ranges = a.addrs.iter().flatten();
+                        let nets = ranges.filter_map(|r| parse_range(r).ok());
                         (a.pool.clone(), nets.collect())
                     })
                     .collect(),
@@ -440,9 +453,15 @@ pub fn reload_plan(
     fn show<T: std::fmt::Debug>(v: &T) -> String {
         format!("{v:?}")
     }
+    // The configured name, not the computed default: that follows the host name, which may have
+    // changed since the node started without anything in the config having changed.
+    let node_name = |s: &ClusterSection| match &s.node_name {
+        Some(name) => show(name),
+        None => "the default (HOST@ADDR)".to_string(),
+    };
     let fixed: [(&str, String, String); 11] = [
         ("name", show(&old.name), show(&new.name)),
-        ("node_name", show(&old.node_name()), show(&new.node_name())),
+        ("node_name", node_name(old), node_name(new)),
         ("bind_addr", show(&old.bind_addr), show(&new.bind_addr)),
         (
             "advertise_addr",
@@ -592,6 +611,10 @@ mod tests {
                 "\"10.0.0/8\" is not an address range",
             ),
             ("[[allow]]\npool = \"\"", "pool must not be empty"),
+            (
+                "[[allow]]\npool = \"web\"\naddrs = []",
+                "has addrs = [], which would allow no address",
+            ),
         ] {
             let err = section(&format!("key = \"{key}\"\n{bad}"))
                 .to_config(Path::new("."))
@@ -715,9 +738,8 @@ mod tests {
 
     #[test]
     fn key_files_and_state_files() {
-        let dir =
-            std::env::temp_dir().join(format!("sluice-cluster-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let key = crate::cluster::keyring::generate_key();
         std::fs::write(dir.join("cluster.key"), format!("# comment\n{key}\n")).unwrap();
         let section = |extra: &str| -> ClusterSection {
@@ -814,7 +836,10 @@ mod tests {
                 "advertise_addr = \"10.0.0.1:7946\"",
                 "[cluster] advertise_addr changed",
             ),
-            ("node_name = \"m\"", "[cluster] node_name changed"),
+            (
+                "node_name = \"m\"",
+                "[cluster] node_name changed from \"n\" to \"m\"",
+            ),
             ("profile = \"wan\"", "[cluster] profile changed"),
             ("state_file = \"x.state\"", "[cluster] state_file changed"),
         ] {

@@ -151,7 +151,9 @@ impl Runtime {
                     .map(|c| c.get_ref().routing())
                     .unwrap_or_default(),
             ),
-            cluster_keys: ColdLock::new(cluster_keys(&config)),
+            // The cluster itself starts from the same file and fails the start if it cannot
+            // read it; this copy is only what reloads compare against.
+            cluster_keys: ColdLock::new(cluster_keys(&config).unwrap_or_default()),
             resolver: ArcSwap::from_pointee(Resolver::default()),
             reload_hook: std::sync::OnceLock::new(),
             spawning: std::sync::atomic::AtomicBool::new(false),
@@ -296,7 +298,7 @@ impl Runtime {
                 Ok((host, r.path_prefix.clone(), rules))
             })
             .collect::<Result<Vec<_>, crate::config::ConfigError>>()?;
-        let new_keys = cluster_keys(&cfg);
+        let new_keys = cluster_keys(&cfg).map_err(ApplyError::Cluster)?;
         let cluster = {
             let old = self.config.load();
             crate::cluster_config::reload_plan(
@@ -694,12 +696,13 @@ fn plugin_error<'a>(pool: &'a str, plugin: &'a str) -> impl Fn(PluginError) -> A
 /// Settings that only a restart applies.
 /// The keys a config's `[cluster]` section gives (empty without one or when unreadable: the
 /// config was validated, so only a key file changed since can make it unreadable).
-fn cluster_keys(cfg: &Config) -> Vec<String> {
-    cfg.cluster
-        .as_ref()
-        .and_then(|c| c.get_ref().to_config(&cfg.base_dir).ok())
-        .map(|c| c.keys)
-        .unwrap_or_default()
+/// The keys `cfg`'s `[cluster]` names (its `key`, or its `key_file` read now); none without
+/// `[cluster]`. A key file that cannot be read is an error, never "no keys".
+fn cluster_keys(cfg: &Config) -> Result<Vec<String>, String> {
+    match &cfg.cluster {
+        Some(c) => c.get_ref().to_config(&cfg.base_dir).map(|c| c.keys),
+        None => Ok(Vec::new()),
+    }
 }
 
 fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {

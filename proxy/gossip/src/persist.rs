@@ -123,39 +123,39 @@ pub fn write_key_file(path: &Path, keys: &[String]) -> Result<(), PersistError> 
 }
 
 /// Replaces `path` with `bytes`: writes a temporary file with permissions `mode` beside it,
-/// syncs it and renames it over `path`.
+/// syncs it and renames it over `path`. A symbolic link at `path` (a key file a secrets manager
+/// placed, say) stays: the file it points to is replaced.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let err = |what: String| PersistError {
         path: path.to_path_buf(),
         what,
         corrupt: false,
     };
-    let dir = path
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)
+            .map_err(|e| err(format!("cannot follow its symbolic link: {e}")))?,
+        _ => path.to_path_buf(),
+    };
+    let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
+    let name = target
         .file_name()
         .ok_or_else(|| err("not a file path".into()))?;
-    // The pid keeps two processes sharing a directory from writing one temporary file.
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
     let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // `mode` above only applies to a new file; a stale temporary one may have others.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        // tempfile: a fresh random name opened with O_EXCL, so neither another process writing
+        // beside us nor a link planted at a guessable name is ever written through; dropped
+        // before the rename (any error), it removes itself.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", name.to_string_lossy()))
+            .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(dir)?;
+        tmp.write_all(bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&target).map_err(|e| e.error)?;
         // The rename itself is durable once the directory is synced.
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
@@ -163,7 +163,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistE
         Ok(())
     })();
     result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
         err(format!(
             "cannot write it: {e}; check that sluice may write in {}",
             dir.display()
@@ -176,14 +175,9 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn scratch(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "sluice-gossip-persist-{}-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    // A directory removed when the test ends.
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     #[test]
@@ -202,7 +196,8 @@ mod tests {
 
     #[test]
     fn state_file_round_trips_and_restarts_climb_even_with_a_clock_behind() {
-        let dir = scratch("state");
+        let tmp = scratch();
+        let dir = tmp.path();
         let path = dir.join("node.state");
         assert_eq!(read_generation(&path).unwrap(), None);
         let clock_ms = 2_000;
@@ -223,7 +218,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_or_unwritable_default_state_file_falls_back_to_the_wall_clock() {
-        let dir = scratch("fallback");
+        let tmp = scratch();
+        let dir = tmp.path();
         let path = dir.join("node.state");
         std::fs::write(&path, "generation = soon\n").unwrap();
         // Corrupt: never fatal; the file is rewritten with the clock.
@@ -257,7 +253,8 @@ mod tests {
 
     #[test]
     fn key_files_are_replaced_whole_and_readable_by_their_owner_only() {
-        let dir = scratch("keys");
+        let tmp = scratch();
+        let dir = tmp.path();
         let path = dir.join("cluster.key");
         write_key_file(&path, &["a".into(), "b".into()]).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -273,7 +270,19 @@ mod tests {
             "a world-readable key file is not carried over"
         );
         // Nothing left beside it.
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
+        // A symbolic link stays one: the file it points to is what changes.
+        let real = dir.join("real.key");
+        std::fs::rename(&path, &real).unwrap();
+        std::os::unix::fs::symlink("real.key", &path).unwrap();
+        write_key_file(&path, &["d".into()]).unwrap();
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(std::fs::read_to_string(&real).unwrap().contains("\nd\n"));
+        assert_eq!(mode(&real), 0o600);
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 2);
         let e = write_key_file(&dir.join("missing/cluster.key"), &[]).unwrap_err();
         assert!(e.to_string().contains("cannot write it"), "{e}");
     }

@@ -26,8 +26,8 @@ async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
     // The newcomer starts alone (so the start-up check cannot see the clash), then is
     // given a seed, as when a partition heals.
     // Its generation is surely above a's (two starts within one millisecond would tie).
-    let state =
-        std::env::temp_dir().join(format!("sluice-gossip-clash-{}.state", std::process::id()));
+    let tmp = tempfile::tempdir().expect("scratch dir");
+    let state = tmp.path().join("c.state");
     persist::write_generation(&state, wall_clock_ms() + 1_000_000).expect("writable");
     let mut c_config = config(&key, &[]);
     c_config.state_file = Some(state);
@@ -80,9 +80,8 @@ async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotation_reaches_every_member_and_their_key_files() {
-    let dir = std::env::temp_dir().join(format!("sluice-gossip-rotate-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let tmp = tempfile::tempdir().expect("scratch dir");
+    let dir = tmp.path().to_path_buf();
     let (old, new) = (generate_key(), generate_key());
     let mut handles: Vec<ClusterHandle> = Vec::new();
     for name in ["a", "b", "c"] {
