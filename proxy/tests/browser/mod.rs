@@ -50,7 +50,10 @@ impl Browser {
         .arg("about:blank")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(Stdio::null())
+        // Its own process group, so that dropping the browser stops its helper processes
+        // too (they would go on writing into the profile while the test removes it).
+        .process_group(0);
         // SAFETY: between fork and exec the closure only calls fcntl and dup2, which are
         // async-signal-safe, on a descriptor this process owns until the child has started.
         // dup2 clears close-on-exec on the copies, so fds 3 and 4 reach Chromium (and no other
@@ -231,7 +234,14 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The whole group: Chromium and the renderer, GPU and utility processes it started.
+        let group = -(self.child.id() as libc::pid_t);
+        // SAFETY: kill(2) with a negative pid signals that process group only; the group is
+        // Chromium's own (process_group(0) above), and the child is not yet waited for, so its
+        // id, and with it the group id, cannot have been reused.
+        unsafe {
+            libc::kill(group, libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
