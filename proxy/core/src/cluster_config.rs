@@ -338,6 +338,13 @@ impl ClusterSection {
         let mut warnings = Vec::new();
         for (key, path) in files {
             let Some(path) = path else { continue };
+            // A symbolic link is written through: its target's directory is the one written in.
+            let path = crate::cluster::persist::written_path(&path).map_err(|e| {
+                format!(
+                    "[cluster] {key}: {} is a symbolic link that cannot be followed: {e}; point it at an existing file, or give another path",
+                    path.display()
+                )
+            })?;
             let dir = path
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
@@ -766,6 +773,15 @@ mod tests {
             section("key_file = \"cluster.key\"").check_files(&dir),
             Ok(vec![]),
             "a writable directory: no warning"
+        );
+        // A symbolic link is written through, so its target must be reachable.
+        std::os::unix::fs::symlink("gone/node.state", dir.join("linked.state")).unwrap();
+        let err = section("key_file = \"cluster.key\"\nstate_file = \"linked.state\"")
+            .check_files(&dir)
+            .unwrap_err();
+        assert!(
+            err.contains("state_file") && err.contains("symbolic link that cannot be followed"),
+            "{err}"
         );
         let cfg =
             section("key_file = \"cluster.key\"\nstate_file = \"/var/lib/sluice/node.state\"")

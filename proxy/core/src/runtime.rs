@@ -51,7 +51,8 @@ pub enum ApplyError {
     /// Reload without a file (demo mode).
     #[error("this proxy was not started from a config file, so there is nothing to reload")]
     NoConfigFile,
-    /// The `[cluster]` section changed in a way that needs a restart.
+    /// The `[cluster]` section changed in a way that needs a restart, or its key file could
+    /// not be read.
     #[error("{0}")]
     Cluster(String),
 }
@@ -693,9 +694,6 @@ fn plugin_error<'a>(pool: &'a str, plugin: &'a str) -> impl Fn(PluginError) -> A
     }
 }
 
-/// Settings that only a restart applies.
-/// The keys a config's `[cluster]` section gives (empty without one or when unreadable: the
-/// config was validated, so only a key file changed since can make it unreadable).
 /// The keys `cfg`'s `[cluster]` names (its `key`, or its `key_file` read now); none without
 /// `[cluster]`. A key file that cannot be read is an error, never "no keys".
 fn cluster_keys(cfg: &Config) -> Result<Vec<String>, String> {
@@ -705,6 +703,7 @@ fn cluster_keys(cfg: &Config) -> Result<Vec<String>, String> {
     }
 }
 
+/// Settings that only a restart applies.
 fn restart_warnings(old: &Config, new: &Config) -> Vec<String> {
     let mut warnings = crate::listener::restart_changes(old, new);
     if !old.access_log_writer_needed() && new.access_log_writer_needed() {

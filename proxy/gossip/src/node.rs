@@ -646,10 +646,12 @@ pub struct Node {
     fetching: HashSet<SocketAddr>,
     in_flight: usize,
     fetch_timeout: Duration,
-    // Members whose fetches timed out in a row (how many times), and those waiting out the
-    // back-off that follows (see [`MAX_FETCH_BACKOFF_TIMEOUTS`]).
-    fetch_failures: HashMap<SocketAddr, u32>,
-    backing_off: HashSet<SocketAddr>,
+    // Members whose fetches timed out in a row (the generation, and how many times), and those
+    // waiting out the back-off that follows (the generation it is for; see
+    // [`MAX_FETCH_BACKOFF_TIMEOUTS`]). A new identity at the address starts afresh: what its
+    // former self did not answer says nothing about it.
+    fetch_failures: HashMap<SocketAddr, (u64, u32)>,
+    backing_off: HashMap<SocketAddr, u64>,
     // Behave as the next body version (tests of a mixed-version cluster only).
     next_version: bool,
     rng: SmallRng,
@@ -831,7 +833,7 @@ impl Node {
             in_flight: 0,
             fetch_timeout,
             fetch_failures: HashMap::new(),
-            backing_off: HashSet::new(),
+            backing_off: HashMap::new(),
             next_version: std::env::var_os(EMULATE_NEXT_VERSION_ENV).is_some(),
             rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             view: HashMap::new(),
@@ -1378,8 +1380,6 @@ impl Node {
         match self.requests.get(&id) {
             Some(&(to, _, freed)) if to == from => {
                 self.requests.remove(&id);
-                // It answers (even late): the next fetch need not wait.
-                self.fetch_failures.remove(&to);
                 if !freed {
                     self.in_flight -= 1;
                     self.fetching.remove(&to);
@@ -1497,9 +1497,22 @@ impl Node {
         for d in digests.into_iter().flatten() {
             store.hint(d);
         }
+        let newer_hint = store.hints.get(&from).is_some_and(|h| *h > asked);
+        let still_wanted = generation.is_some_and(|g| store.wants(&from, g));
         drop(store);
-        // A newer hint may have come while this reply was on its way: asked again.
-        self.want(from);
+        if still_wanted && !newer_hint {
+            // The owner answered without a record this node could take (one this version
+            // cannot read, or refused): like a timeout, so that such a member is asked again
+            // after the back-off, not in a loop of round trips.
+            self.fetch_timed_out(from);
+        } else {
+            // It answers (even late): the next fetch need not wait. And a newer hint may have
+            // come while this reply was on its way: asked again.
+            if !still_wanted {
+                self.fetch_failures.remove(&from);
+            }
+            self.want(from);
+        }
     }
 
     // Applies foca members from a push-pull state (see `apply_state` for `broadcast`).
@@ -1515,10 +1528,12 @@ impl Node {
         // with dead nodes it does not know: nothing routes to it, and taking it in would start
         // its `forget_after` over here, so a member every node but one had forgotten would come
         // back from that one's push-pulls and circulate for ever.
+        // Entries about this node stay: foca answers its own reported death by rejoining.
         let known: HashSet<SocketAddr> = self
             .foca
             .iter_membership_state()
             .map(|m| m.id().addr)
+            .chain([self.id().addr])
             .collect();
         members.retain(|m| m.state() != State::Down || known.contains(&m.id().addr));
         if self
@@ -1886,17 +1901,28 @@ impl Node {
     // A fetch from `to` got no answer in time: asked again at once the first time, then after a
     // back-off that doubles with every further timeout in a row.
     fn fetch_timed_out(&mut self, to: SocketAddr) {
-        let failures = self.fetch_failures.entry(to).or_insert(0);
-        *failures = failures.saturating_add(1);
-        if *failures == 1 {
+        let Some(generation) = self.foca_generation(to) else {
+            return;
+        };
+        if self.backing_off.get(&to) == Some(&generation) {
+            // A late answer to an earlier request: the back-off already runs.
+            return;
+        }
+        let failures = self.fetch_failures.entry(to).or_insert((generation, 0));
+        if failures.0 != generation {
+            *failures = (generation, 0);
+        }
+        failures.1 = failures.1.saturating_add(1);
+        let failures = failures.1;
+        if failures == 1 {
             self.want(to);
             return;
         }
         let factor = 1u32
-            .checked_shl(*failures - 2)
+            .checked_shl(failures - 2)
             .unwrap_or(u32::MAX)
             .min(MAX_FETCH_BACKOFF_TIMEOUTS);
-        self.backing_off.insert(to);
+        self.backing_off.insert(to, generation);
         self.outbox.outputs.push(Output::Timer {
             after: self.fetch_timeout * factor,
             timer: NodeTimer::FetchRetry(to),
@@ -1909,7 +1935,6 @@ impl Node {
         if addr == self.id().addr
             || self.fetching.contains(&addr)
             || self.fetch_queue.contains(&addr)
-            || self.backing_off.contains(&addr)
         {
             return;
         }
@@ -1924,6 +1949,9 @@ impl Node {
             lock(&self.store).hints.remove(&addr);
             return;
         };
+        if self.backing_off.get(&addr) == Some(&generation) {
+            return;
+        }
         if lock(&self.store).wants(&addr, generation) {
             self.fetch_queue.push_back(addr);
         }
@@ -2737,6 +2765,45 @@ mod tests {
         hear(&mut a, 4);
         let (_, id) = request_ids(&mut a)[0];
         assert_eq!(time_out(&mut a, id).0, 0);
+    }
+
+    #[test]
+    fn an_answer_without_a_usable_record_is_asked_again_only_after_a_back_off() {
+        let (mut a, b, _c) = three_joined();
+        let b_addr = b.id().addr;
+        // a lacks b's record (say b's metadata has a field this version cannot read).
+        lock(&a.store).records.remove(&b_addr);
+        a.want(b_addr);
+        a.pump_fetches();
+        let empty = |id| {
+            StreamMessage::Metas {
+                id,
+                records: vec![],
+            }
+            .encode(false)
+        };
+        let (_, id) = request_ids(&mut a)[0];
+        // b answers with nothing a can take: asked once more at once...
+        a.handle_stream_reply(b_addr, id, &empty(id));
+        let asked = request_ids(&mut a);
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        // ...then only after a back-off, not in a loop of round trips.
+        a.handle_stream_reply(b_addr, asked[0].1, &empty(asked[0].1));
+        let outputs = a.take_outputs();
+        assert!(
+            !outputs.iter().any(|o| matches!(o, Output::PushPull { .. })),
+            "{outputs:?}"
+        );
+        assert!(
+            outputs.iter().any(|o| matches!(
+                o,
+                Output::Timer {
+                    timer: NodeTimer::FetchRetry(x),
+                    ..
+                } if *x == b_addr
+            )),
+            "{outputs:?}"
+        );
     }
 
     #[test]

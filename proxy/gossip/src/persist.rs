@@ -122,6 +122,15 @@ pub fn write_key_file(path: &Path, keys: &[String]) -> Result<(), PersistError> 
     write_atomic(path, text.as_bytes(), 0o600)
 }
 
+/// The file [`write_atomic`] replaces for `path`: `path` itself, or the file its symbolic link
+/// points to. Its directory is where the temporary file goes, so that is what must be writable.
+pub fn written_path(path: &Path) -> std::io::Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 /// Replaces `path` with `bytes`: writes a temporary file with permissions `mode` beside it,
 /// syncs it and renames it over `path`. A symbolic link at `path` (a key file a secrets manager
 /// placed, say) stays: the file it points to is replaced.
@@ -132,11 +141,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PersistE
         what,
         corrupt: false,
     };
-    let target = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)
-            .map_err(|e| err(format!("cannot follow its symbolic link: {e}")))?,
-        _ => path.to_path_buf(),
-    };
+    let target =
+        written_path(path).map_err(|e| err(format!("cannot follow its symbolic link: {e}")))?;
     let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

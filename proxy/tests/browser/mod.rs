@@ -243,5 +243,12 @@ impl Drop for Browser {
             libc::kill(group, libc::SIGKILL);
         }
         let _ = self.child.wait();
+        // The profile is free once the whole group is gone (its helpers are reaped by init).
+        // Signal 0 only asks whether any member is left; bounded, in case one lingers.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // SAFETY: as above; signal 0 sends nothing.
+        while unsafe { libc::kill(group, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
