@@ -1357,6 +1357,30 @@ impl Node {
         reply
     }
 
+    /// The driver had no outbound stream free for request `id` ([`Output::PushPull`]), so it
+    /// was never sent. A metadata fetch gives its slot back and is tried again one fetch
+    /// timeout later (the streams are likely still taken at the next input), without counting
+    /// against the member as a timeout would; a push-pull is simply skipped (the next period
+    /// sends another).
+    pub fn request_not_sent(&mut self, id: u64) {
+        let Some((to, _, freed)) = self.requests.remove(&id) else {
+            return;
+        };
+        self.asked.remove(&id);
+        if freed {
+            return;
+        }
+        self.in_flight -= 1;
+        self.fetching.remove(&to);
+        if let Some(generation) = self.foca_generation(to) {
+            self.backing_off.insert(to, generation);
+            self.outbox.outputs.push(Output::Timer {
+                after: self.fetch_timeout,
+                timer: NodeTimer::FetchRetry(to),
+            });
+        }
+    }
+
     /// Feeds the reply to our stream request `id` ([`Output::PushPull`]), read on the stream
     /// the driver opened to `from`, the address the request was sent to.
     pub fn handle_stream_reply(&mut self, from: SocketAddr, id: u64, body: &[u8]) {
@@ -2804,6 +2828,34 @@ mod tests {
             )),
             "{outputs:?}"
         );
+    }
+
+    #[test]
+    fn a_fetch_the_driver_could_not_send_is_queued_again_and_not_counted() {
+        let (mut a, b, _c) = three_joined();
+        let b_addr = b.id().addr;
+        lock(&a.store).records.remove(&b_addr);
+        a.want(b_addr);
+        a.pump_fetches();
+        let (_, id) = request_ids(&mut a)[0];
+        a.request_not_sent(id);
+        assert_eq!(a.in_flight, 0);
+        let retry = a.take_outputs();
+        assert!(
+            retry.contains(&Output::Timer {
+                after: a.fetch_timeout,
+                timer: NodeTimer::FetchRetry(b_addr)
+            }),
+            "{retry:?}"
+        );
+        // Its timeout is no longer anything to act on; the retry timer starts the fetch again.
+        a.handle_timer(NodeTimer::FetchTimeout(id));
+        assert!(request_ids(&mut a).is_empty());
+        a.handle_timer(NodeTimer::FetchRetry(b_addr));
+        let asked = request_ids(&mut a);
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert_eq!(asked[0].0, b_addr);
+        assert!(a.fetch_failures.is_empty(), "{:?}", a.fetch_failures);
     }
 
     #[test]

@@ -398,7 +398,17 @@ impl Shared {
         to: SocketAddr,
         body: &[u8],
     ) -> Option<(Vec<u8>, BufferGrant)> {
-        let _slot = self.outbound_slot()?;
+        let slot = self.outbound_slot()?;
+        self.exchange_in(slot, to, body).await
+    }
+
+    // [`Shared::exchange`] in an outbound slot already taken (and held until it ends).
+    async fn exchange_in(
+        self: &Arc<Self>,
+        _slot: OwnedSemaphorePermit,
+        to: SocketAddr,
+        body: &[u8],
+    ) -> Option<(Vec<u8>, BufferGrant)> {
         let sealed = self.seal(Kind::PushPull, body);
         match self
             .round_trip(to, &sealed, STREAM_TIMEOUT, wire::MAX_FRAME)
@@ -1256,9 +1266,15 @@ impl Driver {
             match out {
                 Output::Packet { to, body } => self.send_packet(to, &body).await,
                 Output::PushPull { to, id, body } => {
+                    // The slot first: a request that finds none is never sent, and the node is
+                    // told so at once (it says nothing about the member it was for).
+                    let Some(slot) = self.shared.outbound_slot() else {
+                        self.node.request_not_sent(id);
+                        continue;
+                    };
                     let (shared, tx) = (self.shared.clone(), self.in_tx.clone());
                     tokio::spawn(async move {
-                        if let Some((body, held)) = shared.exchange(to, &body).await {
+                        if let Some((body, held)) = shared.exchange_in(slot, to, &body).await {
                             let reply = Inbound::StreamReply {
                                 from: to,
                                 id,
