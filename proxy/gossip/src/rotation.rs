@@ -21,8 +21,9 @@
 //!
 //! A member that is down during a rotation misses it: it comes back with the old key only and
 //! cannot talk to the cluster any more. Give it the new key (its `key_file`) before restarting
-//! it. When two rotations overlap, the one with the higher id wins everywhere and the other
-//! coordinator gives up with an error.
+//! it. When two rotations overlap, the one with the higher id wins everywhere (two coordinators
+//! that picked the same id: the one with the higher gossip address, whatever their phases) and
+//! the other coordinator gives up with an error.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -185,6 +186,14 @@ impl KeyringState {
     }
 }
 
+/// Which of two rotations wins: the higher id, then (two coordinators that picked one id in the
+/// same millisecond) the higher address of the member that publishes it. Never the phase: of
+/// two rotations with one id, the one further along would win now and lose at its rival's next
+/// step, and members would switch between two new keys.
+pub fn precedence(r: &Rotation, by: SocketAddr) -> (u64, SocketAddr) {
+    (r.id, by)
+}
+
 /// The rotation other members ask for now: the one with the highest id among those published
 /// by alive members other than this one.
 ///
@@ -209,7 +218,7 @@ fn winning_at(members: &[MemberInfo], now_ms: u64) -> Option<(Rotation, &MemberI
         .filter(|m| !m.is_self && m.state == MemberState::Alive)
         .filter_map(|m| Some((KeyringState::of(&m.meta)?.rotation?, m)))
         .filter(|(r, _)| plausible_id(r.id, now_ms))
-        .max_by_key(|(r, m)| (r.id, r.phase, m.gossip_addr))
+        .max_by_key(|(r, m)| precedence(r, m.gossip_addr))
 }
 
 /// The id for a new rotation started at `now_ms`: above every plausible id any member
@@ -383,7 +392,7 @@ impl ClusterHandle {
             loop {
                 let members = self.members_snapshot();
                 if let Some((other, by)) = winning(&members) {
-                    if other.id > id {
+                    if precedence(&other, by.gossip_addr) > (id, self.gossip_addr()) {
                         return Err(ClusterError::Rotation(format!(
                             "a later rotation started by {} ({}) replaced this one; it finishes the job, or run this one again after it",
                             by.meta.name, by.gossip_addr
@@ -531,6 +540,13 @@ mod tests {
             (r.id, r.phase, by.meta.name.as_str()),
             (7, Phase::Install, "c")
         );
+        // Two coordinators with one id: the higher address wins, however far each has got.
+        let tie = vec![
+            member("e", 5, MemberState::Alive, Some(ks(7, Phase::Use))),
+            member("f", 6, MemberState::Alive, Some(ks(7, Phase::Install))),
+        ];
+        let (r, by) = winning(&tie).unwrap();
+        assert_eq!((r.phase, by.meta.name.as_str()), (Phase::Install, "f"));
         assert_eq!(KeyringState::of(&members[0].meta), Some(ks(5, Phase::Use)));
         assert_eq!(KeyringState::of(&members[3].meta), None);
         let mut unknown = members[0].clone();

@@ -1359,13 +1359,13 @@ impl Driver {
     // announces), once per step. Returns whether the keyring changed.
     fn follow_rotation(&mut self) -> bool {
         let members = self.shared.members.load();
-        let theirs = rotation::winning(&members).map(|(r, _)| r);
-        let Some(r) = self
-            .rotation
-            .iter()
-            .cloned()
+        let theirs = rotation::winning(&members).map(|(r, by)| (r, by.gossip_addr));
+        let ours = self.rotation.clone().map(|r| (r, self.shared.gossip_addr));
+        let Some(r) = ours
+            .into_iter()
             .chain(theirs)
-            .max_by_key(|r| (r.id, r.phase))
+            .max_by_key(|(r, by)| rotation::precedence(r, *by))
+            .map(|(r, _)| r)
         else {
             return false;
         };
