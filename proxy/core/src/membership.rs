@@ -49,27 +49,22 @@ impl AllowList {
 /// A refused announcement: member name, pool, service address.
 pub type Refusal = (String, String, std::net::SocketAddr);
 
-/// Remembers refused announcements so each is logged and counted once (at most 4096 are
-/// remembered; past that the memory starts over, so a flood costs bounded memory and at worst
-/// repeats a log line).
+/// The refused announcements of the last sync, so that each is logged and counted once when it
+/// starts, not at every sync while it lasts. It holds the current ones only: no more than the
+/// services members announce, which the metadata this node holds already bounds (a fixed cap
+/// would have to forget some, and log them all again each time it did).
 #[derive(Debug, Default)]
 pub struct RefusalLog {
     seen: std::collections::HashSet<Refusal>,
 }
 
 impl RefusalLog {
-    const MAX: usize = 4096;
-
-    /// Whether `r` is new (and so should be logged and counted).
-    pub fn first(&mut self, r: &Refusal) -> bool {
-        if self.seen.contains(r) {
-            return false;
-        }
-        if self.seen.len() >= Self::MAX {
-            self.seen.clear();
-        }
-        self.seen.insert(r.clone());
-        true
+    /// Takes the refusals of a sync; returns those the previous sync did not have.
+    pub fn update(&mut self, now: impl IntoIterator<Item = Refusal>) -> Vec<Refusal> {
+        let now: std::collections::HashSet<Refusal> = now.into_iter().collect();
+        let new = now.difference(&self.seen).cloned().collect();
+        self.seen = now;
+        new
     }
 }
 
@@ -219,8 +214,8 @@ pub fn sync_pools(
         return None;
     }
     let mut refused = Vec::new();
+    let mut counters = std::collections::HashMap::new();
     for pool in runtime.pools() {
-        refused.clear();
         let backends = gossip_backends(
             &members,
             &pool.name,
@@ -230,10 +225,13 @@ pub fn sync_pools(
             &mut refused,
         );
         pool.set_gossip_backends(&backends);
-        for r in refused.iter().filter(|r| refusals.first(r)) {
-            pool.counters.cluster_refused.inc();
-            tracing::warn!(member = %r.0, pool = %r.1, addr = %r.2, "refused a cluster member's service: [[cluster.allow]] does not allow this pool or address; add a rule if it should be routed");
+        counters.insert(pool.name.clone(), pool.counters.cluster_refused.clone());
+    }
+    for r in refusals.update(refused) {
+        if let Some(c) = counters.get(&r.1) {
+            c.inc();
         }
+        tracing::warn!(member = %r.0, pool = %r.1, addr = %r.2, "refused a cluster member's service: [[cluster.allow]] does not allow this pool or address; add a rule if it should be routed");
     }
     members
         .iter()
@@ -676,7 +674,21 @@ mod tests {
             ]
         );
         let mut log = RefusalLog::default();
-        assert!(log.first(&refused[0]));
-        assert!(!log.first(&refused[0]), "logged and counted once");
+        let mut all = log.update(refused.clone());
+        all.sort();
+        let mut want = refused.clone();
+        want.sort();
+        assert_eq!(all, want);
+        assert!(
+            log.update(refused.clone()).is_empty(),
+            "logged and counted once while it lasts"
+        );
+        // The first stops, then comes back: new again; the others never stopped.
+        assert!(log.update(refused[1..].to_vec()).is_empty());
+        assert_eq!(
+            log.update(refused.clone()),
+            refused[..1],
+            "it started again"
+        );
     }
 }
