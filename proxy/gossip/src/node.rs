@@ -2328,6 +2328,18 @@ mod tests {
         }
     }
 
+    // The body of a reply to request `id` carrying `records`.
+    fn metas(id: u64, records: Vec<Record>) -> Vec<u8> {
+        StreamMessage::Metas { id, records }.encode(false)
+    }
+
+    // Makes `a` ask `b` for its record now; the request's id.
+    fn ask(a: &mut Node, b: SocketAddr) -> u64 {
+        a.want(b);
+        a.pump_fetches();
+        request_ids(a)[0].1
+    }
+
     // The stream requests among `n`'s outputs: (destination, id).
     fn request_ids(n: &mut Node) -> Vec<(SocketAddr, u64)> {
         n.take_outputs()
@@ -2362,43 +2374,24 @@ mod tests {
         forged.version = 1 << 48;
         forged.meta.services.push(web_service(80));
         let refused = a.errors().refused;
-        a.handle_stream_reply(
-            c.id().addr,
-            id,
-            &StreamMessage::Metas {
-                id,
-                records: vec![forged.clone()],
-            }
-            .encode(false),
-        );
+        a.handle_stream_reply(c.id().addr, id, &metas(id, vec![forged.clone()]));
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1), "still b's own");
         assert_eq!(a.errors().refused, refused + 1);
         // b's own answer, even with the wrong id in its body, is not taken either.
-        a.handle_stream_reply(
-            b_addr,
-            id,
-            &StreamMessage::Metas {
-                id: id ^ 1,
-                records: vec![b.own_record()],
-            }
-            .encode(false),
-        );
+        a.handle_stream_reply(b_addr, id, &metas(id ^ 1, vec![b.own_record()]));
         assert_eq!(a.errors().refused, refused + 2);
         // Even from b, a version more than MAX_VERSION_STEP ahead of the one held is refused.
-        a.want(b_addr);
-        a.pump_fetches();
-        let (_, id) = request_ids(&mut a)[0];
+        let id = ask(&mut a, b_addr);
         a.handle_stream_reply(
             b_addr,
             id,
-            &StreamMessage::Metas {
+            &metas(
                 id,
-                records: vec![Record {
+                vec![Record {
                     version: 2 + MAX_VERSION_STEP,
                     ..b.own_record()
                 }],
-            }
-            .encode(false),
+            ),
         );
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1));
         assert_eq!(a.errors().refused, refused + 3);
@@ -2431,15 +2424,7 @@ mod tests {
             &StreamMessage::State { id, state }.encode(false),
         );
         // 3. As a reply to a request a never sent.
-        a.handle_stream_reply(
-            c.id().addr,
-            999,
-            &StreamMessage::Metas {
-                id: 999,
-                records: vec![forged.clone()],
-            }
-            .encode(false),
-        );
+        a.handle_stream_reply(c.id().addr, 999, &metas(999, vec![forged.clone()]));
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(1), "still b's own");
         assert!(a.errors().refused >= 2, "{:?}", a.errors());
 
@@ -2699,15 +2684,7 @@ mod tests {
             version: 2,
             ..b.own_record()
         };
-        a.handle_stream_reply(
-            b_addr,
-            id,
-            &StreamMessage::Metas {
-                id,
-                records: vec![v2],
-            }
-            .encode(false),
-        );
+        a.handle_stream_reply(b_addr, id, &metas(id, vec![v2]));
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(2));
         assert_eq!(a.held_records().1, 1, "the v3 hint is kept");
         let asked = request_ids(&mut a);
@@ -2776,15 +2753,7 @@ mod tests {
             version: 3,
             ..b.own_record()
         };
-        a.handle_stream_reply(
-            b_addr,
-            id,
-            &StreamMessage::Metas {
-                id,
-                records: vec![v3],
-            }
-            .encode(false),
-        );
+        a.handle_stream_reply(b_addr, id, &metas(id, vec![v3]));
         assert_eq!(a.meta_of(b_addr).map(|(v, _)| v), Some(3));
         hear(&mut a, 4);
         let (_, id) = request_ids(&mut a)[0];
@@ -2797,22 +2766,13 @@ mod tests {
         let b_addr = b.id().addr;
         // a lacks b's record (say b's metadata has a field this version cannot read).
         lock(&a.store).records.remove(&b_addr);
-        a.want(b_addr);
-        a.pump_fetches();
-        let empty = |id| {
-            StreamMessage::Metas {
-                id,
-                records: vec![],
-            }
-            .encode(false)
-        };
-        let (_, id) = request_ids(&mut a)[0];
+        let id = ask(&mut a, b_addr);
         // b answers with nothing a can take: asked once more at once...
-        a.handle_stream_reply(b_addr, id, &empty(id));
+        a.handle_stream_reply(b_addr, id, &metas(id, vec![]));
         let asked = request_ids(&mut a);
         assert_eq!(asked.len(), 1, "{asked:?}");
         // ...then only after a back-off, not in a loop of round trips.
-        a.handle_stream_reply(b_addr, asked[0].1, &empty(asked[0].1));
+        a.handle_stream_reply(b_addr, asked[0].1, &metas(asked[0].1, vec![]));
         let outputs = a.take_outputs();
         assert!(
             !outputs.iter().any(|o| matches!(o, Output::PushPull { .. })),
@@ -2835,9 +2795,7 @@ mod tests {
         let (mut a, b, _c) = three_joined();
         let b_addr = b.id().addr;
         lock(&a.store).records.remove(&b_addr);
-        a.want(b_addr);
-        a.pump_fetches();
-        let (_, id) = request_ids(&mut a)[0];
+        let id = ask(&mut a, b_addr);
         a.request_not_sent(id);
         assert_eq!(a.in_flight, 0);
         let retry = a.take_outputs();
