@@ -1483,14 +1483,12 @@ mod tests {
     use super::*;
     use crate::{generate_key, MemberState, Role, Service};
 
-    use crate::testing::{config, eventually, state_of};
+    use crate::testing::{config, eventually, member, state_of};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_nodes_on_loopback() {
         let key = generate_key();
-        let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy))
-            .await
-            .expect("a starts");
+        let a = member(&key, &[], "a", Role::Proxy).await;
         let seed = [a.gossip_addr()];
         let mut b_meta = NodeMeta::new("b", Role::Backend);
         b_meta.services.push(Service {
@@ -1503,9 +1501,7 @@ mod tests {
         let b = Cluster::start(config(&key, &seed), b_meta.clone())
             .await
             .expect("b starts");
-        let c = Cluster::start(config(&key, &seed), NodeMeta::new("c", Role::Backend))
-            .await
-            .expect("c starts");
+        let c = member(&key, &seed, "c", Role::Backend).await;
         let mut changes = a.changes();
 
         for h in [&a, &b, &c] {
@@ -1599,15 +1595,8 @@ mod tests {
     #[tokio::test]
     async fn blobs_are_fetched_over_the_authenticated_transport() {
         let key = generate_key();
-        let a = Cluster::start(config(&key, &[]), NodeMeta::new("a", Role::Proxy))
-            .await
-            .expect("a starts");
-        let b = Cluster::start(
-            config(&key, &[a.gossip_addr()]),
-            NodeMeta::new("b", Role::Proxy),
-        )
-        .await
-        .expect("b starts");
+        let a = member(&key, &[], "a", Role::Proxy).await;
+        let b = member(&key, &[a.gossip_addr()], "b", Role::Proxy).await;
         let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         a.blobs()
             .insert([7; 32], Arc::from(bytes.clone()))
@@ -1669,9 +1658,7 @@ mod tests {
     #[tokio::test]
     async fn keyring_operations_through_the_handle() {
         let (k1, k2) = (generate_key(), generate_key());
-        let h = Cluster::start(config(&k1, &[]), NodeMeta::new("k", Role::Proxy))
-            .await
-            .expect("starts");
+        let h = member(&k1, &[], "k", Role::Proxy).await;
         h.keyring_install(&k2).expect("install");
         assert_eq!(h.keys(), [k1.clone(), k2.clone()]);
         assert!(matches!(

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{ClusterConfig, ClusterHandle, MemberState, Profile};
+use crate::{Cluster, ClusterConfig, ClusterHandle, MemberState, NodeMeta, Profile, Role};
 
 /// A member on 127.0.0.1 with the fast local profile, joining `peers`.
 pub fn config(key: &str, peers: &[SocketAddr]) -> ClusterConfig {
@@ -14,6 +14,13 @@ pub fn config(key: &str, peers: &[SocketAddr]) -> ClusterConfig {
     c.compression = true;
     c.peers = peers.iter().map(|p| p.to_string()).collect();
     c
+}
+
+/// A member started with [`config`], joining `peers`, named `name`.
+pub async fn member(key: &str, peers: &[SocketAddr], name: &str, role: Role) -> ClusterHandle {
+    Cluster::start(config(key, peers), NodeMeta::new(name, role))
+        .await
+        .unwrap_or_else(|e| panic!("{name} does not start: {e}"))
 }
 
 /// Polls `cond` every 50 ms for at most `secs` seconds.

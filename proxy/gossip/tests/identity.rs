@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice_gossip::clock::wall_ms as wall_clock_ms;
 use sluice_gossip::rotation::KeyringState;
-use sluice_gossip::testing::{config, eventually, state_of};
+use sluice_gossip::testing::{config, eventually, member, state_of};
 use sluice_gossip::{
     generate_key, persist, Cluster, ClusterError, ClusterHandle, MemberState, NodeMeta, Role,
 };
@@ -14,15 +14,8 @@ use sluice_gossip::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
     let key = generate_key();
-    let a = Cluster::start(config(&key, &[]), NodeMeta::new("same", Role::Backend))
-        .await
-        .expect("a starts");
-    let b = Cluster::start(
-        config(&key, &[a.gossip_addr()]),
-        NodeMeta::new("b", Role::Proxy),
-    )
-    .await
-    .expect("b starts");
+    let a = member(&key, &[], "same", Role::Backend).await;
+    let b = member(&key, &[a.gossip_addr()], "b", Role::Proxy).await;
     // The newcomer starts alone (so the start-up check cannot see the clash), then is
     // given a seed, as when a partition heals.
     // Its generation is surely above a's (two starts within one millisecond would tie).
@@ -156,15 +149,8 @@ async fn a_key_rotation_reaches_every_member_and_their_key_files() {
 #[tokio::test]
 async fn an_unconfirmed_rotation_fails_naming_the_members_and_is_withdrawn() {
     let (old, new) = (generate_key(), generate_key());
-    let a = Cluster::start(config(&old, &[]), NodeMeta::new("a", Role::Proxy))
-        .await
-        .expect("a starts");
-    let b = Cluster::start(
-        config(&old, &[a.gossip_addr()]),
-        NodeMeta::new("b", Role::Backend),
-    )
-    .await
-    .expect("b starts");
+    let a = member(&old, &[], "a", Role::Proxy).await;
+    let b = member(&old, &[a.gossip_addr()], "b", Role::Backend).await;
     eventually(10, "a sees b", || {
         state_of(&a, "b") == Some(MemberState::Alive)
     })
