@@ -303,7 +303,7 @@ impl ClusterSection {
                     "[cluster] state_file must not be empty; give a path or remove the key".into(),
                 )
             }
-            Some(f) => Some(resolve(base, f)),
+            Some(f) => Some(base.join(f)),
             None => key_file.as_ref().map(|k| {
                 let mut name = k.clone().into_os_string();
                 name.push(".state");
@@ -365,9 +365,8 @@ impl ClusterSection {
                     "the node refuses to start"
                 };
                 warnings.push(format!(
-                    "[cluster] {key}: sluice cannot write in {} (read-only or not its own), so {effect}; make it writable, or set {} to a path in a writable directory such as /var/lib/sluice",
+                    "[cluster] {key}: sluice cannot write in {} (read-only or not its own), so {effect}; make it writable, or set {key} to a path in a writable directory such as /var/lib/sluice",
                     dir.display(),
-                    if key == "key_file" { "key_file" } else { "state_file" },
                 ));
             }
         }
@@ -376,7 +375,8 @@ impl ClusterSection {
 
     /// `key_file` resolved against `base`.
     pub fn key_file_path(&self, base: &Path) -> Option<PathBuf> {
-        self.key_file.as_deref().map(|f| resolve(base, f))
+        // (`join` keeps an absolute path as it is.)
+        self.key_file.as_deref().map(|f| base.join(f))
     }
 
     /// How a proxy turns the membership view into pools (call after [`Self::to_config`]
@@ -466,39 +466,28 @@ pub fn reload_plan(
         Some(name) => show(name),
         None => "the default (HOST@ADDR)".to_string(),
     };
-    let fixed: [(&str, String, String); 11] = [
-        ("name", show(&old.name), show(&new.name)),
-        ("node_name", node_name(old), node_name(new)),
-        ("bind_addr", show(&old.bind_addr), show(&new.bind_addr)),
-        (
-            "advertise_addr",
-            show(&old.advertise_addr),
-            show(&new.advertise_addr),
-        ),
-        ("key_file", show(&old.key_file), show(&new.key_file)),
-        ("state_file", show(&old.state_file), show(&new.state_file)),
-        ("profile", show(&old.profile), show(&new.profile)),
-        (
-            "compression",
-            show(&old.compression),
-            show(&new.compression),
-        ),
-        (
-            "expected_size",
-            show(&old.expected_size),
-            show(&new.expected_size),
-        ),
-        (
-            "plugin_rollout",
-            show(&old.plugin_rollout),
-            show(&new.plugin_rollout),
-        ),
-        (
-            "forget_after",
-            show(&old.forget_after),
-            show(&new.forget_after),
-        ),
-    ];
+    // Every setting a reload cannot apply, each once: its name, then its old and new values.
+    macro_rules! fixed {
+        ($($field:ident),*) => {
+            [$((stringify!($field), show(&old.$field), show(&new.$field))),*]
+        };
+    }
+    let mut fixed = vec![("node_name", node_name(old), node_name(new))];
+    fixed.extend(fixed!(
+        name,
+        bind_addr,
+        advertise_addr,
+        key_file,
+        state_file,
+        profile,
+        compression,
+        expected_size,
+        plugin_rollout,
+        forget_after,
+        udp_payload_size,
+        tcp_max_connections,
+        tcp_max_connections_per_addr
+    ));
     for (key, was, now) in fixed {
         if was != now {
             return Err(format!("[cluster] {key} changed from {was} to {now}; it cannot change while the node runs: restart sluice to apply it (the running config stays)"));
@@ -513,14 +502,6 @@ pub fn reload_plan(
 
 fn default_node_name(host: &str, addr: &str) -> String {
     format!("{host}@{addr}")
-}
-
-fn resolve(base: &Path, file: &str) -> PathBuf {
-    if Path::new(file).is_absolute() {
-        PathBuf::from(file)
-    } else {
-        base.join(file)
-    }
 }
 
 #[cfg(test)]
@@ -682,12 +663,8 @@ mod tests {
 
     #[test]
     fn key_files_are_read_with_a_size_limit() {
-        let dir = std::env::temp_dir().join(format!(
-            "sluice-key-file-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let key = crate::cluster::keyring::generate_key();
         let section = |file: &str| -> ClusterSection {
             toml::from_str(&format!(
@@ -719,7 +696,6 @@ mod tests {
             let err = section("/dev/zero").to_config(&dir).unwrap_err();
             assert!(err.contains("is larger than 64 KiB"), "{err}");
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -858,6 +834,18 @@ mod tests {
             ),
             ("profile = \"wan\"", "[cluster] profile changed"),
             ("state_file = \"x.state\"", "[cluster] state_file changed"),
+            (
+                "udp_payload_size = 1200",
+                "[cluster] udp_payload_size changed",
+            ),
+            (
+                "tcp_max_connections = 64",
+                "[cluster] tcp_max_connections changed",
+            ),
+            (
+                "tcp_max_connections_per_addr = 4",
+                "[cluster] tcp_max_connections_per_addr changed",
+            ),
         ] {
             let err = plan(&old, &section(&[line])).unwrap_err();
             assert!(
