@@ -318,7 +318,11 @@ mod tests {
     use super::*;
 
     fn clock() -> HeadClock {
-        HeadClock::new(Duration::from_secs(5), IntCounter::new("t", "t").unwrap())
+        clock_for(Duration::from_secs(5))
+    }
+
+    fn clock_for(limit: Duration) -> HeadClock {
+        HeadClock::new(limit, IntCounter::new("t", "t").unwrap())
     }
 
     #[tokio::test]
@@ -369,22 +373,20 @@ mod tests {
     #[tokio::test]
     async fn a_late_head_fails_every_read_and_is_counted_once() {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut c = HeadClock::new(
-            Duration::from_secs(3600),
-            IntCounter::new("t", "t").unwrap(),
-        );
+        let mut c = clock_for(Duration::from_secs(3600));
         c.received(b"GET / HT");
         assert!(c.poll_expired(&mut cx).is_none());
-        let mut c = HeadClock::new(Duration::from_millis(1), IntCounter::new("t", "t").unwrap());
+        // Waiting on the deadline itself: past it, exactly (a finished Sleep stays ready).
+        let mut c = clock_for(Duration::from_millis(1));
         c.received(b"GET / HT");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.deadline.as_mut().await;
         assert!(c.poll_expired(&mut cx).is_some());
         assert!(c.poll_expired(&mut cx).is_some());
         assert_eq!(c.timeouts.get(), 1);
         // Once a head is complete, its clock no longer matters.
-        let mut c = HeadClock::new(Duration::from_millis(1), IntCounter::new("t", "t").unwrap());
+        let mut c = clock_for(Duration::from_millis(1));
         c.received(b"GET / HTTP/1.1\r\n\r\n");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.deadline.as_mut().await;
         assert!(c.poll_expired(&mut cx).is_none());
     }
 }
