@@ -40,7 +40,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut};
 
@@ -699,10 +699,7 @@ pub const MAX_GENERATION_AHEAD_MS: u64 = 130_000;
 /// Whether a member identity's generation is believable now: at most
 /// [`MAX_GENERATION_AHEAD_MS`] ahead of this node's wall clock.
 pub fn generation_allowed(generation: u64) -> bool {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    generation <= now_ms.saturating_add(MAX_GENERATION_AHEAD_MS)
+    generation <= crate::clock::wall_ms().saturating_add(MAX_GENERATION_AHEAD_MS)
 }
 
 /// foca's codec, refusing identities whose generation is not believable
@@ -2619,10 +2616,7 @@ mod tests {
         };
         assert!(!generation_allowed(forged.generation));
         assert!(generation_allowed(crate::persist::next_generation(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("after 1970")
-                .as_millis() as u64,
+            crate::clock::wall_ms(),
             None
         )));
         let refused = a.errors().refused;

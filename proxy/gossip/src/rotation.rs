@@ -31,8 +31,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::clock::wall_ms;
 use crate::keyring::{parse_key, KeyError, Keyring, KEY_LEN};
-use crate::runtime::{wall_clock_ms, Command};
+use crate::runtime::Command;
 use crate::{ClusterError, ClusterHandle, MemberInfo, MemberState, NodeMeta};
 
 /// The metadata extension holding a member's [`KeyringState`]. Owned by the gossip runtime:
@@ -201,7 +202,7 @@ pub fn precedence(r: &Rotation, by: SocketAddr) -> (u64, SocketAddr) {
 /// node's clock is ignored, so that a bogus id (near `u64::MAX`) cannot win every later
 /// rotation or leave no id above it.
 pub fn winning(members: &[MemberInfo]) -> Option<(Rotation, &MemberInfo)> {
-    winning_at(members, wall_clock_ms())
+    winning_at(members, wall_ms())
 }
 
 /// How far ahead of this node's wall clock a rotation id may be: a day, far more than any
@@ -370,7 +371,7 @@ impl ClusterHandle {
             ));
         };
         let deadline = Instant::now() + limit;
-        let id = next_id(&self.members_snapshot(), wall_clock_ms())?;
+        let id = next_id(&self.members_snapshot(), wall_ms())?;
         let mut changes = self.changes();
         let mut confirmed = Vec::new();
         // However this ends (done, refused, or the caller gone), the key stops travelling.

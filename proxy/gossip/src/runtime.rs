@@ -154,8 +154,6 @@ impl Stats {
     }
 }
 
-pub(crate) use crate::clock::wall_ms as wall_clock_ms;
-
 #[derive(Default)]
 struct Counters {
     udp_sent: AtomicU64,
@@ -221,7 +219,7 @@ pub(crate) struct Shared {
 }
 
 fn wall_clock_s() -> u64 {
-    wall_clock_ms() / 1000
+    crate::clock::wall_ms() / 1000
 }
 
 impl Shared {
@@ -629,7 +627,7 @@ impl ClusterHandle {
     fn refuse_during_rotation(&self) -> Result<(), ClusterError> {
         if self.rotation_running() {
             return Err(ClusterError::Busy(
-                "keys cannot be changed by hand meanwhile (the rotation would undo it, or it the rotation); wait for the rotation to end (GET /api/cluster shows the keys), then try again".into(),
+                "keys cannot be changed by hand meanwhile (the rotation would undo the change, or the change would break the rotation); wait for the rotation to end (GET /api/cluster shows the keys), then try again".into(),
             ));
         }
         Ok(())
@@ -852,7 +850,7 @@ impl Cluster {
         let (generation, state_usable) = persist::start_generation(
             config.state_file.as_deref(),
             config.state_file_optional,
-            wall_clock_ms(),
+            crate::clock::wall_ms(),
         )?;
         let id = NodeId {
             addr: gossip_addr,
@@ -908,7 +906,6 @@ impl Cluster {
             state_file: config.state_file.clone().filter(|_| state_usable),
             persist_error: None,
             clashes_seen: std::collections::HashSet::new(),
-            refuse: false,
         };
         tokio::spawn(driver.run(cmd_rx, in_rx, io_tasks));
         Ok(ClusterHandle {
@@ -1154,8 +1151,6 @@ struct Driver {
     persist_error: Option<String>,
     // Name clashes already counted and logged.
     clashes_seen: std::collections::HashSet<Clash>,
-    // This member gave its name up: leave and stop.
-    refuse: bool,
 }
 
 impl Driver {
@@ -1236,7 +1231,8 @@ impl Driver {
                 break;
             }
             self.flush().await;
-            if self.refuse {
+            // This member gave its name up: leave, and stop.
+            if self.shared.refusal.get().is_some() {
                 // Another member keeps our name: leave, so the others see us go at once.
                 self.node.leave();
                 self.flush_leaving().await;
@@ -1413,7 +1409,6 @@ impl Driver {
             if c.newcomer == self.shared.gossip_addr {
                 tracing::error!(name = %c.name, this = %c.newcomer, other = %c.incumbent, "another live member has this node's name and was there first; leaving the cluster. Give this node a unique [cluster] node_name");
                 let _ = self.shared.refusal.set((c.name.clone(), c.incumbent));
-                self.refuse = true;
             } else {
                 tracing::warn!(name = %c.name, keeps = %c.incumbent, newcomer = %c.newcomer, "two live members have the same name; the newcomer should leave. Give each node a unique [cluster] node_name");
             }
@@ -1443,7 +1438,7 @@ impl Driver {
     fn persist_generation(&self) {
         if let Some(path) = &self.state_file {
             if let Err(e) = persist::write_generation(path, self.node.id().generation) {
-                tracing::warn!(error = %e, "could not record the new identity generation after a rejoin");
+                tracing::warn!(error = %e, path = %path.display(), "could not record the new identity generation after a rejoin, so a restart may come back under an older one that the cluster ignores; make [cluster] state_file writable");
             }
         }
     }

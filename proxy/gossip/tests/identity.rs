@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sluice_gossip::clock::wall_ms as wall_clock_ms;
+use sluice_gossip::clock::wall_ms;
 use sluice_gossip::rotation::KeyringState;
 use sluice_gossip::testing::{config, eventually, member, state_of};
 use sluice_gossip::{
@@ -21,7 +21,7 @@ async fn a_name_clash_found_while_running_makes_the_newcomer_leave() {
     // Its generation is surely above a's (two starts within one millisecond would tie).
     let tmp = tempfile::tempdir().expect("scratch dir");
     let state = tmp.path().join("c.state");
-    persist::write_generation(&state, wall_clock_ms() + 1_000_000).expect("writable");
+    persist::write_generation(&state, wall_ms() + 1_000_000).expect("writable");
     let mut c_config = config(&key, &[]);
     c_config.state_file = Some(state);
     let c = Cluster::start(c_config, NodeMeta::new("same", Role::Backend))
