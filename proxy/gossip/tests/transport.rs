@@ -3,12 +3,14 @@
 //! real member on 127.0.0.1 and waits on its counters, never on sleeps.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
+use sluice_gossip::clock::wall_ms;
 use sluice_gossip::runtime::HEADER_TIMEOUT;
+use sluice_gossip::testing::{eventually, state_of};
 use sluice_gossip::wire::{self, Kind, Stamp};
 use sluice_gossip::{
     generate_key, Cluster, ClusterConfig, ClusterHandle, Keyring, NodeMeta, Profile, Role, Stats,
@@ -24,23 +26,14 @@ async fn member(key: &str, transport: TransportConfig) -> ClusterHandle {
         .expect("starts")
 }
 
-// Polls the member's counters every 20 ms until `cond` holds, for at most `secs` seconds.
+// Waits (at most `secs` seconds) until the member's counters satisfy `cond`; returns them.
 async fn until(h: &ClusterHandle, secs: u64, what: &str, cond: impl Fn(&Stats) -> bool) -> Stats {
-    for _ in 0..secs * 50 {
-        let s = h.stats();
-        if cond(&s) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("waited {secs} s for {what}: {:?}", h.stats());
+    eventually(secs, what, || cond(&h.stats())).await;
+    h.stats()
 }
 
 fn now_s() -> u32 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as u32
+    (wall_ms() / 1000) as u32
 }
 
 async fn udp_to(addr: SocketAddr) -> UdpSocket {
@@ -366,21 +359,11 @@ async fn a_member_whose_datagrams_are_lost_stays_alive_through_the_tcp_fallback_
     let b = Cluster::start(cb, NodeMeta::new("b", Role::Backend))
         .await
         .expect("b starts");
-    let state_of_b = || {
-        a.members()
-            .into_iter()
-            .find(|m| m.meta.name == "b")
-            .map(|m| m.state)
-    };
-    let mut alive = false;
-    for _ in 0..500 {
-        alive = state_of_b() == Some(MemberState::Alive);
-        if alive {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(alive, "a sees b: {:?}", a.members());
+    let state_of_b = || state_of(&a, "b");
+    eventually(10, "a sees b alive", || {
+        state_of_b() == Some(MemberState::Alive)
+    })
+    .await;
 
     // A probes B every 200 ms; each UDP ping is lost and answered over TCP. Over twenty such
     // probes B stays alive at A. (Without the fallback every probe of B fails: it is suspect
