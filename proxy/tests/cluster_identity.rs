@@ -53,15 +53,6 @@ fn key_file_keys(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn exited(agent: &mut Agent, limit: Duration) -> Option<std::process::ExitStatus> {
-    let mut status = None;
-    wait_for(limit, || {
-        status = agent.child.try_wait().unwrap();
-        status.is_some()
-    });
-    status
-}
-
 #[test]
 fn a_duplicate_name_found_while_both_run_stops_the_newcomer() {
     let dir = scratch_dir("identity-dup");
@@ -71,28 +62,16 @@ fn a_duplicate_name_found_while_both_run_stops_the_newcomer() {
     // start-up check cannot see the other. They meet once the proxy comes up.
     let (ga, gb) = (gossip_addr(62), gossip_addr(63));
     let mut first = Agent::start(&dir, "a", &cluster_section("dup", ga, KEY, &[gp]), b[0].0);
-    assert!(
-        wait_for(Duration::from_secs(20), || first
-            .log()
-            .contains("agent joined the cluster")),
-        "{}",
-        first.log()
-    );
+    first.expect_log("agent joined the cluster", Duration::from_secs(20));
     let mut newcomer = Agent::start(&dir, "b", &cluster_section("dup", gb, KEY, &[gp]), b[1].0);
-    assert!(
-        wait_for(Duration::from_secs(20), || newcomer
-            .log()
-            .contains("agent joined the cluster")),
-        "{}",
-        newcomer.log()
-    );
+    newcomer.expect_log("agent joined the cluster", Duration::from_secs(20));
     let p = Proxy::start_in(
         dir.sub("p"),
         &format!("{POOL}{}", cluster_section("proxy", gp, KEY, &[])),
     );
 
     // The later one gives the name up: it leaves and exits non-zero, naming both addresses.
-    let status = exited(&mut newcomer, Duration::from_secs(30));
+    let status = newcomer.wait_exit(Duration::from_secs(30));
     assert!(
         status.is_some_and(|s| !s.success()),
         "the newcomer did not stop: {status:?}\n{}",
@@ -146,13 +125,7 @@ fn a_proxy_that_finds_its_name_taken_while_running_exits_non_zero() {
     // As above, with the seed an agent and the newcomer a proxy.
     let (gs, ga, gp) = (gossip_addr(65), gossip_addr(66), gossip_addr(67));
     let first = Agent::start(&dir, "a", &cluster_section("taken", ga, KEY, &[gs]), b[0].0);
-    assert!(
-        wait_for(Duration::from_secs(20), || first
-            .log()
-            .contains("agent joined the cluster")),
-        "{}",
-        first.log()
-    );
+    first.expect_log("agent joined the cluster", Duration::from_secs(20));
     let mut p = Proxy::start_in(
         dir.sub("p"),
         &format!("{POOL}{}", cluster_section("taken", gp, KEY, &[gs])),
@@ -287,7 +260,7 @@ fn one_command_rotates_every_members_key_and_key_file() {
     };
     let before = generation_of(gs[1]).unwrap();
     agents[1].signal("-KILL");
-    assert!(exited(&mut agents[1], Duration::from_secs(10)).is_some());
+    assert!(agents[1].wait_exit(Duration::from_secs(10)).is_some());
     let name = "rot-agent-1";
     agents[1] = Agent::start(&dir, name, &key_file_section(name, gs[1], &[gp]), b[1].0);
     assert!(
@@ -428,12 +401,9 @@ fn a_reload_applies_cluster_keys_peers_and_holds_and_refuses_the_rest() {
     )
     .unwrap();
     agent.signal("-HUP");
-    assert!(
-        wait_for(Duration::from_secs(10), || agent
-            .log()
-            .contains("reload rejected; the running config stays")),
-        "{}",
-        agent.log()
+    agent.expect_log(
+        "reload rejected; the running config stays",
+        Duration::from_secs(10),
     );
     let log = agent.log();
     assert!(
@@ -446,13 +416,7 @@ fn a_reload_applies_cluster_keys_peers_and_holds_and_refuses_the_rest() {
     )
     .unwrap();
     agent.signal("-HUP");
-    assert!(
-        wait_for(Duration::from_secs(10), || agent
-            .log()
-            .contains("cluster keys reloaded")),
-        "{}",
-        agent.log()
-    );
+    agent.expect_log("cluster keys reloaded", Duration::from_secs(10));
     assert!(agent.child.try_wait().unwrap().is_none());
     assert_eq!(state_at(&p, ga).as_deref(), Some("alive"));
 }

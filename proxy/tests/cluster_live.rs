@@ -172,11 +172,7 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
         .contains(&drained)));
     let mut agent1 = agents[1].take().unwrap();
     assert!(
-        wait_for(Duration::from_secs(10), || agent1
-            .child
-            .try_wait()
-            .unwrap()
-            .is_some()),
+        agent1.wait_exit(Duration::from_secs(10)).is_some(),
         "agent did not exit after draining"
     );
     assert!(
@@ -236,11 +232,7 @@ fn a_second_node_with_the_same_name_refuses_to_start() {
     );
     let mut dup = dup;
     assert!(
-        wait_for(Duration::from_secs(20), || dup
-            .child
-            .try_wait()
-            .unwrap()
-            .is_some()),
+        dup.wait_exit(Duration::from_secs(20)).is_some(),
         "duplicate name kept running"
     );
     let log = dup.log();

@@ -28,14 +28,13 @@ fn proxies_and_agents_one_version_apart_route_to_every_backend() {
     let pool =
         "[[pool]]\nname = \"web\"\nstrategy = \"builtin:round-robin\"\n[[route]]\npool = \"web\"\n";
     let (g1, g2) = (gossip_addr(61), gossip_addr(62));
-    let proxy_dir = |name: &str| dir.sub(name);
     // The first proxy is of this version, the second of the next one.
     let old_proxy = Proxy::start_in(
-        proxy_dir("old-proxy"),
+        dir.sub("old-proxy"),
         &format!("{pool}{}", cluster_section("old-proxy", g1, KEY, &[])),
     );
     let new_proxy = Proxy::start_env(
-        proxy_dir("new-proxy"),
+        dir.sub("new-proxy"),
         "",
         &format!("{pool}{}", cluster_section("new-proxy", g2, KEY, &[g1])),
         None,

@@ -293,16 +293,7 @@ impl Proxy {
 
     /// The exit status, once the process has exited within `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, limit)
     }
 
     /// A second process on the same config, started with `--upgrade`: it waits to be handed
@@ -539,6 +530,30 @@ impl Agent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
+
+    /// Waits (at most `limit`) until the log contains `needle`; fails the test showing the log.
+    pub fn expect_log(&self, needle: &str, limit: Duration) {
+        assert!(
+            wait_for(limit, || self.log().contains(needle)),
+            "the agent never logged {needle:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// The exit status, once the process has exited within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_child(&mut self.child, limit)
+    }
+}
+
+/// The exit status of `child`, once it has exited within `limit`.
+fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_for(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status
 }
 
 impl Drop for Agent {
