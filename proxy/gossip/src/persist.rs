@@ -89,7 +89,6 @@ pub fn read_generation(path: &Path) -> Result<Option<u64>, PersistError> {
     let value = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .find_map(|l| l.strip_prefix("generation"))
         .and_then(|rest| rest.trim().strip_prefix('='))
         .and_then(|v| v.trim().parse::<u64>().ok());
@@ -227,7 +226,6 @@ mod tests {
         let tmp = scratch();
         let dir = tmp.path();
         let path = dir.join("node.state");
-        std::fs::write(&path, "generation = soon\n").unwrap();
         // Corrupt: never fatal; the file is rewritten with the clock.
         for optional in [false, true] {
             std::fs::write(&path, "generation = soon\n").unwrap();

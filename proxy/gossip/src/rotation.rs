@@ -238,10 +238,19 @@ pub fn next_id(members: &[MemberInfo], now_ms: u64) -> Result<u64, ClusterError>
     Ok(now_ms.max(after))
 }
 
-/// Members whose confirmation a phase waits for, as `name (address)`: every member other than
-/// this one that is active or Down (a Down member may come back; it must not miss the rotation,
-/// or it keeps a key nobody accepts any more), except the Down members named in `exclude`.
-/// Members that left are not waited for.
+/// Whether a rotation waits for `m`: active or Down (a Down member may come back; it must not
+/// miss the rotation, or it keeps a key nobody accepts any more), unless it is a Down member
+/// named in `exclude`. Members that left are not waited for.
+fn awaited(m: &MemberInfo, exclude: &[String]) -> bool {
+    match m.state {
+        MemberState::Alive | MemberState::Suspect => true,
+        MemberState::Down => !exclude.contains(&m.meta.name),
+        MemberState::Left => false,
+    }
+}
+
+/// Members other than this one whose confirmation a phase still waits for ([`awaited`]), as
+/// `name (address)`.
 pub fn pending(
     members: &[MemberInfo],
     phase: Phase,
@@ -250,12 +259,7 @@ pub fn pending(
 ) -> Vec<String> {
     members
         .iter()
-        .filter(|m| !m.is_self)
-        .filter(|m| match m.state {
-            MemberState::Alive | MemberState::Suspect => true,
-            MemberState::Down => !exclude.contains(&m.meta.name),
-            MemberState::Left => false,
-        })
+        .filter(|m| !m.is_self && awaited(m, exclude))
         .filter(|m| !KeyringState::of(&m.meta).is_some_and(|k| phase.done_by(&k.keys, new)))
         .map(|m| {
             let down = if m.state == MemberState::Down {
@@ -383,7 +387,7 @@ impl ClusterHandle {
                 phase,
             };
             self.commands
-                .send(Command::Rotate(Some(r)))
+                .send(Command::Rotate(Some(r.clone())))
                 .map_err(|_| ClusterError::Stopped)?;
             tracing::info!(
                 rotation = id,
@@ -393,7 +397,7 @@ impl ClusterHandle {
             loop {
                 let members = self.members_snapshot();
                 if let Some((other, by)) = winning(&members) {
-                    if precedence(&other, by.gossip_addr) > (id, self.gossip_addr()) {
+                    if precedence(&other, by.gossip_addr) > precedence(&r, self.gossip_addr()) {
                         return Err(ClusterError::Rotation(format!(
                             "a later rotation started by {} ({}) replaced this one; it finishes the job, or run this one again after it",
                             by.meta.name, by.gossip_addr
@@ -404,33 +408,26 @@ impl ClusterHandle {
                 let pending = pending(&members, phase, &fp, exclude);
                 // Past Install a member that cannot write its key file would restart with a
                 // key nobody accepts any more.
-                let failures = persist_failures(&members);
-                if own_done && pending.is_empty() && phase == Phase::Install && !failures.is_empty()
-                {
-                    return Err(ClusterError::Rotation(format!(
-                        "stopped after the install phase (no member uses the new key yet): the key file could not be written on {}; fix that (the path must be writable by sluice, or set [cluster] key_file elsewhere), then run the rotation again",
-                        failures.join("; ")
-                    )));
-                }
                 if own_done && pending.is_empty() {
+                    let failures = persist_failures(&members);
+                    if phase == Phase::Install && !failures.is_empty() {
+                        return Err(ClusterError::Rotation(format!(
+                            "stopped after the install phase (no member uses the new key yet): the key file could not be written on {}; fix that (the path must be writable by sluice, or set [cluster] key_file elsewhere), then run the rotation again",
+                            failures.join("; ")
+                        )));
+                    }
                     confirmed = members
                         .iter()
-                        .filter(|m| {
-                            m.is_self
-                                || m.state.is_active()
-                                || (m.state == MemberState::Down && !exclude.contains(&m.meta.name))
-                        })
+                        .filter(|m| m.is_self || awaited(m, exclude))
                         .map(|m| (m.meta.name.clone(), m.gossip_addr))
                         .collect();
                     break;
                 }
                 if Instant::now() >= deadline {
-                    let earlier = match phase {
-                        Phase::Install => "no member uses the new key yet".to_string(),
-                        _ => {
-                            "every member has done the earlier phases, so the cluster keeps working"
-                                .to_string()
-                        }
+                    let earlier = if phase == Phase::Install {
+                        "no member uses the new key yet"
+                    } else {
+                        "every member has done the earlier phases, so the cluster keeps working"
                     };
                     return Err(ClusterError::Rotation(format!(
                         "phase {} was not confirmed within {limit:?} by {}; {earlier}. Check that they run a sluice that rotates keys and are reachable, then run the rotation again; a member that is down for good can be left out with --exclude NAME (give it the new key before it comes back)",
