@@ -142,8 +142,6 @@ fn without(t: &BackendTable, removed: usize) -> Arc<BackendTable> {
 struct Loaded {
     host: StrategyHost,
     fallbacks: IntCounter,
-    /// Faults other than a missed deadline (traps, bad indexes, bad answers, instantiation).
-    faults: Vec<IntCounter>,
 }
 
 /// The host for `builtin:name` with `config`, compiled on first use and shared by all tests;
@@ -174,16 +172,6 @@ fn load(name: &str, config: &str) -> Option<Arc<Loaded>> {
                 Ok(host) => Some(Arc::new(Loaded {
                     host,
                     fallbacks: metrics().fallback_picks.with_label_values(&[&pool]),
-                    faults: ["trap", "bad_index", "bad_answer", "instantiate"]
-                        .iter()
-                        .map(|r| {
-                            metrics().plugin_faults.with_label_values(&[
-                                pool.as_str(),
-                                "strategy",
-                                r,
-                            ])
-                        })
-                        .collect(),
                 })),
                 Err(PluginError::WrongKind { .. }) => None,
                 Err(e) => panic!("builtin:{name} with config {config} was refused: {e}"),
@@ -259,7 +247,14 @@ impl Loaded {
         loop {
             let before = self.fallbacks.get();
             let picked = self.host.pick(t, &view, req.attempt);
-            let other: u64 = self.faults.iter().map(IntCounter::get).sum();
+            // Every fault but a missed deadline (traps, bad indexes, bad answers, ...).
+            let other: u64 = self
+                .host
+                .fault_totals()
+                .iter()
+                .filter(|(reason, _)| *reason != "deadline")
+                .map(|(_, n)| n)
+                .sum();
             assert_eq!(
                 other, 0,
                 "{name}: a pick was served by the host's fallback because the plugin trapped or \
