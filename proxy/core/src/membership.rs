@@ -214,7 +214,6 @@ pub fn sync_pools(
         return None;
     }
     let mut refused = Vec::new();
-    let mut counters = std::collections::HashMap::new();
     for pool in runtime.pools() {
         let backends = gossip_backends(
             &members,
@@ -225,11 +224,10 @@ pub fn sync_pools(
             &mut refused,
         );
         pool.set_gossip_backends(&backends);
-        counters.insert(pool.name.clone(), pool.counters.cluster_refused.clone());
     }
     for r in refusals.update(refused) {
-        if let Some(c) = counters.get(&r.1) {
-            c.inc();
+        if let Some(pool) = runtime.pool(&r.1) {
+            pool.counters.cluster_refused.inc();
         }
         tracing::warn!(member = %r.0, pool = %r.1, addr = %r.2, "refused a cluster member's service: [[cluster.allow]] does not allow this pool or address; add a rule if it should be routed");
     }
@@ -240,23 +238,6 @@ pub fn sync_pools(
 }
 
 fn publish_tuning(runtime: &Runtime, handle: &ClusterHandle) {
-    let st = handle.stats();
-    // The gossip runtime counts; the metrics follow its totals.
-    let follow = |c: prometheus::IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
-    follow(
-        runtime
-            .metrics
-            .cluster_duplicate_names
-            .with_label_values::<&str>(&[]),
-        st.duplicate_names,
-    );
-    follow(
-        runtime
-            .metrics
-            .cluster_key_file_errors
-            .with_label_values::<&str>(&[]),
-        st.key_file_errors,
-    );
     let t = handle.tuning();
     let g = &runtime.metrics.cluster_tuning;
     let ms = |d: Duration| d.as_millis() as i64;
@@ -275,17 +256,27 @@ fn publish_tuning(runtime: &Runtime, handle: &ClusterHandle) {
         .set(i64::from(t.local_health));
 }
 
-// Brings the transport counters up to the member's: the metric is only ever increased, by
-// what the member counted since the last publication.
+// Brings a counter up to the member's `total`: the metric is only ever increased, by what the
+// member counted since the last publication.
+fn catch_up(c: prometheus::IntCounter, total: u64) {
+    let delta = total.saturating_sub(c.get());
+    if delta > 0 {
+        c.inc_by(delta);
+    }
+}
+
+// Publishes the member's counters (the gossip runtime counts; the metrics follow its totals).
 fn publish_transport(runtime: &Runtime, handle: &ClusterHandle) {
     let st = handle.stats();
     let m = &runtime.metrics;
-    let catch_up = |c: prometheus::IntCounter, total: u64| {
-        let delta = total.saturating_sub(c.get());
-        if delta > 0 {
-            c.inc_by(delta);
-        }
-    };
+    catch_up(
+        m.cluster_duplicate_names.with_label_values::<&str>(&[]),
+        st.duplicate_names,
+    );
+    catch_up(
+        m.cluster_key_file_errors.with_label_values::<&str>(&[]),
+        st.key_file_errors,
+    );
     for (event, total) in st.events() {
         catch_up(m.cluster_transport.with_label_values(&[event]), total);
     }

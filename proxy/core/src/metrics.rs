@@ -335,7 +335,7 @@ impl Metrics {
             ),
             cluster_transport: counter(
                 "sluice_cluster_transport_total",
-                "Gossip transport events since this member started, by event: udp_sent, udp_received, tcp_sent, tcp_received, rejected_decrypt, rejected_replay, malformed, oversized_bodies, inbound_dropped, udp_oversized, tcp_refused, tcp_timeouts, tcp_frames_refused, outbound_skipped, probe_fallbacks, probe_fallback_acks.",
+                "Gossip transport events since this member started, by event (the counters of the member's transport statistics, also in GET /api/cluster as transport).",
                 &["event"],
             ),
             cluster_transport_bytes: counter(
