@@ -349,6 +349,43 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Drops the hint about `addr` if it is no newer than `upto` (the owner has answered for it).
+    fn settle_hint(&mut self, addr: &SocketAddr, upto: (u64, u64)) {
+        if self.hints.get(addr).is_some_and(|h| *h <= upto) {
+            self.hints.remove(addr);
+        }
+    }
+
+    /// Takes `records` from `from`'s reply to a request sent about the hint `asked`: only
+    /// `from`'s own record, of the `generation` foca knows for it. That record replaces one of
+    /// any other generation, a higher one too (a member restarted with its clock stepped back is
+    /// not locked out by its old record). The hint asked about is settled whatever the answer (a
+    /// made-up version is not asked about again); a newer one stays.
+    fn take_owner_reply(
+        &mut self,
+        from: SocketAddr,
+        generation: Option<u64>,
+        records: Vec<Record>,
+        asked: (u64, u64),
+    ) {
+        for r in records {
+            if r.addr != from || Some(r.generation) != generation {
+                // Not the owner's own record, or of a generation foca does not know.
+                self.refused += 1;
+                continue;
+            }
+            if self
+                .records
+                .get(&from)
+                .is_some_and(|h| h.generation != r.generation)
+            {
+                self.records.remove(&from);
+            }
+            self.accept_from_owner(r);
+        }
+        self.settle_hint(&from, asked);
+    }
+
     /// Stores a record received from its owner, if it is newer; the owner's word ends any
     /// hint about it. Returns whether it was stored.
     fn accept_from_owner(&mut self, r: Record) -> bool {
@@ -363,9 +400,7 @@ impl MetaStore {
             return false;
         }
         // A hint newer than this record (heard while it was on its way) stays, to be fetched.
-        if self.hints.get(&r.addr).is_some_and(|h| *h <= r.order()) {
-            self.hints.remove(&r.addr);
-        }
+        self.settle_hint(&r.addr, r.order());
         self.left_notes.remove(&r.addr);
         if r.order() <= self.record_order(&r.addr) && self.records.contains_key(&r.addr) {
             return false;
@@ -1488,33 +1523,8 @@ impl Node {
             s.digests
         });
         let generation = self.foca_generation(from);
-        {
-            let mut store = lock(&self.store);
-            for r in records {
-                if r.addr != from || Some(r.generation) != generation {
-                    // Not the owner's own record, or of a generation foca does not know.
-                    store.refused += 1;
-                    continue;
-                }
-                // The owner's record of the generation foca knows replaces one of any other
-                // generation, a higher one too: a member restarted with its clock stepped
-                // back is not locked out by its old record.
-                if store
-                    .records
-                    .get(&from)
-                    .is_some_and(|h| h.generation != r.generation)
-                {
-                    store.records.remove(&from);
-                }
-                store.accept_from_owner(r);
-            }
-            // The owner answered: the hint the request was sent about is settled, whatever
-            // the answer (a made-up version is not asked about again). A newer one stays.
-            if store.hints.get(&from).is_some_and(|h| *h <= asked) {
-                store.hints.remove(&from);
-            }
-        }
         let mut store = lock(&self.store);
+        store.take_owner_reply(from, generation, records, asked);
         for d in digests.into_iter().flatten() {
             store.hint(d);
         }
