@@ -17,10 +17,6 @@ use common::*;
 use sluice::cold_lock::ColdLock;
 use sluice::http1::{self, ChunkedDecoder, Framing};
 
-fn lean() -> bool {
-    std::env::var("SLUICE_TEST_HTTP1").map_or(true, |e| e.is_empty() || e == "lean")
-}
-
 /// What the test backend saw.
 #[derive(Default)]
 struct Seen {
@@ -261,7 +257,7 @@ fn request_smuggling_shapes_never_reach_the_backend() {
             !reply.contains(&backend.ip().to_string()),
             "the answer names the backend: {reply:?}"
         );
-        if lean() {
+        if lean_engine() {
             assert!(
                 reply.starts_with(&format!("HTTP/1.1 {status} ")),
                 "{text:?} answered {reply:?}"
@@ -279,7 +275,7 @@ fn request_smuggling_shapes_never_reach_the_backend() {
         !paths.iter().any(|p| p == "/smuggled"),
         "smuggled through: {paths:?}"
     );
-    if lean() {
+    if lean_engine() {
         assert_eq!(paths, ["/last"], "a refused request reached the backend");
     }
 }
@@ -288,7 +284,7 @@ fn request_smuggling_shapes_never_reach_the_backend() {
 /// not turn on (docs/config.md, `http1`).
 #[test]
 fn pipelined_requests_are_answered_in_order_with_their_bodies() {
-    if !lean() {
+    if !lean_engine() {
         return;
     }
     let (backend, seen) = echo_backend();
@@ -424,7 +420,7 @@ fn head_http10_and_informational_answers() {
 /// upstream as an upgrade and answers the backend's 101 with 502).
 #[test]
 fn upgrades_become_a_two_way_tunnel() {
-    if !lean() {
+    if !lean_engine() {
         return;
     }
     let (backend, _seen) = echo_backend();
@@ -473,7 +469,7 @@ fn hop_by_hop_headers_stay_and_upstream_connections_are_reused() {
     assert_eq!(reqs.len(), 20);
     for r in reqs.iter() {
         assert_eq!(r.header("x-kept"), Some("yes"));
-        if lean() {
+        if lean_engine() {
             for h in ["connection", "proxy-connection", "keep-alive", "x-hop"] {
                 assert!(r.header(h).is_none(), "{h} was forwarded: {:?}", r.headers);
             }
@@ -483,7 +479,7 @@ fn hop_by_hop_headers_stay_and_upstream_connections_are_reused() {
     let conns = seen.connections.load(Ordering::SeqCst);
     // The lean path keeps one idle connection per worker thread (2 here); pingora's shared pool
     // reuses too, less tightly.
-    let most = if lean() { 2 } else { 10 };
+    let most = if lean_engine() { 2 } else { 10 };
     assert!(
         conns <= most,
         "{conns} upstream connections for 20 sequential requests"

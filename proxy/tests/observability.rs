@@ -14,11 +14,6 @@ use std::time::Duration;
 use common::*;
 use sluice::client::HttpConn;
 
-/// The proxy runs on the pingora-proxy engine for HTTP/1 (`scripts/test`'s second pass).
-fn pingora_engine() -> bool {
-    std::env::var("SLUICE_TEST_HTTP1").is_ok_and(|e| e == "pingora")
-}
-
 fn pool_route(name: &str, prefix: &str, list: &str) -> String {
     format!(
         "[[pool]]\nname = \"{name}\"\nbackends = [{list}]\n[[route]]\npath_prefix = \"{prefix}\"\npool = \"{name}\"\n"
@@ -252,10 +247,16 @@ fn access_log_lines_carry_every_documented_field() {
     let mut conn = HttpConn::connect(p.listen, Duration::from_secs(10)).unwrap();
     let r = conn.request("POST", "/first?q=1", &[], b"hello").unwrap();
     assert_eq!(r.status, 200);
-    let r = conn.request("GET", "/second", &[], b"").unwrap();
-    assert_eq!(r.status, 200);
+    // A reused upstream connection logs a connect time of zero. The lean path always reuses it
+    // for the next request; pingora-proxy's shared pool now and then opens a new one (pingora
+    // issue 201), so on that engine one of a few requests must show the reuse.
+    let seconds = if lean_engine() { 1 } else { 5 };
+    for _ in 0..seconds {
+        let r = conn.request("GET", "/second", &[], b"").unwrap();
+        assert_eq!(r.status, 200);
+    }
     drop(conn);
-    let lines = log_lines(&dir.join("access.log"), 2);
+    let lines = log_lines(&dir.join("access.log"), 1 + seconds);
     for l in &lines {
         assert_every_field(l);
         assert_eq!(l["protocol"], "HTTP/1.1");
@@ -276,11 +277,11 @@ fn access_log_lines_carry_every_documented_field() {
     assert_eq!(first["method"], "POST");
     assert_eq!(first["host"], p.listen.to_string());
     assert_eq!(first["bytes_in"], 5);
-    let second = lines.iter().find(|l| l["path"] == "/second").unwrap();
-    assert_eq!(second["bytes_in"], 0);
-    assert_eq!(
-        second["upstream_connect_ms"], 0.0,
-        "the second request reused the upstream connection: {second}"
+    let seconds: Vec<_> = lines.iter().filter(|l| l["path"] == "/second").collect();
+    assert!(seconds.iter().all(|l| l["bytes_in"] == 0), "{seconds:?}");
+    assert!(
+        seconds.iter().any(|l| l["upstream_connect_ms"] == 0.0),
+        "a later request reused the upstream connection: {seconds:?}"
     );
 }
 
@@ -351,7 +352,7 @@ fn tls_requests_log_their_version_and_sni() {
 /// pingora-proxy answers those itself, before sluice sees a request).
 #[test]
 fn refused_heads_are_logged_with_what_is_known() {
-    if pingora_engine() {
+    if !lean_engine() {
         eprintln!("skipped: on the pingora engine, unparsable heads never reach sluice's logging");
         return;
     }

@@ -450,12 +450,6 @@ fn client_certificates_are_checked_per_listener() {
     assert_eq!(get(required, None).unwrap().1, 200);
 }
 
-/// With `http1 = "pingora"` only the connection cap and the HTTP/2 idle timeout of
-/// `[server.limits]` apply (docs/config.md), so the body limit is checked on the lean path only.
-fn lean_engine() -> bool {
-    std::env::var("SLUICE_TEST_HTTP1").map_or(true, |e| e.is_empty() || e == "lean")
-}
-
 #[test]
 fn listeners_have_their_own_limits_and_access_log() {
     let b = backends(1);
@@ -472,6 +466,8 @@ fn listeners_have_their_own_limits_and_access_log() {
         &pool(&b),
     );
     let body = [b'x'; 100];
+    // With `http1 = "pingora"` only the connection cap and the HTTP/2 idle timeout of
+    // `[server.limits]` apply (docs/config.md), so the body limit is checked on the lean path only.
     if lean_engine() {
         let r = request(small, "POST", "/upload", &[], &body).unwrap();
         assert_eq!(r.status, 413, "the listener's body limit");

@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 pub use sluice::client::{request, HttpConn, HttpResponse};
 pub use sluice::demo::DemoBackend;
 
+/// The proxy under test runs the lean HTTP/1 path (the default), not pingora-proxy's engine:
+/// `scripts/test` runs the request-path tests a second time with `SLUICE_TEST_HTTP1=pingora`.
+pub fn lean_engine() -> bool {
+    std::env::var("SLUICE_TEST_HTTP1").map_or(true, |e| e.is_empty() || e == "lean")
+}
+
 /// A loopback address no other test uses, without the bind-then-drop race: every test process
 /// gets its own 127.x.y.z address (from its pid, which no concurrent process shares) and every
 /// call a new port on it, below the kernel's ephemeral range so no outgoing connection takes it.
