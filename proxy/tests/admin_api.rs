@@ -31,11 +31,13 @@ fn served_by(proxy: &Proxy, n: usize) -> std::collections::BTreeMap<String, usiz
     }))
 }
 
-/// Pools with health checks every 100 ms (so disabling visibly stops them) over `list`.
+/// Pools with health checks every 100 ms (so disabling visibly stops them) over `list`. The
+/// generous timeout and fall keep a slow probe on a loaded machine from taking a backend out,
+/// which would upset the exact tallies.
 fn pool_with_health(list: &str, strategy: &str) -> String {
     format!(
         "token = \"{TOKEN}\"\n[[pool]]\nname = \"web\"\nstrategy = \"{strategy}\"\nbackends = [{list}]\n\
-         health = {{ plugin = \"builtin:http\", interval = \"100ms\", jitter = \"10ms\", timeout = \"300ms\", rise = 1, fall = 1, config = {{ path = \"/healthz\" }} }}\n\
+         health = {{ plugin = \"builtin:http\", interval = \"100ms\", jitter = \"10ms\", timeout = \"2s\", rise = 1, fall = 3, config = {{ path = \"/healthz\" }} }}\n\
          [[route]]\npool = \"web\"\n"
     )
 }

@@ -220,15 +220,30 @@ fn one_command_rotates_every_members_key_and_key_file() {
         assert!(d.join("cluster.key.state").is_file(), "{}", d.display());
     }
     // Every member reports the new key alone and is still alive; traffic reaches both backends.
+    // (Waited on: one probe stalled on a loaded machine makes a member suspect for a moment.)
     let v = cluster(&p);
     let members = v["members"].as_array().unwrap();
     assert_eq!(members.len(), 3, "{v}");
     for m in members {
-        assert_eq!(m["state"], "alive", "{v}");
         assert_eq!(m["keys"], serde_json::json!([new_fp]), "{v}");
     }
-    let t = tally((0..8).map(|_| p.get("/").text()));
-    assert_eq!(t.len(), 2, "{t:?}");
+    assert!(
+        wait_for(Duration::from_secs(10), || cluster(&p)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] == "alive")),
+        "{}",
+        cluster(&p)
+    );
+    let mut t = Default::default();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            t = tally((0..8).map(|_| p.get("/").text()));
+            t.len() == 2
+        }),
+        "{t:?}"
+    );
     // Gossip keeps flowing under the new key with nothing rejected.
     let transport = || {
         let v = cluster(&p);

@@ -6,8 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -111,15 +110,9 @@ fn a_changed_answer_adds_and_removes_backends_under_traffic() {
     assert_eq!(members(&p), BTreeSet::from([a.clone(), bb.clone()]));
 
     // Traffic on kept-alive connections throughout the change.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (listen, stop_load) = (p.listen, stop.clone());
-    let load = std::thread::spawn(move || {
-        bounded_load(4, 20_000, Duration::from_secs(60), move |conn| {
-            if stop_load.load(Ordering::Relaxed) {
-                return Err("stopped".into());
-            }
-            keepalive_get(conn, listen, "/")
-        })
+    let listen = p.listen;
+    let load = Load::start(4, 20_000, Duration::from_secs(60), move |conn| {
+        keepalive_get(conn, listen, "/")
     });
     assert!(wait_for(Duration::from_secs(10), || {
         b[0].1.served.load(Ordering::Relaxed) > 20 && b[1].1.served.load(Ordering::Relaxed) > 20
@@ -171,13 +164,10 @@ fn a_changed_answer_adds_and_removes_backends_under_traffic() {
         .served
         .load(Ordering::Relaxed)
         > c_before + 20));
-    stop.store(true, Ordering::Relaxed);
-    let results = load.join().unwrap();
+    let results = load.stop();
     let failures: Vec<_> = results
         .iter()
-        .filter(|r| {
-            !matches!(r, Ok(r) if r.status == 200) && !matches!(r, Err(e) if e == "stopped")
-        })
+        .filter(|r| !matches!(r, Ok(r) if r.status == 200))
         .collect();
     assert!(
         failures.is_empty(),

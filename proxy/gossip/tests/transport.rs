@@ -235,15 +235,23 @@ async fn inbound_connections_are_capped_in_all_and_per_address() {
     let h = member(&generate_key(), transport).await;
     let addr = h.gossip_addr();
 
+    // A connection that keeps its place while the test goes on: it has sent a frame's length
+    // and part of it, so only the stream timeout (not the shorter header timeout) ends it.
+    let holding = |ip: &'static str| async move {
+        let mut s = connect_from(ip, addr).await;
+        s.write_all(&64u32.to_be_bytes()).await.unwrap();
+        s.write_all(&[1u8]).await.unwrap();
+        s
+    };
     // Two from one address are served; the third from it is closed at once.
-    let a1 = connect_from("127.0.0.1", addr).await;
-    let a2 = connect_from("127.0.0.1", addr).await;
+    let a1 = holding("127.0.0.1").await;
+    let a2 = holding("127.0.0.1").await;
     let mut a3 = connect_from("127.0.0.1", addr).await;
     assert!(closed_within(&mut a3, 10).await);
     until(&h, 10, "the per-address refusal", |s| s.tcp_refused == 1).await;
 
     // Another address still gets the last place in all; a fourth connection does not.
-    let b1 = connect_from("127.0.0.2", addr).await;
+    let b1 = holding("127.0.0.2").await;
     let mut c1 = connect_from("127.0.0.3", addr).await;
     assert!(closed_within(&mut c1, 10).await);
     until(&h, 10, "the global refusal", |s| s.tcp_refused == 2).await;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -360,6 +360,60 @@ pub fn first_only() -> Vec<u8> {
     wat_strategy(1, "(i32.const 0)", "(i32.const 0)")
 }
 
+/// Client load in the background: `f` run from `threads` threads until [`Load::stop`], and in
+/// any case at most `per_thread` times each and for at most `max_time`, so it ends by itself.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<Result<HttpResponse, String>>>>,
+}
+
+impl Load {
+    pub fn start<F>(threads: usize, per_thread: usize, max_time: Duration, f: F) -> Load
+    where
+        F: Fn(&mut Option<HttpConn>) -> Result<HttpResponse, String> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let threads = (0..threads)
+            .map(|_| {
+                let (f, stop) = (f.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut conn = None;
+                    let mut out = Vec::new();
+                    for _ in 0..per_thread {
+                        if start.elapsed() > max_time || stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        out.push(f(&mut conn));
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Every thread has ended (its count or time ran out).
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Waits for the load to end by itself; every result, in no particular order.
+    pub fn join(self) -> Vec<Result<HttpResponse, String>> {
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+
+    /// Ends the load once each thread's current request is done; every result.
+    pub fn stop(self) -> Vec<Result<HttpResponse, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+}
+
 /// Runs `f` from `threads` threads, `per_thread` times each, stopping early at `max_time`.
 pub fn bounded_load<F>(
     threads: usize,
@@ -370,28 +424,7 @@ pub fn bounded_load<F>(
 where
     F: Fn(&mut Option<HttpConn>) -> Result<HttpResponse, String> + Send + Sync + 'static,
 {
-    let f = Arc::new(f);
-    let start = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let f = f.clone();
-            std::thread::spawn(move || {
-                let mut conn = None;
-                let mut out = Vec::new();
-                for _ in 0..per_thread {
-                    if start.elapsed() > max_time {
-                        break;
-                    }
-                    out.push(f(&mut conn));
-                }
-                out
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect()
+    Load::start(threads, per_thread, max_time, f).join()
 }
 
 /// One GET over a kept-alive connection. No client-side retry: any error counts as a failure.
