@@ -94,7 +94,7 @@ enum ClusterCommand {
         #[arg(long)]
         key: Option<String>,
         /// How long to wait for every member to confirm each phase.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = sluice::rollout::parse_wait)]
         wait: Duration,
         /// A member seen as Down not to wait for (repeatable). It keeps the old key: give it
         /// the new one before it comes back.
@@ -163,7 +163,7 @@ enum PluginCommand {
         #[arg(long)]
         cluster: bool,
         /// With --cluster: how long to wait for every proxy's result.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "cluster")]
+        #[arg(long, default_value = "30s", value_parser = sluice::rollout::parse_wait, requires = "cluster")]
         wait: Duration,
         /// The plugin's config as a JSON object (replaces the pool's); without it the pool's
         /// current config is kept.
@@ -359,11 +359,6 @@ fn rollout(
     wait: Duration,
     bytes: &[u8],
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        wait <= sluice::rollout::MAX_WAIT,
-        "--wait must be at most {}s",
-        sluice::rollout::MAX_WAIT.as_secs()
-    );
     let sep = if query.is_empty() { '?' } else { '&' };
     let path = format!(
         "/api/cluster/plugins/{pool}/{kind}{query}{sep}wait={}ms",

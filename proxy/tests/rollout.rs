@@ -272,7 +272,7 @@ fn proxies_that_cannot_or_will_not_take_a_rollout_say_why() {
     )
     .unwrap();
     assert_eq!(bad_wait.status, 400);
-    assert!(bad_wait.text().contains("wait=forever is not a duration"));
+    assert!(bad_wait.text().contains("wait forever is not a duration"));
 
     let out = load(&file, &["--token", "s3cret"]);
     assert!(!out.ok, "{}", out.stdout);

@@ -46,6 +46,19 @@ const MAX_FETCH_ATTEMPTS: u32 = 5;
 /// The longest a caller may wait for every proxy's result.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
+/// A cluster-wide wait (a plugin rollout's, a key rotation's) as the CLI and the admin API take
+/// it: a duration like "30s", more than zero and at most [`MAX_WAIT`].
+pub fn parse_wait(raw: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(raw) {
+        Ok(d) if !d.is_zero() && d <= MAX_WAIT => Ok(d),
+        Ok(_) => Err(format!(
+            "wait {raw} is out of range: give a duration above zero and at most {}s",
+            MAX_WAIT.as_secs()
+        )),
+        Err(e) => Err(format!("wait {raw} is not a duration like \"30s\": {e}")),
+    }
+}
+
 /// Which plugin of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -627,6 +640,20 @@ impl Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_are_durations_above_zero_up_to_the_limit() {
+        assert_eq!(parse_wait("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_wait("5m"), Ok(MAX_WAIT));
+        for (raw, says) in [
+            ("0s", "out of range"),
+            ("301s", "at most 300s"),
+            ("forever", "not a duration"),
+        ] {
+            let e = parse_wait(raw).unwrap_err();
+            assert!(e.contains(raw) && e.contains(says), "{raw}: {e}");
+        }
+    }
 
     fn ann(pool: &str, kind: PluginKind, version: u64, sha: &str) -> Announcement {
         Announcement {
