@@ -419,6 +419,14 @@ function renderOverview(o) {
   document.getElementById('reload').title = o.reloadable
     ? 'POST /api/reload: re-read the config file'
     : 'started without a config file: nothing to reload';
+  // The last reload, whoever asked for it (SIGHUP, the API, this page): a refused one stays in
+  // view until a later reload is applied.
+  const last = o.last_reload;
+  const lastReload = document.getElementById('last-reload');
+  lastReload.className = last ? (last.result === 'ok' ? 'muted' : 'rejected') : '';
+  lastReload.textContent = !last ? ''
+    : last.result === 'ok' ? `last reload applied at ${clock(last.unix_ms)}`
+      : `last reload rejected at ${clock(last.unix_ms)}, the running config stays: ${last.error}`;
   document.getElementById('routes').replaceChildren(table('routes',
     ['host', 'path prefix', 'conditions', 'goes to'],
     o.routes.map((r) => {

@@ -95,6 +95,11 @@ impl ServerInfo {
             "token_required": token_required,
             "protect_reads": protect_reads,
             "reloadable": runtime.config_path().is_some(),
+            "last_reload": runtime.last_reload().map(|r| json!({
+                "result": if r.error.is_some() { "rejected" } else { "ok" },
+                "unix_ms": r.unix_ms,
+                "error": r.error,
+            })),
             "listeners": self.listeners,
             "certificates": certificates,
             "routes": cfg.route.iter().map(|r| route_json(r.get_ref())).collect::<Vec<_>>(),

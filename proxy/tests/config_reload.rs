@@ -83,6 +83,21 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.text().contains("unknown field `bogus`"), "{}", r.text());
     assert_eq!(tally((0..6).map(|_| proxy.get("/").text())).len(), 1);
+    // The overview (and so the dashboard) shows how the last reload ended, whoever asked.
+    let last_reload = || -> serde_json::Value {
+        let o: serde_json::Value =
+            serde_json::from_str(&proxy.admin_req("GET", "/api/overview", b"").text()).unwrap();
+        o["last_reload"].clone()
+    };
+    let last = last_reload();
+    assert_eq!(last["result"], "rejected", "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown field `bogus`")),
+        "{last}"
+    );
+    assert!(last["unix_ms"].as_u64().is_some_and(|t| t > 0), "{last}");
 
     // A good file with all three backends.
     proxy.rewrite_pools(&pool_cfg(&backend_list(&b), ""));
@@ -98,6 +113,12 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
         t.values().copied().collect::<Vec<_>>(),
         vec![10, 10, 10],
         "{t:?}"
+    );
+    let last = last_reload();
+    assert_eq!(
+        (&last["result"], &last["error"]),
+        (&"ok".into(), &serde_json::Value::Null),
+        "{last}"
     );
 
     // SIGHUP does the same: back to one backend.
@@ -124,6 +145,21 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
         proxy.metric("sluice_config_reloads_total{result=\"rejected\"}"),
         1.0
     );
+
+    // A SIGHUP's refusal is shown too (otherwise it is only in the log and the metric).
+    proxy.rewrite_pools(&pool_cfg(&one, "bogus = 2"));
+    assert!(Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        wait_for(Duration::from_secs(10), || last_reload()["result"]
+            == "rejected"),
+        "{}",
+        last_reload()
+    );
+    assert_eq!(tally((0..6).map(|_| proxy.get("/").text())).len(), 1);
 }
 
 #[test]

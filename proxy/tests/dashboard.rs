@@ -88,9 +88,20 @@ fn dashboard_shows_pools_backends_and_swaps() {
     assert!(dom.contains("loaded</span>"), "{dom}");
 
     assert_eq!(proxy.put_strategy("web", &first_only()).status, 200);
+    // A refused reload is shown with its reason, until a later one is applied.
+    proxy.rewrite_pools(&body.replace("[[route]]", "bogus = 1\n[[route]]"));
+    assert_eq!(proxy.admin_req("POST", "/api/reload", b"").status, 422);
     let dom = rendered(&url, "chromium-2");
     assert!(dom.contains("strategy uploaded (generation 2)"), "{dom}");
     assert!(dom.contains("swapped</span>"), "{dom}");
+    assert!(
+        dom.contains("<span id=\"last-reload\" class=\"rejected\">last reload rejected at "),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("the running config stays: ") && dom.contains("unknown field `bogus`"),
+        "{dom}"
+    );
 }
 
 /// The text of the state cell of `addr`'s row, as a JavaScript expression.

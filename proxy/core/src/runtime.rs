@@ -119,6 +119,18 @@ pub struct Runtime {
     /// The per-client-IP rate limit of both request paths (`[server.limits] rate_limit`), set
     /// at start.
     pub rate_limiter: Option<crate::rate_limit::RateLimiter>,
+    /// How the last reload of the config file ended (`None`: none yet), for the dashboard: a
+    /// SIGHUP's refusal is otherwise only in the log and a metric.
+    last_reload: arc_swap::ArcSwapOption<ReloadOutcome>,
+}
+
+/// How a reload of the config file ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadOutcome {
+    /// When it ended (milliseconds since the Unix epoch).
+    pub unix_ms: u64,
+    /// Why it was refused (the running config stayed); `None`: it was applied.
+    pub error: Option<String>,
 }
 
 impl Runtime {
@@ -159,6 +171,7 @@ impl Runtime {
             reload_hook: std::sync::OnceLock::new(),
             spawning: std::sync::atomic::AtomicBool::new(false),
             rate_limiter,
+            last_reload: Default::default(),
         };
         rt.apply(config)?;
         Ok(rt)
@@ -256,6 +269,10 @@ impl Runtime {
             .and_then(|cfg| self.apply(cfg));
         let label = if result.is_ok() { "ok" } else { "rejected" };
         self.metrics.reloads.with_label_values(&[label]).inc();
+        self.last_reload.store(Some(Arc::new(ReloadOutcome {
+            unix_ms: crate::cluster::clock::wall_ms(),
+            error: result.as_ref().err().map(ToString::to_string),
+        })));
         match &result {
             Ok(r) => {
                 tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, tls = ?r.tls, cluster = ?r.cluster, "config reloaded");
@@ -268,6 +285,11 @@ impl Runtime {
             }
         }
         result
+    }
+
+    /// How the last [`Runtime::reload`] ended; `None` before the first.
+    pub fn last_reload(&self) -> Option<Arc<ReloadOutcome>> {
+        self.last_reload.load_full()
     }
 
     /// Applies a config: prepares every pool first (everything that can fail: reading, compiling
