@@ -658,6 +658,21 @@ pub struct NodeErrors {
 }
 
 /// The membership state machine of one member. See the module docs.
+/// A stream request this node sent and still expects an answer to.
+#[derive(Debug)]
+struct Request {
+    /// Where it went.
+    to: SocketAddr,
+    /// The probe tick it was sent at.
+    sent_tick: u64,
+    /// Its fetch slot was already given back (its timeout came, or it is a push-pull, which
+    /// takes none).
+    freed: bool,
+    /// The hint held about `to` when it was sent: the owner's answer settles it (and any older
+    /// one), not a newer one heard meanwhile.
+    hint: Option<(u64, u64)>,
+}
+
 pub struct Node {
     foca: Foca<NodeId, CheckedCodec, SmallRng, MetaHandler>,
     outbox: Outbox,
@@ -670,13 +685,9 @@ pub struct Node {
     left: bool,
     connected: bool,
     push_pull_every: Duration,
-    // Metadata fetches: stream requests in flight by id (destination, probe tick sent, whether
-    // its slot was already freed by a timeout), members queued for a fetch, members being
-    // fetched.
-    requests: HashMap<u64, (SocketAddr, u64, bool)>,
-    // The hint held about the destination when each request was sent: the owner's answer
-    // settles it (and any older one), not a newer one heard meanwhile.
-    asked: HashMap<u64, (u64, u64)>,
+    // Metadata fetches: stream requests in flight by id, members queued for a fetch, members
+    // being fetched.
+    requests: HashMap<u64, Request>,
     fetch_queue: VecDeque<SocketAddr>,
     fetching: HashSet<SocketAddr>,
     in_flight: usize,
@@ -859,7 +870,6 @@ impl Node {
             connected: false,
             push_pull_every,
             requests: HashMap::new(),
-            asked: HashMap::new(),
             fetch_queue: VecDeque::new(),
             fetching: HashSet::new(),
             in_flight: 0,
@@ -1329,11 +1339,11 @@ impl Node {
                 }
             }
             NodeTimer::FetchTimeout(id) => {
-                if let Some((to, _, freed)) = self.requests.get_mut(&id) {
-                    if !*freed {
+                if let Some(r) = self.requests.get_mut(&id) {
+                    if !r.freed {
                         // Keep the entry a while: a late reply is still welcome.
-                        *freed = true;
-                        let to = *to;
+                        r.freed = true;
+                        let to = r.to;
                         self.in_flight -= 1;
                         self.fetching.remove(&to);
                         self.fetch_timed_out(to);
@@ -1395,10 +1405,9 @@ impl Node {
     /// against the member as a timeout would; a push-pull is simply skipped (the next period
     /// sends another).
     pub fn request_not_sent(&mut self, id: u64) {
-        let Some((to, _, freed)) = self.requests.remove(&id) else {
+        let Some(Request { to, freed, .. }) = self.requests.remove(&id) else {
             return;
         };
-        self.asked.remove(&id);
         if freed {
             return;
         }
@@ -1433,25 +1442,30 @@ impl Node {
     // Ends request `id` sent to `from`: frees its fetch slot. Returns the hint it was sent to
     // settle if it was ours.
     fn end_request(&mut self, from: SocketAddr, id: u64) -> Option<(u64, u64)> {
-        match self.requests.get(&id) {
-            Some(&(to, _, freed)) if to == from => {
-                self.requests.remove(&id);
-                if !freed {
-                    self.in_flight -= 1;
-                    self.fetching.remove(&to);
-                }
-                Some(self.asked.remove(&id).unwrap_or((0, 0)))
-            }
-            _ => None,
+        if self.requests.get(&id).is_none_or(|r| r.to != from) {
+            return None;
         }
+        let r = self.requests.remove(&id)?;
+        if !r.freed {
+            self.in_flight -= 1;
+            self.fetching.remove(&r.to);
+        }
+        Some(r.hint.unwrap_or((0, 0)))
     }
 
     // Registers request `id` to `to`, with the hint it is to settle.
     fn register_request(&mut self, id: u64, to: SocketAddr, freed: bool) {
-        self.requests.insert(id, (to, self.probe_tick, freed));
-        if let Some(&h) = lock(&self.store).hints.get(&to) {
-            self.asked.insert(id, h);
-        }
+        let hint = lock(&self.store).hints.get(&to).copied();
+        let sent_tick = self.probe_tick;
+        self.requests.insert(
+            id,
+            Request {
+                to,
+                sent_tick,
+                freed,
+                hint,
+            },
+        );
     }
 
     // Answers a stream request.
@@ -2032,9 +2046,7 @@ impl Node {
         let tick = self.probe_tick;
         // Entries whose slot is still taken wait for their timeout, which frees them.
         self.requests
-            .retain(|_, (_, sent, freed)| !*freed || *sent + REQUEST_TTL_PROBES > tick);
-        let requests = &self.requests;
-        self.asked.retain(|id, _| requests.contains_key(id));
+            .retain(|_, r| !r.freed || r.sent_tick + REQUEST_TTL_PROBES > tick);
     }
 
     // Stores our record and queues a hint for dissemination.
