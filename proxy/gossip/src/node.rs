@@ -657,7 +657,6 @@ pub struct NodeErrors {
     pub skipped: u64,
 }
 
-/// The membership state machine of one member. See the module docs.
 /// A stream request this node sent and still expects an answer to.
 #[derive(Debug)]
 struct Request {
@@ -673,6 +672,7 @@ struct Request {
     hint: Option<(u64, u64)>,
 }
 
+/// The membership state machine of one member. See the module docs.
 pub struct Node {
     foca: Foca<NodeId, CheckedCodec, SmallRng, MetaHandler>,
     outbox: Outbox,
@@ -1456,16 +1456,13 @@ impl Node {
     // Registers request `id` to `to`, with the hint it is to settle.
     fn register_request(&mut self, id: u64, to: SocketAddr, freed: bool) {
         let hint = lock(&self.store).hints.get(&to).copied();
-        let sent_tick = self.probe_tick;
-        self.requests.insert(
-            id,
-            Request {
-                to,
-                sent_tick,
-                freed,
-                hint,
-            },
-        );
+        let request = Request {
+            to,
+            sent_tick: self.probe_tick,
+            freed,
+            hint,
+        };
+        self.requests.insert(id, request);
     }
 
     // Answers a stream request.
@@ -2378,11 +2375,7 @@ mod tests {
         // b changes; a hears of it and asks b.
         let mut real = b.own_record();
         real.version = 2;
-        a.handle_packet(&foca_packet_with(
-            &mut c,
-            a.id().clone(),
-            &Broadcast::Hint(real.digest()),
-        ));
+        hear_hint(&mut a, &mut c, real.digest());
         let asked = request_ids(&mut a);
         assert_eq!(asked.len(), 1, "{asked:?}");
         let (to, id) = asked[0];
@@ -2448,8 +2441,7 @@ mod tests {
         assert!(a.errors().refused >= 2, "{:?}", a.errors());
 
         // 4. A hint relayed by c makes a ask b itself, which answers with what it really has.
-        let hint = Broadcast::Hint(forged.digest());
-        a.handle_packet(&foca_packet_with(&mut c, a.id().clone(), &hint));
+        hear_hint(&mut a, &mut c, forged.digest());
         let asked: Vec<SocketAddr> = a
             .take_outputs()
             .into_iter()
@@ -2474,8 +2466,7 @@ mod tests {
                 version,
                 ..forged.digest()
             };
-            let pkt = foca_packet_with(&mut c, a.id().clone(), &Broadcast::Hint(d));
-            a.handle_packet(&pkt);
+            hear_hint(&mut a, &mut c, d);
             assert!(
                 !a.take_outputs()
                     .iter()
@@ -2489,16 +2480,26 @@ mod tests {
             generation: u64::MAX,
             ..forged.digest()
         };
-        a.handle_packet(&foca_packet_with(
-            &mut c,
-            a.id().clone(),
-            &Broadcast::Hint(d),
-        ));
+        hear_hint(&mut a, &mut c, d);
         let mut meta = b.meta().clone();
         meta.draining = true;
         b.set_meta(meta.clone());
         pump(&mut a, &mut b);
         assert_eq!(a.meta_of(b_addr), Some((2, meta)));
+    }
+
+    // The digest of `n`'s own record, at `version`.
+    fn digest_at(n: &Node, version: u64) -> Digest {
+        Digest {
+            version,
+            ..n.own_record().digest()
+        }
+    }
+
+    // `to` hears the hint `d`, relayed by `from` in a foca packet.
+    fn hear_hint(to: &mut Node, from: &mut Node, d: Digest) {
+        let packet = foca_packet_with(from, to.id().clone(), &Broadcast::Hint(d));
+        to.handle_packet(&packet);
     }
 
     // A foca packet from `from` to `to` carrying one custom broadcast.
@@ -2594,11 +2595,7 @@ mod tests {
         let mut forged = b.own_record().digest();
         forged.version = 1 + MAX_VERSION_STEP;
         forged.left = true;
-        a.handle_packet(&foca_packet_with(
-            &mut c,
-            a.id().clone(),
-            &Broadcast::Hint(forged),
-        ));
+        hear_hint(&mut a, &mut c, forged);
         a.take_outputs();
         assert_eq!(
             a.meta_of(b_addr).map(|(v, _)| v),
@@ -2676,24 +2673,13 @@ mod tests {
     fn a_late_reply_keeps_a_newer_hint() {
         let (mut a, b, mut c) = three_joined();
         let b_addr = b.id().addr;
-        let hint = |version| Digest {
-            version,
-            ..b.own_record().digest()
-        };
+        let hint = |version| digest_at(&b, version);
         // Hint v2: a asks b.
-        a.handle_packet(&foca_packet_with(
-            &mut c,
-            a.id().clone(),
-            &Broadcast::Hint(hint(2)),
-        ));
+        hear_hint(&mut a, &mut c, hint(2));
         let (to, id) = request_ids(&mut a)[0];
         assert_eq!(to, b_addr);
         // Hint v3 while the fetch is under way.
-        a.handle_packet(&foca_packet_with(
-            &mut c,
-            a.id().clone(),
-            &Broadcast::Hint(hint(3)),
-        ));
+        hear_hint(&mut a, &mut c, hint(3));
         a.take_outputs();
         // b's reply with v2.
         let v2 = Record {
@@ -2712,14 +2698,8 @@ mod tests {
     fn fetches_from_a_member_that_never_answers_back_off_until_it_does() {
         let (mut a, b, mut c) = three_joined();
         let b_addr = b.id().addr;
-        let hint = |version| Digest {
-            version,
-            ..b.own_record().digest()
-        };
-        let mut hear = |a: &mut Node, version| {
-            let packet = foca_packet_with(&mut c, a.id().clone(), &Broadcast::Hint(hint(version)));
-            a.handle_packet(&packet);
-        };
+        let hint = |version| digest_at(&b, version);
+        let mut hear = |a: &mut Node, version| hear_hint(a, &mut c, hint(version));
         // What a fetch timeout leads to: a new request at once, or a wait (in fetch timeouts)
         // and then, when the retry timer fires, the request.
         let time_out = |a: &mut Node, id| -> (u32, (SocketAddr, u64)) {
@@ -2887,11 +2867,7 @@ mod tests {
             version: 2,
             left: false,
         };
-        a.handle_packet(&foca_packet_with(
-            &mut c,
-            a.id().clone(),
-            &Broadcast::Hint(d),
-        ));
+        hear_hint(&mut a, &mut c, d);
         assert_eq!(a.held_records().1, 1, "the hint is kept");
     }
 

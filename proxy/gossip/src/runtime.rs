@@ -1231,9 +1231,9 @@ impl Driver {
                 break;
             }
             self.flush().await;
-            // This member gave its name up: leave, and stop.
+            // This member gave its name up (another keeps it): leave, so the others see it go
+            // at once, and stop.
             if self.shared.refusal.get().is_some() {
-                // Another member keeps our name: leave, so the others see us go at once.
                 self.node.leave();
                 self.flush_leaving().await;
                 commands.close();
