@@ -236,14 +236,7 @@ fn one_command_rotates_every_members_key_and_key_file() {
         "{}",
         cluster(&p)
     );
-    let mut t = Default::default();
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            t = tally((0..8).map(|_| p.get("/").text()));
-            t.len() == 2
-        }),
-        "{t:?}"
-    );
+    expect_spread(&p, 8, 2);
     // Gossip keeps flowing under the new key with nothing rejected.
     let transport = || {
         let v = cluster(&p);

@@ -57,16 +57,7 @@ fn agents_join_leave_drain_and_wrong_keys_are_rejected() {
             pool_addrs(p),
             agents[0].as_ref().unwrap().log()
         );
-        // Round-robin over 8 requests reaches all four (retried while a probe's suspicion
-        // briefly takes one out on a loaded machine).
-        let mut t = Default::default();
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                t = tally((0..8).map(|_| p.get("/").text()));
-                t.len() == 4
-            }),
-            "{t:?}"
-        );
+        expect_spread(p, 8, 4);
     }
     let info = p1.admin_req("GET", "/api/cluster", b"").text();
     assert!(

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -123,11 +122,7 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
 
     // SIGHUP does the same: back to one backend.
     proxy.rewrite_pools(&pool_cfg(&format!("\"{}\"", b[1].0), ""));
-    assert!(Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    proxy.signal("-HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let t = tally((0..3).map(|_| proxy.get("/").text()));
@@ -148,11 +143,7 @@ fn reload_applies_good_files_and_keeps_serving_on_bad_ones() {
 
     // A SIGHUP's refusal is shown too (otherwise it is only in the log and the metric).
     proxy.rewrite_pools(&pool_cfg(&one, "bogus = 2"));
-    assert!(Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    proxy.signal("-HUP");
     assert!(
         wait_for(Duration::from_secs(10), || last_reload()["result"]
             == "rejected"),

@@ -128,15 +128,6 @@ fn alive(pid: u32) -> bool {
     })
 }
 
-fn kill(pid: u32, signal: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {signal} {pid}");
-}
-
 /// Idempotent GETs from `threads` kept-alive clients until `stop` is set (or a bound is hit).
 struct Load {
     stop: Arc<AtomicBool>,
@@ -245,7 +236,7 @@ fn a_killed_instance_is_restarted_and_rejoins_without_failed_requests() {
     assert!(wait_for(Duration::from_secs(10), || {
         proxy.metric("sluice_requests_total") >= 200.0
     }));
-    kill(old, "-KILL");
+    send_signal(old, "-KILL");
     let back = wait_for(Duration::from_secs(30), || {
         pid_of(&proxy, "web#1").is_some_and(|p| p != old) && routable(&proxy) == 3
     });

@@ -305,11 +305,7 @@ fn a_reload_swaps_certificates_without_a_restart_or_a_failed_request() {
 
     replace(&dir, "v3.pem", "site.pem");
     replace(&dir, "v3.key", "site.key");
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &p.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    p.signal("-HUP");
     assert!(
         wait_for(Duration::from_secs(30), || count("v3") >= 10),
         "SIGHUP did not swap the certificate"

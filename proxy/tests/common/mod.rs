@@ -333,6 +333,21 @@ pub fn tally(
     m
 }
 
+/// Waits until `n` GETs in a row through `proxy` reach `backends` different backends (each of
+/// them, under round-robin). On a loaded machine one stalled probe can make a cluster member
+/// suspect for a moment and take it out of the pool, so the tally is taken again for up to 10 s;
+/// fails the test with the last one.
+pub fn expect_spread(proxy: &Proxy, n: usize, backends: usize) {
+    let mut t = Default::default();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            t = tally((0..n).map(|_| proxy.get("/").text()));
+            t.len() == backends
+        }),
+        "{n} requests did not reach {backends} backends: {t:?}"
+    );
+}
+
 /// A strategy plugin in WAT with the given pick body (`(param $attempt i32) (result i32)`),
 /// init body (`(param i32 i32) (result i32)`) and ABI version. Real wasm, compiled by the host.
 pub fn wat_strategy(version: i32, init_body: &str, pick_body: &str) -> Vec<u8> {
