@@ -415,8 +415,8 @@ impl Load {
     }
 
     /// Waits for the load to end by itself; every result, in no particular order.
-    pub fn join(self) -> Vec<Result<HttpResponse, String>> {
-        self.threads
+    pub fn join(mut self) -> Vec<Result<HttpResponse, String>> {
+        std::mem::take(&mut self.threads)
             .into_iter()
             .flat_map(|t| t.join().unwrap())
             .collect()
@@ -426,6 +426,14 @@ impl Load {
     pub fn stop(self) -> Vec<Result<HttpResponse, String>> {
         self.stop.store(true, Ordering::Relaxed);
         self.join()
+    }
+}
+
+impl Drop for Load {
+    /// A load nobody collected (its test failed first) stops too, rather than running on
+    /// against the next tests until its own bounds.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
